@@ -1,0 +1,208 @@
+//! Configuration of the core and of each stream.
+
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use crate::ffmpeg::EgressConfig;
+
+/// Configuration of a [`Core`](crate::Core). Every field has a sensible default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Seed of the CSPRNG (ChaCha20) that draws session ids, ETags and ICE credentials.
+    ///
+    /// The runtime fills it from the operating system's entropy; tests fix it.
+    pub rng_seed: [u8; 32],
+    /// Host candidates advertised in every answer: the address(es) of the shared viewer socket
+    /// as viewers reach it (the public address behind a 1:1 NAT). At least one is needed for a
+    /// viewer to connect; the core rejects offers with 503 when the list is empty.
+    pub host_candidates: Vec<SocketAddr>,
+    /// Loopback ports from which ingest pairs (video V, audio V+1) are handed out.
+    pub ingest_ports: RangeInclusive<u16>,
+    /// How long a pair whose bind failed is skipped before it is tried again.
+    pub bind_quarantine: Duration,
+    /// Most viewers of one stream (the seed's per-stream cap).
+    pub max_viewers_per_stream: usize,
+    /// Most viewers in total.
+    pub max_viewers_total: usize,
+    /// Path prefix of the WHEP routes, without a trailing slash (the seed used `/api/v3/whep`).
+    pub whep_prefix: String,
+    /// Value of `Access-Control-Allow-Origin` on every response.
+    pub cors_origin: String,
+    /// Accepted bearer tokens. Empty means no authentication.
+    pub bearer_tokens: Vec<String>,
+    /// STUN/TURN servers announced with `Link: <..>; rel="ice-server"` on 201 and on
+    /// non-preflight OPTIONS.
+    pub ice_servers: Vec<IceServer>,
+    /// Enforce `If-Match` on PATCH: 428 when it is missing, 412 when it does not match.
+    /// Off by default because common players send none.
+    pub strict_if_match: bool,
+    /// Largest accepted request body (an SDP offer or fragment); larger gives 413.
+    pub max_body_bytes: usize,
+    /// Seconds announced in `Retry-After` when a cap is reached.
+    pub retry_after_secs: u32,
+    /// A viewer that has not connected (ICE + DTLS) this long after its POST is closed.
+    pub connect_timeout: Duration,
+    /// A viewer from which no datagram arrived for this long is closed (consent freshness,
+    /// RFC 7675 uses 30 s).
+    pub inactivity_timeout: Duration,
+    /// A viewer whose ICE agent reports `Disconnected` and does not recover within this
+    /// grace period is closed.
+    pub disconnect_grace: Duration,
+    /// Packets of video kept per viewer for retransmission on NACK.
+    pub rtx_cache_packets: usize,
+    /// Supervision of FFmpeg processes the core spawns.
+    pub process: ProcessConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            rng_seed: [0; 32],
+            host_candidates: Vec::new(),
+            ingest_ports: 40_000..=40_999,
+            bind_quarantine: Duration::from_secs(30),
+            max_viewers_per_stream: 8,
+            max_viewers_total: 64,
+            whep_prefix: "/whep".into(),
+            cors_origin: "*".into(),
+            bearer_tokens: Vec::new(),
+            ice_servers: Vec::new(),
+            strict_if_match: false,
+            max_body_bytes: 64 * 1024,
+            retry_after_secs: 5,
+            connect_timeout: Duration::from_secs(20),
+            inactivity_timeout: Duration::from_secs(30),
+            disconnect_grace: Duration::from_secs(5),
+            rtx_cache_packets: 512,
+            process: ProcessConfig::default(),
+        }
+    }
+}
+
+/// How the core supervises the FFmpeg processes it spawns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessConfig {
+    /// Program to run, `ffmpeg` by default (looked up on `PATH` by the runtime).
+    pub program: String,
+    /// First restart delay after an unexpected exit; doubles per consecutive failure.
+    pub restart_backoff_initial: Duration,
+    /// Upper bound of the restart delay.
+    pub restart_backoff_max: Duration,
+    /// A process that ran at least this long resets the backoff.
+    pub restart_backoff_reset: Duration,
+    /// A running process that sent no RTP for this long is stopped and restarted.
+    pub stale_timeout: Duration,
+    /// Time between the polite stop (SIGTERM) and the forced kill (SIGKILL).
+    pub stop_grace: Duration,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            program: "ffmpeg".into(),
+            restart_backoff_initial: Duration::from_millis(500),
+            restart_backoff_max: Duration::from_secs(30),
+            restart_backoff_reset: Duration::from_secs(30),
+            stale_timeout: Duration::from_secs(20),
+            stop_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A STUN or TURN server announced to viewers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IceServer {
+    /// `stun:host:port` or `turn:host:port?transport=udp`.
+    pub url: String,
+    /// TURN user name.
+    pub username: Option<String>,
+    /// TURN password.
+    pub credential: Option<String>,
+}
+
+impl IceServer {
+    /// Renders the server as one `Link` header value (RFC 8288, WHEP "STUN/TURN").
+    pub fn link_value(&self) -> String {
+        let mut v = format!("<{}>; rel=\"ice-server\"", self.url);
+        if let Some(u) = &self.username {
+            v.push_str(&format!("; username=\"{}\"", quote_escape(u)));
+        }
+        if let Some(c) = &self.credential {
+            v.push_str(&format!(
+                "; credential=\"{}\"; credential-type=\"password\"",
+                quote_escape(c)
+            ));
+        }
+        v
+    }
+}
+
+fn quote_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// Which H264 profile a stream carries; decides which offered payload type a viewer gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum H264Profile {
+    /// Constrained baseline (`42e0xx`, what `-profile:v baseline` in libx264 produces).
+    #[default]
+    ConstrainedBaseline,
+    /// Baseline (`4200xx`).
+    Baseline,
+    /// Main (`4d00xx`).
+    Main,
+    /// High (`6400xx`).
+    High,
+}
+
+/// Where a stream's RTP comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feed {
+    /// The core asks the runtime to run FFmpeg with these input arguments (everything before
+    /// the outputs, e.g. `["-re", "-f", "lavfi", "-i", "testsrc2"]`) followed by the WebRTC
+    /// output legs, and supervises it: restart with backoff, stale detection, stop.
+    Supervised {
+        /// FFmpeg input arguments.
+        input_args: Vec<String>,
+    },
+    /// The embedding application runs FFmpeg itself (the seed's hook model). The core only
+    /// hands out the output arguments in [`Event::StreamReady`](crate::Event::StreamReady)
+    /// and listens on the ports.
+    External,
+}
+
+/// Configuration of one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamConfig {
+    /// Where the RTP comes from.
+    pub feed: Feed,
+    /// The WebRTC output legs (the seed's per-process WebRTC config).
+    pub egress: EgressConfig,
+    /// The H264 profile the stream carries.
+    pub profile: H264Profile,
+    /// Per-stream viewer cap; `None` uses [`Config::max_viewers_per_stream`].
+    pub max_viewers: Option<usize>,
+}
+
+impl StreamConfig {
+    /// A stream fed by an FFmpeg that the core supervises.
+    pub fn supervised(input_args: Vec<String>) -> Self {
+        Self {
+            feed: Feed::Supervised { input_args },
+            egress: EgressConfig::default(),
+            profile: H264Profile::default(),
+            max_viewers: None,
+        }
+    }
+
+    /// A stream fed by an FFmpeg the embedding application runs.
+    pub fn external() -> Self {
+        Self {
+            feed: Feed::External,
+            egress: EgressConfig::default(),
+            profile: H264Profile::default(),
+            max_viewers: None,
+        }
+    }
+}

@@ -1,0 +1,1256 @@
+//! The core state machine: streams, peers, timers and the WHEP request handler.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use str0m::change::SdpOffer;
+use str0m::config::{CryptoProvider, DtlsCert};
+use str0m::media::{MediaKind, Mid, Pt};
+use str0m::net::{DatagramRecv, Protocol, Receive};
+use str0m::{Candidate, IceCreds, Input as RtcInput, Rtc};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, Feed, StreamConfig};
+use crate::ffmpeg;
+use crate::ids::{Rng, SessionId, StreamId};
+use crate::metrics::Metrics;
+use crate::peer::{Peer, PeerNews, PeerState, SourcePacket, Track};
+use crate::ports::{PortPair, PortPool};
+use crate::rtp::{self, Datagram};
+use crate::sdp;
+use crate::sdpfrag::{self, SdpFrag};
+use crate::stream::{Process, Stream, StreamState};
+use crate::whep::{
+    self, ALLOW_HEADERS, ALLOW_METHODS, CONTENT_TYPE_SDP, CONTENT_TYPE_SDPFRAG, EXPOSE_HEADERS,
+    Method, Reject, Route, StatusCode, WhepRequest, WhepResponse,
+};
+use crate::{CloseReason, Event, Input, Output, StreamError, StreamInfo, TimerReason};
+
+/// How many adjacent pairs a stream tries before giving up (the seed's retry count).
+const MAX_BIND_ATTEMPTS: u32 = 10;
+
+/// What a timer entry belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKey {
+    Peer(SessionId),
+    Stream(StreamId),
+}
+
+/// The sans-IO WHEP egress core. See the [crate documentation](crate) for the run loop.
+///
+/// # Calling contract
+///
+/// - **Inputs**: [`handle_http`](Self::handle_http) (answers at once),
+///   [`handle_input`](Self::handle_input) (datagrams, RTP from FFmpeg, bind results, process
+///   lifecycle), [`handle_timeout`](Self::handle_timeout), and the stream management calls
+///   [`add_stream`](Self::add_stream), [`start_stream`](Self::start_stream),
+///   [`stop_stream`](Self::stop_stream), [`remove_stream`](Self::remove_stream),
+///   [`shutdown`](Self::shutdown).
+/// - **Outputs**: after any of those calls, drain [`poll_output`](Self::poll_output) until it
+///   returns `None` and execute each [`Output`] in order; then read
+///   [`poll_timeout`](Self::poll_timeout) and call `handle_timeout` when that instant arrives.
+/// - **Time** comes only from the `now` arguments. It must not go backwards; an earlier `now`
+///   than one already seen is treated as the latest one seen.
+/// - A spurious or early `handle_timeout` is harmless.
+/// - Rejections (404, 406, 503, ...) are ordinary responses; IO failures come back as inputs
+///   ([`Input::BindFailed`], [`Input::SpawnFailed`], [`Input::ProcessExited`]). Nothing here
+///   panics on bytes from the network or from FFmpeg.
+#[derive(Debug)]
+pub struct Core {
+    config: Config,
+    rng: Rng,
+    crypto: Arc<CryptoProvider>,
+    cert: Option<DtlsCert>,
+    streams: BTreeMap<StreamId, Stream>,
+    peers: HashMap<SessionId, Peer>,
+    by_addr: HashMap<SocketAddr, SessionId>,
+    by_ufrag: HashMap<String, SessionId>,
+    ingest: HashMap<u16, (StreamId, MediaKind)>,
+    ports: PortPool,
+    timers: BTreeSet<(Instant, TimerKey)>,
+    outputs: VecDeque<Output>,
+    metrics: Metrics,
+    next_generation: u64,
+    now: Instant,
+    news: Vec<PeerNews>,
+}
+
+impl Core {
+    /// Creates a core. `now` is the earliest instant it will see.
+    pub fn new(config: Config, now: Instant) -> Self {
+        let crypto = Arc::new(str0m::crypto::from_feature_flags());
+        let cert = crypto.dtls_provider.generate_certificate();
+        Self {
+            rng: Rng::new(config.rng_seed),
+            ports: PortPool::new(config.ingest_ports.clone()),
+            config,
+            crypto,
+            cert,
+            streams: BTreeMap::new(),
+            peers: HashMap::new(),
+            by_addr: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            ingest: HashMap::new(),
+            timers: BTreeSet::new(),
+            outputs: VecDeque::new(),
+            metrics: Metrics::default(),
+            next_generation: 1,
+            now,
+            news: Vec::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Counters since creation.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Number of viewers (WHEP sessions) in total.
+    pub fn viewer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Number of ingest port pairs held by streams.
+    pub fn ports_in_use(&self) -> usize {
+        self.ports.in_use()
+    }
+
+    /// Status of one stream.
+    pub fn stream(&self, id: &StreamId) -> Option<StreamInfo> {
+        self.streams.get(id).map(|s| self.info(s))
+    }
+
+    /// Status of every stream, ordered by id.
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        self.streams.values().map(|s| self.info(s)).collect()
+    }
+
+    fn info(&self, s: &Stream) -> StreamInfo {
+        StreamInfo {
+            id: s.id.clone(),
+            state: s.state_name(),
+            enabled: s.config.egress.enabled,
+            supervised: s.supervised(),
+            ports: s.ports(),
+            pid: s.pid,
+            viewers: s.viewers.len(),
+            connected_viewers: s
+                .viewers
+                .iter()
+                .filter(|v| self.peers.get(v).is_some_and(|p| p.state == PeerState::Connected))
+                .count(),
+            restarts: s.restarts,
+        }
+    }
+
+    /// The next output to execute, in order.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) is next needed, and why.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
+        self.timers.first().map(|(t, k)| {
+            let why = match k {
+                TimerKey::Peer(_) => TimerReason::Peer,
+                TimerKey::Stream(_) => TimerReason::Stream,
+            };
+            (*t, why)
+        })
+    }
+
+    fn tick(&mut self, now: Instant) -> Instant {
+        self.now = self.now.max(now);
+        self.now
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Streams
+    // ---------------------------------------------------------------------------------------
+
+    /// Registers a stream. It stays stopped until [`start_stream`](Self::start_stream).
+    pub fn add_stream(&mut self, id: StreamId, config: StreamConfig) -> Result<(), StreamError> {
+        if self.streams.contains_key(&id) {
+            return Err(StreamError::Exists);
+        }
+        config.egress.validate().map_err(StreamError::InvalidConfig)?;
+        info!(stream = %id, "stream added");
+        self.streams.insert(id.clone(), Stream::new(id, config));
+        Ok(())
+    }
+
+    /// Starts a stream: allocates an adjacent port pair and asks the runtime to bind it
+    /// ([`Output::BindIngest`]). Once bound, [`Event::StreamReady`] carries the FFmpeg output
+    /// arguments and, for a supervised stream, [`Output::SpawnProcess`] follows.
+    pub fn start_stream(&mut self, id: &StreamId, now: Instant) -> Result<(), StreamError> {
+        let now = self.tick(now);
+        let stream = self.streams.get(id).ok_or(StreamError::NotFound)?;
+        if !stream.config.egress.enabled {
+            return Err(StreamError::Disabled);
+        }
+        match stream.state {
+            StreamState::Stopped => {}
+            StreamState::Backoff { .. } => {}
+            _ => return Err(StreamError::AlreadyStarted),
+        }
+        let ports = self.ports.allocate(now).ok_or(StreamError::NoPorts)?;
+        self.bind(id, ports, 1, now);
+        Ok(())
+    }
+
+    fn bind(&mut self, id: &StreamId, ports: PortPair, attempt: u32, now: Instant) {
+        if let Some(s) = self.streams.get_mut(id) {
+            s.state = StreamState::Binding { ports, attempt };
+            s.video = Default::default();
+            s.audio = Default::default();
+            s.last_rtp = None;
+        }
+        debug!(stream = %id, %ports, attempt, "binding ingest ports");
+        self.outputs.push_back(Output::BindIngest { stream: id.clone(), ports });
+        self.reschedule_stream(id, now);
+    }
+
+    /// Stops a stream: closes every viewer first, then stops its FFmpeg (if supervised) and
+    /// releases its ports once the process has exited (the seed's teardown order).
+    pub fn stop_stream(&mut self, id: &StreamId, now: Instant) -> Result<(), StreamError> {
+        let now = self.tick(now);
+        if !self.streams.contains_key(id) {
+            return Err(StreamError::NotFound);
+        }
+        self.teardown(id, false, CloseReason::StreamStopped, now);
+        Ok(())
+    }
+
+    /// Stops a stream as [`stop_stream`](Self::stop_stream) does and forgets it once stopped.
+    pub fn remove_stream(&mut self, id: &StreamId, now: Instant) -> Result<(), StreamError> {
+        let now = self.tick(now);
+        if !self.streams.contains_key(id) {
+            return Err(StreamError::NotFound);
+        }
+        self.teardown(id, true, CloseReason::StreamStopped, now);
+        Ok(())
+    }
+
+    /// Closes every viewer and stops every stream, for a clean exit. Keep driving the core
+    /// until [`Core::is_idle`] to let supervised processes exit and ports be released.
+    pub fn shutdown(&mut self, now: Instant) {
+        let now = self.tick(now);
+        let ids: Vec<StreamId> = self.streams.keys().cloned().collect();
+        for id in ids {
+            self.teardown(&id, false, CloseReason::Shutdown, now);
+        }
+        let rest: Vec<SessionId> = self.peers.keys().copied().collect();
+        for s in rest {
+            self.remove_peer(s, CloseReason::Shutdown, now);
+        }
+    }
+
+    /// True when no viewer, port or process is held.
+    pub fn is_idle(&self) -> bool {
+        self.peers.is_empty()
+            && self.ports.in_use() == 0
+            && self.streams.values().all(|s| matches!(s.state, StreamState::Stopped))
+    }
+
+    fn teardown(&mut self, id: &StreamId, remove: bool, why: CloseReason, now: Instant) {
+        self.close_viewers(id, why, now);
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        let state = std::mem::replace(&mut stream.state, StreamState::Stopped);
+        match state {
+            StreamState::Running { ports, process: Process::Spawned { generation, .. } }
+            | StreamState::Running { ports, process: Process::Terminating { generation, .. } } => {
+                stream.state = StreamState::Stopping {
+                    ports,
+                    generation,
+                    kill_at: Some(now + self.config.process.stop_grace),
+                    remove,
+                };
+                info!(stream = %id, generation, "stopping process");
+                self.outputs.push_back(Output::StopProcess { stream: id.clone(), generation });
+            }
+            StreamState::Stopping { ports, generation, kill_at, remove: r } => {
+                stream.state =
+                    StreamState::Stopping { ports, generation, kill_at, remove: r || remove };
+            }
+            StreamState::Running { ports, process: Process::External }
+            | StreamState::Binding { ports, .. } => {
+                self.release(id, ports);
+                self.stopped(id, remove);
+            }
+            StreamState::Backoff { .. } | StreamState::Stopped => self.stopped(id, remove),
+        }
+        self.reschedule_stream(id, now);
+    }
+
+    fn close_viewers(&mut self, id: &StreamId, why: CloseReason, now: Instant) {
+        let viewers: Vec<SessionId> =
+            self.streams.get(id).map(|s| s.viewers.iter().copied().collect()).unwrap_or_default();
+        for v in viewers {
+            self.remove_peer(v, why, now);
+        }
+    }
+
+    fn release(&mut self, id: &StreamId, ports: PortPair) {
+        self.ingest.remove(&ports.video);
+        self.ingest.remove(&ports.audio());
+        if self.ports.release(ports) {
+            self.outputs.push_back(Output::ReleaseIngest { stream: id.clone(), ports });
+        }
+    }
+
+    fn stopped(&mut self, id: &StreamId, remove: bool) {
+        if let Some(s) = self.streams.get_mut(id) {
+            s.state = StreamState::Stopped;
+            s.pid = None;
+        }
+        self.outputs.push_back(Output::Event(Event::StreamStopped { stream: id.clone() }));
+        if remove {
+            if let Some(t) = self.streams.remove(id).and_then(|s| s.scheduled) {
+                self.timers.remove(&(t, TimerKey::Stream(id.clone())));
+            }
+            info!(stream = %id, "stream removed");
+        } else {
+            info!(stream = %id, "stream stopped");
+        }
+    }
+
+    fn on_bound(&mut self, id: &StreamId, ports: PortPair, now: Instant) {
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        if !matches!(stream.state, StreamState::Binding { ports: p, .. } if p == ports) {
+            return;
+        }
+        self.ingest.insert(ports.video, (id.clone(), MediaKind::Video));
+        self.ingest.insert(ports.audio(), (id.clone(), MediaKind::Audio));
+        let egress = &stream.config.egress;
+        let (process, args) = match &stream.config.feed {
+            Feed::External => (Process::External, ffmpeg::build_args(egress, ports.video)),
+            Feed::Supervised { input_args } => {
+                let generation = self.next_generation;
+                self.next_generation += 1;
+                (
+                    Process::Spawned { generation, since: now },
+                    ffmpeg::command_line(input_args, egress, ports.video),
+                )
+            }
+        };
+        stream.state = StreamState::Running { ports, process: process.clone() };
+        info!(stream = %id, %ports, "stream ready");
+        self.outputs.push_back(Output::Event(Event::StreamReady {
+            stream: id.clone(),
+            ports,
+            args: args.clone(),
+        }));
+        if let Process::Spawned { generation, .. } = process {
+            self.outputs.push_back(Output::SpawnProcess {
+                stream: id.clone(),
+                generation,
+                program: self.config.process.program.clone(),
+                args,
+            });
+        }
+        self.reschedule_stream(id, now);
+    }
+
+    fn on_bind_failed(&mut self, id: &StreamId, ports: PortPair, error: &str, now: Instant) {
+        let Some(stream) = self.streams.get(id) else {
+            return;
+        };
+        let StreamState::Binding { ports: p, attempt } = stream.state else {
+            return;
+        };
+        if p != ports {
+            return;
+        }
+        warn!(stream = %id, %ports, error, "ingest bind failed");
+        self.ports.quarantine(ports, now + self.config.bind_quarantine);
+        let next = (attempt < MAX_BIND_ATTEMPTS).then(|| self.ports.allocate(now)).flatten();
+        match next {
+            Some(ports) => self.bind(id, ports, attempt + 1, now),
+            None => self.failed(id, format!("no bindable ingest port pair ({error})"), now),
+        }
+    }
+
+    /// The stream could not get going: supervised streams retry after a backoff, external
+    /// ones stop.
+    fn failed(&mut self, id: &StreamId, reason: String, now: Instant) {
+        let p = self.config.process.clone();
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        if let Some(ports) = stream.ports() {
+            stream.state = StreamState::Stopped;
+            self.release(id, ports);
+        }
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        let retry_in = stream.supervised().then(|| stream.backoff(None, &p));
+        stream.pid = None;
+        stream.state = match retry_in {
+            Some(d) => StreamState::Backoff { until: now + d },
+            None => StreamState::Stopped,
+        };
+        warn!(stream = %id, reason, ?retry_in, "stream failed");
+        self.outputs.push_back(Output::Event(Event::StreamFailed {
+            stream: id.clone(),
+            reason,
+            retry_in,
+        }));
+        self.reschedule_stream(id, now);
+    }
+
+    fn on_process_exit(&mut self, id: &StreamId, generation: u64, code: Option<i32>, now: Instant) {
+        let p = self.config.process.clone();
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        match stream.state.clone() {
+            StreamState::Stopping { ports, generation: g, remove, .. } if g == generation => {
+                info!(stream = %id, generation, ?code, "process exited");
+                self.release(id, ports);
+                self.stopped(id, remove);
+                self.reschedule_stream(id, now);
+            }
+            StreamState::Running { ports, process } => {
+                let (g, ran) = match process {
+                    Process::Spawned { generation: g, since } => (g, Some(now - since)),
+                    Process::Terminating { generation: g, .. } => (g, None),
+                    Process::External => return,
+                };
+                if g != generation {
+                    return;
+                }
+                let delay = stream.backoff(ran, &p);
+                stream.restarts += 1;
+                stream.pid = None;
+                self.metrics.process_restarts += 1;
+                warn!(stream = %id, generation, ?code, ?delay, "process exited; restarting");
+                self.outputs.push_back(Output::Event(Event::ProcessExited {
+                    stream: id.clone(),
+                    code,
+                    restart_in: Some(delay),
+                }));
+                self.close_viewers(id, CloseReason::StreamRestarting, now);
+                if let Some(s) = self.streams.get_mut(id) {
+                    s.state = StreamState::Backoff { until: now + delay };
+                }
+                self.release(id, ports);
+                self.reschedule_stream(id, now);
+            }
+            _ => {}
+        }
+    }
+
+    fn stream_timeout(&mut self, id: &StreamId, now: Instant) {
+        let p = self.config.process.clone();
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        match stream.state.clone() {
+            StreamState::Backoff { until } if until <= now => match self.ports.allocate(now) {
+                Some(ports) => self.bind(id, ports, 1, now),
+                None => {
+                    let d = stream.backoff(None, &p);
+                    stream.state = StreamState::Backoff { until: now + d };
+                    warn!(stream = %id, "no free ingest ports; retrying later");
+                }
+            },
+            StreamState::Stopping { kill_at: Some(k), generation, ports, remove } if k <= now => {
+                stream.state = StreamState::Stopping { ports, generation, kill_at: None, remove };
+                warn!(stream = %id, generation, "process did not stop in time; killing");
+                self.outputs.push_back(Output::KillProcess { stream: id.clone(), generation });
+            }
+            StreamState::Running {
+                ports,
+                process: Process::Terminating { generation, kill_at: Some(k) },
+            } if k <= now => {
+                stream.state = StreamState::Running {
+                    ports,
+                    process: Process::Terminating { generation, kill_at: None },
+                };
+                self.outputs.push_back(Output::KillProcess { stream: id.clone(), generation });
+            }
+            StreamState::Running { ports, process: Process::Spawned { generation, .. } }
+                if stream.deadline(&p).is_some_and(|d| d <= now) =>
+            {
+                warn!(stream = %id, generation, "no RTP from the process; restarting it");
+                stream.state = StreamState::Running {
+                    ports,
+                    process: Process::Terminating { generation, kill_at: Some(now + p.stop_grace) },
+                };
+                self.outputs.push_back(Output::Event(Event::StreamStale { stream: id.clone() }));
+                self.outputs.push_back(Output::StopProcess { stream: id.clone(), generation });
+            }
+            _ => {}
+        }
+        self.reschedule_stream(id, now);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Inputs
+    // ---------------------------------------------------------------------------------------
+
+    /// Handles one input from the runtime.
+    pub fn handle_input(&mut self, input: Input<'_>, now: Instant) {
+        let now = self.tick(now);
+        match input {
+            Input::Datagram { source, destination, contents } => {
+                self.on_datagram(source, destination, contents, now)
+            }
+            Input::Ingest { port, contents } => self.on_ingest(port, contents, now),
+            Input::IngestBound { stream, ports } => self.on_bound(&stream, ports, now),
+            Input::BindFailed { stream, ports, error } => {
+                self.on_bind_failed(&stream, ports, &error, now)
+            }
+            Input::ProcessSpawned { stream, generation, pid } => {
+                let Some(s) = self.streams.get_mut(&stream) else { return };
+                if let StreamState::Running {
+                    process: Process::Spawned { generation: g, .. }, ..
+                } = s.state
+                    && g == generation
+                {
+                    s.pid = Some(pid);
+                    info!(stream = %stream, generation, pid, "process spawned");
+                }
+            }
+            Input::SpawnFailed { stream, generation, error } => {
+                let current = self.streams.get(&stream).is_some_and(|s| {
+                    matches!(s.state, StreamState::Running { process: Process::Spawned { generation: g, .. }, .. } if g == generation)
+                });
+                if current {
+                    self.close_viewers(&stream, CloseReason::StreamRestarting, now);
+                    self.failed(&stream, format!("could not start the process: {error}"), now);
+                }
+            }
+            Input::ProcessExited { stream, generation, code } => {
+                self.on_process_exit(&stream, generation, code, now)
+            }
+        }
+    }
+
+    /// Handles every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.tick(now);
+        while let Some((t, key)) = self.timers.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.timers.remove(&(t, key.clone()));
+            match key {
+                TimerKey::Peer(s) => {
+                    if let Some(p) = self.peers.get_mut(&s) {
+                        p.scheduled = None;
+                    }
+                    self.peer_timeout(s, now);
+                }
+                TimerKey::Stream(id) => {
+                    if let Some(st) = self.streams.get_mut(&id) {
+                        st.scheduled = None;
+                    }
+                    self.stream_timeout(&id, now);
+                }
+            }
+        }
+    }
+
+    fn peer_timeout(&mut self, s: SessionId, now: Instant) {
+        let grace = self.config.disconnect_grace;
+        let inactivity = self.config.inactivity_timeout;
+        let Some(peer) = self.peers.get_mut(&s) else {
+            return;
+        };
+        let mut news = std::mem::take(&mut self.news);
+        peer.timeout(now, grace, &mut self.outputs, &mut news);
+        let reason = match peer.state {
+            _ if peer.dead => Some(CloseReason::RemoteClosed),
+            PeerState::Connecting { deadline } if deadline <= now => {
+                Some(CloseReason::ConnectTimeout)
+            }
+            PeerState::Disconnected { deadline } if deadline <= now => {
+                Some(CloseReason::IceDisconnected)
+            }
+            PeerState::Connected if peer.last_rx + inactivity <= now => Some(CloseReason::Inactive),
+            _ => None,
+        };
+        self.apply_news(s, &mut news, now);
+        self.news = news;
+        match reason {
+            Some(r) => self.remove_peer(s, r, now),
+            None => self.reschedule_peer(s, now),
+        }
+    }
+
+    fn apply_news(&mut self, s: SessionId, news: &mut Vec<PeerNews>, now: Instant) {
+        for n in news.drain(..) {
+            let Some(peer) = self.peers.get(&s) else {
+                continue;
+            };
+            let stream = peer.stream.clone();
+            match n {
+                PeerNews::Connected => {
+                    info!(session = %s, %stream, "viewer connected");
+                    self.metrics.viewers_connected += 1;
+                    self.outputs
+                        .push_back(Output::Event(Event::ViewerConnected { stream, session: s }));
+                    let _ = now;
+                }
+                PeerNews::KeyframeRequest => {
+                    self.metrics.keyframe_requests += 1;
+                    self.outputs
+                        .push_back(Output::Event(Event::KeyframeRequested { stream, session: s }));
+                }
+            }
+        }
+    }
+
+    fn on_datagram(
+        &mut self,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+        now: Instant,
+    ) {
+        self.metrics.datagrams_in += 1;
+        let Ok(recv) = DatagramRecv::try_from(contents) else {
+            self.metrics.datagrams_dropped += 1;
+            return;
+        };
+        let input = RtcInput::Receive(
+            now,
+            Receive { proto: Protocol::Udp, source, destination, contents: recv },
+        );
+        let known = self.by_addr.get(&source).copied();
+        let session = known.or_else(|| {
+            let ufrag = stun_local_ufrag(contents)?;
+            let s = *self.by_ufrag.get(ufrag)?;
+            self.peers.get(&s).filter(|p| p.rtc.accepts(&input)).map(|_| s)
+        });
+        let Some(session) = session else {
+            self.metrics.datagrams_dropped += 1;
+            return;
+        };
+        let grace = self.config.disconnect_grace;
+        let Some(peer) = self.peers.get_mut(&session) else {
+            return;
+        };
+        if known.is_none() && !peer.addrs.contains(&source) {
+            peer.addrs.push(source);
+            self.by_addr.insert(source, session);
+        }
+        peer.last_rx = now;
+        let mut news = std::mem::take(&mut self.news);
+        if let Err(e) = peer.rtc.handle_input(input) {
+            debug!(%session, error = %e, "datagram rejected");
+        }
+        peer.drain(now, grace, &mut self.outputs, &mut news);
+        let dead = peer.dead;
+        self.apply_news(session, &mut news, now);
+        self.news = news;
+        if dead {
+            self.remove_peer(session, CloseReason::RemoteClosed, now);
+        } else {
+            self.reschedule_peer(session, now);
+        }
+    }
+
+    fn on_ingest(&mut self, port: u16, contents: &[u8], now: Instant) {
+        self.metrics.ingest_packets += 1;
+        let Some((id, kind)) = self.ingest.get(&port) else {
+            self.metrics.ingest_dropped += 1;
+            return;
+        };
+        let kind = *kind;
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        let p = match rtp::parse(contents) {
+            Ok(Datagram::Rtp(p)) => p,
+            Ok(Datagram::Rtcp) => {
+                self.metrics.ingest_rtcp += 1;
+                return;
+            }
+            Err(_) => {
+                self.metrics.ingest_dropped += 1;
+                return;
+            }
+        };
+        stream.last_rtp = Some(now);
+        let source = match kind {
+            MediaKind::Video => &mut stream.video,
+            MediaKind::Audio => &mut stream.audio,
+        };
+        let ext = source.seq.extend(p.ssrc, p.sequence);
+        let keyframe_start =
+            kind == MediaKind::Video && rtp::classify_h264(p.payload).is_keyframe_start();
+        let pkt = SourcePacket {
+            kind,
+            seq: ext.seq,
+            restart: ext.restart,
+            timestamp: p.timestamp,
+            marker: p.marker,
+            keyframe_start,
+            payload: Arc::from(p.payload),
+        };
+        let viewers: Vec<SessionId> = stream.viewers.iter().copied().collect();
+        let grace = self.config.disconnect_grace;
+        let mut news = std::mem::take(&mut self.news);
+        for s in viewers {
+            let Some(peer) = self.peers.get_mut(&s) else {
+                continue;
+            };
+            if peer.write_media(&pkt, now, grace, &mut self.outputs, &mut news) {
+                self.metrics.packets_forwarded += 1;
+                self.metrics.bytes_forwarded += pkt.payload.len() as u64;
+            }
+            let dead = peer.dead;
+            self.apply_news(s, &mut news, now);
+            if dead {
+                self.remove_peer(s, CloseReason::RemoteClosed, now);
+            } else {
+                self.reschedule_peer(s, now);
+            }
+        }
+        self.news = news;
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Peers
+    // ---------------------------------------------------------------------------------------
+
+    fn remove_peer(&mut self, s: SessionId, reason: CloseReason, now: Instant) {
+        let Some(mut peer) = self.peers.remove(&s) else {
+            return;
+        };
+        peer.close(now, &mut self.outputs);
+        if let Some(t) = peer.scheduled {
+            self.timers.remove(&(t, TimerKey::Peer(s)));
+        }
+        for a in &peer.addrs {
+            if self.by_addr.get(a) == Some(&s) {
+                self.by_addr.remove(a);
+            }
+        }
+        if self.by_ufrag.get(&peer.local_ufrag) == Some(&s) {
+            self.by_ufrag.remove(&peer.local_ufrag);
+        }
+        if let Some(stream) = self.streams.get_mut(&peer.stream) {
+            stream.viewers.remove(&s);
+        }
+        if matches!(reason, CloseReason::IceDisconnected | CloseReason::ConnectTimeout) {
+            self.metrics.ice_failures += 1;
+        }
+        self.metrics.viewers_left += 1;
+        info!(session = %s, stream = %peer.stream, ?reason, "viewer left");
+        self.outputs.push_back(Output::Event(Event::ViewerLeft {
+            stream: peer.stream,
+            session: s,
+            reason,
+        }));
+    }
+
+    fn reschedule_peer(&mut self, s: SessionId, now: Instant) {
+        let inactivity = self.config.inactivity_timeout;
+        let Some(peer) = self.peers.get_mut(&s) else {
+            return;
+        };
+        // str0m may ask for a timeout at `now` right after a write; the core's own
+        // handle_timeout runs it, so never schedule in the past (no busy loop).
+        let at = peer.deadline(inactivity).max(now);
+        if peer.scheduled == Some(at) {
+            return;
+        }
+        if let Some(old) = peer.scheduled.replace(at) {
+            self.timers.remove(&(old, TimerKey::Peer(s)));
+        }
+        self.timers.insert((at, TimerKey::Peer(s)));
+    }
+
+    fn reschedule_stream(&mut self, id: &StreamId, now: Instant) {
+        let p = &self.config.process;
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        let at = stream.deadline(p).map(|t| t.max(now));
+        if stream.scheduled == at {
+            return;
+        }
+        if let Some(old) = std::mem::replace(&mut stream.scheduled, at) {
+            self.timers.remove(&(old, TimerKey::Stream(id.clone())));
+        }
+        if let Some(at) = at {
+            self.timers.insert((at, TimerKey::Stream(id.clone())));
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // HTTP
+    // ---------------------------------------------------------------------------------------
+
+    /// Answers one WHEP request. Always returns a response; see [`crate::whep`].
+    pub fn handle_http(&mut self, req: WhepRequest, now: Instant) -> WhepResponse {
+        let now = self.tick(now);
+        let route = whep::route(&self.config.whep_prefix, &req.target);
+        let label = match (&route, &req.method) {
+            (Some(Route::Endpoint(_)), _) => "endpoint",
+            (Some(Route::Session(..)), _) => "session",
+            (None, _) => "other",
+        };
+        let preflight = req.is_preflight();
+        let result = match route {
+            None => Err(Reject::NoRoute),
+            Some(_) if preflight => Ok(self.preflight()),
+            Some(_)
+                if !whep::bearer_ok(&self.config.bearer_tokens, req.header("authorization")) =>
+            {
+                Err(Reject::Unauthorized)
+            }
+            Some(_) if req.body.len() > self.config.max_body_bytes => Err(Reject::PayloadTooLarge),
+            Some(Route::Endpoint(stream)) => self.endpoint(&req, &stream, now),
+            Some(Route::Session(stream, session)) => self.session(&req, &stream, session, now),
+        };
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(reject) => {
+                debug!(method = %req.method, target = %req.target, reason = reject.reason(), "request rejected");
+                *self.metrics.rejections.entry(reject.reason()).or_default() += 1;
+                reject.into_response(self.config.retry_after_secs)
+            }
+        };
+        resp = resp
+            .with("Access-Control-Allow-Origin", self.config.cors_origin.clone())
+            .with("Access-Control-Expose-Headers", EXPOSE_HEADERS);
+        if self.config.cors_origin != "*" {
+            resp = resp.with("Vary", "Origin");
+        }
+        *self.metrics.requests.entry((label, req.method.to_string(), resp.code())).or_default() +=
+            1;
+        resp
+    }
+
+    fn preflight(&self) -> WhepResponse {
+        WhepResponse::new(StatusCode::NoContent)
+            .with("Access-Control-Allow-Methods", ALLOW_METHODS)
+            .with("Access-Control-Allow-Headers", ALLOW_HEADERS)
+            .with("Access-Control-Max-Age", "86400")
+    }
+
+    fn endpoint(
+        &mut self,
+        req: &WhepRequest,
+        id: &StreamId,
+        now: Instant,
+    ) -> Result<WhepResponse, Reject> {
+        const ALLOW: &str = "GET, HEAD, OPTIONS, POST";
+        let live = self.streams.get(id).is_some_and(Stream::accepts_viewers);
+        match req.method {
+            Method::Post => self.post(req, id, now),
+            Method::Options => {
+                let mut r = WhepResponse::new(StatusCode::NoContent)
+                    .with("Accept-Post", CONTENT_TYPE_SDP)
+                    .with("Allow", ALLOW);
+                for s in &self.config.ice_servers {
+                    r = r.with("Link", s.link_value());
+                }
+                Ok(r)
+            }
+            Method::Get if live => Ok(WhepResponse::new(StatusCode::NoContent)),
+            Method::Head if live => {
+                Ok(WhepResponse::new(StatusCode::Ok).with("Content-Type", CONTENT_TYPE_SDP))
+            }
+            Method::Get | Method::Head => Err(Reject::StreamNotFound),
+            _ => Err(Reject::MethodNotAllowed { allow: ALLOW }),
+        }
+    }
+
+    fn post(
+        &mut self,
+        req: &WhepRequest,
+        id: &StreamId,
+        now: Instant,
+    ) -> Result<WhepResponse, Reject> {
+        let stream =
+            self.streams.get(id).filter(|s| s.accepts_viewers()).ok_or(Reject::StreamNotFound)?;
+        if req.media_type().as_deref() != Some(CONTENT_TYPE_SDP) {
+            return Err(Reject::UnsupportedMediaType { expected: CONTENT_TYPE_SDP });
+        }
+        let summary = sdp::check_offer(&req.body)?;
+        let cap = stream.config.max_viewers.unwrap_or(self.config.max_viewers_per_stream);
+        if stream.viewers.len() >= cap {
+            self.metrics.cap_rejections += 1;
+            return Err(Reject::StreamFull { cap });
+        }
+        if self.peers.len() >= self.config.max_viewers_total {
+            self.metrics.cap_rejections += 1;
+            return Err(Reject::ServerFull { cap: self.config.max_viewers_total });
+        }
+        if self.config.host_candidates.is_empty() {
+            return Err(Reject::NoCandidates);
+        }
+        let profile = stream.config.profile;
+        // The policy accepted UTF-8 already.
+        let offer_text = String::from_utf8_lossy(&req.body).into_owned();
+        let remote_creds = sdp::ice_credentials(&offer_text)
+            .ok_or_else(|| Reject::BadOffer("no a=ice-ufrag / a=ice-pwd".into()))?;
+
+        let local_ufrag = self.unique_ufrag();
+        let creds = IceCreds { ufrag: local_ufrag.clone(), pass: self.rng.ice_chars(24) };
+        let mut cfg = Rtc::builder()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_h264(true)
+            .enable_opus(true, false)
+            .set_local_ice_credentials(creds)
+            .set_crypto_provider(self.crypto.clone())
+            .set_send_buffer_video(self.config.rtx_cache_packets)
+            .set_send_buffer_audio(64);
+        if let Some(cert) = &self.cert {
+            cfg = cfg.set_dtls_cert(cert.clone());
+        }
+        let mut rtc = cfg.build(now);
+        for addr in &self.config.host_candidates {
+            match Candidate::host(*addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => warn!(%addr, error = %e, "unusable host candidate"),
+            }
+        }
+        let offer =
+            SdpOffer::from_sdp_string(&offer_text).map_err(|e| Reject::BadOffer(e.to_string()))?;
+        let answer =
+            rtc.sdp_api().accept_offer(offer).map_err(|e| Reject::BadOffer(e.to_string()))?;
+
+        let video_mid = Mid::from(summary.video_mid.as_str());
+        let audio_mid = Mid::from(summary.audio_mid.as_str());
+        let usable = |rtc: &Rtc, mid: Mid| -> Vec<Pt> {
+            rtc.media(mid)
+                .filter(|m| !m.disabled())
+                .map(|m| m.remote_pts().to_vec())
+                .unwrap_or_default()
+        };
+        let (vpts, apts) = (usable(&rtc, video_mid), usable(&rtc, audio_mid));
+        let h264: Vec<_> =
+            summary.h264.iter().copied().filter(|h| vpts.contains(&Pt::from(h.pt))).collect();
+        let video_pt = sdp::choose_h264(&h264, profile);
+        let audio_pt = summary.opus.iter().copied().find(|pt| apts.contains(&Pt::from(*pt)));
+        let (Some(video_pt), Some(audio_pt)) = (video_pt, audio_pt) else {
+            return Err(Reject::CodecMismatch {
+                h264: video_pt.is_none(),
+                opus: audio_pt.is_none(),
+            });
+        };
+        let mut api = rtc.direct_api();
+        let video_ssrc = api.stream_tx_by_mid(video_mid, None).map(|t| t.ssrc());
+        let audio_ssrc = api.stream_tx_by_mid(audio_mid, None).map(|t| t.ssrc());
+        let (Some(video_ssrc), Some(audio_ssrc)) = (video_ssrc, audio_ssrc) else {
+            return Err(Reject::BadOffer("no send stream for a media section".into()));
+        };
+
+        let session = self.unique_session();
+        let etag = self.rng.etag();
+        let (vseq, aseq) = (self.rng.u32() as u16, self.rng.u32() as u16);
+        let mut peer = Peer {
+            session,
+            stream: id.clone(),
+            rtc,
+            state: PeerState::Connecting { deadline: now + self.config.connect_timeout },
+            video: Track::new(video_mid, Pt::from(video_pt), video_ssrc, true, vseq),
+            audio: Track::new(audio_mid, Pt::from(audio_pt), audio_ssrc, false, aseq),
+            etag,
+            offer: offer_text,
+            remote_creds,
+            local_ufrag: local_ufrag.clone(),
+            last_rx: now,
+            addrs: Vec::new(),
+            keyframe_requests: 0,
+            rtc_deadline: now,
+            scheduled: None,
+            dead: false,
+        };
+        let mut news = std::mem::take(&mut self.news);
+        peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
+        self.news = news;
+        self.peers.insert(session, peer);
+        self.by_ufrag.insert(local_ufrag, session);
+        if let Some(s) = self.streams.get_mut(id) {
+            s.viewers.insert(session);
+        }
+        self.reschedule_peer(session, now);
+        self.metrics.viewers_joined += 1;
+        info!(%session, stream = %id, video_pt, audio_pt, "viewer joined");
+        self.outputs.push_back(Output::Event(Event::ViewerJoined { stream: id.clone(), session }));
+
+        let location = whep::session_location(&self.config.whep_prefix, id, session, &req.target);
+        let mut resp = WhepResponse::new(StatusCode::Created)
+            .with("Location", location)
+            .with("ETag", etag.header_value())
+            .with("Accept-Patch", CONTENT_TYPE_SDPFRAG);
+        for s in &self.config.ice_servers {
+            resp = resp.with("Link", s.link_value());
+        }
+        Ok(resp.with_body(CONTENT_TYPE_SDP, sdp::finish_answer(&answer.to_sdp_string())))
+    }
+
+    fn unique_session(&mut self) -> SessionId {
+        loop {
+            let s = self.rng.session_id();
+            if !self.peers.contains_key(&s) {
+                return s;
+            }
+        }
+    }
+
+    fn unique_ufrag(&mut self) -> String {
+        loop {
+            let u = self.rng.ice_chars(16);
+            if !self.by_ufrag.contains_key(&u) {
+                return u;
+            }
+        }
+    }
+
+    fn session(
+        &mut self,
+        req: &WhepRequest,
+        id: &StreamId,
+        session: Option<SessionId>,
+        now: Instant,
+    ) -> Result<WhepResponse, Reject> {
+        const ALLOW: &str = "GET, HEAD, OPTIONS, PATCH, DELETE";
+        let known = session.filter(|s| self.peers.get(s).is_some_and(|p| &p.stream == id));
+        match (req.method, known) {
+            (Method::Delete, Some(s)) => {
+                self.remove_peer(s, CloseReason::Deleted, now);
+                Ok(WhepResponse::new(StatusCode::NoContent))
+            }
+            // Idempotent, as the seed: deleting what is not there succeeds.
+            (Method::Delete, None) => Ok(WhepResponse::new(StatusCode::NoContent)),
+            (Method::Patch, Some(s)) => self.patch(req, s, now),
+            (Method::Options, _) => Ok(WhepResponse::new(StatusCode::NoContent)
+                .with("Accept-Patch", CONTENT_TYPE_SDPFRAG)
+                .with("Allow", ALLOW)),
+            (Method::Get | Method::Head, Some(_)) => Ok(WhepResponse::new(StatusCode::NoContent)),
+            (Method::Patch | Method::Get | Method::Head, None) => Err(Reject::SessionNotFound),
+            _ => Err(Reject::MethodNotAllowed { allow: ALLOW }),
+        }
+    }
+
+    fn patch(
+        &mut self,
+        req: &WhepRequest,
+        s: SessionId,
+        now: Instant,
+    ) -> Result<WhepResponse, Reject> {
+        if req.media_type().as_deref() != Some(CONTENT_TYPE_SDPFRAG) {
+            return Err(Reject::UnsupportedMediaType { expected: CONTENT_TYPE_SDPFRAG });
+        }
+        let Some(peer) = self.peers.get(&s) else {
+            return Err(Reject::SessionNotFound);
+        };
+        if self.config.strict_if_match {
+            match req.header("if-match") {
+                None => return Err(Reject::PreconditionRequired),
+                Some(v) if !peer.etag.matches(v) => return Err(Reject::PreconditionFailed),
+                Some(_) => {}
+            }
+        }
+        let frag = SdpFrag::parse(&req.body).map_err(|e| Reject::BadFragment(e.to_string()))?;
+        let restart = match (&frag.ice_ufrag, &frag.ice_pwd) {
+            (Some(u), Some(p)) => {
+                (u.as_str(), p.as_str())
+                    != (peer.remote_creds.0.as_str(), peer.remote_creds.1.as_str())
+            }
+            _ => false,
+        };
+        let resp = if restart {
+            self.ice_restart(s, &frag)?
+        } else {
+            WhepResponse::new(StatusCode::NoContent)
+        };
+        let Some(peer) = self.peers.get_mut(&s) else {
+            return Ok(resp);
+        };
+        let mut added = 0;
+        for (_, c) in &frag.candidates {
+            // mDNS (.local), TCP and otherwise unusable candidates are dropped silently (WHEP).
+            if let Ok(c) = Candidate::from_sdp_string(c) {
+                peer.rtc.add_remote_candidate(c);
+                added += 1;
+            }
+        }
+        debug!(session = %s, restart, added, "patch");
+        let mut news = std::mem::take(&mut self.news);
+        peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
+        self.apply_news(s, &mut news, now);
+        self.news = news;
+        self.reschedule_peer(s, now);
+        Ok(resp)
+    }
+
+    fn ice_restart(&mut self, s: SessionId, frag: &SdpFrag) -> Result<WhepResponse, Reject> {
+        let (Some(ufrag), Some(pwd)) = (&frag.ice_ufrag, &frag.ice_pwd) else {
+            return Err(Reject::BadFragment("restart without credentials".into()));
+        };
+        let etag = self.rng.etag();
+        let Some(peer) = self.peers.get_mut(&s) else {
+            return Err(Reject::SessionNotFound);
+        };
+        let offer_text = sdp::restart_offer(&peer.offer, ufrag, pwd);
+        let offer = SdpOffer::from_sdp_string(&offer_text)
+            .map_err(|e| Reject::RestartFailed(e.to_string()))?;
+        let answer = peer
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| Reject::RestartFailed(e.to_string()))?;
+        let local = peer.rtc.direct_api().local_ice_credentials();
+        peer.offer = offer_text;
+        peer.remote_creds = (ufrag.clone(), pwd.clone());
+        peer.etag = etag;
+        let old = std::mem::replace(&mut peer.local_ufrag, local.ufrag.clone());
+        let answer = answer.to_sdp_string();
+        let candidates: Vec<String> = answer
+            .lines()
+            .filter_map(|l| l.strip_prefix("a="))
+            .filter(|l| l.starts_with("candidate:"))
+            .map(str::to_owned)
+            .collect();
+        let mids = [peer.video.mid.to_string(), peer.audio.mid.to_string()];
+        let first_kind =
+            if answer.find("m=audio") < answer.find("m=video") { "audio" } else { "video" };
+        let (first, second) =
+            if first_kind == "video" { (&mids[0], &mids[1]) } else { (&mids[1], &mids[0]) };
+        if self.by_ufrag.get(&old) == Some(&s) {
+            self.by_ufrag.remove(&old);
+        }
+        self.by_ufrag.insert(local.ufrag.clone(), s);
+        info!(session = %s, "ice restart");
+        let body = sdpfrag::build_restart_answer(
+            true,
+            Some("trickle"),
+            first_kind,
+            &[first.as_str(), second.as_str()],
+            &local.ufrag,
+            &local.pass,
+            &candidates,
+        );
+        Ok(WhepResponse::new(StatusCode::Ok)
+            .with("ETag", etag.header_value())
+            .with_body(CONTENT_TYPE_SDPFRAG, body))
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Invariants
+    // ---------------------------------------------------------------------------------------
+
+    /// Checks the bookkeeping and panics with a description when it is inconsistent. Used by
+    /// tests and the simulation harness after every step; cheap enough for debugging in
+    /// production, linear in viewers and streams.
+    pub fn check_invariants(&self) {
+        self.ports.check_invariants();
+        let mut indexed = 0;
+        for (id, s) in &self.streams {
+            assert_eq!(&s.id, id, "stream keyed by its id");
+            for v in &s.viewers {
+                let p = self
+                    .peers
+                    .get(v)
+                    .unwrap_or_else(|| panic!("stream {id} lists unknown viewer {v}"));
+                assert_eq!(&p.stream, id, "viewer {v} indexed under the wrong stream");
+            }
+            indexed += s.viewers.len();
+            let cap = s.config.max_viewers.unwrap_or(self.config.max_viewers_per_stream);
+            assert!(s.viewers.len() <= cap, "stream {id} over its cap");
+            if let Some(ports) = s.ports() {
+                assert!(self.ports.is_allocated(ports), "stream {id} holds unallocated {ports}");
+            }
+            if let Some(t) = s.scheduled {
+                assert!(
+                    self.timers.contains(&(t, TimerKey::Stream(id.clone()))),
+                    "stream {id} timer missing"
+                );
+            }
+        }
+        assert_eq!(indexed, self.peers.len(), "every peer is indexed under exactly one stream");
+        assert!(self.peers.len() <= self.config.max_viewers_total, "over the total cap");
+        let held = self.streams.values().filter_map(Stream::ports).count();
+        assert_eq!(held, self.ports.in_use(), "allocated pairs are exactly those streams hold");
+        for (port, (id, _)) in &self.ingest {
+            let s = self
+                .streams
+                .get(id)
+                .unwrap_or_else(|| panic!("ingest port {port} of unknown stream {id}"));
+            assert!(
+                s.ports().is_some_and(|p| p.contains(*port)),
+                "ingest port {port} not held by {id}"
+            );
+        }
+        for (a, s) in &self.by_addr {
+            let p = self
+                .peers
+                .get(s)
+                .unwrap_or_else(|| panic!("address {a} maps to unknown session {s}"));
+            assert!(p.addrs.contains(a), "address index of {s} out of sync");
+        }
+        for (u, s) in &self.by_ufrag {
+            let p =
+                self.peers.get(s).unwrap_or_else(|| panic!("ufrag maps to unknown session {s}"));
+            assert_eq!(&p.local_ufrag, u, "ufrag index of {s} out of sync");
+        }
+        for (s, p) in &self.peers {
+            assert_eq!(
+                self.by_ufrag.get(&p.local_ufrag),
+                Some(s),
+                "peer {s} not in the ufrag index"
+            );
+            let t = p.scheduled.unwrap_or_else(|| panic!("peer {s} has no timer"));
+            assert!(self.timers.contains(&(t, TimerKey::Peer(*s))), "peer {s} timer missing");
+        }
+        let scheduled = self.peers.values().filter(|p| p.scheduled.is_some()).count()
+            + self.streams.values().filter(|s| s.scheduled.is_some()).count();
+        assert_eq!(scheduled, self.timers.len(), "no stray timer entries");
+    }
+}
+
+/// Our ICE username fragment from a STUN binding request's USERNAME (`ours:theirs`).
+fn stun_local_ufrag(b: &[u8]) -> Option<&str> {
+    const MAGIC: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
+    if b.len() < 20 || b[0] & 0xc0 != 0 || b.get(4..8)? != MAGIC {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([b[2], b[3]]));
+    let attrs = b.get(20..20 + len)?;
+    let mut i = 0;
+    while i + 4 <= attrs.len() {
+        let typ = u16::from_be_bytes([attrs[i], attrs[i + 1]]);
+        let alen = usize::from(u16::from_be_bytes([attrs[i + 2], attrs[i + 3]]));
+        let value = attrs.get(i + 4..i + 4 + alen)?;
+        if typ == 0x0006 {
+            let user = std::str::from_utf8(value).ok()?;
+            return user.split(':').next();
+        }
+        i += 4 + alen.div_ceil(4) * 4;
+    }
+    None
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<Core>();
+    let _ = Duration::ZERO;
+}

@@ -1,0 +1,153 @@
+//! Identifiers and the seeded random source that draws them.
+
+use std::fmt;
+
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+
+/// Identifies a stream. Any non-empty string without control characters, at most 256 bytes;
+/// ids such as `restreamer-ui:ingest:3f2a` (with `:`) are common.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(String);
+
+impl StreamId {
+    /// Longest accepted id, in bytes.
+    pub const MAX_LEN: usize = 256;
+
+    /// Validates and wraps a stream id.
+    pub fn new(id: impl Into<String>) -> Option<Self> {
+        let id = id.into();
+        let ok = !id.is_empty() && id.len() <= Self::MAX_LEN && !id.chars().any(char::is_control);
+        ok.then_some(Self(id))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Identifies one WHEP session (one viewer): 128 random bits as 32 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(u128);
+
+impl SessionId {
+    /// Parses the 32-hex-digit form used in session URLs.
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            return None;
+        }
+        u128::from_str_radix(s, 16).ok().map(Self)
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// A strong entity tag of a session's ICE state, rendered quoted (`"…"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ETag(u128);
+
+impl ETag {
+    /// The header value, quoted as RFC 9110 requires for a strong tag.
+    pub fn header_value(self) -> String {
+        format!("\"{:032x}\"", self.0)
+    }
+
+    /// Whether an `If-Match` header value matches this tag: `*`, `"*"` (as the WHEP draft's
+    /// examples write it) or a list containing this strong tag.
+    pub fn matches(self, if_match: &str) -> bool {
+        let mine = self.header_value();
+        if_match.split(',').map(str::trim).any(|t| t == "*" || t == "\"*\"" || t == mine)
+    }
+}
+
+/// The core's only source of randomness: ChaCha20 seeded from [`Config`](crate::Config).
+#[derive(Debug)]
+pub(crate) struct Rng(ChaCha20Rng);
+
+impl Rng {
+    pub(crate) fn new(seed: [u8; 32]) -> Self {
+        Self(ChaCha20Rng::from_seed(seed))
+    }
+
+    fn u128(&mut self) -> u128 {
+        let mut b = [0u8; 16];
+        self.0.fill_bytes(&mut b);
+        u128::from_le_bytes(b)
+    }
+
+    pub(crate) fn session_id(&mut self) -> SessionId {
+        SessionId(self.u128())
+    }
+
+    pub(crate) fn etag(&mut self) -> ETag {
+        ETag(self.u128())
+    }
+
+    pub(crate) fn u32(&mut self) -> u32 {
+        self.0.next_u32()
+    }
+
+    /// ICE credential characters (RFC 8839 ice-char), `len` of them.
+    pub(crate) fn ice_chars(&mut self, len: usize) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        (0..len).map(|_| char::from(ALPHABET[(self.0.next_u32() % 64) as usize])).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_id_round_trips_and_rejects_junk() {
+        let mut rng = Rng::new([7; 32]);
+        let id = rng.session_id();
+        let s = id.to_string();
+        assert_eq!(s.len(), 32);
+        assert_eq!(SessionId::parse(&s), Some(id));
+        assert_eq!(SessionId::parse(&s.to_uppercase()), None);
+        assert_eq!(SessionId::parse("xyz"), None);
+        assert_eq!(SessionId::parse(&format!("{s}0")), None);
+    }
+
+    #[test]
+    fn seeded_rng_is_deterministic_and_distinct() {
+        let (mut a, mut b) = (Rng::new([1; 32]), Rng::new([1; 32]));
+        assert_eq!(a.session_id(), b.session_id());
+        assert_ne!(a.session_id(), a.session_id());
+        assert_ne!(Rng::new([2; 32]).session_id(), Rng::new([1; 32]).session_id());
+    }
+
+    #[test]
+    fn etag_matching() {
+        let t = Rng::new([3; 32]).etag();
+        let v = t.header_value();
+        assert!(v.starts_with('"') && v.ends_with('"') && v.len() == 34);
+        assert!(t.matches(&v));
+        assert!(t.matches("*"));
+        assert!(t.matches("\"*\""));
+        assert!(t.matches(&format!("\"x\", {v}")));
+        assert!(!t.matches("\"0\""));
+        assert!(!t.matches(""));
+    }
+
+    #[test]
+    fn stream_ids() {
+        assert!(StreamId::new("restreamer-ui:ingest:3f2a").is_some());
+        assert!(StreamId::new("").is_none());
+        assert!(StreamId::new("a\nb").is_none());
+        assert!(StreamId::new("x".repeat(257)).is_none());
+    }
+}

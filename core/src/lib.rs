@@ -1,0 +1,386 @@
+//! A sans-IO WHEP egress core: WHEP sessions, SDP codec policy, port accounting, stream and peer
+//! lifecycle, and RTP fan-out over [str0m](https://docs.rs/str0m), as a deterministic state
+//! machine.
+//!
+//! FFmpeg sends a stream's H264 video and Opus audio as RTP to two loopback ports (video on V,
+//! audio on V+1). Browsers watch with WHEP: they POST an SDP offer and get an answer; the core
+//! forwards every RTP packet to every viewer, SRTP-encrypted per viewer, over one shared UDP
+//! socket.
+//!
+//! # What this crate does not do
+//!
+//! It binds no socket, spawns no process, reads no clock, starts no thread and parses no HTTP
+//! bytes. A runtime (tokio, smol, or a plain loop over std sockets) does all IO and hands the
+//! results in as inputs; the core answers with outputs. Its normal dependencies contain no
+//! async runtime, socket or process crate (CI checks this).
+//!
+//! # Run loop
+//!
+//! 1. Create a [`Core`] with a [`Config`] (host candidates, port range, caps, a random seed).
+//! 2. Register streams with [`Core::add_stream`] and start them with [`Core::start_stream`].
+//! 3. Feed inputs as they happen, each with the current `now`:
+//!    [`Core::handle_http`] for a WHEP request (it returns the response at once),
+//!    [`Core::handle_input`] for a datagram on the viewer socket, a datagram on an ingest port,
+//!    a bind result or a process event, and [`Core::handle_timeout`] when the timer fires.
+//! 4. After every call, drain [`Core::poll_output`] until `None` and execute each [`Output`]:
+//!    send a [`Transmit`], bind or release ingest ports, spawn, stop or kill a process, or
+//!    observe an [`Event`].
+//! 5. Arm one timer at [`Core::poll_timeout`].
+//!
+//! ```no_run
+//! use std::time::Instant;
+//! use whep_core::{Config, Core, Input, Output, StreamConfig, StreamId};
+//!
+//! let mut config = Config::default();
+//! config.host_candidates = vec!["192.0.2.10:3478".parse().unwrap()];
+//! let mut core = Core::new(config, Instant::now());
+//! let demo = StreamId::new("demo").unwrap();
+//! core.add_stream(demo.clone(), StreamConfig::external()).unwrap();
+//! core.start_stream(&demo, Instant::now()).unwrap();
+//! loop {
+//!     while let Some(out) = core.poll_output() {
+//!         match out {
+//!             Output::Transmit(t) => { /* socket.send_to(&t.contents, t.destination) */ }
+//!             Output::BindIngest { stream, ports } => {
+//!                 // bind 127.0.0.1:ports.video and ports.audio(), then report:
+//!                 core.handle_input(Input::IngestBound { stream, ports }, Instant::now());
+//!             }
+//!             _ => { /* spawn/stop/kill processes, release ports, log events */ }
+//!         }
+//!     }
+//!     let _wake_at = core.poll_timeout();
+//!     // wait for a datagram, an HTTP request, a child exit or the timer, then feed it in:
+//!     core.handle_timeout(Instant::now());
+//! }
+//! ```
+//!
+//! # Time
+//!
+//! Every input carries `now: Instant`; the core never reads a clock. Time must not go
+//! backwards (an older `now` counts as the newest seen). A spurious `handle_timeout` is
+//! harmless.
+//!
+//! # Randomness
+//!
+//! Session ids, ETags and ICE credentials come from ChaCha20 seeded with
+//! [`Config::rng_seed`] (128 random bits per session id). str0m draws DTLS keys and SSRCs from
+//! its own generators, so two runs with one seed agree on ids but not on bytes on the wire.
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+mod config;
+mod engine;
+pub mod ffmpeg;
+mod ids;
+mod metrics;
+mod peer;
+pub mod ports;
+pub mod rtp;
+pub mod sdp;
+pub mod sdpfrag;
+mod stream;
+pub mod whep;
+
+#[cfg(feature = "sim")]
+pub mod sim;
+
+pub use config::{Config, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig};
+pub use engine::Core;
+pub use ffmpeg::EgressConfig;
+pub use ids::{ETag, SessionId, StreamId};
+pub use metrics::Metrics;
+pub use ports::PortPair;
+pub use whep::{Reject, WhepRequest, WhepResponse};
+
+/// An input from the runtime.
+#[derive(Debug)]
+pub enum Input<'a> {
+    /// A datagram that arrived on the shared viewer socket.
+    Datagram {
+        /// The sender.
+        source: SocketAddr,
+        /// The local address it arrived on: one of [`Config::host_candidates`] (a socket bound
+        /// to a wildcard address passes the advertised candidate).
+        destination: SocketAddr,
+        /// The datagram.
+        contents: &'a [u8],
+    },
+    /// A datagram that arrived on an ingest port (RTP or RTCP from FFmpeg, or garbage).
+    Ingest {
+        /// The local port it arrived on.
+        port: u16,
+        /// The datagram.
+        contents: &'a [u8],
+    },
+    /// Both ports of an [`Output::BindIngest`] are bound.
+    IngestBound {
+        /// The stream.
+        stream: StreamId,
+        /// The pair that was bound.
+        ports: PortPair,
+    },
+    /// An [`Output::BindIngest`] failed; the core quarantines the pair and tries another.
+    BindFailed {
+        /// The stream.
+        stream: StreamId,
+        /// The pair that could not be bound.
+        ports: PortPair,
+        /// What the operating system said.
+        error: String,
+    },
+    /// The process of an [`Output::SpawnProcess`] started.
+    ProcessSpawned {
+        /// The stream.
+        stream: StreamId,
+        /// The generation from the spawn request.
+        generation: u64,
+        /// Its process id.
+        pid: u32,
+    },
+    /// An [`Output::SpawnProcess`] could not be executed (e.g. no `ffmpeg` on `PATH`).
+    SpawnFailed {
+        /// The stream.
+        stream: StreamId,
+        /// The generation from the spawn request.
+        generation: u64,
+        /// What went wrong, including how to fix it.
+        error: String,
+    },
+    /// A spawned process exited.
+    ProcessExited {
+        /// The stream.
+        stream: StreamId,
+        /// The generation from the spawn request.
+        generation: u64,
+        /// Exit code; `None` when killed by a signal.
+        code: Option<i32>,
+    },
+}
+
+/// A datagram to send from the shared viewer socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// The local address to send from (one of the host candidates).
+    pub source: SocketAddr,
+    /// Where to send it.
+    pub destination: SocketAddr,
+    /// The datagram.
+    pub contents: Vec<u8>,
+}
+
+/// Something the runtime must do, or may observe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Output {
+    /// Send a datagram on the viewer socket.
+    Transmit(Transmit),
+    /// Bind `127.0.0.1:ports.video` and `127.0.0.1:ports.audio()` for the stream's RTP and
+    /// report [`Input::IngestBound`] or [`Input::BindFailed`].
+    BindIngest {
+        /// The stream.
+        stream: StreamId,
+        /// The pair to bind.
+        ports: PortPair,
+    },
+    /// Close the two ingest sockets.
+    ReleaseIngest {
+        /// The stream.
+        stream: StreamId,
+        /// The pair to close.
+        ports: PortPair,
+    },
+    /// Run `program args…` (FFmpeg) without stdin, forward its stderr to logs, and report
+    /// [`Input::ProcessSpawned`] or [`Input::SpawnFailed`], then [`Input::ProcessExited`].
+    SpawnProcess {
+        /// The stream.
+        stream: StreamId,
+        /// Identifies this spawn in later reports.
+        generation: u64,
+        /// The program.
+        program: String,
+        /// Its arguments.
+        args: Vec<String>,
+    },
+    /// Ask the process to exit (SIGTERM). The core follows with [`Output::KillProcess`] if it
+    /// has not exited after [`ProcessConfig::stop_grace`].
+    StopProcess {
+        /// The stream.
+        stream: StreamId,
+        /// Which spawn.
+        generation: u64,
+    },
+    /// Kill the process (SIGKILL).
+    KillProcess {
+        /// The stream.
+        stream: StreamId,
+        /// Which spawn.
+        generation: u64,
+    },
+    /// Something happened.
+    Event(Event),
+}
+
+/// Why a viewer's session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The viewer sent DELETE.
+    Deleted,
+    /// ICE and DTLS did not complete within [`Config::connect_timeout`].
+    ConnectTimeout,
+    /// No datagram from the viewer within [`Config::inactivity_timeout`].
+    Inactive,
+    /// The ICE agent lost the viewer and it did not recover within the grace period.
+    IceDisconnected,
+    /// The viewer closed DTLS, or its connection failed.
+    RemoteClosed,
+    /// The stream was stopped or removed.
+    StreamStopped,
+    /// The stream's FFmpeg exited and is being restarted.
+    StreamRestarting,
+    /// The core is shutting down.
+    Shutdown,
+}
+
+/// Something the embedding application may want to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The stream's ingest ports are bound. For a stream fed externally, `args` are the
+    /// FFmpeg output legs to append after the application's own outputs (the seed's
+    /// `BuildArgs`); for a supervised stream, the full command line being spawned.
+    StreamReady {
+        /// The stream.
+        stream: StreamId,
+        /// Its ingest pair.
+        ports: PortPair,
+        /// FFmpeg arguments.
+        args: Vec<String>,
+    },
+    /// The stream is stopped and holds no ports or process.
+    StreamStopped {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// The stream could not start (no bindable ports, FFmpeg missing, ...).
+    StreamFailed {
+        /// The stream.
+        stream: StreamId,
+        /// Why.
+        reason: String,
+        /// When the next attempt is, for a supervised stream.
+        retry_in: Option<Duration>,
+    },
+    /// The supervised process exited unexpectedly; viewers were closed.
+    ProcessExited {
+        /// The stream.
+        stream: StreamId,
+        /// Its exit code.
+        code: Option<i32>,
+        /// Delay before the restart.
+        restart_in: Option<Duration>,
+    },
+    /// The supervised process sent no RTP for [`ProcessConfig::stale_timeout`]; it is being
+    /// restarted.
+    StreamStale {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// A POST created a viewer.
+    ViewerJoined {
+        /// The stream.
+        stream: StreamId,
+        /// The session.
+        session: SessionId,
+    },
+    /// A viewer's ICE and DTLS completed; media flows.
+    ViewerConnected {
+        /// The stream.
+        stream: StreamId,
+        /// The session.
+        session: SessionId,
+    },
+    /// A viewer's session ended.
+    ViewerLeft {
+        /// The stream.
+        stream: StreamId,
+        /// The session.
+        session: SessionId,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// A viewer asked for a keyframe (PLI/FIR). FFmpeg cannot be asked; counted only.
+    KeyframeRequested {
+        /// The stream.
+        stream: StreamId,
+        /// The session.
+        session: SessionId,
+    },
+}
+
+/// What the next timeout is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerReason {
+    /// A viewer: str0m's timers, connect deadline, inactivity, disconnect grace.
+    Peer,
+    /// A stream: restart backoff, stale detection, stop escalation.
+    Stream,
+}
+
+/// Why a stream management call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    /// No stream with this id.
+    NotFound,
+    /// A stream with this id exists.
+    Exists,
+    /// Its WebRTC egress is disabled.
+    Disabled,
+    /// It is already started.
+    AlreadyStarted,
+    /// No free ingest port pair.
+    NoPorts,
+    /// The egress configuration is invalid.
+    InvalidConfig(String),
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotFound => f.write_str("no such stream"),
+            Self::Exists => f.write_str("a stream with this id exists"),
+            Self::Disabled => f.write_str("the stream's WebRTC egress is disabled"),
+            Self::AlreadyStarted => f.write_str("the stream is already started"),
+            Self::NoPorts => f.write_str("no free ingest port pair"),
+            Self::InvalidConfig(why) => write!(f, "invalid egress configuration: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StreamError {}
+
+/// Status of one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// The id.
+    pub id: StreamId,
+    /// `stopped`, `binding`, `running`, `restarting`, `backoff` or `stopping`.
+    pub state: &'static str,
+    /// Whether WebRTC egress is enabled.
+    pub enabled: bool,
+    /// Whether the core supervises its FFmpeg.
+    pub supervised: bool,
+    /// Its ingest pair, while it holds one.
+    pub ports: Option<PortPair>,
+    /// The FFmpeg process id, while running.
+    pub pid: Option<u32>,
+    /// Viewers, connected or not.
+    pub viewers: usize,
+    /// Viewers whose media flows.
+    pub connected_viewers: usize,
+    /// Restarts of its FFmpeg.
+    pub restarts: u64,
+}

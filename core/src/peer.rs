@@ -1,0 +1,241 @@
+//! One viewer: a str0m `Rtc` in RTP mode plus what the core knows about it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use str0m::media::{MediaKind, Mid, Pt};
+use str0m::rtp::{RtpWrite, SeqNo, Ssrc};
+use str0m::{Event as RtcEvent, IceConnectionState, Input as RtcInput, Output as RtcOutput, Rtc};
+use tracing::{debug, trace};
+
+use crate::ids::{ETag, SessionId, StreamId};
+use crate::{Output, Transmit};
+
+/// One packet from a stream's ingest port, parsed once and shared by every viewer.
+#[derive(Debug, Clone)]
+pub(crate) struct SourcePacket {
+    pub(crate) kind: MediaKind,
+    /// Extended source sequence number (see [`crate::rtp::SeqExtender`]).
+    pub(crate) seq: u64,
+    /// The source restarted (new SSRC or a jump): viewers rebase and video re-gates.
+    pub(crate) restart: bool,
+    pub(crate) timestamp: u32,
+    pub(crate) marker: bool,
+    /// A viewer's video may start here (SPS or the start of an IDR).
+    pub(crate) keyframe_start: bool,
+    pub(crate) payload: Arc<[u8]>,
+}
+
+/// Lifecycle of a viewer's WebRTC connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerState {
+    /// Answer sent; waiting for ICE and DTLS until the deadline.
+    Connecting { deadline: Instant },
+    /// ICE, DTLS and SRTP are up; media flows.
+    Connected,
+    /// The ICE agent lost the viewer; closed unless it recovers before the deadline.
+    Disconnected { deadline: Instant },
+}
+
+/// The send side of one media section for one viewer.
+#[derive(Debug)]
+pub(crate) struct Track {
+    pub(crate) mid: Mid,
+    pub(crate) pt: Pt,
+    pub(crate) ssrc: Ssrc,
+    nackable: bool,
+    /// `out = src + offset`; `None` until the track starts (video waits for a keyframe).
+    offset: Option<i64>,
+    /// Next extended sequence number this viewer expects; starts below 2^15 so the first
+    /// packet's SRTP rollover counter is 0 (str0m notes: a first seq ≥ 65536 fails silently).
+    next_out: u64,
+}
+
+impl Track {
+    pub(crate) fn new(mid: Mid, pt: Pt, ssrc: Ssrc, nackable: bool, first_seq: u16) -> Self {
+        Self { mid, pt, ssrc, nackable, offset: None, next_out: u64::from(first_seq & 0x7fff) }
+    }
+
+    /// Maps a source sequence number to this viewer's, starting or re-gating as needed.
+    fn map(&mut self, pkt: &SourcePacket) -> Option<u64> {
+        if pkt.restart || self.offset.is_none() {
+            if pkt.kind == MediaKind::Video && !pkt.keyframe_start {
+                self.offset = None;
+                return None;
+            }
+            self.offset = Some(self.next_out as i64 - pkt.seq as i64);
+        }
+        let out = u64::try_from(pkt.seq as i64 + self.offset?).ok()?;
+        self.next_out = self.next_out.max(out + 1);
+        Some(out)
+    }
+}
+
+/// Things a peer tells the core after a mutation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerNews {
+    Connected,
+    KeyframeRequest,
+}
+
+/// One WHEP session.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) session: SessionId,
+    pub(crate) stream: StreamId,
+    pub(crate) rtc: Rtc,
+    pub(crate) state: PeerState,
+    pub(crate) video: Track,
+    pub(crate) audio: Track,
+    pub(crate) etag: ETag,
+    /// The offer as received, kept to re-accept it with new credentials on ICE restart.
+    pub(crate) offer: String,
+    /// The viewer's current ICE credentials.
+    pub(crate) remote_creds: (String, String),
+    /// Our current ICE username fragment (the demux key).
+    pub(crate) local_ufrag: String,
+    pub(crate) last_rx: Instant,
+    /// Source addresses learned for this viewer (demux keys).
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) keyframe_requests: u64,
+    /// str0m's next timeout.
+    pub(crate) rtc_deadline: Instant,
+    /// The entry this peer has in the core's timer set.
+    pub(crate) scheduled: Option<Instant>,
+    /// str0m said the viewer closed, or it errored: the core removes the peer.
+    pub(crate) dead: bool,
+}
+
+impl Peer {
+    /// The earliest instant at which this peer needs [`Peer::handle_timeout`].
+    pub(crate) fn deadline(&self, inactivity: Duration) -> Instant {
+        let own = match self.state {
+            PeerState::Connecting { deadline } | PeerState::Disconnected { deadline } => deadline,
+            PeerState::Connected => self.last_rx + inactivity,
+        };
+        own.min(self.rtc_deadline)
+    }
+
+    /// Drains str0m's output into the core's queue until it asks for a timeout.
+    pub(crate) fn drain(
+        &mut self,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<PeerNews>,
+    ) {
+        loop {
+            match self.rtc.poll_output() {
+                Ok(RtcOutput::Transmit(t)) => out.push_back(Output::Transmit(Transmit {
+                    source: t.source,
+                    destination: t.destination,
+                    contents: t.contents.into(),
+                })),
+                Ok(RtcOutput::Timeout(t)) => {
+                    self.rtc_deadline = t;
+                    break;
+                }
+                Ok(RtcOutput::Event(e)) => self.on_event(e, now, grace, news),
+                Err(e) => {
+                    debug!(session = %self.session, error = %e, "peer failed");
+                    self.dead = true;
+                    break;
+                }
+            }
+        }
+        if !self.rtc.is_alive() {
+            self.dead = true;
+        }
+    }
+
+    fn on_event(&mut self, e: RtcEvent, now: Instant, grace: Duration, news: &mut Vec<PeerNews>) {
+        match e {
+            RtcEvent::Connected => {
+                self.state = PeerState::Connected;
+                news.push(PeerNews::Connected);
+            }
+            RtcEvent::IceConnectionStateChange(s) => {
+                trace!(session = %self.session, state = ?s, "ice state");
+                match (s, self.state) {
+                    (IceConnectionState::Disconnected, PeerState::Connected) => {
+                        self.state = PeerState::Disconnected { deadline: now + grace };
+                    }
+                    (
+                        IceConnectionState::Connected | IceConnectionState::Completed,
+                        PeerState::Disconnected { .. },
+                    ) => self.state = PeerState::Connected,
+                    _ => {}
+                }
+            }
+            RtcEvent::KeyframeRequest(_) => {
+                self.keyframe_requests += 1;
+                news.push(PeerNews::KeyframeRequest);
+            }
+            RtcEvent::Closed => self.dead = true,
+            _ => {}
+        }
+    }
+
+    /// Writes one source packet to this viewer (if connected and the track has started) and
+    /// releases it through str0m. Returns whether a packet was written.
+    pub(crate) fn write_media(
+        &mut self,
+        pkt: &SourcePacket,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<PeerNews>,
+    ) -> bool {
+        if self.dead || matches!(self.state, PeerState::Connecting { .. }) {
+            return false;
+        }
+        let track = match pkt.kind {
+            MediaKind::Video => &mut self.video,
+            MediaKind::Audio => &mut self.audio,
+        };
+        let Some(seq) = track.map(pkt) else {
+            return false;
+        };
+        let (pt, ssrc, nackable) = (track.pt, track.ssrc, track.nackable);
+        let mut api = self.rtc.direct_api();
+        let Some(tx) = api.stream_tx(&ssrc) else {
+            return false;
+        };
+        tx.write_rtp(
+            RtpWrite::new(pt, SeqNo::from(seq), pkt.timestamp, now, pkt.payload.clone())
+                .marker(pkt.marker)
+                .nackable(nackable),
+        );
+        self.timeout(now, grace, out, news);
+        true
+    }
+
+    /// Feeds str0m a timeout and drains it.
+    pub(crate) fn timeout(
+        &mut self,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<PeerNews>,
+    ) {
+        if let Err(e) = self.rtc.handle_input(RtcInput::Timeout(now)) {
+            debug!(session = %self.session, error = %e, "timeout failed");
+            self.dead = true;
+        }
+        self.drain(now, grace, out, news);
+    }
+
+    /// Starts a graceful close (RTCP BYE, DTLS close_notify) and drains what it produces.
+    pub(crate) fn close(&mut self, now: Instant, out: &mut VecDeque<Output>) {
+        let mut news = Vec::new();
+        if self.rtc.close().is_ok() {
+            let _ = self.rtc.handle_input(RtcInput::Timeout(now));
+            self.drain(now, Duration::ZERO, out, &mut news);
+        }
+        if self.rtc.is_alive() {
+            self.rtc.disconnect();
+        }
+    }
+}

@@ -1,0 +1,425 @@
+//! SDP codec policy: what an offer must contain for us to answer it, and small text edits of
+//! offers and answers. Parsing uses `sdp-types`, independent of str0m, so that the policy can be
+//! tested and fuzzed on its own.
+
+use sdp_types::{Fmtp, Media, RtpMap, Session};
+
+use crate::config::H264Profile;
+use crate::whep::Reject;
+
+/// Most media sections we look at before calling an offer unsupported.
+const MAX_MEDIA_SECTIONS: usize = 16;
+
+/// One H264 payload type of an offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct H264Offer {
+    /// The payload type.
+    pub pt: u8,
+    /// `packetization-mode` (0 when absent, as RFC 6184 says).
+    pub packetization_mode: u8,
+    /// `profile-level-id`, if present and valid hex.
+    pub profile_level_id: Option<u32>,
+}
+
+/// What the codec policy learned from an acceptable offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferSummary {
+    /// `a=mid` of the video section.
+    pub video_mid: String,
+    /// `a=mid` of the audio section.
+    pub audio_mid: String,
+    /// H264 payload types with packetization-mode 1, in offer order.
+    pub h264: Vec<H264Offer>,
+    /// Opus payload types, in offer order.
+    pub opus: Vec<u8>,
+}
+
+/// Applies the codec and layout policy to an offer body.
+///
+/// - not UTF-8, empty or unparsable: [`Reject::BadOffer`] (400);
+/// - more than one video or audio section, other media kinds, a `sendonly` or `inactive`
+///   section, a section without `a=mid`: [`Reject::BadLayout`] (422);
+/// - no video section with H264 `packetization-mode=1`, or no audio section with Opus:
+///   [`Reject::CodecMismatch`] (406), naming what is missing.
+pub fn check_offer(body: &[u8]) -> Result<OfferSummary, Reject> {
+    let text = std::str::from_utf8(body).map_err(|_| Reject::BadOffer("not UTF-8".into()))?;
+    if text.trim().is_empty() {
+        return Err(Reject::BadOffer("empty body".into()));
+    }
+    let session = Session::parse(text.as_bytes())
+        .map_err(|e| Reject::BadOffer(format!("not an SDP session description ({e})")))?;
+    check_session(&session)
+}
+
+fn check_session(session: &Session) -> Result<OfferSummary, Reject> {
+    if session.medias.len() > MAX_MEDIA_SECTIONS {
+        return Err(Reject::BadLayout(format!("{} media sections", session.medias.len())));
+    }
+    let session_dir =
+        direction(session.has_attribute("sendonly"), session.has_attribute("inactive"));
+    let (mut video, mut audio) = (None, None);
+    for m in session.medias.iter().filter(|m| m.port != 0) {
+        let slot = match m.media.as_str() {
+            "video" => &mut video,
+            "audio" => &mut audio,
+            "application" => continue,
+            other => {
+                return Err(Reject::BadLayout(format!("unsupported media kind {other:?}")));
+            }
+        };
+        if slot.is_some() {
+            return Err(Reject::BadLayout(format!(
+                "more than one {} section; one video and one audio are supported",
+                m.media
+            )));
+        }
+        let dir =
+            direction(m.has_attribute("sendonly"), m.has_attribute("inactive")).or(session_dir);
+        if let Some(d) = dir {
+            return Err(Reject::BadLayout(format!(
+                "{} section is {d}; a viewer receives",
+                m.media
+            )));
+        }
+        let Some(Some(mid)) = m.get_first_attribute_value("mid") else {
+            return Err(Reject::BadLayout(format!("{} section has no a=mid", m.media)));
+        };
+        *slot = Some((m, mid.to_owned()));
+    }
+    let h264 = video.as_ref().map(|(m, _)| h264_offers(m)).unwrap_or_default();
+    let opus = audio.as_ref().map(|(m, _)| opus_offers(m)).unwrap_or_default();
+    match (video, audio) {
+        (Some((_, video_mid)), Some((_, audio_mid))) if !h264.is_empty() && !opus.is_empty() => {
+            Ok(OfferSummary { video_mid, audio_mid, h264, opus })
+        }
+        _ => Err(Reject::CodecMismatch { h264: h264.is_empty(), opus: opus.is_empty() }),
+    }
+}
+
+fn direction(sendonly: bool, inactive: bool) -> Option<&'static str> {
+    if sendonly {
+        Some("sendonly")
+    } else if inactive {
+        Some("inactive")
+    } else {
+        None
+    }
+}
+
+fn h264_offers(m: &Media) -> Vec<H264Offer> {
+    let fmtps: Vec<Fmtp> = m.attributes_typed::<Fmtp>().filter_map(Result::ok).collect();
+    m.attributes_typed::<RtpMap>()
+        .filter_map(Result::ok)
+        .filter(|r| r.encoding_name.eq_ignore_ascii_case("H264") && r.clock_rate == 90_000)
+        .map(|r| {
+            let params = fmtps.iter().filter(|f| f.fmt == r.payload_type);
+            let param = |name: &str| {
+                params
+                    .clone()
+                    .flat_map(|f| &f.format_specific_params)
+                    .find(|p| p.param.trim().eq_ignore_ascii_case(name))
+                    .and_then(|p| p.val.as_deref())
+                    .map(str::trim)
+            };
+            H264Offer {
+                pt: r.payload_type,
+                packetization_mode: param("packetization-mode")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                profile_level_id: param("profile-level-id")
+                    .filter(|v| v.len() == 6)
+                    .and_then(|v| u32::from_str_radix(v, 16).ok()),
+            }
+        })
+        .filter(|h| h.packetization_mode == 1)
+        .collect()
+}
+
+fn opus_offers(m: &Media) -> Vec<u8> {
+    m.attributes_typed::<RtpMap>()
+        .filter_map(Result::ok)
+        .filter(|r| r.encoding_name.eq_ignore_ascii_case("opus") && r.clock_rate == 48_000)
+        .map(|r| r.payload_type)
+        .collect()
+}
+
+/// The H264 profile a `profile-level-id` denotes (RFC 6184 §8.1, table 5), if we know it.
+pub fn profile_of(profile_level_id: u32) -> Option<H264Profile> {
+    let idc = (profile_level_id >> 16) as u8;
+    let iop = (profile_level_id >> 8) as u8;
+    let cs1 = iop & 0x40 != 0;
+    match idc {
+        0x42 if cs1 => Some(H264Profile::ConstrainedBaseline),
+        0x42 => Some(H264Profile::Baseline),
+        0x4d if iop & 0x80 != 0 => Some(H264Profile::ConstrainedBaseline),
+        0x4d => Some(H264Profile::Main),
+        0x58 if iop & 0xc0 == 0xc0 => Some(H264Profile::ConstrainedBaseline),
+        0x64 => Some(H264Profile::High),
+        _ => None,
+    }
+}
+
+/// Picks the H264 payload type a viewer gets for a stream of profile `want`, from offered
+/// packetization-mode 1 types: an exact profile match first; then, for a constrained baseline
+/// stream, a baseline type (a baseline decoder decodes constrained baseline); then nothing.
+/// Ties go to the offer's order (the viewer's preference).
+pub fn choose_h264(offered: &[H264Offer], want: H264Profile) -> Option<u8> {
+    let with = |p: H264Profile| {
+        offered
+            .iter()
+            .filter(|h| h.packetization_mode == 1)
+            .find(|h| h.profile_level_id.and_then(profile_of) == Some(p))
+            .map(|h| h.pt)
+    };
+    with(want).or_else(|| match want {
+        H264Profile::ConstrainedBaseline => with(H264Profile::Baseline),
+        H264Profile::Baseline => with(H264Profile::ConstrainedBaseline),
+        H264Profile::Main | H264Profile::High => None,
+    })
+}
+
+/// Adds what the WHEP draft asks of an answer and str0m leaves out: `a=rtcp-mux-only` next to
+/// `a=rtcp-mux` (RFC 8858) and `a=end-of-candidates` after the candidates, since the server never
+/// trickles (RFC 8838).
+pub(crate) fn finish_answer(answer: &str) -> String {
+    let mut out = String::with_capacity(answer.len() + 128);
+    let lines: Vec<&str> = answer.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        out.push_str(line);
+        out.push_str("\r\n");
+        if *line == "a=rtcp-mux" {
+            out.push_str("a=rtcp-mux-only\r\n");
+        }
+        let next_is_candidate = lines.get(i + 1).is_some_and(|l| l.starts_with("a=candidate:"));
+        if line.starts_with("a=candidate:") && !next_is_candidate {
+            out.push_str("a=end-of-candidates\r\n");
+        }
+    }
+    out
+}
+
+/// Rewrites a stored offer for an ICE restart: every `a=ice-ufrag` / `a=ice-pwd` gets the new
+/// credentials, candidates and `a=end-of-candidates` are dropped (the PATCH carries its own).
+pub(crate) fn restart_offer(offer: &str, ufrag: &str, pwd: &str) -> String {
+    let mut out = String::with_capacity(offer.len());
+    for line in offer.lines() {
+        let line = if line.starts_with("a=ice-ufrag:") {
+            format!("a=ice-ufrag:{ufrag}")
+        } else if line.starts_with("a=ice-pwd:") {
+            format!("a=ice-pwd:{pwd}")
+        } else if line.starts_with("a=candidate:") || line.starts_with("a=end-of-candidates") {
+            continue;
+        } else {
+            line.to_owned()
+        };
+        out.push_str(&line);
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// The `a=ice-ufrag` and `a=ice-pwd` values of an SDP (first occurrence of each).
+pub(crate) fn ice_credentials(sdp: &str) -> Option<(String, String)> {
+    let find = |prefix: &str| {
+        sdp.lines().find_map(|l| l.strip_prefix(prefix)).map(|v| v.trim().to_owned())
+    };
+    Some((find("a=ice-ufrag:")?, find("a=ice-pwd:")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const CHROMIUM_OFFER: &str = include_str!("../tests/data/chromium-156-offer.sdp");
+
+    #[test]
+    fn chromium_offer_passes_and_prefers_42e01f() {
+        let s = check_offer(CHROMIUM_OFFER.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((s.video_mid.as_str(), s.audio_mid.as_str()), ("0", "1"));
+        assert_eq!(s.opus, vec![111]);
+        assert_eq!(
+            s.h264.iter().map(|h| h.pt).collect::<Vec<_>>(),
+            vec![102, 108, 116, 41],
+            "only packetization-mode=1 types"
+        );
+        assert_eq!(choose_h264(&s.h264, H264Profile::ConstrainedBaseline), Some(108));
+        assert_eq!(choose_h264(&s.h264, H264Profile::Baseline), Some(102));
+        assert_eq!(choose_h264(&s.h264, H264Profile::Main), Some(116));
+        assert_eq!(choose_h264(&s.h264, H264Profile::High), None);
+    }
+
+    fn offer(video: &str, audio: &str) -> String {
+        format!(
+            "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n{video}{audio}"
+        )
+    }
+    const VP8: &str = "m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\na=rtpmap:96 VP8/90000\r\n";
+    const H264_PM0: &str = "m=video 9 UDP/TLS/RTP/SAVPF 98\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\na=rtpmap:98 H264/90000\r\na=fmtp:98 profile-level-id=42e01f\r\n";
+    const H264: &str = "m=video 9 UDP/TLS/RTP/SAVPF 98\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\na=rtpmap:98 h264/90000\r\na=fmtp:98 packetization-mode=1;profile-level-id=42e01f\r\n";
+    const OPUS: &str = "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=recvonly\r\na=rtpmap:111 OPUS/48000/2\r\n";
+    const PCMU: &str = "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=recvonly\r\na=rtpmap:0 PCMU/8000\r\n";
+
+    #[test]
+    fn codec_rule_names_what_is_missing() {
+        assert!(check_offer(offer(H264, OPUS).as_bytes()).is_ok());
+        assert_eq!(
+            check_offer(offer(VP8, OPUS).as_bytes()),
+            Err(Reject::CodecMismatch { h264: true, opus: false })
+        );
+        assert_eq!(
+            check_offer(offer(H264_PM0, OPUS).as_bytes()),
+            Err(Reject::CodecMismatch { h264: true, opus: false })
+        );
+        assert_eq!(
+            check_offer(offer(H264, PCMU).as_bytes()),
+            Err(Reject::CodecMismatch { h264: false, opus: true })
+        );
+        assert_eq!(
+            check_offer(offer(H264, "").as_bytes()),
+            Err(Reject::CodecMismatch { h264: false, opus: true })
+        );
+        assert_eq!(
+            check_offer(offer(VP8, PCMU).as_bytes()),
+            Err(Reject::CodecMismatch { h264: true, opus: true })
+        );
+    }
+
+    #[test]
+    fn layout_rules() {
+        let two_video = offer(H264, &H264.replace("a=mid:0", "a=mid:2"));
+        assert!(matches!(
+            check_offer(offer(&two_video, OPUS).as_bytes()),
+            Err(Reject::BadLayout(_))
+        ));
+        let sendonly = H264.replace("a=recvonly", "a=sendonly");
+        assert!(matches!(
+            check_offer(offer(&sendonly, OPUS).as_bytes()),
+            Err(Reject::BadLayout(_))
+        ));
+        let inactive = OPUS.replace("a=recvonly", "a=inactive");
+        assert!(matches!(
+            check_offer(offer(H264, &inactive).as_bytes()),
+            Err(Reject::BadLayout(_))
+        ));
+        let sendrecv = H264.replace("a=recvonly", "a=sendrecv");
+        assert!(check_offer(offer(&sendrecv, OPUS).as_bytes()).is_ok());
+        let no_mid = OPUS.replace("a=mid:1\r\n", "");
+        assert!(matches!(check_offer(offer(H264, &no_mid).as_bytes()), Err(Reject::BadLayout(_))));
+        let text = "m=text 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:3\r\n";
+        assert!(matches!(
+            check_offer(offer(H264, &format!("{OPUS}{text}")).as_bytes()),
+            Err(Reject::BadLayout(_))
+        ));
+        let many: String =
+            (0..40).map(|i| VP8.replace("a=mid:0", &format!("a=mid:v{i}"))).collect();
+        assert!(matches!(check_offer(offer(&many, OPUS).as_bytes()), Err(Reject::BadLayout(_))));
+    }
+
+    #[test]
+    fn garbage_is_bad_offer() {
+        for body in [&b""[..], b"   \r\n", b"hello", b"\xff\xfe", b"v=0\r\n"] {
+            assert!(matches!(check_offer(body), Err(Reject::BadOffer(_))), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn profiles() {
+        assert_eq!(profile_of(0x42e01f), Some(H264Profile::ConstrainedBaseline));
+        assert_eq!(profile_of(0x42c01e), Some(H264Profile::ConstrainedBaseline));
+        assert_eq!(profile_of(0x42001f), Some(H264Profile::Baseline));
+        assert_eq!(profile_of(0x4d001f), Some(H264Profile::Main));
+        assert_eq!(profile_of(0x640c34), Some(H264Profile::High));
+        assert_eq!(profile_of(0xf4001f), None);
+    }
+
+    #[test]
+    fn answer_gets_mux_only_and_end_of_candidates() {
+        let a = "v=0\r\nm=video 9 X 1\r\na=rtcp-mux\r\na=candidate:1 1 udp 1 1.2.3.4 5 typ host\r\na=candidate:2 1 udp 1 1.2.3.4 6 typ host\r\na=mid:0\r\n";
+        let f = finish_answer(a);
+        assert_eq!(f.matches("a=rtcp-mux-only").count(), 1);
+        assert_eq!(f.matches("a=end-of-candidates").count(), 1);
+        assert!(f.find("a=end-of-candidates") > f.find("a=candidate:2"));
+    }
+
+    #[test]
+    fn restart_offer_swaps_credentials() {
+        let o = restart_offer(CHROMIUM_OFFER, "NEWU", "newpassword0123456789012");
+        assert_eq!(ice_credentials(&o), Some(("NEWU".into(), "newpassword0123456789012".into())));
+        assert!(!o.contains("a=candidate:"));
+        assert!(check_offer(o.as_bytes()).is_ok());
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn h264_offer() -> impl Strategy<Value = H264Offer> {
+            (
+                96u8..128,
+                0u8..2,
+                prop::option::of(prop::sample::select(vec![
+                    0x42001f_u32,
+                    0x42e01f,
+                    0x4d001f,
+                    0x64001f,
+                    0xf4001f,
+                    0x42c01e,
+                    0x640c34,
+                ])),
+            )
+                .prop_map(|(pt, packetization_mode, profile_level_id)| H264Offer {
+                    pt,
+                    packetization_mode,
+                    profile_level_id,
+                })
+        }
+
+        fn profile() -> impl Strategy<Value = H264Profile> {
+            prop::sample::select(vec![
+                H264Profile::ConstrainedBaseline,
+                H264Profile::Baseline,
+                H264Profile::Main,
+                H264Profile::High,
+            ])
+        }
+
+        proptest! {
+            /// The chosen type is always an offered packetization-mode 1 type whose profile is
+            /// the wanted one or a baseline-family substitute, and the choice exists whenever
+            /// an exact match was offered.
+            #[test]
+            fn choice_is_offered_and_compatible(offered in prop::collection::vec(h264_offer(), 0..12), want in profile()) {
+                let exact = offered.iter().any(|h| h.packetization_mode == 1 && h.profile_level_id.and_then(profile_of) == Some(want));
+                match choose_h264(&offered, want) {
+                    Some(pt) => {
+                        let h = offered.iter().find(|h| h.pt == pt && h.packetization_mode == 1);
+                        prop_assert!(h.is_some());
+                        let got = h.and_then(|h| h.profile_level_id).and_then(profile_of);
+                        let baseline_family = [H264Profile::ConstrainedBaseline, H264Profile::Baseline];
+                        prop_assert!(got == Some(want) || (baseline_family.contains(&want) && got.is_some_and(|g| baseline_family.contains(&g))));
+                    }
+                    None => prop_assert!(!exact),
+                }
+            }
+
+            /// The policy never panics, whatever the bytes.
+            #[test]
+            fn check_offer_total(body in prop::collection::vec(any::<u8>(), 0..2048)) {
+                let _ = check_offer(&body);
+            }
+
+            /// Any section soup of known pieces gives Ok exactly when there is one H264 pm1 video
+            /// and one Opus audio section, and otherwise the matching rejection.
+            #[test]
+            fn layouts(video in prop::sample::select(vec!["", VP8, H264_PM0, H264]), audio in prop::sample::select(vec!["", OPUS, PCMU])) {
+                let r = check_offer(offer(video, audio).as_bytes());
+                let (has_h264, has_opus) = (video == H264, audio == OPUS);
+                if has_h264 && has_opus {
+                    prop_assert!(r.is_ok());
+                } else {
+                    prop_assert_eq!(r, Err(Reject::CodecMismatch { h264: !has_h264, opus: !has_opus }));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,619 @@
+//! Deterministic simulation harness (feature `sim`): a virtual clock, str0m-based viewers, a
+//! scripted FFmpeg-like RTP source, fake processes and in-memory packet queues around one
+//! [`Core`]. The core's invariants are checked after every step.
+//!
+//! Used by the core's tests, benchmarks and fuzz targets, and by later end-to-end tests as a
+//! fast stand-in for real viewers.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event as RtcEvent, Input as RtcInput, Output as RtcOutput, Rtc};
+
+use crate::whep::{Method, WhepRequest, WhepResponse};
+use crate::{Config, Core, Event, Input, Output, PortPair, StreamConfig, StreamId};
+
+/// The address of the core's viewer socket in the simulation.
+pub const SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 3478);
+
+/// A config suitable for simulations: the [`SERVER`] candidate and a fixed seed.
+pub fn config() -> Config {
+    Config {
+        host_candidates: vec![SERVER],
+        rng_seed: [42; 32],
+        ingest_ports: 40_000..=40_099,
+        ..Config::default()
+    }
+}
+
+/// A datagram in flight.
+#[derive(Debug, Clone)]
+struct Packet {
+    at: Instant,
+    from: SocketAddr,
+    to: SocketAddr,
+    data: Vec<u8>,
+}
+
+/// A simulated WHEP player: a str0m `Rtc` as the browser side.
+#[derive(Debug)]
+pub struct Viewer {
+    pub rtc: Rtc,
+    pub addr: SocketAddr,
+    pub stream: StreamId,
+    /// `Location` of the session, once created.
+    pub location: Option<String>,
+    pub etag: Option<String>,
+    pending: Option<SdpPendingOffer>,
+    pub connected: bool,
+    /// Drop everything this viewer sends (it vanished without DELETE).
+    pub silent: bool,
+    pub video_packets: u64,
+    pub audio_packets: u64,
+    pub first_video_seq: Option<u16>,
+    pub first_audio_seq: Option<u16>,
+    /// Whether the first video packet received starts a keyframe.
+    pub first_video_is_keyframe: Option<bool>,
+    /// Highest video sequence number minus lowest plus one, minus packets received.
+    pub video_seqs: BTreeSet<u64>,
+    pub deadline: Instant,
+    /// Whether str0m reported the peer closed.
+    pub closed: bool,
+}
+
+/// The scripted FFmpeg: H264 at 30 fps with a keyframe (STAP-A SPS+PPS, FU-A IDR) every
+/// `gop` frames, Opus at 50 packets/s, sent to a stream's ingest pair while it is bound.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub gop: u32,
+    frame: u32,
+    video_seq: u16,
+    audio_seq: u16,
+    video_ts: u32,
+    audio_ts: u32,
+    pub ssrc: u32,
+    next_video: Option<Instant>,
+    next_audio: Option<Instant>,
+    pub video_sent: u64,
+    pub audio_sent: u64,
+    /// Bytes of each IDR FU-A fragment and of each P frame.
+    pub idr_fragment: usize,
+    pub p_frame: usize,
+}
+
+impl Source {
+    pub fn new(gop: u32, ssrc: u32) -> Self {
+        Self {
+            gop,
+            frame: 0,
+            video_seq: 60_000,
+            audio_seq: 1_000,
+            video_ts: 0,
+            audio_ts: 0,
+            ssrc,
+            next_video: None,
+            next_audio: None,
+            video_sent: 0,
+            audio_sent: 0,
+            idr_fragment: 1100,
+            p_frame: 600,
+        }
+    }
+
+    fn header(marker: bool, pt: u8, seq: u16, ts: u32, ssrc: u32) -> Vec<u8> {
+        let mut h = vec![0x80, (u8::from(marker) << 7) | pt];
+        h.extend_from_slice(&seq.to_be_bytes());
+        h.extend_from_slice(&ts.to_be_bytes());
+        h.extend_from_slice(&ssrc.to_be_bytes());
+        h
+    }
+
+    /// The video packets of the next frame.
+    pub fn video_frame(&mut self) -> Vec<Vec<u8>> {
+        let mut payloads: Vec<(bool, Vec<u8>)> = Vec::new();
+        if self.frame.is_multiple_of(self.gop) {
+            let sps = [0x67, 0x42, 0xc0, 0x1e, 0xda, 0x02, 0x80, 0xbf, 0xe5, 0x84];
+            let pps = [0x68, 0xce, 0x3c, 0x80];
+            let mut stap = vec![24];
+            for nal in [&sps[..], &pps[..]] {
+                stap.extend_from_slice(&(nal.len() as u16).to_be_bytes());
+                stap.extend_from_slice(nal);
+            }
+            payloads.push((false, stap));
+            for (i, fu) in [0x85u8, 0x05, 0x45].into_iter().enumerate() {
+                let mut p = vec![0x7c, fu];
+                p.resize(self.idr_fragment, i as u8);
+                payloads.push((fu == 0x45, p));
+            }
+        } else {
+            let mut p = vec![0x41, 0x9a];
+            p.resize(self.p_frame, 0x11);
+            payloads.push((true, p));
+        }
+        self.frame += 1;
+        let ts = self.video_ts;
+        self.video_ts = self.video_ts.wrapping_add(3000);
+        payloads
+            .into_iter()
+            .map(|(m, p)| {
+                let mut d = Self::header(m, 96, self.video_seq, ts, self.ssrc);
+                self.video_seq = self.video_seq.wrapping_add(1);
+                d.extend_from_slice(&p);
+                d
+            })
+            .collect()
+    }
+
+    /// The next audio packet.
+    pub fn audio_packet(&mut self) -> Vec<u8> {
+        let mut d = Self::header(false, 111, self.audio_seq, self.audio_ts, self.ssrc ^ 1);
+        self.audio_seq = self.audio_seq.wrapping_add(1);
+        self.audio_ts = self.audio_ts.wrapping_add(960);
+        d.extend_from_slice(&[0xfc; 80]);
+        d
+    }
+}
+
+/// A fake FFmpeg process.
+#[derive(Debug, Clone)]
+pub struct FakeProcess {
+    pub generation: u64,
+    pub pid: u32,
+    pub args: Vec<String>,
+}
+
+/// The simulated world.
+#[derive(Debug)]
+pub struct SimWorld {
+    pub start: Instant,
+    pub now: Instant,
+    pub core: Core,
+    pub viewers: Vec<Viewer>,
+    net: VecDeque<Packet>,
+    pub latency: Duration,
+    /// Ingest pairs the fake runtime holds bound.
+    pub bound: BTreeMap<StreamId, PortPair>,
+    /// Ports whose bind fails.
+    pub fail_bind: BTreeSet<u16>,
+    /// Fake FFmpeg processes by stream.
+    pub procs: BTreeMap<StreamId, FakeProcess>,
+    /// Whether a fake process exits as soon as it gets SIGTERM.
+    pub exit_on_term: bool,
+    /// Whether spawning fails (FFmpeg missing).
+    pub spawn_fails: bool,
+    /// RTP sources by stream. A supervised stream's source only sends while its process runs.
+    pub sources: BTreeMap<StreamId, Source>,
+    /// Every event the core emitted, with the virtual time since `start`.
+    pub events: Vec<(Duration, Event)>,
+    pub spawns: u64,
+    pub kills: u64,
+    next_pid: u32,
+    next_viewer: u32,
+}
+
+impl SimWorld {
+    /// A world around a core built from `config`.
+    pub fn new(config: Config) -> Self {
+        let start = Instant::now();
+        Self {
+            start,
+            now: start,
+            core: Core::new(config, start),
+            viewers: Vec::new(),
+            net: VecDeque::new(),
+            latency: Duration::from_millis(5),
+            bound: BTreeMap::new(),
+            fail_bind: BTreeSet::new(),
+            procs: BTreeMap::new(),
+            exit_on_term: true,
+            spawn_fails: false,
+            sources: BTreeMap::new(),
+            events: Vec::new(),
+            spawns: 0,
+            kills: 0,
+            next_pid: 1000,
+            next_viewer: 0,
+        }
+    }
+
+    /// Virtual time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// Adds and starts a stream fed by a scripted source, and drives until it is running.
+    pub fn add_stream(&mut self, id: &str, config: StreamConfig, gop: u32) -> StreamId {
+        let id = StreamId::new(id).unwrap();
+        self.core.add_stream(id.clone(), config).unwrap();
+        self.core.start_stream(&id, self.now).unwrap();
+        let ssrc = 0x1111_0000 + self.sources.len() as u32;
+        self.sources.insert(id.clone(), Source::new(gop, ssrc));
+        self.drain();
+        id
+    }
+
+    /// Sends a WHEP request to the core and drains its outputs.
+    pub fn http(&mut self, req: WhepRequest) -> WhepResponse {
+        let r = self.core.handle_http(req, self.now);
+        self.drain();
+        r
+    }
+
+    /// Creates a viewer, POSTs its offer and applies the answer. Returns its index and the
+    /// response.
+    pub fn join(&mut self, stream: &StreamId) -> (usize, WhepResponse) {
+        self.next_viewer += 1;
+        let n = self.next_viewer;
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, (n >> 8) as u8, n as u8)), 5000);
+        let mut rtc = Rtc::builder()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_h264(true)
+            .enable_opus(true, false)
+            .build(self.now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        let mut api = rtc.sdp_api();
+        api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+        api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+        let (offer, pending) = api.apply().unwrap();
+        let target = format!("{}/{}", self.core.config().whep_prefix, stream);
+        let req = WhepRequest::new(Method::Post, target)
+            .with_header("Content-Type", "application/sdp")
+            .with_body(offer.to_sdp_string());
+        let resp = self.http(req);
+        let mut v = Viewer {
+            rtc,
+            addr,
+            stream: stream.clone(),
+            location: resp.header("location").map(str::to_owned),
+            etag: resp.header("etag").map(str::to_owned),
+            pending: Some(pending),
+            connected: false,
+            silent: false,
+            video_packets: 0,
+            audio_packets: 0,
+            first_video_seq: None,
+            first_audio_seq: None,
+            first_video_is_keyframe: None,
+            video_seqs: BTreeSet::new(),
+            deadline: self.now,
+            closed: false,
+        };
+        if resp.code() == 201 {
+            let answer =
+                SdpAnswer::from_sdp_string(std::str::from_utf8(&resp.body).unwrap()).unwrap();
+            v.rtc.sdp_api().accept_answer(v.pending.take().unwrap(), answer).unwrap();
+        }
+        v.rtc.handle_input(RtcInput::Timeout(self.now)).unwrap();
+        self.viewers.push(v);
+        let i = self.viewers.len() - 1;
+        self.drain_viewer(i);
+        (i, resp)
+    }
+
+    /// A request to a viewer's session URL.
+    pub fn session_request(&self, i: usize, method: Method) -> WhepRequest {
+        WhepRequest::new(method, self.viewers[i].location.clone().unwrap_or_default())
+    }
+
+    /// Drives until `pred` holds, failing loudly after `max` of virtual time.
+    pub fn drive_until(&mut self, max: Duration, mut pred: impl FnMut(&Self) -> bool) {
+        let until = self.now + max;
+        while !pred(self) {
+            assert!(
+                self.now < until,
+                "condition not reached within {max:?} (at {:?})",
+                self.elapsed()
+            );
+            if !self.step(until) {
+                self.now = until;
+            }
+        }
+    }
+
+    /// Drives for `d` of virtual time.
+    pub fn run_for(&mut self, d: Duration) {
+        let until = self.now + d;
+        while self.step(until) {}
+        self.now = self.now.max(until);
+        self.core.handle_timeout(self.now);
+        self.drain();
+    }
+
+    /// Advances to the earliest pending thing (not beyond `limit`) and handles it. Returns
+    /// false when nothing is due before `limit`.
+    pub fn step(&mut self, limit: Instant) -> bool {
+        let mut next = [
+            self.core.poll_timeout().map(|(t, _)| t),
+            self.net.iter().map(|p| p.at).min(),
+            self.viewers.iter().filter(|v| !v.closed).map(|v| v.deadline).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.source_deadlines())
+        .min();
+        if next.is_some_and(|t| t > limit) {
+            next = None;
+        }
+        let Some(t) = next else { return false };
+        self.now = self.now.max(t);
+        let now = self.now;
+
+        // Packets due.
+        let mut due = Vec::new();
+        self.net.retain(|p| {
+            if p.at <= now {
+                due.push(p.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for p in due {
+            self.deliver(p);
+        }
+        // RTP from the scripted sources.
+        self.emit_sources();
+        // Viewers' timers.
+        for i in 0..self.viewers.len() {
+            if !self.viewers[i].closed && self.viewers[i].deadline <= now {
+                let _ = self.viewers[i].rtc.handle_input(RtcInput::Timeout(now));
+                self.drain_viewer(i);
+            }
+        }
+        // The core's timers.
+        if self.core.poll_timeout().is_some_and(|(t, _)| t <= now) {
+            self.core.handle_timeout(now);
+            self.drain();
+            if let Some((t, why)) = self.core.poll_timeout() {
+                assert!(t > now, "core deadline {why:?} not in the future after handle_timeout");
+            }
+        }
+        self.drain();
+        true
+    }
+
+    fn source_deadlines(&self) -> Vec<Instant> {
+        self.sources
+            .iter()
+            .filter(|(id, _)| self.source_active(id))
+            .flat_map(|(_, s)| [s.next_video, s.next_audio])
+            .map(|t| t.unwrap_or(self.now))
+            .collect()
+    }
+
+    fn source_active(&self, id: &StreamId) -> bool {
+        let Some(info) = self.core.stream(id) else {
+            return false;
+        };
+        self.bound.contains_key(id) && (!info.supervised || self.procs.contains_key(id))
+    }
+
+    fn emit_sources(&mut self) {
+        let now = self.now;
+        let ids: Vec<StreamId> = self.sources.keys().cloned().collect();
+        for id in ids {
+            if !self.source_active(&id) {
+                if let Some(s) = self.sources.get_mut(&id) {
+                    s.next_video = None;
+                    s.next_audio = None;
+                }
+                continue;
+            }
+            let ports = self.bound[&id];
+            let mut datagrams = Vec::new();
+            let s = self.sources.get_mut(&id).unwrap();
+            if s.next_video.is_none_or(|t| t <= now) {
+                for d in s.video_frame() {
+                    datagrams.push((ports.video, d));
+                    s.video_sent += 1;
+                }
+                s.next_video = Some(s.next_video.unwrap_or(now) + Duration::from_micros(33_333));
+            }
+            if s.next_audio.is_none_or(|t| t <= now) {
+                datagrams.push((ports.audio(), s.audio_packet()));
+                s.audio_sent += 1;
+                s.next_audio = Some(s.next_audio.unwrap_or(now) + Duration::from_millis(20));
+            }
+            for (port, d) in datagrams {
+                self.core.handle_input(Input::Ingest { port, contents: &d }, now);
+                self.drain();
+            }
+        }
+    }
+
+    /// Feeds one raw datagram to an ingest port (garbage, RTCP, ...).
+    pub fn ingest_raw(&mut self, port: u16, data: &[u8]) {
+        self.core.handle_input(Input::Ingest { port, contents: data }, self.now);
+        self.drain();
+    }
+
+    /// Feeds one raw datagram to the viewer socket.
+    pub fn datagram_raw(&mut self, from: SocketAddr, data: &[u8]) {
+        self.core.handle_input(
+            Input::Datagram { source: from, destination: SERVER, contents: data },
+            self.now,
+        );
+        self.drain();
+    }
+
+    fn deliver(&mut self, p: Packet) {
+        let now = self.now;
+        if p.to == SERVER {
+            self.core.handle_input(
+                Input::Datagram { source: p.from, destination: p.to, contents: &p.data },
+                now,
+            );
+            self.drain();
+            return;
+        }
+        let Some(i) = self.viewers.iter().position(|v| v.addr == p.to && !v.closed) else {
+            return;
+        };
+        let Ok(recv) = Receive::new(Protocol::Udp, p.from, p.to, &p.data) else {
+            return;
+        };
+        let _ = self.viewers[i].rtc.handle_input(RtcInput::Receive(now, recv));
+        self.drain_viewer(i);
+    }
+
+    fn drain_viewer(&mut self, i: usize) {
+        let now = self.now;
+        let latency = self.latency;
+        loop {
+            let v = &mut self.viewers[i];
+            match v.rtc.poll_output() {
+                Ok(RtcOutput::Transmit(t)) => {
+                    if !v.silent {
+                        self.net.push_back(Packet {
+                            at: now + latency,
+                            from: t.source,
+                            to: t.destination,
+                            data: t.contents.into(),
+                        });
+                    }
+                }
+                Ok(RtcOutput::Timeout(t)) => {
+                    v.deadline = t.max(now + Duration::from_millis(1));
+                    break;
+                }
+                Ok(RtcOutput::Event(e)) => match e {
+                    RtcEvent::Connected => v.connected = true,
+                    RtcEvent::RtpPacket(p) => {
+                        let codec = v
+                            .rtc
+                            .codec_config()
+                            .params()
+                            .iter()
+                            .find(|c| c.pt() == p.header.payload_type)
+                            .map(|c| c.spec().codec);
+                        match codec {
+                            Some(Codec::H264) => {
+                                v.video_packets += 1;
+                                v.first_video_seq.get_or_insert(p.header.sequence_number);
+                                v.first_video_is_keyframe.get_or_insert_with(|| {
+                                    crate::rtp::classify_h264(&p.payload).is_keyframe_start()
+                                });
+                                v.video_seqs.insert(*p.seq_no);
+                            }
+                            Some(Codec::Opus) => {
+                                v.audio_packets += 1;
+                                v.first_audio_seq.get_or_insert(p.header.sequence_number);
+                            }
+                            _ => {}
+                        }
+                    }
+                    RtcEvent::Closed => v.closed = true,
+                    _ => {}
+                },
+                Err(_) => {
+                    v.closed = true;
+                    break;
+                }
+            }
+        }
+        if !self.viewers[i].rtc.is_alive() {
+            self.viewers[i].closed = true;
+        }
+    }
+
+    /// Executes the core's outputs as a runtime would, then checks its invariants.
+    pub fn drain(&mut self) {
+        let now = self.now;
+        while let Some(out) = self.core.poll_output() {
+            match out {
+                Output::Transmit(t) => self.net.push_back(Packet {
+                    at: now + self.latency,
+                    from: t.source,
+                    to: t.destination,
+                    data: t.contents,
+                }),
+                Output::BindIngest { stream, ports } => {
+                    let taken = self
+                        .bound
+                        .values()
+                        .any(|p| p.contains(ports.video) || p.contains(ports.audio()));
+                    assert!(!taken, "pair {ports} handed out while bound");
+                    if self.fail_bind.contains(&ports.video)
+                        || self.fail_bind.contains(&ports.audio())
+                    {
+                        let error = "address in use".to_owned();
+                        self.core.handle_input(Input::BindFailed { stream, ports, error }, now);
+                    } else {
+                        self.bound.insert(stream.clone(), ports);
+                        self.core.handle_input(Input::IngestBound { stream, ports }, now);
+                    }
+                }
+                Output::ReleaseIngest { stream, ports } => {
+                    if self.bound.get(&stream) == Some(&ports) {
+                        self.bound.remove(&stream);
+                    }
+                }
+                Output::SpawnProcess { stream, generation, args, .. } => {
+                    self.spawns += 1;
+                    if self.spawn_fails {
+                        let error = "ffmpeg: not found on PATH".to_owned();
+                        self.core
+                            .handle_input(Input::SpawnFailed { stream, generation, error }, now);
+                    } else {
+                        self.next_pid += 1;
+                        let pid = self.next_pid;
+                        self.procs.insert(stream.clone(), FakeProcess { generation, pid, args });
+                        self.core
+                            .handle_input(Input::ProcessSpawned { stream, generation, pid }, now);
+                    }
+                }
+                Output::StopProcess { stream, generation } => {
+                    if self.exit_on_term
+                        && self.procs.get(&stream).is_some_and(|p| p.generation == generation)
+                    {
+                        self.procs.remove(&stream);
+                        self.core.handle_input(
+                            Input::ProcessExited { stream, generation, code: Some(255) },
+                            now,
+                        );
+                    }
+                }
+                Output::KillProcess { stream, generation } => {
+                    self.kills += 1;
+                    if self.procs.get(&stream).is_some_and(|p| p.generation == generation) {
+                        self.procs.remove(&stream);
+                        self.core.handle_input(
+                            Input::ProcessExited { stream, generation, code: None },
+                            now,
+                        );
+                    }
+                }
+                Output::Event(e) => self.events.push((now - self.start, e)),
+            }
+        }
+        self.core.check_invariants();
+    }
+
+    /// Kills a stream's fake FFmpeg as SIGKILL would (an unexpected exit).
+    pub fn crash_process(&mut self, stream: &StreamId) {
+        if let Some(p) = self.procs.remove(stream) {
+            self.core.handle_input(
+                Input::ProcessExited {
+                    stream: stream.clone(),
+                    generation: p.generation,
+                    code: None,
+                },
+                self.now,
+            );
+            self.drain();
+        }
+    }
+
+    /// Number of viewers whose media flows, as the core sees it.
+    pub fn connected(&self, stream: &StreamId) -> usize {
+        self.core.stream(stream).map_or(0, |s| s.connected_viewers)
+    }
+}

@@ -1,0 +1,142 @@
+//! One stream: its configuration, ingest ports, FFmpeg process and viewers.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use crate::config::{Feed, ProcessConfig, StreamConfig};
+use crate::ids::{SessionId, StreamId};
+use crate::ports::PortPair;
+use crate::rtp::SeqExtender;
+
+/// Where a stream is in its lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StreamState {
+    /// Not started; no ports, no process.
+    Stopped,
+    /// Ports allocated; waiting for the runtime to confirm the bind.
+    Binding { ports: PortPair, attempt: u32 },
+    /// Ports bound; RTP is accepted and forwarded.
+    Running { ports: PortPair, process: Process },
+    /// The supervised FFmpeg died or went stale; ports are released and a restart is due.
+    Backoff { until: Instant },
+    /// Stopping: viewers are gone, the process was asked to exit; ports are released when it
+    /// does. `kill_at` is when SIGKILL follows SIGTERM.
+    Stopping { ports: PortPair, generation: u64, kill_at: Option<Instant>, remove: bool },
+}
+
+/// The FFmpeg process of a running stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Process {
+    /// The embedding application feeds the ports itself.
+    External,
+    /// Spawn requested (or running) with this generation since `since`.
+    Spawned { generation: u64, since: Instant },
+    /// Asked to stop because it went stale; restarted when it exits. `kill_at` as in
+    /// [`StreamState::Stopping`].
+    Terminating { generation: u64, kill_at: Option<Instant> },
+}
+
+/// Per-source (video or audio) ingest state.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Source {
+    pub(crate) seq: SeqExtender,
+}
+
+#[derive(Debug)]
+pub(crate) struct Stream {
+    pub(crate) id: StreamId,
+    pub(crate) config: StreamConfig,
+    pub(crate) state: StreamState,
+    pub(crate) viewers: BTreeSet<SessionId>,
+    pub(crate) video: Source,
+    pub(crate) audio: Source,
+    /// When RTP last arrived (stale detection).
+    pub(crate) last_rtp: Option<Instant>,
+    /// Consecutive failed runs of the supervised process (restart backoff).
+    pub(crate) failures: u32,
+    /// Restarts of the supervised process since the stream was added.
+    pub(crate) restarts: u64,
+    pub(crate) pid: Option<u32>,
+    pub(crate) scheduled: Option<Instant>,
+}
+
+impl Stream {
+    pub(crate) fn new(id: StreamId, config: StreamConfig) -> Self {
+        Self {
+            id,
+            config,
+            state: StreamState::Stopped,
+            viewers: BTreeSet::new(),
+            video: Source::default(),
+            audio: Source::default(),
+            last_rtp: None,
+            failures: 0,
+            restarts: 0,
+            pid: None,
+            scheduled: None,
+        }
+    }
+
+    pub(crate) fn supervised(&self) -> bool {
+        matches!(self.config.feed, Feed::Supervised { .. })
+    }
+
+    /// Whether a POST may create a viewer: egress enabled and the stream started.
+    pub(crate) fn accepts_viewers(&self) -> bool {
+        self.config.egress.enabled
+            && matches!(
+                self.state,
+                StreamState::Binding { .. }
+                    | StreamState::Running { .. }
+                    | StreamState::Backoff { .. }
+            )
+    }
+
+    /// The ports the stream holds in the pool, if any.
+    pub(crate) fn ports(&self) -> Option<PortPair> {
+        match self.state {
+            StreamState::Binding { ports, .. }
+            | StreamState::Running { ports, .. }
+            | StreamState::Stopping { ports, .. } => Some(ports),
+            StreamState::Stopped | StreamState::Backoff { .. } => None,
+        }
+    }
+
+    /// The stream's own next deadline (restart, stale check, kill escalation).
+    pub(crate) fn deadline(&self, p: &ProcessConfig) -> Option<Instant> {
+        match &self.state {
+            StreamState::Backoff { until } => Some(*until),
+            StreamState::Stopping { kill_at, .. } => *kill_at,
+            StreamState::Running { process: Process::Spawned { since, .. }, .. } => {
+                let active = self.last_rtp.map_or(*since, |t| t.max(*since));
+                Some(active + p.stale_timeout)
+            }
+            StreamState::Running { process: Process::Terminating { kill_at, .. }, .. } => *kill_at,
+            StreamState::Running { process: Process::External, .. }
+            | StreamState::Binding { .. }
+            | StreamState::Stopped => None,
+        }
+    }
+
+    /// Delay before the next restart after a failed run that lasted `ran`.
+    pub(crate) fn backoff(&mut self, ran: Option<Duration>, p: &ProcessConfig) -> Duration {
+        if ran.is_some_and(|r| r >= p.restart_backoff_reset) {
+            self.failures = 0;
+        }
+        let exp = self.failures.min(16);
+        self.failures = self.failures.saturating_add(1);
+        p.restart_backoff_initial.saturating_mul(1 << exp).min(p.restart_backoff_max)
+    }
+
+    /// A short name of the state for status listings.
+    pub(crate) fn state_name(&self) -> &'static str {
+        match &self.state {
+            StreamState::Stopped => "stopped",
+            StreamState::Binding { .. } => "binding",
+            StreamState::Running { process: Process::Terminating { .. }, .. } => "restarting",
+            StreamState::Running { .. } => "running",
+            StreamState::Backoff { .. } => "backoff",
+            StreamState::Stopping { .. } => "stopping",
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! The WHEP HTTP surface as typed values: requests in, responses out, no sockets.
+//!
+//! A runtime turns its HTTP framework's request into a [`WhepRequest`] (method, request target,
+//! headers, body), hands it to [`Core::handle_http`](crate::Core::handle_http) and writes the
+//! [`WhepResponse`] back. Every request gets a response; rejections are ordinary responses.
+
+use std::fmt;
+
+pub use http_types::{Method, StatusCode};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+
+use crate::ids::{SessionId, StreamId};
+
+/// `Content-Type` of an SDP offer or answer.
+pub const CONTENT_TYPE_SDP: &str = "application/sdp";
+/// `Content-Type` of a trickle / ICE-restart PATCH body (RFC 8840).
+pub const CONTENT_TYPE_SDPFRAG: &str = "application/trickle-ice-sdpfrag";
+/// Headers that browsers may read from our responses.
+pub const EXPOSE_HEADERS: &str = "Location, ETag, Link, Accept-Patch, Accept-Post";
+/// Methods allowed cross-origin.
+pub const ALLOW_METHODS: &str = "GET, HEAD, POST, PATCH, DELETE, OPTIONS";
+/// Request headers allowed cross-origin.
+pub const ALLOW_HEADERS: &str = "Authorization, Content-Type, If-Match";
+
+/// One HTTP request addressed to the WHEP routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WhepRequest {
+    /// The request method.
+    pub method: Method,
+    /// The request target: absolute path and optional `?query`, as received (percent-encoded).
+    pub target: String,
+    /// Header fields in arrival order; names compare case-insensitively.
+    pub headers: Vec<(String, String)>,
+    /// The body. A runtime should stop reading after [`Config::max_body_bytes`] + 1 bytes
+    /// (see [`Config::max_body_bytes`](crate::Config::max_body_bytes)): anything longer is
+    /// answered with 413 regardless of what follows.
+    pub body: Vec<u8>,
+}
+
+impl WhepRequest {
+    /// A request with no headers and an empty body.
+    pub fn new(method: Method, target: impl Into<String>) -> Self {
+        Self { method, target: target.into(), headers: Vec::new(), body: Vec::new() }
+    }
+
+    /// Adds a header field.
+    #[must_use]
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets the body.
+    #[must_use]
+    pub fn with_body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// The first value of a header, compared case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The media type of `Content-Type` without parameters, lowercased.
+    pub(crate) fn media_type(&self) -> Option<String> {
+        self.header("content-type")
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+    }
+
+    /// A CORS preflight: OPTIONS with `Access-Control-Request-Method`.
+    pub(crate) fn is_preflight(&self) -> bool {
+        self.method == Method::Options && self.header("access-control-request-method").is_some()
+    }
+}
+
+/// The response to a [`WhepRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WhepResponse {
+    /// The status code.
+    pub status: StatusCode,
+    /// Header fields; a name may repeat (e.g. `Link`).
+    pub headers: Vec<(&'static str, String)>,
+    /// The body (SDP, an SDP fragment, or a plain-text error).
+    pub body: Vec<u8>,
+}
+
+impl WhepResponse {
+    pub(crate) fn new(status: StatusCode) -> Self {
+        Self { status, headers: Vec::new(), body: Vec::new() }
+    }
+
+    pub(crate) fn with(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub(crate) fn with_body(mut self, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
+        self.headers.push(("Content-Type", content_type.to_owned()));
+        self.body = body.into();
+        self
+    }
+
+    /// The first value of a header, compared case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a header, compared case-insensitively.
+    pub fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The status as a number.
+    pub fn code(&self) -> u16 {
+        u16::from(self.status)
+    }
+}
+
+/// Why a request was refused. Each variant maps to one status and a plain-text body in the
+/// seed's style (`webrtc: …`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    /// Authentication is configured and the request carried no valid bearer token (401).
+    Unauthorized,
+    /// The path is not a WHEP route (404).
+    NoRoute,
+    /// No such stream, or its WebRTC egress is disabled or stopped (404).
+    StreamNotFound,
+    /// No such session (404).
+    SessionNotFound,
+    /// The method is not supported on this resource (405).
+    MethodNotAllowed {
+        /// Value of the `Allow` header.
+        allow: &'static str,
+    },
+    /// Wrong `Content-Type` (415).
+    UnsupportedMediaType {
+        /// The media type the route accepts.
+        expected: &'static str,
+    },
+    /// The body is larger than configured (413).
+    PayloadTooLarge,
+    /// Empty or unparsable offer, or one str0m cannot answer (400).
+    BadOffer(String),
+    /// The offer lacks H264 with packetization-mode 1, or Opus (406, the seed's rule).
+    CodecMismatch {
+        /// No usable H264.
+        h264: bool,
+        /// No Opus.
+        opus: bool,
+    },
+    /// The offer's media layout is not one video and one audio section we can send (422).
+    BadLayout(String),
+    /// A PATCH body that is not a valid SDP fragment (400).
+    BadFragment(String),
+    /// Strict `If-Match` is configured and the PATCH carried none (428).
+    PreconditionRequired,
+    /// `If-Match` does not match the session's ETag (412).
+    PreconditionFailed,
+    /// The stream has reached its viewer cap (503).
+    StreamFull {
+        /// The cap.
+        cap: usize,
+    },
+    /// The server has reached its total viewer cap (503).
+    ServerFull {
+        /// The cap.
+        cap: usize,
+    },
+    /// The server has no host candidate to offer (503).
+    NoCandidates,
+    /// An ICE restart the WebRTC stack refused; the session is kept (400).
+    RestartFailed(String),
+}
+
+impl Reject {
+    /// The status code of this rejection.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::Unauthorized,
+            Self::NoRoute | Self::StreamNotFound | Self::SessionNotFound => StatusCode::NotFound,
+            Self::MethodNotAllowed { .. } => StatusCode::MethodNotAllowed,
+            Self::UnsupportedMediaType { .. } => StatusCode::UnsupportedMediaType,
+            Self::PayloadTooLarge => StatusCode::PayloadTooLarge,
+            Self::BadOffer(_) | Self::BadFragment(_) | Self::RestartFailed(_) => {
+                StatusCode::BadRequest
+            }
+            Self::CodecMismatch { .. } => StatusCode::NotAcceptable,
+            Self::BadLayout(_) => StatusCode::UnprocessableEntity,
+            Self::PreconditionRequired => StatusCode::PreconditionRequired,
+            Self::PreconditionFailed => StatusCode::PreconditionFailed,
+            Self::StreamFull { .. } | Self::ServerFull { .. } | Self::NoCandidates => {
+                StatusCode::ServiceUnavailable
+            }
+        }
+    }
+
+    /// Whether the response carries `Retry-After`.
+    pub fn retry_after(&self) -> bool {
+        matches!(self, Self::StreamFull { .. } | Self::ServerFull { .. } | Self::NoCandidates)
+    }
+
+    /// Short machine-readable reason, for metrics labels and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::NoRoute => "no_route",
+            Self::StreamNotFound => "stream_not_found",
+            Self::SessionNotFound => "session_not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::UnsupportedMediaType { .. } => "unsupported_media_type",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::BadOffer(_) => "bad_offer",
+            Self::CodecMismatch { .. } => "codec_mismatch",
+            Self::BadLayout(_) => "bad_layout",
+            Self::BadFragment(_) => "bad_fragment",
+            Self::PreconditionRequired => "precondition_required",
+            Self::PreconditionFailed => "precondition_failed",
+            Self::StreamFull { .. } => "stream_full",
+            Self::ServerFull { .. } => "server_full",
+            Self::NoCandidates => "no_candidates",
+            Self::RestartFailed(_) => "restart_failed",
+        }
+    }
+
+    pub(crate) fn into_response(self, retry_after_secs: u32) -> WhepResponse {
+        let mut r = WhepResponse::new(self.status());
+        match &self {
+            Self::Unauthorized => {
+                r = r.with("WWW-Authenticate", "Bearer realm=\"whep\"");
+            }
+            Self::MethodNotAllowed { allow } => r = r.with("Allow", *allow),
+            Self::UnsupportedMediaType { expected } => r = r.with("Accept-Post", *expected),
+            _ => {}
+        }
+        if self.retry_after() {
+            r = r.with("Retry-After", retry_after_secs.to_string());
+        }
+        r.with_body("text/plain; charset=utf-8", format!("{self}\n"))
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unauthorized => f.write_str("webrtc: missing or invalid bearer token"),
+            Self::NoRoute => f.write_str("webrtc: no such resource"),
+            Self::StreamNotFound => f.write_str("webrtc: stream not found"),
+            Self::SessionNotFound => f.write_str("webrtc: session not found"),
+            Self::MethodNotAllowed { allow } => write!(f, "webrtc: method not allowed ({allow})"),
+            Self::UnsupportedMediaType { expected } => {
+                write!(f, "webrtc: unsupported content type, expected {expected}")
+            }
+            Self::PayloadTooLarge => f.write_str("webrtc: body too large"),
+            Self::BadOffer(why) => write!(f, "webrtc: invalid offer: {why}"),
+            Self::CodecMismatch { h264, opus } => {
+                let missing = match (h264, opus) {
+                    (true, true) => "H264 (packetization-mode=1) and Opus",
+                    (true, false) => "H264 (packetization-mode=1)",
+                    _ => "Opus",
+                };
+                write!(f, "webrtc: offer must include H264 and Opus; missing {missing}")
+            }
+            Self::BadLayout(why) => write!(f, "webrtc: unsupported media layout: {why}"),
+            Self::BadFragment(why) => write!(f, "webrtc: invalid sdpfrag: {why}"),
+            Self::PreconditionRequired => f.write_str("webrtc: If-Match required"),
+            Self::PreconditionFailed => f.write_str("webrtc: If-Match does not match the ETag"),
+            Self::StreamFull { cap } => {
+                write!(f, "webrtc: too many viewers of this stream (cap {cap})")
+            }
+            Self::ServerFull { cap } => write!(f, "webrtc: too many peers (cap {cap})"),
+            Self::NoCandidates => f.write_str("webrtc: no host candidate configured"),
+            Self::RestartFailed(why) => write!(f, "webrtc: ICE restart failed: {why}"),
+        }
+    }
+}
+
+/// A resolved WHEP route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// `{prefix}/{stream}`
+    Endpoint(StreamId),
+    /// `{prefix}/{stream}/{session}`; `None` when the session segment is not a session id.
+    Session(StreamId, Option<SessionId>),
+}
+
+/// Resolves a request target against the route prefix. Segments are percent-decoded, so a
+/// stream id may contain `:` literally or `%3A`, and even `/` as `%2F`.
+pub(crate) fn route(prefix: &str, target: &str) -> Option<Route> {
+    let path = target.split(['?', '#']).next().unwrap_or_default();
+    let rest = path.strip_prefix(prefix.trim_end_matches('/'))?.strip_prefix('/')?;
+    let mut parts = rest.split('/');
+    let stream = decode_segment(parts.next()?)?;
+    let stream = StreamId::new(stream)?;
+    match (parts.next(), parts.next()) {
+        (None, _) | (Some(""), None) => Some(Route::Endpoint(stream)),
+        (Some(session), None) => Some(Route::Session(stream, SessionId::parse(session))),
+        (Some(session), Some("")) if parts.next().is_none() => {
+            Some(Route::Session(stream, SessionId::parse(session)))
+        }
+        _ => None,
+    }
+}
+
+fn decode_segment(s: &str) -> Option<String> {
+    percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned())
+}
+
+/// Characters escaped in a path segment we emit: everything but unreserved, sub-delims, `:`
+/// and `@` (RFC 3986 `pchar`).
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// The `Location` of a session: prefix, encoded stream id, session id and the request's query
+/// string (kept so that URL-token authentication works for PATCH and DELETE).
+pub(crate) fn session_location(
+    prefix: &str,
+    stream: &StreamId,
+    session: SessionId,
+    target: &str,
+) -> String {
+    let prefix = prefix.trim_end_matches('/');
+    let stream = utf8_percent_encode(stream.as_str(), SEGMENT);
+    match target.split_once('?') {
+        Some((_, q)) if !q.is_empty() => format!("{prefix}/{stream}/{session}?{q}"),
+        _ => format!("{prefix}/{stream}/{session}"),
+    }
+}
+
+/// Constant-time comparison of a presented bearer token with the configured ones.
+pub(crate) fn bearer_ok(tokens: &[String], authorization: Option<&str>) -> bool {
+    if tokens.is_empty() {
+        return true;
+    }
+    let Some(value) = authorization else {
+        return false;
+    };
+    let Some((scheme, presented)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
+    let presented = presented.trim().as_bytes();
+    tokens.iter().fold(false, |ok, t| ok | ct_eq(t.as_bytes(), presented))
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sid() -> SessionId {
+        SessionId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!())
+    }
+
+    #[test]
+    fn routes_decode_segments_and_ignore_query() {
+        let s = |x: &str| StreamId::new(x).unwrap_or_else(|| unreachable!());
+        assert_eq!(route("/whep", "/whep/demo"), Some(Route::Endpoint(s("demo"))));
+        assert_eq!(route("/whep", "/whep/demo/"), Some(Route::Endpoint(s("demo"))));
+        assert_eq!(route("/whep/", "/whep/demo?token=1"), Some(Route::Endpoint(s("demo"))));
+        assert_eq!(
+            route("/whep", "/whep/restreamer-ui%3Aingest%3Aab"),
+            Some(Route::Endpoint(s("restreamer-ui:ingest:ab")))
+        );
+        assert_eq!(route("/whep", "/whep/a:b"), Some(Route::Endpoint(s("a:b"))));
+        assert_eq!(route("/whep", "/whep/a%2Fb"), Some(Route::Endpoint(s("a/b"))));
+        assert_eq!(
+            route("/whep", &format!("/whep/demo/{}", sid())),
+            Some(Route::Session(s("demo"), Some(sid())))
+        );
+        assert_eq!(route("/whep", "/whep/demo/nope"), Some(Route::Session(s("demo"), None)));
+        assert_eq!(route("/whep", "/whep"), None);
+        assert_eq!(route("/whep", "/whep/"), None);
+        assert_eq!(route("/whep", "/other/demo"), None);
+        assert_eq!(route("/whep", "/whepx/demo"), None);
+        assert_eq!(route("/whep", "/whep/a/b/c"), None);
+        assert_eq!(route("/whep", "/whep/%FF"), None);
+        assert_eq!(route("/api/v3/whep", "/api/v3/whep/x"), Some(Route::Endpoint(s("x"))));
+    }
+
+    #[test]
+    fn location_encodes_and_keeps_query() {
+        let st = StreamId::new("a:b/c d").unwrap_or_else(|| unreachable!());
+        let l = session_location("/whep", &st, sid(), "/whep/x?token=abc");
+        assert_eq!(l, format!("/whep/a:b%2Fc%20d/{}?token=abc", sid()));
+        assert_eq!(route("/whep", &l), Some(Route::Session(st, Some(sid()))));
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let t = vec!["s3cret".to_owned()];
+        assert!(bearer_ok(&[], None));
+        assert!(bearer_ok(&t, Some("Bearer s3cret")));
+        assert!(bearer_ok(&t, Some("bearer  s3cret ")));
+        assert!(!bearer_ok(&t, Some("Bearer s3cre")));
+        assert!(!bearer_ok(&t, Some("Basic s3cret")));
+        assert!(!bearer_ok(&t, None));
+    }
+
+    #[test]
+    fn codec_mismatch_names_the_missing_codec() {
+        let r = Reject::CodecMismatch { h264: false, opus: true }.to_string();
+        assert!(r.contains("missing Opus"), "{r}");
+        let r = Reject::CodecMismatch { h264: true, opus: false }.to_string();
+        assert!(r.contains("missing H264"), "{r}");
+    }
+}
