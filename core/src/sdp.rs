@@ -52,6 +52,9 @@ pub fn check_offer(body: &[u8]) -> Result<OfferSummary, Reject> {
 }
 
 fn check_session(session: &Session) -> Result<OfferSummary, Reject> {
+    if session.medias.is_empty() {
+        return Err(Reject::BadOffer("no media sections".into()));
+    }
     if session.medias.len() > MAX_MEDIA_SECTIONS {
         return Err(Reject::BadLayout(format!("{} media sections", session.medias.len())));
     }
@@ -286,7 +289,7 @@ mod tests {
 
     #[test]
     fn layout_rules() {
-        let two_video = offer(H264, &H264.replace("a=mid:0", "a=mid:2"));
+        let two_video = format!("{H264}{}", H264.replace("a=mid:0", "a=mid:2"));
         assert!(matches!(
             check_offer(offer(&two_video, OPUS).as_bytes()),
             Err(Reject::BadLayout(_))
@@ -389,6 +392,9 @@ mod tests {
             /// an exact match was offered.
             #[test]
             fn choice_is_offered_and_compatible(offered in prop::collection::vec(h264_offer(), 0..12), want in profile()) {
+                // Payload types are unique within an offer.
+                let mut seen = std::collections::BTreeSet::new();
+                let offered: Vec<H264Offer> = offered.into_iter().filter(|h| seen.insert(h.pt)).collect();
                 let exact = offered.iter().any(|h| h.packetization_mode == 1 && h.profile_level_id.and_then(profile_of) == Some(want));
                 match choose_h264(&offered, want) {
                     Some(pt) => {
@@ -416,6 +422,8 @@ mod tests {
                 let (has_h264, has_opus) = (video == H264, audio == OPUS);
                 if has_h264 && has_opus {
                     prop_assert!(r.is_ok());
+                } else if video.is_empty() && audio.is_empty() {
+                    prop_assert!(matches!(r, Err(Reject::BadOffer(_))));
                 } else {
                     prop_assert_eq!(r, Err(Reject::CodecMismatch { h264: !has_h264, opus: !has_opus }));
                 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event as RtcEvent, Input as RtcInput, Output as RtcOutput, Rtc};
 
@@ -52,6 +52,9 @@ pub struct Viewer {
     pub location: Option<String>,
     pub etag: Option<String>,
     pending: Option<SdpPendingOffer>,
+    /// The answer as received, for ICE restarts.
+    answer: String,
+    video_mid: Mid,
     pub connected: bool,
     /// Drop everything this viewer sends (it vanished without DELETE).
     pub silent: bool,
@@ -260,7 +263,7 @@ impl SimWorld {
             .build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut api = rtc.sdp_api();
-        api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+        let video_mid = api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
         api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
         let (offer, pending) = api.apply().unwrap();
         let target = format!("{}/{}", self.core.config().whep_prefix, stream);
@@ -275,6 +278,8 @@ impl SimWorld {
             location: resp.header("location").map(str::to_owned),
             etag: resp.header("etag").map(str::to_owned),
             pending: Some(pending),
+            answer: String::from_utf8_lossy(&resp.body).into_owned(),
+            video_mid,
             connected: false,
             silent: false,
             video_packets: 0,
@@ -296,6 +301,71 @@ impl SimWorld {
         let i = self.viewers.len() - 1;
         self.drain_viewer(i);
         (i, resp)
+    }
+
+    /// Starts an ICE restart on viewer `i` as a WHEP player does: new local credentials, and
+    /// the PATCH body (an sdpfrag) carrying them and the viewer's candidate.
+    pub fn viewer_ice_restart(&mut self, i: usize) -> String {
+        let v = &mut self.viewers[i];
+        let mut api = v.rtc.sdp_api();
+        api.ice_restart(true);
+        let (offer, pending) = api.apply().unwrap();
+        v.pending = Some(pending);
+        let offer = offer.to_sdp_string();
+        let line =
+            |p: &str| offer.lines().find(|l| l.starts_with(p)).unwrap_or_default().to_owned();
+        let cands: String = offer
+            .lines()
+            .filter(|l| l.starts_with("a=candidate:"))
+            .map(|l| format!("{l}\r\n"))
+            .collect();
+        format!(
+            "a=ice-options:trickle\r\n{}\r\n{}\r\nm=video 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:{}\r\n{cands}a=end-of-candidates\r\n",
+            line("a=ice-ufrag:"),
+            line("a=ice-pwd:"),
+            v.video_mid
+        )
+    }
+
+    /// Applies the server's ICE-restart sdpfrag to viewer `i` (its original answer with the new
+    /// credentials).
+    pub fn viewer_accept_restart(&mut self, i: usize, frag: &str) {
+        let find =
+            |p: &str| frag.lines().find_map(|l| l.strip_prefix(p)).unwrap().trim().to_owned();
+        let (u, p) = (find("a=ice-ufrag:"), find("a=ice-pwd:"));
+        let v = &mut self.viewers[i];
+        let answer: String = v
+            .answer
+            .lines()
+            .map(|l| {
+                if l.starts_with("a=ice-ufrag:") {
+                    format!("a=ice-ufrag:{u}\r\n")
+                } else if l.starts_with("a=ice-pwd:") {
+                    format!("a=ice-pwd:{p}\r\n")
+                } else {
+                    format!("{l}\r\n")
+                }
+            })
+            .collect();
+        let pending = v.pending.take().unwrap();
+        v.rtc
+            .sdp_api()
+            .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())
+            .unwrap();
+        v.answer = answer;
+        let _ = v.rtc.handle_input(RtcInput::Timeout(self.now));
+        self.drain_viewer(i);
+    }
+
+    /// Viewer `i` sends a PLI for its video.
+    pub fn viewer_request_keyframe(&mut self, i: usize) {
+        let v = &mut self.viewers[i];
+        let mid = v.video_mid;
+        if let Some(rx) = v.rtc.direct_api().stream_rx_by_mid(mid, None) {
+            rx.request_keyframe(KeyframeRequestKind::Pli);
+        }
+        let _ = v.rtc.handle_input(RtcInput::Timeout(self.now));
+        self.drain_viewer(i);
     }
 
     /// A request to a viewer's session URL.

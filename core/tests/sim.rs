@@ -1,11 +1,30 @@
-//! Simulation tests: the core with str0m viewers, a scripted FFmpeg and a virtual clock.
+//! Simulation tests: the core with str0m viewers, a scripted FFmpeg and a virtual clock. The
+//! harness checks the core's invariants after every step.
 
 use std::time::Duration;
 
-use whep_core::StreamConfig;
 use whep_core::sim::{self, SimWorld};
+use whep_core::whep::Method;
+use whep_core::{CloseReason, Event, StreamConfig, StreamId};
 
 const SEC: Duration = Duration::from_secs(1);
+
+fn supervised() -> StreamConfig {
+    StreamConfig::supervised(vec![
+        "-re".into(),
+        "-f".into(),
+        "lavfi".into(),
+        "-i".into(),
+        "testsrc2".into(),
+    ])
+}
+
+fn left(w: &SimWorld, reason: CloseReason) -> usize {
+    w.events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::ViewerLeft { reason: r, .. } if *r == reason))
+        .count()
+}
 
 #[test]
 fn one_viewer_receives_video_and_audio() {
@@ -16,6 +35,446 @@ fn one_viewer_receives_video_and_audio() {
     w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 100 && w.viewers[v].audio_packets > 20);
     let viewer = &w.viewers[v];
     assert!(viewer.connected);
-    assert!(viewer.first_video_is_keyframe == Some(true));
-    assert!(viewer.first_video_seq.is_some() && viewer.first_audio_seq.is_some());
+    assert_eq!(viewer.first_video_is_keyframe, Some(true), "video starts at a keyframe");
+    assert!(viewer.first_video_seq.is_some_and(|s| s < 32_768), "first seq below 2^15");
+    assert!(viewer.first_audio_seq.is_some_and(|s| s < 32_768));
+    // No gaps: from the first received sequence number on, every packet arrived.
+    let seqs = &viewer.video_seqs;
+    let span =
+        seqs.last().copied().unwrap_or_default() - seqs.first().copied().unwrap_or_default() + 1;
+    assert_eq!(span, seqs.len() as u64, "video sequence numbers are contiguous");
+    assert!(w.core.metrics().packets_forwarded > 120);
+    assert!(w.events.iter().any(|(_, e)| matches!(e, Event::ViewerConnected { .. })));
+}
+
+fn fan_out(n: usize) {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let viewers: Vec<usize> = (0..n)
+        .map(|_| {
+            let (v, r) = w.join(&demo);
+            assert_eq!(r.code(), 201);
+            v
+        })
+        .collect();
+    w.drive_until(10 * SEC, |w| {
+        viewers
+            .iter()
+            .all(|&v| w.viewers[v].video_packets >= 60 && w.viewers[v].audio_packets >= 25)
+    });
+    assert_eq!(w.connected(&demo), n);
+    for &v in &viewers {
+        assert_eq!(w.viewers[v].first_video_is_keyframe, Some(true));
+    }
+}
+
+#[test]
+fn five_viewers_each_receive_video_and_audio() {
+    fan_out(5);
+}
+
+#[test]
+fn eight_viewers_each_receive_and_the_ninth_gets_503() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let viewers: Vec<usize> = (0..8).map(|_| w.join(&demo).0).collect();
+    let (_, ninth) = w.join(&demo);
+    assert_eq!(ninth.code(), 503);
+    assert!(ninth.header("retry-after").is_some());
+    w.drive_until(10 * SEC, |w| {
+        viewers
+            .iter()
+            .all(|&v| w.viewers[v].video_packets >= 60 && w.viewers[v].audio_packets >= 25)
+    });
+    assert_eq!(w.core.viewer_count(), 8);
+}
+
+#[test]
+fn late_joiner_waits_for_the_next_keyframe() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 60);
+    w.run_for(SEC); // mid-GOP
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 0);
+    assert_eq!(w.viewers[v].first_video_is_keyframe, Some(true));
+    assert!(w.viewers[v].audio_packets > 0, "audio started before video");
+}
+
+#[test]
+fn stopping_a_stream_closes_viewers_first_then_releases_ports() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let viewers: Vec<usize> = (0..5).map(|_| w.join(&demo).0).collect();
+    w.drive_until(5 * SEC, |w| w.connected(&demo) == 5);
+    assert_eq!(w.core.ports_in_use(), 1);
+    let mark = w.events.len();
+    w.core.stop_stream(&demo, w.now).unwrap_or_else(|e| panic!("{e}"));
+    w.drain();
+    assert_eq!(w.core.viewer_count(), 0);
+    assert_eq!(w.core.ports_in_use(), 0);
+    assert!(w.bound.is_empty(), "runtime told to release the ingest ports");
+    let events = &w.events[mark..];
+    let stopped = events.iter().position(|(_, e)| matches!(e, Event::StreamStopped { .. }));
+    let last_left = events.iter().rposition(|(_, e)| matches!(e, Event::ViewerLeft { .. }));
+    assert!(last_left < stopped, "viewers leave before the stream reports stopped");
+    assert_eq!(left(&w, CloseReason::StreamStopped), 5);
+    // The viewers saw the DTLS close.
+    w.run_for(SEC);
+    assert!(viewers.iter().all(|&v| w.viewers[v].closed));
+    // POST now gets 404; starting again hands out a pair again.
+    assert_eq!(w.join(&demo).1.code(), 404);
+    w.core.start_stream(&demo, w.now).unwrap_or_else(|e| panic!("{e}"));
+    w.drain();
+    assert_eq!(w.core.ports_in_use(), 1);
+    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some("running"));
+}
+
+#[test]
+fn silent_viewer_is_reaped() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (a, _) = w.join(&demo);
+    let (b, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.connected(&demo) == 2);
+    w.viewers[a].silent = true;
+    w.drive_until(40 * SEC, |w| w.core.viewer_count() == 1);
+    assert!(w.viewers[b].video_packets > 0);
+    let reaped = left(&w, CloseReason::Inactive) + left(&w, CloseReason::IceDisconnected);
+    assert_eq!(reaped, 1);
+    let b_before = w.viewers[b].video_packets;
+    w.run_for(SEC);
+    assert!(w.viewers[b].video_packets > b_before, "the other viewer keeps playing");
+}
+
+#[test]
+fn viewer_that_never_connects_times_out() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    w.viewers[v].silent = true;
+    w.run_for(w.core.config().connect_timeout + SEC);
+    assert_eq!(w.core.viewer_count(), 0);
+    assert_eq!(left(&w, CloseReason::ConnectTimeout), 1);
+    assert_eq!(w.core.metrics().ice_failures, 1);
+}
+
+#[test]
+fn delete_closes_the_viewer_and_it_sees_dtls_close() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.connected(&demo) == 1);
+    assert_eq!(w.http(w.session_request(v, Method::Delete)).code(), 204);
+    assert_eq!(w.http(w.session_request(v, Method::Delete)).code(), 204);
+    assert_eq!(w.core.viewer_count(), 0);
+    w.run_for(SEC);
+    assert!(w.viewers[v].closed, "the viewer saw close_notify");
+    assert_eq!(left(&w, CloseReason::Deleted), 1);
+}
+
+#[test]
+fn ice_restart_keeps_media_flowing() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 30);
+    let etag = w.viewers[v].etag.clone().unwrap_or_default();
+    let frag = w.viewer_ice_restart(v);
+    let r = w.http(
+        w.session_request(v, Method::Patch)
+            .with_header("Content-Type", "application/trickle-ice-sdpfrag")
+            .with_header("If-Match", "*")
+            .with_body(frag),
+    );
+    assert_eq!(r.code(), 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("content-type"), Some("application/trickle-ice-sdpfrag"));
+    let new_etag = r.header("etag").unwrap_or_default().to_owned();
+    assert!(!new_etag.is_empty() && new_etag != etag, "a new ETag");
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(
+        body.contains("a=ice-lite")
+            && body.contains("a=ice-ufrag:")
+            && body.contains("a=candidate:")
+    );
+    w.viewer_accept_restart(v, &body);
+    let before = w.viewers[v].video_packets;
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > before + 60);
+    assert_eq!(w.core.viewer_count(), 1);
+    // The old ETag no longer matches in strict mode; this world is lenient, so a stale
+    // If-Match on a trickle PATCH still passes.
+    let r = w.http(
+        w.session_request(v, Method::Patch)
+            .with_header("Content-Type", "application/trickle-ice-sdpfrag")
+            .with_body("a=end-of-candidates\r\n"),
+    );
+    assert_eq!(r.code(), 204);
+}
+
+#[test]
+fn trickled_candidates_are_accepted_and_media_flows() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, _) = w.join(&demo);
+    let cand = format!(
+        "a=candidate:1 1 udp 2122260223 {} {} typ host\r\n",
+        w.viewers[v].addr.ip(),
+        w.viewers[v].addr.port()
+    );
+    let r = w.http(
+        w.session_request(v, Method::Patch)
+            .with_header("Content-Type", "application/trickle-ice-sdpfrag")
+            .with_body(format!("a=mid:0\r\n{cand}a=end-of-candidates\r\n")),
+    );
+    assert_eq!(r.code(), 204);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 30);
+}
+
+#[test]
+fn supervised_stream_spawns_ffmpeg_with_the_output_legs() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", supervised(), 30);
+    let p = w.procs.get(&demo).cloned().unwrap_or_else(|| panic!("spawned"));
+    let ports = w.bound[&demo];
+    assert_eq!(&p.args[..3], ["-hide_banner", "-nostdin", "-loglevel"]);
+    assert!(p.args.contains(&"testsrc2".to_owned()));
+    let video = format!("udp://127.0.0.1:{}?pkt_size=1200", ports.video);
+    let audio = format!("udp://127.0.0.1:{}?pkt_size=1200", ports.audio());
+    assert!(p.args.contains(&video) && p.args.last() == Some(&audio), "{:?}", p.args);
+    assert_eq!(w.core.stream(&demo).and_then(|s| s.pid), Some(p.pid));
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 30);
+}
+
+#[test]
+fn external_stream_hands_out_arguments() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let ready = w.events.iter().find_map(|(_, e)| match e {
+        Event::StreamReady { args, ports, .. } => Some((args.clone(), *ports)),
+        _ => None,
+    });
+    let (args, ports) = ready.unwrap_or_else(|| panic!("StreamReady"));
+    let legs = whep_core::ffmpeg::split_legs(&args).unwrap_or_else(|| panic!("two legs"));
+    assert_eq!(legs[0].address, format!("udp://127.0.0.1:{}?pkt_size=1200", ports.video));
+    assert_eq!(legs[1].address, format!("udp://127.0.0.1:{}?pkt_size=1200", ports.video + 1));
+    assert!(w.procs.is_empty(), "no process spawned for an external feed");
+    assert_eq!(w.core.stream(&demo).map(|s| s.supervised), Some(false));
+}
+
+#[test]
+fn ffmpeg_crash_closes_viewers_releases_ports_and_restarts() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", supervised(), 30);
+    let first_ports = w.bound[&demo];
+    let (a, _) = w.join(&demo);
+    let (b, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.connected(&demo) == 2);
+    w.crash_process(&demo);
+    assert_eq!(w.core.viewer_count(), 0, "viewers closed");
+    assert_eq!(w.core.ports_in_use(), 0, "ports released");
+    assert!(w.bound.is_empty());
+    assert_eq!(left(&w, CloseReason::StreamRestarting), 2);
+    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some("backoff"));
+    // Restart after the backoff; a new viewer plays again.
+    w.drive_until(5 * SEC, |w| w.procs.contains_key(&demo));
+    assert_eq!(w.spawns, 2);
+    assert_eq!(w.core.metrics().process_restarts, 1);
+    assert_ne!(w.bound[&demo], first_ports, "a just-released pair is not reused at once");
+    let (c, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    w.drive_until(5 * SEC, |w| w.viewers[c].video_packets > 30);
+    let _ = (a, b);
+}
+
+#[test]
+fn repeated_crashes_back_off_exponentially() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", supervised(), 30);
+    let mut delays = Vec::new();
+    for _ in 0..4 {
+        w.crash_process(&demo);
+        let d = w.events.iter().rev().find_map(|(_, e)| match e {
+            Event::ProcessExited { restart_in, .. } => *restart_in,
+            _ => None,
+        });
+        delays.push(d.unwrap_or_default());
+        w.drive_until(60 * SEC, |w| w.procs.contains_key(&demo));
+    }
+    assert_eq!(delays, [500, 1000, 2000, 4000].map(Duration::from_millis));
+}
+
+#[test]
+fn missing_ffmpeg_is_reported_and_retried() {
+    let mut w = SimWorld::new(sim::config());
+    w.spawn_fails = true;
+    let demo = w.add_stream("demo", supervised(), 30);
+    let failed = w.events.iter().find_map(|(_, e)| match e {
+        Event::StreamFailed { reason, retry_in, .. } => Some((reason.clone(), *retry_in)),
+        _ => None,
+    });
+    let (reason, retry) = failed.unwrap_or_else(|| panic!("StreamFailed"));
+    assert!(reason.contains("not found on PATH"), "{reason}");
+    assert!(retry.is_some());
+    assert_eq!(w.core.ports_in_use(), 0);
+    w.spawn_fails = false;
+    w.drive_until(5 * SEC, |w| w.procs.contains_key(&demo));
+}
+
+#[test]
+fn stale_ffmpeg_is_restarted() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", supervised(), 30);
+    w.run_for(SEC);
+    // The process keeps running but sends nothing.
+    w.sources.remove(&demo);
+    let stale = w.core.config().process.stale_timeout;
+    w.drive_until(stale + 5 * SEC, |w| {
+        w.events.iter().any(|(_, e)| matches!(e, Event::StreamStale { .. }))
+    });
+    w.drive_until(5 * SEC, |w| w.spawns == 2);
+}
+
+#[test]
+fn ffmpeg_that_ignores_sigterm_is_killed() {
+    let mut w = SimWorld::new(sim::config());
+    w.exit_on_term = false;
+    let demo = w.add_stream("demo", supervised(), 30);
+    w.core.stop_stream(&demo, w.now).unwrap_or_else(|e| panic!("{e}"));
+    w.drain();
+    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some("stopping"));
+    assert_eq!(w.core.ports_in_use(), 1, "ports stay until the process is gone");
+    w.run_for(w.core.config().process.stop_grace + SEC);
+    assert_eq!(w.kills, 1);
+    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some("stopped"));
+    assert_eq!(w.core.ports_in_use(), 0);
+    assert!(w.procs.is_empty());
+}
+
+#[test]
+fn bind_failure_moves_to_another_pair() {
+    let mut w = SimWorld::new(sim::config());
+    w.fail_bind.extend([40_000, 40_003]);
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    assert_eq!(w.bound[&demo].video, 40_004);
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 10);
+}
+
+#[test]
+fn removing_a_stream_forgets_it() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", supervised(), 30);
+    let (_, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    w.core.remove_stream(&demo, w.now).unwrap_or_else(|e| panic!("{e}"));
+    w.drain();
+    assert!(w.core.stream(&demo).is_none());
+    assert!(w.core.is_idle());
+    assert!(w.procs.is_empty() && w.bound.is_empty());
+}
+
+#[test]
+fn shutdown_leaves_nothing_behind() {
+    let mut w = SimWorld::new(sim::config());
+    let a = w.add_stream("a", supervised(), 30);
+    let b = w.add_stream("b", StreamConfig::external(), 30);
+    for s in [&a, &b, &a] {
+        assert_eq!(w.join(s).1.code(), 201);
+    }
+    w.drive_until(5 * SEC, |w| w.connected(&a) == 2 && w.connected(&b) == 1);
+    w.core.shutdown(w.now);
+    w.drain();
+    assert!(w.core.is_idle());
+    assert!(w.procs.is_empty() && w.bound.is_empty());
+    assert_eq!(left(&w, CloseReason::Shutdown), 3);
+}
+
+#[test]
+fn garbage_on_ingest_and_viewer_socket_is_dropped() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 10);
+    let port = w.bound[&demo].video;
+    let rtcp_sr =
+        [0x80, 200, 0, 6, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let junk: [&[u8]; 6] = [
+        &[],
+        &[0x80],
+        &[0x40; 40],
+        &rtcp_sr,
+        &[0x80, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1],
+        &[0xff; 1500],
+    ];
+    for j in junk {
+        w.ingest_raw(port, j);
+        w.ingest_raw(1, j);
+        w.datagram_raw("203.0.113.9:999".parse().unwrap_or_else(|_| unreachable!()), j);
+        w.datagram_raw(w.viewers[v].addr, j);
+    }
+    let m = w.core.metrics();
+    assert_eq!(m.ingest_rtcp, 1);
+    assert!(m.ingest_dropped >= 9, "{m:?}");
+    assert!(m.datagrams_dropped >= 6, "{m:?}");
+    let before = w.viewers[v].video_packets;
+    w.run_for(SEC);
+    assert!(w.viewers[v].video_packets > before, "still playing");
+}
+
+#[test]
+fn source_restart_rebases_and_regates_video() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 40);
+    // FFmpeg restarted behind our back: new SSRC, sequence numbers elsewhere.
+    if let Some(s) = w.sources.get_mut(&demo) {
+        *s = sim::Source::new(30, 0x2222_0000);
+    }
+    let before = w.viewers[v].video_packets;
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > before + 60);
+    let seqs = &w.viewers[v].video_seqs;
+    let span =
+        seqs.last().copied().unwrap_or_default() - seqs.first().copied().unwrap_or_default() + 1;
+    assert!(
+        span - seqs.len() as u64 <= 2,
+        "the viewer's sequence stays (nearly) contiguous across the restart"
+    );
+}
+
+#[test]
+fn keyframe_requests_are_counted() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 10);
+    w.viewer_request_keyframe(v);
+    w.drive_until(2 * SEC, |w| w.core.metrics().keyframe_requests >= 1);
+    assert!(w.events.iter().any(|(_, e)| matches!(e, Event::KeyframeRequested { .. })));
+}
+
+#[test]
+fn stream_management_errors() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    assert!(w.core.add_stream(demo.clone(), StreamConfig::external()).is_err());
+    assert!(w.core.start_stream(&demo, w.now).is_err(), "already started");
+    let nope = StreamId::new("nope").unwrap_or_else(|| unreachable!());
+    assert!(w.core.stop_stream(&nope, w.now).is_err());
+    let mut bad = StreamConfig::external();
+    bad.egress.video_map = "-evil".into();
+    assert!(w.core.add_stream(nope, bad).is_err());
+}
+
+#[test]
+fn port_exhaustion_is_an_error_not_a_panic() {
+    let mut config = sim::config();
+    config.ingest_ports = 40_000..=40_003;
+    let mut w = SimWorld::new(config);
+    w.add_stream("a", StreamConfig::external(), 30);
+    w.add_stream("b", StreamConfig::external(), 30);
+    let c = StreamId::new("c").unwrap_or_else(|| unreachable!());
+    w.core.add_stream(c.clone(), StreamConfig::external()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(w.core.start_stream(&c, w.now), Err(whep_core::StreamError::NoPorts));
 }
