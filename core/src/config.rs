@@ -74,7 +74,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(20),
             inactivity_timeout: Duration::from_secs(30),
             disconnect_grace: Duration::from_secs(5),
-            rtx_cache_packets: 512,
+            rtx_cache_packets: 256,
             process: ProcessConfig::default(),
         }
     }

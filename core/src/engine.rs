@@ -585,7 +585,7 @@ impl Core {
             PeerState::Connected if peer.last_rx + inactivity <= now => Some(CloseReason::Inactive),
             _ => None,
         };
-        self.apply_news(s, &mut news, now);
+        self.apply_news(s, &mut news);
         self.news = news;
         match reason {
             Some(r) => self.remove_peer(s, r, now),
@@ -593,7 +593,7 @@ impl Core {
         }
     }
 
-    fn apply_news(&mut self, s: SessionId, news: &mut Vec<PeerNews>, now: Instant) {
+    fn apply_news(&mut self, s: SessionId, news: &mut Vec<PeerNews>) {
         for n in news.drain(..) {
             let Some(peer) = self.peers.get(&s) else {
                 continue;
@@ -605,7 +605,6 @@ impl Core {
                     self.metrics.viewers_connected += 1;
                     self.outputs
                         .push_back(Output::Event(Event::ViewerConnected { stream, session: s }));
-                    let _ = now;
                 }
                 PeerNews::KeyframeRequest => {
                     self.metrics.keyframe_requests += 1;
@@ -657,7 +656,7 @@ impl Core {
         }
         peer.drain(now, grace, &mut self.outputs, &mut news);
         let dead = peer.dead;
-        self.apply_news(session, &mut news, now);
+        self.apply_news(session, &mut news);
         self.news = news;
         if dead {
             self.remove_peer(session, CloseReason::RemoteClosed, now);
@@ -716,7 +715,7 @@ impl Core {
                 self.metrics.bytes_forwarded += pkt.payload.len() as u64;
             }
             let dead = peer.dead;
-            self.apply_news(s, &mut news, now);
+            self.apply_news(s, &mut news);
             if dead {
                 self.remove_peer(s, CloseReason::RemoteClosed, now);
             } else {
@@ -959,6 +958,11 @@ impl Core {
         let (Some(video_ssrc), Some(audio_ssrc)) = (video_ssrc, audio_ssrc) else {
             return Err(Reject::BadOffer("no send stream for a media section".into()));
         };
+        // Bound the retransmission cache: its packet metadata dominates a viewer's memory,
+        // and a retransmission older than a second is useless to a low-latency player.
+        if let Some(tx) = api.stream_tx(&video_ssrc) {
+            tx.set_rtx_cache(self.config.rtx_cache_packets, Duration::from_secs(1), Some(0.15));
+        }
 
         let session = self.unique_session();
         let etag = self.rng.etag();
@@ -1095,7 +1099,7 @@ impl Core {
         debug!(session = %s, restart, added, "patch");
         let mut news = std::mem::take(&mut self.news);
         peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
-        self.apply_news(s, &mut news, now);
+        self.apply_news(s, &mut news);
         self.news = news;
         self.reschedule_peer(s, now);
         Ok(resp)
@@ -1248,9 +1252,31 @@ fn stun_local_ufrag(b: &[u8]) -> Option<&str> {
     None
 }
 
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send>() {}
-    is_send::<Core>();
-    let _ = Duration::ZERO;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_is_send() {
+        fn is_send<T: Send>() {}
+        is_send::<Core>();
+    }
+
+    #[test]
+    fn stun_username_is_parsed() {
+        let user = b"srvufrag:cli";
+        let mut m = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+        m.extend_from_slice(&[7; 12]);
+        // A PRIORITY attribute first, then USERNAME (12 bytes, no padding needed).
+        let mut attrs = vec![0x00, 0x24, 0x00, 0x04, 1, 2, 3, 4, 0x00, 0x06, 0x00, 12];
+        attrs.extend_from_slice(user);
+        m[2..4].copy_from_slice(&(attrs.len() as u16).to_be_bytes());
+        m.extend_from_slice(&attrs);
+        assert_eq!(stun_local_ufrag(&m), Some("srvufrag"));
+        assert_eq!(stun_local_ufrag(&m[..m.len() - 1]), None, "truncated");
+        assert_eq!(stun_local_ufrag(&[0x80; 40]), None, "not STUN");
+        for n in 0..m.len() {
+            let _ = stun_local_ufrag(&m[..n]);
+        }
+    }
 }

@@ -315,6 +315,7 @@ impl PortPool {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests pick a real starting instant
 mod tests {
     use std::collections::BTreeMap;
     use std::time::Duration;

@@ -31,8 +31,8 @@ pub struct WhepRequest {
     pub target: String,
     /// Header fields in arrival order; names compare case-insensitively.
     pub headers: Vec<(String, String)>,
-    /// The body. A runtime should stop reading after [`Config::max_body_bytes`] + 1 bytes
-    /// (see [`Config::max_body_bytes`](crate::Config::max_body_bytes)): anything longer is
+    /// The body. A runtime may stop reading after
+    /// [`Config::max_body_bytes`](crate::Config::max_body_bytes) + 1 bytes: anything longer is
     /// answered with 413 regardless of what follows.
     pub body: Vec<u8>,
 }

@@ -1,0 +1,54 @@
+//! Cost of the fan-out path: one RTP packet from FFmpeg to N connected viewers (parse once,
+//! share the payload, per viewer header rewrite + str0m `write_rtp` + SRTP + drain), in time per
+//! viewer-packet. Outputs are dropped, not sent: this measures the core alone.
+//!
+//! `cargo bench -p whep-core --features sim --bench fanout`
+
+#![allow(clippy::disallowed_methods)] // a benchmark times itself
+
+use std::collections::VecDeque;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use whep_core::Input;
+use whep_core::sim::{SimWorld, Source};
+
+fn fanout(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fanout");
+    g.measurement_time(Duration::from_secs(8));
+    for n in [1usize, 10, 100] {
+        let (mut w, _, ports) = SimWorld::with_connected_viewers(n);
+        let mut source = Source::new(60, 0x5151_5151);
+        let mut queue: VecDeque<(u16, Vec<u8>)> = VecDeque::new();
+        let mut frames = 0u64;
+        let mut now = w.now;
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    if queue.is_empty() {
+                        queue.extend(source.video_frame().into_iter().map(|p| (ports.video, p)));
+                        frames += 1;
+                        if !frames.is_multiple_of(3) {
+                            queue.push_back((ports.audio(), source.audio_packet()));
+                        }
+                    }
+                    let Some((port, pkt)) = queue.pop_front() else { continue };
+                    now += Duration::from_micros(1);
+                    let t = Instant::now();
+                    w.core.handle_input(Input::Ingest { port, contents: &pkt }, now);
+                    black_box(w.discard_outputs());
+                    total += t.elapsed();
+                }
+                total
+            })
+        });
+        assert_eq!(w.core.viewer_count(), n, "no viewer lost during the run");
+    }
+    g.finish();
+}
+
+criterion_group!(benches, fanout);
+criterion_main!(benches);
