@@ -74,7 +74,9 @@ pub struct Core {
     metrics: Metrics,
     next_generation: u64,
     now: Instant,
+    /// Reused buffers, so the packet path does not allocate for bookkeeping.
     news: Vec<PeerNews>,
+    scratch: Vec<SessionId>,
 }
 
 impl Core {
@@ -99,6 +101,7 @@ impl Core {
             next_generation: 1,
             now,
             news: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -703,10 +706,12 @@ impl Core {
             keyframe_start,
             payload: Arc::from(p.payload),
         };
-        let viewers: Vec<SessionId> = stream.viewers.iter().copied().collect();
+        let mut viewers = std::mem::take(&mut self.scratch);
+        viewers.clear();
+        viewers.extend(stream.viewers.iter().copied());
         let grace = self.config.disconnect_grace;
         let mut news = std::mem::take(&mut self.news);
-        for s in viewers {
+        for &s in &viewers {
             let Some(peer) = self.peers.get_mut(&s) else {
                 continue;
             };
@@ -723,6 +728,7 @@ impl Core {
             }
         }
         self.news = news;
+        self.scratch = viewers;
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1089,15 +1095,17 @@ impl Core {
             return Ok(resp);
         };
         let mut added = 0;
+        let mut news = std::mem::take(&mut self.news);
+        let grace = self.config.disconnect_grace;
         for (_, c) in &frag.candidates {
             // mDNS (.local), TCP and otherwise unusable candidates are dropped silently (WHEP).
             if let Ok(c) = Candidate::from_sdp_string(c) {
                 peer.rtc.add_remote_candidate(c);
+                peer.drain(now, grace, &mut self.outputs, &mut news);
                 added += 1;
             }
         }
         debug!(session = %s, restart, added, "patch");
-        let mut news = std::mem::take(&mut self.news);
         peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
         self.apply_news(s, &mut news);
         self.news = news;
@@ -1121,6 +1129,8 @@ impl Core {
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| Reject::RestartFailed(e.to_string()))?;
+        // Whatever this reports is applied by the caller with the rest of the PATCH's news.
+        peer.drain(self.now, self.config.disconnect_grace, &mut self.outputs, &mut self.news);
         let local = peer.rtc.direct_api().local_ice_credentials();
         peer.offer = offer_text;
         peer.remote_creds = (ufrag.clone(), pwd.clone());
