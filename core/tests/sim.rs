@@ -26,6 +26,20 @@ fn left(w: &SimWorld, reason: CloseReason) -> usize {
         .count()
 }
 
+/// Viewer `v` still receives video one second later.
+fn assert_keeps_playing(w: &mut SimWorld, v: usize) {
+    let before = w.viewers[v].video_packets;
+    w.run_for(SEC);
+    assert!(w.viewers[v].video_packets > before, "viewer {v} stopped receiving video");
+}
+
+/// Sequence numbers missing between the first and the last video packet viewer `v` received.
+fn video_gaps(w: &SimWorld, v: usize) -> u64 {
+    let seqs = &w.viewers[v].video_seqs;
+    let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else { return 0 };
+    last - first + 1 - seqs.len() as u64
+}
+
 #[test]
 fn one_viewer_receives_video_and_audio() {
     let mut w = SimWorld::new(sim::config());
@@ -39,10 +53,7 @@ fn one_viewer_receives_video_and_audio() {
     assert!(viewer.first_video_seq.is_some_and(|s| s < 32_768), "first seq below 2^15");
     assert!(viewer.first_audio_seq.is_some_and(|s| s < 32_768));
     // No gaps: from the first received sequence number on, every packet arrived.
-    let seqs = &viewer.video_seqs;
-    let span =
-        seqs.last().copied().unwrap_or_default() - seqs.first().copied().unwrap_or_default() + 1;
-    assert_eq!(span, seqs.len() as u64, "video sequence numbers are contiguous");
+    assert_eq!(video_gaps(&w, v), 0, "video sequence numbers are contiguous");
     assert!(w.core.metrics().packets_forwarded > 120);
     assert!(w.events.iter().any(|(_, e)| matches!(e, Event::ViewerConnected { .. })));
 }
@@ -141,9 +152,7 @@ fn silent_viewer_is_reaped() {
     assert!(w.viewers[b].video_packets > 0);
     let reaped = left(&w, CloseReason::Inactive) + left(&w, CloseReason::IceDisconnected);
     assert_eq!(reaped, 1);
-    let b_before = w.viewers[b].video_packets;
-    w.run_for(SEC);
-    assert!(w.viewers[b].video_packets > b_before, "the other viewer keeps playing");
+    assert_keeps_playing(&mut w, b);
 }
 
 #[test]
@@ -417,9 +426,7 @@ fn garbage_on_ingest_and_viewer_socket_is_dropped() {
     assert_eq!(m.ingest_rtcp, 1);
     assert!(m.ingest_dropped >= 9, "{m:?}");
     assert!(m.datagrams_dropped >= 6, "{m:?}");
-    let before = w.viewers[v].video_packets;
-    w.run_for(SEC);
-    assert!(w.viewers[v].video_packets > before, "still playing");
+    assert_keeps_playing(&mut w, v);
 }
 
 #[test]
@@ -434,11 +441,8 @@ fn source_restart_rebases_and_regates_video() {
     }
     let before = w.viewers[v].video_packets;
     w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > before + 60);
-    let seqs = &w.viewers[v].video_seqs;
-    let span =
-        seqs.last().copied().unwrap_or_default() - seqs.first().copied().unwrap_or_default() + 1;
     assert!(
-        span - seqs.len() as u64 <= 2,
+        video_gaps(&w, v) <= 2,
         "the viewer's sequence stays (nearly) contiguous across the restart"
     );
 }
