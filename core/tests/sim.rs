@@ -26,6 +26,17 @@ fn left(w: &SimWorld, reason: CloseReason) -> usize {
         .count()
 }
 
+/// A world with one external stream and one viewer that has received more than `packets`
+/// video packets.
+fn playing(packets: u64) -> (SimWorld, StreamId, usize) {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > packets);
+    (w, demo, v)
+}
+
 /// Viewer `v` still receives video one second later.
 fn assert_keeps_playing(w: &mut SimWorld, v: usize) {
     let before = w.viewers[v].video_packets;
@@ -184,10 +195,7 @@ fn delete_closes_the_viewer_and_it_sees_dtls_close() {
 
 #[test]
 fn ice_restart_keeps_media_flowing() {
-    let mut w = SimWorld::new(sim::config());
-    let demo = w.add_stream("demo", StreamConfig::external(), 30);
-    let (v, _) = w.join(&demo);
-    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 30);
+    let (mut w, _, v) = playing(30);
     let etag = w.viewers[v].etag.clone().unwrap_or_default();
     let frag = w.viewer_ice_restart(v);
     let r = w.http(
@@ -401,10 +409,7 @@ fn shutdown_leaves_nothing_behind() {
 
 #[test]
 fn garbage_on_ingest_and_viewer_socket_is_dropped() {
-    let mut w = SimWorld::new(sim::config());
-    let demo = w.add_stream("demo", StreamConfig::external(), 30);
-    let (v, _) = w.join(&demo);
-    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 10);
+    let (mut w, demo, v) = playing(10);
     let port = w.bound[&demo].video;
     let rtcp_sr =
         [0x80, 200, 0, 6, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -431,10 +436,7 @@ fn garbage_on_ingest_and_viewer_socket_is_dropped() {
 
 #[test]
 fn source_restart_rebases_and_regates_video() {
-    let mut w = SimWorld::new(sim::config());
-    let demo = w.add_stream("demo", StreamConfig::external(), 30);
-    let (v, _) = w.join(&demo);
-    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 40);
+    let (mut w, demo, v) = playing(40);
     // FFmpeg restarted behind our back: new SSRC, sequence numbers elsewhere.
     if let Some(s) = w.sources.get_mut(&demo) {
         *s = sim::Source::new(30, 0x2222_0000);
@@ -449,10 +451,7 @@ fn source_restart_rebases_and_regates_video() {
 
 #[test]
 fn keyframe_requests_are_counted() {
-    let mut w = SimWorld::new(sim::config());
-    let demo = w.add_stream("demo", StreamConfig::external(), 30);
-    let (v, _) = w.join(&demo);
-    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 10);
+    let (mut w, _, v) = playing(10);
     w.viewer_request_keyframe(v);
     w.drive_until(2 * SEC, |w| w.core.metrics().keyframe_requests >= 1);
     assert!(w.events.iter().any(|(_, e)| matches!(e, Event::KeyframeRequested { .. })));
