@@ -80,6 +80,26 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// The host candidate a datagram from `source` was most likely sent to, for a runtime whose
+    /// viewer socket is bound to a wildcard address and cannot read the destination of each
+    /// datagram (`IP_PKTINFO`): a candidate with the source's own IP (a viewer on this host),
+    /// else a loopback candidate for a loopback source, else the first candidate of the
+    /// source's address family that is not loopback, else the first candidate.
+    pub fn candidate_for(&self, source: SocketAddr) -> Option<SocketAddr> {
+        let c = &self.host_candidates;
+        c.iter()
+            .find(|c| c.ip() == source.ip())
+            .or_else(|| {
+                let lo = source.ip().is_loopback();
+                c.iter().find(|c| c.ip().is_loopback() == lo && c.is_ipv4() == source.is_ipv4())
+            })
+            .or_else(|| c.iter().find(|c| !c.ip().is_loopback() && c.is_ipv4() == source.is_ipv4()))
+            .or_else(|| c.first())
+            .copied()
+    }
+}
+
 /// How the core supervises the FFmpeg processes it spawns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessConfig {
@@ -204,5 +224,28 @@ impl StreamConfig {
             profile: H264Profile::default(),
             max_viewers: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_for_prefers_same_ip_then_scope_then_family() {
+        let cfg = Config {
+            host_candidates: vec![
+                "127.0.0.1:3478".parse().expect("addr"),
+                "192.0.2.7:3478".parse().expect("addr"),
+                "[2001:db8::7]:3478".parse().expect("addr"),
+            ],
+            ..Config::default()
+        };
+        let pick = |s: &str| cfg.candidate_for(s.parse().expect("addr")).map(|a| a.to_string());
+        assert_eq!(pick("127.0.0.1:5000").as_deref(), Some("127.0.0.1:3478"));
+        assert_eq!(pick("192.0.2.7:5000").as_deref(), Some("192.0.2.7:3478"));
+        assert_eq!(pick("198.51.100.1:5000").as_deref(), Some("192.0.2.7:3478"));
+        assert_eq!(pick("[2001:db8::9]:5000").as_deref(), Some("[2001:db8::7]:3478"));
+        assert_eq!(Config::default().candidate_for("127.0.0.1:1".parse().expect("addr")), None);
     }
 }

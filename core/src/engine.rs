@@ -840,9 +840,13 @@ impl Core {
         if self.config.cors_origin != "*" {
             resp = resp.with("Vary", "Origin");
         }
-        *self.metrics.requests.entry((label, req.method.to_string(), resp.code())).or_default() +=
-            1;
+        self.count_request(label, &req.method, resp.code());
         resp
+    }
+
+    /// Counts one answered HTTP request in [`Metrics::requests`].
+    pub(crate) fn count_request(&mut self, route: &'static str, method: &Method, status: u16) {
+        *self.metrics.requests.entry((route, method.to_string(), status)).or_default() += 1;
     }
 
     fn preflight(&self) -> WhepResponse {

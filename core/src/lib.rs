@@ -73,6 +73,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+#[cfg(feature = "app")]
+pub mod app;
 mod config;
 mod engine;
 pub mod ffmpeg;

@@ -1,0 +1,448 @@
+//! The application surface every runtime serves, written once: the player page, `/healthz`,
+//! Prometheus `/metrics`, the public stream list, the token-guarded JSON admin API, and the
+//! serialisable stream specification used by configuration files and the admin API.
+//!
+//! Like the rest of the crate it does no IO: [`handle`] takes a parsed request and the core and
+//! returns the response; WHEP requests fall through to [`Core::handle_http`].
+//!
+//! | route | method | what |
+//! |---|---|---|
+//! | `/` | GET | the player page (`?stream=ID` plays one) |
+//! | `/healthz` | GET | `ok` |
+//! | `/metrics` | GET | Prometheus text, never labelled by session |
+//! | `/streams` | GET | public list: id, state, viewers |
+//! | `/api/streams` | GET, POST | admin: list with pid and ports; add (`{"id": .., ..spec}`) |
+//! | `/api/streams/{id}` | GET, DELETE | admin: one stream; remove it |
+//! | `/api/streams/{id}/start`, `/stop` | POST | admin: start or stop it |
+//! | WHEP prefix | any | [`Core::handle_http`] |
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use http_types::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{H264Profile, StreamConfig};
+use crate::ffmpeg::EgressConfig;
+use crate::{Core, StreamError, StreamId, StreamInfo, WhepRequest, WhepResponse};
+
+/// The player page, with `__WHEP_PREFIX__` still in it; [`handle`] fills it in.
+pub const PLAYER_HTML: &str = include_str!("../assets/player.html");
+
+/// Settings of the application routes that are not part of the core's [`Config`](crate::Config).
+#[derive(Debug, Clone, Default)]
+pub struct AppConfig {
+    /// Bearer token of the admin API. `None` disables the admin API (403).
+    pub admin_token: Option<String>,
+}
+
+/// How a stream is fed and which WebRTC legs FFmpeg writes: the serialisable form of a
+/// [`StreamConfig`], as written in a configuration file or posted to the admin API.
+///
+/// Exactly one of `url`, `file`, `lavfi`, `args` or `external = true` says where the media comes
+/// from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamSpec {
+    /// An input URL FFmpeg reads (`rtsp://`, `srt://`, `http://`, ...).
+    pub url: Option<String>,
+    /// A media file, played in real time and looped.
+    pub file: Option<String>,
+    /// A lavfi video source graph (e.g. `testsrc2=size=640x360:rate=30`); a sine tone is added
+    /// as audio unless `lavfi_audio` says otherwise.
+    pub lavfi: Option<String>,
+    /// The lavfi audio source used with `lavfi`; default `sine=frequency=440:sample_rate=48000`.
+    pub lavfi_audio: Option<String>,
+    /// Raw FFmpeg input arguments (everything before the outputs).
+    pub args: Option<Vec<String>>,
+    /// The application runs FFmpeg itself; the server only hands out the output legs.
+    pub external: bool,
+    /// Re-encode to H264 constrained baseline + Opus. Defaults to true for `lavfi`, false
+    /// otherwise (copy, which needs an H264 + Opus source).
+    pub transcode: Option<bool>,
+    /// Keyframe interval in frames when transcoding.
+    pub gop: Option<u32>,
+    /// Video bitrate in kbit/s when transcoding.
+    pub video_bitrate_kbps: Option<u32>,
+    /// Opus bitrate in kbit/s when transcoding.
+    pub audio_bitrate_kbps: Option<u32>,
+    /// FFmpeg `-map` selector of the video stream.
+    pub video_map: Option<String>,
+    /// FFmpeg `-map` selector of the audio stream.
+    pub audio_map: Option<String>,
+    /// H264 profile of the stream: `constrained-baseline` (default), `baseline`, `main`, `high`.
+    pub profile: Option<String>,
+    /// Per-stream viewer cap, overriding the server's.
+    pub max_viewers: Option<usize>,
+    /// Start the stream when it is added (default true).
+    pub autostart: Option<bool>,
+}
+
+impl StreamSpec {
+    /// The demo stream: a 640x360 test pattern at 30 fps with a 440 Hz tone, one keyframe per
+    /// second so that a new viewer sees a picture at once.
+    pub fn demo() -> Self {
+        Self {
+            lavfi: Some("testsrc2=size=640x360:rate=30".into()),
+            gop: Some(30),
+            video_bitrate_kbps: Some(1500),
+            ..Self::default()
+        }
+    }
+
+    /// Whether the stream should start as soon as it is added.
+    pub fn autostart(&self) -> bool {
+        self.autostart.unwrap_or(true)
+    }
+
+    /// Converts to the core's stream configuration, checking that the source is given exactly
+    /// once and that the egress settings are valid.
+    pub fn to_config(&self) -> Result<StreamConfig, String> {
+        let sources = [
+            self.url.is_some(),
+            self.file.is_some(),
+            self.lavfi.is_some(),
+            self.args.is_some(),
+            self.external,
+        ];
+        match sources.iter().filter(|s| **s).count() {
+            1 => {}
+            0 => return Err("a stream needs one of url, file, lavfi, args or external".into()),
+            _ => return Err("give only one of url, file, lavfi, args or external".into()),
+        }
+        let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let mut config = if self.external {
+            StreamConfig::external()
+        } else if let Some(url) = &self.url {
+            StreamConfig::supervised(strings(&["-i", url]))
+        } else if let Some(file) = &self.file {
+            StreamConfig::supervised(strings(&["-re", "-stream_loop", "-1", "-i", file]))
+        } else if let Some(video) = &self.lavfi {
+            let audio =
+                self.lavfi_audio.as_deref().unwrap_or("sine=frequency=440:sample_rate=48000");
+            StreamConfig::supervised(strings(&[
+                "-re", "-f", "lavfi", "-i", video, "-f", "lavfi", "-i", audio,
+            ]))
+        } else {
+            let args = self.args.clone().unwrap_or_default();
+            if args.is_empty() {
+                return Err("args must not be empty".into());
+            }
+            StreamConfig::supervised(args)
+        };
+        let mut egress = EgressConfig {
+            force_transcode: self.transcode.unwrap_or(self.lavfi.is_some()),
+            ..EgressConfig::default()
+        };
+        if self.lavfi.is_some() {
+            egress.audio_map = "1:a:0".into();
+        }
+        if let Some(gop) = self.gop {
+            egress.gop = gop;
+        }
+        egress.video_bitrate_kbps = self.video_bitrate_kbps.or(egress.video_bitrate_kbps);
+        if let Some(kbps) = self.audio_bitrate_kbps {
+            egress.audio_bitrate_kbps = kbps;
+        }
+        if let Some(map) = &self.video_map {
+            egress.video_map.clone_from(map);
+        }
+        if let Some(map) = &self.audio_map {
+            egress.audio_map.clone_from(map);
+        }
+        egress.validate()?;
+        config.egress = egress;
+        config.profile = match self.profile.as_deref() {
+            None | Some("constrained-baseline") => H264Profile::ConstrainedBaseline,
+            Some("baseline") => H264Profile::Baseline,
+            Some("main") => H264Profile::Main,
+            Some("high") => H264Profile::High,
+            Some(other) => {
+                return Err(format!(
+                    "profile {other:?} is not one of constrained-baseline, baseline, main, high"
+                ));
+            }
+        };
+        if self.max_viewers == Some(0) {
+            return Err("max_viewers must be at least 1".into());
+        }
+        config.max_viewers = self.max_viewers;
+        Ok(config)
+    }
+}
+
+/// Answers one request to the application routes (see the [module docs](self)); anything under
+/// the WHEP prefix or unknown goes to [`Core::handle_http`].
+pub fn handle(core: &mut Core, app: &AppConfig, req: WhepRequest, now: Instant) -> WhepResponse {
+    let path = req.target.split('?').next().unwrap_or_default().to_owned();
+    let prefix = core.config().whep_prefix.clone();
+    if path.starts_with(&format!("{prefix}/")) {
+        return core.handle_http(req, now);
+    }
+    let get = matches!(req.method, Method::Get | Method::Head);
+    let (label, resp) = match path.as_str() {
+        "/" | "/index.html" if get => {
+            let page = PLAYER_HTML.replace("__WHEP_PREFIX__", &json_escape(&prefix));
+            ("player", text(StatusCode::Ok, "text/html; charset=utf-8", page))
+        }
+        "/healthz" if get => ("healthz", text(StatusCode::Ok, "text/plain", "ok\n")),
+        "/metrics" if get => (
+            "metrics",
+            text(
+                StatusCode::Ok,
+                "text/plain; version=0.0.4; charset=utf-8",
+                render_prometheus(core),
+            ),
+        ),
+        "/streams" if get => {
+            let list: Vec<_> = core
+                .streams()
+                .iter()
+                .map(|s| {
+                    serde_json::json!({"id": s.id.as_str(), "state": s.state, "viewers": s.viewers})
+                })
+                .collect();
+            ("streams", json(StatusCode::Ok, &serde_json::Value::Array(list)))
+        }
+        p if p == "/api/streams" || p.starts_with("/api/streams/") => {
+            ("admin", admin(core, app, &req, &p["/api/streams".len()..], now))
+        }
+        "/" | "/index.html" | "/healthz" | "/metrics" | "/streams" => (
+            "other",
+            error(StatusCode::MethodNotAllowed, "method not allowed").with("Allow", "GET, HEAD"),
+        ),
+        _ => return core.handle_http(req, now),
+    };
+    let resp = resp.with("Access-Control-Allow-Origin", core.config().cors_origin.clone());
+    core.count_request(label, &req.method, resp.code());
+    if req.method == Method::Head { WhepResponse { body: Vec::new(), ..resp } } else { resp }
+}
+
+fn admin(
+    core: &mut Core,
+    app: &AppConfig,
+    req: &WhepRequest,
+    rest: &str,
+    now: Instant,
+) -> WhepResponse {
+    let Some(token) = &app.admin_token else {
+        return error(StatusCode::Forbidden, "admin API disabled: configure an admin token");
+    };
+    let presented = req.header("authorization").and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token.as_bytes())) {
+        return error(StatusCode::Unauthorized, "admin API: missing or wrong bearer token")
+            .with("WWW-Authenticate", "Bearer");
+    }
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let id = |raw: &str| {
+        percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .ok()
+            .and_then(|s| StreamId::new(s.into_owned()))
+    };
+    match (&req.method, segments.as_slice()) {
+        (Method::Get, []) => {
+            let list: Vec<_> = core.streams().iter().map(info_json).collect();
+            json(StatusCode::Ok, &serde_json::Value::Array(list))
+        }
+        (Method::Post, []) => {
+            #[derive(Deserialize)]
+            struct Add {
+                id: String,
+                #[serde(flatten)]
+                spec: StreamSpec,
+            }
+            let add: Add = match serde_json::from_slice(&req.body) {
+                Ok(add) => add,
+                Err(e) => return error(StatusCode::BadRequest, &format!("bad stream: {e}")),
+            };
+            let Some(id) = StreamId::new(add.id) else {
+                return error(StatusCode::BadRequest, "bad stream id");
+            };
+            let config = match add.spec.to_config() {
+                Ok(c) => c,
+                Err(e) => return error(StatusCode::BadRequest, &format!("bad stream: {e}")),
+            };
+            if let Err(e) = core.add_stream(id.clone(), config) {
+                return stream_error(&e);
+            }
+            if add.spec.autostart()
+                && let Err(e) = core.start_stream(&id, now)
+            {
+                return stream_error(&e);
+            }
+            let info = core.stream(&id).map(|s| info_json(&s)).unwrap_or_default();
+            json(StatusCode::Created, &info).with("Location", format!("/api/streams/{id}"))
+        }
+        (method, [raw, action @ ..]) => {
+            let Some(id) = id(raw) else { return error(StatusCode::NotFound, "no such stream") };
+            let result = match (method, action) {
+                (Method::Get, []) => Ok(()),
+                (Method::Delete, []) => core.remove_stream(&id, now),
+                (Method::Post, ["start"]) => core.start_stream(&id, now),
+                (Method::Post, ["stop"]) => core.stop_stream(&id, now),
+                _ => return error(StatusCode::MethodNotAllowed, "method not allowed"),
+            };
+            match result {
+                Err(e) => stream_error(&e),
+                Ok(()) if *method == Method::Delete => WhepResponse::new(StatusCode::NoContent),
+                Ok(()) => match core.stream(&id) {
+                    Some(info) => json(StatusCode::Ok, &info_json(&info)),
+                    None => error(StatusCode::NotFound, "no such stream"),
+                },
+            }
+        }
+        _ => error(StatusCode::MethodNotAllowed, "method not allowed"),
+    }
+}
+
+fn info_json(s: &StreamInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": s.id.as_str(),
+        "state": s.state,
+        "enabled": s.enabled,
+        "supervised": s.supervised,
+        "pid": s.pid,
+        "ports": s.ports.map(|p| [p.video, p.audio()]),
+        "viewers": s.viewers,
+        "connected_viewers": s.connected_viewers,
+        "restarts": s.restarts,
+    })
+}
+
+fn stream_error(e: &StreamError) -> WhepResponse {
+    let status = match e {
+        StreamError::NotFound => StatusCode::NotFound,
+        StreamError::Exists | StreamError::AlreadyStarted | StreamError::Disabled => {
+            StatusCode::Conflict
+        }
+        StreamError::NoPorts => StatusCode::ServiceUnavailable,
+        StreamError::InvalidConfig(_) => StatusCode::BadRequest,
+    };
+    error(status, &e.to_string())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<Vec<u8>>) -> WhepResponse {
+    WhepResponse::new(status).with_body(content_type, body).with("Cache-Control", "no-store")
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> WhepResponse {
+    text(status, "application/json", value.to_string())
+}
+
+fn error(status: StatusCode, message: &str) -> WhepResponse {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+fn json_escape(s: &str) -> String {
+    let quoted = serde_json::Value::String(s.to_owned()).to_string();
+    quoted[1..quoted.len() - 1].to_owned()
+}
+
+/// Renders the core's counters and per-stream gauges as Prometheus text (exposition format
+/// 0.0.4). Labels are route, method, status, reason and stream; never a session.
+pub fn render_prometheus(core: &Core) -> String {
+    fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(out, "# HELP whep_{name} {help}\n# TYPE whep_{name} {kind}");
+    }
+    let m = core.metrics();
+    let mut out = String::with_capacity(4096);
+    head(&mut out, "requests_total", "counter", "HTTP requests by route, method and status.");
+    for ((route, method, status), n) in &m.requests {
+        let _ = writeln!(
+            out,
+            "whep_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
+        );
+    }
+    head(&mut out, "rejections_total", "counter", "Refused requests by reason.");
+    for (reason, n) in &m.rejections {
+        let _ = writeln!(out, "whep_rejections_total{{reason=\"{reason}\"}} {n}");
+    }
+    let counters = [
+        ("cap_rejections_total", "POSTs refused by a viewer cap.", m.cap_rejections),
+        ("viewers_joined_total", "Viewers created by a POST.", m.viewers_joined),
+        ("viewers_connected_total", "Viewers whose ICE and DTLS completed.", m.viewers_connected),
+        ("viewers_left_total", "Viewers removed, for any reason.", m.viewers_left),
+        ("ice_failures_total", "Viewers that never connected or were lost.", m.ice_failures),
+        ("keyframe_requests_total", "PLI/FIR from viewers.", m.keyframe_requests),
+        ("ffmpeg_restarts_total", "Restarts of supervised FFmpeg processes.", m.process_restarts),
+        ("ingest_packets_total", "Datagrams received from FFmpeg.", m.ingest_packets),
+        ("ingest_rtcp_total", "RTCP from FFmpeg, dropped.", m.ingest_rtcp),
+        ("ingest_dropped_total", "Malformed ingest datagrams, dropped.", m.ingest_dropped),
+        ("datagrams_in_total", "Datagrams on the viewer socket.", m.datagrams_in),
+        ("datagrams_dropped_total", "Viewer datagrams matching no viewer.", m.datagrams_dropped),
+        ("packets_forwarded_total", "RTP packets written to viewers.", m.packets_forwarded),
+        ("bytes_forwarded_total", "RTP payload bytes written to viewers.", m.bytes_forwarded),
+    ];
+    for (name, help, value) in counters {
+        head(&mut out, name, "counter", help);
+        let _ = writeln!(out, "whep_{name} {value}");
+    }
+    let streams = core.streams();
+    head(&mut out, "viewers", "gauge", "Viewers per stream.");
+    for s in &streams {
+        let _ = writeln!(
+            out,
+            "whep_viewers{{stream=\"{}\"}} {}",
+            prom_escape(s.id.as_str()),
+            s.viewers
+        );
+    }
+    head(&mut out, "stream_up", "gauge", "1 while the stream's ingest is running.");
+    for s in &streams {
+        let up = u8::from(s.state == "running");
+        let _ = writeln!(out, "whep_stream_up{{stream=\"{}\"}} {up}", prom_escape(s.id.as_str()));
+    }
+    head(&mut out, "viewers_current", "gauge", "Viewers of all streams.");
+    let _ = writeln!(out, "whep_viewers_current {}", core.viewer_count());
+    head(&mut out, "ingest_port_pairs_in_use", "gauge", "Ingest port pairs held.");
+    let _ = writeln!(out, "whep_ingest_port_pairs_in_use {}", core.ports_in_use());
+    out
+}
+
+fn prom_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_sources_are_exclusive() {
+        assert!(StreamSpec::default().to_config().is_err());
+        let both =
+            StreamSpec { url: Some("rtsp://x".into()), external: true, ..Default::default() };
+        assert!(both.to_config().is_err());
+        let demo = StreamSpec::demo().to_config().expect("demo is valid");
+        assert!(demo.egress.force_transcode);
+        assert_eq!(demo.egress.gop, 30);
+        assert_eq!(demo.egress.audio_map, "1:a:0");
+        let bad = StreamSpec { profile: Some("ultra".into()), ..StreamSpec::demo() };
+        assert!(bad.to_config().expect_err("bad profile").contains("ultra"));
+    }
+
+    #[test]
+    fn spec_parses_from_json_and_rejects_unknown_fields() {
+        let spec: StreamSpec =
+            serde_json::from_str(r#"{"file":"a.mp4","max_viewers":3}"#).expect("valid");
+        assert_eq!(spec.to_config().expect("valid").max_viewers, Some(3));
+        assert!(serde_json::from_str::<StreamSpec>(r#"{"fiel":"a.mp4"}"#).is_err());
+    }
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn json_escape_quotes() {
+        assert_eq!(json_escape(r#"/a"b"#), r#"/a\"b"#);
+    }
+}

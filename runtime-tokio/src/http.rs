@@ -1,0 +1,174 @@
+//! HTTP glue: `http::Request` ⇄ [`WhepRequest`], a service for hyper and tower, and a listener.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::debug;
+use whep_core::{WhepRequest, WhepResponse};
+
+use crate::Whep;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The WHEP routes (and, from [`Whep::service`], the player page, `/metrics` and the admin API)
+/// as an HTTP service.
+///
+/// It implements both [`tower_service::Service`] (mount it in axum with
+/// `Router::fallback_service` or `nest_service`) and [`hyper::service::Service`] (serve it
+/// with `hyper::server::conn::http1`). Request bodies are read up to the configured limit; a
+/// longer body is answered with 413 without being read further.
+#[derive(Debug, Clone)]
+pub struct WhepService {
+    whep: Whep,
+    app_routes: bool,
+}
+
+impl WhepService {
+    pub(crate) fn new(whep: Whep, app_routes: bool) -> Self {
+        Self { whep, app_routes }
+    }
+
+    /// Answers one request.
+    pub async fn call_http<B>(&self, req: http::Request<B>) -> http::Response<Full<Bytes>>
+    where
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        let limit = self.whep.max_body();
+        let body = match Limited::new(body, limit + 1).collect().await {
+            Ok(collected) => collected.to_bytes().to_vec(),
+            // Over the limit (or a broken body): hand the core an over-long body so that the
+            // refusal (413) and its counting stay in one place.
+            Err(e) => {
+                debug!(error = %e, "request body not read");
+                vec![0; limit + 1]
+            }
+        };
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
+        let Ok(method) = parts.method.as_str().parse::<http_types::Method>() else {
+            return plain(http::StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+        };
+        let mut req = WhepRequest::new(method, target).with_body(body);
+        for (name, value) in &parts.headers {
+            if let Ok(value) = value.to_str() {
+                req.headers.push((name.as_str().to_owned(), value.to_owned()));
+            }
+        }
+        let resp = if self.app_routes {
+            self.whep.handle(req).await
+        } else {
+            self.whep.handle_whep(req).await
+        };
+        to_http(resp)
+    }
+}
+
+fn to_http(resp: WhepResponse) -> http::Response<Full<Bytes>> {
+    let status =
+        http::StatusCode::from_u16(resp.code()).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let mut out = http::Response::new(Full::new(Bytes::from(resp.body)));
+    *out.status_mut() = status;
+    for (name, value) in resp.headers {
+        if let Ok(value) = http::HeaderValue::try_from(value) {
+            out.headers_mut().append(name, value);
+        }
+    }
+    out
+}
+
+fn plain(status: http::StatusCode, text: &'static str) -> http::Response<Full<Bytes>> {
+    let mut out = http::Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *out.status_mut() = status;
+    out
+}
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Full<Bytes>>, Infallible>> + Send>>;
+
+impl<B> tower_service::Service<http::Request<B>> for WhepService
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = http::Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let svc = self.clone();
+        Box::pin(async move { Ok(svc.call_http(req).await) })
+    }
+}
+
+impl<B> hyper::service::Service<http::Request<B>> for WhepService
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = http::Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, req: http::Request<B>) -> Self::Future {
+        let svc = self.clone();
+        Box::pin(async move { Ok(svc.call_http(req).await) })
+    }
+}
+
+/// Accepts HTTP/1.1 connections on `listener` until `shutdown` completes; connections in flight
+/// are then finished gracefully.
+pub(crate) async fn serve(
+    service: WhepService,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                // Running out of descriptors or a connection reset before accept: keep serving.
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = service.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { debug!(%peer, error = %e, "connection ended") },
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    let _ = stop_tx.send(true);
+    Ok(())
+}
