@@ -3,14 +3,31 @@
 #
 #   bash scripts/test.sh
 #
-# It installs what the tests need when it is missing, then: rustfmt check, the core's purity check
-# (no async runtime, socket or process crate in whep-core's normal dependencies), clippy with
-# warnings denied, rustdoc with warnings denied, and every test (unit, simulation, property, doc).
+# It installs what the tests need when it is missing (FFmpeg and Chromium from Debian's packages,
+# with apt-get as root or through sudo), then: rustfmt check, the core's purity check (no async
+# runtime, socket or process crate in whep-core's normal dependencies), clippy with warnings
+# denied, rustdoc with warnings denied, and every test (unit, simulation, property, doc, and the
+# end-to-end suite with real FFmpeg, real sockets, str0m viewers and headless Chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/whep-target}"
 
 step() { printf '\n==> %s\n' "$*"; }
+
+step "system packages the end-to-end tests need"
+missing=()
+command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
+[ -x "${CHROMIUM:-/usr/bin/chromium}" ] || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+ffmpeg -hide_banner -version | head -n 1
+"${CHROMIUM:-/usr/bin/chromium}" --version 2>/dev/null | head -n 1 || true
 
 step "rustfmt"
 cargo fmt --all -- --check
@@ -22,7 +39,7 @@ step "clippy (warnings are errors)"
 cargo clippy --locked --workspace --all-targets --all-features -- -D warnings
 
 step "rustdoc (warnings are errors)"
-RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps -p whep-core --all-features
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps -p whep-core -p whep-tokio --all-features
 
 step "tests"
 cargo test --locked --workspace --all-features

@@ -246,27 +246,34 @@ fn admin(
             json(StatusCode::Ok, &serde_json::Value::Array(list))
         }
         (Method::Post, []) => {
-            #[derive(Deserialize)]
-            struct Add {
-                id: String,
-                #[serde(flatten)]
-                spec: StreamSpec,
-            }
-            let add: Add = match serde_json::from_slice(&req.body) {
-                Ok(add) => add,
+            // `{"id": .., ..spec}`; the id is taken out so that the spec's unknown-field check
+            // still applies (serde's flatten would disable it).
+            let parsed =
+                serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&req.body)
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut map| {
+                        let id = map.remove("id").and_then(|v| v.as_str().map(str::to_owned));
+                        let id = id.ok_or_else(|| "missing string field `id`".to_owned())?;
+                        let spec: StreamSpec =
+                            serde_json::from_value(serde_json::Value::Object(map))
+                                .map_err(|e| e.to_string())?;
+                        Ok((id, spec))
+                    });
+            let (id, spec) = match parsed {
+                Ok(p) => p,
                 Err(e) => return error(StatusCode::BadRequest, &format!("bad stream: {e}")),
             };
-            let Some(id) = StreamId::new(add.id) else {
+            let Some(id) = StreamId::new(id) else {
                 return error(StatusCode::BadRequest, "bad stream id");
             };
-            let config = match add.spec.to_config() {
+            let config = match spec.to_config() {
                 Ok(c) => c,
                 Err(e) => return error(StatusCode::BadRequest, &format!("bad stream: {e}")),
             };
             if let Err(e) = core.add_stream(id.clone(), config) {
                 return stream_error(&e);
             }
-            if add.spec.autostart()
+            if spec.autostart()
                 && let Err(e) = core.start_stream(&id, now)
             {
                 return stream_error(&e);

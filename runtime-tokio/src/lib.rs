@@ -37,6 +37,7 @@ use whep_core::app::{AppConfig, StreamSpec};
 use whep_core::{Config, Core, Event, Metrics, StreamError, StreamId, StreamInfo};
 use whep_core::{WhepRequest, WhepResponse};
 
+pub mod cli;
 mod driver;
 mod http;
 mod process;

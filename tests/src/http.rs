@@ -1,0 +1,204 @@
+//! A minimal blocking HTTP/1.1 client over [`TcpStream`], enough for end-to-end tests.
+//!
+//! Every request opens a fresh connection and sends `Connection: close`. The response body is
+//! read by `Transfer-Encoding: chunked`, by `Content-Length`, or until EOF, in that order of
+//! preference. Reads and writes time out after [`TIMEOUT`].
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Connect, read and write timeout of every request.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest status line, header line or chunk-size line accepted.
+const MAX_LINE: usize = 64 * 1024;
+
+/// A complete HTTP response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Status code, e.g. 201.
+    pub status: u16,
+    /// Header fields in the order received, names as sent by the server.
+    pub headers: Vec<(String, String)>,
+    /// The body, with any chunked transfer coding removed.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The value of the first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The values of all headers named `name` (case-insensitive), in order.
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The body as text; invalid UTF-8 is replaced with U+FFFD.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one request to `addr` and reads the whole response.
+///
+/// `target` is the request target, e.g. `/whep/demo`. `Host`, `Connection: close` and
+/// `Content-Length` (also when 0) are always sent; entries of `headers` with one of these names
+/// are ignored. Informational (1xx) responses are skipped.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<Response> {
+    if [method, target].iter().any(|s| s.is_empty() || s.contains(char::is_whitespace)) {
+        return Err(invalid_input("method and target must be non-empty and without whitespace"));
+    }
+    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        if ["host", "connection", "content-length"].iter().any(|n| name.eq_ignore_ascii_case(n)) {
+            continue;
+        }
+        if [name, value].iter().any(|s| s.contains(['\r', '\n'])) {
+            return Err(invalid_input("header names and values must not contain CR or LF"));
+        }
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let mut writer = &stream;
+    writer.write_all(head.as_bytes())?;
+    writer.write_all(body)?;
+    writer.flush()?;
+
+    let mut reader = BufReader::new(&stream);
+    let is_head = method.eq_ignore_ascii_case("HEAD");
+    loop {
+        let (status, headers) = read_head(&mut reader)?;
+        if (100..200).contains(&status) && status != 101 {
+            tracing::debug!(status, "skipping informational response");
+            continue;
+        }
+        let mut response = Response { status, headers, body: Vec::new() };
+        if !is_head && status != 204 && status != 304 && status >= 200 {
+            response.body = read_body(&mut reader, &response)?;
+        }
+        tracing::debug!(method, target, status, len = response.body.len(), "HTTP response");
+        return Ok(response);
+    }
+}
+
+/// `GET target` without extra headers.
+pub fn get(addr: SocketAddr, target: &str) -> io::Result<Response> {
+    request(addr, "GET", target, &[], &[])
+}
+
+fn invalid_input(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+fn invalid_data(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// One line without its line ending (CRLF or bare LF). Errors on EOF before any byte.
+fn read_line(reader: &mut impl BufRead) -> io::Result<String> {
+    let mut line = Vec::new();
+    let n = reader.by_ref().take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(invalid_data(format!("line longer than {MAX_LINE} bytes or truncated")));
+    }
+    line.pop();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    String::from_utf8(line).map_err(|_| invalid_data("line is not UTF-8".to_owned()))
+}
+
+/// The status line and the header fields.
+fn read_head(reader: &mut impl BufRead) -> io::Result<(u16, Vec<(String, String)>)> {
+    let line = read_line(reader)?;
+    let mut parts = line.splitn(3, ' ');
+    let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
+        return Err(invalid_data(format!("bad status line {line:?}")));
+    };
+    if !version.starts_with("HTTP/1.") || code.len() != 3 {
+        return Err(invalid_data(format!("bad status line {line:?}")));
+    }
+    let status = code.parse().map_err(|_| invalid_data(format!("bad status line {line:?}")))?;
+
+    let mut headers = Vec::new();
+    loop {
+        let line = read_line(reader)?;
+        if line.is_empty() {
+            return Ok((status, headers));
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(invalid_data(format!("bad header line {line:?}")));
+        };
+        headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+}
+
+fn read_body(reader: &mut impl BufRead, response: &Response) -> io::Result<Vec<u8>> {
+    let chunked = response.header_all("transfer-encoding").iter().any(|v| {
+        v.rsplit(',').next().is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+    });
+    if chunked {
+        return read_chunked(reader);
+    }
+    let mut body = Vec::new();
+    match response.header("content-length") {
+        Some(len) => {
+            let len: u64 =
+                len.parse().map_err(|_| invalid_data(format!("bad Content-Length {len:?}")))?;
+            reader.take(len).read_to_end(&mut body)?;
+            if (body.len() as u64) < len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("body ended after {} of {len} bytes", body.len()),
+                ));
+            }
+        }
+        None => {
+            reader.read_to_end(&mut body)?;
+        }
+    }
+    Ok(body)
+}
+
+fn read_chunked(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line = read_line(reader)?;
+        let size = line.split(';').next().unwrap_or_default().trim();
+        let size = u64::from_str_radix(size, 16)
+            .map_err(|_| invalid_data(format!("bad chunk size line {line:?}")))?;
+        if size == 0 {
+            // Trailer fields, up to the empty line.
+            while !read_line(reader)?.is_empty() {}
+            return Ok(body);
+        }
+        let before = body.len();
+        reader.take(size).read_to_end(&mut body)?;
+        if ((body.len() - before) as u64) < size {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "chunk truncated"));
+        }
+        if !read_line(reader)?.is_empty() {
+            return Err(invalid_data("chunk not followed by CRLF".to_owned()));
+        }
+    }
+}

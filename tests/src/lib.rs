@@ -1,0 +1,353 @@
+//! End-to-end harness: runs a real server binary (any runtime's `whepd`) as a child process on
+//! loopback ports, with real FFmpeg, and talks to it over real HTTP and UDP with [`viewer`]s
+//! (str0m) or a headless Chromium ([`chromium`]).
+//!
+//! The suite in `tests/e2e.rs` is written once against [`Server`] and instantiated per runtime
+//! binary.
+
+pub mod http;
+pub mod viewer;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The admin token every test server gets.
+pub const ADMIN_TOKEN: &str = "e2e-admin";
+
+/// Hands out disjoint ingest port ranges so that concurrently running test servers never
+/// compete for a pair (20 ports = 10 pairs each).
+fn next_ingest_range() -> (u16, u16) {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let i = NEXT.fetch_add(1, Ordering::Relaxed);
+    let slot = u16::try_from(std::process::id() % 25).unwrap_or(0);
+    let base = 46_000 + slot * 400 + (i % 20) * 20;
+    (base, base + 19)
+}
+
+/// A running server process.
+#[derive(Debug)]
+pub struct Server {
+    child: Option<Child>,
+    /// Its HTTP address.
+    pub http: SocketAddr,
+    /// Its WebRTC UDP address.
+    pub udp: SocketAddr,
+    /// Its ingest port range.
+    pub ingest: (u16, u16),
+    log: mpsc::Receiver<String>,
+    lines: Vec<String>,
+}
+
+impl Server {
+    /// Starts `binary` on ephemeral loopback ports with the admin token, a private ingest port
+    /// range and `extra` arguments, and waits until it listens.
+    ///
+    /// # Panics
+    ///
+    /// When it does not come up within 20 s (the panic carries its output).
+    pub fn start(binary: &str, extra: &[&str]) -> Self {
+        let ingest = next_ingest_range();
+        let range = format!("{}-{}", ingest.0, ingest.1);
+        let mut cmd = Command::new(binary);
+        cmd.args(["--http", "127.0.0.1:0", "--udp", "127.0.0.1:0", "--admin-token", ADMIN_TOKEN])
+            .args(["--ingest-ports", &range])
+            .args(extra)
+            .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {binary}: {e}"));
+        let (tx, log) = mpsc::channel();
+        for pipe in [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut server = Self {
+            child: Some(child),
+            http: SocketAddr::from(([0, 0, 0, 0], 0)),
+            udp: SocketAddr::from(([0, 0, 0, 0], 0)),
+            ingest,
+            log,
+            lines: Vec::new(),
+        };
+        let line = server
+            .wait_line(Duration::from_secs(20), |l| l.starts_with("whepd: listening on http://"))
+            .unwrap_or_else(|| panic!("server did not start:\n{}", server.output()));
+        // "whepd: listening on http://127.0.0.1:PORT (WebRTC UDP 127.0.0.1:PORT)"
+        let rest = &line["whepd: listening on http://".len()..];
+        let (http, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+        server.http = http.parse().unwrap_or_else(|_| panic!("bad address in {line:?}"));
+        let udp = rest.trim_start_matches("(WebRTC UDP ").trim_end_matches(')');
+        server.udp = udp.parse().unwrap_or_else(|_| panic!("bad address in {line:?}"));
+        server
+    }
+
+    /// Waits up to `timeout` for an output line matching `pred` (lines seen before count).
+    pub fn wait_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        if let Some(l) = self.lines.iter().find(|l| pred(l)) {
+            return Some(l.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = pred(&line);
+                    self.lines.push(line.clone());
+                    if hit {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Everything the server printed so far.
+    pub fn output(&mut self) -> String {
+        while let Ok(line) = self.log.try_recv() {
+            self.lines.push(line);
+        }
+        self.lines.join("\n")
+    }
+
+    /// A request to the server.
+    ///
+    /// # Panics
+    ///
+    /// When the request fails at the transport level.
+    pub fn request(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> http::Response {
+        http::request(self.http, method, target, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+    }
+
+    /// An admin API request with the admin token.
+    pub fn admin(&self, method: &str, target: &str, body: &str) -> http::Response {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
+        self.request(method, target, &headers, body.as_bytes())
+    }
+
+    /// The admin API's view of one stream.
+    ///
+    /// # Panics
+    ///
+    /// When the stream does not exist or the answer is not JSON.
+    pub fn stream(&self, id: &str) -> serde_json::Value {
+        let r = self.admin("GET", &format!("/api/streams/{id}"), "");
+        assert_eq!(r.status, 200, "GET /api/streams/{id}: {}", r.text());
+        serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("bad JSON ({e}): {}", r.text()))
+    }
+
+    /// Polls the stream until `pred` holds or `timeout` passes; returns the last state seen.
+    pub fn wait_stream(
+        &self,
+        id: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value, serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.stream(id);
+            if pred(&s) {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                return Err(s);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One sample (without labels, or with the exact label set given) from `/metrics`.
+    pub fn metric(&self, name_and_labels: &str) -> Option<f64> {
+        let r = self.request("GET", "/metrics", &[], b"");
+        r.text().lines().find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == name_and_labels).then(|| value.parse().ok()).flatten()
+        })
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        signal(self.pid(), Signal::SIGTERM);
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Politely first, so that the server stops its FFmpeg children.
+            signal(child.id(), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends `sig` to `pid`; returns whether it was delivered.
+pub fn signal(pid: u32, sig: Signal) -> bool {
+    i32::try_from(pid).is_ok_and(|raw| kill(Pid::from_raw(raw), sig).is_ok())
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Field 3, after the parenthesised command name, is the state; Z is a zombie.
+    stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
+}
+
+/// Waits until `pred` holds, polling every 50 ms, for at most `timeout`.
+pub fn wait_until(timeout: Duration, mut pred: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if pred() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Headless Chromium (Debian's `chromium` package) driven through its console log.
+pub mod chromium {
+    use super::{BufRead, BufReader, Command, Duration, Instant, Path, Stdio, mpsc, thread};
+
+    /// Where Debian installs it; `CHROMIUM` overrides.
+    pub fn binary() -> String {
+        std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
+    }
+
+    /// Opens `url` and returns the first console line containing `[WHEP] PASS` or
+    /// `[WHEP] FAIL`, or `Err` with the browser's output when none came within `timeout`.
+    ///
+    /// # Panics
+    ///
+    /// When Chromium is not installed (the test command installs it).
+    pub fn run_page(url: &str, timeout: Duration) -> Result<String, String> {
+        let bin = binary();
+        assert!(
+            Path::new(&bin).exists(),
+            "{bin} is missing: install Debian's chromium package (bash scripts/test.sh does)"
+        );
+        let profile = std::env::temp_dir().join(format!(
+            "whep-e2e-chromium-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
+        let mut child = Command::new(&bin)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--autoplay-policy=no-user-gesture-required",
+                "--allow-loopback-in-peer-connection",
+                "--use-fake-ui-for-media-stream",
+                "--disable-features=WebRtcHideLocalIpsWithMdns",
+                "--enable-logging=stderr",
+                "--v=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {bin}: {e}"))?;
+        let (tx, rx) = mpsc::channel();
+        if let Some(stderr) = child.stderr.take() {
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        let result = loop {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break Err(format!("no verdict within {timeout:?}:\n{}", seen.join("\n")));
+            };
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains("[WHEP] PASS") || line.contains("[WHEP] FAIL") => {
+                    break Ok(line);
+                }
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    break Err(format!("no verdict within {timeout:?}:\n{}", seen.join("\n")));
+                }
+            }
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&profile);
+        result
+    }
+
+    /// The value of `key=` in a verdict line.
+    pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+        let start = line.find(&format!("{key}="))? + key.len() + 1;
+        line[start..].split([' ', '"', ',']).next()
+    }
+}

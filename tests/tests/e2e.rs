@@ -1,0 +1,302 @@
+//! The end-to-end suite: a real server process per test, real FFmpeg feeding it, real HTTP and
+//! UDP, str0m viewers and a headless Chromium watching. Written once, instantiated per runtime
+//! binary by `suite!`.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use whep_e2e::viewer::{Viewer, ViewerError};
+use whep_e2e::{Server, chromium, process_alive, wait_until};
+
+const CHROMIUM_OFFER: &str = include_str!("../../core/tests/data/chromium-156-offer.sdp");
+const SDP: (&str, &str) = ("Content-Type", "application/sdp");
+
+/// Bound for a viewer to connect and receive both media; FFmpeg needs a moment to start.
+const PLAY_WITHIN: Duration = Duration::from_secs(25);
+
+fn plays(v: &Viewer, video: u64, audio: u64) -> bool {
+    v.wait_for(PLAY_WITHIN, |s| s.video_packets >= video && s.audio_packets >= audio)
+}
+
+fn assert_plays(v: &Viewer, server: &mut Server) {
+    assert!(
+        plays(v, 100, 20),
+        "viewer did not receive media: {:?}\nserver output:\n{}",
+        v.stats(),
+        server.output()
+    );
+}
+
+fn connect(server: &Server, stream: &str) -> Viewer {
+    Viewer::connect(server.http, &format!("/whep/{stream}"), None)
+        .unwrap_or_else(|e| panic!("viewer of {stream}: {e}"))
+}
+
+fn running_pid(server: &Server, stream: &str) -> u32 {
+    let s = server
+        .wait_stream(stream, PLAY_WITHIN, |s| s["state"] == "running" && s["pid"].is_u64())
+        .unwrap_or_else(|s| panic!("{stream} not running: {s}"));
+    u32::try_from(s["pid"].as_u64().unwrap_or_default()).unwrap_or_default()
+}
+
+fn ports_of(s: &serde_json::Value) -> Option<(u16, u16)> {
+    let p = s["ports"].as_array()?;
+    let port = |i: usize| p.get(i)?.as_u64().and_then(|v| u16::try_from(v).ok());
+    Some((port(0)?, port(1)?))
+}
+
+fn can_bind(port: u16) -> bool {
+    std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Chromium opens the player page, POSTs its offer, decodes 30 frames of the demo stream and
+/// receives audio.
+fn chromium_plays_demo(bin: &str) {
+    let mut server = Server::start(bin, &[]);
+    let url = format!("http://{}/?stream=demo&test=1&frames=30&timeout=30", server.http);
+    let started = Instant::now();
+    let verdict = chromium::run_page(&url, Duration::from_secs(45))
+        .unwrap_or_else(|e| panic!("{e}\nserver output:\n{}", server.output()));
+    assert!(verdict.contains("[WHEP] PASS"), "{verdict}\nserver output:\n{}", server.output());
+    let frames: u64 =
+        chromium::field(&verdict, "framesDecoded").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let audio: u64 =
+        chromium::field(&verdict, "audioPackets").and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(frames >= 30 && audio > 0, "{verdict}");
+    tracing::info!(
+        first_frame_ms = chromium::field(&verdict, "firstFrameMs"),
+        total_ms = started.elapsed().as_millis(),
+        "chromium verdict"
+    );
+    eprintln!(
+        "chromium: firstFrameMs={} (POST to first decoded frame), browser start to PASS {} ms",
+        chromium::field(&verdict, "firstFrameMs").unwrap_or("?"),
+        started.elapsed().as_millis()
+    );
+    assert_eq!(server.metric("whep_viewers_joined_total"), Some(1.0));
+}
+
+/// Several str0m viewers all play; the one over the per-stream cap gets 503 with Retry-After;
+/// a DELETE frees a slot.
+fn concurrent_viewers_and_cap(bin: &str) {
+    let mut server = Server::start(bin, &["--max-viewers", "3"]);
+    let viewers: Vec<Viewer> = (0..3).map(|_| connect(&server, "demo")).collect();
+    for v in &viewers {
+        assert_plays(v, &mut server);
+    }
+    match Viewer::connect(server.http, "/whep/demo", None) {
+        Err(ViewerError::Rejected { status, body }) => {
+            assert_eq!(status, 503, "{body}");
+        }
+        other => panic!("4th viewer: expected 503, got {other:?}"),
+    }
+    assert_eq!(server.metric("whep_cap_rejections_total"), Some(1.0));
+    assert_eq!(server.metric("whep_viewers{stream=\"demo\"}"), Some(3.0));
+    let mut viewers = viewers.into_iter();
+    let first = viewers.next().expect("three viewers");
+    assert_eq!(first.delete().expect("DELETE"), 204);
+    assert!(wait_until(Duration::from_secs(5), || server.metric("whep_viewers{stream=\"demo\"}")
+        == Some(2.0)));
+    let again = connect(&server, "demo");
+    assert_plays(&again, &mut server);
+    let forwarded = server.metric("whep_packets_forwarded_total").unwrap_or(0.0);
+    assert!(forwarded >= 400.0, "packets forwarded: {forwarded}");
+}
+
+/// Every error path of the HTTP surface over real HTTP.
+fn http_error_paths(bin: &str) {
+    let server = Server::start(bin, &[]);
+    running_pid(&server, "demo");
+    let post = |target: &str, headers: &[(&str, &str)], body: &[u8]| {
+        server.request("POST", target, headers, body)
+    };
+    let r = post("/whep/nope", &[SDP], CHROMIUM_OFFER.as_bytes());
+    assert_eq!((r.status, r.text().contains("stream not found")), (404, true), "{}", r.text());
+    assert_eq!(post("/whep/demo", &[SDP], b"hello").status, 400);
+    let vp8_only =
+        CHROMIUM_OFFER.lines().filter(|l| !l.contains("H264")).collect::<Vec<_>>().join("\r\n");
+    let r = post("/whep/demo", &[SDP], vp8_only.as_bytes());
+    assert_eq!(r.status, 406, "VP8-only offer: {}", r.text());
+    let r = post("/whep/demo", &[("Content-Type", "text/plain")], CHROMIUM_OFFER.as_bytes());
+    assert_eq!(r.status, 415, "{}", r.text());
+    let huge = vec![b'a'; 200 * 1024];
+    assert_eq!(post("/whep/demo", &[SDP], &huge).status, 413);
+    // PATCH and DELETE of sessions that do not exist.
+    let frag = ("Content-Type", "application/trickle-ice-sdpfrag");
+    let r = server.request("PATCH", "/whep/demo/0123456789abcdef", &[frag], b"a=ice-ufrag:x\r\n");
+    assert_eq!(r.status, 404, "{}", r.text());
+    // A real session: DELETE is 204, and 204 again when repeated.
+    let r = post("/whep/demo", &[SDP], CHROMIUM_OFFER.as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let location = r.header("location").expect("Location").to_owned();
+    assert!(r.header("etag").is_some());
+    assert_eq!(server.request("DELETE", &location, &[], b"").status, 204);
+    assert_eq!(server.request("DELETE", &location, &[], b"").status, 204);
+    // CORS preflight.
+    let r = server.request(
+        "OPTIONS",
+        "/whep/demo",
+        &[("Origin", "https://player.example"), ("Access-Control-Request-Method", "POST")],
+        b"",
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert!(r.header("access-control-allow-methods").is_some_and(|m| m.contains("POST")));
+    // The application routes.
+    assert_eq!(server.request("GET", "/healthz", &[], b"").status, 200);
+    let page = server.request("GET", "/", &[], b"");
+    assert!(page.status == 200 && page.text().contains("/whep"), "player page");
+    assert_eq!(server.request("GET", "/api/streams", &[], b"").status, 401, "admin needs a token");
+    assert_eq!(server.metric("whep_viewers_current"), Some(0.0));
+    assert!(
+        server.metric("whep_requests_total{route=\"endpoint\",method=\"POST\",status=\"406\"}")
+            == Some(1.0)
+    );
+}
+
+/// SIGKILL of FFmpeg: the stream's viewers are closed, its ports released, FFmpeg restarted,
+/// and a new viewer plays.
+fn ffmpeg_kill_restarts(bin: &str) {
+    let mut server = Server::start(bin, &[]);
+    let pid = running_pid(&server, "demo");
+    let viewer = connect(&server, "demo");
+    assert_plays(&viewer, &mut server);
+    assert!(whep_e2e::signal(pid, Signal::SIGKILL), "kill FFmpeg {pid}");
+    assert!(
+        viewer.wait_for(Duration::from_secs(20), |s| s.closed),
+        "viewer of the killed stream was not closed: {:?}",
+        viewer.stats()
+    );
+    let restarted = server
+        .wait_stream("demo", PLAY_WITHIN, |s| {
+            s["state"] == "running" && s["pid"].as_u64().is_some_and(|p| p != u64::from(pid))
+        })
+        .unwrap_or_else(|s| panic!("FFmpeg not restarted: {s}\n{}", server.output()));
+    assert_eq!(restarted["restarts"], 1, "{restarted}");
+    assert!(!process_alive(pid), "the killed FFmpeg is gone");
+    assert_eq!(server.metric("whep_ffmpeg_restarts_total"), Some(1.0));
+    assert_eq!(server.metric("whep_ingest_port_pairs_in_use"), Some(1.0));
+    let left = server.metric("whep_viewers_left_total").unwrap_or(0.0);
+    assert!(left >= 1.0, "viewers left: {left}");
+    let again = connect(&server, "demo");
+    assert_plays(&again, &mut server);
+}
+
+/// Stopping a stream through the admin API leaves no process, port or session; starting it
+/// again plays; removing it forgets it.
+fn stop_via_api_leaves_nothing(bin: &str) {
+    let mut server = Server::start(bin, &[]);
+    let pid = running_pid(&server, "demo");
+    let ports = ports_of(&server.stream("demo")).expect("a running stream holds ports");
+    let viewer = connect(&server, "demo");
+    assert_plays(&viewer, &mut server);
+    let r = server.admin("POST", "/api/streams/demo/stop", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let stopped = server
+        .wait_stream("demo", Duration::from_secs(15), |s| s["state"] == "stopped")
+        .unwrap_or_else(|s| panic!("not stopped: {s}"));
+    assert!(stopped["pid"].is_null() && stopped["ports"].is_null(), "{stopped}");
+    assert_eq!(stopped["viewers"], 0);
+    assert!(wait_until(Duration::from_secs(2), || !process_alive(pid)), "FFmpeg {pid} survived");
+    assert!(can_bind(ports.0) && can_bind(ports.1), "ports {ports:?} still bound");
+    assert!(viewer.wait_for(Duration::from_secs(10), |s| s.closed), "viewer not closed");
+    assert_eq!(server.metric("whep_viewers_current"), Some(0.0));
+    assert_eq!(server.metric("whep_ingest_port_pairs_in_use"), Some(0.0));
+    let r = server.request("POST", "/whep/demo", &[SDP], CHROMIUM_OFFER.as_bytes());
+    assert_eq!(r.status, 404, "a stopped stream takes no viewers");
+
+    let r = server.admin("POST", "/api/streams/demo/start", "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let again = connect(&server, "demo");
+    assert_plays(&again, &mut server);
+    let pid = running_pid(&server, "demo");
+    assert_eq!(server.admin("DELETE", "/api/streams/demo", "").status, 204);
+    assert!(wait_until(Duration::from_secs(10), || !process_alive(pid)), "FFmpeg {pid} survived");
+    assert_eq!(server.admin("GET", "/api/streams/demo", "").status, 404);
+    assert!(
+        wait_until(Duration::from_secs(5), || server.metric("whep_viewers_current") == Some(0.0))
+    );
+}
+
+/// Streams added through the admin API play; bad specs are refused with 400 and a reason.
+fn admin_adds_streams(bin: &str) {
+    let mut server = Server::start(bin, &["--no-demo"]);
+    let r = server.admin("POST", "/api/streams", r#"{"id":"x"}"#);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = server.admin("POST", "/api/streams", r#"{"id":"x","lavfi":"testsrc2","bogus":1}"#);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let spec = r#"{"id":"cam:1","lavfi":"testsrc2=size=320x240:rate=15","gop":15}"#;
+    let r = server.admin("POST", "/api/streams", spec);
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(server.admin("POST", "/api/streams", spec).status, 409, "duplicate id");
+    let viewer = connect(&server, "cam:1");
+    assert_plays(&viewer, &mut server);
+}
+
+/// SIGTERM: whepd closes viewers, stops FFmpeg and exits 0 without leaving a process behind.
+fn sigterm_leaves_no_orphan(bin: &str) {
+    let mut server = Server::start(bin, &[]);
+    let pid = running_pid(&server, "demo");
+    let viewer = connect(&server, "demo");
+    assert_plays(&viewer, &mut server);
+    let status = server.terminate(Duration::from_secs(15)).expect("whepd exits after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert!(!process_alive(pid), "FFmpeg {pid} outlived whepd");
+    assert!(viewer.wait_for(Duration::from_secs(10), |s| s.closed), "viewer not closed");
+}
+
+/// A missing FFmpeg is a clear error naming the fix.
+fn missing_ffmpeg_is_a_clear_error(bin: &str) {
+    let out = std::process::Command::new(bin)
+        .args(["--http", "127.0.0.1:0", "--udp", "127.0.0.1:0", "--ffmpeg", "/nonexistent/ffmpeg"])
+        .output()
+        .expect("run the server");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("apt-get install ffmpeg"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+macro_rules! suite {
+    ($runtime:ident, $bin:expr) => {
+        mod $runtime {
+            fn bin() -> &'static str {
+                $bin
+            }
+            #[test]
+            fn chromium_plays_demo() {
+                super::chromium_plays_demo(bin());
+            }
+            #[test]
+            fn concurrent_viewers_and_cap() {
+                super::concurrent_viewers_and_cap(bin());
+            }
+            #[test]
+            fn http_error_paths() {
+                super::http_error_paths(bin());
+            }
+            #[test]
+            fn ffmpeg_kill_restarts() {
+                super::ffmpeg_kill_restarts(bin());
+            }
+            #[test]
+            fn stop_via_api_leaves_nothing() {
+                super::stop_via_api_leaves_nothing(bin());
+            }
+            #[test]
+            fn admin_adds_streams() {
+                super::admin_adds_streams(bin());
+            }
+            #[test]
+            fn sigterm_leaves_no_orphan() {
+                super::sigterm_leaves_no_orphan(bin());
+            }
+            #[test]
+            fn missing_ffmpeg_is_a_clear_error() {
+                super::missing_ffmpeg_is_a_clear_error(bin());
+            }
+        }
+    };
+}
+
+suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
