@@ -145,8 +145,11 @@ fn setup(cli: Cli) -> Result<Setup, String> {
     };
     if let Some(prefix) = cli.whep_prefix.or(file.whep_prefix) {
         let prefix = prefix.trim_end_matches('/').to_owned();
-        if !prefix.starts_with('/') {
-            return Err(format!("whep prefix {prefix:?} must start with /"));
+        let plain = prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b));
+        if !prefix.starts_with('/') || !plain {
+            return Err(format!(
+                "whep prefix {prefix:?} must start with / and hold only letters, digits and /-_.~"
+            ));
         }
         core.whep_prefix = prefix;
     }

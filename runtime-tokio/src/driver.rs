@@ -199,7 +199,7 @@ impl Driver {
                             Input::ProcessSpawned { stream, generation, pid }
                         }
                         Err(error) => {
-                            warn!(%stream, %error, "FFmpeg could not be started");
+                            debug!(%stream, %error, "FFmpeg could not be started");
                             Input::SpawnFailed { stream, generation, error }
                         }
                     };
@@ -217,7 +217,8 @@ impl Driver {
                     }
                 }
                 Output::Event(event) => {
-                    log_event(&event);
+                    // The core logs every event itself; subscribers get them here.
+                    debug!(?event, "event");
                     let _ = self.events.send(event);
                 }
             }
@@ -238,7 +239,7 @@ impl Driver {
                 Input::IngestBound { stream, ports }
             }
             Err(e) => {
-                warn!(%stream, video = ports.video, error = %e, "ingest bind failed");
+                debug!(%stream, video = ports.video, error = %e, "ingest bind failed");
                 Input::BindFailed { stream, ports, error: e.to_string() }
             }
         };
@@ -279,29 +280,5 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-fn log_event(event: &Event) {
-    match event {
-        Event::StreamReady { stream, ports, .. } => {
-            info!(%stream, video = ports.video, audio = ports.audio(), "stream ready");
-        }
-        Event::StreamStopped { stream } => info!(%stream, "stream stopped"),
-        Event::StreamFailed { stream, reason, retry_in } => {
-            warn!(%stream, %reason, ?retry_in, "stream failed");
-        }
-        Event::ProcessExited { stream, code, restart_in } => {
-            warn!(%stream, ?code, ?restart_in, "FFmpeg exited");
-        }
-        Event::StreamStale { stream } => warn!(%stream, "no RTP from FFmpeg; restarting it"),
-        Event::ViewerJoined { stream, session } => info!(%stream, %session, "viewer joined"),
-        Event::ViewerConnected { stream, session } => info!(%stream, %session, "viewer connected"),
-        Event::ViewerLeft { stream, session, reason } => {
-            info!(%stream, %session, ?reason, "viewer left");
-        }
-        Event::KeyframeRequested { stream, session } => {
-            debug!(%stream, %session, "keyframe requested");
-        }
     }
 }

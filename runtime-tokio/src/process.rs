@@ -8,7 +8,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use whep_core::StreamId;
 
 /// A child's exit, sent to the engine task.
@@ -47,7 +47,7 @@ pub(crate) fn spawn(
         _ => format!("could not run `{program}`: {e}"),
     })?;
     let pid = child.id().ok_or("the process exited before its pid was read")?;
-    info!(%stream, pid, generation, "FFmpeg started");
+    debug!(%stream, pid, generation, "FFmpeg started");
     let stderr = child.stderr.take();
     let stream = stream.clone();
     tokio::spawn(async move {
