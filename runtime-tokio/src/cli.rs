@@ -61,7 +61,8 @@ struct Cli {
     /// FFmpeg program [default: ffmpeg].
     #[arg(long)]
     ffmpeg: Option<String>,
-    /// A stream fed from a URL or file, `NAME=URL` (repeat).
+    /// A stream fed from a URL or file, `NAME=URL`, transcoded to H264 + Opus (repeat; use the
+    /// configuration file for copy mode and other options).
     #[arg(long = "stream")]
     streams: Vec<String>,
     /// Do not start the demo stream when no stream is configured.
@@ -168,9 +169,9 @@ fn setup(cli: Cli) -> Result<Setup, String> {
         let (name, url) =
             s.split_once('=').ok_or_else(|| format!("--stream {s:?}: expected NAME=URL"))?;
         let spec = if std::path::Path::new(url).exists() {
-            StreamSpec { file: Some(url.into()), ..StreamSpec::default() }
+            StreamSpec { file: Some(url.into()), transcode: Some(true), ..StreamSpec::default() }
         } else {
-            StreamSpec { url: Some(url.into()), ..StreamSpec::default() }
+            StreamSpec { url: Some(url.into()), transcode: Some(true), ..StreamSpec::default() }
         };
         streams.push((name.into(), spec));
     }

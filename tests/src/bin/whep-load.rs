@@ -80,7 +80,9 @@ fn main() -> std::process::ExitCode {
         .collect();
     let playing = viewers
         .iter()
-        .filter(|v| v.wait_for(Duration::from_secs(20), |s| s.video_packets > 0 && s.audio_packets > 0))
+        .filter(|v| {
+            v.wait_for(Duration::from_secs(20), |s| s.video_packets > 0 && s.audio_packets > 0)
+        })
         .count();
     println!(
         "{playing}/{} viewers playing after {:.2} s; measuring {} s",
