@@ -319,3 +319,87 @@ fn check_ffmpeg(program: &str, needed: bool) -> Result<(), String> {
         Err(e) => Err(format!("cannot run FFmpeg (`{program}`): {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup_from(args: &[&str]) -> Result<Setup, String> {
+        setup(
+            Cli::try_parse_from(std::iter::once("whepd").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())?,
+        )
+    }
+
+    #[test]
+    fn no_configuration_is_the_demo() {
+        let s = setup_from(&[]).expect("valid");
+        assert_eq!(s.streams.len(), 1);
+        assert_eq!(s.streams[0].0, "demo");
+        assert_eq!(s.http, SocketAddr::from(([0, 0, 0, 0], 8080)));
+        assert!(s.server.app.admin_token.is_none());
+        assert!(setup_from(&["--no-demo"]).expect("valid").streams.is_empty());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("whepd-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("whepd.toml");
+        std::fs::write(
+            &path,
+            r#"
+http = "127.0.0.1:9000"
+max_viewers_per_stream = 3
+admin_token = "file"
+whep_prefix = "/api/v3/whep/"
+bearer_tokens = ["a"]
+[[ice_servers]]
+url = "stun:stun.example.org"
+[streams.cam]
+url = "rtsp://10.0.0.5/live"
+max_viewers = 2
+"#,
+        )
+        .expect("write");
+        let p = path.to_str().expect("utf-8");
+        let s = setup_from(&["--config", p, "--max-viewers", "5", "--token", "b"]).expect("valid");
+        assert_eq!(s.http, "127.0.0.1:9000".parse().expect("addr"));
+        assert_eq!(s.server.core.max_viewers_per_stream, 5);
+        assert_eq!(s.server.core.bearer_tokens, vec!["b".to_owned()]);
+        assert_eq!(s.server.core.whep_prefix, "/api/v3/whep");
+        assert_eq!(s.server.core.ice_servers.len(), 1);
+        assert_eq!(s.server.app.admin_token.as_deref(), Some("file"));
+        assert_eq!(s.streams.len(), 1, "a configured stream replaces the demo");
+        assert_eq!(s.streams[0].1.max_viewers, Some(2));
+        std::fs::write(&path, "htp = 1").expect("write");
+        let err = setup_from(&["--config", p]).err().expect("unknown key refused");
+        assert!(err.contains("htp"), "{err}");
+        std::fs::write(&path, "[streams.x]\nurl = \"a\"\nfile = \"b\"\n").expect("write");
+        let err = setup_from(&["--config", p]).err().expect("two sources refused");
+        assert!(err.contains("stream \"x\""), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        for (args, needle) in [
+            (&["--ingest-ports", "5000"][..], "FIRST-LAST"),
+            (&["--ingest-ports", "6000-5000"][..], "at least one pair"),
+            (&["--ice-server", "http://x"][..], "stun:"),
+            (&["--whep-prefix", "whep"][..], "must start with /"),
+            (&["--whep-prefix", "/a\"b"][..], "must start with /"),
+            (&["--stream", "novalue"][..], "NAME=URL"),
+            (&["--config", "/nonexistent/whepd.toml"][..], "cannot read"),
+        ] {
+            let err = setup_from(args).err().unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        let ice = parse_ice_server("turn:t.example.org,user,pass").expect("valid");
+        assert_eq!(
+            (ice.username.as_deref(), ice.credential.as_deref()),
+            (Some("user"), Some("pass"))
+        );
+        assert_eq!(parse_range("40000-40999").expect("valid"), 40000..=40999);
+    }
+}

@@ -245,6 +245,46 @@ fn sigterm_leaves_no_orphan(bin: &str) {
     assert!(viewer.wait_for(Duration::from_secs(10), |s| s.closed), "viewer not closed");
 }
 
+/// SIGKILL of whepd itself: its FFmpeg dies with it (parent-death signal), no orphan.
+fn killed_server_leaves_no_ffmpeg(bin: &str) {
+    let mut server = Server::start(bin, &[]);
+    let pid = running_pid(&server, "demo");
+    assert!(whep_e2e::signal(server.pid(), Signal::SIGKILL));
+    assert!(
+        wait_until(Duration::from_secs(5), || !process_alive(pid)),
+        "FFmpeg {pid} outlived a killed server\n{}",
+        server.output()
+    );
+}
+
+/// An FFmpeg that stops sending (SIGSTOP) is detected as stale, killed (it cannot act on
+/// SIGTERM while stopped) and restarted; the settings come from a configuration file.
+fn stalled_ffmpeg_is_restarted(bin: &str) {
+    let dir = std::env::temp_dir().join(format!("whep-e2e-stale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join(format!("{:?}.toml", std::thread::current().id()).replace(['(', ')'], ""));
+    std::fs::write(
+        &file,
+        "stale_timeout_secs = 2\nstop_grace_secs = 1\n\n[streams.slow]\nlavfi = \"testsrc2=size=320x240:rate=15\"\ngop = 15\n",
+    )
+    .expect("write config");
+    let mut server = Server::start(bin, &["--config", file.to_str().expect("utf-8 path")]);
+    let pid = running_pid(&server, "slow");
+    let viewer = connect(&server, "slow");
+    assert!(plays(&viewer, 30, 10), "{:?}\n{}", viewer.stats(), server.output());
+    assert!(whep_e2e::signal(pid, Signal::SIGSTOP), "stop FFmpeg {pid}");
+    let restarted = server.wait_stream("slow", PLAY_WITHIN, |s| {
+        s["state"] == "running" && s["pid"].as_u64().is_some_and(|p| p != u64::from(pid))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let restarted = restarted.unwrap_or_else(|s| panic!("not restarted: {s}\n{}", server.output()));
+    assert_eq!(restarted["restarts"], 1, "{restarted}");
+    assert!(wait_until(Duration::from_secs(5), || !process_alive(pid)), "stalled FFmpeg survived");
+    assert!(viewer.wait_for(Duration::from_secs(10), |s| s.closed), "viewer not closed");
+    let again = connect(&server, "slow");
+    assert!(plays(&again, 30, 10), "{:?}", again.stats());
+}
+
 /// A missing FFmpeg is a clear error naming the fix.
 fn missing_ffmpeg_is_a_clear_error(bin: &str) {
     let out = std::process::Command::new(bin)
@@ -290,6 +330,14 @@ macro_rules! suite {
             #[test]
             fn sigterm_leaves_no_orphan() {
                 super::sigterm_leaves_no_orphan(bin());
+            }
+            #[test]
+            fn killed_server_leaves_no_ffmpeg() {
+                super::killed_server_leaves_no_ffmpeg(bin());
+            }
+            #[test]
+            fn stalled_ffmpeg_is_restarted() {
+                super::stalled_ffmpeg_is_restarted(bin());
             }
             #[test]
             fn missing_ffmpeg_is_a_clear_error() {
