@@ -75,6 +75,8 @@ use std::time::Duration;
 
 #[cfg(feature = "app")]
 pub mod app;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod config;
 mod engine;
 pub mod ffmpeg;

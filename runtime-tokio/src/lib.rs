@@ -275,6 +275,26 @@ impl Whep {
     }
 }
 
+/// Fails early, naming the fix, when `program` (FFmpeg) cannot be run and a stream needs it.
+pub fn check_program(program: &str, needed: bool) -> Result<(), String> {
+    if !needed {
+        return Ok(());
+    }
+    let status = std::process::Command::new(program)
+        .arg("-version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    match status {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(whep_core::cli::missing_ffmpeg(program))
+        }
+        Err(e) => Err(format!("cannot run FFmpeg (`{program}`): {e}")),
+    }
+}
+
 fn unavailable() -> WhepResponse {
     WhepResponse {
         status: http_types::StatusCode::ServiceUnavailable,

@@ -39,10 +39,7 @@ pub(crate) fn spawn(
         .kill_on_drop(true);
     set_parent_death_signal(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => format!(
-            "`{program}` was not found on PATH: install FFmpeg (Debian: `apt-get install ffmpeg`) \
-             or set the FFmpeg program in the configuration"
-        ),
+        io::ErrorKind::NotFound => whep_core::cli::missing_ffmpeg(program),
         io::ErrorKind::PermissionDenied => format!("`{program}` is not executable: {e}"),
         _ => format!("could not run `{program}`: {e}"),
     })?;

@@ -1,0 +1,390 @@
+//! `whepd`'s command line and configuration file, shared by every runtime's binary: flags
+//! (clap) over a TOML file over defaults, turned into [`Settings`]. No IO: the file is read
+//! through a closure the runtime passes.
+//!
+//! The lines a runtime prints on stdout for people and scripts are here too
+//! ([`listening_line`], [`watch_line`]), so that every binary prints the same.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::app::{AppConfig, StreamSpec};
+use crate::{Config, IceServer};
+
+/// A WHEP egress server: FFmpeg in, browsers out.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// TOML configuration file (flags override it).
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// HTTP listen address [default: 0.0.0.0:8080].
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// WebRTC UDP address shared by all viewers [default: 0.0.0.0:3478].
+    #[arg(long)]
+    udp: Option<SocketAddr>,
+    /// Address advertised to viewers as a host candidate (repeat; e.g. the public address of a
+    /// 1:1 NAT) [default: the UDP address, or loopback + the default route's address].
+    #[arg(long = "candidate")]
+    candidates: Vec<SocketAddr>,
+    /// Ingest port range for FFmpeg's RTP, `FIRST-LAST` [default: 40000-40999].
+    #[arg(long)]
+    ingest_ports: Option<String>,
+    /// Most viewers per stream [default: 8].
+    #[arg(long)]
+    max_viewers: Option<usize>,
+    /// Most viewers in total [default: 64].
+    #[arg(long)]
+    max_viewers_total: Option<usize>,
+    /// Access-Control-Allow-Origin [default: *].
+    #[arg(long)]
+    cors_origin: Option<String>,
+    /// Bearer token viewers must present (repeat; none = open).
+    #[arg(long = "token")]
+    tokens: Vec<String>,
+    /// Bearer token of the admin API (none = admin API disabled).
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// STUN/TURN server announced to viewers, `URL[,USERNAME,CREDENTIAL]` (repeat).
+    #[arg(long = "ice-server")]
+    ice_servers: Vec<String>,
+    /// Path prefix of the WHEP routes [default: /whep].
+    #[arg(long)]
+    whep_prefix: Option<String>,
+    /// FFmpeg program [default: ffmpeg].
+    #[arg(long)]
+    ffmpeg: Option<String>,
+    /// A stream fed from a URL or file, `NAME=URL`, transcoded to H264 + Opus (repeat; use the
+    /// configuration file for copy mode and other options).
+    #[arg(long = "stream")]
+    streams: Vec<String>,
+    /// Do not start the demo stream when no stream is configured.
+    #[arg(long)]
+    no_demo: bool,
+}
+
+/// The configuration file. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileConfig {
+    http: Option<SocketAddr>,
+    udp: Option<SocketAddr>,
+    candidates: Vec<SocketAddr>,
+    ingest_ports: Option<String>,
+    max_viewers_per_stream: Option<usize>,
+    max_viewers_total: Option<usize>,
+    cors_origin: Option<String>,
+    bearer_tokens: Vec<String>,
+    admin_token: Option<String>,
+    ice_servers: Vec<IceServerFile>,
+    whep_prefix: Option<String>,
+    ffmpeg: Option<String>,
+    strict_if_match: Option<bool>,
+    connect_timeout_secs: Option<u64>,
+    inactivity_timeout_secs: Option<u64>,
+    stale_timeout_secs: Option<u64>,
+    stop_grace_secs: Option<u64>,
+    streams: BTreeMap<String, StreamSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IceServerFile {
+    url: String,
+    username: Option<String>,
+    credential: Option<String>,
+}
+
+/// What the command line and the configuration file say, ready for a runtime to start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The core's configuration.
+    pub core: Config,
+    /// The application routes' configuration.
+    pub app: AppConfig,
+    /// HTTP listen address.
+    pub http: SocketAddr,
+    /// WebRTC UDP address.
+    pub udp: SocketAddr,
+    /// The streams to add at start, in order.
+    pub streams: Vec<(String, StreamSpec)>,
+}
+
+/// Why the command line was not turned into [`Settings`].
+#[derive(Debug)]
+pub enum CliError {
+    /// clap's own outcome: `--help`, `--version` or a usage error. Call `exit()` on it.
+    Clap(clap::Error),
+    /// A bad value, file or stream; the message says which.
+    Invalid(String),
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Clap(e) => e.fmt(f),
+            Self::Invalid(msg) => f.write_str(msg),
+        }
+    }
+}
+
+impl std::error::Error for CliError {}
+
+/// Parses `whepd`'s arguments (the first is the program name). The configuration file named
+/// by `--config` is read with `read_file`, so that this module does no IO.
+pub fn parse<I, T>(
+    args: I,
+    read_file: impl FnOnce(&Path) -> std::io::Result<String>,
+) -> Result<Settings, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args).map_err(CliError::Clap)?;
+    settings(cli, read_file).map_err(CliError::Invalid)
+}
+
+fn settings(
+    cli: Cli,
+    read_file: impl FnOnce(&Path) -> std::io::Result<String>,
+) -> Result<Settings, String> {
+    let file: FileConfig = match &cli.config {
+        Some(path) => {
+            let text =
+                read_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let mut core = Config::default();
+    if !cli.candidates.is_empty() {
+        core.host_candidates = cli.candidates;
+    } else {
+        core.host_candidates = file.candidates;
+    }
+    if let Some(range) = cli.ingest_ports.or(file.ingest_ports) {
+        core.ingest_ports = parse_range(&range)?;
+    }
+    if let Some(n) = cli.max_viewers.or(file.max_viewers_per_stream) {
+        core.max_viewers_per_stream = n;
+    }
+    if let Some(n) = cli.max_viewers_total.or(file.max_viewers_total) {
+        core.max_viewers_total = n;
+    }
+    if let Some(origin) = cli.cors_origin.or(file.cors_origin) {
+        core.cors_origin = origin;
+    }
+    core.bearer_tokens = if cli.tokens.is_empty() { file.bearer_tokens } else { cli.tokens };
+    core.ice_servers = if cli.ice_servers.is_empty() {
+        file.ice_servers
+            .into_iter()
+            .map(|s| IceServer { url: s.url, username: s.username, credential: s.credential })
+            .collect()
+    } else {
+        cli.ice_servers.iter().map(|s| parse_ice_server(s)).collect::<Result<_, _>>()?
+    };
+    if let Some(prefix) = cli.whep_prefix.or(file.whep_prefix) {
+        let prefix = prefix.trim_end_matches('/').to_owned();
+        let plain = prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b));
+        if !prefix.starts_with('/') || !plain {
+            return Err(format!(
+                "whep prefix {prefix:?} must start with / and hold only letters, digits and /-_.~"
+            ));
+        }
+        core.whep_prefix = prefix;
+    }
+    if let Some(ffmpeg) = cli.ffmpeg.or(file.ffmpeg) {
+        core.process.program = ffmpeg;
+    }
+    core.strict_if_match = file.strict_if_match.unwrap_or(core.strict_if_match);
+    let secs = Duration::from_secs;
+    core.connect_timeout = file.connect_timeout_secs.map_or(core.connect_timeout, secs);
+    core.inactivity_timeout = file.inactivity_timeout_secs.map_or(core.inactivity_timeout, secs);
+    core.process.stale_timeout = file.stale_timeout_secs.map_or(core.process.stale_timeout, secs);
+    core.process.stop_grace = file.stop_grace_secs.map_or(core.process.stop_grace, secs);
+
+    let mut streams: Vec<(String, StreamSpec)> = file.streams.into_iter().collect();
+    for s in &cli.streams {
+        let (name, url) =
+            s.split_once('=').ok_or_else(|| format!("--stream {s:?}: expected NAME=URL"))?;
+        // FFmpeg's `-i` takes URLs and paths alike; a path without a scheme is played as a
+        // looping file in real time.
+        let spec = if url.contains("://") {
+            StreamSpec { url: Some(url.into()), transcode: Some(true), ..StreamSpec::default() }
+        } else {
+            StreamSpec { file: Some(url.into()), transcode: Some(true), ..StreamSpec::default() }
+        };
+        streams.push((name.into(), spec));
+    }
+    if streams.is_empty() && !cli.no_demo {
+        streams.push(("demo".into(), StreamSpec::demo()));
+    }
+    for (name, spec) in &streams {
+        spec.to_config().map_err(|e| format!("stream {name:?}: {e}"))?;
+    }
+    Ok(Settings {
+        core,
+        app: AppConfig { admin_token: cli.admin_token.or(file.admin_token) },
+        udp: cli.udp.or(file.udp).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478))),
+        http: cli.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+        streams,
+    })
+}
+
+fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) =
+        s.split_once('-').ok_or_else(|| format!("port range {s:?}: expected FIRST-LAST"))?;
+    let a: u16 = a.trim().parse().map_err(|_| format!("port range {s:?}: bad first port"))?;
+    let b: u16 = b.trim().parse().map_err(|_| format!("port range {s:?}: bad last port"))?;
+    if a == 0 || b <= a {
+        return Err(format!("port range {s:?} must hold at least one pair of non-zero ports"));
+    }
+    Ok(a..=b)
+}
+
+fn parse_ice_server(s: &str) -> Result<IceServer, String> {
+    let mut parts = s.split(',');
+    let url = parts.next().unwrap_or_default().to_owned();
+    if !(url.starts_with("stun:") || url.starts_with("turn:") || url.starts_with("turns:")) {
+        return Err(format!("--ice-server {s:?}: URL must start with stun:, turn: or turns:"));
+    }
+    Ok(IceServer {
+        url,
+        username: parts.next().map(Into::into),
+        credential: parts.next().map(Into::into),
+    })
+}
+
+/// The first line a server prints on stdout once it listens.
+pub fn listening_line(http: SocketAddr, udp: SocketAddr) -> String {
+    format!("whepd: listening on http://{} (WebRTC UDP {udp})", display_host(http))
+}
+
+/// The line a server prints on stdout per stream it starts with.
+pub fn watch_line(http: SocketAddr, stream: &str) -> String {
+    format!("whepd: watch {stream} at {}", player_url(http, stream))
+}
+
+/// The player page URL of a stream.
+pub fn player_url(http: SocketAddr, stream: &str) -> String {
+    let id = percent_encoding::utf8_percent_encode(stream, percent_encoding::NON_ALPHANUMERIC);
+    format!("http://{}/?stream={id}", display_host(http))
+}
+
+fn display_host(http: SocketAddr) -> SocketAddr {
+    if http.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], http.port())) } else { http }
+}
+
+/// The error for an FFmpeg program that is not on `PATH`, naming the fix.
+pub fn missing_ffmpeg(program: &str) -> String {
+    format!(
+        "FFmpeg (`{program}`) was not found on PATH. Install it (Debian/Ubuntu: `sudo apt-get \
+         install ffmpeg`) or pass --ffmpeg /path/to/ffmpeg"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup_from(args: &[&str]) -> Result<Settings, String> {
+        setup_with(args, "")
+    }
+
+    fn setup_with(args: &[&str], file: &str) -> Result<Settings, String> {
+        let file = file.to_owned();
+        let read = move |p: &Path| {
+            if p.starts_with("/nonexistent") {
+                Err(std::io::Error::from(std::io::ErrorKind::NotFound))
+            } else {
+                Ok(file)
+            }
+        };
+        parse(std::iter::once("whepd").chain(args.iter().copied()), read).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn no_configuration_is_the_demo() {
+        let s = setup_from(&[]).expect("valid");
+        assert_eq!(s.streams.len(), 1);
+        assert_eq!(s.streams[0].0, "demo");
+        assert_eq!(s.http, SocketAddr::from(([0, 0, 0, 0], 8080)));
+        assert!(s.app.admin_token.is_none());
+        assert!(setup_from(&["--no-demo"]).expect("valid").streams.is_empty());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = r#"
+http = "127.0.0.1:9000"
+max_viewers_per_stream = 3
+admin_token = "file"
+whep_prefix = "/api/v3/whep/"
+bearer_tokens = ["a"]
+[[ice_servers]]
+url = "stun:stun.example.org"
+[streams.cam]
+url = "rtsp://10.0.0.5/live"
+max_viewers = 2
+"#;
+        let s = setup_with(&["--config", "w.toml", "--max-viewers", "5", "--token", "b"], file)
+            .expect("valid");
+        assert_eq!(s.http, "127.0.0.1:9000".parse().expect("addr"));
+        assert_eq!(s.core.max_viewers_per_stream, 5);
+        assert_eq!(s.core.bearer_tokens, vec!["b".to_owned()]);
+        assert_eq!(s.core.whep_prefix, "/api/v3/whep");
+        assert_eq!(s.core.ice_servers.len(), 1);
+        assert_eq!(s.app.admin_token.as_deref(), Some("file"));
+        assert_eq!(s.streams.len(), 1, "a configured stream replaces the demo");
+        assert_eq!(s.streams[0].1.max_viewers, Some(2));
+        let err = setup_with(&["--config", "w.toml"], "htp = 1").expect_err("unknown key");
+        assert!(err.contains("htp"), "{err}");
+        let two = "[streams.x]\nurl = \"a\"\nfile = \"b\"\n";
+        let err = setup_with(&["--config", "w.toml"], two).expect_err("two sources");
+        assert!(err.contains("stream \"x\""), "{err}");
+        let s = setup_from(&["--stream", "a=srt://h:1", "--stream", "b=/srv/x.mp4"]).expect("ok");
+        assert!(s.streams[0].1.url.is_some() && s.streams[1].1.file.is_some());
+    }
+
+    #[test]
+    fn output_lines() {
+        let http = "0.0.0.0:8080".parse().expect("addr");
+        let udp = "0.0.0.0:3478".parse().expect("addr");
+        assert_eq!(
+            listening_line(http, udp),
+            "whepd: listening on http://127.0.0.1:8080 (WebRTC UDP 0.0.0.0:3478)"
+        );
+        assert_eq!(
+            watch_line(http, "cam:1"),
+            "whepd: watch cam:1 at http://127.0.0.1:8080/?stream=cam%3A1"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        for (args, needle) in [
+            (&["--ingest-ports", "5000"][..], "FIRST-LAST"),
+            (&["--ingest-ports", "6000-5000"][..], "at least one pair"),
+            (&["--ice-server", "http://x"][..], "stun:"),
+            (&["--whep-prefix", "whep"][..], "must start with /"),
+            (&["--whep-prefix", "/a\"b"][..], "must start with /"),
+            (&["--stream", "novalue"][..], "NAME=URL"),
+            (&["--config", "/nonexistent/whepd.toml"][..], "cannot read"),
+        ] {
+            let err = setup_from(args).err().unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        let ice = parse_ice_server("turn:t.example.org,user,pass").expect("valid");
+        assert_eq!(
+            (ice.username.as_deref(), ice.credential.as_deref()),
+            (Some("user"), Some("pass"))
+        );
+        assert_eq!(parse_range("40000-40999").expect("valid"), 40000..=40999);
+    }
+}
