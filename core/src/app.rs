@@ -17,19 +17,20 @@
 //! | WHEP prefix | any | [`Core::handle_http`] |
 
 use std::fmt::Write as _;
-use std::time::Instant;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use http_types::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{H264Profile, StreamConfig};
 use crate::ffmpeg::EgressConfig;
-use crate::{Core, StreamError, StreamId, StreamInfo, WhepRequest, WhepResponse};
+use crate::{Config, Core, StreamError, StreamId, StreamInfo, WhepRequest, WhepResponse};
 
 /// The player page, with `__WHEP_PREFIX__` still in it; [`handle`] fills it in.
 pub const PLAYER_HTML: &str = include_str!("../assets/player.html");
 
-/// Settings of the application routes that are not part of the core's [`Config`](crate::Config).
+/// Settings of the application routes that are not part of the core's [`Config`].
 #[derive(Debug, Clone, Default)]
 pub struct AppConfig {
     /// Bearer token of the admin API. `None` disables the admin API (403).
@@ -170,6 +171,62 @@ impl StreamSpec {
         Ok(config)
     }
 }
+
+/// Everything a runtime's engine needs to start (`whep_tokio::Whep::start`,
+/// `whep_smol::Whep::start`).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The core's configuration. An all-zero [`Config::rng_seed`] is replaced by one from the
+    /// operating system. With no [`Config::host_candidates`], the viewer socket's own address is
+    /// advertised (or `127.0.0.1` and the default-route address when bound to a wildcard).
+    pub core: Config,
+    /// Settings of the application routes (admin token).
+    pub app: AppConfig,
+    /// Where the shared viewer socket binds.
+    pub udp_bind: SocketAddr,
+    /// How long the engine's shutdown waits for FFmpeg processes to exit after viewers are closed
+    /// (they get SIGTERM, then SIGKILL after [`ProcessConfig::stop_grace`]).
+    ///
+    /// [`ProcessConfig::stop_grace`]: crate::ProcessConfig::stop_grace
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            core: Config::default(),
+            app: AppConfig::default(),
+            udp_bind: SocketAddr::from(([0, 0, 0, 0], 3478)),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a runtime could not add a stream.
+#[derive(Debug)]
+pub enum AddError {
+    /// The id is empty or too long.
+    BadId,
+    /// The specification is invalid.
+    BadSpec(String),
+    /// The core refused it.
+    Stream(StreamError),
+    /// The engine has shut down.
+    Closed,
+}
+
+impl std::fmt::Display for AddError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BadId => f.write_str("invalid stream id"),
+            Self::BadSpec(why) => write!(f, "invalid stream: {why}"),
+            Self::Stream(e) => e.fmt(f),
+            Self::Closed => f.write_str("the WHEP engine has shut down"),
+        }
+    }
+}
+
+impl std::error::Error for AddError {}
 
 /// Answers one request to the application routes (see the [module docs](self)); anything under
 /// the WHEP prefix or unknown goes to [`Core::handle_http`].

@@ -30,11 +30,11 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use whep_core::app::{AppConfig, StreamSpec};
-use whep_core::{Config, Core, Event, Metrics, StreamError, StreamId, StreamInfo};
+use whep_core::{Core, Event, Metrics, StreamError, StreamId, StreamInfo};
 use whep_core::{WhepRequest, WhepResponse};
 
 pub mod cli;
@@ -43,61 +43,7 @@ mod http;
 mod process;
 
 pub use http::WhepService;
-
-/// Everything [`Whep::start`] needs.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// The core's configuration. An all-zero [`Config::rng_seed`] is replaced by one from the
-    /// operating system. With no [`Config::host_candidates`], the viewer socket's own address is
-    /// advertised (or `127.0.0.1` and the default-route address when bound to a wildcard).
-    pub core: Config,
-    /// Settings of the application routes (admin token).
-    pub app: AppConfig,
-    /// Where the shared viewer socket binds.
-    pub udp_bind: SocketAddr,
-    /// How long [`Whep::shutdown`] waits for FFmpeg processes to exit after viewers are closed
-    /// (they get SIGTERM, then SIGKILL after [`ProcessConfig::stop_grace`]).
-    ///
-    /// [`ProcessConfig::stop_grace`]: whep_core::ProcessConfig::stop_grace
-    pub shutdown_timeout: Duration,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            core: Config::default(),
-            app: AppConfig::default(),
-            udp_bind: SocketAddr::from(([0, 0, 0, 0], 3478)),
-            shutdown_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Why a stream could not be added.
-#[derive(Debug)]
-pub enum AddError {
-    /// The id is empty or too long.
-    BadId,
-    /// The specification is invalid.
-    BadSpec(String),
-    /// The core refused it.
-    Stream(StreamError),
-    /// The engine has shut down.
-    Closed,
-}
-
-impl std::fmt::Display for AddError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::BadId => f.write_str("invalid stream id"),
-            Self::BadSpec(why) => write!(f, "invalid stream: {why}"),
-            Self::Stream(e) => e.fmt(f),
-            Self::Closed => f.write_str("the WHEP engine has shut down"),
-        }
-    }
-}
-
-impl std::error::Error for AddError {}
+pub use whep_core::app::{AddError, ServerConfig};
 
 type Job = Box<dyn FnOnce(&mut driver::Driver) + Send>;
 
