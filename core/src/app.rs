@@ -228,6 +228,29 @@ impl std::fmt::Display for AddError {
 
 impl std::error::Error for AddError {}
 
+/// The response a runtime gives once its engine has stopped.
+pub fn unavailable() -> WhepResponse {
+    WhepResponse::new(StatusCode::ServiceUnavailable)
+        .with_body("text/plain", "webrtc: server is shutting down")
+}
+
+/// The host candidates a runtime advertises when none are configured: the viewer socket's own
+/// address, or for a wildcard bind, loopback plus the default route's address (which the
+/// runtime finds by connecting a probe UDP socket, which sends nothing), on the bound port.
+pub fn default_candidates(bound: SocketAddr, default_route: Option<SocketAddr>) -> Vec<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let mut out = vec![SocketAddr::from(([127, 0, 0, 1], bound.port()))];
+    if let Some(addr) = default_route
+        && !addr.ip().is_loopback()
+        && !addr.ip().is_unspecified()
+    {
+        out.push(SocketAddr::new(addr.ip(), bound.port()));
+    }
+    out
+}
+
 /// Answers one request to the application routes (see the [module docs](self)); anything under
 /// the WHEP prefix or unknown goes to [`Core::handle_http`].
 pub fn handle(core: &mut Core, app: &AppConfig, req: WhepRequest, now: Instant) -> WhepResponse {
@@ -496,6 +519,17 @@ mod tests {
             serde_json::from_str(r#"{"file":"a.mp4","max_viewers":3}"#).expect("valid");
         assert_eq!(spec.to_config().expect("valid").max_viewers, Some(3));
         assert!(serde_json::from_str::<StreamSpec>(r#"{"fiel":"a.mp4"}"#).is_err());
+    }
+
+    #[test]
+    fn default_candidates_for_wildcard_and_specific_binds() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(default_candidates(addr("10.0.0.1:3478"), None), vec![addr("10.0.0.1:3478")]);
+        assert_eq!(
+            default_candidates(addr("0.0.0.0:3478"), Some(addr("192.0.2.9:5555"))),
+            vec![addr("127.0.0.1:3478"), addr("192.0.2.9:3478")]
+        );
+        assert_eq!(default_candidates(addr("0.0.0.0:9"), None), vec![addr("127.0.0.1:9")]);
     }
 
     #[test]

@@ -172,14 +172,14 @@ impl Whep {
     pub async fn handle(&self, req: WhepRequest) -> WhepResponse {
         self.with_core(move |core, app, now| whep_core::app::handle(core, app, req, now))
             .await
-            .unwrap_or_else(unavailable)
+            .unwrap_or_else(whep_core::app::unavailable)
     }
 
     /// Answers one request to the WHEP routes only.
     pub async fn handle_whep(&self, req: WhepRequest) -> WhepResponse {
         self.with_core(move |core, _, now| core.handle_http(req, now))
             .await
-            .unwrap_or_else(unavailable)
+            .unwrap_or_else(whep_core::app::unavailable)
     }
 
     /// An HTTP service for every application route, to mount in a hyper or axum application.
@@ -241,30 +241,11 @@ pub fn check_program(program: &str, needed: bool) -> Result<(), String> {
     }
 }
 
-fn unavailable() -> WhepResponse {
-    WhepResponse {
-        status: http_types::StatusCode::ServiceUnavailable,
-        headers: vec![("Content-Type", "text/plain".into())],
-        body: b"webrtc: server is shutting down".to_vec(),
-    }
-}
-
 /// The candidates advertised when none are configured: the socket's own address, or for a
 /// wildcard bind, loopback plus the address of the default route.
 fn default_candidates(bound: SocketAddr) -> Vec<SocketAddr> {
-    if !bound.ip().is_unspecified() {
-        return vec![bound];
-    }
-    let mut out = vec![SocketAddr::from(([127, 0, 0, 1], bound.port()))];
-    // Connecting a UDP socket sends nothing; it only makes the kernel pick a source address.
     let probe = std::net::UdpSocket::bind("0.0.0.0:0")
         .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
         .and_then(|s| s.local_addr());
-    if let Ok(addr) = probe
-        && !addr.ip().is_loopback()
-        && !addr.ip().is_unspecified()
-    {
-        out.push(SocketAddr::new(addr.ip(), bound.port()));
-    }
-    out
+    whep_core::app::default_candidates(bound, probe.ok())
 }

@@ -47,17 +47,18 @@ pub(crate) fn spawn(
     debug!(%stream, pid, generation, "FFmpeg started");
     let stderr = child.stderr.take();
     let stream = stream.clone();
-    tokio::spawn(async move {
-        let log = async {
-            if let Some(stderr) = stderr {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    warn!(target: "ffmpeg", stream = %stream, pid, "{line}");
-                }
+    if let Some(stderr) = stderr {
+        let stream = stream.clone();
+        // Its own task: a grandchild holding stderr open must not delay the exit report.
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                warn!(target: "ffmpeg", stream = %stream, pid, "{line}");
             }
-        };
-        let (status, ()) = tokio::join!(child.wait(), log);
-        let code = match status {
+        });
+    }
+    tokio::spawn(async move {
+        let code = match child.wait().await {
             Ok(status) => {
                 debug!(%stream, pid, %status, "FFmpeg exited");
                 status.code()

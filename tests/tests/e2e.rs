@@ -348,3 +348,5 @@ macro_rules! suite {
 }
 
 suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
+suite!(smol, env!("CARGO_BIN_EXE_whepd-smol"));
+suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));

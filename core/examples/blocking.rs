@@ -1,0 +1,736 @@
+//! `whepd` with no async runtime: [`whep_core::Core`] driven by a plain blocking loop over std
+//! sockets and std threads. It is the proof that the core is sans-IO, and a template for
+//! driving it from an event loop of your own.
+//!
+//! ```sh
+//! cargo run -p whep-core --features cli --example blocking -- --help   # same flags as whepd
+//! ```
+//!
+//! # Design
+//!
+//! The main thread owns the [`Core`] and is the only thread that touches it. Every other thread
+//! does one kind of blocking IO and turns what happened into a `Msg` on one `std::sync::mpsc`
+//! channel:
+//!
+//! | thread | blocks in | sends |
+//! |---|---|---|
+//! | `signals` | `sigwait` for SIGTERM and SIGINT | `Msg::Shutdown` |
+//! | `viewer-udp` | `recv_from` on a clone of the viewer socket | `Msg::Datagram` |
+//! | `ingest-PORT`, two per started stream | `recv`, waking every 100 ms to check a stop flag | `Msg::Ingest` |
+//! | `http-accept`, and `http` per connection | `accept`; reading one HTTP/1.1 request | `Msg::Http` with a reply channel |
+//! | `ffmpeg-wait` and `ffmpeg-log` per process | `wait()`; reading its stderr | `Msg::Exited`; log lines |
+//!
+//! The main loop (`Runtime::run`) sleeps in `recv_timeout` until a message arrives or the
+//! core's next deadline ([`Core::poll_timeout`]) passes, feeds the message or the timeout to
+//! the core, then executes every [`Output`] in order (`Runtime::flush`): datagrams go out on
+//! the original viewer socket, ingest sockets are bound or released, processes spawned or
+//! signalled, and what that yields (bound, spawned, failed) goes straight back into the core.
+//! No locks anywhere: all shared state is in the core, on one thread.
+//!
+//! Shutdown: SIGTERM and SIGINT are blocked before the first thread starts, so every thread
+//! inherits the mask and the signals wait until the `signals` thread takes them. Then
+//! [`Core::shutdown`] closes every viewer and stops every FFmpeg, and the loop runs on until
+//! [`Core::is_idle`]; after 10 s (or a second signal) what is left gets SIGKILL. FFmpeg also
+//! gets SIGKILL when this process dies (`PR_SET_PDEATHSIG`; the main thread spawns them all).
+//!
+//! HTTP is the subset browsers, curl and WHEP clients need: one request per connection,
+//! `Content-Length` bodies (a chunked one gets 411), answers with `Connection: close`. The
+//! end-to-end suite (`tests/`) runs this very file as its `whepd-blocking` binary.
+
+// clippy.toml forbids clocks, sockets, threads and processes in the sans-IO library; this
+// example is a runtime, and doing exactly that IO on the library's behalf is its whole job.
+#![allow(clippy::disallowed_methods)]
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::unistd::Pid;
+use tracing::{debug, error, info, warn};
+use whep_core::app::AppConfig;
+use whep_core::cli::{self, CliError, Settings};
+use whep_core::whep::{Method, StatusCode};
+use whep_core::{Core, Input, Output, PortPair, StreamId, WhepRequest, WhepResponse};
+
+/// Largest datagram read; a longer one is truncated and then dropped by the core as malformed.
+const MAX_DATAGRAM: usize = 2048;
+/// Messages queued for the main loop before the readers hold back.
+const QUEUE: usize = 4096;
+/// How often an idle ingest reader checks its stop flag.
+const INGEST_POLL: Duration = Duration::from_millis(100);
+/// Read and write timeout of an HTTP connection.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest request head (request line and headers).
+const MAX_HEAD: usize = 64 * 1024;
+/// HTTP connections served at once; more are answered 503 at once.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a clean shutdown may take before what is left is killed.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the IO threads tell the main loop.
+enum Msg {
+    /// A parsed HTTP request; the response goes back on `reply`.
+    Http { req: WhepRequest, reply: Sender<WhepResponse> },
+    /// A datagram on the viewer socket.
+    Datagram { source: SocketAddr, contents: Vec<u8> },
+    /// A datagram on an ingest socket; `epoch` tells a released socket's leftovers apart.
+    Ingest { port: u16, epoch: u64, contents: Vec<u8> },
+    /// A spawned process exited (`code` is `None` when a signal killed it).
+    Exited { stream: StreamId, generation: u64, code: Option<i32> },
+    /// SIGTERM or SIGINT.
+    Shutdown(Signal),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,ffmpeg=warn".into()),
+        )
+        .with_writer(io::stderr)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+        .init();
+    let settings = match cli::parse(std::env::args_os(), |p| std::fs::read_to_string(p)) {
+        Ok(s) => s,
+        Err(CliError::Clap(e)) => e.exit(),
+        Err(CliError::Invalid(e)) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = check_program(&settings.core.process.program, !settings.streams.is_empty()) {
+        error!("{e}");
+        return ExitCode::FAILURE;
+    }
+    // Before any thread exists, so that all of them inherit the mask and only the `signals`
+    // thread's sigwait takes these signals. Children inherit it too; `prepare_child` clears it.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    if let Err(e) = signals.thread_block() {
+        error!("cannot block SIGTERM and SIGINT: {e}");
+        return ExitCode::FAILURE;
+    }
+    match run(settings, signals) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(settings: Settings, signals: SigSet) -> Result<(), String> {
+    let mut config = settings.core;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut config.rng_seed))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    let (socket, local) = UdpSocket::bind(settings.udp)
+        .and_then(|s| s.local_addr().map(|a| (s, a)))
+        .map_err(|e| format!("cannot bind the WebRTC UDP socket {}: {e}", settings.udp))?;
+    if config.host_candidates.is_empty() {
+        config.host_candidates = default_candidates(local);
+    }
+    info!(udp = %local, candidates = ?config.host_candidates, "viewer socket bound");
+    let (listener, http) = TcpListener::bind(settings.http)
+        .and_then(|l| l.local_addr().map(|a| (l, a)))
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.http))?;
+
+    let (tx, rx) = mpsc::sync_channel(QUEUE);
+    let signal_tx = tx.clone();
+    spawn("signals", move || {
+        // Keeps listening: a second signal cuts the shutdown short.
+        while let Ok(sig) = signals.wait() {
+            if signal_tx.send(Msg::Shutdown(sig)).is_err() {
+                return;
+            }
+        }
+        error!("sigwait failed; signals no longer stop the server");
+    })?;
+    let reader = socket.try_clone().map_err(|e| format!("cannot clone the UDP socket: {e}"))?;
+    let datagram_tx = tx.clone();
+    spawn("viewer-udp", move || read_viewer_socket(&reader, &datagram_tx))?;
+    let (http_tx, max_body) = (tx.clone(), config.max_body_bytes);
+    spawn("http-accept", move || accept_loop(&listener, max_body, &http_tx))?;
+
+    let mut core = Core::new(config, Instant::now());
+    // The lines people and scripts starting whepd look for. `writeln!`, not `println!`: a
+    // closed stdout is worth no panic.
+    let _ = writeln!(io::stdout(), "{}", cli::listening_line(http, local));
+    for (name, spec) in settings.streams {
+        let fail = |e: &dyn std::fmt::Display| format!("stream {name:?}: {e}");
+        let id = StreamId::new(name.as_str()).ok_or_else(|| fail(&"invalid id"))?;
+        core.add_stream(id.clone(), spec.to_config().map_err(|e| fail(&e))?)
+            .map_err(|e| fail(&e))?;
+        if spec.autostart() {
+            core.start_stream(&id, Instant::now()).map_err(|e| fail(&e))?;
+        }
+        info!(stream = %name, url = %cli::player_url(http, &name), "stream added");
+        let _ = writeln!(io::stdout(), "{}", cli::watch_line(http, &name));
+    }
+    let mut runtime = Runtime {
+        core,
+        app: settings.app,
+        socket,
+        local,
+        tx,
+        ingest: HashMap::new(),
+        epoch: 0,
+        procs: HashMap::new(),
+        shutdown_deadline: None,
+    };
+    runtime.run(&rx);
+    Ok(())
+}
+
+/// The main thread's state: the core, and handles of the IO it ordered.
+struct Runtime {
+    core: Core,
+    app: AppConfig,
+    /// The viewer socket; the `viewer-udp` thread reads a clone.
+    socket: UdpSocket,
+    local: SocketAddr,
+    /// Cloned into the threads the loop starts (ingest readers, process waiters).
+    tx: SyncSender<Msg>,
+    /// Bound ingest sockets by port.
+    ingest: HashMap<u16, IngestReader>,
+    epoch: u64,
+    /// Running processes' pids by (stream, generation).
+    procs: HashMap<(StreamId, u64), u32>,
+    /// Set by the first signal: when to give up waiting for a clean shutdown.
+    shutdown_deadline: Option<Instant>,
+}
+
+impl Runtime {
+    fn run(&mut self, rx: &Receiver<Msg>) {
+        loop {
+            // Execute the outputs first: they may feed the core, and so move its timer.
+            self.flush();
+            let now = Instant::now();
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.core.is_idle() {
+                    info!("shut down cleanly");
+                    return;
+                }
+                if now >= deadline {
+                    for ((stream, _), pid) in self.procs.drain() {
+                        warn!(%stream, pid, "shutdown cut short; killing FFmpeg");
+                        signal(pid, Signal::SIGKILL);
+                    }
+                    return;
+                }
+            }
+            let timer = self.core.poll_timeout().map(|(at, _)| at);
+            let msg = match timer.into_iter().chain(self.shutdown_deadline).min() {
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(now)),
+                None => rx.recv().map_err(RecvTimeoutError::from),
+            };
+            let now = Instant::now();
+            match msg {
+                Ok(msg) => self.handle(msg, now),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return, // not while `self.tx` lives
+            }
+            // Checked after messages too: a steady flow of datagrams must not starve timers.
+            if self.core.poll_timeout().is_some_and(|(at, _)| at <= now) {
+                self.core.handle_timeout(now);
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg, now: Instant) {
+        match msg {
+            Msg::Http { req, reply } => {
+                // The player page, /metrics, the admin API, and WHEP via `Core::handle_http`.
+                let resp = whep_core::app::handle(&mut self.core, &self.app, req, now);
+                let _ = reply.send(resp); // the client may have gone; nothing to do
+            }
+            Msg::Datagram { source, contents } => {
+                let destination = self.core.config().candidate_for(source).unwrap_or(self.local);
+                let input = Input::Datagram { source, destination, contents: &contents };
+                self.core.handle_input(input, now);
+            }
+            Msg::Ingest { port, epoch, contents } => {
+                // Leftovers of a released socket must not reach a stream that re-bound the port.
+                if self.ingest.get(&port).is_some_and(|r| r.epoch == epoch) {
+                    self.core.handle_input(Input::Ingest { port, contents: &contents }, now);
+                }
+            }
+            Msg::Exited { stream, generation, code } => {
+                self.procs.remove(&(stream.clone(), generation));
+                self.core.handle_input(Input::ProcessExited { stream, generation, code }, now);
+            }
+            Msg::Shutdown(sig) if self.shutdown_deadline.is_none() => {
+                info!(signal = %sig, "shutting down: closing viewers, stopping streams");
+                self.shutdown_deadline = Some(now + SHUTDOWN_TIMEOUT);
+                self.core.shutdown(now);
+            }
+            Msg::Shutdown(sig) => {
+                warn!(signal = %sig, "second signal: not waiting for a clean shutdown");
+                self.shutdown_deadline = Some(now);
+            }
+        }
+    }
+
+    /// Executes outputs until the core has none left.
+    fn flush(&mut self) {
+        while let Some(output) = self.core.poll_output() {
+            match output {
+                Output::Transmit(t) => {
+                    // One socket, so `t.source` (its address as the viewer sees it) is implied.
+                    if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
+                        debug!(destination = %t.destination, error = %e, "send failed");
+                    }
+                }
+                Output::BindIngest { stream, ports } => {
+                    let input = match self.bind_ingest(ports) {
+                        Ok(()) => Input::IngestBound { stream, ports },
+                        Err(e) => {
+                            debug!(%stream, %ports, error = %e, "ingest bind failed");
+                            Input::BindFailed { stream, ports, error: e.to_string() }
+                        }
+                    };
+                    self.core.handle_input(input, Instant::now());
+                }
+                Output::ReleaseIngest { stream, ports } => {
+                    debug!(%stream, %ports, "releasing ingest ports");
+                    for port in [ports.video, ports.audio()] {
+                        if let Some(reader) = self.ingest.remove(&port) {
+                            reader.stop();
+                        }
+                    }
+                }
+                Output::SpawnProcess { stream, generation, program, args } => {
+                    let spawned = spawn_process(&stream, generation, &program, &args, &self.tx);
+                    let input = match spawned {
+                        Ok(pid) => {
+                            self.procs.insert((stream.clone(), generation), pid);
+                            Input::ProcessSpawned { stream, generation, pid }
+                        }
+                        Err(error) => Input::SpawnFailed { stream, generation, error },
+                    };
+                    self.core.handle_input(input, Instant::now());
+                }
+                Output::StopProcess { stream, generation } => {
+                    if let Some(pid) = self.procs.get(&(stream, generation)) {
+                        signal(*pid, Signal::SIGTERM);
+                    }
+                }
+                Output::KillProcess { stream, generation } => {
+                    if let Some(pid) = self.procs.get(&(stream.clone(), generation)) {
+                        warn!(%stream, pid, "FFmpeg did not stop in time; sending SIGKILL");
+                        signal(*pid, Signal::SIGKILL);
+                    }
+                }
+                // The core logs what matters; an embedding application would act on these.
+                Output::Event(event) => debug!(?event, "event"),
+            }
+        }
+    }
+
+    /// Binds both ports of the pair, or neither, with a reader thread on each.
+    fn bind_ingest(&mut self, ports: PortPair) -> io::Result<()> {
+        let video = self.start_reader(ports.video)?;
+        let audio = match self.start_reader(ports.audio()) {
+            Ok(audio) => audio,
+            Err(e) => {
+                video.stop();
+                return Err(e);
+            }
+        };
+        self.ingest.insert(ports.video, video);
+        self.ingest.insert(ports.audio(), audio);
+        Ok(())
+    }
+
+    fn start_reader(&mut self, port: u16) -> io::Result<IngestReader> {
+        let socket = UdpSocket::bind(("127.0.0.1", port))?;
+        socket.set_read_timeout(Some(INGEST_POLL))?;
+        let waker = socket.try_clone()?;
+        self.epoch += 1;
+        let (epoch, tx) = (self.epoch, self.tx.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = spawn_io(&format!("ingest-{port}"), move || {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            while !stopped.load(Ordering::Acquire) {
+                match socket.recv(&mut buf) {
+                    Ok(_) if stopped.load(Ordering::Acquire) => break,
+                    // `try_send`: this thread must never block on the main loop, which may be
+                    // waiting in `IngestReader::stop` for it to end. A full queue drops the
+                    // packet, as a full socket buffer would.
+                    Ok(n) => {
+                        let msg = Msg::Ingest { port, epoch, contents: buf[..n].to_vec() };
+                        match tx.try_send(msg) {
+                            Ok(()) | Err(TrySendError::Full(_)) => {}
+                            Err(TrySendError::Disconnected(_)) => break,
+                        }
+                    }
+                    Err(e) => match e.kind() {
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {} // check the flag
+                        _ => {
+                            debug!(port, error = %e, "ingest receive error");
+                            thread::sleep(INGEST_POLL);
+                        }
+                    },
+                }
+            }
+            // The socket is dropped, and the port free again, when this thread ends.
+        })?;
+        Ok(IngestReader { epoch, stop, waker, thread })
+    }
+}
+
+/// One bound ingest socket and the thread reading it.
+struct IngestReader {
+    epoch: u64,
+    stop: Arc<AtomicBool>,
+    /// A clone of the socket, only to wake the reader with an empty datagram to itself.
+    waker: UdpSocket,
+    thread: JoinHandle<()>,
+}
+
+impl IngestReader {
+    /// Ends the reader and waits for it, so that the port is closed on return: the core may
+    /// bind the pair again right away. The wake-up datagram ends the wait at once; should it
+    /// be lost, the read timeout does within [`INGEST_POLL`].
+    fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        if let Ok(addr) = self.waker.local_addr() {
+            let _ = self.waker.send_to(&[], addr);
+        }
+        drop(self.waker);
+        if self.thread.join().is_err() {
+            warn!("an ingest reader panicked");
+        }
+    }
+}
+
+fn read_viewer_socket(socket: &UdpSocket, tx: &SyncSender<Msg>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        match socket.recv_from(&mut buf) {
+            // A blocking send: when the main loop lags, the kernel's buffer takes the slack.
+            Ok((n, source)) => {
+                if tx.send(Msg::Datagram { source, contents: buf[..n].to_vec() }).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "viewer socket receive error");
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Spawns `program args…` and returns its pid. One thread logs its stderr line by line
+/// (target `ffmpeg`); another waits for it and sends [`Msg::Exited`].
+fn spawn_process(
+    stream: &StreamId,
+    generation: u64,
+    program: &str,
+    args: &[String],
+    tx: &SyncSender<Msg>,
+) -> Result<u32, String> {
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    prepare_child(&mut cmd);
+    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => cli::missing_ffmpeg(program),
+        io::ErrorKind::PermissionDenied => format!("`{program}` is not executable: {e}"),
+        _ => format!("could not run `{program}`: {e}"),
+    })?;
+    let pid = child.id();
+    debug!(%stream, pid, generation, "FFmpeg started");
+    if let Some(stderr) = child.stderr.take() {
+        let id = stream.clone();
+        let logger = spawn_io("ffmpeg-log", move || {
+            let (mut stderr, mut line) = (BufReader::new(stderr), Vec::new());
+            while stderr.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let text = String::from_utf8_lossy(&line);
+                warn!(target: "ffmpeg", stream = %id, pid, "{}", text.trim_end());
+                line.clear();
+            }
+        });
+        if let Err(e) = logger {
+            debug!(%stream, error = %e, "FFmpeg's stderr is not logged");
+        }
+    }
+    let (id, tx) = (stream.clone(), tx.clone());
+    let waiter = spawn_io("ffmpeg-wait", move || {
+        let code = match child.wait() {
+            Ok(status) => status.code(),
+            Err(e) => {
+                warn!(stream = %id, pid, error = %e, "waiting for FFmpeg failed");
+                None
+            }
+        };
+        let _ = tx.send(Msg::Exited { stream: id, generation, code });
+    });
+    if let Err(e) = waiter {
+        // Nobody would report its exit: do not let it run.
+        signal(pid, Signal::SIGKILL);
+        return Err(format!("cannot start a thread to wait for `{program}`: {e}"));
+    }
+    Ok(pid)
+}
+
+/// Sends `sig` to `pid`. A process that is already gone is fine.
+fn signal(pid: u32, sig: Signal) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    if let Err(e) = kill(Pid::from_raw(raw), sig) {
+        debug!(pid, ?sig, error = %e, "signal not delivered");
+    }
+}
+
+/// In the child, before exec: unblock the signals `main` blocked (the mask survives fork and
+/// exec; FFmpeg would never see SIGTERM) and ask for SIGKILL when the parent dies.
+#[allow(unsafe_code)]
+fn prepare_child(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // pthread_sigmask(3) and prctl(2), both async-signal-safe; it allocates nothing and touches
+    // no memory of the parent. The parent-death signal fires when the thread that forked dies:
+    // always the main thread here, so only when the server itself dies.
+    unsafe {
+        cmd.pre_exec(|| {
+            SigSet::empty().thread_set_mask()?;
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            Ok(())
+        });
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// HTTP/1.1, one request per connection: `Content-Length` bodies, `Connection: close` answers.
+// ------------------------------------------------------------------------------------------
+
+fn accept_loop(listener: &TcpListener, max_body: usize, tx: &SyncSender<Msg>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (conn, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            // Out of descriptors, or a connection reset before accept: keep serving.
+            Err(e) => {
+                debug!(error = %e, "accept failed");
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::AcqRel);
+            let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+            let busy = plain(StatusCode::ServiceUnavailable, "too many connections");
+            let _ = write_response(&conn, &busy, false);
+            continue;
+        }
+        let (tx, done) = (tx.clone(), Arc::clone(&active));
+        let served = spawn_io("http", move || {
+            serve(&conn, peer, max_body, &tx);
+            done.fetch_sub(1, Ordering::AcqRel);
+        });
+        if let Err(e) = served {
+            active.fetch_sub(1, Ordering::AcqRel);
+            warn!(%peer, error = %e, "cannot start a connection thread");
+        }
+    }
+}
+
+/// Reads one request, has the main loop answer it, writes the answer.
+fn serve(conn: &TcpStream, peer: SocketAddr, max_body: usize, tx: &SyncSender<Msg>) {
+    let _ = conn.set_read_timeout(Some(HTTP_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(HTTP_TIMEOUT));
+    let mut reader = BufReader::new(conn);
+    let (resp, head, unread) = match read_request(&mut reader, max_body) {
+        Ok((req, unread)) => {
+            let head = req.method == Method::Head;
+            let (reply, answer) = mpsc::channel();
+            // If the main loop is gone, `reply` is dropped with the message and `recv` fails.
+            let resp = tx.send(Msg::Http { req, reply }).ok().and_then(|()| answer.recv().ok());
+            (resp.unwrap_or_else(|| plain(StatusCode::ServiceUnavailable, "exiting")), head, unread)
+        }
+        Err(ReadError::Refused(status, why)) => (plain(status, why), false, 0),
+        Err(ReadError::Broken(e)) => {
+            debug!(%peer, error = %e, "request not read");
+            return;
+        }
+    };
+    if let Err(e) = write_response(conn, &resp, head) {
+        debug!(%peer, error = %e, "response not written");
+        return;
+    }
+    // Read (a bounded part of) what is left of an over-long body: closing with unread data
+    // would reset the connection, and the client could lose the 413 before reading it.
+    let _ = io::copy(&mut reader.take(unread.min(16 * max_body as u64)), &mut io::sink());
+}
+
+/// Why no request was read: answer with a status, or just close the connection.
+enum ReadError {
+    Refused(StatusCode, &'static str),
+    Broken(io::Error),
+}
+
+impl From<io::Error> for ReadError {
+    fn from(e: io::Error) -> Self {
+        Self::Broken(e)
+    }
+}
+
+/// Reads the request line, the headers and a `Content-Length` body of at most `max_body + 1`
+/// bytes: the core answers anything longer with 413. Returns the request and the number of body
+/// bytes left unread.
+fn read_request(
+    reader: &mut BufReader<&TcpStream>,
+    max_body: usize,
+) -> Result<(WhepRequest, u64), ReadError> {
+    use ReadError::Refused;
+    let bad = |why| Refused(StatusCode::BadRequest, why);
+    let mut budget = MAX_HEAD;
+    let line = read_line(reader, &mut budget)?.ok_or_else(|| bad("no request"))?;
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad("bad request line"));
+    };
+    if !target.starts_with('/') || !version.starts_with("HTTP/1.") {
+        return Err(bad("bad request line"));
+    }
+    let method = method
+        .parse::<Method>()
+        .map_err(|_| Refused(StatusCode::MethodNotAllowed, "method not allowed"))?;
+    let mut req = WhepRequest::new(method, target);
+    loop {
+        let eof = || io::Error::from(io::ErrorKind::UnexpectedEof);
+        let line = read_line(reader, &mut budget)?.ok_or_else(eof)?;
+        if line.is_empty() {
+            break; // end of the head
+        }
+        let (name, value) = line.split_once(':').ok_or_else(|| bad("bad header line"))?;
+        req.headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    if req.header("transfer-encoding").is_some() {
+        return Err(Refused(StatusCode::LengthRequired, "send the body with Content-Length"));
+    }
+    let length = match req.header("content-length") {
+        None => 0,
+        Some(v) => v.parse::<u64>().map_err(|_| bad("bad Content-Length"))?,
+    };
+    let keep = length.min(max_body as u64 + 1);
+    if keep > 0 && req.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+        let mut conn: &TcpStream = reader.get_ref();
+        conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+    }
+    reader.by_ref().take(keep).read_to_end(&mut req.body)?;
+    if (req.body.len() as u64) < keep {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok((req, length - keep))
+}
+
+/// One line without its line break, `None` at end of stream. The whole head may take
+/// [`MAX_HEAD`] bytes (431 beyond) and must be UTF-8 (400 otherwise).
+fn read_line(
+    reader: &mut BufReader<&TcpStream>,
+    budget: &mut usize,
+) -> Result<Option<String>, ReadError> {
+    let mut line = Vec::new();
+    let n = reader.by_ref().take(*budget as u64 + 1).read_until(b'\n', &mut line)?;
+    if n > *budget {
+        return Err(ReadError::Refused(StatusCode::RequestHeaderFieldsTooLarge, "head too large"));
+    }
+    *budget -= n;
+    match line.last() {
+        None => Ok(None),
+        Some(b'\n') => String::from_utf8(line)
+            .map(|l| Some(l.trim_end_matches(['\r', '\n']).to_owned()))
+            .map_err(|_| ReadError::Refused(StatusCode::BadRequest, "request head not UTF-8")),
+        Some(_) => Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+    }
+}
+
+fn write_response(mut conn: &TcpStream, resp: &WhepResponse, head: bool) -> io::Result<()> {
+    let mut out = format!("HTTP/1.1 {} {}\r\n", resp.code(), resp.status.canonical_reason());
+    for (name, value) in &resp.headers {
+        // No value holds CR or LF; should one, dropping it beats splitting the response.
+        if !value.contains(['\r', '\n']) {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    // 204 and 304 carry neither a body nor a Content-Length (RFC 9110); HEAD only the length.
+    let bodiless = matches!(resp.code(), 204 | 304);
+    if !bodiless {
+        out.push_str(&format!("Content-Length: {}\r\n", resp.body.len()));
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    let mut bytes = out.into_bytes();
+    if !head && !bodiless {
+        bytes.extend_from_slice(&resp.body);
+    }
+    conn.write_all(&bytes)?;
+    conn.flush()
+}
+
+fn plain(status: StatusCode, text: &str) -> WhepResponse {
+    let body = format!("{text}\n").into_bytes();
+    WhepResponse { status, headers: vec![("Content-Type", "text/plain".into())], body }
+}
+
+// ------------------------------------------------------------------------------------------
+// Startup helpers, the same as whep-tokio's.
+// ------------------------------------------------------------------------------------------
+
+/// A named thread; unlike `thread::spawn`, failing to start one is an error, not a panic.
+fn spawn_io(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new().name(name.to_owned()).spawn(f)
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    spawn_io(name, f).map(drop).map_err(|e| format!("cannot start the {name} thread: {e}"))
+}
+
+/// Fails early, naming the fix, when `program` (FFmpeg) cannot be run and a stream needs it.
+fn check_program(program: &str, needed: bool) -> Result<(), String> {
+    if !needed {
+        return Ok(());
+    }
+    let status = Command::new(program)
+        .arg("-version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match status {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(cli::missing_ffmpeg(program)),
+        Err(e) => Err(format!("cannot run FFmpeg (`{program}`): {e}")),
+    }
+}
+
+/// The candidates advertised when none are configured: the socket's own address, or for a
+/// wildcard bind, loopback plus the address of the default route.
+fn default_candidates(bound: SocketAddr) -> Vec<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let mut out = vec![SocketAddr::from(([127, 0, 0, 1], bound.port()))];
+    // Connecting a UDP socket sends nothing; it only makes the kernel pick a source address.
+    let probe = UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
+        .and_then(|s| s.local_addr());
+    if let Ok(addr) = probe
+        && !addr.ip().is_loopback()
+        && !addr.ip().is_unspecified()
+    {
+        out.push(SocketAddr::new(addr.ip(), bound.port()));
+    }
+    out
+}

@@ -1,0 +1,94 @@
+//! `whepd` on smol: the command line and configuration of [`whep_core::cli`], signals, and a
+//! clean shutdown. The `whepd-smol` binary is [`main`].
+
+use std::process::ExitCode;
+
+use tracing::{error, info};
+use whep_core::app::ServerConfig;
+use whep_core::cli::{self, CliError, Settings};
+
+use crate::Whep;
+
+/// Runs `whepd` on smol with the process's arguments until Ctrl-C or SIGTERM.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,ffmpeg=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let settings = match cli::parse(std::env::args_os(), |p| std::fs::read_to_string(p)) {
+        Ok(s) => s,
+        Err(CliError::Clap(e)) => e.exit(),
+        Err(CliError::Invalid(e)) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    // SIGTERM and SIGINT are blocked here, before any thread exists, so that every thread
+    // inherits the mask and only the waiter below receives them.
+    let signals = match shutdown_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot set up signal handling: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match smol::block_on(run(settings, signals)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn shutdown_signals() -> nix::Result<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block()?;
+    Ok(set)
+}
+
+async fn run(settings: Settings, signals: nix::sys::signal::SigSet) -> Result<(), String> {
+    crate::check_program(&settings.core.process.program, !settings.streams.is_empty())?;
+    let udp = settings.udp;
+    let server = ServerConfig {
+        core: settings.core,
+        app: settings.app,
+        udp_bind: udp,
+        ..Default::default()
+    };
+    let whep =
+        Whep::start(server).map_err(|e| format!("cannot bind the WebRTC UDP socket {udp}: {e}"))?;
+    let listener = smol::net::TcpListener::bind(settings.http)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.http))?;
+    let http = listener.local_addr().map_err(|e| e.to_string())?;
+    // The lines a person (or a test) starting whepd needs, on stdout so scripts can read them.
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", cli::listening_line(http, whep.udp_addr()));
+    }
+    for (name, spec) in settings.streams {
+        whep.add_stream(&name, spec).await.map_err(|e| format!("stream {name:?}: {e}"))?;
+        info!(stream = %name, url = %cli::player_url(http, &name), "stream added");
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{}", cli::watch_line(http, &name));
+        }
+    }
+    let shutdown = async {
+        match smol::unblock(move || signals.wait()).await {
+            Ok(sig) => info!("{sig}: shutting down"),
+            Err(e) => error!("waiting for signals failed: {e}; shutting down"),
+        }
+    };
+    whep.serve(listener, shutdown).await.map_err(|e| e.to_string())?;
+    whep.shutdown().await;
+    Ok(())
+}
