@@ -3,8 +3,10 @@
 # crate or a process crate. The core is a pure state machine; the runtimes own all IO.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tree=$(cargo tree --locked -p whep-core -e normal --prefix none)
-banned='^(tokio|smol|async-io|async-net|async-process|async-std|mio|socket2|hyper|polling) '
+# Every feature counts: the app routes, the command line and the shared async driver must stay
+# as free of runtimes, sockets and processes as the state machine.
+tree=$(cargo tree --locked -p whep-core --all-features -e normal --prefix none)
+banned='^(tokio|smol|async-io|async-net|async-process|async-std|async-executor|mio|socket2|hyper|polling|nix) '
 if bad=$(grep -E "$banned" <<<"$tree" | sort -u) && [ -n "$bad" ]; then
   echo "whep-core pulls IO crates into its normal dependencies:" >&2
   echo "$bad" >&2

@@ -78,6 +78,8 @@ pub mod app;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod config;
+#[cfg(feature = "driver")]
+pub mod driver;
 mod engine;
 pub mod ffmpeg;
 mod ids;

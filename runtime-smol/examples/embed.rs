@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
         let mut events = whep.subscribe();
         ex.spawn(async move {
-            while let Ok(event) = events.recv().await {
+            while let Some(event) = events.recv().await {
                 if let Event::ViewerLeft { stream, reason, .. } = event {
                     tracing::info!(%stream, ?reason, "app: a viewer left");
                 }

@@ -36,7 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Subscribe to what happens.
     let mut events = whep.subscribe();
     tokio::spawn(async move {
-        while let Ok(event) = events.recv().await {
+        while let Some(event) = events.recv().await {
             match event {
                 Event::ViewerConnected { stream, session } => {
                     tracing::info!(%stream, %session, "app: a viewer is watching");

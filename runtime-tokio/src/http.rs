@@ -64,9 +64,9 @@ impl WhepService {
             }
         }
         let resp = if self.app_routes {
-            self.whep.handle(req).await
+            self.whep.handle_request(req).await
         } else {
-            self.whep.handle_whep(req).await
+            self.whep.handle_whep_request(req).await
         };
         to_http(resp)
     }

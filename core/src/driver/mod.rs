@@ -1,0 +1,615 @@
+//! The one event loop every async runtime runs (feature `driver`), written against a small
+//! [`Runtime`] trait, as quinn does: `whep-tokio` and `whep-smol` each implement the trait
+//! (sockets, a timer, spawning tasks and FFmpeg children) and add their HTTP server; the loop,
+//! the output execution and the [`Engine`] handle live here once.
+//!
+//! This module does no IO of its own and depends on no runtime: every socket, timer, task and
+//! process comes through the trait, and its queues are std-only. The [`Core`] state machine does
+//! not use it; an application with its own loop can ignore it (see `core/examples/blocking.rs`).
+//!
+//! One task owns the `Core`. It waits on every source at once, in priority order: jobs from
+//! handles (HTTP requests, stream management), process exits, ingest sockets (round-robin),
+//! the viewer socket (up to 32 datagrams per wake-up), the timer; then it executes every output.
+
+mod chan;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use crate::app::{AddError, AppConfig, ServerConfig, StreamSpec};
+use crate::{
+    Core, Event, Input, Metrics, Output, PortPair, StreamError, StreamId, StreamInfo, WhepRequest,
+    WhepResponse,
+};
+
+/// Largest datagram read from any socket; anything longer is truncated and then dropped by the
+/// core as malformed.
+const MAX_DATAGRAM: usize = 2048;
+/// Datagrams read from the viewer socket per wake-up before outputs are executed.
+const RECV_BATCH: usize = 32;
+/// Events a subscriber may fall behind before it loses the oldest.
+const EVENT_BACKLOG: usize = 1024;
+
+/// What an async runtime provides to the driver.
+pub trait Runtime: Send + Sync + 'static {
+    /// A UDP socket registered with the runtime's reactor.
+    type UdpSocket: UdpSocket;
+    /// A resettable timer.
+    type Timer: Timer;
+
+    /// Binds a non-blocking UDP socket.
+    fn bind_udp(&self, addr: SocketAddr) -> io::Result<Self::UdpSocket>;
+    /// A timer that has not been set.
+    fn timer(&self) -> Self::Timer;
+    /// Runs `future` to completion in the background.
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>);
+    /// Starts `program args…` with stdin closed, its stderr forwarded to `tracing` (target
+    /// `ffmpeg`, with `stream`), and calls [`ProcessExit::report`] when it exits. Returns its
+    /// pid, or an error that says how to fix it (see [`crate::cli::missing_ffmpeg`]).
+    fn spawn_process(
+        &self,
+        stream: &StreamId,
+        program: &str,
+        args: &[String],
+        exit: ProcessExit,
+    ) -> Result<u32, String>;
+    /// Sends SIGTERM (or SIGKILL when `force`) to a process it spawned.
+    fn signal(&self, pid: u32, force: bool);
+    /// The runtime's clock (the driver reads no clock of its own).
+    fn now(&self) -> Instant;
+}
+
+/// A UDP socket of a [`Runtime`].
+pub trait UdpSocket: Send + Sync + 'static {
+    /// Receives one datagram, or registers the task for readiness.
+    fn poll_recv_from(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<(usize, SocketAddr)>>;
+    /// Sends one datagram, or registers the task for writability.
+    fn poll_send_to(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        target: SocketAddr,
+    ) -> Poll<io::Result<usize>>;
+    /// The bound address.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+/// A resettable timer of a [`Runtime`].
+pub trait Timer: Send + 'static {
+    /// Fires at `at` (at once if it is past).
+    fn reset(&mut self, at: Instant);
+    /// Ready once the deadline passed.
+    fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+/// Reports a child's exit to the engine; handed to [`Runtime::spawn_process`].
+#[derive(Debug)]
+pub struct ProcessExit {
+    stream: StreamId,
+    generation: u64,
+    tx: chan::Sender<Exited>,
+}
+
+impl ProcessExit {
+    /// The process exited with `code` (`None` when killed by a signal).
+    pub fn report(self, code: Option<i32>) {
+        let _ = self.tx.send(Exited { stream: self.stream, generation: self.generation, code });
+    }
+}
+
+#[derive(Debug)]
+struct Exited {
+    stream: StreamId,
+    generation: u64,
+    code: Option<i32>,
+}
+
+type Job = Box<dyn FnOnce(&mut Core, &AppConfig, Instant, &mut ShutdownFlag) + Send>;
+
+/// Set by [`Engine::shutdown`]'s job.
+#[derive(Debug, Default)]
+struct ShutdownFlag(bool);
+
+/// A stream of [`Event`]s from [`Engine::subscribe`]. A subscriber that falls more than 1024
+/// events behind loses the oldest.
+#[derive(Debug)]
+pub struct Subscription {
+    rx: chan::Receiver<Event>,
+}
+
+impl Subscription {
+    /// The next event; `None` once the engine has stopped.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// Polls for the next event.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// A handle to a running engine. Cheap to clone; the engine shuts down (viewers closed, FFmpeg
+/// stopped, ports released) when [`Engine::shutdown`] is called or the last handle is dropped.
+pub struct Engine<R: Runtime> {
+    inner: Arc<Inner>,
+    runtime: Arc<R>,
+}
+
+impl<R: Runtime> Clone for Engine<R> {
+    fn clone(&self) -> Self {
+        Self { inner: Arc::clone(&self.inner), runtime: Arc::clone(&self.runtime) }
+    }
+}
+
+impl<R: Runtime> fmt::Debug for Engine<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine").field("udp_addr", &self.inner.udp_addr).finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    jobs: chan::Sender<Job>,
+    subscribers: Arc<Mutex<Vec<chan::Sender<Event>>>>,
+    udp_addr: SocketAddr,
+    max_body: usize,
+    /// Set when the engine has stopped.
+    done: Arc<Latch>,
+}
+
+/// A flag that async waiters can wait for.
+#[derive(Debug, Default)]
+struct Latch {
+    state: Mutex<(bool, Vec<Waker>)>,
+}
+
+impl Latch {
+    fn set(&self) {
+        let wakers = {
+            let mut s = lock(&self.state);
+            s.0 = true;
+            std::mem::take(&mut s.1)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            let mut s = lock(&self.state);
+            if s.0 {
+                return Poll::Ready(());
+            }
+            if !s.1.iter().any(|w| w.will_wake(cx.waker())) {
+                s.1.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await;
+    }
+}
+
+/// Sets the latch when the engine task ends, also when the runtime drops it unfinished.
+struct SetOnDrop(Arc<Latch>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.set();
+    }
+}
+
+impl<R: Runtime> Engine<R> {
+    /// Binds the viewer socket and starts the engine task on `runtime`.
+    ///
+    /// An all-zero [`Config::rng_seed`](crate::Config::rng_seed) must be filled by the caller
+    /// from the operating system first. With no host candidates, `default_route` (the address
+    /// the kernel picks towards the Internet, if known) feeds
+    /// [`default_candidates`](crate::app::default_candidates).
+    pub fn start(
+        runtime: R,
+        mut config: ServerConfig,
+        default_route: Option<SocketAddr>,
+    ) -> io::Result<Self> {
+        let runtime = Arc::new(runtime);
+        let socket = runtime.bind_udp(config.udp_bind)?;
+        let udp_addr = socket.local_addr()?;
+        if config.core.host_candidates.is_empty() {
+            config.core.host_candidates = crate::app::default_candidates(udp_addr, default_route);
+        }
+        info!(udp = %udp_addr, candidates = ?config.core.host_candidates, "viewer socket bound");
+        let (jobs, jobs_rx) = chan::channel(None);
+        let done = Arc::new(Latch::default());
+        let subscribers = Arc::new(Mutex::new(Vec::new()));
+        let max_body = config.core.max_body_bytes;
+        let driver = Driver {
+            core: Core::new(config.core, runtime.now()),
+            app: config.app,
+            runtime: Arc::clone(&runtime),
+            local: udp_addr,
+            socket,
+            ingest: Vec::new(),
+            ingest_next: 0,
+            procs: HashMap::new(),
+            exits: chan::channel(None),
+            subscribers: Arc::clone(&subscribers),
+            shutdown_at: None,
+        };
+        let guard = SetOnDrop(Arc::clone(&done));
+        runtime.spawn(Box::pin(driver.run(jobs_rx, config.shutdown_timeout, guard)));
+        let inner = Inner { jobs, subscribers, udp_addr, max_body, done };
+        Ok(Self { inner: Arc::new(inner), runtime })
+    }
+
+    /// The runtime the engine runs on.
+    pub fn runtime(&self) -> &R {
+        &self.runtime
+    }
+
+    /// The local address of the shared viewer socket.
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.inner.udp_addr
+    }
+
+    /// Largest accepted request body ([`Config::max_body_bytes`](crate::Config::max_body_bytes)).
+    pub fn max_body(&self) -> usize {
+        self.inner.max_body
+    }
+
+    /// Runs `f` on the engine's task with the core and the current time, and returns its result.
+    /// Outputs the call produces are executed right after it. `None` once the engine is gone.
+    pub async fn with_core<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Core, &AppConfig, Instant) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = chan::channel(Some(1));
+        let job: Job = Box::new(move |core, app, now, _| {
+            let _ = tx.send(f(core, app, now));
+        });
+        self.inner.jobs.send(job).ok()?;
+        rx.recv().await
+    }
+
+    /// Adds a stream and, unless `spec.autostart` is false, starts it.
+    pub async fn add_stream(&self, id: &str, spec: StreamSpec) -> Result<(), AddError> {
+        let id = StreamId::new(id).ok_or(AddError::BadId)?;
+        let config = spec.to_config().map_err(AddError::BadSpec)?;
+        let start = spec.autostart();
+        self.with_core(move |core, _, now| {
+            core.add_stream(id.clone(), config)?;
+            if start { core.start_stream(&id, now) } else { Ok(()) }
+        })
+        .await
+        .ok_or(AddError::Closed)?
+        .map_err(AddError::Stream)
+    }
+
+    /// Starts a stopped stream.
+    pub async fn start_stream(&self, id: &str) -> Result<(), StreamError> {
+        self.stream_op(id, |core, id, now| core.start_stream(id, now)).await
+    }
+
+    /// Stops a stream: its viewers are closed, then its FFmpeg, then its ports are released.
+    pub async fn stop_stream(&self, id: &str) -> Result<(), StreamError> {
+        self.stream_op(id, |core, id, now| core.stop_stream(id, now)).await
+    }
+
+    /// Stops and forgets a stream.
+    pub async fn remove_stream(&self, id: &str) -> Result<(), StreamError> {
+        self.stream_op(id, |core, id, now| core.remove_stream(id, now)).await
+    }
+
+    async fn stream_op(
+        &self,
+        id: &str,
+        op: impl FnOnce(&mut Core, &StreamId, Instant) -> Result<(), StreamError> + Send + 'static,
+    ) -> Result<(), StreamError> {
+        let id = StreamId::new(id).ok_or(StreamError::NotFound)?;
+        self.with_core(move |core, _, now| op(core, &id, now))
+            .await
+            .unwrap_or(Err(StreamError::NotFound))
+    }
+
+    /// Status of every stream (empty once the engine is gone).
+    pub async fn streams(&self) -> Vec<StreamInfo> {
+        self.with_core(|core, _, _| core.streams()).await.unwrap_or_default()
+    }
+
+    /// A copy of the core's counters.
+    pub async fn metrics(&self) -> Metrics {
+        self.with_core(|core, _, _| core.metrics().clone()).await.unwrap_or_default()
+    }
+
+    /// Events from now on: streams started, stopped and failed, FFmpeg exits, viewers joined,
+    /// connected and left.
+    pub fn subscribe(&self) -> Subscription {
+        let (tx, rx) = chan::channel(Some(EVENT_BACKLOG));
+        lock(&self.inner.subscribers).push(tx);
+        Subscription { rx }
+    }
+
+    /// Answers one request to the application routes (player page, `/metrics`, admin API and
+    /// the WHEP routes); see [`crate::app::handle`].
+    pub async fn handle_request(&self, req: WhepRequest) -> WhepResponse {
+        self.with_core(move |core, app, now| crate::app::handle(core, app, req, now))
+            .await
+            .unwrap_or_else(crate::app::unavailable)
+    }
+
+    /// Answers one request to the WHEP routes only.
+    pub async fn handle_whep_request(&self, req: WhepRequest) -> WhepResponse {
+        self.with_core(move |core, _, now| core.handle_http(req, now))
+            .await
+            .unwrap_or_else(crate::app::unavailable)
+    }
+
+    /// Closes every viewer session, stops every stream's FFmpeg (SIGTERM, then SIGKILL), waits
+    /// until no process or port is left (at most
+    /// [`ServerConfig::shutdown_timeout`]) and stops the engine.
+    pub async fn shutdown(&self) {
+        let job: Job = Box::new(|_, _, _, flag| flag.0 = true);
+        let _ = self.inner.jobs.send(job);
+        self.closed().await;
+    }
+
+    /// Completes when the engine has stopped.
+    pub async fn closed(&self) {
+        self.inner.done.wait().await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct Driver<R: Runtime> {
+    core: Core,
+    app: AppConfig,
+    runtime: Arc<R>,
+    socket: R::UdpSocket,
+    local: SocketAddr,
+    /// Bound ingest sockets: (port, pair, socket).
+    ingest: Vec<(u16, PortPair, R::UdpSocket)>,
+    /// Round-robin start for polling the ingest sockets.
+    ingest_next: usize,
+    procs: HashMap<(StreamId, u64), u32>,
+    exits: (chan::Sender<Exited>, chan::Receiver<Exited>),
+    subscribers: Arc<Mutex<Vec<chan::Sender<Event>>>>,
+    shutdown_at: Option<Instant>,
+}
+
+enum Wake {
+    Job(Option<Job>),
+    Exit(Exited),
+    Ingest(u16, usize),
+    Datagram(usize, SocketAddr),
+    Timer,
+}
+
+impl<R: Runtime> Driver<R> {
+    fn begin_shutdown(&mut self) {
+        if self.shutdown_at.is_none() {
+            info!("shutting down: closing viewers, stopping streams");
+            let now = self.runtime.now();
+            self.shutdown_at = Some(now);
+            self.core.shutdown(now);
+        }
+    }
+
+    async fn run(mut self, jobs: chan::Receiver<Job>, shutdown_timeout: Duration, done: SetOnDrop) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut jobs_open = true;
+        let mut timer = self.runtime.timer();
+        loop {
+            self.flush().await;
+            if let Some(started) = self.shutdown_at {
+                if self.core.is_idle() {
+                    break;
+                }
+                if self.runtime.now().saturating_duration_since(started) >= shutdown_timeout {
+                    warn!("shutdown timed out; killing what is left");
+                    break;
+                }
+            }
+            let next = self.core.poll_timeout().map(|(at, _)| at);
+            // While shutting down, re-check the idle condition regularly.
+            let next = match self.shutdown_at {
+                Some(_) => {
+                    let recheck = self.runtime.now() + Duration::from_millis(100);
+                    Some(next.map_or(recheck, |t| t.min(recheck)))
+                }
+                None => next,
+            };
+            let armed = match next {
+                Some(at) => {
+                    timer.reset(at);
+                    true
+                }
+                None => false,
+            };
+            let wake =
+                poll_fn(|cx| self.poll_wake(cx, &jobs, jobs_open, &mut timer, armed, &mut buf))
+                    .await;
+            match wake {
+                Wake::Job(Some(job)) => {
+                    let mut flag = ShutdownFlag::default();
+                    job(&mut self.core, &self.app, self.runtime.now(), &mut flag);
+                    if flag.0 {
+                        self.begin_shutdown();
+                    }
+                }
+                Wake::Job(None) => {
+                    // Every handle is gone.
+                    jobs_open = false;
+                    self.begin_shutdown();
+                }
+                Wake::Exit(exit) => {
+                    self.procs.remove(&(exit.stream.clone(), exit.generation));
+                    let input = Input::ProcessExited {
+                        stream: exit.stream,
+                        generation: exit.generation,
+                        code: exit.code,
+                    };
+                    self.core.handle_input(input, self.runtime.now());
+                }
+                Wake::Ingest(port, n) => {
+                    self.core.handle_input(
+                        Input::Ingest { port, contents: &buf[..n] },
+                        self.runtime.now(),
+                    );
+                }
+                Wake::Datagram(n, source) => {
+                    self.on_datagram(source, &buf[..n]);
+                    // Drain what else is queued before executing outputs, bounded so that timers
+                    // and requests are not starved. The no-op waker is replaced by the next
+                    // `poll_wake`, which polls this socket again with the task's waker.
+                    let mut noop = Context::from_waker(Waker::noop());
+                    for _ in 1..RECV_BATCH {
+                        match self.socket.poll_recv_from(&mut noop, &mut buf) {
+                            Poll::Ready(Ok((n, source))) => self.on_datagram(source, &buf[..n]),
+                            _ => break,
+                        }
+                    }
+                }
+                Wake::Timer => self.core.handle_timeout(self.runtime.now()),
+            }
+        }
+        // Whatever is still alive after the timeout is killed; dropping the sockets closes them.
+        for ((stream, _), pid) in self.procs.drain() {
+            warn!(%stream, pid, "killing FFmpeg left after shutdown");
+            self.runtime.signal(pid, true);
+        }
+        self.ingest.clear();
+        lock(&self.subscribers).clear();
+        drop(done);
+        info!("engine stopped");
+    }
+
+    /// Polls every source once, in priority order.
+    fn poll_wake(
+        &mut self,
+        cx: &mut Context<'_>,
+        jobs: &chan::Receiver<Job>,
+        jobs_open: bool,
+        timer: &mut R::Timer,
+        armed: bool,
+        buf: &mut [u8],
+    ) -> Poll<Wake> {
+        if jobs_open && let Poll::Ready(job) = jobs.poll_recv(cx) {
+            return Poll::Ready(Wake::Job(job));
+        }
+        if let Poll::Ready(Some(exit)) = self.exits.1.poll_recv(cx) {
+            return Poll::Ready(Wake::Exit(exit));
+        }
+        let n = self.ingest.len();
+        for i in 0..n {
+            let idx = (self.ingest_next + i) % n;
+            let (port, _, socket) = &self.ingest[idx];
+            match socket.poll_recv_from(cx, buf) {
+                Poll::Ready(Ok((len, _))) => {
+                    self.ingest_next = idx + 1;
+                    return Poll::Ready(Wake::Ingest(*port, len));
+                }
+                // An error on a loopback UDP socket (e.g. a queued ICMP report) is not fatal.
+                Poll::Ready(Err(e)) => {
+                    debug!(port, error = %e, "ingest receive error");
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending => {}
+            }
+        }
+        match self.socket.poll_recv_from(cx, buf) {
+            Poll::Ready(Ok((len, source))) => return Poll::Ready(Wake::Datagram(len, source)),
+            Poll::Ready(Err(e)) => {
+                debug!(error = %e, "viewer socket receive error");
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending => {}
+        }
+        if armed && timer.poll_fired(cx).is_ready() {
+            return Poll::Ready(Wake::Timer);
+        }
+        Poll::Pending
+    }
+
+    fn on_datagram(&mut self, source: SocketAddr, contents: &[u8]) {
+        let destination = self.core.config().candidate_for(source).unwrap_or(self.local);
+        self.core
+            .handle_input(Input::Datagram { source, destination, contents }, self.runtime.now());
+    }
+
+    /// Executes outputs until the core has none left.
+    async fn flush(&mut self) {
+        while let Some(output) = self.core.poll_output() {
+            match output {
+                Output::Transmit(t) => {
+                    let socket = &self.socket;
+                    let sent =
+                        poll_fn(|cx| socket.poll_send_to(cx, &t.contents, t.destination)).await;
+                    if let Err(e) = sent {
+                        debug!(destination = %t.destination, error = %e, "send failed");
+                    }
+                }
+                Output::BindIngest { stream, ports } => self.bind_ingest(stream, ports),
+                Output::ReleaseIngest { stream, ports } => {
+                    debug!(%stream, video = ports.video, "ingest ports released");
+                    self.ingest.retain(|(_, p, _)| *p != ports);
+                }
+                Output::SpawnProcess { stream, generation, program, args } => {
+                    let exit = ProcessExit {
+                        stream: stream.clone(),
+                        generation,
+                        tx: self.exits.0.clone(),
+                    };
+                    let input = match self.runtime.spawn_process(&stream, &program, &args, exit) {
+                        Ok(pid) => {
+                            self.procs.insert((stream.clone(), generation), pid);
+                            Input::ProcessSpawned { stream, generation, pid }
+                        }
+                        Err(error) => Input::SpawnFailed { stream, generation, error },
+                    };
+                    self.core.handle_input(input, self.runtime.now());
+                }
+                Output::StopProcess { stream, generation } => {
+                    if let Some(pid) = self.procs.get(&(stream, generation)) {
+                        self.runtime.signal(*pid, false);
+                    }
+                }
+                Output::KillProcess { stream, generation } => {
+                    if let Some(pid) = self.procs.get(&(stream, generation)) {
+                        self.runtime.signal(*pid, true);
+                    }
+                }
+                Output::Event(event) => {
+                    // The core logs every event itself; subscribers get them here.
+                    let mut subs = lock(&self.subscribers);
+                    subs.retain(|s| s.send(event.clone()).is_ok());
+                }
+            }
+        }
+    }
+
+    fn bind_ingest(&mut self, stream: StreamId, ports: PortPair) {
+        let bind = |port: u16| self.runtime.bind_udp(SocketAddr::from(([127, 0, 0, 1], port)));
+        let input = match bind(ports.video).and_then(|v| Ok((v, bind(ports.audio())?))) {
+            Ok((video, audio)) => {
+                self.ingest.push((ports.video, ports, video));
+                self.ingest.push((ports.audio(), ports, audio));
+                Input::IngestBound { stream, ports }
+            }
+            Err(e) => Input::BindFailed { stream, ports, error: e.to_string() },
+        };
+        self.core.handle_input(input, self.runtime.now());
+    }
+}

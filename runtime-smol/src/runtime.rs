@@ -1,0 +1,200 @@
+//! [`Runtime`] for smol / async-io: `Async<UdpSocket>`, `async_io::Timer`, tasks on an
+//! executor, and FFmpeg children via async-process.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use smol::io::{AsyncBufReadExt, BufReader};
+use smol::stream::StreamExt;
+use tracing::{debug, warn};
+use whep_core::StreamId;
+use whep_core::driver::{ProcessExit, Runtime, Timer, UdpSocket};
+
+type Spawner = Arc<dyn Fn(Pin<Box<dyn Future<Output = ()> + Send>>) + Send + Sync>;
+
+/// Where the engine's tasks run: smol's global executor or one the application owns.
+#[derive(Clone)]
+pub struct SmolRuntime {
+    spawner: Spawner,
+}
+
+impl std::fmt::Debug for SmolRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmolRuntime").finish_non_exhaustive()
+    }
+}
+
+impl SmolRuntime {
+    /// Tasks on smol's global executor.
+    pub fn global() -> Self {
+        Self { spawner: Arc::new(|task| smol::spawn(task).detach()) }
+    }
+
+    /// Tasks on `executor`, which the application runs.
+    pub fn on(executor: &Arc<smol::Executor<'static>>) -> Self {
+        let ex = Arc::clone(executor);
+        Self { spawner: Arc::new(move |task| ex.spawn(task).detach()) }
+    }
+}
+
+/// An async-io UDP socket.
+#[derive(Debug)]
+pub struct SmolUdp(smol::Async<std::net::UdpSocket>);
+
+impl UdpSocket for SmolUdp {
+    fn poll_recv_from(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<(usize, SocketAddr)>> {
+        loop {
+            match self.0.get_ref().recv_from(buf) {
+                // Not ready: register for readiness; spurious readiness loops back here.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.0.poll_readable(cx))?;
+                }
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_send_to(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        target: SocketAddr,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.0.get_ref().send_to(buf, target) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.0.poll_writable(cx))?;
+                }
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+}
+
+/// An async-io timer.
+#[derive(Debug)]
+pub struct SmolTimer(smol::Timer);
+
+impl Timer for SmolTimer {
+    fn reset(&mut self, at: Instant) {
+        self.0.set_at(at);
+    }
+
+    fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.0).poll(cx).map(|_| ())
+    }
+}
+
+impl Runtime for SmolRuntime {
+    type UdpSocket = SmolUdp;
+    type Timer = SmolTimer;
+
+    fn bind_udp(&self, addr: SocketAddr) -> io::Result<SmolUdp> {
+        smol::Async::<std::net::UdpSocket>::bind(addr).map(SmolUdp)
+    }
+
+    fn timer(&self) -> SmolTimer {
+        SmolTimer(smol::Timer::never())
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        (self.spawner)(future);
+    }
+
+    fn spawn_process(
+        &self,
+        stream: &StreamId,
+        program: &str,
+        args: &[String],
+        exit: ProcessExit,
+    ) -> Result<u32, String> {
+        let mut cmd = smol::process::Command::from(command(program, args));
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| spawn_error(program, &e))?;
+        let pid = child.id();
+        if let Some(stderr) = child.stderr.take() {
+            let stream = stream.clone();
+            // Its own task: a grandchild holding stderr open must not delay the exit report.
+            self.spawn(Box::pin(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Some(Ok(line)) = lines.next().await {
+                    warn!(target: "ffmpeg", stream = %stream, pid, "{line}");
+                }
+            }));
+        }
+        let stream = stream.clone();
+        self.spawn(Box::pin(async move {
+            let code = match child.status().await {
+                Ok(status) => {
+                    debug!(%stream, pid, %status, "FFmpeg exited");
+                    status.code()
+                }
+                Err(e) => {
+                    warn!(%stream, pid, error = %e, "waiting for FFmpeg failed");
+                    None
+                }
+            };
+            exit.report(code);
+        }));
+        Ok(pid)
+    }
+
+    fn signal(&self, pid: u32, force: bool) {
+        let Ok(raw) = i32::try_from(pid) else { return };
+        let sig = if force { Signal::SIGKILL } else { Signal::SIGTERM };
+        if let Err(e) = kill(Pid::from_raw(raw), sig) {
+            debug!(pid, ?sig, error = %e, "signal not delivered");
+        }
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+fn spawn_error(program: &str, e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => whep_core::cli::missing_ffmpeg(program),
+        io::ErrorKind::PermissionDenied => format!("`{program}` is not executable: {e}"),
+        _ => format!("could not run `{program}`: {e}"),
+    }
+}
+
+/// `program args…` with, on Linux, SIGKILL when the spawning thread dies (`PR_SET_PDEATHSIG`,
+/// so that no FFmpeg outlives a killed server) and a clean signal mask.
+fn command(program: &str, args: &[String]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2) and
+        // sigprocmask(2), which are async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                // whepd-smol blocks SIGTERM/SIGINT in its threads to receive them synchronously;
+                // a blocked mask survives exec, and FFmpeg must see SIGTERM.
+                nix::sys::signal::SigSet::all().thread_unblock().map_err(io::Error::from)?;
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
+            });
+        }
+    }
+    cmd
+}

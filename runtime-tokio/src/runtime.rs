@@ -1,0 +1,183 @@
+//! [`Runtime`] for tokio: sockets, timer, tasks, and FFmpeg children via `tokio::process`.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader, ReadBuf};
+use tracing::{debug, warn};
+use whep_core::StreamId;
+use whep_core::driver::{ProcessExit, Runtime, Timer, UdpSocket};
+
+/// The tokio runtime the engine was started on.
+#[derive(Debug, Clone)]
+pub struct TokioRuntime {
+    handle: tokio::runtime::Handle,
+}
+
+impl TokioRuntime {
+    /// The runtime of the calling task.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime.
+    pub fn current() -> Self {
+        Self { handle: tokio::runtime::Handle::current() }
+    }
+}
+
+/// A tokio UDP socket.
+#[derive(Debug)]
+pub struct TokioUdp(tokio::net::UdpSocket);
+
+impl UdpSocket for TokioUdp {
+    fn poll_recv_from(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<(usize, SocketAddr)>> {
+        let mut rb = ReadBuf::new(buf);
+        self.0.poll_recv_from(cx, &mut rb).map_ok(|from| (rb.filled().len(), from))
+    }
+
+    fn poll_send_to(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        target: SocketAddr,
+    ) -> Poll<io::Result<usize>> {
+        self.0.poll_send_to(cx, buf, target)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// A tokio sleep that can be reset.
+#[derive(Debug)]
+pub struct TokioTimer(Pin<Box<tokio::time::Sleep>>);
+
+impl Timer for TokioTimer {
+    fn reset(&mut self, at: Instant) {
+        self.0.as_mut().reset(at.into());
+    }
+
+    fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl Runtime for TokioRuntime {
+    type UdpSocket = TokioUdp;
+    type Timer = TokioTimer;
+
+    fn bind_udp(&self, addr: SocketAddr) -> io::Result<TokioUdp> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        socket.set_nonblocking(true)?;
+        let _guard = self.handle.enter();
+        Ok(TokioUdp(tokio::net::UdpSocket::from_std(socket)?))
+    }
+
+    fn timer(&self) -> TokioTimer {
+        let _guard = self.handle.enter();
+        TokioTimer(Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())))
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        self.handle.spawn(future);
+    }
+
+    fn spawn_process(
+        &self,
+        stream: &StreamId,
+        program: &str,
+        args: &[String],
+        exit: ProcessExit,
+    ) -> Result<u32, String> {
+        let _guard = self.handle.enter();
+        let mut cmd = tokio::process::Command::from(command(program, args));
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| spawn_error(program, &e))?;
+        let pid = child.id().ok_or("the process exited before its pid was read")?;
+        if let Some(stderr) = child.stderr.take() {
+            let stream = stream.clone();
+            // Its own task: a grandchild holding stderr open must not delay the exit report.
+            self.handle.spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    warn!(target: "ffmpeg", stream = %stream, pid, "{line}");
+                }
+            });
+        }
+        let stream = stream.clone();
+        self.handle.spawn(async move {
+            let code = match child.wait().await {
+                Ok(status) => {
+                    debug!(%stream, pid, %status, "FFmpeg exited");
+                    status.code()
+                }
+                Err(e) => {
+                    warn!(%stream, pid, error = %e, "waiting for FFmpeg failed");
+                    None
+                }
+            };
+            exit.report(code);
+        });
+        Ok(pid)
+    }
+
+    fn signal(&self, pid: u32, force: bool) {
+        signal(pid, force);
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// Sends SIGTERM (or SIGKILL when `force`) to `pid`. A process that is already gone is fine.
+fn signal(pid: u32, force: bool) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    let sig = if force { Signal::SIGKILL } else { Signal::SIGTERM };
+    if let Err(e) = kill(Pid::from_raw(raw), sig) {
+        debug!(pid, ?sig, error = %e, "signal not delivered");
+    }
+}
+
+fn spawn_error(program: &str, e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => whep_core::cli::missing_ffmpeg(program),
+        io::ErrorKind::PermissionDenied => format!("`{program}` is not executable: {e}"),
+        _ => format!("could not run `{program}`: {e}"),
+    }
+}
+
+/// `program args…` with, on Linux, SIGKILL when the spawning thread dies (`PR_SET_PDEATHSIG`,
+/// so that no FFmpeg outlives a killed server) and a clean signal mask.
+fn command(program: &str, args: &[String]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2) and
+        // sigprocmask(2), which are async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                // A server that receives SIGTERM synchronously blocks it in its threads; a
+                // blocked mask survives exec, and FFmpeg must see SIGTERM.
+                nix::sys::signal::SigSet::all().thread_unblock().map_err(io::Error::from)?;
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
+            });
+        }
+    }
+    cmd
+}
