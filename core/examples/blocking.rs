@@ -89,14 +89,7 @@ enum Msg {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,ffmpeg=warn".into()),
-        )
-        .with_writer(io::stderr)
-        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
-        .init();
+    cli::init_logging();
     let settings = match cli::parse(std::env::args_os(), |p| std::fs::read_to_string(p)) {
         Ok(s) => s,
         Err(CliError::Clap(e)) => e.exit(),

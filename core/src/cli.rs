@@ -281,6 +281,41 @@ fn display_host(http: SocketAddr) -> SocketAddr {
     if http.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], http.port())) } else { http }
 }
 
+/// Logs to stderr through `tracing`, filtered by `RUST_LOG` (default `info,ffmpeg=warn`), in
+/// colour only on a terminal. For the servers' `main`s.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,ffmpeg=warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+impl Settings {
+    /// The engine's configuration (viewer socket on [`Settings::udp`]), the HTTP address and
+    /// the streams.
+    pub fn into_server(self) -> (crate::app::ServerConfig, SocketAddr, Vec<(String, StreamSpec)>) {
+        let server = crate::app::ServerConfig {
+            core: self.core,
+            app: self.app,
+            udp_bind: self.udp,
+            ..crate::app::ServerConfig::default()
+        };
+        (server, self.http, self.streams)
+    }
+}
+
+/// The message for a failed spawn of `program`, naming the fix when it is missing.
+pub fn spawn_error(program: &str, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => missing_ffmpeg(program),
+        std::io::ErrorKind::PermissionDenied => format!("`{program}` is not executable: {e}"),
+        _ => format!("could not run `{program}`: {e}"),
+    }
+}
+
 /// The error for an FFmpeg program that is not on `PATH`, naming the fix.
 pub fn missing_ffmpeg(program: &str) -> String {
     format!(

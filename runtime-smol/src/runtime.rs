@@ -126,7 +126,7 @@ impl Runtime for SmolRuntime {
     ) -> Result<u32, String> {
         let mut cmd = smol::process::Command::from(command(program, args));
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| spawn_error(program, &e))?;
+        let mut child = cmd.spawn().map_err(|e| whep_core::cli::spawn_error(program, &e))?;
         let pid = child.id();
         if let Some(stderr) = child.stderr.take() {
             let stream = stream.clone();
@@ -165,14 +165,6 @@ impl Runtime for SmolRuntime {
 
     fn now(&self) -> Instant {
         Instant::now()
-    }
-}
-
-fn spawn_error(program: &str, e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::NotFound => whep_core::cli::missing_ffmpeg(program),
-        io::ErrorKind::PermissionDenied => format!("`{program}` is not executable: {e}"),
-        _ => format!("could not run `{program}`: {e}"),
     }
 }
 

@@ -10,18 +10,11 @@ use std::process::ExitCode;
 use tracing::{error, info};
 use whep_core::cli::{self, CliError, Settings};
 
-use crate::{ServerConfig, Whep};
+use crate::Whep;
 
 /// Runs `whepd` with the process's arguments until Ctrl-C or SIGTERM.
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,ffmpeg=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    cli::init_logging();
     let settings = match cli::parse(std::env::args_os(), |p| std::fs::read_to_string(p)) {
         Ok(s) => s,
         Err(CliError::Clap(e)) => e.exit(),
@@ -48,25 +41,20 @@ pub fn main() -> ExitCode {
 
 async fn run(settings: Settings) -> Result<(), String> {
     crate::check_program(&settings.core.process.program, !settings.streams.is_empty())?;
-    let udp = settings.udp;
-    let server = ServerConfig {
-        core: settings.core,
-        app: settings.app,
-        udp_bind: udp,
-        ..Default::default()
-    };
+    let (server, http_addr, streams) = settings.into_server();
+    let udp = server.udp_bind;
     let whep =
         Whep::start(server).map_err(|e| format!("cannot bind the WebRTC UDP socket {udp}: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(settings.http)
+    let listener = tokio::net::TcpListener::bind(http_addr)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", settings.http))?;
+        .map_err(|e| format!("cannot listen on {http_addr}: {e}"))?;
     let http = listener.local_addr().map_err(|e| e.to_string())?;
     // The lines a person (or a test) starting whepd needs, on stdout so scripts can read them.
     #[allow(clippy::print_stdout)]
     {
         println!("{}", cli::listening_line(http, whep.udp_addr()));
     }
-    for (name, spec) in settings.streams {
+    for (name, spec) in streams {
         whep.add_stream(&name, spec).await.map_err(|e| format!("stream {name:?}: {e}"))?;
         info!(stream = %name, url = %cli::player_url(http, &name), "stream added");
         #[allow(clippy::print_stdout)]

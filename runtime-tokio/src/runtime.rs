@@ -104,7 +104,7 @@ impl Runtime for TokioRuntime {
         let _guard = self.handle.enter();
         let mut cmd = tokio::process::Command::from(command(program, args));
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| spawn_error(program, &e))?;
+        let mut child = cmd.spawn().map_err(|e| whep_core::cli::spawn_error(program, &e))?;
         let pid = child.id().ok_or("the process exited before its pid was read")?;
         if let Some(stderr) = child.stderr.take() {
             let stream = stream.clone();
@@ -148,14 +148,6 @@ fn signal(pid: u32, force: bool) {
     let sig = if force { Signal::SIGKILL } else { Signal::SIGTERM };
     if let Err(e) = kill(Pid::from_raw(raw), sig) {
         debug!(pid, ?sig, error = %e, "signal not delivered");
-    }
-}
-
-fn spawn_error(program: &str, e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::NotFound => whep_core::cli::missing_ffmpeg(program),
-        io::ErrorKind::PermissionDenied => format!("`{program}` is not executable: {e}"),
-        _ => format!("could not run `{program}`: {e}"),
     }
 }
 
