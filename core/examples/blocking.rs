@@ -436,11 +436,7 @@ fn spawn_process(
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     prepare_child(&mut cmd);
-    let mut child = cmd.spawn().map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => cli::missing_ffmpeg(program),
-        io::ErrorKind::PermissionDenied => format!("`{program}` is not executable: {e}"),
-        _ => format!("could not run `{program}`: {e}"),
-    })?;
+    let mut child = cmd.spawn().map_err(|e| cli::spawn_error(program, &e))?;
     let pid = child.id();
     debug!(%stream, pid, generation, "FFmpeg started");
     if let Some(stderr) = child.stderr.take() {
@@ -711,19 +707,9 @@ fn check_program(program: &str, needed: bool) -> Result<(), String> {
 /// The candidates advertised when none are configured: the socket's own address, or for a
 /// wildcard bind, loopback plus the address of the default route.
 fn default_candidates(bound: SocketAddr) -> Vec<SocketAddr> {
-    if !bound.ip().is_unspecified() {
-        return vec![bound];
-    }
-    let mut out = vec![SocketAddr::from(([127, 0, 0, 1], bound.port()))];
     // Connecting a UDP socket sends nothing; it only makes the kernel pick a source address.
     let probe = UdpSocket::bind("0.0.0.0:0")
         .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
         .and_then(|s| s.local_addr());
-    if let Ok(addr) = probe
-        && !addr.ip().is_loopback()
-        && !addr.ip().is_unspecified()
-    {
-        out.push(SocketAddr::new(addr.ip(), bound.port()));
-    }
-    out
+    whep_core::app::default_candidates(bound, probe.ok())
 }
