@@ -86,6 +86,54 @@ pub struct Stats {
     pub last_media_at: Option<Instant>,
     /// PLIs handed to str0m after [`Viewer::request_keyframe`].
     pub keyframe_requests: u64,
+    /// When the offer was POSTed.
+    pub posted_at: Option<Instant>,
+    /// When the 201 with the answer arrived.
+    pub answered_at: Option<Instant>,
+    /// When the first video packet starting a keyframe arrived (the first decodable frame).
+    pub first_keyframe_at: Option<Instant>,
+    /// Sequence accounting of the video packets.
+    pub video_seq: SeqStats,
+    /// Sequence accounting of the audio packets.
+    pub audio_seq: SeqStats,
+}
+
+/// Loss and reordering of one media kind, from str0m's extended (64-bit) sequence numbers,
+/// after str0m's de-duplication and NACK repair.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeqStats {
+    /// The first sequence number seen.
+    pub first: Option<u64>,
+    /// The highest sequence number seen.
+    pub highest: u64,
+    /// Packets received (padding included).
+    pub received: u64,
+    /// Packets that arrived after a higher sequence number.
+    pub reordered: u64,
+}
+
+impl SeqStats {
+    fn record(&mut self, seq: u64) {
+        self.received += 1;
+        match self.first {
+            None => {
+                self.first = Some(seq);
+                self.highest = seq;
+            }
+            Some(_) if seq > self.highest => self.highest = seq,
+            Some(_) => self.reordered += 1,
+        }
+    }
+
+    /// Packets the sequence numbers say were sent since the first one seen.
+    pub fn expected(&self) -> u64 {
+        self.first.map_or(0, |f| self.highest - f + 1)
+    }
+
+    /// Packets missing: expected minus received (never negative).
+    pub fn lost(&self) -> u64 {
+        self.expected().saturating_sub(self.received)
+    }
 }
 
 /// Why [`Viewer::connect`] failed.
@@ -162,7 +210,18 @@ impl Viewer {
         endpoint: &str,
         token: Option<&str>,
     ) -> Result<Self, ViewerError> {
-        let socket = UdpSocket::bind("127.0.0.1:0").map_err(ViewerError::Io)?;
+        // The local address towards the server: loopback for a local server, else the one the
+        // kernel routes through (connecting a UDP socket sends nothing).
+        let local_ip = if server.ip().is_loopback() {
+            server.ip()
+        } else {
+            UdpSocket::bind("0.0.0.0:0")
+                .and_then(|s| s.connect(server).map(|()| s))
+                .and_then(|s| s.local_addr())
+                .map_err(ViewerError::Io)?
+                .ip()
+        };
+        let socket = UdpSocket::bind((local_ip, 0)).map_err(ViewerError::Io)?;
         let local_addr = socket.local_addr().map_err(ViewerError::Io)?;
 
         let mut config = RtcConfig::new()
@@ -191,8 +250,10 @@ impl Viewer {
             headers.push(("Authorization", auth));
         }
         let offer = offer.to_sdp_string();
+        let posted_at = Instant::now();
         let response = http::request(server, "POST", endpoint, &headers, offer.as_bytes())
             .map_err(ViewerError::Http)?;
+        let answered_at = Instant::now();
         if response.status != 201 {
             return Err(ViewerError::Rejected { status: response.status, body: response.text() });
         }
@@ -207,7 +268,12 @@ impl Viewer {
             .accept_answer(pending, parsed)
             .map_err(|e| ViewerError::Sdp(format!("answer not accepted: {e}")))?;
 
-        let stats = Arc::new(Mutex::new(Stats { ice_state: "New".to_owned(), ..Stats::default() }));
+        let stats = Arc::new(Mutex::new(Stats {
+            ice_state: "New".to_owned(),
+            posted_at: Some(posted_at),
+            answered_at: Some(answered_at),
+            ..Stats::default()
+        }));
         let stop = Arc::new(AtomicU8::new(RUN));
         let pli = Arc::new(AtomicBool::new(false));
         let worker = Worker {
@@ -532,13 +598,21 @@ impl Worker {
     }
 
     fn on_rtp(&mut self, packet: &RtpPacket, now: Instant) {
-        if packet.payload.is_empty() {
-            return;
-        }
         let Some(kind) = self.kind_of(packet) else {
             tracing::debug!(ssrc = ?packet.header.ssrc, "RTP packet of unknown media");
             return;
         };
+        {
+            let mut stats = lock(&self.stats);
+            let seq = match kind {
+                MediaKind::Video => &mut stats.video_seq,
+                MediaKind::Audio => &mut stats.audio_seq,
+            };
+            seq.record(*packet.seq_no);
+        }
+        if packet.payload.is_empty() {
+            return;
+        }
         let len = packet.payload.len() as u64;
         let mut stats = lock(&self.stats);
         stats.last_media_at = Some(now);
@@ -553,6 +627,7 @@ impl Worker {
                 if keyframe && self.last_keyframe_ts != Some(ts) {
                     self.last_keyframe_ts = Some(ts);
                     stats.keyframes += 1;
+                    stats.first_keyframe_at.get_or_insert(now);
                 }
             }
             MediaKind::Audio => {
