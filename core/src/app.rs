@@ -80,12 +80,12 @@ pub struct StreamSpec {
 }
 
 impl StreamSpec {
-    /// The demo stream: a 640x360 test pattern at 30 fps with a 440 Hz tone, one keyframe per
-    /// second so that a new viewer sees a picture at once.
+    /// The demo stream: a 640x360 test pattern at 30 fps with a 440 Hz tone and a keyframe
+    /// every 2 s (a new viewer still sees a picture at once, from the GOP cache).
     pub fn demo() -> Self {
         Self {
             lavfi: Some("testsrc2=size=640x360:rate=30".into()),
-            gop: Some(30),
+            gop: Some(60),
             video_bitrate_kbps: Some(1500),
             ..Self::default()
         }
@@ -457,6 +457,7 @@ pub fn render_prometheus(core: &Core) -> String {
         ("ice_failures_total", "Viewers that never connected or were lost.", m.ice_failures),
         ("keyframe_requests_total", "PLI/FIR from viewers.", m.keyframe_requests),
         ("ffmpeg_restarts_total", "Restarts of supervised FFmpeg processes.", m.process_restarts),
+        ("gop_primes_total", "Viewers started with the cached GOP.", m.gop_primes),
         ("ingest_packets_total", "Datagrams received from FFmpeg.", m.ingest_packets),
         ("ingest_rtcp_total", "RTCP from FFmpeg, dropped.", m.ingest_rtcp),
         ("ingest_dropped_total", "Malformed ingest datagrams, dropped.", m.ingest_dropped),
@@ -507,7 +508,7 @@ mod tests {
         assert!(both.to_config().is_err());
         let demo = StreamSpec::demo().to_config().expect("demo is valid");
         assert!(demo.egress.force_transcode);
-        assert_eq!(demo.egress.gop, 30);
+        assert_eq!(demo.egress.gop, 60);
         assert_eq!(demo.egress.audio_map, "1:a:0");
         let bad = StreamSpec { profile: Some("ultra".into()), ..StreamSpec::demo() };
         assert!(bad.to_config().expect_err("bad profile").contains("ultra"));

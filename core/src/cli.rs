@@ -67,6 +67,10 @@ pub struct Cli {
     /// Do not start the demo stream when no stream is configured.
     #[arg(long)]
     no_demo: bool,
+    /// Do not keep each stream's last GOP for new viewers (they then wait for FFmpeg's next
+    /// keyframe).
+    #[arg(long)]
+    no_gop_cache: bool,
 }
 
 /// The configuration file. Every field is optional.
@@ -86,6 +90,7 @@ struct FileConfig {
     whep_prefix: Option<String>,
     ffmpeg: Option<String>,
     strict_if_match: Option<bool>,
+    gop_cache: Option<bool>,
     connect_timeout_secs: Option<u64>,
     inactivity_timeout_secs: Option<u64>,
     stale_timeout_secs: Option<u64>,
@@ -203,6 +208,7 @@ fn settings(
         core.process.program = ffmpeg;
     }
     core.strict_if_match = file.strict_if_match.unwrap_or(core.strict_if_match);
+    core.gop_cache = !cli.no_gop_cache && file.gop_cache.unwrap_or(core.gop_cache);
     let secs = Duration::from_secs;
     core.connect_timeout = file.connect_timeout_secs.map_or(core.connect_timeout, secs);
     core.inactivity_timeout = file.inactivity_timeout_secs.map_or(core.inactivity_timeout, secs);

@@ -51,6 +51,10 @@ pub struct Config {
     pub disconnect_grace: Duration,
     /// Packets of video kept per viewer for retransmission on NACK.
     pub rtx_cache_packets: usize,
+    /// Keep each stream's video since its last keyframe and start every new viewer with it
+    /// (timestamps compressed so the player catches up to live), so that the first picture does
+    /// not wait up to a GOP for FFmpeg's next keyframe. Bounded to 1024 packets and 1 MiB.
+    pub gop_cache: bool,
     /// Supervision of FFmpeg processes the core spawns.
     pub process: ProcessConfig,
 }
@@ -75,6 +79,7 @@ impl Default for Config {
             inactivity_timeout: Duration::from_secs(30),
             disconnect_grace: Duration::from_secs(5),
             rtx_cache_packets: 256,
+            gop_cache: true,
             process: ProcessConfig::default(),
         }
     }

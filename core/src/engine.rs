@@ -588,7 +588,7 @@ impl Core {
             PeerState::Connected if peer.last_rx + inactivity <= now => Some(CloseReason::Inactive),
             _ => None,
         };
-        self.apply_news(s, &mut news);
+        self.apply_news(s, &mut news, now);
         self.news = news;
         match reason {
             Some(r) => self.remove_peer(s, r, now),
@@ -596,7 +596,7 @@ impl Core {
         }
     }
 
-    fn apply_news(&mut self, s: SessionId, news: &mut Vec<PeerNews>) {
+    fn apply_news(&mut self, s: SessionId, news: &mut Vec<PeerNews>, now: Instant) {
         for n in news.drain(..) {
             let Some(peer) = self.peers.get(&s) else {
                 continue;
@@ -606,8 +606,11 @@ impl Core {
                 PeerNews::Connected => {
                     info!(session = %s, %stream, "viewer connected");
                     self.metrics.viewers_connected += 1;
-                    self.outputs
-                        .push_back(Output::Event(Event::ViewerConnected { stream, session: s }));
+                    self.outputs.push_back(Output::Event(Event::ViewerConnected {
+                        stream: stream.clone(),
+                        session: s,
+                    }));
+                    self.prime(s, &stream, now);
                 }
                 PeerNews::KeyframeRequest => {
                     self.metrics.keyframe_requests += 1;
@@ -616,6 +619,30 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// Starts a viewer that just connected with the stream's cached GOP, so that its first
+    /// picture does not wait for FFmpeg's next keyframe.
+    fn prime(&mut self, s: SessionId, stream: &StreamId, now: Instant) {
+        let grace = self.config.disconnect_grace;
+        let (Some(st), Some(peer)) = (self.streams.get(stream), self.peers.get_mut(&s)) else {
+            return;
+        };
+        if st.gop.packets.is_empty() {
+            return;
+        }
+        // News from these writes (a DTLS close, say) is picked up by the caller's next drain.
+        let mut news = Vec::new();
+        let mut sent = 0;
+        for pkt in st.gop.primed() {
+            if peer.write_media(&pkt, now, grace, &mut self.outputs, &mut news) {
+                sent += 1;
+                self.metrics.packets_forwarded += 1;
+                self.metrics.bytes_forwarded += pkt.payload.len() as u64;
+            }
+        }
+        self.metrics.gop_primes += 1;
+        debug!(session = %s, %stream, packets = sent, "viewer primed with the cached GOP");
     }
 
     fn on_datagram(
@@ -659,7 +686,7 @@ impl Core {
         }
         peer.drain(now, grace, &mut self.outputs, &mut news);
         let dead = peer.dead;
-        self.apply_news(session, &mut news);
+        self.apply_news(session, &mut news, now);
         self.news = news;
         if dead {
             self.remove_peer(session, CloseReason::RemoteClosed, now);
@@ -706,6 +733,9 @@ impl Core {
             keyframe_start,
             payload: Arc::from(p.payload),
         };
+        if kind == MediaKind::Video && self.config.gop_cache {
+            stream.gop.push(&pkt);
+        }
         let mut viewers = std::mem::take(&mut self.scratch);
         viewers.clear();
         viewers.extend(stream.viewers.iter().copied());
@@ -720,7 +750,7 @@ impl Core {
                 self.metrics.bytes_forwarded += pkt.payload.len() as u64;
             }
             let dead = peer.dead;
-            self.apply_news(s, &mut news);
+            self.apply_news(s, &mut news, now);
             if dead {
                 self.remove_peer(s, CloseReason::RemoteClosed, now);
             } else {
@@ -1111,7 +1141,7 @@ impl Core {
         }
         debug!(session = %s, restart, added, "patch");
         peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
-        self.apply_news(s, &mut news);
+        self.apply_news(s, &mut news, now);
         self.news = news;
         self.reschedule_peer(s, now);
         Ok(resp)

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub ice_failures: u64,
     /// Keyframe requests (PLI/FIR) received from viewers; FFmpeg cannot honour them.
     pub keyframe_requests: u64,
+    /// Viewers started with the cached GOP instead of waiting for the next keyframe.
+    pub gop_primes: u64,
     /// Restarts of supervised FFmpeg processes.
     pub process_restarts: u64,
     /// Datagrams from FFmpeg on ingest ports.

@@ -68,6 +68,12 @@ pub struct Viewer {
     pub first_video_is_keyframe: Option<bool>,
     /// Highest video sequence number minus lowest plus one, minus packets received.
     pub video_seqs: BTreeSet<u64>,
+    /// The last video RTP timestamp received.
+    pub last_video_ts: Option<u32>,
+    /// Video packets whose RTP timestamp went backwards (wrapping compare).
+    pub video_ts_regressions: u64,
+    /// When the first video packet arrived.
+    pub first_video_at: Option<Instant>,
     pub deadline: Instant,
     /// Whether str0m reported the peer closed.
     pub closed: bool,
@@ -301,6 +307,9 @@ impl SimWorld {
             first_audio_seq: None,
             first_video_is_keyframe: None,
             video_seqs: BTreeSet::new(),
+            last_video_ts: None,
+            video_ts_regressions: 0,
+            first_video_at: None,
             deadline: self.now,
             closed: false,
         };
@@ -585,6 +594,13 @@ impl SimWorld {
                                     crate::rtp::classify_h264(&p.payload).is_keyframe_start()
                                 });
                                 v.video_seqs.insert(*p.seq_no);
+                                let ts = p.header.timestamp;
+                                if v.last_video_ts.is_some_and(|l| (ts.wrapping_sub(l) as i32) < 0)
+                                {
+                                    v.video_ts_regressions += 1;
+                                }
+                                v.last_video_ts = Some(ts);
+                                v.first_video_at.get_or_insert(now);
                             }
                             Some(Codec::Opus) => {
                                 v.audio_packets += 1;

@@ -112,14 +112,41 @@ fn eight_viewers_each_receive_and_the_ninth_gets_503() {
 }
 
 #[test]
-fn late_joiner_waits_for_the_next_keyframe() {
-    let mut w = SimWorld::new(sim::config());
+fn late_joiner_without_the_gop_cache_waits_for_the_next_keyframe() {
+    let mut config = sim::config();
+    config.gop_cache = false;
+    let mut w = SimWorld::new(config);
     let demo = w.add_stream("demo", StreamConfig::external(), 60);
     w.run_for(SEC); // mid-GOP
     let (v, _) = w.join(&demo);
     w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 0);
     assert_eq!(w.viewers[v].first_video_is_keyframe, Some(true));
     assert!(w.viewers[v].audio_packets > 0, "audio started before video");
+    assert_eq!(w.core.metrics().gop_primes, 0);
+}
+
+#[test]
+fn late_joiner_starts_at_once_from_the_gop_cache_and_joins_live_without_a_seam() {
+    let mut w = SimWorld::new(sim::config());
+    // 60 frames at 30 fps: a keyframe every 2 s.
+    let demo = w.add_stream("demo", StreamConfig::external(), 60);
+    w.run_for(SEC); // mid-GOP
+    let joined = w.now;
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 0);
+    let first = w.viewers[v].first_video_at.expect("video arrived");
+    assert!(
+        first - joined < Duration::from_millis(300),
+        "first video {:?} after the POST: the cache was not used",
+        first - joined
+    );
+    assert_eq!(w.viewers[v].first_video_is_keyframe, Some(true));
+    assert_eq!(w.core.metrics().gop_primes, 1);
+    // Into the next GOP and beyond: contiguous sequence numbers, timestamps never go back.
+    w.run_for(3 * SEC);
+    assert!(w.viewers[v].video_packets > 500, "{}", w.viewers[v].video_packets);
+    assert_eq!(video_gaps(&w, v), 0, "the seam between cache and live lost packets");
+    assert_eq!(w.viewers[v].video_ts_regressions, 0, "timestamps went backwards");
 }
 
 #[test]

@@ -36,6 +36,9 @@ struct Args {
     /// binary].
     #[arg(long)]
     server: Option<PathBuf>,
+    /// Extra argument for the server it starts (repeat), e.g. `--server-arg=--no-gop-cache`.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
     /// Number of viewers.
     #[arg(long, default_value_t = 1)]
     viewers: usize,
@@ -126,10 +129,9 @@ fn main() -> ExitCode {
                 std::env::current_exe().unwrap_or_default().with_file_name("whepd-tokio")
             });
             let n = args.viewers.to_string();
-            let server = Server::start(
-                &bin.to_string_lossy(),
-                &["--max-viewers", &n, "--max-viewers-total", &n],
-            );
+            let mut server_args = vec!["--max-viewers", &n, "--max-viewers-total", &n];
+            server_args.extend(args.server_args.iter().map(String::as_str));
+            let server = Server::start(&bin.to_string_lossy(), &server_args);
             let ready = server.wait_stream("demo", Duration::from_secs(20), |s| s["pid"].is_u64());
             let ffmpeg =
                 ready.ok().and_then(|s| s["pid"].as_u64()).and_then(|p| u32::try_from(p).ok());
