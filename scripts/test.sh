@@ -7,7 +7,9 @@
 # with apt-get as root or through sudo), then: rustfmt check, the core's purity check (no async
 # runtime, socket or process crate in whep-core's normal dependencies), clippy with warnings
 # denied, rustdoc with warnings denied, and every test (unit, simulation, property, doc, and the
-# end-to-end suite with real FFmpeg, real sockets, str0m viewers and headless Chromium).
+# end-to-end suite with real FFmpeg, real sockets, str0m viewers and headless Chromium), and
+# finally every fuzz target for a short bounded time (cargo-fuzz on stable via RUSTC_BOOTSTRAP=1,
+# see scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/whep-target}"
@@ -43,3 +45,6 @@ RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps -p whep-core -p whep-tok
 
 step "tests"
 cargo test --locked --workspace --all-features
+
+step "fuzz: every target of fuzz/ for ${WHEP_FUZZ_SECONDS:-10} s (bash scripts/fuzz.sh N for longer)"
+bash scripts/fuzz.sh "${WHEP_FUZZ_SECONDS:-10}"

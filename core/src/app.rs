@@ -460,7 +460,11 @@ pub fn render_prometheus(core: &Core) -> String {
         ("gop_primes_total", "Viewers started with the cached GOP.", m.gop_primes),
         ("ingest_packets_total", "Datagrams received from FFmpeg.", m.ingest_packets),
         ("ingest_rtcp_total", "RTCP from FFmpeg, dropped.", m.ingest_rtcp),
-        ("ingest_dropped_total", "Malformed ingest datagrams, dropped.", m.ingest_dropped),
+        (
+            "ingest_dropped_total",
+            "Malformed or oversized ingest datagrams, dropped.",
+            m.ingest_dropped,
+        ),
         ("datagrams_in_total", "Datagrams on the viewer socket.", m.datagrams_in),
         ("datagrams_dropped_total", "Viewer datagrams matching no viewer.", m.datagrams_dropped),
         ("packets_forwarded_total", "RTP packets written to viewers.", m.packets_forwarded),

@@ -716,6 +716,11 @@ impl Core {
                 return;
             }
         };
+        if p.payload.len() > rtp::MAX_PAYLOAD {
+            // Not from our FFmpeg legs, and more than str0m can packetize (it would panic).
+            self.metrics.ingest_dropped += 1;
+            return;
+        }
         stream.last_rtp = Some(now);
         let source = match kind {
             MediaKind::Video => &mut stream.video,

@@ -82,6 +82,8 @@ mod config;
 pub mod driver;
 mod engine;
 pub mod ffmpeg;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod ids;
 mod metrics;
 mod peer;

@@ -29,7 +29,7 @@ pub struct Metrics {
     pub ingest_packets: u64,
     /// RTCP from FFmpeg, dropped.
     pub ingest_rtcp: u64,
-    /// Malformed datagrams or datagrams on unknown ports, dropped.
+    /// Malformed or oversized datagrams, or datagrams on unknown ports, dropped.
     pub ingest_dropped: u64,
     /// Datagrams on the viewer socket.
     pub datagrams_in: u64,

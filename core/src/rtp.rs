@@ -48,6 +48,15 @@ pub struct RtpPacket<'a> {
     pub payload: &'a [u8],
 }
 
+/// Largest RTP payload the core forwards to viewers, in bytes; larger packets are dropped at
+/// ingest. FFmpeg's legs send packets of at most [`RTP_PKT_SIZE`](crate::ffmpeg::RTP_PKT_SIZE)
+/// bytes, and this still admits any sender that respects a 1500-byte Ethernet MTU. It keeps
+/// what str0m builds from a payload (its own RTP header with extensions, 2 more bytes for a
+/// retransmission) inside str0m's 2000-byte datagram buffer: str0m 0.25 panics on a payload
+/// that does not fit (`streams/send.rs`), which any local process could otherwise trigger by
+/// sending one large datagram to an ingest port.
+pub const MAX_PAYLOAD: usize = 1500;
+
 /// Length of the fixed RTP header.
 const RTP_HEADER: usize = 12;
 /// Length of the fixed RTCP header (V/P/count, PT, length).

@@ -89,6 +89,7 @@ fn check_session(session: &Session) -> Result<OfferSummary, Reject> {
         };
         *slot = Some((m, mid.to_owned()));
     }
+    check_payload_types(session)?;
     let h264 = video.as_ref().map(|(m, _)| h264_offers(m)).unwrap_or_default();
     let opus = audio.as_ref().map(|(m, _)| opus_offers(m)).unwrap_or_default();
     match (video, audio) {
@@ -107,6 +108,31 @@ fn direction(sendonly: bool, inactive: bool) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// Refuses an offer whose media sections share a payload type number (in their format lists or
+/// `rtpmap`/`fmtp` lines). With BUNDLE a payload type must identify one codec across the
+/// bundle, browsers never reuse one, and str0m 0.25 panics on such an offer ("Pt locked
+/// multiple times"; found by the `whep_request` fuzz target).
+fn check_payload_types(session: &Session) -> Result<(), Reject> {
+    let mut owner: std::collections::HashMap<u8, usize> = std::collections::HashMap::new();
+    for (i, m) in session.medias.iter().enumerate() {
+        let listed = m.fmt.split_whitespace().map(str::to_owned);
+        let mapped = m
+            .attributes
+            .iter()
+            .filter(|a| a.attribute == "rtpmap" || a.attribute == "fmtp")
+            .filter_map(|a| a.value.as_deref())
+            .filter_map(|v| v.split_whitespace().next().map(str::to_owned));
+        for pt in listed.chain(mapped).filter_map(|p| p.parse::<u8>().ok()) {
+            if *owner.entry(pt).or_insert(i) != i {
+                return Err(Reject::BadOffer(format!(
+                    "payload type {pt} appears in more than one media section"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn h264_offers(m: &Media) -> Vec<H264Offer> {
@@ -256,6 +282,19 @@ mod tests {
             "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\n{video}{audio}"
         )
     }
+
+    #[test]
+    fn payload_type_shared_by_two_sections_is_refused() {
+        let audio_with_h264 =
+            OPUS.replace("a=rtpmap:111", "a=rtpmap:98 H264/90000\r\na=rtpmap:111");
+        let bad = offer(H264, &audio_with_h264);
+        match check_offer(bad.as_bytes()) {
+            Err(Reject::BadOffer(why)) => assert!(why.contains("payload type 98"), "{why}"),
+            other => panic!("expected 400, got {other:?}"),
+        }
+        assert!(check_offer(offer(H264, OPUS).as_bytes()).is_ok());
+    }
+
     const VP8: &str = "m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\na=rtpmap:96 VP8/90000\r\n";
     const H264_PM0: &str = "m=video 9 UDP/TLS/RTP/SAVPF 98\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\na=rtpmap:98 H264/90000\r\na=fmtp:98 profile-level-id=42e01f\r\n";
     const H264: &str = "m=video 9 UDP/TLS/RTP/SAVPF 98\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=recvonly\r\na=rtpmap:98 h264/90000\r\na=fmtp:98 packetization-mode=1;profile-level-id=42e01f\r\n";

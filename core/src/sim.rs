@@ -22,6 +22,8 @@ use str0m::{Candidate, Event as RtcEvent, Input as RtcInput, Output as RtcOutput
 use crate::whep::{Method, WhepRequest, WhepResponse};
 use crate::{Config, Core, Event, Input, Output, PortPair, StreamConfig, StreamId};
 
+pub mod ops;
+
 /// The address of the core's viewer socket in the simulation.
 pub const SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 3478);
 

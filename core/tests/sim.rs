@@ -508,3 +508,30 @@ fn port_exhaustion_is_an_error_not_a_panic() {
     w.core.add_stream(c.clone(), StreamConfig::external()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(w.core.start_stream(&c, w.now), Err(whep_core::StreamError::NoPorts));
 }
+
+#[test]
+fn oversized_ingest_packets_are_dropped_not_forwarded() {
+    // Found by the `ingest` fuzz target: str0m panics on a payload that does not fit its
+    // datagram buffer, so one large datagram on an ingest port used to crash the server.
+    let (mut w, demo, v) = playing(30);
+    let ports = w.bound[&demo];
+    let rtp = |pt: u8, ssrc: u32, first: u8, len: usize| {
+        let mut d = vec![0x80, pt, 0x12, 0x34, 0, 0, 0x10, 0];
+        d.extend_from_slice(&ssrc.to_be_bytes());
+        d.push(first);
+        d.resize(12 + len, 0x5a);
+        d
+    };
+    let big = whep_core::rtp::MAX_PAYLOAD + 1;
+    let (dropped, forwarded) =
+        (w.core.metrics().ingest_dropped, w.core.metrics().packets_forwarded);
+    w.ingest_raw(ports.audio(), &rtp(111, 0x1111_0001, 0xfc, big));
+    w.ingest_raw(ports.video, &rtp(96, 0x1111_0000, 0x67, big));
+    w.ingest_raw(ports.audio(), &rtp(111, 0x1111_0001, 0xfc, 2100));
+    assert_eq!(w.core.metrics().ingest_dropped, dropped + 3);
+    assert_eq!(w.core.metrics().packets_forwarded, forwarded, "nothing oversized forwarded");
+    w.ingest_raw(ports.audio(), &rtp(111, 0x1111_0001, 0xfc, whep_core::rtp::MAX_PAYLOAD));
+    assert_eq!(w.core.metrics().packets_forwarded, forwarded + 1, "the largest allowed payload");
+    assert_eq!(w.core.viewer_count(), 1);
+    assert_keeps_playing(&mut w, v);
+}
