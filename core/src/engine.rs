@@ -628,7 +628,14 @@ impl Core {
         let (Some(st), Some(peer)) = (self.streams.get(stream), self.peers.get_mut(&s)) else {
             return;
         };
-        if st.gop.packets.is_empty() {
+        // Only a cache of the source that is sending now: after a stop or an FFmpeg exit the
+        // cache may still hold the previous run's GOP until the new source's first packet
+        // clears it.
+        let live = matches!(st.state, StreamState::Running { .. })
+            && st
+                .last_rtp
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+        if st.gop.packets.is_empty() || !live {
             return;
         }
         // News from these writes (a DTLS close, say) is picked up by the caller's next drain.
