@@ -10,12 +10,15 @@
 //! documented contract not kept (named in each function's docs), or a panic inside the core or
 //! str0m. A crash is a bug to fix, not an input to filter.
 //!
-//! `offer`, `whep_request`, `ingest` and `viewer_datagram` keep their simulated world in a
-//! thread-local and rebuild it every 256 inputs, or sooner when an input left it unusable (a
-//! certificate, and for the media targets a DTLS handshake, per input would dominate the run).
-//! An input may therefore behave differently after a different history. The first input of a
-//! process gets a fresh world, so a crash file replayed alone starts from the state the
-//! target's docs describe. `sdpfrag` and `ops` keep no state between inputs.
+//! Building a world costs more than most inputs (str0m answering an offer; for the media
+//! targets a DTLS handshake), so all targets but `sdpfrag` and `ops` keep theirs in a
+//! thread-local and rebuild it every 256 inputs, or sooner when it is no longer in the state
+//! the target needs. `offer` and `whep_request` rebuild or restore it whenever an input may
+//! have changed it, so every input sees the same state (up to counters and the random ids the
+//! core draws) and a crash file reproduces on its own.
+//! `ingest` and `viewer_datagram` keep one connected viewer across inputs (its str0m state and
+//! the stream's sequence numbers carry over), so a crash there may need the inputs before it;
+//! replaying the crash file alone starts from a fresh world.
 
 use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -28,7 +31,7 @@ use crate::sdpfrag::{self, SdpFrag};
 use crate::sim::ops::{Op, OpsWorld};
 use crate::sim::{self, SimWorld};
 use crate::whep::{CONTENT_TYPE_SDP, Method, WhepRequest};
-use crate::{Event, PortPair, SessionId, StreamConfig, StreamId, sdp};
+use crate::{PortPair, StreamConfig, StreamId, sdp};
 
 /// A fuzz target: takes any bytes, panics only when the core is wrong.
 pub type Target = fn(&[u8]);
@@ -48,7 +51,7 @@ pub const CHROMIUM_OFFER: &str = include_str!("../tests/data/chromium-156-offer.
 
 /// In a [`whep_request`] target, replaced by the id of the world's session.
 pub const SESSION_PLACEHOLDER: &str = "SESSION";
-/// In a [`whep_request`] header value, replaced by the session's current `ETag` (quoted).
+/// In a [`whep_request`] header value, replaced by the session's `ETag` (quoted).
 pub const ETAG_PLACEHOLDER: &str = "ETAG";
 /// The admin token of the [`whep_request`] world (`Authorization: Bearer admin`).
 pub const ADMIN_TOKEN: &str = "admin";
@@ -257,21 +260,34 @@ pub fn decode_request(data: &[u8]) -> WhepRequest {
 
 struct RequestWorld {
     w: SimWorld,
-    /// The session, its id as text and its current ETag.
-    id: SessionId,
-    session: String,
-    etag: String,
+    /// The session's id and ETag, once an input named it.
+    session: Option<(String, String)>,
+    /// A request that may have changed the core's state ran; the next input needs a new world.
+    dirty: bool,
     app: AppConfig,
 }
 
 impl RequestWorld {
-    /// Whether the session is still there (no DELETE, stream stop or removal closed it).
-    fn session_alive(&self) -> bool {
-        !self
-            .w
-            .events
-            .iter()
-            .any(|(_, e)| matches!(e, Event::ViewerLeft { session, .. } if *session == self.id))
+    fn new() -> Self {
+        let mut config = sim::config();
+        config.strict_if_match = true;
+        let (w, _) = demo_world(config);
+        let app = AppConfig { admin_token: Some(ADMIN_TOKEN.to_owned()) };
+        Self { w, session: None, dirty: false, app }
+    }
+
+    /// The session's id and ETag, created on first use (str0m answering an offer is the
+    /// costly part of a world, so inputs that do not name the session skip it).
+    fn session(&mut self) -> (String, String) {
+        if let Some(s) = &self.session {
+            return s.clone();
+        }
+        let r = self.w.http(post(CHROMIUM_OFFER));
+        assert_eq!(r.code(), 201, "the Chromium offer is accepted: {}", text(&r.body));
+        let location = r.header("location").unwrap_or_default();
+        let id = location.rsplit('/').next().unwrap_or_default().to_owned();
+        let etag = r.header("etag").unwrap_or_default().to_owned();
+        self.session.insert((id, etag)).clone()
     }
 }
 
@@ -279,61 +295,51 @@ thread_local! {
     static REQUEST: RefCell<Reused<RequestWorld>> = const { RefCell::new(Reused::new()) };
 }
 
-fn request_world() -> RequestWorld {
-    let mut config = sim::config();
-    config.strict_if_match = true;
-    let (mut w, _) = demo_world(config);
-    let r = w.http(post(CHROMIUM_OFFER));
-    assert_eq!(r.code(), 201, "the Chromium offer is accepted: {}", text(&r.body));
-    let location = r.header("location").unwrap_or_default();
-    let session = location.rsplit('/').next().unwrap_or_default().to_owned();
-    let id = SessionId::parse(&session).unwrap_or_else(|| panic!("session id in {location}"));
-    let etag = r.header("etag").unwrap_or_default().to_owned();
-    let app = AppConfig { admin_token: Some(ADMIN_TOKEN.to_owned()) };
-    RequestWorld { w, id, session, etag, app }
-}
-
 /// One HTTP request to the application routes, decoded with [`decode_request`], answered by
 /// [`app::handle`] (player page, metrics, admin API with token [`ADMIN_TOKEN`], and the WHEP
 /// routes of [`Core::handle_http`](crate::Core::handle_http)).
 ///
-/// The core has a running external stream `demo` with one session (created from
-/// [`CHROMIUM_OFFER`], not connected) and enforces `If-Match` on PATCH
-/// ([`Config::strict_if_match`](crate::Config::strict_if_match)). [`SESSION_PLACEHOLDER`] in
-/// the target becomes that session's id, so `/whep/demo/SESSION` reaches PATCH, DELETE and GET
-/// of a live session, and [`ETAG_PLACEHOLDER`] in a header value becomes its current ETag (so
-/// `If-Match: ETAG` matches, also after an ICE restart changed it). The outputs are executed
-/// by the simulation (ports bound, fake FFmpeg spawned for streams the admin API adds). The
-/// world is rebuilt once the session is gone (DELETE, stream stopped or removed).
+/// The core has a running external stream `demo` and enforces `If-Match` on PATCH
+/// ([`Config::strict_if_match`](crate::Config::strict_if_match)). When the target contains
+/// [`SESSION_PLACEHOLDER`] or a header value [`ETAG_PLACEHOLDER`], the stream also has one
+/// session (created from [`CHROMIUM_OFFER`], not connected), whose id and ETag replace them:
+/// `/whep/demo/SESSION` with `If-Match: ETAG` reaches PATCH (trickle and ICE restart), DELETE
+/// and GET of a live session. The outputs are executed by the simulation (ports bound, fake
+/// FFmpeg spawned for streams the admin API adds).
+///
+/// Every input sees the same state (up to counters), so a crash file reproduces on its own: the world is kept
+/// only across requests that cannot change it (every method but POST, PATCH and DELETE is
+/// read-only on every route); after a POST, PATCH or DELETE the next input gets a new one.
 ///
 /// A crash means: an invariant breaks, a response lacks `Access-Control-Allow-Origin`, or
 /// something panics in the routes, the admin API's JSON handling, the WHEP handlers or str0m.
 pub fn whep_request(data: &[u8]) {
     let mut req = decode_request(data);
-    with_world(&REQUEST, request_world, RequestWorld::session_alive, |rw| {
-        req.target = req.target.replace(SESSION_PLACEHOLDER, &rw.session);
-        for (_, v) in &mut req.headers {
-            if v.contains(ETAG_PLACEHOLDER) {
-                *v = v.replace(ETAG_PLACEHOLDER, &rw.etag);
+    let needs_session = req.target.contains(SESSION_PLACEHOLDER)
+        || req.headers.iter().any(|(_, v)| v.contains(ETAG_PLACEHOLDER));
+    with_world(
+        &REQUEST,
+        RequestWorld::new,
+        |r| !r.dirty,
+        |rw| {
+            if needs_session {
+                let (id, etag) = rw.session();
+                req.target = req.target.replace(SESSION_PLACEHOLDER, &id);
+                for (_, v) in &mut req.headers {
+                    *v = v.replace(ETAG_PLACEHOLDER, &etag);
+                }
             }
-        }
-        let restart = req.method == Method::Patch && req.target.contains(&rw.session);
-        let w = &mut rw.w;
-        let resp = app::handle(&mut w.core, &rw.app, req, w.now);
-        w.drain();
-        if restart
-            && resp.code() == 200
-            && let Some(etag) = resp.header("etag")
-        {
-            // An ICE restart of the session: its ETag changed.
-            rw.etag = etag.to_owned();
-        }
-        assert!(
-            resp.header("access-control-allow-origin").is_some(),
-            "response {} without Access-Control-Allow-Origin",
-            resp.code()
-        );
-    });
+            rw.dirty = matches!(req.method, Method::Post | Method::Patch | Method::Delete);
+            let w = &mut rw.w;
+            let resp = app::handle(&mut w.core, &rw.app, req, w.now);
+            w.drain();
+            assert!(
+                resp.header("access-control-allow-origin").is_some(),
+                "response {} without Access-Control-Allow-Origin",
+                resp.code()
+            );
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
