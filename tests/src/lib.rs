@@ -219,6 +219,83 @@ impl Server {
     }
 }
 
+impl Server {
+    /// What the server holds right now: descriptors, memory, threads, child processes (from
+    /// `/proc`) and sessions and ingest ports (from `/metrics`).
+    ///
+    /// # Panics
+    ///
+    /// When `/proc` has no entry for the server (it exited).
+    pub fn resources(&self) -> Resources {
+        let pid = self.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("server {pid} gone: {e}"));
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+        Resources {
+            fds,
+            rss_kib: kib("VmRSS:"),
+            threads: kib("Threads:"),
+            children: children_of(pid).len(),
+            sessions: self.metric("whep_viewers_current").unwrap_or(-1.0) as i64,
+            port_pairs: self.metric("whep_ingest_port_pairs_in_use").unwrap_or(-1.0) as i64,
+        }
+    }
+}
+
+/// A snapshot of what a server process holds; see [`Server::resources`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    /// Open file descriptors (sockets, pipes, files).
+    pub fds: usize,
+    /// Resident memory.
+    pub rss_kib: u64,
+    /// Threads.
+    pub threads: u64,
+    /// Live (non-zombie) child processes.
+    pub children: usize,
+    /// WHEP sessions (`whep_viewers_current`).
+    pub sessions: i64,
+    /// Ingest port pairs bound (`whep_ingest_port_pairs_in_use`).
+    pub port_pairs: i64,
+}
+
+impl Resources {
+    /// Whether `self` (after some work) is back at `baseline`: the same descriptors, sessions,
+    /// port pairs, children and threads, and resident memory grown by at most `slack_kib`
+    /// (allocators keep freed pages; the bound catches per-request leaks, not fragmentation).
+    pub fn back_to(&self, baseline: &Self, slack_kib: u64) -> bool {
+        self.fds <= baseline.fds
+            && self.sessions == baseline.sessions
+            && self.port_pairs == baseline.port_pairs
+            && self.children <= baseline.children
+            && self.threads <= baseline.threads
+            && self.rss_kib <= baseline.rss_kib + slack_kib
+    }
+}
+
+/// Pids of the live (non-zombie) children of `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // After ") ": state, ppid.
+            stat.rsplit_once(") ").is_some_and(|(_, rest)| {
+                let mut f = rest.split(' ');
+                let state = f.next().unwrap_or("Z");
+                state != "Z" && f.next().and_then(|p| p.parse::<u32>().ok()) == Some(pid)
+            })
+        })
+        .collect()
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
