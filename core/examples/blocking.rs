@@ -535,11 +535,11 @@ fn accept_loop(listener: &TcpListener, max_body: usize, tx: &SyncSender<Msg>) {
 
 /// Reads one request, has the main loop answer it, writes the answer.
 fn serve(conn: &TcpStream, peer: SocketAddr, max_body: usize, tx: &SyncSender<Msg>) {
-    let _ = conn.set_read_timeout(Some(HTTP_TIMEOUT));
     let _ = conn.set_write_timeout(Some(HTTP_TIMEOUT));
-    let mut reader = BufReader::new(conn);
+    let mut reader = BufReader::new(Deadline::new(conn, HTTP_TIMEOUT));
     let (resp, head, unread) = match read_request(&mut reader, max_body) {
-        Ok((req, unread)) => {
+        Ok((mut req, unread)) => {
+            req.client = Some(peer.ip());
             let head = req.method == Method::Head;
             let (reply, answer) = mpsc::channel();
             // If the main loop is gone, `reply` is dropped with the message and `recv` fails.
@@ -561,6 +561,30 @@ fn serve(conn: &TcpStream, peer: SocketAddr, max_body: usize, tx: &SyncSender<Ms
     let _ = io::copy(&mut reader.take(unread.min(16 * max_body as u64)), &mut io::sink());
 }
 
+/// Reads from a connection until a deadline: a client that trickles its request a byte at a
+/// time cannot hold a thread longer than the whole request may take.
+struct Deadline<'a> {
+    conn: &'a TcpStream,
+    until: Instant,
+}
+
+impl<'a> Deadline<'a> {
+    fn new(conn: &'a TcpStream, within: Duration) -> Self {
+        Self { conn, until: Instant::now() + within }
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.conn.set_read_timeout(Some(left))?;
+        self.conn.read(buf)
+    }
+}
+
 /// Why no request was read: answer with a status, or just close the connection.
 enum ReadError {
     Refused(StatusCode, &'static str),
@@ -577,7 +601,7 @@ impl From<io::Error> for ReadError {
 /// bytes: the core answers anything longer with 413. Returns the request and the number of body
 /// bytes left unread.
 fn read_request(
-    reader: &mut BufReader<&TcpStream>,
+    reader: &mut BufReader<Deadline<'_>>,
     max_body: usize,
 ) -> Result<(WhepRequest, u64), ReadError> {
     use ReadError::Refused;
@@ -615,10 +639,15 @@ fn read_request(
     };
     let keep = length.min(max_body as u64 + 1);
     if keep > 0 && req.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
-        let mut conn: &TcpStream = reader.get_ref();
+        let mut conn: &TcpStream = reader.get_ref().conn;
         conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
     }
-    reader.by_ref().take(keep).read_to_end(&mut req.body)?;
+    match reader.by_ref().take(keep).read_to_end(&mut req.body) {
+        Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
+            return Err(Refused(StatusCode::RequestTimeout, "request body too slow"));
+        }
+        r => r?,
+    };
     if (req.body.len() as u64) < keep {
         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
     }
@@ -628,7 +657,7 @@ fn read_request(
 /// One line without its line break, `None` at end of stream. The whole head may take
 /// [`MAX_HEAD`] bytes (431 beyond) and must be UTF-8 (400 otherwise).
 fn read_line(
-    reader: &mut BufReader<&TcpStream>,
+    reader: &mut BufReader<Deadline<'_>>,
     budget: &mut usize,
 ) -> Result<Option<String>, ReadError> {
     let mut line = Vec::new();

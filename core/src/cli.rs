@@ -14,6 +14,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::app::{AppConfig, StreamSpec};
+use crate::ratelimit::{Rate, RateLimits, RateSetting};
 use crate::{Config, IceServer};
 
 /// A WHEP egress server: FFmpeg in, browsers out.
@@ -71,6 +72,18 @@ pub struct Cli {
     /// keyframe).
     #[arg(long)]
     no_gop_cache: bool,
+    /// POSTs (new sessions) per second one client address may send, `RATE[:BURST]`; 0 = no
+    /// limit [default: 5:20]. Beyond it: 429 with Retry-After.
+    #[arg(long, value_name = "RATE[:BURST]")]
+    post_rate: Option<RateSetting>,
+    /// POSTs per second from all clients together, `RATE[:BURST]`; 0 = no limit
+    /// [default: 100:200].
+    #[arg(long, value_name = "RATE[:BURST]")]
+    post_rate_global: Option<RateSetting>,
+    /// Other WHEP requests (PATCH, DELETE, GET, OPTIONS) per second per client address,
+    /// `RATE[:BURST]`; 0 = no limit [default: 50:100].
+    #[arg(long, value_name = "RATE[:BURST]")]
+    request_rate: Option<RateSetting>,
 }
 
 /// The configuration file. Every field is optional.
@@ -91,6 +104,9 @@ struct FileConfig {
     ffmpeg: Option<String>,
     strict_if_match: Option<bool>,
     gop_cache: Option<bool>,
+    post_rate: Option<String>,
+    post_rate_global: Option<String>,
+    request_rate: Option<String>,
     connect_timeout_secs: Option<u64>,
     inactivity_timeout_secs: Option<u64>,
     stale_timeout_secs: Option<u64>,
@@ -209,6 +225,19 @@ fn settings(
     }
     core.strict_if_match = file.strict_if_match.unwrap_or(core.strict_if_match);
     core.gop_cache = !cli.no_gop_cache && file.gop_cache.unwrap_or(core.gop_cache);
+    let rate =
+        |flag: Option<RateSetting>, file: Option<String>, default: Option<Rate>| match (flag, file)
+        {
+            (Some(RateSetting(r)), _) => Ok(r),
+            (None, Some(text)) => text.parse::<RateSetting>().map(|RateSetting(r)| r),
+            (None, None) => Ok(default),
+        };
+    let limits = core.rate_limits;
+    core.rate_limits = RateLimits {
+        post_per_client: rate(cli.post_rate, file.post_rate, limits.post_per_client)?,
+        post_global: rate(cli.post_rate_global, file.post_rate_global, limits.post_global)?,
+        requests_per_client: rate(cli.request_rate, file.request_rate, limits.requests_per_client)?,
+    };
     let secs = Duration::from_secs;
     core.connect_timeout = file.connect_timeout_secs.map_or(core.connect_timeout, secs);
     core.inactivity_timeout = file.inactivity_timeout_secs.map_or(core.inactivity_timeout, secs);
@@ -391,6 +420,26 @@ max_viewers = 2
         assert!(err.contains("stream \"x\""), "{err}");
         let s = setup_from(&["--stream", "a=srt://h:1", "--stream", "b=/srv/x.mp4"]).expect("ok");
         assert!(s.streams[0].1.url.is_some() && s.streams[1].1.file.is_some());
+    }
+
+    #[test]
+    fn rate_limits_from_flags_and_file() {
+        let s = setup_from(&[]).expect("valid");
+        assert_eq!(s.core.rate_limits, RateLimits::default());
+        let file = "post_rate = \"2:4\"\nrequest_rate = \"off\"\npost_rate_global = \"9\"\n";
+        let s = setup_with(&["--config", "w.toml", "--post-rate-global", "0"], file).expect("ok");
+        assert_eq!(
+            s.core.rate_limits,
+            RateLimits {
+                post_per_client: Some(Rate::new(2, 4)),
+                post_global: None,
+                requests_per_client: None,
+            }
+        );
+        let err = setup_from(&["--post-rate", "fast"]).expect_err("bad rate");
+        assert!(err.contains("RATE[:BURST]"), "{err}");
+        let err = setup_with(&["--config", "w.toml"], "post_rate = \"1:0\"").expect_err("bad");
+        assert!(err.contains("RATE[:BURST]"), "{err}");
     }
 
     #[test]

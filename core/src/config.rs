@@ -5,6 +5,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use crate::ffmpeg::EgressConfig;
+use crate::ratelimit::RateLimits;
 
 /// Configuration of a [`Core`](crate::Core). Every field has a sensible default.
 #[derive(Debug, Clone)]
@@ -55,6 +56,8 @@ pub struct Config {
     /// (timestamps compressed so the player catches up to live), so that the first picture does
     /// not wait up to a GOP for FFmpeg's next keyframe. Bounded to 1024 packets and 1 MiB.
     pub gop_cache: bool,
+    /// Request rate limits per client address and global (429 with `Retry-After` beyond).
+    pub rate_limits: RateLimits,
     /// Supervision of FFmpeg processes the core spawns.
     pub process: ProcessConfig,
 }
@@ -80,6 +83,7 @@ impl Default for Config {
             disconnect_grace: Duration::from_secs(5),
             rtx_cache_packets: 256,
             gop_cache: true,
+            rate_limits: RateLimits::default(),
             process: ProcessConfig::default(),
         }
     }

@@ -18,6 +18,7 @@ use crate::ids::{Rng, SessionId, StreamId};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, PeerNews, PeerState, SourcePacket, Track};
 use crate::ports::{PortPair, PortPool};
+use crate::ratelimit::{Kind, Limiter};
 use crate::rtp::{self, Datagram};
 use crate::sdp;
 use crate::sdpfrag::{self, SdpFrag};
@@ -72,6 +73,7 @@ pub struct Core {
     timers: BTreeSet<(Instant, TimerKey)>,
     outputs: VecDeque<Output>,
     metrics: Metrics,
+    limiter: Limiter,
     next_generation: u64,
     now: Instant,
     /// Reused buffers, so the packet path does not allocate for bookkeeping.
@@ -87,6 +89,7 @@ impl Core {
         Self {
             rng: Rng::new(config.rng_seed),
             ports: PortPool::new(config.ingest_ports.clone()),
+            limiter: Limiter::new(config.rate_limits, now),
             config,
             crypto,
             cert,
@@ -406,6 +409,11 @@ impl Core {
             Some(d) => StreamState::Backoff { until: now + d },
             None => StreamState::Stopped,
         };
+        if retry_in.is_none() {
+            // A stopped stream holds no viewers, as after `stop_stream`: those that joined
+            // while it was binding would otherwise stay attached to it, without media.
+            self.close_viewers(id, CloseReason::StreamStopped, now);
+        }
         warn!(stream = %id, reason, ?retry_in, "stream failed");
         self.outputs.push_back(Output::Event(Event::StreamFailed {
             stream: id.clone(),
@@ -856,9 +864,18 @@ impl Core {
             (None, _) => "other",
         };
         let preflight = req.is_preflight();
+        // Preflights and unknown paths are free; everything else draws on the rate limits
+        // before any work (authentication included, so tokens cannot be guessed at speed).
+        let limited = match route {
+            Some(_) if !preflight => self.admit(&req, now).err(),
+            _ => None,
+        };
         let result = match route {
             None => Err(Reject::NoRoute),
             Some(_) if preflight => Ok(self.preflight()),
+            Some(_) if limited.is_some() => {
+                Err(Reject::RateLimited { retry_after: limited.unwrap_or_default() })
+            }
             Some(_)
                 if !whep::bearer_ok(&self.config.bearer_tokens, req.header("authorization")) =>
             {
@@ -884,6 +901,18 @@ impl Core {
         }
         self.count_request(label, &req.method, resp.code());
         resp
+    }
+
+    /// Draws on the rate limits; a POST to an endpoint is a new session, anything else is an
+    /// ordinary request.
+    fn admit(&mut self, req: &WhepRequest, now: Instant) -> Result<(), Duration> {
+        let kind = if req.method == Method::Post { Kind::Post } else { Kind::Other };
+        self.limiter.admit(kind, req.client, now)
+    }
+
+    /// Clients the rate limiter tracks (bounded by [`MAX_CLIENTS`](crate::ratelimit::MAX_CLIENTS) per table).
+    pub fn rate_limited_clients(&self) -> usize {
+        self.limiter.tracked()
     }
 
     /// Counts one answered HTTP request in [`Metrics::requests`].
@@ -1235,6 +1264,9 @@ impl Core {
             indexed += s.viewers.len();
             let cap = s.config.max_viewers.unwrap_or(self.config.max_viewers_per_stream);
             assert!(s.viewers.len() <= cap, "stream {id} over its cap");
+            if matches!(s.state, StreamState::Stopped | StreamState::Stopping { .. }) {
+                assert!(s.viewers.is_empty(), "stream {id} is {} but has viewers", s.state_name());
+            }
             if let Some(ports) = s.ports() {
                 assert!(self.ports.is_allocated(ports), "stream {id} holds unallocated {ports}");
             }

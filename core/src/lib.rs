@@ -88,6 +88,7 @@ mod ids;
 mod metrics;
 mod peer;
 pub mod ports;
+pub mod ratelimit;
 pub mod rtp;
 pub mod sdp;
 pub mod sdpfrag;
@@ -103,6 +104,7 @@ pub use ffmpeg::EgressConfig;
 pub use ids::{ETag, SessionId, StreamId};
 pub use metrics::Metrics;
 pub use ports::PortPair;
+pub use ratelimit::{Rate, RateLimits};
 pub use whep::{Reject, WhepRequest, WhepResponse};
 
 /// An input from the runtime.

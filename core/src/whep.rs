@@ -5,6 +5,8 @@
 //! [`WhepResponse`] back. Every request gets a response; rejections are ordinary responses.
 
 use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
 
 pub use http_types::{Method, StatusCode};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
@@ -35,12 +37,23 @@ pub struct WhepRequest {
     /// [`Config::max_body_bytes`](crate::Config::max_body_bytes) + 1 bytes: anything longer is
     /// answered with 413 regardless of what follows.
     pub body: Vec<u8>,
+    /// The client's address, when the runtime knows it: the key of the per-client rate limits
+    /// ([`Config::rate_limits`](crate::Config::rate_limits)). Without it only the global
+    /// limit applies.
+    pub client: Option<IpAddr>,
 }
 
 impl WhepRequest {
-    /// A request with no headers and an empty body.
+    /// A request with no headers, an empty body and no client address.
     pub fn new(method: Method, target: impl Into<String>) -> Self {
-        Self { method, target: target.into(), headers: Vec::new(), body: Vec::new() }
+        Self { method, target: target.into(), headers: Vec::new(), body: Vec::new(), client: None }
+    }
+
+    /// Sets the client's address.
+    #[must_use]
+    pub fn with_client(mut self, client: impl Into<IpAddr>) -> Self {
+        self.client = Some(client.into());
+        self
     }
 
     /// Adds a header field.
@@ -175,6 +188,12 @@ pub enum Reject {
     NoCandidates,
     /// An ICE restart the WebRTC stack refused; the session is kept (400).
     RestartFailed(String),
+    /// The client, or all clients together, sent more requests than
+    /// [`Config::rate_limits`](crate::Config::rate_limits) allows (429).
+    RateLimited {
+        /// How long until the request would be admitted.
+        retry_after: Duration,
+    },
 }
 
 impl Reject {
@@ -196,12 +215,19 @@ impl Reject {
             Self::StreamFull { .. } | Self::ServerFull { .. } | Self::NoCandidates => {
                 StatusCode::ServiceUnavailable
             }
+            Self::RateLimited { .. } => StatusCode::TooManyRequests,
         }
     }
 
     /// Whether the response carries `Retry-After`.
     pub fn retry_after(&self) -> bool {
-        matches!(self, Self::StreamFull { .. } | Self::ServerFull { .. } | Self::NoCandidates)
+        matches!(
+            self,
+            Self::StreamFull { .. }
+                | Self::ServerFull { .. }
+                | Self::NoCandidates
+                | Self::RateLimited { .. }
+        )
     }
 
     /// Short machine-readable reason, for metrics labels and logs.
@@ -224,6 +250,7 @@ impl Reject {
             Self::ServerFull { .. } => "server_full",
             Self::NoCandidates => "no_candidates",
             Self::RestartFailed(_) => "restart_failed",
+            Self::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -237,7 +264,11 @@ impl Reject {
             Self::UnsupportedMediaType { expected } => r = r.with("Accept-Post", *expected),
             _ => {}
         }
-        if self.retry_after() {
+        if let Self::RateLimited { retry_after } = self {
+            // Whole seconds, rounded up: a client that waits that long is admitted.
+            let secs = retry_after.as_millis().div_ceil(1000).max(1);
+            r = r.with("Retry-After", secs.to_string());
+        } else if self.retry_after() {
             r = r.with("Retry-After", retry_after_secs.to_string());
         }
         r.with_body("text/plain; charset=utf-8", format!("{self}\n"))
@@ -275,6 +306,7 @@ impl fmt::Display for Reject {
             Self::ServerFull { cap } => write!(f, "webrtc: too many peers (cap {cap})"),
             Self::NoCandidates => f.write_str("webrtc: no host candidate configured"),
             Self::RestartFailed(why) => write!(f, "webrtc: ICE restart failed: {why}"),
+            Self::RateLimited { .. } => f.write_str("webrtc: too many requests, retry later"),
         }
     }
 }

@@ -390,3 +390,48 @@ fn session_ids_are_unguessable() {
     }
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn rate_limits_answer_429_with_retry_after_per_client_and_globally() {
+    use whep_core::{Rate, RateLimits};
+    let mut config = sim::config();
+    config.max_viewers_per_stream = 100;
+    config.max_viewers_total = 100;
+    config.rate_limits = RateLimits {
+        post_per_client: Some(Rate::new(1, 2)),
+        post_global: Some(Rate::new(1, 4)),
+        requests_per_client: Some(Rate::new(2, 3)),
+    };
+    let (mut w, _) = world(config);
+    let from = |last: u8| post(CHROMIUM_OFFER).with_client([10, 0, 0, last]);
+    // Client 1: its burst of 2, then 429 with the whole seconds until its next token.
+    assert_eq!(w.http(from(1)).code(), 201);
+    assert_eq!(w.http(from(1)).code(), 201);
+    let r = w.http(from(1));
+    assert_eq!(r.code(), 429, "{}", text(&r));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_cors(&r);
+    assert_eq!(text(&r), "webrtc: too many requests, retry later\n");
+    // Client 2 has its own budget but the global burst (4) runs out after two more.
+    assert_eq!(w.http(from(2)).code(), 201);
+    assert_eq!(w.http(from(2)).code(), 201);
+    assert_eq!(w.http(from(3)).code(), 429, "global limit");
+    assert_eq!(w.core.viewer_count(), 4, "a refused POST creates nothing");
+    // Other requests draw on their own per-client bucket: 3 at once, then 429; the
+    // preflight is free.
+    let unknown = "/whep/demo/00000000000000000000000000000000";
+    let del = || WhepRequest::new(Method::Delete, unknown).with_client([10, 0, 0, 1]);
+    for _ in 0..3 {
+        assert_eq!(w.http(del()).code(), 204);
+    }
+    assert_eq!(w.http(del()).code(), 429);
+    let preflight = WhepRequest::new(Method::Options, "/whep/demo")
+        .with_header("Access-Control-Request-Method", "POST")
+        .with_client([10, 0, 0, 1]);
+    assert_eq!(w.http(preflight).code(), 204);
+    assert_eq!(w.core.metrics().rejections.get("rate_limited"), Some(&3));
+    // Time refills the buckets.
+    w.run_for(Duration::from_secs(2));
+    assert_eq!(w.http(from(3)).code(), 201);
+    assert_eq!(w.http(del()).code(), 204);
+}

@@ -3,8 +3,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::Body;
@@ -17,6 +20,22 @@ use whep_core::{WhepRequest, WhepResponse};
 use crate::Whep;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a client may take to send its request head, and then its body: 408 (body) or a
+/// closed connection (head) beyond.
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head hyper buffers (request line and headers); beyond: 431.
+const MAX_HEAD: usize = 64 * 1024;
+/// Connections served at once by [`serve`]; beyond, new ones are closed at once (each costs a
+/// descriptor and a task until its head timeout).
+pub(crate) const MAX_CONNECTIONS: usize = 256;
+
+/// The address of a request's client, as a request extension: the key of the per-client rate
+/// limits. [`Whep::serve`] adds it; an application that serves [`WhepService`] itself adds it
+/// (for axum, from `ConnectInfo`) or the service falls back to a [`SocketAddr`] extension, and
+/// without either only the global limits apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
 
 /// The WHEP routes (and, from [`Whep::service`], the player page, `/metrics` and the admin API)
 /// as an HTTP service.
@@ -44,20 +63,28 @@ impl WhepService {
     {
         let (parts, body) = req.into_parts();
         let limit = self.whep.max_body();
-        let body = match Limited::new(body, limit + 1).collect().await {
-            Ok(collected) => collected.to_bytes().to_vec(),
+        let read = tokio::time::timeout(REQUEST_TIMEOUT, Limited::new(body, limit + 1).collect());
+        let body = match read.await {
+            Ok(Ok(collected)) => collected.to_bytes().to_vec(),
             // Over the limit (or a broken body): hand the core an over-long body so that the
             // refusal (413) and its counting stay in one place.
-            Err(e) => {
+            Ok(Err(e)) => {
                 debug!(error = %e, "request body not read");
                 vec![0; limit + 1]
             }
+            Err(_) => return plain(http::StatusCode::REQUEST_TIMEOUT, "request body too slow"),
         };
+        let client = parts
+            .extensions
+            .get::<ClientAddr>()
+            .map(|c| c.0)
+            .or_else(|| parts.extensions.get::<SocketAddr>().copied());
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
         let Ok(method) = parts.method.as_str().parse::<http_types::Method>() else {
             return plain(http::StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
         };
         let mut req = WhepRequest::new(method, target).with_body(body);
+        req.client = client.map(|a| a.ip());
         for (name, value) in &parts.headers {
             if let Ok(value) = value.to_str() {
                 req.headers.push((name.as_str().to_owned(), value.to_owned()));
@@ -131,7 +158,8 @@ where
 }
 
 /// Accepts HTTP/1.1 connections on `listener` until `shutdown` completes; connections in flight
-/// are then finished gracefully.
+/// are then finished gracefully. At most [`MAX_CONNECTIONS`] are served at once; a head must
+/// arrive within [`REQUEST_TIMEOUT`] and fit in 64 KiB.
 pub(crate) async fn serve(
     service: WhepService,
     listener: TcpListener,
@@ -139,6 +167,7 @@ pub(crate) async fn serve(
 ) -> io::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
@@ -147,17 +176,29 @@ pub(crate) async fn serve(
                 // Running out of descriptors or a connection reset before accept: keep serving.
                 Err(e) => {
                     debug!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, "too many connections, closing a new one");
+            drop(stream);
+            continue;
+        };
         let service = service.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
+                req.extensions_mut().insert(ClientAddr(peer));
+                let service = service.clone();
+                async move { Ok::<_, Infallible>(service.call_http(req).await) }
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(stream), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {

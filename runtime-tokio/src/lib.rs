@@ -39,7 +39,7 @@ mod runtime;
 
 pub mod cli;
 
-pub use http::WhepService;
+pub use http::{ClientAddr, WhepService};
 pub use runtime::TokioRuntime;
 
 /// A handle to a running engine on tokio: an [`Engine`] (streams, events, requests, shutdown;
