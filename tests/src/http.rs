@@ -98,6 +98,33 @@ pub fn request(
     }
 }
 
+/// Writes `bytes` as they are (a hand-made, possibly broken request) on a fresh connection and
+/// reads one response. Write errors are ignored (a server may close before reading all of an
+/// over-long request and still have answered); `Err` when no response came within `wait`.
+pub fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> io::Result<Response> {
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(wait))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let _ = (&stream).write_all(bytes);
+    read_response(&stream)
+}
+
+/// Reads one response (skipping 1xx) from a connection whose request was written already.
+pub fn read_response(stream: &TcpStream) -> io::Result<Response> {
+    let mut reader = BufReader::new(stream);
+    loop {
+        let (status, headers) = read_head(&mut reader)?;
+        if (100..200).contains(&status) && status != 101 {
+            continue;
+        }
+        let mut response = Response { status, headers, body: Vec::new() };
+        if status != 204 && status != 304 && status >= 200 {
+            response.body = read_body(&mut reader, &response)?;
+        }
+        return Ok(response);
+    }
+}
+
 /// `GET target` without extra headers.
 pub fn get(addr: SocketAddr, target: &str) -> io::Result<Response> {
     request(addr, "GET", target, &[], &[])

@@ -280,6 +280,28 @@ impl Resources {
     }
 }
 
+/// Thread names and descriptor targets of a process, for failure messages.
+pub fn describe(pid: u32) -> String {
+    let mut threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| {
+                let comm = std::fs::read_to_string(e.ok()?.path().join("comm")).ok()?;
+                Some(comm.trim().to_owned())
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    threads.sort();
+    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| Some(std::fs::read_link(e.ok()?.path()).ok()?.display().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort();
+    format!("threads {threads:?}\nfds {fds:?}")
+}
+
 /// Pids of the live (non-zombie) children of `pid`.
 pub fn children_of(pid: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };

@@ -1,0 +1,408 @@
+//! Hostile input over real HTTP and UDP: every case gets a clear answer (or, for a connection
+//! that never finishes its request, a closed connection), the server keeps serving, and its
+//! descriptors, sessions, port pairs, threads, children and memory return to their baseline.
+//! Written once, instantiated per runtime binary by `suite!`.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use whep_e2e::http::{self, Response};
+use whep_e2e::viewer::Viewer;
+use whep_e2e::{Resources, Server, wait_until};
+
+const CHROMIUM_OFFER: &str = include_str!("../../core/tests/data/chromium-156-offer.sdp");
+const SDP: (&str, &str) = ("Content-Type", "application/sdp");
+
+/// Resident memory a server may keep after a case (allocator caches, lazily grown tables);
+/// a leak of a session or a buffer per request is far above it after hundreds of requests.
+const RSS_SLACK_KIB: u64 = 8 * 1024;
+
+/// A server with no FFmpeg: one external stream `ext` (ports bound, no source) that accepts
+/// viewers, plus `extra` flags.
+fn external_server(bin: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--no-demo", "--max-viewers", "500", "--max-viewers-total", "500"];
+    args.extend_from_slice(extra);
+    let server = Server::start(bin, &args);
+    let r = server.admin("POST", "/api/streams", r#"{"id":"ext","external":true}"#);
+    assert_eq!(r.status, 201, "{}", r.text());
+    server
+}
+
+fn post(server: &Server, stream: &str, body: &[u8]) -> Response {
+    server.request("POST", &format!("/whep/{stream}"), &[SDP], body)
+}
+
+/// Warms the server up (first session, first metrics page) and returns its baseline.
+fn baseline(server: &Server) -> Resources {
+    let r = post(server, "ext", CHROMIUM_OFFER.as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let location = r.header("location").unwrap_or_default().to_owned();
+    assert_eq!(server.request("DELETE", &location, &[], b"").status, 204);
+    warm_http(server);
+    // Let the rate limiter's first bucket refill so the cases start from a full budget.
+    std::thread::sleep(Duration::from_millis(1100));
+    server.resources()
+}
+
+/// A client that pauses before its request: async-h1 (smol) then arms its own head timer,
+/// which starts async-io 1.x's reactor thread (3 descriptors) once, lazily.
+fn warm_http(server: &Server) {
+    let mut slow = TcpStream::connect(server.http).expect("connect");
+    std::thread::sleep(Duration::from_millis(200));
+    let req = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    slow.write_all(req).expect("write");
+    assert_eq!(http::read_response(&slow).expect("healthz").status, 200);
+}
+
+/// Waits until the server is back at `base`; panics with both snapshots otherwise.
+fn assert_back_to(server: &mut Server, base: &Resources, case: &str) {
+    let mut last = server.resources();
+    let back = wait_until(Duration::from_secs(15), || {
+        last = server.resources();
+        last.back_to(base, RSS_SLACK_KIB)
+    });
+    assert!(
+        back,
+        "{case}: not back to baseline\n  baseline {base:?}\n  now      {last:?}\n{}\nserver output:\n{}",
+        whep_e2e::describe(server.pid()),
+        server.output()
+    );
+    eprintln!("{case}: baseline {base:?}, after {last:?}");
+}
+
+fn assert_alive(server: &Server) {
+    let r = server.request("GET", "/healthz", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+fn head(method: &str, target: &str, headers: &[(&str, String)], len: usize) -> Vec<u8> {
+    let mut out = format!("{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (n, v) in headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    out.push_str(&format!("Content-Length: {len}\r\n\r\n"));
+    out.into_bytes()
+}
+
+fn raw(server: &Server, bytes: &[u8]) -> Result<Response, std::io::Error> {
+    http::raw(server.http, bytes, Duration::from_secs(15))
+}
+
+/// Oversized bodies and heads, invalid UTF-8 anywhere, not-HTTP bytes and absurd SDP.
+fn malformed_requests(bin: &str) {
+    let mut server = external_server(bin, &[]);
+    let base = baseline(&server);
+
+    // A 4 MiB body (the limit is 64 KiB): 413, read no further than needed.
+    let mut req = head("POST", "/whep/ext", &[("Content-Type", "application/sdp".into())], 4 << 20);
+    req.extend(std::iter::repeat_n(b'v', 4 << 20));
+    let r = raw(&server, &req).expect("an answer to an over-long body");
+    assert_eq!(r.status, 413, "{}", r.text());
+
+    // A 100 KiB header, and 300 headers: refused before any routing (431, or 400 where the
+    // HTTP library counts headers).
+    let big = head("GET", "/whep/ext", &[("X-Big", "b".repeat(100 << 10))], 0);
+    let r = raw(&server, &big).expect("an answer to an over-long head");
+    assert_eq!(r.status, 431, "{}", r.text());
+    let many: Vec<(&str, String)> = (0..300).map(|_| ("X-Many", "m".to_owned())).collect();
+    let r = raw(&server, &head("GET", "/whep/ext", &many, 0));
+    // hyper and async-h1 refuse (431 / 400); a server without a count limit may answer as it
+    // would without them (the head still fits its size limit).
+    let status = r.expect("an answer to 300 headers").status;
+    assert!([400, 431, 204].contains(&status), "300 headers: {status}");
+
+    // Invalid UTF-8 in the body, in a header value and in the request target.
+    let mut bad = CHROMIUM_OFFER.as_bytes().to_vec();
+    bad.extend_from_slice(b"a=x:\xff\xfe\r\n");
+    let r = post(&server, "ext", &bad);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("UTF-8"), "{}", r.text());
+    let mut req =
+        b"GET /whep/ext HTTP/1.1\r\nHost: x\r\nX-Bad: \xff\xfe\r\nConnection: close\r\n\r\n"
+            .to_vec();
+    let r = raw(&server, &req).expect("an answer to a non-UTF-8 header");
+    assert!([400, 204].contains(&r.status), "non-UTF-8 header: {}", r.status);
+    req = b"GET /whep/\xff\xfe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec();
+    let r = raw(&server, &req).expect("an answer to a non-UTF-8 target");
+    assert!([400, 404].contains(&r.status), "non-UTF-8 target: {}", r.status);
+
+    // Not HTTP at all (a TLS ClientHello, binary noise): 400 or a closed connection, never a
+    // hang or a crash.
+    for junk in [&b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..], &[0u8; 512][..], b"\r\n\r\n"]
+    {
+        if let Ok(r) = raw(&server, junk) {
+            assert_eq!(r.status, 400, "{junk:?}: {}", r.text());
+        }
+    }
+
+    // SDP with hundreds of media sections, and with a 60 KiB attribute.
+    let mut many = CHROMIUM_OFFER.to_owned();
+    for i in 0..400 {
+        many.push_str(&format!(
+            "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:x{i}\r\na=rtpmap:96 H264/90000\r\n"
+        ));
+    }
+    let r = post(&server, "ext", &many.as_bytes()[..many.len().min(64 << 10)]);
+    assert!([400, 422].contains(&r.status), "400 media sections: {} {}", r.status, r.text());
+    let huge = CHROMIUM_OFFER.replacen(
+        "a=msid-semantic",
+        &format!("a=x-huge:{}\r\na=msid-semantic", "h".repeat(60 << 10)),
+        1,
+    );
+    let r = post(&server, "ext", huge.as_bytes());
+    assert!(r.status < 500, "60 KiB attribute: {} {}", r.status, r.text());
+    if r.status == 201 {
+        let location = r.header("location").unwrap_or_default().to_owned();
+        assert_eq!(server.request("DELETE", &location, &[], b"").status, 204);
+    }
+
+    assert_alive(&server);
+    assert_back_to(&mut server, &base, "malformed requests");
+}
+
+/// Clients that send half a head, or a head and half a body, and then nothing: the head is cut
+/// off after the request timeout (connection closed), the body gets 408; other clients are
+/// served meanwhile.
+fn slow_clients(bin: &str) {
+    let mut server = external_server(bin, &[]);
+    let base = baseline(&server);
+    let started = Instant::now();
+    let half_heads: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = TcpStream::connect(server.http).expect("connect");
+            s.write_all(b"POST /whep/ext HTTP/1.1\r\nHost: x\r\nContent-Ty").expect("write");
+            s
+        })
+        .collect();
+    let half_bodies: Vec<TcpStream> = (0..5)
+        .map(|_| {
+            let mut s = TcpStream::connect(server.http).expect("connect");
+            let mut req =
+                head("POST", "/whep/ext", &[("Content-Type", "application/sdp".into())], 1000);
+            req.extend_from_slice(b"v=0\r\n");
+            s.write_all(&req).expect("write");
+            s
+        })
+        .collect();
+    // Others are served while they stall.
+    assert_alive(&server);
+    let r = post(&server, "ext", CHROMIUM_OFFER.as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let location = r.header("location").unwrap_or_default().to_owned();
+    assert_eq!(server.request("DELETE", &location, &[], b"").status, 204);
+
+    for s in &half_bodies {
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let r = http::read_response(s).expect("408 for a stalled body");
+        assert_eq!(r.status, 408, "{}", r.text());
+    }
+    for mut s in half_heads {
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut buf = [0u8; 256];
+        // Closed (0 bytes or a reset), possibly after a 408: never left hanging.
+        let closed = loop {
+            match std::io::Read::read(&mut s, &mut buf) {
+                Ok(0) | Err(_) => break true,
+                Ok(_) => {}
+            }
+        };
+        assert!(closed);
+    }
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(30), "stalled clients held for {waited:?}");
+    eprintln!("slow clients cut off after {waited:?}");
+    drop(half_bodies);
+    assert_alive(&server);
+    assert_back_to(&mut server, &base, "slow clients");
+}
+
+/// Floods of POST, PATCH and DELETE from one client: beyond the per-client budget every
+/// request gets 429 with `Retry-After`, nothing is created, and the counters agree.
+fn request_floods(bin: &str) {
+    let mut server = external_server(bin, &[]);
+    let base = baseline(&server);
+    let started = Instant::now();
+    let (mut created, mut limited) = (Vec::new(), 0u32);
+    for _ in 0..150 {
+        let r = post(&server, "ext", CHROMIUM_OFFER.as_bytes());
+        match r.status {
+            201 => created.push(r.header("location").unwrap_or_default().to_owned()),
+            429 => {
+                limited += 1;
+                let after: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(0);
+                assert!((1..=10).contains(&after), "Retry-After {after}");
+                assert!(r.text().contains("too many requests"), "{}", r.text());
+            }
+            other => panic!("POST flood: {other} {}", r.text()),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // Default: 5/s per client with a burst of 20.
+    let allowed = 20.0 + 5.0 * secs + 1.0;
+    assert!(
+        limited > 0 && (created.len() as f64) <= allowed,
+        "{} created in {secs:.1} s",
+        created.len()
+    );
+    assert_eq!(server.metric("whep_viewers_current"), Some(created.len() as f64));
+    eprintln!("POST flood: {} created, {limited} refused with 429 in {secs:.2} s", created.len());
+
+    // PATCH flood on a live session (trickle), then a DELETE flood: 50/s, burst 100.
+    std::thread::sleep(Duration::from_secs(2));
+    let session = created[0].clone();
+    let frag = ("Content-Type", "application/trickle-ice-sdpfrag");
+    let (mut ok, mut refused) = (0u32, 0u32);
+    for _ in 0..300 {
+        let body = b"a=candidate:1 1 udp 2130706431 192.0.2.1 9 typ host\r\n";
+        match server.request("PATCH", &session, &[frag], body).status {
+            204 => ok += 1,
+            429 => refused += 1,
+            other => panic!("PATCH flood: {other}"),
+        }
+    }
+    assert!(ok >= 100 && refused > 0, "PATCH flood: {ok} answered, {refused} refused");
+    let unknown = "/whep/ext/00000000000000000000000000000000";
+    for _ in 0..300 {
+        let s = server.request("DELETE", unknown, &[], b"").status;
+        assert!(s == 204 || s == 429, "DELETE flood: {s}");
+        if s == 429 {
+            refused += 1;
+        }
+    }
+    let counted = server.metric("whep_rejections_total{reason=\"rate_limited\"}").unwrap_or(0.0);
+    assert_eq!(counted, f64::from(limited + refused), "every 429 is counted");
+    eprintln!("PATCH/DELETE floods: {ok} PATCHes answered, {refused} requests refused with 429");
+
+    // Leave politely, honouring Retry-After.
+    for location in created {
+        loop {
+            let r = server.request("DELETE", &location, &[], b"");
+            if r.status == 204 {
+                break;
+            }
+            assert_eq!(r.status, 429);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    assert_back_to(&mut server, &base, "request floods");
+
+    // The global POST limit holds for everyone together.
+    drop(server);
+    let server = external_server(bin, &["--post-rate", "0", "--post-rate-global", "1:3"]);
+    let started = Instant::now();
+    let statuses: Vec<u16> =
+        (0..6).map(|_| post(&server, "ext", CHROMIUM_OFFER.as_bytes()).status).collect();
+    // A burst of 3, then one more per second (this loop takes well under a second in a
+    // release build, maybe more in a debug build on a busy machine).
+    let allowed = 3 + started.elapsed().as_secs() as usize;
+    let created = statuses.iter().filter(|s| **s == 201).count();
+    assert!((3..=allowed).contains(&created), "{statuses:?}");
+    assert_eq!(created + statuses.iter().filter(|s| **s == 429).count(), 6, "{statuses:?}");
+}
+
+/// Garbage on the ingest ports and on the viewer socket costs nothing: the stream plays to a
+/// viewer afterwards and the server holds what it held before.
+fn udp_garbage(bin: &str) {
+    let mut server = Server::start(bin, &[]);
+    let ports = server
+        .wait_stream("demo", Duration::from_secs(25), |s| s["state"] == "running")
+        .unwrap_or_else(|s| panic!("demo not running: {s}"));
+    let video = u16::try_from(ports["ports"][0].as_u64().unwrap_or(0)).unwrap_or(0);
+    let warm = Viewer::connect(server.http, "/whep/demo", None).expect("viewer");
+    assert!(warm.wait_for(Duration::from_secs(25), |s| s.video_packets > 50));
+    warm.close();
+    assert!(
+        wait_until(Duration::from_secs(5), || server.metric("whep_viewers_current") == Some(0.0))
+    );
+    warm_http(&server);
+    let base = server.resources();
+    let dropped_before = server.metric("whep_ingest_dropped_total").unwrap_or(0.0);
+
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let senders: Vec<UdpSocket> =
+        (0..4).map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind")).collect();
+    let targets = [
+        SocketAddr::from(([127, 0, 0, 1], video)),
+        SocketAddr::from(([127, 0, 0, 1], video + 1)),
+        server.udp,
+    ];
+    let mut sent = 0u32;
+    for i in 0..30_000u32 {
+        let len = match i % 5 {
+            0 => 0,
+            1 => 12,
+            2 => 2000,
+            _ => (next() % 1400) as usize,
+        };
+        let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        match i % 7 {
+            // RTP version bits with a foreign payload type, RTCP-looking, STUN-looking, DTLS.
+            0 if len > 12 => buf[0] = 0x80,
+            1 if len > 2 => (buf[0], buf[1]) = (0x80, 200),
+            2 if len > 20 => {
+                (buf[0], buf[1]) = (0x00, 0x01);
+                buf[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+            }
+            3 if len > 13 => (buf[0], buf[1], buf[2]) = (0x16, 0xfe, 0xfd),
+            _ => {}
+        }
+        let to = targets[i as usize % targets.len()];
+        if senders[i as usize % senders.len()].send_to(&buf, to).is_ok() {
+            sent += 1;
+        }
+        if i % 1000 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    assert_alive(&server);
+    let dropped = server.metric("whep_ingest_dropped_total").unwrap_or(0.0) - dropped_before;
+    eprintln!("UDP garbage: {sent} datagrams sent, {dropped} counted as dropped on ingest");
+    assert!(dropped > 0.0, "garbage on the ingest ports is counted");
+
+    let viewer = Viewer::connect(server.http, "/whep/demo", None).expect("viewer after garbage");
+    assert!(
+        viewer.wait_for(Duration::from_secs(25), |s| s.video_packets > 100 && s.audio_packets > 20),
+        "no media after the garbage: {:?}\n{}",
+        viewer.stats(),
+        server.output()
+    );
+    viewer.close();
+    assert_back_to(&mut server, &base, "UDP garbage");
+}
+
+macro_rules! suite {
+    ($runtime:ident, $bin:expr) => {
+        mod $runtime {
+            #[test]
+            fn malformed_requests() {
+                super::malformed_requests($bin);
+            }
+
+            #[test]
+            fn slow_clients() {
+                super::slow_clients($bin);
+            }
+
+            #[test]
+            fn request_floods() {
+                super::request_floods($bin);
+            }
+
+            #[test]
+            fn udp_garbage() {
+                super::udp_garbage($bin);
+            }
+        }
+    };
+}
+
+suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
+suite!(smol, env!("CARGO_BIN_EXE_whepd-smol"));
+suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
