@@ -493,6 +493,19 @@ pub fn render_prometheus(core: &Core) -> String {
     let _ = writeln!(out, "whep_viewers_current {}", core.viewer_count());
     head(&mut out, "ingest_port_pairs_in_use", "gauge", "Ingest port pairs held.");
     let _ = writeln!(out, "whep_ingest_port_pairs_in_use {}", core.ports_in_use());
+    let h = &m.egress_latency;
+    head(
+        &mut out,
+        "egress_latency_seconds",
+        "histogram",
+        "From reading an ingest packet to having sent it to every viewer.",
+    );
+    for (bound, n) in h.buckets() {
+        let le = bound.map_or_else(|| "+Inf".to_owned(), |b| format!("{:e}", b.as_secs_f64()));
+        let _ = writeln!(out, "whep_egress_latency_seconds_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "whep_egress_latency_seconds_sum {}", h.sum().as_secs_f64());
+    let _ = writeln!(out, "whep_egress_latency_seconds_count {}", h.count());
     out
 }
 

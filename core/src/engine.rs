@@ -118,6 +118,13 @@ impl Core {
         &self.metrics
     }
 
+    /// Records how long one ingest packet took from the runtime reading it to the runtime
+    /// having sent its last copy, into [`Metrics::egress_latency`]. The core cannot see this
+    /// itself: it ends in the runtime's sockets.
+    pub fn record_egress_latency(&mut self, latency: Duration) {
+        self.metrics.egress_latency.record(latency);
+    }
+
     /// Number of viewers (WHEP sessions) in total.
     pub fn viewer_count(&self) -> usize {
         self.peers.len()

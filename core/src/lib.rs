@@ -102,7 +102,7 @@ pub use config::{Config, Feed, H264Profile, IceServer, ProcessConfig, StreamConf
 pub use engine::Core;
 pub use ffmpeg::EgressConfig;
 pub use ids::{ETag, SessionId, StreamId};
-pub use metrics::Metrics;
+pub use metrics::{LatencyHistogram, Metrics};
 pub use ports::PortPair;
 pub use ratelimit::{Rate, RateLimits};
 pub use whep::{Reject, WhepRequest, WhepResponse};

@@ -1,6 +1,7 @@
 //! Counters the core keeps; runtimes render them (e.g. as Prometheus text).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// Monotonic counters since the core was created. Never labelled by session.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,4 +40,145 @@ pub struct Metrics {
     pub packets_forwarded: u64,
     /// Payload bytes written to viewers.
     pub bytes_forwarded: u64,
+    /// Time from reading an RTP packet off an ingest socket to the end of sending its copies
+    /// to every viewer, as measured and reported by the runtime
+    /// ([`Core::record_egress_latency`](crate::Core::record_egress_latency)).
+    pub egress_latency: LatencyHistogram,
+}
+
+/// Buckets per doubling of [`LatencyHistogram`].
+const STEPS_PER_OCTAVE: u32 = 4;
+/// Finite buckets: upper bounds 2^(k/4) µs for k = 0..80, i.e. 1 µs to about 1 s.
+const BUCKETS: usize = 80;
+
+/// A histogram of durations with logarithmic buckets (four per doubling, 1 µs to 1 s, and one
+/// for longer), so that quantiles are known within about 19 % at any scale and recording costs
+/// one array increment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    counts: [u64; BUCKETS + 1],
+    sum_ns: u128,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self { counts: [0; BUCKETS + 1], sum_ns: 0 }
+    }
+}
+
+impl LatencyHistogram {
+    /// Counts one duration.
+    pub fn record(&mut self, d: Duration) {
+        let us = d.as_secs_f64() * 1e6;
+        let k = if us <= 1.0 {
+            0
+        } else {
+            // Smallest k with 2^(k/4) >= us.
+            let k = (f64::from(STEPS_PER_OCTAVE) * us.log2()).ceil();
+            if k >= BUCKETS as f64 { BUCKETS } else { k as usize }
+        };
+        self.counts[k] += 1;
+        self.sum_ns += d.as_nanos();
+    }
+
+    /// Durations recorded.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Their sum.
+    pub fn sum(&self) -> Duration {
+        Duration::from_nanos(u64::try_from(self.sum_ns).unwrap_or(u64::MAX))
+    }
+
+    /// The upper bound of finite bucket `k` (`None` for the last, unbounded one).
+    pub fn bound(k: usize) -> Option<Duration> {
+        (k < BUCKETS).then(|| {
+            Duration::from_secs_f64(2f64.powf(k as f64 / f64::from(STEPS_PER_OCTAVE)) / 1e6)
+        })
+    }
+
+    /// `(upper bound, cumulative count)` per bucket, the last with no bound (+Inf).
+    pub fn buckets(&self) -> impl Iterator<Item = (Option<Duration>, u64)> + '_ {
+        self.counts.iter().enumerate().scan(0u64, |acc, (k, n)| {
+            *acc += n;
+            Some((Self::bound(k), *acc))
+        })
+    }
+
+    /// The `q` quantile (0..=1), interpolated linearly inside its bucket; `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        Self::quantile_of(self.counts.iter().enumerate().map(|(k, n)| (Self::bound(k), *n)), q)
+    }
+
+    /// What was recorded since `earlier`, a snapshot of this histogram.
+    pub fn since(&self, earlier: &Self) -> Self {
+        let mut d = self.clone();
+        for (c, e) in d.counts.iter_mut().zip(earlier.counts) {
+            *c = c.saturating_sub(e);
+        }
+        d.sum_ns = d.sum_ns.saturating_sub(earlier.sum_ns);
+        d
+    }
+
+    /// The `q` quantile of `(upper bound, count)` buckets in increasing order (the last may be
+    /// unbounded), interpolated linearly inside the bucket it falls in, as Prometheus'
+    /// `histogram_quantile` does (per-bucket counts, not cumulative ones).
+    pub fn quantile_of(
+        buckets: impl IntoIterator<Item = (Option<Duration>, u64)>,
+        q: f64,
+    ) -> Option<Duration> {
+        let buckets: Vec<_> = buckets.into_iter().collect();
+        let total: u64 = buckets.iter().map(|(_, n)| n).sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let (mut below, mut lower) = (0u64, Duration::ZERO);
+        for (bound, n) in buckets {
+            if n > 0 && (below + n) as f64 >= rank {
+                let Some(upper) = bound else { return Some(lower) };
+                let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+                return Some(lower + (upper - lower).mul_f64(within));
+            }
+            below += n;
+            if let Some(b) = bound {
+                lower = b;
+            }
+        }
+        Some(lower)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_and_quantiles() {
+        let mut h = LatencyHistogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for us in 1..=1000u64 {
+            h.record(Duration::from_micros(us));
+        }
+        assert_eq!(h.count(), 1000);
+        let p50 = h.quantile(0.5).unwrap_or_default().as_secs_f64() * 1e6;
+        let p99 = h.quantile(0.99).unwrap_or_default().as_secs_f64() * 1e6;
+        assert!((420.0..600.0).contains(&p50), "p50 {p50}");
+        assert!((900.0..1100.0).contains(&p99), "p99 {p99}");
+        // Every duration lands in a bucket whose bound is at least it, and at most 19 % more.
+        for k in 1..BUCKETS {
+            let (lo, hi) = (LatencyHistogram::bound(k - 1), LatencyHistogram::bound(k));
+            let (lo, hi) = (lo.unwrap_or_default(), hi.unwrap_or_default());
+            assert!(hi > lo && hi.as_secs_f64() / lo.as_secs_f64() < 1.19 + 1e-9);
+        }
+        h.record(Duration::from_secs(5));
+        assert_eq!(h.buckets().last(), Some((None, 1001)));
+        let before = h.clone();
+        h.record(Duration::from_micros(10));
+        let d = h.since(&before);
+        assert_eq!(d.count(), 1);
+        let p = d.quantile(0.5).unwrap_or_default().as_secs_f64() * 1e6;
+        assert!((9.0..=12.0).contains(&p), "{p}");
+    }
 }

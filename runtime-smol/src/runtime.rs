@@ -47,7 +47,15 @@ impl SmolRuntime {
 
 /// An async-io UDP socket.
 #[derive(Debug)]
-pub struct SmolUdp(smol::Async<std::net::UdpSocket>);
+pub struct SmolUdp {
+    socket: smol::Async<std::net::UdpSocket>,
+    state: quinn_udp::UdpSocketState,
+}
+
+/// Send and receive buffer asked for on every socket (the kernel caps it at
+/// `net.core.wmem_max` / `rmem_max`): a keyframe for hundreds of viewers is a burst of
+/// thousands of datagrams.
+const SOCKET_BUFFER: usize = 4 << 20;
 
 impl UdpSocket for SmolUdp {
     fn poll_recv_from(
@@ -56,10 +64,10 @@ impl UdpSocket for SmolUdp {
         buf: &mut [u8],
     ) -> Poll<io::Result<(usize, SocketAddr)>> {
         loop {
-            match self.0.get_ref().recv_from(buf) {
+            match self.socket.get_ref().recv_from(buf) {
                 // Not ready: register for readiness; spurious readiness loops back here.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::task::ready!(self.0.poll_readable(cx))?;
+                    std::task::ready!(self.socket.poll_readable(cx))?;
                 }
                 r => return Poll::Ready(r),
             }
@@ -73,9 +81,9 @@ impl UdpSocket for SmolUdp {
         target: SocketAddr,
     ) -> Poll<io::Result<usize>> {
         loop {
-            match self.0.get_ref().send_to(buf, target) {
+            match self.socket.get_ref().send_to(buf, target) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::task::ready!(self.0.poll_writable(cx))?;
+                    std::task::ready!(self.socket.poll_writable(cx))?;
                 }
                 r => return Poll::Ready(r),
             }
@@ -83,7 +91,35 @@ impl UdpSocket for SmolUdp {
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.get_ref().local_addr()
+        self.socket.get_ref().local_addr()
+    }
+
+    fn max_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn poll_send_segments(
+        &self,
+        cx: &mut Context<'_>,
+        contents: &[u8],
+        segment_size: usize,
+        destination: SocketAddr,
+    ) -> Poll<io::Result<()>> {
+        let transmit = quinn_udp::Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size: (contents.len() > segment_size).then_some(segment_size),
+            src_ip: None,
+        };
+        loop {
+            match self.state.try_send(self.socket.get_ref().into(), &transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.socket.poll_writable(cx))?;
+                }
+                r => return Poll::Ready(r),
+            }
+        }
     }
 }
 
@@ -106,7 +142,17 @@ impl Runtime for SmolRuntime {
     type Timer = SmolTimer;
 
     fn bind_udp(&self, addr: SocketAddr) -> io::Result<SmolUdp> {
-        smol::Async::<std::net::UdpSocket>::bind(addr).map(SmolUdp)
+        let socket = smol::Async::<std::net::UdpSocket>::bind(addr)?;
+        let state = quinn_udp::UdpSocketState::new(socket.get_ref().into())?;
+        for set in [
+            quinn_udp::UdpSocketState::set_send_buffer_size,
+            quinn_udp::UdpSocketState::set_recv_buffer_size,
+        ] {
+            if let Err(e) = set(&state, socket.get_ref().into(), SOCKET_BUFFER) {
+                debug!(%addr, error = %e, "socket buffer size not set");
+            }
+        }
+        Ok(SmolUdp { socket, state })
     }
 
     fn timer(&self) -> SmolTimer {

@@ -32,9 +32,17 @@ impl TokioRuntime {
     }
 }
 
-/// A tokio UDP socket.
+/// A tokio UDP socket, with quinn-udp's segmentation offload (GSO) for batched sends.
 #[derive(Debug)]
-pub struct TokioUdp(tokio::net::UdpSocket);
+pub struct TokioUdp {
+    socket: tokio::net::UdpSocket,
+    state: quinn_udp::UdpSocketState,
+}
+
+/// Send and receive buffer asked for on every socket (the kernel caps it at
+/// `net.core.wmem_max` / `rmem_max`): a keyframe for hundreds of viewers is a burst of
+/// thousands of datagrams.
+pub(crate) const SOCKET_BUFFER: usize = 4 << 20;
 
 impl UdpSocket for TokioUdp {
     fn poll_recv_from(
@@ -43,7 +51,7 @@ impl UdpSocket for TokioUdp {
         buf: &mut [u8],
     ) -> Poll<io::Result<(usize, SocketAddr)>> {
         let mut rb = ReadBuf::new(buf);
-        self.0.poll_recv_from(cx, &mut rb).map_ok(|from| (rb.filled().len(), from))
+        self.socket.poll_recv_from(cx, &mut rb).map_ok(|from| (rb.filled().len(), from))
     }
 
     fn poll_send_to(
@@ -52,11 +60,39 @@ impl UdpSocket for TokioUdp {
         buf: &[u8],
         target: SocketAddr,
     ) -> Poll<io::Result<usize>> {
-        self.0.poll_send_to(cx, buf, target)
+        self.socket.poll_send_to(cx, buf, target)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.socket.local_addr()
+    }
+
+    fn max_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn poll_send_segments(
+        &self,
+        cx: &mut Context<'_>,
+        contents: &[u8],
+        segment_size: usize,
+        destination: SocketAddr,
+    ) -> Poll<io::Result<()>> {
+        let transmit = quinn_udp::Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size: (contents.len() > segment_size).then_some(segment_size),
+            src_ip: None,
+        };
+        loop {
+            std::task::ready!(self.socket.poll_send_ready(cx))?;
+            let send = || self.state.try_send((&self.socket).into(), &transmit);
+            match self.socket.try_io(tokio::io::Interest::WRITABLE, send) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
     }
 }
 
@@ -81,8 +117,17 @@ impl Runtime for TokioRuntime {
     fn bind_udp(&self, addr: SocketAddr) -> io::Result<TokioUdp> {
         let socket = std::net::UdpSocket::bind(addr)?;
         socket.set_nonblocking(true)?;
+        let state = quinn_udp::UdpSocketState::new((&socket).into())?;
+        for set in [
+            quinn_udp::UdpSocketState::set_send_buffer_size,
+            quinn_udp::UdpSocketState::set_recv_buffer_size,
+        ] {
+            if let Err(e) = set(&state, (&socket).into(), SOCKET_BUFFER) {
+                debug!(%addr, error = %e, "socket buffer size not set");
+            }
+        }
         let _guard = self.handle.enter();
-        Ok(TokioUdp(tokio::net::UdpSocket::from_std(socket)?))
+        Ok(TokioUdp { socket: tokio::net::UdpSocket::from_std(socket)?, state })
     }
 
     fn timer(&self) -> TokioTimer {

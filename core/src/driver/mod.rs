@@ -8,8 +8,15 @@
 //! not use it; an application with its own loop can ignore it (see `core/examples/blocking.rs`).
 //!
 //! One task owns the `Core`. It waits on every source at once, in priority order: jobs from
-//! handles (HTTP requests, stream management), process exits, ingest sockets (round-robin),
-//! the viewer socket (up to 32 datagrams per wake-up), the timer; then it executes every output.
+//! handles (HTTP requests, stream management), process exits, ingest sockets (round-robin, up
+//! to 32 queued packets per wake-up: a frame's packets arrive back to back), the viewer socket
+//! (up to 32 datagrams per wake-up), the timer; then it executes every output.
+//!
+//! Datagrams for viewers are sent in batches: when the socket supports segmentation offload
+//! (UDP GSO, [`UdpSocket::max_segments`]), the copies for one viewer of the packets handled in
+//! one wake-up (typically a frame's fragments, which are of equal size) leave in one system
+//! call. The time from reading an ingest packet to having sent its last copy is recorded in
+//! [`Metrics::egress_latency`].
 
 mod chan;
 
@@ -34,8 +41,11 @@ use crate::{
 /// Largest datagram read from any socket; anything longer is truncated and then dropped by the
 /// core as malformed.
 const MAX_DATAGRAM: usize = 2048;
-/// Datagrams read from the viewer socket per wake-up before outputs are executed.
+/// Datagrams read from the viewer socket, or from ingest sockets, per wake-up before outputs
+/// are executed.
 const RECV_BATCH: usize = 32;
+/// Largest payload of one segmented send (the UDP length field's limit, less headers).
+const MAX_GSO_BYTES: usize = 65_000;
 /// Events a subscriber may fall behind before it loses the oldest.
 const EVENT_BACKLOG: usize = 1024;
 
@@ -85,6 +95,25 @@ pub trait UdpSocket: Send + Sync + 'static {
     ) -> Poll<io::Result<usize>>;
     /// The bound address.
     fn local_addr(&self) -> io::Result<SocketAddr>;
+    /// Most datagrams one [`poll_send_segments`](Self::poll_send_segments) call may carry:
+    /// more than 1 where the socket has UDP segmentation offload (GSO). The default is 1.
+    fn max_segments(&self) -> usize {
+        1
+    }
+    /// Sends `contents` to `destination` as datagrams of `segment_size` bytes each (the last
+    /// may be shorter) in one call, or registers the task for writability. The driver passes
+    /// at most [`max_segments`](Self::max_segments) segments, so the default (one datagram,
+    /// [`poll_send_to`](Self::poll_send_to)) is right for a socket without GSO.
+    fn poll_send_segments(
+        &self,
+        cx: &mut Context<'_>,
+        contents: &[u8],
+        segment_size: usize,
+        destination: SocketAddr,
+    ) -> Poll<io::Result<()>> {
+        let _ = segment_size;
+        self.poll_send_to(cx, contents, destination).map_ok(|_| ())
+    }
 }
 
 /// A resettable timer of a [`Runtime`].
@@ -245,6 +274,9 @@ impl<R: Runtime> Engine<R> {
             exits: chan::channel(None),
             subscribers: Arc::clone(&subscribers),
             shutdown_at: None,
+            sends: Vec::new(),
+            segments: Vec::new(),
+            ingest_read: Vec::new(),
         };
         let guard = SetOnDrop(Arc::clone(&done));
         runtime.spawn(Box::pin(driver.run(jobs_rx, config.shutdown_timeout, guard)));
@@ -387,6 +419,12 @@ struct Driver<R: Runtime> {
     exits: (chan::Sender<Exited>, chan::Receiver<Exited>),
     subscribers: Arc<Mutex<Vec<chan::Sender<Event>>>>,
     shutdown_at: Option<Instant>,
+    /// Datagrams for viewers gathered for one batched send (reused).
+    sends: Vec<crate::Transmit>,
+    /// One segmented send's payload (reused).
+    segments: Vec<u8>,
+    /// When each ingest packet handled since the last flush was read.
+    ingest_read: Vec<Instant>,
 }
 
 enum Wake {
@@ -413,6 +451,12 @@ impl<R: Runtime> Driver<R> {
         let mut timer = self.runtime.timer();
         loop {
             self.flush().await;
+            if !self.ingest_read.is_empty() {
+                let sent = self.runtime.now();
+                for read in self.ingest_read.drain(..) {
+                    self.core.record_egress_latency(sent.saturating_duration_since(read));
+                }
+            }
             if let Some(started) = self.shutdown_at {
                 if self.core.is_idle() {
                     break;
@@ -464,10 +508,18 @@ impl<R: Runtime> Driver<R> {
                     self.core.handle_input(input, self.runtime.now());
                 }
                 Wake::Ingest(port, n) => {
-                    self.core.handle_input(
-                        Input::Ingest { port, contents: &buf[..n] },
-                        self.runtime.now(),
-                    );
+                    let now = self.runtime.now();
+                    self.ingest_read.push(now);
+                    self.core.handle_input(Input::Ingest { port, contents: &buf[..n] }, now);
+                    // The rest of a frame is usually queued already: take it too, so that its
+                    // copies for each viewer can leave in one segmented send.
+                    let mut noop = Context::from_waker(Waker::noop());
+                    for _ in 1..RECV_BATCH {
+                        let Some((port, n)) = self.poll_ingest(&mut noop, &mut buf) else { break };
+                        let now = self.runtime.now();
+                        self.ingest_read.push(now);
+                        self.core.handle_input(Input::Ingest { port, contents: &buf[..n] }, now);
+                    }
                 }
                 Wake::Datagram(n, source) => {
                     self.on_datagram(source, &buf[..n]);
@@ -512,22 +564,8 @@ impl<R: Runtime> Driver<R> {
         if let Poll::Ready(Some(exit)) = self.exits.1.poll_recv(cx) {
             return Poll::Ready(Wake::Exit(exit));
         }
-        let n = self.ingest.len();
-        for i in 0..n {
-            let idx = (self.ingest_next + i) % n;
-            let (port, _, socket) = &self.ingest[idx];
-            match socket.poll_recv_from(cx, buf) {
-                Poll::Ready(Ok((len, _))) => {
-                    self.ingest_next = idx + 1;
-                    return Poll::Ready(Wake::Ingest(*port, len));
-                }
-                // An error on a loopback UDP socket (e.g. a queued ICMP report) is not fatal.
-                Poll::Ready(Err(e)) => {
-                    debug!(port, error = %e, "ingest receive error");
-                    cx.waker().wake_by_ref();
-                }
-                Poll::Pending => {}
-            }
+        if let Some((port, len)) = self.poll_ingest(cx, buf) {
+            return Poll::Ready(Wake::Ingest(port, len));
         }
         match self.socket.poll_recv_from(cx, buf) {
             Poll::Ready(Ok((len, source))) => return Poll::Ready(Wake::Datagram(len, source)),
@@ -543,24 +581,95 @@ impl<R: Runtime> Driver<R> {
         Poll::Pending
     }
 
+    /// Polls the ingest sockets once each, round-robin; the first ready one's packet is in
+    /// `buf`.
+    fn poll_ingest(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Option<(u16, usize)> {
+        let n = self.ingest.len();
+        for i in 0..n {
+            let idx = (self.ingest_next + i) % n;
+            let (port, _, socket) = &self.ingest[idx];
+            match socket.poll_recv_from(cx, buf) {
+                Poll::Ready(Ok((len, _))) => {
+                    self.ingest_next = idx + 1;
+                    return Some((*port, len));
+                }
+                // An error on a loopback UDP socket (e.g. a queued ICMP report) is not fatal.
+                Poll::Ready(Err(e)) => {
+                    debug!(port, error = %e, "ingest receive error");
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending => {}
+            }
+        }
+        None
+    }
+
     fn on_datagram(&mut self, source: SocketAddr, contents: &[u8]) {
         let destination = self.core.config().candidate_for(source).unwrap_or(self.local);
         self.core
             .handle_input(Input::Datagram { source, destination, contents }, self.runtime.now());
     }
 
-    /// Executes outputs until the core has none left.
+    /// Sends the gathered datagrams: per destination in the order the core produced them,
+    /// runs of equal size (the last may be shorter) in one segmented send each.
+    async fn send_gathered(&mut self) {
+        if self.sends.is_empty() {
+            return;
+        }
+        let max = self.socket.max_segments().max(1);
+        if max > 1 {
+            // Stable: each viewer's datagrams keep their order.
+            self.sends.sort_by_key(|t| t.destination);
+        }
+        let mut i = 0;
+        while i < self.sends.len() {
+            let first = &self.sends[i];
+            let (size, destination) = (first.contents.len(), first.destination);
+            let mut end = i + 1;
+            let mut bytes = size;
+            while end < self.sends.len() && end - i < max {
+                let next = &self.sends[end];
+                let len = next.contents.len();
+                if next.destination != destination || len > size || bytes + len > MAX_GSO_BYTES {
+                    break;
+                }
+                end += 1;
+                bytes += len;
+                if len < size {
+                    break; // a shorter datagram ends a segmented send
+                }
+            }
+            let socket = &self.socket;
+            let sent = if end - i == 1 {
+                let contents = &self.sends[i].contents;
+                poll_fn(|cx| socket.poll_send_to(cx, contents, destination)).await.map(|_| ())
+            } else {
+                self.segments.clear();
+                for t in &self.sends[i..end] {
+                    self.segments.extend_from_slice(&t.contents);
+                }
+                let segments = &self.segments;
+                poll_fn(|cx| socket.poll_send_segments(cx, segments, size, destination)).await
+            };
+            if let Err(e) = sent {
+                debug!(%destination, datagrams = end - i, error = %e, "send failed");
+            }
+            i = end;
+        }
+        self.sends.clear();
+    }
+
+    /// Executes outputs until the core has none left. Datagrams are gathered and sent in a
+    /// batch before any other output and at the end.
     async fn flush(&mut self) {
         while let Some(output) = self.core.poll_output() {
+            if let Output::Transmit(t) = output {
+                self.sends.push(t);
+                continue;
+            }
+            self.send_gathered().await;
             match output {
-                Output::Transmit(t) => {
-                    let socket = &self.socket;
-                    let sent =
-                        poll_fn(|cx| socket.poll_send_to(cx, &t.contents, t.destination)).await;
-                    if let Err(e) = sent {
-                        debug!(destination = %t.destination, error = %e, "send failed");
-                    }
-                }
+                Output::Transmit(_) => {}
                 Output::BindIngest { stream, ports } => self.bind_ingest(stream, ports),
                 Output::ReleaseIngest { stream, ports } => {
                     debug!(%stream, video = ports.video, "ingest ports released");
@@ -598,6 +707,7 @@ impl<R: Runtime> Driver<R> {
                 }
             }
         }
+        self.send_gathered().await;
     }
 
     fn bind_ingest(&mut self, stream: StreamId, ports: PortPair) {
