@@ -189,6 +189,9 @@ pub struct ServerConfig {
     ///
     /// [`ProcessConfig::stop_grace`]: crate::ProcessConfig::stop_grace
     pub shutdown_timeout: Duration,
+    /// Send a viewer's datagrams of one wake-up in one UDP segmentation-offload (GSO) call
+    /// where the socket supports it (default). Off: one system call per datagram.
+    pub udp_gso: bool,
 }
 
 impl Default for ServerConfig {
@@ -198,6 +201,7 @@ impl Default for ServerConfig {
             app: AppConfig::default(),
             udp_bind: SocketAddr::from(([0, 0, 0, 0], 3478)),
             shutdown_timeout: Duration::from_secs(10),
+            udp_gso: true,
         }
     }
 }

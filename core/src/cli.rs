@@ -84,6 +84,10 @@ pub struct Cli {
     /// `RATE[:BURST]`; 0 = no limit [default: 50:100].
     #[arg(long, value_name = "RATE[:BURST]")]
     request_rate: Option<RateSetting>,
+    /// Send one datagram per system call instead of batching each viewer's datagrams with UDP
+    /// segmentation offload (GSO); for comparison and for NICs that mishandle GSO.
+    #[arg(long)]
+    no_gso: bool,
 }
 
 /// The configuration file. Every field is optional.
@@ -135,6 +139,8 @@ pub struct Settings {
     pub udp: SocketAddr,
     /// The streams to add at start, in order.
     pub streams: Vec<(String, StreamSpec)>,
+    /// See [`ServerConfig::udp_gso`](crate::app::ServerConfig::udp_gso).
+    pub udp_gso: bool,
 }
 
 /// Why the command line was not turned into [`Settings`].
@@ -269,6 +275,7 @@ fn settings(
         udp: cli.udp.or(file.udp).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478))),
         http: cli.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
         streams,
+        udp_gso: !cli.no_gso,
     })
 }
 
@@ -336,6 +343,7 @@ impl Settings {
             core: self.core,
             app: self.app,
             udp_bind: self.udp,
+            udp_gso: self.udp_gso,
             ..crate::app::ServerConfig::default()
         };
         (server, self.http, self.streams)

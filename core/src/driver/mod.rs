@@ -277,6 +277,7 @@ impl<R: Runtime> Engine<R> {
             sends: Vec::new(),
             segments: Vec::new(),
             ingest_read: Vec::new(),
+            gso: config.udp_gso,
         };
         let guard = SetOnDrop(Arc::clone(&done));
         runtime.spawn(Box::pin(driver.run(jobs_rx, config.shutdown_timeout, guard)));
@@ -425,6 +426,8 @@ struct Driver<R: Runtime> {
     segments: Vec<u8>,
     /// When each ingest packet handled since the last flush was read.
     ingest_read: Vec<Instant>,
+    /// [`ServerConfig::udp_gso`].
+    gso: bool,
 }
 
 enum Wake {
@@ -616,7 +619,7 @@ impl<R: Runtime> Driver<R> {
         if self.sends.is_empty() {
             return;
         }
-        let max = self.socket.max_segments().max(1);
+        let max = if self.gso { self.socket.max_segments().max(1) } else { 1 };
         if max > 1 {
             // Stable: each viewer's datagrams keep their order.
             self.sends.sort_by_key(|t| t.destination);
