@@ -81,7 +81,7 @@ enum Msg {
     /// A datagram on the viewer socket.
     Datagram { source: SocketAddr, contents: Vec<u8> },
     /// A datagram on an ingest socket; `epoch` tells a released socket's leftovers apart.
-    Ingest { port: u16, epoch: u64, contents: Vec<u8> },
+    Ingest { port: u16, epoch: u64, contents: Vec<u8>, read: Instant },
     /// A spawned process exited (`code` is `None` when a signal killed it).
     Exited { stream: StreamId, generation: u64, code: Option<i32> },
     /// SIGTERM or SIGINT.
@@ -178,6 +178,7 @@ fn run(settings: Settings, signals: SigSet) -> Result<(), String> {
         epoch: 0,
         procs: HashMap::new(),
         shutdown_deadline: None,
+        ingest_read: None,
     };
     runtime.run(&rx);
     Ok(())
@@ -199,6 +200,8 @@ struct Runtime {
     procs: HashMap<(StreamId, u64), u32>,
     /// Set by the first signal: when to give up waiting for a clean shutdown.
     shutdown_deadline: Option<Instant>,
+    /// When the ingest packet being handled was read, for the egress latency metric.
+    ingest_read: Option<Instant>,
 }
 
 impl Runtime {
@@ -206,6 +209,9 @@ impl Runtime {
         loop {
             // Execute the outputs first: they may feed the core, and so move its timer.
             self.flush();
+            if let Some(read) = self.ingest_read.take() {
+                self.core.record_egress_latency(read.elapsed());
+            }
             let now = Instant::now();
             if let Some(deadline) = self.shutdown_deadline {
                 if self.core.is_idle() {
@@ -250,10 +256,11 @@ impl Runtime {
                 let input = Input::Datagram { source, destination, contents: &contents };
                 self.core.handle_input(input, now);
             }
-            Msg::Ingest { port, epoch, contents } => {
+            Msg::Ingest { port, epoch, contents, read } => {
                 // Leftovers of a released socket must not reach a stream that re-bound the port.
                 if self.ingest.get(&port).is_some_and(|r| r.epoch == epoch) {
                     self.core.handle_input(Input::Ingest { port, contents: &contents }, now);
+                    self.ingest_read = Some(read);
                 }
             }
             Msg::Exited { stream, generation, code } => {
@@ -360,7 +367,8 @@ impl Runtime {
                     // waiting in `IngestReader::stop` for it to end. A full queue drops the
                     // packet, as a full socket buffer would.
                     Ok(n) => {
-                        let msg = Msg::Ingest { port, epoch, contents: buf[..n].to_vec() };
+                        let (contents, read) = (buf[..n].to_vec(), Instant::now());
+                        let msg = Msg::Ingest { port, epoch, contents, read };
                         match tx.try_send(msg) {
                             Ok(()) | Err(TrySendError::Full(_)) => {}
                             Err(TrySendError::Disconnected(_)) => break,
