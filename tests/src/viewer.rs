@@ -7,17 +7,40 @@
 //! assert_eq!(viewer.delete()?, 200);
 //! assert!(viewer.wait_for(Duration::from_secs(5), |s| s.closed));
 //! ```
+//!
+//! For load tests, [`Viewer::connect_with`] takes [`ViewerOptions`]:
+//!
+//! - a [`Hub`]: one thread polling the sockets of many viewers with `epoll` instead of one
+//!   thread per viewer;
+//! - light mode: once ICE and DTLS are up, SRTP media packets are not decrypted; their plaintext
+//!   RTP header (payload type, sequence number) is counted into the same [`Stats`]. STUN, DTLS
+//!   and SRTCP still go to str0m (consent checks keep the session alive), and video still goes
+//!   to str0m until the first keyframe, so [`Stats::first_keyframe_at`] stays exact;
+//! - retrying a POST answered with 429 after its `Retry-After`;
+//! - one DTLS certificate shared by all viewers of the process.
+//!
+//! ```text
+//! let hub = Hub::new()?;
+//! let options = ViewerOptions::default().light(true).hub(&hub).retry_429(Duration::from_secs(20));
+//! let viewers: Vec<Viewer> =
+//!     (0..500).map(|_| Viewer::connect_with(server, "/whep/demo", None, &options)).collect()?;
+//! ```
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use str0m::change::SdpAnswer;
+use str0m::config::DtlsCert;
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
@@ -39,6 +62,20 @@ const MAX_STUN_RTO: Duration = Duration::from_secs(1);
 const MIN_WAIT: Duration = Duration::from_millis(1);
 const MAX_WAIT: Duration = Duration::from_millis(50);
 
+/// Longest sleep of a [`Hub`] thread between two looks at a viewer's timers (str0m's own
+/// deadlines are usually sooner), so the ICE disconnect grace is checked often enough.
+const HUB_MAX_WAIT: Duration = Duration::from_millis(250);
+
+/// Datagrams a [`Hub`] reads from one ready socket before it serves the next one.
+const HUB_RECV_BATCH: usize = 8;
+
+/// `epoll` token of the hub's wake-up eventfd.
+const HUB_WAKE: u64 = u64::MAX;
+
+/// Bytes after the payload of an SRTP packet that light mode does not decrypt: the 16-byte tag
+/// of the AES-GCM profiles str0m prefers (`AES_CM_128_HMAC_SHA1_80` would be 10).
+pub const SRTP_TAG_LEN: usize = 16;
+
 /// Polling interval of [`Viewer::wait_for`].
 const POLL: Duration = Duration::from_millis(20);
 
@@ -52,6 +89,11 @@ const STOP_SILENT: u8 = 2;
 /// The viewer runs str0m in RTP mode: the counters count RTP packets (after SRTP decryption,
 /// de-duplication and RTX repair by str0m), not frames. Packets with an empty payload (padding)
 /// are not counted.
+///
+/// In light mode ([`ViewerOptions::light`]) the media packets after the first keyframe are
+/// counted from their plaintext RTP header without decryption: every packet counts, the bytes
+/// are the encrypted payload minus [`SRTP_TAG_LEN`], and the sequence numbers are extended here
+/// (nothing is de-duplicated or repaired).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Whether str0m reported `Event::Connected` (ICE and DTLS up). Stays true after a close.
@@ -96,10 +138,21 @@ pub struct Stats {
     pub video_seq: SeqStats,
     /// Sequence accounting of the audio packets.
     pub audio_seq: SeqStats,
+    /// When the first POST of the offer was sent; earlier than [`Stats::posted_at`] when 429
+    /// answers were retried ([`ViewerOptions::retry_429`]).
+    pub first_posted_at: Option<Instant>,
+    /// POSTs answered with 429 and retried before the 201.
+    pub post_retries: u64,
+    /// Media packets counted from their RTP header without decryption (light mode).
+    pub undecrypted_packets: u64,
+    /// RTP packets of no known media: a payload type that is not the answer's H264 or Opus
+    /// (light mode), or that str0m could not map to an m-line.
+    pub unknown_packets: u64,
 }
 
 /// Loss and reordering of one media kind, from str0m's extended (64-bit) sequence numbers,
-/// after str0m's de-duplication and NACK repair.
+/// after str0m's de-duplication and NACK repair (in light mode: from the 16-bit sequence
+/// numbers of the RTP headers, extended by [`extend_seq`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SeqStats {
     /// The first sequence number seen.
@@ -134,6 +187,174 @@ impl SeqStats {
     pub fn lost(&self) -> u64 {
         self.expected().saturating_sub(self.received)
     }
+
+    /// Records a 16-bit RTP sequence number, extended against the highest one seen so far.
+    fn record_u16(&mut self, seq: u16) {
+        let ext = extend_seq(self.first.map(|_| self.highest), seq);
+        self.record(ext);
+    }
+}
+
+/// Extends a 16-bit RTP sequence number to 64 bits: the value congruent to `seq` modulo 2^16
+/// that is nearest to `highest` (the highest extended number seen so far). The first number
+/// (`highest` = `None`) becomes `2^16 + seq`, so that packets reordered before it do not
+/// underflow.
+pub fn extend_seq(highest: Option<u64>, seq: u16) -> u64 {
+    let seq = u64::from(seq);
+    let Some(highest) = highest else {
+        return (1 << 16) | seq;
+    };
+    let candidate = (highest & !0xffff) | seq;
+    if candidate > highest && candidate - highest > 0x8000 && candidate >= 0x1_0000 {
+        candidate - 0x1_0000
+    } else if candidate < highest && highest - candidate > 0x8000 {
+        candidate + 0x1_0000
+    } else {
+        candidate
+    }
+}
+
+/// The plaintext header of an SRTP packet, as light mode reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtpHead {
+    /// Payload type.
+    pub pt: u8,
+    /// Marker bit.
+    pub marker: bool,
+    /// Sequence number.
+    pub seq: u16,
+    /// RTP timestamp.
+    pub timestamp: u32,
+    /// SSRC.
+    pub ssrc: u32,
+    /// Header length: 12 bytes, the CSRCs and the header extension.
+    pub header_len: usize,
+}
+
+/// Parses the header of an RTP (or SRTP) packet; `None` for anything else: not version 2, an
+/// RTCP packet type (payload type 64..=95, RFC 5761), or too short for its CSRCs and extension.
+pub fn parse_rtp_header(data: &[u8]) -> Option<RtpHead> {
+    let [b0, b1, s0, s1, t0, t1, t2, t3, c0, c1, c2, c3, ..] = *data else {
+        return None;
+    };
+    if b0 >> 6 != 2 {
+        return None;
+    }
+    let pt = b1 & 0x7f;
+    if (64..=95).contains(&pt) {
+        return None;
+    }
+    let mut header_len = 12 + 4 * usize::from(b0 & 0x0f);
+    if b0 & 0x10 != 0 {
+        let words = data.get(header_len + 2..header_len + 4)?;
+        header_len += 4 + 4 * usize::from(u16::from_be_bytes([words[0], words[1]]));
+    }
+    (header_len <= data.len()).then_some(RtpHead {
+        pt,
+        marker: b1 & 0x80 != 0,
+        seq: u16::from_be_bytes([s0, s1]),
+        timestamp: u32::from_be_bytes([t0, t1, t2, t3]),
+        ssrc: u32::from_be_bytes([c0, c1, c2, c3]),
+        header_len,
+    })
+}
+
+/// The media kind of each payload type of an SDP answer: the H264 payload types of its video
+/// m-lines and the Opus ones of its audio m-lines (RTX, RED, FEC and others are left out).
+pub fn media_payload_types(sdp: &str) -> HashMap<u8, MediaKind> {
+    let mut kinds = HashMap::new();
+    let mut kind = None;
+    for line in sdp.lines() {
+        let line = line.trim_end();
+        if let Some(m) = line.strip_prefix("m=") {
+            kind = match m.split(' ').next() {
+                Some("video") => Some((MediaKind::Video, "h264")),
+                Some("audio") => Some((MediaKind::Audio, "opus")),
+                _ => None,
+            };
+        } else if let (Some((kind, codec)), Some(map)) = (kind, line.strip_prefix("a=rtpmap:")) {
+            let Some((pt, encoding)) = map.split_once(' ') else { continue };
+            let name = encoding.split('/').next().unwrap_or_default();
+            if let Ok(pt) = pt.parse::<u8>()
+                && name.eq_ignore_ascii_case(codec)
+            {
+                kinds.insert(pt, kind);
+            }
+        }
+    }
+    kinds
+}
+
+/// How [`Viewer::connect_with`] sets up and runs a viewer. The default is what
+/// [`Viewer::connect`] does: its own thread, every packet through str0m, no retries, its own
+/// DTLS certificate.
+///
+/// Clones share the counter of [`ViewerOptions::retries`].
+#[derive(Debug, Clone, Default)]
+pub struct ViewerOptions {
+    light: bool,
+    hub: Option<Hub>,
+    retry_429: Option<Duration>,
+    shared_cert: bool,
+    retries: Arc<AtomicU64>,
+}
+
+impl ViewerOptions {
+    /// Light mode: after ICE and DTLS connect, SRTP media packets are counted from their
+    /// plaintext RTP header and never decrypted (video only after the first keyframe, which
+    /// str0m must decrypt to find). STUN, DTLS and SRTCP still go to str0m.
+    #[must_use]
+    pub fn light(mut self, on: bool) -> Self {
+        self.light = on;
+        self
+    }
+
+    /// Runs the viewer on `hub`'s thread rather than on a thread of its own.
+    #[must_use]
+    pub fn hub(mut self, hub: &Hub) -> Self {
+        self.hub = Some(hub.clone());
+        self
+    }
+
+    /// Answers of 429 Too Many Requests are retried after their `Retry-After` (1 s when it is
+    /// missing or not in seconds) until `give_up_after` has passed since the first POST; then
+    /// the 429 is returned as [`ViewerError::Rejected`].
+    #[must_use]
+    pub fn retry_429(mut self, give_up_after: Duration) -> Self {
+        self.retry_429 = Some(give_up_after);
+        self
+    }
+
+    /// Uses one DTLS certificate, made once per process, instead of one per viewer (saves a key
+    /// generation per viewer; the server sees the same fingerprint in every offer).
+    #[must_use]
+    pub fn share_dtls_cert(mut self, on: bool) -> Self {
+        self.shared_cert = on;
+        self
+    }
+
+    /// Whether light mode is on.
+    pub fn is_light(&self) -> bool {
+        self.light
+    }
+
+    /// 429 answers retried so far by every connect that used these options or a clone.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+}
+
+/// The DTLS certificate shared by viewers with [`ViewerOptions::share_dtls_cert`].
+fn shared_cert() -> Option<DtlsCert> {
+    static CERT: OnceLock<Option<DtlsCert>> = OnceLock::new();
+    CERT.get_or_init(|| str0m::crypto::from_feature_flags().dtls_provider.generate_certificate())
+        .clone()
+}
+
+/// The `Retry-After` of a response in seconds, if it has one in that form.
+fn retry_after(response: &http::Response) -> Option<Duration> {
+    let secs: u64 = response.header("retry-after")?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
 }
 
 /// Why [`Viewer::connect`] failed.
@@ -150,7 +371,7 @@ pub enum ViewerError {
     },
     /// The local offer could not be made or the server's answer was not acceptable.
     Sdp(String),
-    /// Setting up the UDP socket or the viewer thread failed.
+    /// Setting up the UDP socket, the viewer thread or the hub registration failed.
     Io(io::Error),
 }
 
@@ -184,6 +405,7 @@ impl std::error::Error for ViewerError {
 /// is no longer alive, when ICE stays `Disconnected` longer than [`DISCONNECTED_GRACE`] (ICE
 /// gives up about 8.5 s after the server stops answering), on a socket error, or on
 /// [`Viewer::close`], [`Viewer::abandon`] or drop. Dropping stops the thread as `close` does.
+/// On a [`Hub`] the same holds for the viewer's share of the hub thread.
 #[derive(Debug)]
 pub struct Viewer {
     server: SocketAddr,
@@ -196,7 +418,17 @@ pub struct Viewer {
     stats: Arc<Mutex<Stats>>,
     stop: Arc<AtomicU8>,
     pli: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    runner: Runner,
+}
+
+/// What runs a viewer's [`Worker`].
+#[derive(Debug)]
+enum Runner {
+    /// Its own thread; `None` once joined.
+    Thread(Option<JoinHandle<()>>),
+    /// A hub's thread; `done` disconnects when the hub has dropped the worker, `None` once
+    /// waited for.
+    Hub { hub: Hub, token: u64, done: Option<mpsc::Receiver<()>> },
 }
 
 impl Viewer {
@@ -209,6 +441,17 @@ impl Viewer {
         server: SocketAddr,
         endpoint: &str,
         token: Option<&str>,
+    ) -> Result<Self, ViewerError> {
+        Self::connect_with(server, endpoint, token, &ViewerOptions::default())
+    }
+
+    /// [`Viewer::connect`] with [`ViewerOptions`]: light mode, a shared [`Hub`] thread, 429
+    /// retries, a shared DTLS certificate.
+    pub fn connect_with(
+        server: SocketAddr,
+        endpoint: &str,
+        token: Option<&str>,
+        options: &ViewerOptions,
     ) -> Result<Self, ViewerError> {
         // The local address towards the server: loopback for a local server, else the one the
         // kernel routes through (connecting a UDP socket sends nothing).
@@ -223,6 +466,9 @@ impl Viewer {
         };
         let socket = UdpSocket::bind((local_ip, 0)).map_err(ViewerError::Io)?;
         let local_addr = socket.local_addr().map_err(ViewerError::Io)?;
+        if options.hub.is_some() {
+            socket.set_nonblocking(true).map_err(ViewerError::Io)?;
+        }
 
         let mut config = RtcConfig::new()
             .set_rtp_mode(true)
@@ -231,6 +477,11 @@ impl Viewer {
             .enable_opus(true, false);
         // This setter takes `&mut self`, unlike the rest of the builder.
         config.set_max_stun_rto(MAX_STUN_RTO);
+        if options.shared_cert
+            && let Some(cert) = shared_cert()
+        {
+            config = config.set_dtls_cert(cert);
+        }
         let mut rtc = config.build(Instant::now());
         let candidate = Candidate::host(local_addr, "udp")
             .map_err(|e| ViewerError::Sdp(format!("host candidate {local_addr}: {e}")))?;
@@ -250,9 +501,24 @@ impl Viewer {
             headers.push(("Authorization", auth));
         }
         let offer = offer.to_sdp_string();
-        let posted_at = Instant::now();
-        let response = http::request(server, "POST", endpoint, &headers, offer.as_bytes())
-            .map_err(ViewerError::Http)?;
+        let first_posted_at = Instant::now();
+        let mut post_retries = 0;
+        let (posted_at, response) = loop {
+            let posted_at = Instant::now();
+            let response = http::request(server, "POST", endpoint, &headers, offer.as_bytes())
+                .map_err(ViewerError::Http)?;
+            let Some(give_up_after) = options.retry_429.filter(|_| response.status == 429) else {
+                break (posted_at, response);
+            };
+            let left = give_up_after.saturating_sub(first_posted_at.elapsed());
+            if left.is_zero() {
+                break (posted_at, response);
+            }
+            let wait = retry_after(&response).unwrap_or(Duration::from_secs(1));
+            post_retries += 1;
+            options.retries.fetch_add(1, Ordering::Relaxed);
+            thread::sleep(wait.max(Duration::from_millis(10)).min(left));
+        };
         let answered_at = Instant::now();
         if response.status != 201 {
             return Err(ViewerError::Rejected { status: response.status, body: response.text() });
@@ -272,11 +538,13 @@ impl Viewer {
             ice_state: "New".to_owned(),
             posted_at: Some(posted_at),
             answered_at: Some(answered_at),
+            first_posted_at: Some(first_posted_at),
+            post_retries,
             ..Stats::default()
         }));
         let stop = Arc::new(AtomicU8::new(RUN));
         let pli = Arc::new(AtomicBool::new(false));
-        let worker = Worker {
+        let mut worker = Worker {
             rtc,
             socket,
             local_addr,
@@ -288,11 +556,24 @@ impl Viewer {
             last_keyframe_ts: None,
             disconnected_since: None,
             remote_closed: false,
+            light: options.light.then(|| media_payload_types(&answer)),
+            connected: false,
+            keyframe_seen: false,
+            scheduled: None,
+            done: None,
         };
-        let thread = thread::Builder::new()
-            .name(format!("whep-viewer-{}", local_addr.port()))
-            .spawn(move || worker.run())
-            .map_err(ViewerError::Io)?;
+        let runner = if let Some(hub) = &options.hub {
+            let (done_tx, done) = mpsc::channel();
+            worker.done = Some(done_tx);
+            let token = hub.add(worker).map_err(ViewerError::Io)?;
+            Runner::Hub { hub: hub.clone(), token, done: Some(done) }
+        } else {
+            let thread = thread::Builder::new()
+                .name(format!("whep-viewer-{}", local_addr.port()))
+                .spawn(move || worker.run())
+                .map_err(ViewerError::Io)?;
+            Runner::Thread(Some(thread))
+        };
         tracing::debug!(%local_addr, location, "viewer started");
 
         Ok(Self {
@@ -306,7 +587,7 @@ impl Viewer {
             stats,
             stop,
             pli,
-            thread: Some(thread),
+            runner,
         })
     }
 
@@ -354,6 +635,9 @@ impl Viewer {
     /// [`Stats::keyframe_requests`] counts the PLIs handed to str0m.
     pub fn request_keyframe(&self) {
         self.pli.store(true, Ordering::SeqCst);
+        if let Runner::Hub { hub, token, .. } = &self.runner {
+            hub.poke(*token);
+        }
     }
 
     /// Sends `DELETE` to the session's location and returns the status. The viewer keeps
@@ -385,16 +669,36 @@ impl Viewer {
     }
 
     fn shutdown(&mut self, mode: u8) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        // Keep the first request if the thread was already asked to stop.
-        let _ = self.stop.compare_exchange(RUN, mode, Ordering::SeqCst, Ordering::SeqCst);
-        if thread.join().is_err() {
-            tracing::error!(local_addr = %self.local_addr, "viewer thread panicked");
-            let mut stats = lock(&self.stats);
-            stats.closed = true;
-            stats.close_reason.get_or_insert_with(|| "viewer thread panicked".to_owned());
+        match &mut self.runner {
+            Runner::Thread(thread) => {
+                let Some(thread) = thread.take() else {
+                    return;
+                };
+                // Keep the first request if the thread was already asked to stop.
+                let _ = self.stop.compare_exchange(RUN, mode, Ordering::SeqCst, Ordering::SeqCst);
+                if thread.join().is_err() {
+                    tracing::error!(local_addr = %self.local_addr, "viewer thread panicked");
+                    let mut stats = lock(&self.stats);
+                    stats.closed = true;
+                    stats.close_reason.get_or_insert_with(|| "viewer thread panicked".to_owned());
+                }
+            }
+            Runner::Hub { hub, token, done } => {
+                let Some(done) = done.take() else {
+                    return;
+                };
+                let _ = self.stop.compare_exchange(RUN, mode, Ordering::SeqCst, Ordering::SeqCst);
+                hub.poke(*token);
+                // Disconnects when the hub drops the worker (after `Worker::finish`, or in a
+                // panic of the hub thread).
+                let _ = done.recv();
+                let mut stats = lock(&self.stats);
+                if !stats.closed {
+                    tracing::error!(local_addr = %self.local_addr, "viewer hub thread panicked");
+                    stats.closed = true;
+                    stats.close_reason.get_or_insert_with(|| "hub thread panicked".to_owned());
+                }
+            }
         }
     }
 }
@@ -465,12 +769,28 @@ struct Worker {
     last_keyframe_ts: Option<u32>,
     disconnected_since: Option<Instant>,
     remote_closed: bool,
+    /// Light mode: the media kind of each H264 and Opus payload type of the answer.
+    light: Option<HashMap<u8, MediaKind>>,
+    /// Whether str0m reported `Event::Connected` (light mode starts then).
+    connected: bool,
+    /// Whether a video keyframe was seen (light mode stops decrypting video then).
+    keyframe_seen: bool,
+    /// On a hub: the earliest entry of this worker in the hub's timer heap.
+    scheduled: Option<Instant>,
+    /// On a hub: dropped with the worker, which tells [`Viewer::shutdown`] it is done.
+    done: Option<mpsc::Sender<()>>,
 }
 
 impl Worker {
+    /// The viewer thread (without a hub).
     fn run(mut self) {
         let reason = self.run_loop();
-        tracing::debug!(local_addr = %self.local_addr, reason, "viewer thread ends");
+        self.finish(reason);
+    }
+
+    /// Marks the viewer closed, for `reason`.
+    fn finish(self, reason: String) {
+        tracing::debug!(local_addr = %self.local_addr, reason, "viewer ends");
         let mut stats = lock(&self.stats);
         stats.closed = true;
         stats.close_reason = Some(reason);
@@ -480,47 +800,19 @@ impl Worker {
     fn run_loop(&mut self) -> String {
         let mut buf = vec![0u8; 65_536];
         loop {
-            match self.stop.load(Ordering::SeqCst) {
-                RUN => {}
-                STOP_SILENT => return "abandoned by the test".to_owned(),
-                _ => {
-                    self.close_gracefully();
-                    return "closed by the test".to_owned();
-                }
-            }
-            if self.pli.load(Ordering::SeqCst) {
-                self.send_pli();
-            }
-            let deadline = match self.drain() {
+            let deadline = match self.step() {
                 Ok(deadline) => deadline,
-                Err(e) => return e,
+                Err(reason) => return reason,
             };
-            if self.remote_closed {
-                return "closed by the server (DTLS close)".to_owned();
-            }
-            if !self.rtc.is_alive() {
-                return "str0m Rtc no longer alive".to_owned();
-            }
             let now = Instant::now();
-            if self.disconnected_since.is_some_and(|t| now - t > DISCONNECTED_GRACE) {
-                return format!("ICE disconnected for more than {DISCONNECTED_GRACE:?}");
-            }
-            if deadline <= now {
-                self.input(Input::Timeout(now));
-                continue;
-            }
-            let wait = (deadline - now).clamp(MIN_WAIT, MAX_WAIT);
+            let wait = deadline.saturating_duration_since(now).clamp(MIN_WAIT, MAX_WAIT);
             if let Err(e) = self.socket.set_read_timeout(Some(wait)) {
                 return format!("socket error: {e}");
             }
             match self.socket.recv_from(&mut buf) {
                 Ok((n, source)) => {
-                    let Some(data) = buf.get(..n) else {
-                        continue;
-                    };
-                    match Receive::new(Protocol::Udp, source, self.local_addr, data) {
-                        Ok(receive) => self.input(Input::Receive(Instant::now(), receive)),
-                        Err(e) => tracing::debug!(%source, "dropping unparsable datagram: {e}"),
+                    if let Some(data) = buf.get(..n) {
+                        self.on_datagram(data, source, Instant::now());
                     }
                 }
                 Err(e) => match e.kind() {
@@ -532,6 +824,87 @@ impl Worker {
                     | io::ErrorKind::ConnectionReset => self.input(Input::Timeout(Instant::now())),
                     _ => return format!("socket error: {e}"),
                 },
+            }
+        }
+    }
+
+    /// Handles the stop and keyframe requests, drives str0m's timers and sends what it
+    /// outputs; returns str0m's next deadline, or why the viewer ends.
+    fn step(&mut self) -> Result<Instant, String> {
+        loop {
+            match self.stop.load(Ordering::SeqCst) {
+                RUN => {}
+                STOP_SILENT => return Err("abandoned by the test".to_owned()),
+                _ => {
+                    self.close_gracefully();
+                    return Err("closed by the test".to_owned());
+                }
+            }
+            if self.pli.load(Ordering::SeqCst) {
+                self.send_pli();
+            }
+            let deadline = self.drain()?;
+            if self.remote_closed {
+                return Err("closed by the server (DTLS close)".to_owned());
+            }
+            if !self.rtc.is_alive() {
+                return Err("str0m Rtc no longer alive".to_owned());
+            }
+            let now = Instant::now();
+            if self.disconnected_since.is_some_and(|t| now - t > DISCONNECTED_GRACE) {
+                return Err(format!("ICE disconnected for more than {DISCONNECTED_GRACE:?}"));
+            }
+            if deadline <= now {
+                self.input(Input::Timeout(now));
+                continue;
+            }
+            return Ok(deadline);
+        }
+    }
+
+    /// One datagram from the socket. Returns whether str0m got it (then it may have output to
+    /// send: call [`Worker::step`]).
+    fn on_datagram(&mut self, data: &[u8], source: SocketAddr, now: Instant) -> bool {
+        if self.connected
+            && let Some(kinds) = &self.light
+            && let Some(head) = parse_rtp_header(data)
+        {
+            let kind = kinds.get(&head.pt).copied();
+            // Video goes through str0m until its first keyframe, which needs the payload.
+            if kind != Some(MediaKind::Video) || self.keyframe_seen {
+                self.on_light_rtp(kind, &head, data.len(), now);
+                return false;
+            }
+        }
+        match Receive::new(Protocol::Udp, source, self.local_addr, data) {
+            Ok(receive) => self.input(Input::Receive(now, receive)),
+            Err(e) => tracing::debug!(%source, "dropping unparsable datagram: {e}"),
+        }
+        true
+    }
+
+    /// Counts an SRTP media packet from its plaintext header (light mode).
+    fn on_light_rtp(&self, kind: Option<MediaKind>, head: &RtpHead, len: usize, now: Instant) {
+        let mut stats = lock(&self.stats);
+        stats.undecrypted_packets += 1;
+        let Some(kind) = kind else {
+            stats.unknown_packets += 1;
+            return;
+        };
+        let bytes = (len - head.header_len).saturating_sub(SRTP_TAG_LEN) as u64;
+        stats.last_media_at = Some(now);
+        match kind {
+            MediaKind::Video => {
+                stats.video_seq.record_u16(head.seq);
+                stats.video_packets += 1;
+                stats.video_bytes += bytes;
+                stats.first_video_at.get_or_insert(now);
+            }
+            MediaKind::Audio => {
+                stats.audio_seq.record_u16(head.seq);
+                stats.audio_packets += 1;
+                stats.audio_bytes += bytes;
+                stats.first_audio_at.get_or_insert(now);
             }
         }
     }
@@ -575,6 +948,7 @@ impl Worker {
         let now = Instant::now();
         match event {
             Event::Connected => {
+                self.connected = true;
                 let mut stats = lock(&self.stats);
                 stats.connected = true;
                 stats.connected_at.get_or_insert(now);
@@ -600,6 +974,7 @@ impl Worker {
     fn on_rtp(&mut self, packet: &RtpPacket, now: Instant) {
         let Some(kind) = self.kind_of(packet) else {
             tracing::debug!(ssrc = ?packet.header.ssrc, "RTP packet of unknown media");
+            lock(&self.stats).unknown_packets += 1;
             return;
         };
         {
@@ -626,6 +1001,7 @@ impl Worker {
                 let ts = packet.header.timestamp;
                 if keyframe && self.last_keyframe_ts != Some(ts) {
                     self.last_keyframe_ts = Some(ts);
+                    self.keyframe_seen = true;
                     stats.keyframes += 1;
                     stats.first_keyframe_at.get_or_insert(now);
                 }
@@ -669,5 +1045,335 @@ impl Worker {
         if let Err(e) = self.drain() {
             tracing::debug!(local_addr = %self.local_addr, "draining on close failed: {e}");
         }
+    }
+}
+
+/// One thread that runs many viewers: it polls their sockets with `epoll` (level-triggered),
+/// keeps their str0m timers in one heap, and reads up to 8 datagrams per ready socket per
+/// round. Cheaper than a thread per viewer when there are hundreds of them; with
+/// [`ViewerOptions::light`] one hub thread receives a few hundred thousand packets per second.
+///
+/// Clones are handles to the same thread. The thread ends when the last handle and the last of
+/// its viewers are dropped.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub").field("name", &self.inner.name).finish_non_exhaustive()
+    }
+}
+
+struct HubInner {
+    name: String,
+    commands: mpsc::Sender<HubCommand>,
+    wake: Arc<EventFd>,
+    next_token: AtomicU64,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+enum HubCommand {
+    /// A new viewer.
+    Add(u64, Box<Worker>),
+    /// Look at a viewer's stop and keyframe flags now.
+    Poke(u64),
+}
+
+impl Hub {
+    /// Starts a hub thread named `whep-hub`.
+    pub fn new() -> io::Result<Self> {
+        Self::named("whep-hub")
+    }
+
+    /// Starts a hub thread with this name.
+    pub fn named(name: &str) -> io::Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+        let wake = Arc::new(
+            EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .map_err(io::Error::from)?,
+        );
+        epoll
+            .add(wake.as_ref(), EpollEvent::new(EpollFlags::EPOLLIN, HUB_WAKE))
+            .map_err(io::Error::from)?;
+        let (commands, rx) = mpsc::channel();
+        let thread_wake = Arc::clone(&wake);
+        let thread = thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || HubThread::new(epoll, thread_wake, rx).run())?;
+        Ok(Self {
+            inner: Arc::new(HubInner {
+                name: name.to_owned(),
+                commands,
+                wake,
+                next_token: AtomicU64::new(0),
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    fn send(&self, command: HubCommand) -> io::Result<()> {
+        self.inner
+            .commands
+            .send(command)
+            .map_err(|_| io::Error::other(format!("{}: hub thread is gone", self.inner.name)))?;
+        self.inner.wake.write(1).map(drop).map_err(io::Error::from)
+    }
+
+    fn add(&self, worker: Worker) -> io::Result<u64> {
+        let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
+        self.send(HubCommand::Add(token, Box::new(worker)))?;
+        Ok(token)
+    }
+
+    fn poke(&self, token: u64) {
+        if let Err(e) = self.send(HubCommand::Poke(token)) {
+            tracing::debug!("poke: {e}");
+        }
+    }
+}
+
+impl Drop for HubInner {
+    fn drop(&mut self) {
+        // Every viewer is gone (each holds a handle): closing the channel ends the thread.
+        let (dead, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.commands, dead));
+        let _ = self.wake.write(1);
+        let thread = self.thread.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!(name = self.name, "hub thread panicked");
+        }
+    }
+}
+
+/// The state of a hub thread.
+struct HubThread {
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    commands: mpsc::Receiver<HubCommand>,
+    workers: HashMap<u64, Box<Worker>>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Workers to step in this round.
+    due: Vec<u64>,
+}
+
+impl HubThread {
+    fn new(epoll: Epoll, wake: Arc<EventFd>, commands: mpsc::Receiver<HubCommand>) -> Self {
+        Self {
+            epoll,
+            wake,
+            commands,
+            workers: HashMap::new(),
+            timers: BinaryHeap::new(),
+            due: Vec::new(),
+        }
+    }
+
+    fn run(mut self) {
+        let mut events = vec![EpollEvent::empty(); 256];
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            if !self.take_commands() {
+                break;
+            }
+            let now = Instant::now();
+            while let Some(&Reverse((at, token))) = self.timers.peek() {
+                if at > now {
+                    break;
+                }
+                self.timers.pop();
+                if let Some(worker) = self.workers.get_mut(&token)
+                    && worker.scheduled == Some(at)
+                {
+                    worker.scheduled = None;
+                    self.due.push(token);
+                }
+            }
+            self.step_due(now);
+            let wait = self.timers.peek().map_or(HUB_MAX_WAIT, |Reverse((at, _))| {
+                at.saturating_duration_since(Instant::now()).min(HUB_MAX_WAIT)
+            });
+            // Whole milliseconds, rounded up: an early wake-up would only spin.
+            let ms = u16::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u16::MAX);
+            let n = match self.epoll.wait(&mut events, ms) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => 0,
+                Err(e) => {
+                    tracing::error!("epoll_wait: {e}");
+                    self.end_all(&format!("hub epoll_wait failed: {e}"));
+                    return;
+                }
+            };
+            let now = Instant::now();
+            for event in events.iter().take(n) {
+                let token = event.data();
+                if token == HUB_WAKE {
+                    let _ = self.wake.read();
+                    continue;
+                }
+                self.receive(token, &mut buf, now);
+            }
+            self.step_due(now);
+        }
+        self.end_all("hub stopped");
+    }
+
+    /// Reads up to [`HUB_RECV_BATCH`] datagrams of a ready socket. str0m must be polled after
+    /// every input (it keeps one pending output per kind), so each datagram str0m gets is
+    /// followed by a step.
+    fn receive(&mut self, token: u64, buf: &mut [u8], now: Instant) {
+        let Some(worker) = self.workers.get_mut(&token) else { return };
+        let mut result = None;
+        for _ in 0..HUB_RECV_BATCH {
+            match worker.socket.recv_from(buf) {
+                Ok((len, source)) => {
+                    let Some(data) = buf.get(..len) else { continue };
+                    if worker.on_datagram(data, source, now) {
+                        let r = worker.step();
+                        let ended = r.is_err();
+                        result = Some(r);
+                        if ended {
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock
+                        | io::ErrorKind::Interrupted
+                        | io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::ConnectionReset => {}
+                        _ => result = Some(Err(format!("socket error: {e}"))),
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(r) = result {
+            self.stepped(token, r, now);
+        }
+    }
+
+    /// Takes the queued commands; false when the channel is closed (the hub is dropped).
+    fn take_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(HubCommand::Add(token, worker)) => {
+                    let event = EpollEvent::new(EpollFlags::EPOLLIN, token);
+                    if let Err(e) = self.epoll.add(&worker.socket, event) {
+                        worker.finish(format!("hub cannot poll the socket: {e}"));
+                        continue;
+                    }
+                    self.workers.insert(token, worker);
+                    self.due.push(token);
+                }
+                Ok(HubCommand::Poke(token)) => self.due.push(token),
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Steps the due workers: schedules their next deadline, or ends them.
+    fn step_due(&mut self, now: Instant) {
+        let mut due = std::mem::take(&mut self.due);
+        for token in due.drain(..) {
+            let Some(worker) = self.workers.get_mut(&token) else { continue };
+            let result = worker.step();
+            self.stepped(token, result, now);
+        }
+        self.due = due;
+    }
+
+    /// Schedules a worker's next deadline, or ends it.
+    fn stepped(&mut self, token: u64, result: Result<Instant, String>, now: Instant) {
+        match result {
+            Ok(deadline) => {
+                let Some(worker) = self.workers.get_mut(&token) else { return };
+                let at = deadline.min(now + HUB_MAX_WAIT);
+                if worker.scheduled.is_none_or(|s| at < s) {
+                    worker.scheduled = Some(at);
+                    self.timers.push(Reverse((at, token)));
+                }
+            }
+            Err(reason) => self.end(token, reason),
+        }
+    }
+
+    fn end(&mut self, token: u64, reason: String) {
+        if let Some(worker) = self.workers.remove(&token) {
+            let _ = self.epoll.delete(&worker.socket);
+            worker.finish(reason);
+        }
+    }
+
+    fn end_all(&mut self, reason: &str) {
+        let tokens: Vec<u64> = self.workers.keys().copied().collect();
+        for token in tokens {
+            self.end(token, reason.to_owned());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_extend_across_wraps_and_reordering() {
+        let mut s = SeqStats::default();
+        for seq in [65_533u16, 65_534, 65_535, 0, 2, 1, 3] {
+            s.record_u16(seq);
+        }
+        assert_eq!(s.received, 7);
+        assert_eq!(s.expected(), 7);
+        assert_eq!(s.lost(), 0);
+        assert_eq!(s.reordered, 1);
+        assert_eq!(s.highest - s.first.unwrap_or(0), 6);
+        // A packet from before the first one seen does not underflow.
+        assert_eq!(extend_seq(None, 0), 65_536);
+        assert_eq!(extend_seq(Some(65_536), 65_535), 65_535);
+        // Continuing from str0m's extended numbers (light mode after the first keyframe).
+        assert_eq!(extend_seq(Some(5), 6), 6);
+        assert_eq!(extend_seq(Some(3 << 16 | 65_535), 0), 4 << 16);
+        // A gap is loss, not a wrap.
+        let mut g = SeqStats::default();
+        for seq in [10u16, 11, 15] {
+            g.record_u16(seq);
+        }
+        assert_eq!(g.lost(), 3);
+    }
+
+    #[test]
+    fn rtp_headers_parse_with_csrcs_and_extensions_and_rtcp_is_refused() {
+        let mut p = vec![0x80, 0x80 | 102, 0x12, 0x34, 0, 0, 0, 9, 0xde, 0xad, 0xbe, 0xef];
+        p.extend_from_slice(&[1; 20]);
+        let h = parse_rtp_header(&p).expect("rtp");
+        assert_eq!((h.pt, h.marker, h.seq, h.timestamp), (102, true, 0x1234, 9));
+        assert_eq!((h.ssrc, h.header_len), (0xdead_beef, 12));
+        // One CSRC and a one-word extension.
+        let mut q = vec![0x91, 111, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 7, 0xbe, 0xde, 0, 1];
+        q.extend_from_slice(&[0; 8]);
+        assert_eq!(parse_rtp_header(&q).map(|h| h.header_len), Some(24));
+        // Extension longer than the packet.
+        assert_eq!(parse_rtp_header(&q[..22]), None);
+        // RTCP (receiver report, PT 201 = 0x80 | 73), not version 2, too short.
+        assert_eq!(parse_rtp_header(&[0x80, 201, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(parse_rtp_header(&[0x40, 102, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(parse_rtp_header(&[0x80, 102, 0]), None);
+    }
+
+    #[test]
+    fn answer_payload_types_map_to_media_kinds() {
+        let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 102 103\r\na=rtpmap:102 H264/90000\r\n\
+                   a=rtpmap:103 rtx/90000\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\
+                   a=rtpmap:111 opus/48000/2\r\n";
+        let kinds = media_payload_types(sdp);
+        assert_eq!(kinds.len(), 2);
+        assert_eq!(kinds.get(&102), Some(&MediaKind::Video));
+        assert_eq!(kinds.get(&111), Some(&MediaKind::Audio));
     }
 }
