@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::socket::{setsockopt, sockopt};
 use str0m::change::SdpAnswer;
 use str0m::config::DtlsCert;
 use str0m::format::Codec;
@@ -118,6 +119,8 @@ pub struct Stats {
     pub closed: bool,
     /// Why the viewer thread ended, once it has.
     pub close_reason: Option<String>,
+    /// When the viewer thread ended.
+    pub closed_at: Option<Instant>,
     /// When str0m reported `Event::Connected`.
     pub connected_at: Option<Instant>,
     /// When the first video packet arrived.
@@ -296,6 +299,7 @@ pub struct ViewerOptions {
     hub: Option<Hub>,
     retry_429: Option<Duration>,
     shared_cert: bool,
+    recv_buffer: Option<usize>,
     retries: Arc<AtomicU64>,
 }
 
@@ -330,6 +334,14 @@ impl ViewerOptions {
     #[must_use]
     pub fn share_dtls_cert(mut self, on: bool) -> Self {
         self.shared_cert = on;
+        self
+    }
+
+    /// Asks for this `SO_RCVBUF` on the viewer's socket (the kernel doubles it and caps it at
+    /// `net.core.rmem_max`), so that a late read loses nothing.
+    #[must_use]
+    pub fn recv_buffer(mut self, bytes: usize) -> Self {
+        self.recv_buffer = Some(bytes);
         self
     }
 
@@ -468,6 +480,9 @@ impl Viewer {
         let local_addr = socket.local_addr().map_err(ViewerError::Io)?;
         if options.hub.is_some() {
             socket.set_nonblocking(true).map_err(ViewerError::Io)?;
+        }
+        if let Some(bytes) = options.recv_buffer {
+            setsockopt(&socket, sockopt::RcvBuf, &bytes).map_err(|e| ViewerError::Io(e.into()))?;
         }
 
         let mut config = RtcConfig::new()
@@ -794,6 +809,7 @@ impl Worker {
         let mut stats = lock(&self.stats);
         stats.closed = true;
         stats.close_reason = Some(reason);
+        stats.closed_at = Some(Instant::now());
     }
 
     /// Drives the `Rtc` until something ends it; returns why.

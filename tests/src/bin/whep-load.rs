@@ -38,7 +38,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -100,6 +100,10 @@ struct Args {
     /// Print one line per viewer.
     #[arg(long)]
     per_viewer: bool,
+    /// Print what the server it started logged (stdout and stderr, `RUST_LOG` from `E2E_LOG`,
+    /// default info) after each run.
+    #[arg(long)]
+    server_log: bool,
     /// Light viewers: after ICE + DTLS and the first keyframe, SRTP media packets are counted
     /// from their plaintext RTP header (payload type, sequence number) and not decrypted; STUN,
     /// DTLS and SRTCP still go to str0m. Loss and reordering are counted as before (without
@@ -109,6 +113,10 @@ struct Args {
     /// Hub threads that receive for the viewers (viewer i on hub i mod N).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// `SO_RCVBUF` of each viewer socket in bytes (the kernel doubles it, up to
+    /// `net.core.rmem_max`); 0 keeps the kernel's default.
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    recv_buffer: usize,
     /// One thread per viewer (blocking socket reads) instead of hub threads.
     #[arg(long, conflicts_with = "threads")]
     thread_per_viewer: bool,
@@ -126,6 +134,15 @@ struct Args {
     /// measuring window.
     #[arg(long)]
     setup_only: bool,
+    /// Also send this many packets per second of 1200-byte RTP with payload type 0 (which no
+    /// viewer negotiated) straight to the viewers' sockets during the window, from a thread on
+    /// `--blast-cpus`, in UDP GSO batches of 8 per viewer: measures how many packets whep-load
+    /// receives per second and core (light viewers count them as unknown packets).
+    #[arg(long, value_name = "PPS")]
+    blast: Option<u64>,
+    /// CPUs of the `--blast` thread [default: `--server-cpus` if given].
+    #[arg(long, value_parser = parse_cpus, value_name = "LIST")]
+    blast_cpus: Option<CpuList>,
     /// Find the most viewers the server serves without loss: `--viewers`, then doubled until a
     /// step loses a packet (or a viewer is refused or never plays), then bisected to
     /// `--find-resolution`; a fresh server for every step. Needs a server it starts.
@@ -185,6 +202,65 @@ fn pin_process(pid: u32, set: &CpuSet) -> Result<usize, String> {
     Ok(pinned)
 }
 
+/// Size of a `--blast` packet.
+const BLAST_PACKET: usize = 1200;
+/// `--blast` packets per GSO send (to one viewer).
+const BLAST_BATCH: usize = 8;
+
+/// The `--blast` sender: `pps` packets per second round-robin to `targets` until `stop`;
+/// returns how many it sent.
+fn blast(targets: &[SocketAddr], pps: u64, cpus: Option<&CpuSet>, stop: &AtomicBool) -> u64 {
+    if let Some(cpus) = cpus
+        && let Err(e) = sched_setaffinity(Pid::from_raw(0), cpus)
+    {
+        println!("blast: sched_setaffinity: {e}");
+    }
+    let socket = match std::net::UdpSocket::bind("127.0.0.1:0") {
+        Ok(s) => s,
+        Err(e) => {
+            println!("blast: {e}");
+            return 0;
+        }
+    };
+    #[allow(clippy::cast_possible_truncation)]
+    let segment = BLAST_PACKET as u16;
+    let gso = nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::UdpGsoSegment,
+        &i32::from(segment),
+    )
+    .is_ok();
+    let batch = if gso { BLAST_BATCH } else { 1 };
+    let mut buf = vec![0u8; BLAST_PACKET * BLAST_BATCH];
+    let start = Instant::now();
+    let (mut sent, mut seq, mut next) = (0u64, 0u16, 0usize);
+    while !stop.load(Ordering::Relaxed) && !targets.is_empty() {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let due = (start.elapsed().as_secs_f64() * pps as f64) as u64;
+        if sent >= due {
+            thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let k = usize::try_from(due - sent).unwrap_or(batch).min(batch);
+        for packet in buf.chunks_mut(BLAST_PACKET).take(k) {
+            // RTP version 2, payload type 0, sequence number, timestamp 0, SSRC 0xb1a57.
+            packet[..12].copy_from_slice(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0x0b, 0x1a, 0x57]);
+            packet[2..4].copy_from_slice(&seq.to_be_bytes());
+            seq = seq.wrapping_add(1);
+        }
+        let target = targets[next % targets.len()];
+        next += 1;
+        if socket.send_to(&buf[..k * BLAST_PACKET], target).is_ok() {
+            sent += k as u64;
+        }
+    }
+    sent
+}
+
 /// `http://host:port/path` → (address, path).
 fn parse_url(url: &str) -> Result<(SocketAddr, String), String> {
     let rest = url
@@ -211,6 +287,45 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
     #[allow(clippy::cast_precision_loss)]
     Some((utime + stime) / ticks as f64)
+}
+
+/// CPU seconds of the threads of process `pid` whose name starts with `prefix`, from
+/// `/proc/PID/task/TID/stat`.
+fn threads_cpu_seconds(pid: u32, prefix: &str) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0.0;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        // The same fields as a process's stat.
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+        #[allow(clippy::cast_precision_loss)]
+        {
+            total += (utime + stime) / ticks as f64;
+        }
+    }
+    Some(total)
+}
+
+/// Busy and total jiffies of each CPU, from `/proc/stat` (busy: everything but idle and
+/// iowait).
+fn cpu_jiffies() -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let v: Vec<u64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            let total: u64 = v.iter().take(8).sum();
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            (total - idle, total)
+        })
+        .collect()
 }
 
 /// Resident memory of a process in KiB, from `/proc/PID/status`.
@@ -557,6 +672,7 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
         .light(args.light)
         .retry_429(Duration::from_secs(args.play_timeout))
         .share_dtls_cert(true);
+    let base = if args.recv_buffer > 0 { base.recv_buffer(args.recv_buffer) } else { base };
     let options: Vec<ViewerOptions> = if hubs.is_empty() {
         vec![base.clone()]
     } else {
@@ -630,17 +746,38 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     let drops = || (udp_drops(&server_sockets), udp_drops(&our_sockets));
     let m0 = own.map(|o| metrics(&o.server)).unwrap_or_default();
     let (snmp0, d0) = (udp_snmp(), drops());
-    let (s0, f0, l0, t0) = (cpu(server_pid), cpu(ffmpeg_pid), cpu(Some(me)), Instant::now());
+    // The threads that receive for the viewers.
+    let receivers = if args.thread_per_viewer { "whep-viewer" } else { "whep-hub" };
+    let recv_cpu = || threads_cpu_seconds(me, receivers);
+    let (s0, f0, l0, r0) = (cpu(server_pid), cpu(ffmpeg_pid), cpu(Some(me)), recv_cpu());
+    let t0 = Instant::now();
+    let j0 = cpu_jiffies();
     let before: Vec<Stats> = viewers.iter().map(Viewer::stats).collect();
-    thread::sleep(Duration::from_secs(args.seconds));
+    let targets: Vec<SocketAddr> = viewers.iter().map(Viewer::local_addr).collect();
+    let stop = AtomicBool::new(false);
+    let blast_cpus = args.blast_cpus.as_ref().or(args.server_cpus.as_ref()).map(|c| &c.set);
+    let blasted = thread::scope(|scope| {
+        let sender = args.blast.map(|pps| {
+            let (targets, stop) = (&targets, &stop);
+            thread::Builder::new()
+                .name("whep-blast".into())
+                .spawn_scoped(scope, move || blast(targets, pps, blast_cpus, stop))
+                .ok()
+        });
+        thread::sleep(Duration::from_secs(args.seconds));
+        stop.store(true, Ordering::Relaxed);
+        sender.flatten().map(|s| s.join().unwrap_or(0))
+    });
     let wall = t0.elapsed().as_secs_f64();
-    let (s1, f1, l1) = (cpu(server_pid), cpu(ffmpeg_pid), cpu(Some(me)));
+    let (s1, f1, l1, r1) = (cpu(server_pid), cpu(ffmpeg_pid), cpu(Some(me)), recv_cpu());
+    let j1 = cpu_jiffies();
     let after: Vec<Stats> = viewers.iter().map(Viewer::stats).collect();
     let (snmp1, d1) = (udp_snmp(), drops());
     let m1 = own.map(|o| metrics(&o.server)).unwrap_or_default();
     let rss_after = server_pid.and_then(rss_kib);
 
     let (mut pkts, mut bytes, mut reordered, mut undecrypted) = (0u64, 0u64, 0u64, 0u64);
+    let mut unknown = 0u64;
     for (i, (b, a)) in before.iter().zip(&after).enumerate() {
         let received = (a.video_seq.received - b.video_seq.received)
             + (a.audio_seq.received - b.audio_seq.received);
@@ -664,6 +801,7 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
         bytes += by;
         reordered += r;
         undecrypted += a.undecrypted_packets - b.undecrypted_packets;
+        unknown += a.unknown_packets - b.unknown_packets;
         if args.per_viewer {
             #[allow(clippy::cast_precision_loss)]
             let kbps = by as f64 * 8.0 / wall / 1000.0;
@@ -676,6 +814,19 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
         }
     }
     outcome.received_per_s = per_second(pkts, wall);
+    // Viewers that ended, by reason: how many, first and last end after the first POST.
+    let mut reasons: HashMap<String, (usize, f64, f64)> = HashMap::new();
+    for a in after.iter().filter(|a| a.closed) {
+        let at = a.closed_at.map_or(0.0, |t| t.saturating_duration_since(start).as_secs_f64());
+        let e =
+            reasons.entry(a.close_reason.clone().unwrap_or_default()).or_insert((0, f64::MAX, 0.0));
+        *e = (e.0 + 1, e.1.min(at), e.2.max(at));
+    }
+    for (reason, (count, first, last)) in &reasons {
+        println!(
+            "closed: {count} viewers, {first:.1} to {last:.1} s after the first POST: {reason}"
+        );
+    }
     #[allow(clippy::cast_precision_loss)]
     {
         println!(
@@ -690,11 +841,26 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
             outcome.worst_loss
         );
     }
+    if let Some(sent) = blasted {
+        println!(
+            "blast: sent {:.0} packets/s, the viewers received {:.0} packets/s of them (lost {})",
+            per_second(sent, wall),
+            per_second(unknown, wall),
+            sent.saturating_sub(unknown)
+        );
+    }
     let share = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / wall * 100.0);
-    outcome.tool_cpu = share(l0, l1);
+    outcome.tool_cpu = share(r0, r1);
     if let Some(tool) = outcome.tool_cpu {
+        let all = pkts + unknown;
+        if unknown > 0 {
+            println!(
+                "whep-load received {:.0} packets/s in all (media + unknown payload types)",
+                per_second(all, wall)
+            );
+        }
         #[allow(clippy::cast_precision_loss)]
-        let us = if pkts > 0 { tool / 100.0 * wall * 1e6 / pkts as f64 } else { 0.0 };
+        let us = if all > 0 { tool / 100.0 * wall * 1e6 / all as f64 } else { 0.0 };
         let mode = if args.light { "light" } else { "full str0m" };
         let threads = if args.thread_per_viewer {
             "a thread per viewer".to_owned()
@@ -702,10 +868,24 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
             format!("{} hub thread(s)", hubs.len())
         };
         println!(
-            "whep-load CPU: {tool:.1} % of one core = {us:.2} us per received packet ({mode} \
-             viewers on {threads}; {undecrypted} packets counted without decryption)"
+            "whep-load CPU: receiving {tool:.1} % of one core = {us:.2} us per received packet \
+             ({mode} viewers on {threads}; {undecrypted} packets counted without decryption); \
+             the whole process {}",
+            share(l0, l1).map_or("n/a".into(), |v| format!("{v:.1} %"))
         );
     }
+    // Every process counts here: on a shared machine, others may take the cores measured.
+    let busy: Vec<String> = j0
+        .iter()
+        .zip(&j1)
+        .enumerate()
+        .map(|(cpu, ((b0, t0), (b1, t1)))| {
+            #[allow(clippy::cast_precision_loss)]
+            let pct = (b1 - b0) as f64 * 100.0 / (t1 - t0).max(1) as f64;
+            format!("CPU {cpu} {pct:.0} %")
+        })
+        .collect();
+    println!("machine busy in the window (all processes): {}", busy.join(", "));
     if own.is_none() {
         return outcome;
     }
@@ -768,6 +948,14 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     outcome
 }
 
+/// Stops the server and prints its log with `--server-log`.
+fn print_server_log(args: &Args, mut own: Own) {
+    if args.server_log {
+        own.server.terminate(Duration::from_secs(10));
+        println!("--- server log ---\n{}\n--- end of server log ---", own.server.output());
+    }
+}
+
 /// `--find-max`: doubles, then bisects, with a fresh server per step.
 fn find_max(args: &Args) -> ExitCode {
     let mut n = args.viewers.max(1);
@@ -784,7 +972,7 @@ fn find_max(args: &Args) -> ExitCode {
         };
         let addr = own.server.http;
         let outcome = run(args, addr, "/whep/demo", Some(&own), n);
-        drop(own);
+        print_server_log(args, own);
         let verdict = if outcome.clean() { "no loss" } else { "LOSS" };
         println!("find-max: {n} viewers: {verdict}; {}", outcome.summary());
         if outcome.clean() {
@@ -886,7 +1074,9 @@ fn main() -> ExitCode {
         },
     };
     let outcome = run(&args, addr, &path, own.as_ref(), args.viewers);
-    drop(own);
+    if let Some(own) = own {
+        print_server_log(&args, own);
+    }
     if outcome.refused > 0 || outcome.silent > 0 || outcome.worst_loss > args.max_loss {
         println!(
             "FAIL: {} refused, {} never played, worst loss {:.2} % (limit {} %)",
