@@ -127,6 +127,11 @@ struct Args {
     /// CPUs of whep-load itself (all its threads), e.g. `1`.
     #[arg(long, value_parser = parse_cpus, value_name = "LIST")]
     cpus: Option<CpuList>,
+    /// Nice value of the server, its FFmpeg and every thread of whep-load (with `renice`;
+    /// negative values need root). On a shared machine, e.g. `-10` keeps other processes from
+    /// taking much of the pinned cores.
+    #[arg(long, allow_hyphen_values = true)]
+    nice: Option<i32>,
     /// CPUs of the server's FFmpeg [default: `--cpus` if given, else the server's].
     #[arg(long, value_parser = parse_cpus, value_name = "LIST")]
     ffmpeg_cpus: Option<CpuList>,
@@ -259,6 +264,21 @@ fn blast(targets: &[SocketAddr], pps: u64, cpus: Option<&CpuSet>, stop: &AtomicB
         }
     }
     sent
+}
+
+/// Sets the nice value of every thread of process `pid` with `renice`.
+fn renice(pid: u32, nice: i32) -> Result<(), String> {
+    let tasks =
+        std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("{pid}: {e}"))?;
+    let tids: Vec<String> =
+        tasks.flatten().filter_map(|t| t.file_name().to_str().map(str::to_owned)).collect();
+    let status = std::process::Command::new("renice")
+        .args(["-n", &nice.to_string(), "-p"])
+        .args(&tids)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("renice: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("renice -n {nice} of {pid} failed")) }
 }
 
 /// `http://host:port/path` → (address, path).
@@ -513,11 +533,21 @@ fn start_server(args: &Args, n: usize) -> Result<Own, String> {
     // All our threads (the server's log readers too) back to ours.
     let mine = args.cpus.as_ref().map_or(original, |c| c.set);
     pin_process(std::process::id(), &mine)?;
+    if let Some(nice) = args.nice
+        && let Err(e) = renice(server.pid(), nice)
+    {
+        println!("whep-load: {e}");
+    }
 
     let ready = server.wait_stream("demo", Duration::from_secs(20), |s| s["pid"].is_u64());
     let ffmpeg = ready.ok().and_then(|s| s["pid"].as_u64()).and_then(|p| u32::try_from(p).ok());
     let ffmpeg_cpus = args.ffmpeg_cpus.as_ref().or(args.cpus.as_ref());
     let pin_ffmpeg = || {
+        if let (Some(pid), Some(nice)) = (ffmpeg, args.nice)
+            && let Err(e) = renice(pid, nice)
+        {
+            println!("whep-load: {e}");
+        }
         if let (Some(pid), Some(cpus)) = (ffmpeg, ffmpeg_cpus) {
             pin_process(pid, &cpus.set).map(drop)
         } else {
@@ -668,6 +698,11 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
             })
             .collect()
     };
+    if let Some(nice) = args.nice
+        && let Err(e) = renice(std::process::id(), nice)
+    {
+        println!("whep-load: {e}");
+    }
     let base = ViewerOptions::default()
         .light(args.light)
         .retry_429(Duration::from_secs(args.play_timeout))
