@@ -216,6 +216,11 @@ impl Core {
             _ => return Err(StreamError::AlreadyStarted),
         }
         let ports = self.ports.allocate(now).ok_or(StreamError::NoPorts)?;
+        // A start by the application is a fresh start: earlier crashes do not lengthen the
+        // backoff of the next one.
+        if let Some(s) = self.streams.get_mut(id) {
+            s.failures = 0;
+        }
         self.bind(id, ports, 1, now);
         Ok(())
     }
@@ -684,12 +689,13 @@ impl Core {
             Receive { proto: Protocol::Udp, source, destination, contents: recv },
         );
         let known = self.by_addr.get(&source).copied();
-        let session = known.or_else(|| {
-            let ufrag = stun_local_ufrag(contents)?;
-            let s = *self.by_ufrag.get(ufrag)?;
-            self.peers.get(&s).filter(|p| p.rtc.accepts(&input)).map(|_| s)
-        });
-        let Some(session) = session else {
+        // A STUN request names its session by ufrag, whatever the address: a new viewer may
+        // come from the address of one that vanished and is not reaped yet (a port the OS or
+        // a TURN relay handed out again). The address then belongs to the new session.
+        let by_ufrag = stun_local_ufrag(contents)
+            .and_then(|ufrag| self.by_ufrag.get(ufrag).copied())
+            .filter(|s| self.peers.get(s).is_some_and(|p| p.rtc.accepts(&input)));
+        let Some(session) = by_ufrag.or(known) else {
             self.metrics.datagrams_dropped += 1;
             return;
         };
@@ -697,8 +703,10 @@ impl Core {
         let Some(peer) = self.peers.get_mut(&session) else {
             return;
         };
-        if known.is_none() && !peer.addrs.contains(&source) {
-            peer.addrs.push(source);
+        if known != Some(session) {
+            if !peer.addrs.contains(&source) {
+                peer.addrs.push(source);
+            }
             self.by_addr.insert(source, session);
         }
         peer.last_rx = now;

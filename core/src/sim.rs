@@ -276,6 +276,11 @@ impl SimWorld {
         self.next_viewer += 1;
         let n = self.next_viewer;
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, (n >> 8) as u8, n as u8)), 5000);
+        self.join_from(stream, addr)
+    }
+
+    /// [`SimWorld::join`] from a given address.
+    pub fn join_from(&mut self, stream: &StreamId, addr: SocketAddr) -> (usize, WhepResponse) {
         let mut rtc = Rtc::builder()
             .set_rtp_mode(true)
             .clear_codecs()
@@ -721,6 +726,8 @@ impl SimWorld {
     ) -> (Self, StreamId, PortPair) {
         config.max_viewers_per_stream = n;
         config.max_viewers_total = n;
+        // All of them join at one instant.
+        config.rate_limits = crate::RateLimits::unlimited();
         let mut w = Self::new(config);
         let id = w.add_stream("bench", StreamConfig::external(), 30);
         for _ in 0..n {

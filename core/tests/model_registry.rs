@@ -694,6 +694,8 @@ impl Model {
         if self.free_pairs() == 0 {
             return Err(StreamError::NoPorts);
         }
+        // A start by the application resets the crash backoff.
+        self.s(i).failures = 0;
         self.begin_bind(i, 1);
         Ok(())
     }
