@@ -383,6 +383,28 @@ fn udp_drops(inodes: &HashSet<u64>) -> u64 {
     drops
 }
 
+/// Bytes queued for reading at each UDP socket with these inodes, by local port, from
+/// `/proc/net/udp` (`tx_queue:rx_queue` in hex).
+fn udp_queues(inodes: &HashSet<u64>) -> Vec<(u16, u64)> {
+    let text = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    let mut queues: Vec<(u16, u64)> = text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode = fields.get(9)?.parse::<u64>().ok()?;
+            if !inodes.contains(&inode) {
+                return None;
+            }
+            let port = u16::from_str_radix(fields.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            let rx = u64::from_str_radix(fields.get(4)?.split_once(':')?.1, 16).ok()?;
+            Some((port, rx))
+        })
+        .collect();
+    queues.sort_unstable();
+    queues
+}
+
 /// The kernel's UDP counters (`Udp:` of `/proc/net/snmp`) by name.
 fn udp_snmp() -> HashMap<String, u64> {
     let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
@@ -475,6 +497,8 @@ struct Own {
     server: Server,
     ffmpeg: Option<u32>,
     config: Option<PathBuf>,
+    /// Packets per second the server read from FFmpeg before any viewer: the stream's rate.
+    stream_pps: Option<f64>,
 }
 
 impl Drop for Own {
@@ -561,10 +585,14 @@ fn start_server(args: &Args, n: usize) -> Result<Own, String> {
     if !sending {
         return Err("the server's demo stream sends nothing".into());
     }
-    // Threads FFmpeg started since; then one GOP, so the RSS baseline holds the GOP cache.
+    // Threads FFmpeg started since; then one GOP, so the RSS baseline holds the GOP cache, and
+    // the stream's packet rate meanwhile.
     pin_ffmpeg()?;
-    thread::sleep(Duration::from_secs(2));
-    Ok(Own { server, ffmpeg, config })
+    let ingest = || server.metric("whep_ingest_packets_total");
+    let (i0, t0) = (ingest(), Instant::now());
+    thread::sleep(Duration::from_secs(3));
+    let stream_pps = ingest().zip(i0).map(|(b, a)| (b - a) / t0.elapsed().as_secs_f64());
+    Ok(Own { server, ffmpeg, config, stream_pps })
 }
 
 /// Connects `n` viewers from `--parallel` threads; returns them in order and the failures.
@@ -630,7 +658,13 @@ struct Outcome {
     setups_per_s: Option<f64>,
     /// Drops: at the server's sockets, at ours.
     drops: Option<(u64, u64)>,
+    /// What the viewers received per second as a share of viewers x the stream's rate (before
+    /// the viewers); below [`KEEP_UP`] the server falls behind (its queues grow).
+    delivered: Option<f64>,
 }
+
+/// The least share of the stream's packets the viewers must receive for a run to pass.
+const KEEP_UP: f64 = 0.95;
 
 impl Outcome {
     fn lost(&self) -> u64 {
@@ -638,7 +672,10 @@ impl Outcome {
     }
 
     fn clean(&self) -> bool {
-        self.refused == 0 && self.silent == 0 && self.lost() == 0
+        self.refused == 0
+            && self.silent == 0
+            && self.lost() == 0
+            && self.delivered.is_none_or(|d| d >= KEEP_UP)
     }
 
     fn summary(&self) -> String {
@@ -658,6 +695,9 @@ impl Outcome {
         );
         if let Some(rate) = self.setups_per_s {
             s.push_str(&format!("; {rate:.0} setups/s"));
+        }
+        if let Some(d) = self.delivered {
+            s.push_str(&format!("; delivered {:.1} % of the stream", d * 100.0));
         }
         if !self.clean() {
             s.push_str(&format!(
@@ -780,6 +820,7 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     let our_sockets = socket_inodes(me);
     let drops = || (udp_drops(&server_sockets), udp_drops(&our_sockets));
     let m0 = own.map(|o| metrics(&o.server)).unwrap_or_default();
+    let q0 = udp_queues(&server_sockets);
     let (snmp0, d0) = (udp_snmp(), drops());
     // The threads that receive for the viewers.
     let receivers = if args.thread_per_viewer { "whep-viewer" } else { "whep-hub" };
@@ -809,6 +850,7 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     let after: Vec<Stats> = viewers.iter().map(Viewer::stats).collect();
     let (snmp1, d1) = (udp_snmp(), drops());
     let m1 = own.map(|o| metrics(&o.server)).unwrap_or_default();
+    let q1 = udp_queues(&server_sockets);
     let rss_after = server_pid.and_then(rss_kib);
 
     let (mut pkts, mut bytes, mut reordered, mut undecrypted) = (0u64, 0u64, 0u64, 0u64);
@@ -921,9 +963,32 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
         })
         .collect();
     println!("machine busy in the window (all processes): {}", busy.join(", "));
-    if own.is_none() {
+    let delta = |m1: &HashMap<String, f64>, m0: &HashMap<String, f64>, k: &str| {
+        m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0)
+    };
+    let Some(own) = own else {
         return outcome;
+    };
+    if let Some(stream) = own.stream_pps {
+        #[allow(clippy::cast_precision_loss)]
+        let delivered = outcome.received_per_s / (stream * n.max(1) as f64);
+        outcome.delivered = Some(delivered);
+        let ingest = delta(&m1, &m0, "whep_ingest_packets_total") / wall;
+        println!(
+            "stream: {stream:.0} packets/s from FFmpeg before the viewers, {ingest:.0} read by \
+             the server in the window; the viewers received {:.1} % of viewers x stream{}",
+            delivered * 100.0,
+            if delivered < KEEP_UP { " (the server falls behind)" } else { "" }
+        );
     }
+    let queues = |q: &[(u16, u64)]| {
+        q.iter().map(|(port, bytes)| format!("{port}: {bytes}")).collect::<Vec<_>>().join(", ")
+    };
+    println!(
+        "server socket receive queues (port: bytes): {} at the start of the window, {} at its end",
+        queues(&q0),
+        queues(&q1)
+    );
     let pct = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.1} %"));
     outcome.server_cpu = share(s0, s1);
     let fwd = |m: &HashMap<String, f64>| m.get("whep_packets_forwarded_total").copied();
@@ -962,9 +1027,6 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
             a as f64 / 1024.0
         );
     }
-    let delta = |m1: &HashMap<String, f64>, m0: &HashMap<String, f64>, k: &str| {
-        m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0)
-    };
     let snmp = |k: &str| {
         snmp1.get(k).copied().unwrap_or(0).saturating_sub(snmp0.get(k).copied().unwrap_or(0))
     };
