@@ -102,7 +102,10 @@ fn with_world<T: 'static, R>(
     })
 }
 
-fn demo_world(config: crate::Config) -> (SimWorld, StreamId) {
+fn demo_world(mut config: crate::Config) -> (SimWorld, StreamId) {
+    // A world serves many inputs at one virtual instant: rate limits (tested on their own)
+    // would refuse them after the first burst.
+    config.rate_limits = crate::RateLimits::unlimited();
     let mut w = SimWorld::new(config);
     let id = w.add_stream("demo", StreamConfig::external(), 30);
     (w, id)

@@ -77,3 +77,14 @@ fn every_target_has_a_test_and_a_fuzz_target() {
         }
     }
 }
+
+/// The targets reuse one world for many inputs at one virtual instant, as a fuzzing run does:
+/// a real offer accepted 300 times in a row must stay a 201 each time (the rate limits once
+/// turned the 201st into a 429 and the target into a crash).
+#[test]
+fn a_reused_world_accepts_every_input() {
+    let offer = include_bytes!("data/chromium-156-offer.sdp");
+    for _ in 0..300 {
+        whep_core::fuzzing::offer(offer);
+    }
+}
