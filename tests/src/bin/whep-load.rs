@@ -12,16 +12,30 @@
 //! # any WHEP server (http only):
 //! $T/whep-load --url http://10.0.0.5:8080/whep/cam1 --viewers 50
 //! # how many light viewers of a 2.5 Mbit/s stream one server core serves without loss
-//! # (server on core 0, this tool and FFmpeg on core 1, a fresh server per step):
-//! $T/whep-load --light --bitrate-kbps 2500 --server-cpus 0 --cpus 1 --viewers 50 --find-max
-//! # session setups per second (all POSTs at once, 4 in flight; no measuring window):
-//! $T/whep-load --light --viewers 500 --parallel 4 --setup-only --server-cpus 0 --cpus 1
+//! # (server on core 0, this tool and FFmpeg on core 1, reniced against neighbours, viewers
+//! # joining 10 ms apart, a fresh server per step; 300, 600, then bisected):
+//! $T/whep-load --light --bitrate-kbps 2500 --server-cpus 0 --cpus 1 --nice -10 \
+//!     --ramp-ms 10 --seconds 10 --viewers 300 --find-max --find-resolution 5
+//! # session setups per second (4 POSTs in flight; no measuring window):
+//! $T/whep-load --light --bitrate-kbps 2500 --viewers 200 --parallel 4 --setup-only \
+//!     --server-cpus 0 --cpus 1 --nice -10
+//! # packets per second one whep-load core receives: 400 low-rate viewers plus 300 000
+//! # packets/s sent straight to their sockets from core 0:
+//! $T/whep-load --light --bitrate-kbps 100 --viewers 400 --parallel 4 --seconds 10 \
+//!     --blast 300000 --server-cpus 0 --cpus 1 --nice -10
 //! ```
 //!
 //! Viewers run on `--threads` hub threads that poll all their sockets with `epoll` (or one
 //! thread each with `--thread-per-viewer`). `--light` viewers decrypt nothing after the first
-//! keyframe: they count media packets from the plaintext RTP header, about 4 times cheaper than
-//! full str0m viewers, so the tool and not the server stays below its limit.
+//! keyframe: they count media packets from the plaintext RTP header, 2 to 2.5 times cheaper
+//! than full str0m viewers (1.3 to 3 us per packet, less per packet the more packets arrive),
+//! so the tool and not the server stays below its limit.
+//!
+//! A run fails (and a `--find-max` step counts as too many) when a viewer is refused or never
+//! plays, when a packet is lost, or when the viewers together receive less than 95 % of
+//! viewers x the stream's packet rate measured before they joined (the server falls behind).
+//! Past about 100 % of its core, the server does not degrade gracefully: every viewer's ICE
+//! consent fails within a second or two ("closed: ... ICE disconnected").
 //!
 //! A server it starts gets `--post-rate 0 --post-rate-global 0 --request-rate 0` (its rate
 //! limits off, so that setups per second measure the server rather than its limiter; give
@@ -754,6 +768,8 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
         hubs.iter().map(|h| base.clone().hub(h)).collect()
     };
 
+    let me = std::process::id();
+    let (setup_server0, setup_me0) = (server_pid.and_then(cpu_seconds), cpu_seconds(me));
     let start = Instant::now();
     let (viewers, failed) = connect_all(args, addr, path, n, &options);
     for (i, e) in &failed {
@@ -769,6 +785,8 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
             })
         })
         .count();
+    let setup_secs = start.elapsed().as_secs_f64();
+    let (setup_server1, setup_me1) = (server_pid.and_then(cpu_seconds), cpu_seconds(me));
     let retries = base.retries();
     println!(
         "{playing}/{n} viewers playing ({refused} refused, {retries} POSTs retried after 429) \
@@ -802,6 +820,19 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
         );
         rate
     });
+    let setup_share =
+        |a: Option<f64>, b: Option<f64>| Some(format!("{:.0} %", (b? - a?) / setup_secs * 100.0));
+    #[allow(clippy::cast_precision_loss)]
+    let server_ms = setup_server1
+        .zip(setup_server0)
+        .map(|(b, a)| format!(", {:.2} ms per viewer", (b - a) * 1000.0 / n.max(1) as f64));
+    println!(
+        "CPU from the first POST until every viewer played: server {}{}, whep-load {} of one core \
+         (streaming to the viewers already connected included)",
+        setup_share(setup_server0, setup_server1).unwrap_or_else(|| "n/a".into()),
+        server_ms.unwrap_or_default(),
+        setup_share(setup_me0, setup_me1).unwrap_or_else(|| "n/a".into()),
+    );
     let mut outcome = Outcome {
         viewers: n,
         refused,
@@ -815,7 +846,6 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
 
     let cpu = |p: Option<u32>| p.and_then(cpu_seconds);
     let ffmpeg_pid = own.and_then(|o| o.ffmpeg);
-    let me = std::process::id();
     let server_sockets = server_pid.map(socket_inodes).unwrap_or_default();
     let our_sockets = socket_inodes(me);
     let drops = || (udp_drops(&server_sockets), udp_drops(&our_sockets));
@@ -920,7 +950,8 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     }
     if let Some(sent) = blasted {
         println!(
-            "blast: sent {:.0} packets/s, the viewers received {:.0} packets/s of them (lost {})",
+            "blast: sent {:.0} packets/s, the viewers counted {:.0} packets/s of them ({} not \
+             counted by the end: queued or dropped)",
             per_second(sent, wall),
             per_second(unknown, wall),
             sent.saturating_sub(unknown)
