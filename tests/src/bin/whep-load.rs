@@ -31,9 +31,9 @@
 //! than full str0m viewers (1.3 to 3 us per packet, less per packet the more packets arrive),
 //! so the tool and not the server stays below its limit.
 //!
-//! A run fails (and a `--find-max` step counts as too many) when a viewer is refused or never
-//! plays, when a packet is lost, or when the viewers together receive less than 95 % of
-//! viewers x the stream's packet rate measured before they joined (the server falls behind).
+//! A `--find-max` step counts as too many viewers when a viewer is refused or never plays, when
+//! a single packet is lost, or when the viewers together receive less than 95 % of viewers x
+//! the stream's packet rate measured before they joined (the server falls behind).
 //! Past about 100 % of its core, the server does not degrade gracefully: every viewer's ICE
 //! consent fails within a second or two ("closed: ... ICE disconnected").
 //!
@@ -101,8 +101,12 @@ struct Args {
     /// POSTs in flight at once: this many threads connect the viewers.
     #[arg(long, default_value_t = 1)]
     parallel: usize,
-    /// How long a viewer may take to receive its first keyframe, in seconds; also how long 429
-    /// answers are retried.
+    /// Stop POSTing after this many failed POSTs (the rest count as refused); 0 = never. An
+    /// overloaded server may take the HTTP client's 10 s timeout for every POST.
+    #[arg(long, default_value_t = 10)]
+    max_failures: usize,
+    /// How long the viewers may take to receive their first keyframe after the last POST, in
+    /// seconds; also how long a POST answered with 429 is retried.
     #[arg(long, default_value_t = 20)]
     play_timeout: u64,
     /// Bearer token for the endpoint.
@@ -163,8 +167,9 @@ struct Args {
     #[arg(long, value_parser = parse_cpus, value_name = "LIST")]
     blast_cpus: Option<CpuList>,
     /// Find the most viewers the server serves without loss: `--viewers`, then doubled until a
-    /// step loses a packet (or a viewer is refused or never plays), then bisected to
-    /// `--find-resolution`; a fresh server for every step. Needs a server it starts.
+    /// step loses a packet (or a viewer is refused or never plays, or the viewers receive less
+    /// than 95 % of the stream: the server falls behind), then bisected to `--find-resolution`;
+    /// a fresh server for every step. Needs a server it starts.
     #[arg(long, conflicts_with_all = ["url", "setup_only"])]
     find_max: bool,
     /// Largest step of `--find-max`.
@@ -618,6 +623,7 @@ fn connect_all(
     options: &[ViewerOptions],
 ) -> (Vec<Viewer>, Vec<(usize, String)>) {
     let next = AtomicUsize::new(0);
+    let failures = AtomicUsize::new(0);
     let mut results: Vec<(usize, Result<Viewer, String>)> = thread::scope(|scope| {
         let workers: Vec<_> = (0..args.parallel.max(1))
             .map(|_| {
@@ -628,12 +634,21 @@ fn connect_all(
                         if i >= n {
                             return mine;
                         }
+                        if args.max_failures > 0
+                            && failures.load(Ordering::Relaxed) >= args.max_failures
+                        {
+                            mine.push((i, Err("not attempted: --max-failures reached".into())));
+                            continue;
+                        }
                         if !mine.is_empty() && args.ramp_ms > 0 {
                             thread::sleep(Duration::from_millis(args.ramp_ms));
                         }
                         let opts = &options[i % options.len()];
                         let v = Viewer::connect_with(addr, path, args.token.as_deref(), opts)
                             .map_err(|e| e.to_string());
+                        if v.is_err() {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
                         mine.push((i, v));
                     }
                 })
@@ -772,8 +787,16 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     let (setup_server0, setup_me0) = (server_pid.and_then(cpu_seconds), cpu_seconds(me));
     let start = Instant::now();
     let (viewers, failed) = connect_all(args, addr, path, n, &options);
+    // The failures by message, with the first viewer of each.
+    let mut reasons: Vec<(String, usize, usize)> = Vec::new();
     for (i, e) in &failed {
-        println!("viewer {i}: {e}");
+        match reasons.iter_mut().find(|(m, _, _)| m == e) {
+            Some(r) => r.2 += 1,
+            None => reasons.push((e.clone(), *i, 1)),
+        }
+    }
+    for (e, first, count) in &reasons {
+        println!("{count} viewers failed (first: viewer {first}): {e}");
     }
     let refused = failed.len();
     let deadline = Instant::now() + Duration::from_secs(args.play_timeout);
