@@ -872,7 +872,10 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     let server_sockets = server_pid.map(socket_inodes).unwrap_or_default();
     let our_sockets = socket_inodes(me);
     let drops = || (udp_drops(&server_sockets), udp_drops(&our_sockets));
+    // When each answer arrived: a loaded server answers late, so rates from /metrics are per
+    // the time between the answers, not per window.
     let m0 = own.map(|o| metrics(&o.server)).unwrap_or_default();
+    let m0_at = Instant::now();
     let q0 = udp_queues(&server_sockets);
     let (snmp0, d0) = (udp_snmp(), drops());
     // The threads that receive for the viewers.
@@ -903,6 +906,7 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     let after: Vec<Stats> = viewers.iter().map(Viewer::stats).collect();
     let (snmp1, d1) = (udp_snmp(), drops());
     let m1 = own.map(|o| metrics(&o.server)).unwrap_or_default();
+    let metrics_secs = m0_at.elapsed().as_secs_f64();
     let q1 = udp_queues(&server_sockets);
     let rss_after = server_pid.and_then(rss_kib);
 
@@ -1027,7 +1031,7 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
         #[allow(clippy::cast_precision_loss)]
         let delivered = outcome.received_per_s / (stream * n.max(1) as f64);
         outcome.delivered = Some(delivered);
-        let ingest = delta(&m1, &m0, "whep_ingest_packets_total") / wall;
+        let ingest = delta(&m1, &m0, "whep_ingest_packets_total") / metrics_secs;
         println!(
             "stream: {stream:.0} packets/s from FFmpeg before the viewers, {ingest:.0} read by \
              the server in the window; the viewers received {:.1} % of viewers x stream{}",
@@ -1046,7 +1050,7 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     let pct = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.1} %"));
     outcome.server_cpu = share(s0, s1);
     let fwd = |m: &HashMap<String, f64>| m.get("whep_packets_forwarded_total").copied();
-    outcome.forwarded_per_s = fwd(&m1).zip(fwd(&m0)).map(|(b, a)| (b - a) / wall);
+    outcome.forwarded_per_s = fwd(&m1).zip(fwd(&m0)).map(|(b, a)| (b - a) / metrics_secs);
     #[allow(clippy::cast_precision_loss)]
     let per_viewer = outcome.server_cpu.map(|c| c / n.max(1) as f64);
     let per_kpps = outcome.server_cpu.zip(outcome.forwarded_per_s).map(|(c, f)| c / (f / 1000.0));
