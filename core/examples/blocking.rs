@@ -206,6 +206,9 @@ struct Runtime {
 
 impl Runtime {
     fn run(&mut self, rx: &Receiver<Msg>) {
+        // The share of time spent working rather than waiting, reported to the core every
+        // 250 ms for its admission control (`Core::set_load`).
+        let (mut load_since, mut busy, mut woke) = (Instant::now(), Duration::ZERO, Instant::now());
         loop {
             // Execute the outputs first: they may feed the core, and so move its timer.
             self.flush();
@@ -226,12 +229,19 @@ impl Runtime {
                     return;
                 }
             }
+            busy += now.saturating_duration_since(woke);
             let timer = self.core.poll_timeout().map(|(at, _)| at);
             let msg = match timer.into_iter().chain(self.shutdown_deadline).min() {
                 Some(at) => rx.recv_timeout(at.saturating_duration_since(now)),
                 None => rx.recv().map_err(RecvTimeoutError::from),
             };
             let now = Instant::now();
+            woke = now;
+            let elapsed = now.saturating_duration_since(load_since);
+            if elapsed >= Duration::from_millis(250) {
+                self.core.set_load(busy.as_secs_f64() / elapsed.as_secs_f64());
+                (load_since, busy) = (now, Duration::ZERO);
+            }
             match msg {
                 Ok(msg) => self.handle(msg, now),
                 Err(RecvTimeoutError::Timeout) => {}

@@ -495,6 +495,10 @@ pub fn render_prometheus(core: &Core) -> String {
     }
     head(&mut out, "viewers_current", "gauge", "Viewers of all streams.");
     let _ = writeln!(out, "whep_viewers_current {}", core.viewer_count());
+    head(&mut out, "engine_load", "gauge", "Share of its time the engine loop spent working.");
+    let _ = writeln!(out, "whep_engine_load {:.3}", core.load());
+    head(&mut out, "overloaded", "gauge", "1 while new viewers are refused because of load.");
+    let _ = writeln!(out, "whep_overloaded {}", u8::from(core.is_overloaded()));
     head(&mut out, "ingest_port_pairs_in_use", "gauge", "Ingest port pairs held.");
     let _ = writeln!(out, "whep_ingest_port_pairs_in_use {}", core.ports_in_use());
     let h = &m.egress_latency;

@@ -84,6 +84,10 @@ pub struct Cli {
     /// `RATE[:BURST]`; 0 = no limit [default: 50:100].
     #[arg(long, value_name = "RATE[:BURST]")]
     request_rate: Option<RateSetting>,
+    /// Refuse new viewers (503 + Retry-After) while the engine loop is busy at least this share
+    /// of its time, 0.1-1.0; 1 = never [default: 0.9]. Protects the viewers already served.
+    #[arg(long, value_name = "SHARE")]
+    max_load: Option<f64>,
     /// Send one datagram per system call instead of batching each viewer's datagrams with UDP
     /// segmentation offload (GSO); for comparison and for NICs that mishandle GSO.
     #[arg(long)]
@@ -111,6 +115,7 @@ struct FileConfig {
     post_rate: Option<String>,
     post_rate_global: Option<String>,
     request_rate: Option<String>,
+    max_load: Option<f64>,
     connect_timeout_secs: Option<u64>,
     inactivity_timeout_secs: Option<u64>,
     stale_timeout_secs: Option<u64>,
@@ -244,6 +249,14 @@ fn settings(
         post_global: rate(cli.post_rate_global, file.post_rate_global, limits.post_global)?,
         requests_per_client: rate(cli.request_rate, file.request_rate, limits.requests_per_client)?,
     };
+    if let Some(max) = cli.max_load.or(file.max_load) {
+        if !(0.1..=1.0).contains(&max) {
+            return Err(format!(
+                "max load {max} must be between 0.1 and 1 (1 = no admission control)"
+            ));
+        }
+        core.max_load = max;
+    }
     let secs = Duration::from_secs;
     core.connect_timeout = file.connect_timeout_secs.map_or(core.connect_timeout, secs);
     core.inactivity_timeout = file.inactivity_timeout_secs.map_or(core.inactivity_timeout, secs);
@@ -428,6 +441,16 @@ max_viewers = 2
         assert!(err.contains("stream \"x\""), "{err}");
         let s = setup_from(&["--stream", "a=srt://h:1", "--stream", "b=/srv/x.mp4"]).expect("ok");
         assert!(s.streams[0].1.url.is_some() && s.streams[1].1.file.is_some());
+    }
+
+    #[test]
+    fn max_load_from_flag_and_file() {
+        assert_eq!(setup_from(&[]).expect("valid").core.max_load, 0.9);
+        assert_eq!(setup_from(&["--max-load", "0.75"]).expect("valid").core.max_load, 0.75);
+        let s = setup_with(&["--config", "w.toml"], "max_load = 1.0\n").expect("valid");
+        assert_eq!(s.core.max_load, 1.0);
+        let err = setup_from(&["--max-load", "2"]).expect_err("out of range");
+        assert!(err.contains("between 0.1 and 1"), "{err}");
     }
 
     #[test]

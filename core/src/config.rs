@@ -58,6 +58,12 @@ pub struct Config {
     pub gop_cache: bool,
     /// Request rate limits per client address and global (429 with `Retry-After` beyond).
     pub rate_limits: RateLimits,
+    /// Admission control: while the loop driving this core reports (through
+    /// [`Core::set_load`](crate::Core::set_load)) that it is busy at least this share of
+    /// its time, new viewers are refused with 503 and `Retry-After`, so that the viewers
+    /// already watching keep their packets and their ICE consent checks. Admission resumes
+    /// once the load falls below 85 % of this. `1.0` or more turns the check off.
+    pub max_load: f64,
     /// Supervision of FFmpeg processes the core spawns.
     pub process: ProcessConfig,
 }
@@ -84,6 +90,7 @@ impl Default for Config {
             rtx_cache_packets: 256,
             gop_cache: true,
             rate_limits: RateLimits::default(),
+            max_load: 0.9,
             process: ProcessConfig::default(),
         }
     }

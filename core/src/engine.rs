@@ -74,6 +74,9 @@ pub struct Core {
     outputs: VecDeque<Output>,
     metrics: Metrics,
     limiter: Limiter,
+    /// Last load the runtime reported, and whether admission is closed because of it.
+    load: f64,
+    overloaded: bool,
     next_generation: u64,
     now: Instant,
     /// Reused buffers, so the packet path does not allocate for bookkeeping.
@@ -101,6 +104,8 @@ impl Core {
             timers: BTreeSet::new(),
             outputs: VecDeque::new(),
             metrics: Metrics::default(),
+            load: 0.0,
+            overloaded: false,
             next_generation: 1,
             now,
             news: Vec::new(),
@@ -123,6 +128,39 @@ impl Core {
     /// itself: it ends in the runtime's sockets.
     pub fn record_egress_latency(&mut self, latency: Duration) {
         self.metrics.egress_latency.record(latency);
+    }
+
+    /// Reports the share of its time (0 to 1) the loop driving this core spent working rather
+    /// than waiting, over the last interval (the runtime measures it; a few hundred
+    /// milliseconds is a good interval). At [`Config::max_load`] or more, new viewers are
+    /// refused with 503 ([`Reject::Overloaded`]) until the load falls below 85 % of it.
+    pub fn set_load(&mut self, load: f64) {
+        let load = if load.is_finite() { load.clamp(0.0, 1.0) } else { 0.0 };
+        self.load = load;
+        let max = self.config.max_load;
+        let was = self.overloaded;
+        if max < 1.0 && load >= max {
+            self.overloaded = true;
+        } else if load < max * 0.85 || max >= 1.0 {
+            self.overloaded = false;
+        }
+        if self.overloaded != was {
+            if self.overloaded {
+                warn!(load, "overloaded: refusing new viewers");
+            } else {
+                info!(load, "load back to normal: admitting viewers");
+            }
+        }
+    }
+
+    /// The last load reported with [`set_load`](Self::set_load).
+    pub fn load(&self) -> f64 {
+        self.load
+    }
+
+    /// Whether new viewers are being refused because of load (see [`set_load`](Self::set_load)).
+    pub fn is_overloaded(&self) -> bool {
+        self.overloaded
     }
 
     /// Number of viewers (WHEP sessions) in total.
@@ -993,6 +1031,11 @@ impl Core {
         }
         if self.config.host_candidates.is_empty() {
             return Err(Reject::NoCandidates);
+        }
+        if self.overloaded {
+            // Before the expensive part (answer, certificate, SRTP context): a POST refused
+            // here costs next to nothing, and the viewers already served keep their share.
+            return Err(Reject::Overloaded);
         }
         let profile = stream.config.profile;
         // The policy accepted UTF-8 already.

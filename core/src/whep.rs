@@ -186,6 +186,9 @@ pub enum Reject {
     },
     /// The server has no host candidate to offer (503).
     NoCandidates,
+    /// The server is too busy to take another viewer without hurting those it has (503,
+    /// see [`Config::max_load`](crate::Config::max_load)).
+    Overloaded,
     /// An ICE restart the WebRTC stack refused; the session is kept (400).
     RestartFailed(String),
     /// The client, or all clients together, sent more requests than
@@ -212,9 +215,10 @@ impl Reject {
             Self::BadLayout(_) => StatusCode::UnprocessableEntity,
             Self::PreconditionRequired => StatusCode::PreconditionRequired,
             Self::PreconditionFailed => StatusCode::PreconditionFailed,
-            Self::StreamFull { .. } | Self::ServerFull { .. } | Self::NoCandidates => {
-                StatusCode::ServiceUnavailable
-            }
+            Self::StreamFull { .. }
+            | Self::ServerFull { .. }
+            | Self::NoCandidates
+            | Self::Overloaded => StatusCode::ServiceUnavailable,
             Self::RateLimited { .. } => StatusCode::TooManyRequests,
         }
     }
@@ -226,6 +230,7 @@ impl Reject {
             Self::StreamFull { .. }
                 | Self::ServerFull { .. }
                 | Self::NoCandidates
+                | Self::Overloaded
                 | Self::RateLimited { .. }
         )
     }
@@ -249,6 +254,7 @@ impl Reject {
             Self::StreamFull { .. } => "stream_full",
             Self::ServerFull { .. } => "server_full",
             Self::NoCandidates => "no_candidates",
+            Self::Overloaded => "overloaded",
             Self::RestartFailed(_) => "restart_failed",
             Self::RateLimited { .. } => "rate_limited",
         }
@@ -305,6 +311,7 @@ impl fmt::Display for Reject {
             }
             Self::ServerFull { cap } => write!(f, "webrtc: too many peers (cap {cap})"),
             Self::NoCandidates => f.write_str("webrtc: no host candidate configured"),
+            Self::Overloaded => f.write_str("webrtc: server busy, retry later"),
             Self::RestartFailed(why) => write!(f, "webrtc: ICE restart failed: {why}"),
             Self::RateLimited { .. } => f.write_str("webrtc: too many requests, retry later"),
         }

@@ -435,3 +435,44 @@ fn rate_limits_answer_429_with_retry_after_per_client_and_globally() {
     assert_eq!(w.http(from(3)).code(), 201);
     assert_eq!(w.http(del()).code(), 204);
 }
+
+#[test]
+fn overload_refuses_new_viewers_and_keeps_the_others() {
+    let (mut w, demo) = world(sim::config());
+    let (first, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    // Below the threshold nothing changes.
+    w.core.set_load(0.89);
+    assert!(!w.core.is_overloaded());
+    assert_eq!(w.join(&demo).1.code(), 201);
+    // At 0.9 (the default) POSTs are refused, cheaply, with Retry-After.
+    w.core.set_load(0.95);
+    assert!(w.core.is_overloaded());
+    let r = w.http(post(CHROMIUM_OFFER));
+    assert_eq!(r.code(), 503);
+    assert_eq!(r.header("retry-after"), Some("5"));
+    assert!(text(&r).contains("busy"), "{}", text(&r));
+    assert_cors(&r);
+    assert_eq!(w.core.metrics().rejections.get("overloaded"), Some(&1));
+    assert_eq!(w.core.viewer_count(), 2, "existing viewers are kept");
+    w.run_for(Duration::from_secs(1));
+    assert_eq!(w.core.viewer_count(), 2);
+    // Other requests are still served: the first viewer can leave.
+    let del = w.session_request(first, Method::Delete);
+    let del = w.http(del);
+    assert_eq!(del.code(), 204, "{del:?}");
+    // Hysteresis: 0.8 is above 85 % of 0.9, still refused; 0.7 admits again.
+    w.core.set_load(0.8);
+    assert_eq!(w.http(post(CHROMIUM_OFFER)).code(), 503);
+    w.core.set_load(0.7);
+    assert!(!w.core.is_overloaded());
+    assert_eq!(w.join(&demo).1.code(), 201);
+    // Nonsense loads are ignored (treated as idle), and 1.0 turns the check off.
+    w.core.set_load(f64::NAN);
+    assert_eq!(w.core.load(), 0.0);
+    let mut config = sim::config();
+    config.max_load = 1.0;
+    let (mut w, demo) = world(config);
+    w.core.set_load(1.0);
+    assert_eq!(w.join(&demo).1.code(), 201);
+}

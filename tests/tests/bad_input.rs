@@ -377,6 +377,144 @@ fn udp_garbage(bin: &str) {
     assert_back_to(&mut server, &base, "UDP garbage");
 }
 
+/// An RTP packet: version 2, `pt`, `seq`, `ts`, `ssrc`, then `payload`.
+fn rtp(pt: u8, seq: u16, ts: u32, ssrc: u32, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x80, pt];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&ts.to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The ingest port pair of a running stream.
+fn video_port(server: &Server, stream: &str) -> u16 {
+    let s = server
+        .wait_stream(stream, Duration::from_secs(10), |s| s["state"] == "running")
+        .unwrap_or_else(|s| panic!("{stream} not running: {s}"));
+    u16::try_from(s["ports"][0].as_u64().unwrap_or(0)).unwrap_or(0)
+}
+
+/// Sends H264-looking RTP (every packet starts an IDR slice, so a viewer starts at once) and
+/// Opus-looking RTP to a stream's ingest pair, `pps` video packets per second, until `stop`.
+fn feed(video: u16, pps: u32, stop: &std::sync::atomic::AtomicBool) {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let (v, a) =
+        (SocketAddr::from(([127, 0, 0, 1], video)), SocketAddr::from(([127, 0, 0, 1], video + 1)));
+    let mut payload = vec![0x65u8; 1000];
+    payload[1..].iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    let start = Instant::now();
+    let mut seq = 0u16;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let ts = (start.elapsed().as_millis() as u32).wrapping_mul(90);
+        let _ = socket.send_to(&rtp(96, seq, ts, 0x1234, &payload), v);
+        if seq.is_multiple_of(5) {
+            let _ = socket.send_to(&rtp(111, seq / 5, ts / 90 * 48, 0x5678, &payload[..100]), a);
+        }
+        seq = seq.wrapping_add(1);
+        // Paced by the clock, so that a slow send loop catches up instead of drifting.
+        let due = start + Duration::from_secs_f64(f64::from(seq) / f64::from(pps));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// More ingest than the server can forward: it keeps serving the viewers it has (their ICE
+/// consent checks on the viewer socket get their turn, the timers fire), refuses new viewers
+/// with 503 while saturated (admission control), and admits them again afterwards.
+///
+/// The load: 10 viewers of stream `flood` that vanished without a word (the server keeps
+/// sending until their consent lapses, 30 s) and 10 000 packets/s to that stream, beyond
+/// what one loop forwards to 10 viewers (about 60 000 datagrams/s in release builds). The watched viewer is on stream `ext`, fed at a
+/// normal rate.
+fn ingest_flood(bin: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = external_server(
+        bin,
+        &["--post-rate", "0", "--post-rate-global", "0", "--request-rate", "0"],
+    );
+    let r = server.admin("POST", "/api/streams", r#"{"id":"flood","external":true}"#);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (ext, flood) = (video_port(&server, "ext"), video_port(&server, "flood"));
+    let stop_feed = AtomicBool::new(false);
+    let stop_flood = AtomicBool::new(false);
+    /// Stops the feeding threads also when an assertion fails, so that the scope can end.
+    struct StopOnDrop<'a>(&'a [&'a AtomicBool]);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.iter().for_each(|f| f.store(true, Ordering::Relaxed));
+        }
+    }
+    let flags = [&stop_feed, &stop_flood];
+    std::thread::scope(|scope| {
+        let _stop = StopOnDrop(&flags);
+        scope.spawn(|| feed(ext, 200, &stop_feed));
+        let watched = Viewer::connect(server.http, "/whep/ext", None).expect("viewer");
+        assert!(
+            watched.wait_for(Duration::from_secs(20), |s| s.video_packets > 50),
+            "{:?}",
+            watched.stats()
+        );
+        for _ in 0..10 {
+            let v = Viewer::connect(server.http, "/whep/flood", None).expect("flood viewer");
+            assert!(v.wait_for(Duration::from_secs(20), |s| s.connected), "{:?}", v.stats());
+            v.abandon();
+        }
+        let flooding = scope.spawn(|| feed(flood, 10_000, &stop_flood));
+        let flood_start = Instant::now();
+        let (mut statuses, mut peak_load) = (Vec::new(), 0.0f64);
+        while flood_start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(500));
+            peak_load = peak_load.max(server.metric("whep_engine_load").unwrap_or(0.0));
+            let r = post(&server, "ext", CHROMIUM_OFFER.as_bytes());
+            if r.status == 201 {
+                let location = r.header("location").unwrap_or_default().to_owned();
+                server.request("DELETE", &location, &[], b"");
+            } else {
+                assert_eq!(r.status, 503, "{}", r.text());
+                assert!(r.text().contains("busy"), "{}", r.text());
+                assert!(r.header("retry-after").is_some());
+            }
+            statuses.push(r.status);
+        }
+        let media_at_end = watched.stats().video_packets;
+        stop_flood.store(true, Ordering::Relaxed);
+        flooding.join().expect("flood thread");
+        let stats = watched.stats();
+        eprintln!(
+            "ingest flood: POST statuses {statuses:?}, peak load {peak_load}, watched viewer {} video packets, ICE {}",
+            stats.video_packets, stats.ice_state
+        );
+        assert!(peak_load >= 0.9, "the flood did not saturate the loop: {peak_load}");
+        assert!(statuses.contains(&503), "no admission control under saturation: {statuses:?}");
+        assert!(
+            !stats.closed && stats.ice_state != "Disconnected",
+            "the watched viewer was lost during the flood: {stats:?}"
+        );
+        assert!(
+            watched.wait_for(Duration::from_secs(5), |s| s.video_packets > media_at_end + 100),
+            "no media after the flood: {:?}",
+            watched.stats()
+        );
+        // Admission resumes once the load has fallen, which takes until the backlog in the
+        // ingest socket's buffer (4 MiB, thousands of packets) is forwarded: seconds in a
+        // debug build.
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                let r = post(&server, "ext", CHROMIUM_OFFER.as_bytes());
+                r.status == 201
+            }),
+            "still refusing viewers after the flood"
+        );
+        assert!(
+            server.metric("whep_rejections_total{reason=\"overloaded\"}").unwrap_or(0.0) >= 1.0
+        );
+        stop_feed.store(true, Ordering::Relaxed);
+        watched.close();
+    });
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {
@@ -398,6 +536,11 @@ macro_rules! suite {
             #[test]
             fn udp_garbage() {
                 super::udp_garbage($bin);
+            }
+
+            #[test]
+            fn ingest_flood() {
+                super::ingest_flood($bin);
             }
         }
     };

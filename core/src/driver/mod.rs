@@ -7,10 +7,14 @@
 //! process comes through the trait, and its queues are std-only. The [`Core`] state machine does
 //! not use it; an application with its own loop can ignore it (see `core/examples/blocking.rs`).
 //!
-//! One task owns the `Core`. It waits on every source at once, in priority order: jobs from
-//! handles (HTTP requests, stream management), process exits, ingest sockets (round-robin, up
-//! to 32 queued packets per wake-up: a frame's packets arrive back to back), the viewer socket
-//! (up to 32 datagrams per wake-up), the timer; then it executes every output.
+//! One task owns the `Core`. It waits on every source at once: jobs from handles (HTTP
+//! requests, stream management) and process exits first, then, taking turns so that none
+//! starves the others when the loop is saturated, the ingest sockets (round-robin, up to 32
+//! queued packets per wake-up: a frame's packets arrive back to back), the viewer socket (up
+//! to 32 datagrams per wake-up: STUN consent checks, RTCP) and the timer; then it executes
+//! every output. It measures the share of its time spent working and reports it to the core
+//! ([`Core::set_load`]), which refuses new viewers while the loop is saturated, and after a
+//! few wake-ups in a row that found work at once it yields to the runtime's other tasks.
 //!
 //! Datagrams for viewers are sent in batches: when the socket supports segmentation offload
 //! (UDP GSO, [`UdpSocket::max_segments`]), the copies for one viewer of the packets handled in
@@ -48,6 +52,12 @@ const RECV_BATCH: usize = 32;
 const MAX_GSO_BYTES: usize = 65_000;
 /// Events a subscriber may fall behind before it loses the oldest.
 const EVENT_BACKLOG: usize = 1024;
+/// How often the share of time the loop spends working is reported to the core
+/// ([`Core::set_load`], admission control).
+const LOAD_INTERVAL: Duration = Duration::from_millis(250);
+/// Wake-ups in a row that found work at once, after which the loop yields to the runtime's
+/// other tasks (HTTP connections on a single-threaded executor) before going on.
+const YIELD_EVERY: u32 = 8;
 
 /// What an async runtime provides to the driver.
 pub trait Runtime: Send + Sync + 'static {
@@ -278,6 +288,7 @@ impl<R: Runtime> Engine<R> {
             segments: Vec::new(),
             ingest_read: Vec::new(),
             gso: config.udp_gso,
+            turn: 0,
         };
         let guard = SetOnDrop(Arc::clone(&done));
         runtime.spawn(Box::pin(driver.run(jobs_rx, config.shutdown_timeout, guard)));
@@ -402,6 +413,59 @@ impl<R: Runtime> Engine<R> {
     }
 }
 
+/// Returns `Pending` once, after asking to be polled again: other tasks of the executor run
+/// in between.
+async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
+}
+
+/// The share of time the loop spends working rather than waiting, over intervals of
+/// [`LOAD_INTERVAL`].
+#[derive(Debug)]
+struct LoadMeter {
+    /// Start of the current interval.
+    since: Instant,
+    /// When the loop last woke up.
+    woke: Instant,
+    /// Time spent working in the current interval.
+    busy: Duration,
+}
+
+impl LoadMeter {
+    fn new(now: Instant) -> Self {
+        Self { since: now, woke: now, busy: Duration::ZERO }
+    }
+
+    /// The loop is about to wait at `now`: the time since it woke was work.
+    fn waiting(&mut self, now: Instant) {
+        self.busy += now.saturating_duration_since(self.woke);
+    }
+
+    /// The loop woke up at `now`; returns the share of time spent working in the interval
+    /// that ends here, once it is [`LOAD_INTERVAL`] long. Deciding at wake-up, before the
+    /// work, means a request after a long idle time is judged by that idle time.
+    fn woke(&mut self, now: Instant) -> Option<f64> {
+        self.woke = now;
+        let elapsed = now.saturating_duration_since(self.since);
+        if elapsed < LOAD_INTERVAL {
+            return None;
+        }
+        let share = self.busy.as_secs_f64() / elapsed.as_secs_f64();
+        self.since = now;
+        self.busy = Duration::ZERO;
+        Some(share)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -428,6 +492,8 @@ struct Driver<R: Runtime> {
     ingest_read: Vec<Instant>,
     /// [`ServerConfig::udp_gso`].
     gso: bool,
+    /// Which of ingest, viewer socket and timer `poll_wake` tries first (rotates).
+    turn: u8,
 }
 
 enum Wake {
@@ -452,6 +518,8 @@ impl<R: Runtime> Driver<R> {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut jobs_open = true;
         let mut timer = self.runtime.timer();
+        let mut load = LoadMeter::new(self.runtime.now());
+        let mut ready_in_a_row = 0u32;
         loop {
             self.flush().await;
             if !self.ingest_read.is_empty() {
@@ -478,16 +546,25 @@ impl<R: Runtime> Driver<R> {
                 }
                 None => next,
             };
-            let armed = match next {
-                Some(at) => {
-                    timer.reset(at);
-                    true
-                }
-                None => false,
-            };
-            let wake =
-                poll_fn(|cx| self.poll_wake(cx, &jobs, jobs_open, &mut timer, armed, &mut buf))
-                    .await;
+            if let Some(at) = next {
+                timer.reset(at);
+            }
+            load.waiting(self.runtime.now());
+            let mut polls = 0u32;
+            let wake = poll_fn(|cx| {
+                polls += 1;
+                self.poll_wake(cx, &jobs, jobs_open, &mut timer, next, &mut buf)
+            })
+            .await;
+            ready_in_a_row = if polls == 1 { ready_in_a_row + 1 } else { 0 };
+            if ready_in_a_row >= YIELD_EVERY {
+                // Busy without a pause: let the HTTP tasks of a single-threaded executor run.
+                ready_in_a_row = 0;
+                yield_now().await;
+            }
+            if let Some(share) = load.woke(self.runtime.now()) {
+                self.core.set_load(share);
+            }
             match wake {
                 Wake::Job(Some(job)) => {
                     let mut flag = ShutdownFlag::default();
@@ -551,14 +628,18 @@ impl<R: Runtime> Driver<R> {
         info!("engine stopped");
     }
 
-    /// Polls every source once, in priority order.
+    /// Polls every source once: jobs and process exits first (rare, and a job may be an HTTP
+    /// request waiting for its answer), then ingest, viewer socket and timer, starting with a
+    /// different one on each call. Strict priority would let a saturating ingest starve the
+    /// viewer socket (consent checks: viewers time out) and the timer (str0m's retransmissions
+    /// and keepalives).
     fn poll_wake(
         &mut self,
         cx: &mut Context<'_>,
         jobs: &chan::Receiver<Job>,
         jobs_open: bool,
         timer: &mut R::Timer,
-        armed: bool,
+        deadline: Option<Instant>,
         buf: &mut [u8],
     ) -> Poll<Wake> {
         if jobs_open && let Poll::Ready(job) = jobs.poll_recv(cx) {
@@ -567,19 +648,29 @@ impl<R: Runtime> Driver<R> {
         if let Poll::Ready(Some(exit)) = self.exits.1.poll_recv(cx) {
             return Poll::Ready(Wake::Exit(exit));
         }
-        if let Some((port, len)) = self.poll_ingest(cx, buf) {
-            return Poll::Ready(Wake::Ingest(port, len));
-        }
-        match self.socket.poll_recv_from(cx, buf) {
-            Poll::Ready(Ok((len, source))) => return Poll::Ready(Wake::Datagram(len, source)),
-            Poll::Ready(Err(e)) => {
-                debug!(error = %e, "viewer socket receive error");
-                cx.waker().wake_by_ref();
+        let first = self.turn;
+        self.turn = (self.turn + 1) % 3;
+        for i in 0..3 {
+            let wake = match (first + i) % 3 {
+                0 => self.poll_ingest(cx, buf).map(|(port, len)| Wake::Ingest(port, len)),
+                1 => match self.socket.poll_recv_from(cx, buf) {
+                    Poll::Ready(Ok((len, source))) => Some(Wake::Datagram(len, source)),
+                    Poll::Ready(Err(e)) => {
+                        debug!(error = %e, "viewer socket receive error");
+                        cx.waker().wake_by_ref();
+                        None
+                    }
+                    Poll::Pending => None,
+                },
+                // Due by the clock even if the runtime's timer has not fired yet: a busy loop
+                // may not give the timer driver a turn.
+                _ => deadline
+                    .filter(|&at| timer.poll_fired(cx).is_ready() || self.runtime.now() >= at)
+                    .map(|_| Wake::Timer),
+            };
+            if let Some(wake) = wake {
+                return Poll::Ready(wake);
             }
-            Poll::Pending => {}
-        }
-        if armed && timer.poll_fired(cx).is_ready() {
-            return Poll::Ready(Wake::Timer);
         }
         Poll::Pending
     }
