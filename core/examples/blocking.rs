@@ -121,6 +121,11 @@ fn main() -> ExitCode {
 }
 
 fn run(settings: Settings, signals: SigSet) -> Result<(), String> {
+    if settings.shards > 1 {
+        return Err(
+            "whepd-blocking runs one loop: --shards needs whepd (tokio) or whepd-smol".into()
+        );
+    }
     let mut config = settings.core;
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut config.rng_seed))
@@ -341,6 +346,8 @@ impl Runtime {
                 }
                 // The core logs what matters; an embedding application would act on these.
                 Output::Event(event) => debug!(?event, "event"),
+                // Only the leader of a sharded server emits these; this loop is one core.
+                Output::Mirror(_) => {}
             }
         }
     }

@@ -192,6 +192,11 @@ pub struct ServerConfig {
     /// Send a viewer's datagrams of one wake-up in one UDP segmentation-offload (GSO) call
     /// where the socket supports it (default). Off: one system call per datagram.
     pub udp_gso: bool,
+    /// Engine loops ("shards", see [`crate::shard`]), each with its own thread (where the
+    /// runtime gives it one), core and viewer socket; shard `i` binds [`udp_bind`](Self::udp_bind)'s
+    /// port plus `i` (unless that is 0) and advertises configured host candidates with their
+    /// port plus `i`. 1 (the default) is one loop for everything. Up to 64.
+    pub shards: usize,
 }
 
 impl Default for ServerConfig {
@@ -202,6 +207,7 @@ impl Default for ServerConfig {
             udp_bind: SocketAddr::from(([0, 0, 0, 0], 3478)),
             shutdown_timeout: Duration::from_secs(10),
             udp_gso: true,
+            shards: 1,
         }
     }
 }
@@ -255,9 +261,72 @@ pub fn default_candidates(bound: SocketAddr, default_route: Option<SocketAddr>) 
     out
 }
 
+/// What a follower shard holds, for the leader's status pages and `/metrics` (see
+/// [`handle_sharded`]).
+#[derive(Debug, Clone, Default)]
+pub struct ShardView {
+    /// The shard's counters.
+    pub metrics: crate::Metrics,
+    /// Its streams, with its own viewers.
+    pub streams: Vec<StreamInfo>,
+    /// Its viewers.
+    pub viewers: usize,
+    /// Its loop's load ([`Core::load`]).
+    pub load: f64,
+    /// Whether it refuses new viewers because of load.
+    pub overloaded: bool,
+}
+
+impl ShardView {
+    /// A snapshot of `core`.
+    pub fn of(core: &Core) -> Self {
+        Self {
+            metrics: core.metrics().clone(),
+            streams: core.streams(),
+            viewers: core.viewer_count(),
+            load: core.load(),
+            overloaded: core.is_overloaded(),
+        }
+    }
+}
+
+/// The leader's streams with the viewers of `followers` added.
+pub fn merged_streams(core: &Core, followers: &[ShardView]) -> Vec<StreamInfo> {
+    let mut streams = core.streams();
+    for s in &mut streams {
+        for f in followers {
+            if let Some(other) = f.streams.iter().find(|o| o.id == s.id) {
+                s.viewers += other.viewers;
+                s.connected_viewers += other.connected_viewers;
+            }
+        }
+    }
+    streams
+}
+
+/// Whether answering `req` on the leader of a sharded server needs the other shards' views
+/// (`/metrics`, `/streams`, the admin API's listings).
+pub fn shows_totals(req: &WhepRequest) -> bool {
+    let path = req.target.split('?').next().unwrap_or_default();
+    matches!(req.method, Method::Get | Method::Head)
+        && (path == "/metrics" || path == "/streams" || path.starts_with("/api/streams"))
+}
+
 /// Answers one request to the application routes (see the [module docs](self)); anything under
 /// the WHEP prefix or unknown goes to [`Core::handle_http`].
 pub fn handle(core: &mut Core, app: &AppConfig, req: WhepRequest, now: Instant) -> WhepResponse {
+    handle_sharded(core, app, req, now, &[])
+}
+
+/// [`handle`] on the leader of a sharded server: listings and `/metrics` count the viewers,
+/// counters and loads of the `followers` too.
+pub fn handle_sharded(
+    core: &mut Core,
+    app: &AppConfig,
+    req: WhepRequest,
+    now: Instant,
+    followers: &[ShardView],
+) -> WhepResponse {
     let path = req.target.split('?').next().unwrap_or_default().to_owned();
     let prefix = core.config().whep_prefix.clone();
     if path.starts_with(&format!("{prefix}/")) {
@@ -275,12 +344,11 @@ pub fn handle(core: &mut Core, app: &AppConfig, req: WhepRequest, now: Instant) 
             text(
                 StatusCode::Ok,
                 "text/plain; version=0.0.4; charset=utf-8",
-                render_prometheus(core),
+                render_prometheus_sharded(core, followers),
             ),
         ),
         "/streams" if get => {
-            let list: Vec<_> = core
-                .streams()
+            let list: Vec<_> = merged_streams(core, followers)
                 .iter()
                 .map(|s| {
                     serde_json::json!({"id": s.id.as_str(), "state": s.state, "viewers": s.viewers})
@@ -289,7 +357,7 @@ pub fn handle(core: &mut Core, app: &AppConfig, req: WhepRequest, now: Instant) 
             ("streams", json(StatusCode::Ok, &serde_json::Value::Array(list)))
         }
         p if p == "/api/streams" || p.starts_with("/api/streams/") => {
-            ("admin", admin(core, app, &req, &p["/api/streams".len()..], now))
+            ("admin", admin(core, app, &req, &p["/api/streams".len()..], now, followers))
         }
         "/" | "/index.html" | "/healthz" | "/metrics" | "/streams" => (
             "other",
@@ -308,6 +376,7 @@ fn admin(
     req: &WhepRequest,
     rest: &str,
     now: Instant,
+    followers: &[ShardView],
 ) -> WhepResponse {
     let Some(token) = &app.admin_token else {
         return error(StatusCode::Forbidden, "admin API disabled: configure an admin token");
@@ -326,7 +395,7 @@ fn admin(
     };
     match (&req.method, segments.as_slice()) {
         (Method::Get, []) => {
-            let list: Vec<_> = core.streams().iter().map(info_json).collect();
+            let list: Vec<_> = merged_streams(core, followers).iter().map(info_json).collect();
             json(StatusCode::Ok, &serde_json::Value::Array(list))
         }
         (Method::Post, []) => {
@@ -377,7 +446,7 @@ fn admin(
             match result {
                 Err(e) => stream_error(&e),
                 Ok(()) if *method == Method::Delete => WhepResponse::new(StatusCode::NoContent),
-                Ok(()) => match core.stream(&id) {
+                Ok(()) => match merged_streams(core, followers).into_iter().find(|s| s.id == id) {
                     Some(info) => json(StatusCode::Ok, &info_json(&info)),
                     None => error(StatusCode::NotFound, "no such stream"),
                 },
@@ -437,10 +506,24 @@ fn json_escape(s: &str) -> String {
 /// Renders the core's counters and per-stream gauges as Prometheus text (exposition format
 /// 0.0.4). Labels are route, method, status, reason and stream; never a session.
 pub fn render_prometheus(core: &Core) -> String {
+    render_prometheus_sharded(core, &[])
+}
+
+/// [`render_prometheus`] for the leader of a sharded server: counters summed over all shards,
+/// viewers counted on all, `whep_engine_load` the highest shard's, and per-shard
+/// `whep_shard_load` and `whep_shard_viewers`.
+pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String {
     fn head(out: &mut String, name: &str, kind: &str, help: &str) {
         let _ = writeln!(out, "# HELP whep_{name} {help}\n# TYPE whep_{name} {kind}");
     }
-    let m = core.metrics();
+    let mut merged;
+    let m = if followers.is_empty() {
+        core.metrics()
+    } else {
+        merged = core.metrics().clone();
+        followers.iter().for_each(|f| merged.merge(&f.metrics));
+        &merged
+    };
     let mut out = String::with_capacity(4096);
     head(&mut out, "requests_total", "counter", "HTTP requests by route, method and status.");
     for ((route, method, status), n) in &m.requests {
@@ -478,7 +561,7 @@ pub fn render_prometheus(core: &Core) -> String {
         head(&mut out, name, "counter", help);
         let _ = writeln!(out, "whep_{name} {value}");
     }
-    let streams = core.streams();
+    let streams = merged_streams(core, followers);
     head(&mut out, "viewers", "gauge", "Viewers per stream.");
     for s in &streams {
         let _ = writeln!(
@@ -494,11 +577,27 @@ pub fn render_prometheus(core: &Core) -> String {
         let _ = writeln!(out, "whep_stream_up{{stream=\"{}\"}} {up}", prom_escape(s.id.as_str()));
     }
     head(&mut out, "viewers_current", "gauge", "Viewers of all streams.");
-    let _ = writeln!(out, "whep_viewers_current {}", core.viewer_count());
+    let viewers = core.viewer_count() + followers.iter().map(|f| f.viewers).sum::<usize>();
+    let _ = writeln!(out, "whep_viewers_current {viewers}");
     head(&mut out, "engine_load", "gauge", "Share of its time the engine loop spent working.");
-    let _ = writeln!(out, "whep_engine_load {:.3}", core.load());
+    let load = followers.iter().map(|f| f.load).fold(core.load(), f64::max);
+    let _ = writeln!(out, "whep_engine_load {load:.3}");
     head(&mut out, "overloaded", "gauge", "1 while new viewers are refused because of load.");
-    let _ = writeln!(out, "whep_overloaded {}", u8::from(core.is_overloaded()));
+    let overloaded = core.is_overloaded() || followers.iter().any(|f| f.overloaded);
+    let _ = writeln!(out, "whep_overloaded {}", u8::from(overloaded));
+    if !followers.is_empty() {
+        let shards: Vec<(f64, usize)> = std::iter::once((core.load(), core.viewer_count()))
+            .chain(followers.iter().map(|f| (f.load, f.viewers)))
+            .collect();
+        head(&mut out, "shard_load", "gauge", "Share of its time each shard's loop spent working.");
+        for (i, (load, _)) in shards.iter().enumerate() {
+            let _ = writeln!(out, "whep_shard_load{{shard=\"{i}\"}} {load:.3}");
+        }
+        head(&mut out, "shard_viewers", "gauge", "Viewers per shard.");
+        for (i, (_, viewers)) in shards.iter().enumerate() {
+            let _ = writeln!(out, "whep_shard_viewers{{shard=\"{i}\"}} {viewers}");
+        }
+    }
     head(&mut out, "ingest_port_pairs_in_use", "gauge", "Ingest port pairs held.");
     let _ = writeln!(out, "whep_ingest_port_pairs_in_use {}", core.ports_in_use());
     let h = &m.egress_latency;

@@ -84,6 +84,10 @@ pub struct Cli {
     /// `RATE[:BURST]`; 0 = no limit [default: 50:100].
     #[arg(long, value_name = "RATE[:BURST]")]
     request_rate: Option<RateSetting>,
+    /// Engine loops ("shards"), each on its own thread with its own viewer socket on the next
+    /// UDP port (shard i on the UDP port + i): viewers spread over CPU cores [default: 1].
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
     /// Refuse new viewers (503 + Retry-After) while the engine loop is busy at least this share
     /// of its time, 0.1-1.0; 1 = never [default: 0.9]. Protects the viewers already served.
     #[arg(long, value_name = "SHARE")]
@@ -116,6 +120,7 @@ struct FileConfig {
     post_rate_global: Option<String>,
     request_rate: Option<String>,
     max_load: Option<f64>,
+    shards: Option<usize>,
     connect_timeout_secs: Option<u64>,
     inactivity_timeout_secs: Option<u64>,
     stale_timeout_secs: Option<u64>,
@@ -146,6 +151,8 @@ pub struct Settings {
     pub streams: Vec<(String, StreamSpec)>,
     /// See [`ServerConfig::udp_gso`](crate::app::ServerConfig::udp_gso).
     pub udp_gso: bool,
+    /// See [`ServerConfig::shards`](crate::app::ServerConfig::shards).
+    pub shards: usize,
 }
 
 /// Why the command line was not turned into [`Settings`].
@@ -279,6 +286,10 @@ fn settings(
     if streams.is_empty() && !cli.no_demo {
         streams.push(("demo".into(), StreamSpec::demo()));
     }
+    let shards = cli.shards.or(file.shards).unwrap_or(1);
+    if !(1..=crate::shard::MAX_SHARDS).contains(&shards) {
+        return Err(format!("shards {shards} must be between 1 and {}", crate::shard::MAX_SHARDS));
+    }
     for (name, spec) in &streams {
         spec.to_config().map_err(|e| format!("stream {name:?}: {e}"))?;
     }
@@ -289,6 +300,7 @@ fn settings(
         http: cli.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
         streams,
         udp_gso: !cli.no_gso,
+        shards,
     })
 }
 
@@ -357,6 +369,7 @@ impl Settings {
             app: self.app,
             udp_bind: self.udp,
             udp_gso: self.udp_gso,
+            shards: self.shards,
             ..crate::app::ServerConfig::default()
         };
         (server, self.http, self.streams)

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::ffmpeg::EgressConfig;
 use crate::ratelimit::RateLimits;
+use crate::shard::ShardMember;
 
 /// Configuration of a [`Core`](crate::Core). Every field has a sensible default.
 #[derive(Debug, Clone)]
@@ -66,6 +67,10 @@ pub struct Config {
     pub max_load: f64,
     /// Supervision of FFmpeg processes the core spawns.
     pub process: ProcessConfig,
+    /// This core's place in a sharded server (see [`crate::shard`]); `None` for a server of
+    /// one core. Caps and rate limits are then counted in the shared
+    /// [`ShardSet`](crate::shard::ShardSet), and the leader mirrors its streams.
+    pub shard: Option<ShardMember>,
 }
 
 impl Default for Config {
@@ -92,6 +97,7 @@ impl Default for Config {
             rate_limits: RateLimits::default(),
             max_load: 0.9,
             process: ProcessConfig::default(),
+            shard: None,
         }
     }
 }
@@ -206,6 +212,10 @@ pub enum Feed {
     /// hands out the output arguments in [`Event::StreamReady`](crate::Event::StreamReady)
     /// and listens on the ports.
     External,
+    /// A follower shard's copy of the leader's stream (see [`crate::shard`]): no ports, no
+    /// process; packets and lifecycle come from the leader through
+    /// [`Core::mirror`](crate::Core::mirror).
+    Mirror,
 }
 
 /// Configuration of one stream.

@@ -22,6 +22,7 @@ use crate::ratelimit::{Kind, Limiter};
 use crate::rtp::{self, Datagram};
 use crate::sdp;
 use crate::sdpfrag::{self, SdpFrag};
+use crate::shard::{Mirror, SharedPacket};
 use crate::stream::{Process, Stream, StreamState};
 use crate::whep::{
     self, ALLOW_HEADERS, ALLOW_METHODS, CONTENT_TYPE_SDP, CONTENT_TYPE_SDPFRAG, EXPOSE_HEADERS,
@@ -74,6 +75,8 @@ pub struct Core {
     outputs: VecDeque<Output>,
     metrics: Metrics,
     limiter: Limiter,
+    /// This core leads a sharded server: it mirrors streams and packets to the others.
+    mirrors: bool,
     /// Last load the runtime reported, and whether admission is closed because of it.
     load: f64,
     overloaded: bool,
@@ -89,6 +92,7 @@ impl Core {
     pub fn new(config: Config, now: Instant) -> Self {
         let crypto = Arc::new(str0m::crypto::from_feature_flags());
         let cert = crypto.dtls_provider.generate_certificate();
+        let mirrors = config.shard.as_ref().is_some_and(|m| m.is_leader() && m.set.count() > 1);
         Self {
             rng: Rng::new(config.rng_seed),
             ports: PortPool::new(config.ingest_ports.clone()),
@@ -104,6 +108,7 @@ impl Core {
             timers: BTreeSet::new(),
             outputs: VecDeque::new(),
             metrics: Metrics::default(),
+            mirrors,
             load: 0.0,
             overloaded: false,
             next_generation: 1,
@@ -235,6 +240,10 @@ impl Core {
         }
         config.egress.validate().map_err(StreamError::InvalidConfig)?;
         info!(stream = %id, "stream added");
+        if self.mirrors {
+            let add = Mirror::Add { stream: id.clone(), config: config.clone() };
+            self.outputs.push_back(Output::Mirror(add));
+        }
         self.streams.insert(id.clone(), Stream::new(id, config));
         Ok(())
     }
@@ -252,6 +261,16 @@ impl Core {
             StreamState::Stopped => {}
             StreamState::Backoff { .. } => {}
             _ => return Err(StreamError::AlreadyStarted),
+        }
+        if stream.config.feed == Feed::Mirror {
+            if let Some(s) = self.streams.get_mut(id) {
+                s.state = StreamState::Mirrored;
+                s.last_rtp = None;
+            }
+            return Ok(());
+        }
+        if self.mirrors {
+            self.outputs.push_back(Output::Mirror(Mirror::Start { stream: id.clone() }));
         }
         let ports = self.ports.allocate(now).ok_or(StreamError::NoPorts)?;
         // A start by the application is a fresh start: earlier crashes do not lengthen the
@@ -344,7 +363,9 @@ impl Core {
                 self.release(id, ports);
                 self.stopped(id, remove);
             }
-            StreamState::Backoff { .. } | StreamState::Stopped => self.stopped(id, remove),
+            StreamState::Backoff { .. } | StreamState::Stopped | StreamState::Mirrored => {
+                self.stopped(id, remove)
+            }
         }
         self.reschedule_stream(id, now);
     }
@@ -371,6 +392,14 @@ impl Core {
             s.pid = None;
         }
         self.outputs.push_back(Output::Event(Event::StreamStopped { stream: id.clone() }));
+        if self.mirrors {
+            let m = if remove {
+                Mirror::Remove { stream: id.clone() }
+            } else {
+                Mirror::Stop { stream: id.clone() }
+            };
+            self.outputs.push_back(Output::Mirror(m));
+        }
         if remove {
             if let Some(t) = self.streams.remove(id).and_then(|s| s.scheduled) {
                 self.timers.remove(&(t, TimerKey::Stream(id.clone())));
@@ -393,6 +422,7 @@ impl Core {
         let egress = &stream.config.egress;
         let (process, args) = match &stream.config.feed {
             Feed::External => (Process::External, ffmpeg::build_args(egress, ports.video)),
+            Feed::Mirror => return, // never binds
             Feed::Supervised { input_args } => {
                 let generation = self.next_generation;
                 self.next_generation += 1;
@@ -602,6 +632,42 @@ impl Core {
         }
     }
 
+    /// Applies what the leader shard emitted as [`Output::Mirror`] (see [`crate::shard`]).
+    /// Only follower shards call this; it is ignored on a core that is not one.
+    pub fn mirror(&mut self, mirror: Mirror, now: Instant) {
+        let now = self.tick(now);
+        if self.config.shard.as_ref().is_none_or(|m| m.is_leader()) {
+            return;
+        }
+        match mirror {
+            Mirror::Add { stream, config } => {
+                let config = StreamConfig { feed: Feed::Mirror, ..config };
+                if let Err(e) = self.add_stream(stream.clone(), config) {
+                    warn!(%stream, error = %e, "mirrored stream not added");
+                }
+            }
+            Mirror::Start { stream } => {
+                let _ = self.start_stream(&stream, now);
+            }
+            Mirror::Stop { stream } => {
+                let _ = self.stop_stream(&stream, now);
+            }
+            Mirror::Remove { stream } => {
+                let _ = self.remove_stream(&stream, now);
+            }
+            Mirror::Packet(shared) => {
+                self.metrics.ingest_packets += 1;
+                if self
+                    .streams
+                    .get(&shared.stream)
+                    .is_some_and(|s| s.state == StreamState::Mirrored)
+                {
+                    self.fan_out(&shared.stream, &shared.packet, now);
+                }
+            }
+        }
+    }
+
     /// Handles every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         let now = self.tick(now);
@@ -689,7 +755,7 @@ impl Core {
         // Only a cache of the source that is sending now: after a stop or an FFmpeg exit the
         // cache may still hold the previous run's GOP until the new source's first packet
         // clears it.
-        let live = matches!(st.state, StreamState::Running { .. })
+        let live = matches!(st.state, StreamState::Running { .. } | StreamState::Mirrored)
             && st
                 .last_rtp
                 .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
@@ -789,7 +855,6 @@ impl Core {
             self.metrics.ingest_dropped += 1;
             return;
         }
-        stream.last_rtp = Some(now);
         let source = match kind {
             MediaKind::Video => &mut stream.video,
             MediaKind::Audio => &mut stream.audio,
@@ -806,8 +871,23 @@ impl Core {
             keyframe_start,
             payload: Arc::from(p.payload),
         };
-        if kind == MediaKind::Video && self.config.gop_cache {
-            stream.gop.push(&pkt);
+        let id = id.clone();
+        if self.mirrors {
+            // First, so that the other shards start on it while this one forwards.
+            let shared = SharedPacket { stream: id.clone(), packet: pkt.clone() };
+            self.outputs.push_back(Output::Mirror(Mirror::Packet(shared)));
+        }
+        self.fan_out(&id, &pkt, now);
+    }
+
+    /// Keeps `pkt` in the GOP cache and writes it to every viewer of the stream.
+    fn fan_out(&mut self, id: &StreamId, pkt: &SourcePacket, now: Instant) {
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        stream.last_rtp = Some(now);
+        if pkt.kind == MediaKind::Video && self.config.gop_cache {
+            stream.gop.push(pkt);
         }
         let mut viewers = std::mem::take(&mut self.scratch);
         viewers.clear();
@@ -818,7 +898,7 @@ impl Core {
             let Some(peer) = self.peers.get_mut(&s) else {
                 continue;
             };
-            if peer.write_media(&pkt, now, grace, &mut self.outputs, &mut news) {
+            if peer.write_media(pkt, now, grace, &mut self.outputs, &mut news) {
                 self.metrics.packets_forwarded += 1;
                 self.metrics.bytes_forwarded += pkt.payload.len() as u64;
             }
@@ -856,6 +936,9 @@ impl Core {
         }
         if let Some(stream) = self.streams.get_mut(&peer.stream) {
             stream.viewers.remove(&s);
+        }
+        if let Some(m) = &self.config.shard {
+            m.set.release_seat(m.index, &peer.stream);
         }
         if matches!(reason, CloseReason::IceDisconnected | CloseReason::ConnectTimeout) {
             self.metrics.ice_failures += 1;
@@ -960,12 +1043,18 @@ impl Core {
     /// ordinary request.
     fn admit(&mut self, req: &WhepRequest, now: Instant) -> Result<(), Duration> {
         let kind = if req.method == Method::Post { Kind::Post } else { Kind::Other };
-        self.limiter.admit(kind, req.client, now)
+        match &self.config.shard {
+            Some(m) => m.set.admit(kind, req.client, now),
+            None => self.limiter.admit(kind, req.client, now),
+        }
     }
 
     /// Clients the rate limiter tracks (bounded by [`MAX_CLIENTS`](crate::ratelimit::MAX_CLIENTS) per table).
     pub fn rate_limited_clients(&self) -> usize {
-        self.limiter.tracked()
+        match &self.config.shard {
+            Some(m) => m.set.tracked_clients(),
+            None => self.limiter.tracked(),
+        }
     }
 
     /// Counts one answered HTTP request in [`Metrics::requests`].
@@ -1021,13 +1110,18 @@ impl Core {
         }
         let summary = sdp::check_offer(&req.body)?;
         let cap = stream.config.max_viewers.unwrap_or(self.config.max_viewers_per_stream);
-        if stream.viewers.len() >= cap {
+        let total_cap = self.config.max_viewers_total;
+        let (here, total) = match &self.config.shard {
+            Some(m) => (m.set.stream_viewers(id), m.set.viewers()),
+            None => (stream.viewers.len(), self.peers.len()),
+        };
+        if here >= cap {
             self.metrics.cap_rejections += 1;
             return Err(Reject::StreamFull { cap });
         }
-        if self.peers.len() >= self.config.max_viewers_total {
+        if total >= total_cap {
             self.metrics.cap_rejections += 1;
-            return Err(Reject::ServerFull { cap: self.config.max_viewers_total });
+            return Err(Reject::ServerFull { cap: total_cap });
         }
         if self.config.host_candidates.is_empty() {
             return Err(Reject::NoCandidates);
@@ -1103,6 +1197,14 @@ impl Core {
             tx.set_rtx_cache(self.config.rtx_cache_packets, Duration::from_secs(1), Some(0.15));
         }
 
+        // Shards take their seat now, atomically with the check: another shard may have
+        // filled the cap since the check above.
+        if let Some(m) = &self.config.shard
+            && let Err(full) = m.set.take_seat(m.index, id, cap, total_cap)
+        {
+            self.metrics.cap_rejections += 1;
+            return Err(full);
+        }
         let session = self.unique_session();
         let etag = self.rng.etag();
         let (vseq, aseq) = (self.rng.u32() as u16, self.rng.u32() as u16);
@@ -1150,7 +1252,8 @@ impl Core {
 
     fn unique_session(&mut self) -> SessionId {
         loop {
-            let s = self.rng.session_id();
+            let shard = self.config.shard.as_ref().map_or(0, |m| m.index);
+            let s = self.rng.session_id(shard);
             if !self.peers.contains_key(&s) {
                 return s;
             }
@@ -1322,6 +1425,9 @@ impl Core {
             indexed += s.viewers.len();
             let cap = s.config.max_viewers.unwrap_or(self.config.max_viewers_per_stream);
             assert!(s.viewers.len() <= cap, "stream {id} over its cap");
+            if let Some(m) = &self.config.shard {
+                assert!(m.set.stream_viewers(id) >= s.viewers.len(), "stream {id} seats");
+            }
             if matches!(s.state, StreamState::Stopped | StreamState::Stopping { .. }) {
                 assert!(s.viewers.is_empty(), "stream {id} is {} but has viewers", s.state_name());
             }

@@ -47,6 +47,12 @@ impl SessionId {
     }
 }
 
+impl SessionId {
+    pub(crate) fn low_byte(self) -> u8 {
+        (self.0 & 0xff) as u8
+    }
+}
+
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:032x}", self.0)
@@ -86,8 +92,9 @@ impl Rng {
         u128::from_le_bytes(b)
     }
 
-    pub(crate) fn session_id(&mut self) -> SessionId {
-        SessionId(self.u128())
+    /// A session id whose low byte is `shard` ([`SessionId::shard`]).
+    pub(crate) fn session_id(&mut self, shard: u8) -> SessionId {
+        SessionId((self.u128() & !0xff) | u128::from(shard))
     }
 
     pub(crate) fn etag(&mut self) -> ETag {
@@ -113,21 +120,24 @@ mod tests {
     #[test]
     fn session_id_round_trips_and_rejects_junk() {
         let mut rng = Rng::new([7; 32]);
-        let id = rng.session_id();
+        let id = rng.session_id(0);
         let s = id.to_string();
         assert_eq!(s.len(), 32);
         assert_eq!(SessionId::parse(&s), Some(id));
         assert_eq!(SessionId::parse(&s.to_uppercase()), None);
         assert_eq!(SessionId::parse("xyz"), None);
         assert_eq!(SessionId::parse(&format!("{s}0")), None);
+        let on_shard = rng.session_id(5);
+        assert_eq!(on_shard.shard(), 5);
+        assert_eq!(SessionId::parse(&on_shard.to_string()), Some(on_shard));
     }
 
     #[test]
     fn seeded_rng_is_deterministic_and_distinct() {
         let (mut a, mut b) = (Rng::new([1; 32]), Rng::new([1; 32]));
-        assert_eq!(a.session_id(), b.session_id());
-        assert_ne!(a.session_id(), a.session_id());
-        assert_ne!(Rng::new([2; 32]).session_id(), Rng::new([1; 32]).session_id());
+        assert_eq!(a.session_id(0), b.session_id(0));
+        assert_ne!(a.session_id(0), a.session_id(0));
+        assert_ne!(Rng::new([2; 32]).session_id(0), Rng::new([1; 32]).session_id(0));
     }
 
     #[test]

@@ -92,6 +92,7 @@ pub mod ratelimit;
 pub mod rtp;
 pub mod sdp;
 pub mod sdpfrag;
+pub mod shard;
 mod stream;
 pub mod whep;
 
@@ -233,6 +234,9 @@ pub enum Output {
     },
     /// Something happened.
     Event(Event),
+    /// Hand this to every other shard's core, in order ([`Core::mirror`]); only the leader
+    /// of a sharded server emits it (see [`shard`]).
+    Mirror(shard::Mirror),
 }
 
 /// Why a viewer's session ended.

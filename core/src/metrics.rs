@@ -46,6 +46,54 @@ pub struct Metrics {
     pub egress_latency: LatencyHistogram,
 }
 
+impl Metrics {
+    /// Adds `other`'s counts to these (the shards of one server).
+    pub fn merge(&mut self, other: &Self) {
+        for (k, n) in &other.requests {
+            *self.requests.entry(k.clone()).or_default() += n;
+        }
+        for (k, n) in &other.rejections {
+            *self.rejections.entry(k).or_default() += n;
+        }
+        let Self {
+            requests: _,
+            rejections: _,
+            cap_rejections,
+            viewers_joined,
+            viewers_connected,
+            viewers_left,
+            ice_failures,
+            keyframe_requests,
+            gop_primes,
+            process_restarts,
+            ingest_packets,
+            ingest_rtcp,
+            ingest_dropped,
+            datagrams_in,
+            datagrams_dropped,
+            packets_forwarded,
+            bytes_forwarded,
+            egress_latency,
+        } = other;
+        self.cap_rejections += cap_rejections;
+        self.viewers_joined += viewers_joined;
+        self.viewers_connected += viewers_connected;
+        self.viewers_left += viewers_left;
+        self.ice_failures += ice_failures;
+        self.keyframe_requests += keyframe_requests;
+        self.gop_primes += gop_primes;
+        self.process_restarts += process_restarts;
+        self.ingest_packets += ingest_packets;
+        self.ingest_rtcp += ingest_rtcp;
+        self.ingest_dropped += ingest_dropped;
+        self.datagrams_in += datagrams_in;
+        self.datagrams_dropped += datagrams_dropped;
+        self.packets_forwarded += packets_forwarded;
+        self.bytes_forwarded += bytes_forwarded;
+        self.egress_latency.merge(egress_latency);
+    }
+}
+
 /// Buckets per doubling of [`LatencyHistogram`].
 const STEPS_PER_OCTAVE: u32 = 4;
 /// Finite buckets: upper bounds 2^(k/4) µs for k = 0..80, i.e. 1 µs to about 1 s.
@@ -109,6 +157,14 @@ impl LatencyHistogram {
     /// The `q` quantile (0..=1), interpolated linearly inside its bucket; `None` when empty.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
         Self::quantile_of(self.counts.iter().enumerate().map(|(k, n)| (Self::bound(k), *n)), q)
+    }
+
+    /// Adds what `other` recorded.
+    pub fn merge(&mut self, other: &Self) {
+        for (c, o) in self.counts.iter_mut().zip(other.counts) {
+            *c += o;
+        }
+        self.sum_ns += other.sum_ns;
     }
 
     /// What was recorded since `earlier`, a snapshot of this histogram.

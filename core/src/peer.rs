@@ -14,7 +14,7 @@ use crate::ids::{ETag, SessionId, StreamId};
 use crate::{Output, Transmit};
 
 /// One packet from a stream's ingest port, parsed once and shared by every viewer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SourcePacket {
     pub(crate) kind: MediaKind,
     /// Extended source sequence number (see [`crate::rtp::SeqExtender`]).

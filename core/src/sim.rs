@@ -216,6 +216,9 @@ pub struct SimWorld {
     pub sources: BTreeMap<StreamId, Source>,
     /// Every event the core emitted, with the virtual time since `start`.
     pub events: Vec<(Duration, Event)>,
+    /// What the core emitted for other shards ([`Output::Mirror`]), in order; a sharded test
+    /// hands them to the follower worlds' cores.
+    pub mirrors: Vec<crate::shard::Mirror>,
     pub spawns: u64,
     pub kills: u64,
     next_pid: u32,
@@ -240,6 +243,7 @@ impl SimWorld {
             spawn_fails: false,
             sources: BTreeMap::new(),
             events: Vec::new(),
+            mirrors: Vec::new(),
             spawns: 0,
             kills: 0,
             next_pid: 1000,
@@ -698,6 +702,7 @@ impl SimWorld {
                     }
                 }
                 Output::Event(e) => self.events.push((now - self.start, e)),
+                Output::Mirror(m) => self.mirrors.push(m),
             }
         }
         self.core.check_invariants();

@@ -23,6 +23,9 @@ pub(crate) enum StreamState {
     /// Stopping: viewers are gone, the process was asked to exit; ports are released when it
     /// does. `kill_at` is when SIGKILL follows SIGTERM.
     Stopping { ports: PortPair, generation: u64, kill_at: Option<Instant>, remove: bool },
+    /// A follower shard's copy of a started stream: accepts viewers; packets come from the
+    /// leader.
+    Mirrored,
 }
 
 /// The FFmpeg process of a running stream.
@@ -168,6 +171,7 @@ impl Stream {
                 StreamState::Binding { .. }
                     | StreamState::Running { .. }
                     | StreamState::Backoff { .. }
+                    | StreamState::Mirrored
             )
     }
 
@@ -177,7 +181,7 @@ impl Stream {
             StreamState::Binding { ports, .. }
             | StreamState::Running { ports, .. }
             | StreamState::Stopping { ports, .. } => Some(ports),
-            StreamState::Stopped | StreamState::Backoff { .. } => None,
+            StreamState::Stopped | StreamState::Backoff { .. } | StreamState::Mirrored => None,
         }
     }
 
@@ -193,6 +197,7 @@ impl Stream {
             StreamState::Running { process: Process::Terminating { kill_at, .. }, .. } => *kill_at,
             StreamState::Running { process: Process::External, .. }
             | StreamState::Binding { .. }
+            | StreamState::Mirrored
             | StreamState::Stopped => None,
         }
     }
@@ -213,7 +218,7 @@ impl Stream {
             StreamState::Stopped => "stopped",
             StreamState::Binding { .. } => "binding",
             StreamState::Running { process: Process::Terminating { .. }, .. } => "restarting",
-            StreamState::Running { .. } => "running",
+            StreamState::Running { .. } | StreamState::Mirrored => "running",
             StreamState::Backoff { .. } => "backoff",
             StreamState::Stopping { .. } => "stopping",
         }

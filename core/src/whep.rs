@@ -345,6 +345,26 @@ pub(crate) fn route(prefix: &str, target: &str) -> Option<Route> {
     }
 }
 
+/// Which shard of a sharded server answers a request (see [`crate::shard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardRoute {
+    /// A POST to a WHEP endpoint: it creates a session, on any shard (the least loaded).
+    NewSession,
+    /// A request to an existing session: the shard its id names.
+    Session(u8),
+    /// Anything else: the leader answers.
+    Any,
+}
+
+/// Where `req` goes on a sharded server whose WHEP routes are under `prefix`.
+pub fn shard_route(prefix: &str, req: &WhepRequest) -> ShardRoute {
+    match route(prefix, &req.target) {
+        Some(Route::Endpoint(_)) if req.method == Method::Post => ShardRoute::NewSession,
+        Some(Route::Session(_, Some(session))) => ShardRoute::Session(session.shard()),
+        _ => ShardRoute::Any,
+    }
+}
+
 fn decode_segment(s: &str) -> Option<String> {
     percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned())
 }

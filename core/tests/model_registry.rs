@@ -312,6 +312,7 @@ impl Sut {
                     }
                     *self.events.entry(event_kind(&e)).or_default() += 1;
                 }
+                Output::Mirror(m) => panic!("an unsharded core mirrored {m:?}"),
             }
         }
         self.core.check_invariants();

@@ -163,6 +163,27 @@ impl Runtime for SmolRuntime {
         (self.spawner)(future);
     }
 
+    /// A thread per shard running the loop with `smol::block_on` (async-io's reactor is
+    /// global, so its sockets and timers work from any thread). The thread ends with the loop.
+    fn spawn_shard(&self, index: usize, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        let slot = Arc::new(std::sync::Mutex::new(Some(future)));
+        let theirs = Arc::clone(&slot);
+        let spawned =
+            std::thread::Builder::new().name(format!("whep-shard-{index}")).spawn(move || {
+                let future = theirs.lock().ok().and_then(|mut f| f.take());
+                if let Some(future) = future {
+                    smol::block_on(future);
+                }
+            });
+        if let Err(e) = spawned {
+            // No thread to be had: share the executor's instead.
+            warn!(shard = index, error = %e, "no thread for the shard; running it as a task");
+            if let Some(future) = slot.lock().ok().and_then(|mut f| f.take()) {
+                (self.spawner)(future);
+            }
+        }
+    }
+
     fn spawn_process(
         &self,
         stream: &StreamId,

@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::app::{AddError, AppConfig, ServerConfig, StreamSpec};
+use crate::app::{AddError, AppConfig, ServerConfig, ShardView, StreamSpec};
+use crate::shard::{MAX_SHARDS, Mirror, ShardMember, ShardSet};
 use crate::{
     Core, Event, Input, Metrics, Output, PortPair, StreamError, StreamId, StreamInfo, WhepRequest,
     WhepResponse,
@@ -72,6 +73,13 @@ pub trait Runtime: Send + Sync + 'static {
     fn timer(&self) -> Self::Timer;
     /// Runs `future` to completion in the background.
     fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>);
+    /// Runs the engine loop of shard `index` of a sharded engine
+    /// ([`ServerConfig::shards`] > 1), ideally on a thread of its own. The default spawns it
+    /// like any task, which suits a multi-threaded executor.
+    fn spawn_shard(&self, index: usize, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        let _ = index;
+        self.spawn(future);
+    }
     /// Starts `program args…` with stdin closed, its stderr forwarded to `tracing` (target
     /// `ffmpeg`, with `stream`), and calls [`ProcessExit::report`] when it exits. Returns its
     /// pid, or an error that says how to fix it (see [`crate::cli::missing_ffmpeg`]).
@@ -196,16 +204,24 @@ impl<R: Runtime> Clone for Engine<R> {
 
 impl<R: Runtime> fmt::Debug for Engine<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Engine").field("udp_addr", &self.inner.udp_addr).finish_non_exhaustive()
+        f.debug_struct("Engine").field("udp_addrs", &self.udp_addrs()).finish_non_exhaustive()
     }
 }
 
 struct Inner {
-    jobs: chan::Sender<Job>,
+    /// One per shard; shard 0 leads (owns the streams' ports and processes).
+    shards: Vec<ShardHandle>,
+    /// What the shards share, when there is more than one.
+    set: Option<Arc<ShardSet>>,
     subscribers: Arc<Mutex<Vec<chan::Sender<Event>>>>,
-    udp_addr: SocketAddr,
     max_body: usize,
-    /// Set when the engine has stopped.
+    whep_prefix: String,
+}
+
+struct ShardHandle {
+    jobs: chan::Sender<Job>,
+    udp_addr: SocketAddr,
+    /// Set when the shard's loop has stopped.
     done: Arc<Latch>,
 }
 
@@ -258,41 +274,88 @@ impl<R: Runtime> Engine<R> {
     /// [`default_candidates`](crate::app::default_candidates).
     pub fn start(
         runtime: R,
-        mut config: ServerConfig,
+        config: ServerConfig,
         default_route: Option<SocketAddr>,
     ) -> io::Result<Self> {
         let runtime = Arc::new(runtime);
-        let socket = runtime.bind_udp(config.udp_bind)?;
-        let udp_addr = socket.local_addr()?;
-        if config.core.host_candidates.is_empty() {
-            config.core.host_candidates = crate::app::default_candidates(udp_addr, default_route);
+        let count = config.shards.clamp(1, MAX_SHARDS);
+        let now = runtime.now();
+        let set = (count > 1).then(|| ShardSet::new(count, config.core.rate_limits, now));
+        // Bind every socket before starting anything, so that a failure leaves nothing behind.
+        let mut sockets = Vec::with_capacity(count);
+        for index in 0..count {
+            let mut bind = config.udp_bind;
+            if bind.port() != 0 {
+                let port = u16::try_from(usize::from(bind.port()) + index).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "shard ports beyond 65535")
+                })?;
+                bind.set_port(port);
+            }
+            let socket = runtime.bind_udp(bind)?;
+            let addr = socket.local_addr()?;
+            sockets.push((socket, addr));
         }
-        info!(udp = %udp_addr, candidates = ?config.core.host_candidates, "viewer socket bound");
-        let (jobs, jobs_rx) = chan::channel(None);
-        let done = Arc::new(Latch::default());
+        let (mirror_tx, mut mirror_rx): (Vec<_>, Vec<_>) = (1..count)
+            .map(|_| chan::channel::<Mirror>(None))
+            .map(|(tx, rx)| (tx, Some(rx)))
+            .unzip();
         let subscribers = Arc::new(Mutex::new(Vec::new()));
         let max_body = config.core.max_body_bytes;
-        let driver = Driver {
-            core: Core::new(config.core, runtime.now()),
-            app: config.app,
-            runtime: Arc::clone(&runtime),
-            local: udp_addr,
-            socket,
-            ingest: Vec::new(),
-            ingest_next: 0,
-            procs: HashMap::new(),
-            exits: chan::channel(None),
-            subscribers: Arc::clone(&subscribers),
-            shutdown_at: None,
-            sends: Vec::new(),
-            segments: Vec::new(),
-            ingest_read: Vec::new(),
-            gso: config.udp_gso,
-            turn: 0,
-        };
-        let guard = SetOnDrop(Arc::clone(&done));
-        runtime.spawn(Box::pin(driver.run(jobs_rx, config.shutdown_timeout, guard)));
-        let inner = Inner { jobs, subscribers, udp_addr, max_body, done };
+        let whep_prefix = config.core.whep_prefix.clone();
+        let mut shards = Vec::with_capacity(count);
+        let mut mirror_tx = Some(mirror_tx);
+        for (index, (socket, udp_addr)) in sockets.into_iter().enumerate() {
+            let mut core = config.core.clone();
+            if core.host_candidates.is_empty() {
+                core.host_candidates = crate::app::default_candidates(udp_addr, default_route);
+            } else {
+                // Configured candidates name shard 0's port; shard i listens i ports higher.
+                for c in &mut core.host_candidates {
+                    c.set_port(c.port().saturating_add(index as u16));
+                }
+            }
+            if let Some(set) = &set {
+                core.rng_seed[31] ^= index as u8;
+                core.shard = Some(ShardMember { index: index as u8, set: Arc::clone(set) });
+            }
+            info!(shard = index, udp = %udp_addr, candidates = ?core.host_candidates, "viewer socket bound");
+            let (jobs, jobs_rx) = chan::channel(None);
+            let done = Arc::new(Latch::default());
+            let driver = Driver {
+                core: Core::new(core, now),
+                app: config.app.clone(),
+                runtime: Arc::clone(&runtime),
+                local: udp_addr,
+                socket,
+                ingest: Vec::new(),
+                ingest_next: 0,
+                procs: HashMap::new(),
+                exits: chan::channel(None),
+                subscribers: Arc::clone(&subscribers),
+                shutdown_at: None,
+                sends: Vec::new(),
+                segments: Vec::new(),
+                ingest_read: Vec::new(),
+                gso: config.udp_gso,
+                turn: 0,
+                followers: if index == 0 {
+                    mirror_tx.take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
+                leader: if index == 0 { None } else { mirror_rx[index - 1].take() },
+                index,
+            };
+            let guard = SetOnDrop(Arc::clone(&done));
+            let future = Box::pin(driver.run(jobs_rx, config.shutdown_timeout, guard));
+            if count > 1 {
+                runtime.spawn_shard(index, future);
+            } else {
+                runtime.spawn(future);
+            }
+            shards.push(ShardHandle { jobs, udp_addr, done });
+        }
+        let inner = Inner { shards, set, subscribers, max_body, whep_prefix };
         Ok(Self { inner: Arc::new(inner), runtime })
     }
 
@@ -301,9 +364,19 @@ impl<R: Runtime> Engine<R> {
         &self.runtime
     }
 
-    /// The local address of the shared viewer socket.
+    /// The local address of the viewer socket (shard 0's, when sharded).
     pub fn udp_addr(&self) -> SocketAddr {
-        self.inner.udp_addr
+        self.inner.shards[0].udp_addr
+    }
+
+    /// The local address of every shard's viewer socket, by shard index.
+    pub fn udp_addrs(&self) -> Vec<SocketAddr> {
+        self.inner.shards.iter().map(|s| s.udp_addr).collect()
+    }
+
+    /// Number of shards (see [`ServerConfig::shards`]).
+    pub fn shard_count(&self) -> usize {
+        self.inner.shards.len()
     }
 
     /// Largest accepted request body ([`Config::max_body_bytes`](crate::Config::max_body_bytes)).
@@ -313,16 +386,39 @@ impl<R: Runtime> Engine<R> {
 
     /// Runs `f` on the engine's task with the core and the current time, and returns its result.
     /// Outputs the call produces are executed right after it. `None` once the engine is gone.
+    ///
+    /// On a sharded engine this is the leader's core (shard 0), which owns the streams; see
+    /// [`with_shard`](Self::with_shard) for the others.
     pub async fn with_core<T: Send + 'static>(
         &self,
+        f: impl FnOnce(&mut Core, &AppConfig, Instant) -> T + Send + 'static,
+    ) -> Option<T> {
+        self.with_shard(0, f).await
+    }
+
+    /// [`with_core`](Self::with_core) on shard `index`; `None` when there is no such shard.
+    pub async fn with_shard<T: Send + 'static>(
+        &self,
+        index: usize,
         f: impl FnOnce(&mut Core, &AppConfig, Instant) -> T + Send + 'static,
     ) -> Option<T> {
         let (tx, rx) = chan::channel(Some(1));
         let job: Job = Box::new(move |core, app, now, _| {
             let _ = tx.send(f(core, app, now));
         });
-        self.inner.jobs.send(job).ok()?;
+        self.inner.shards.get(index)?.jobs.send(job).ok()?;
         rx.recv().await
+    }
+
+    /// What the shards other than the leader hold, for the leader's status pages.
+    async fn follower_views(&self) -> Vec<ShardView> {
+        let mut views = Vec::new();
+        for index in 1..self.inner.shards.len() {
+            if let Some(v) = self.with_shard(index, |core, _, _| ShardView::of(core)).await {
+                views.push(v);
+            }
+        }
+        views
     }
 
     /// Adds a stream and, unless `spec.autostart` is false, starts it.
@@ -365,18 +461,26 @@ impl<R: Runtime> Engine<R> {
             .unwrap_or(Err(StreamError::NotFound))
     }
 
-    /// Status of every stream (empty once the engine is gone).
+    /// Status of every stream, viewers of all shards counted (empty once the engine is gone).
     pub async fn streams(&self) -> Vec<StreamInfo> {
-        self.with_core(|core, _, _| core.streams()).await.unwrap_or_default()
+        let views = self.follower_views().await;
+        self.with_core(move |core, _, _| crate::app::merged_streams(core, &views))
+            .await
+            .unwrap_or_default()
     }
 
-    /// A copy of the core's counters.
+    /// A copy of the counters, all shards summed.
     pub async fn metrics(&self) -> Metrics {
-        self.with_core(|core, _, _| core.metrics().clone()).await.unwrap_or_default()
+        let views = self.follower_views().await;
+        let mut m = self.with_core(|core, _, _| core.metrics().clone()).await.unwrap_or_default();
+        views.iter().for_each(|v| m.merge(&v.metrics));
+        m
     }
 
     /// Events from now on: streams started, stopped and failed, FFmpeg exits, viewers joined,
     /// connected and left.
+    /// On a sharded engine, stream events come from the leader only; viewer events from the
+    /// shard the viewer lives on.
     pub fn subscribe(&self) -> Subscription {
         let (tx, rx) = chan::channel(Some(EVENT_BACKLOG));
         lock(&self.inner.subscribers).push(tx);
@@ -386,30 +490,56 @@ impl<R: Runtime> Engine<R> {
     /// Answers one request to the application routes (player page, `/metrics`, admin API and
     /// the WHEP routes); see [`crate::app::handle`].
     pub async fn handle_request(&self, req: WhepRequest) -> WhepResponse {
-        self.with_core(move |core, app, now| crate::app::handle(core, app, req, now))
+        let shard = self.shard_for(&req);
+        if shard == 0 && self.inner.shards.len() > 1 && crate::app::shows_totals(&req) {
+            let views = self.follower_views().await;
+            return self
+                .with_core(move |core, app, now| {
+                    crate::app::handle_sharded(core, app, req, now, &views)
+                })
+                .await
+                .unwrap_or_else(crate::app::unavailable);
+        }
+        self.with_shard(shard, move |core, app, now| crate::app::handle(core, app, req, now))
             .await
             .unwrap_or_else(crate::app::unavailable)
     }
 
     /// Answers one request to the WHEP routes only.
     pub async fn handle_whep_request(&self, req: WhepRequest) -> WhepResponse {
-        self.with_core(move |core, _, now| core.handle_http(req, now))
+        let shard = self.shard_for(&req);
+        self.with_shard(shard, move |core, _, now| core.handle_http(req, now))
             .await
             .unwrap_or_else(crate::app::unavailable)
+    }
+
+    /// The shard that answers `req`: a session's own, the least loaded one for a POST that
+    /// creates a session, else the leader.
+    fn shard_for(&self, req: &WhepRequest) -> usize {
+        let Some(set) = &self.inner.set else { return 0 };
+        match crate::whep::shard_route(&self.inner.whep_prefix, req) {
+            crate::whep::ShardRoute::NewSession => set.least_loaded(),
+            crate::whep::ShardRoute::Session(shard) => usize::from(shard),
+            crate::whep::ShardRoute::Any => 0,
+        }
     }
 
     /// Closes every viewer session, stops every stream's FFmpeg (SIGTERM, then SIGKILL), waits
     /// until no process or port is left (at most
     /// [`ServerConfig::shutdown_timeout`]) and stops the engine.
     pub async fn shutdown(&self) {
-        let job: Job = Box::new(|_, _, _, flag| flag.0 = true);
-        let _ = self.inner.jobs.send(job);
+        for shard in &self.inner.shards {
+            let job: Job = Box::new(|_, _, _, flag| flag.0 = true);
+            let _ = shard.jobs.send(job);
+        }
         self.closed().await;
     }
 
-    /// Completes when the engine has stopped.
+    /// Completes when the engine (every shard) has stopped.
     pub async fn closed(&self) {
-        self.inner.done.wait().await;
+        for shard in &self.inner.shards {
+            shard.done.wait().await;
+        }
     }
 }
 
@@ -494,12 +624,19 @@ struct Driver<R: Runtime> {
     gso: bool,
     /// Which of ingest, viewer socket and timer `poll_wake` tries first (rotates).
     turn: u8,
+    /// The leader's queues to every other shard (empty unless this is a sharded leader).
+    followers: Vec<chan::Sender<Mirror>>,
+    /// A follower's queue from the leader (its ingest).
+    leader: Option<chan::Receiver<Mirror>>,
+    /// This shard's index.
+    index: usize,
 }
 
 enum Wake {
     Job(Option<Job>),
     Exit(Exited),
     Ingest(u16, usize),
+    Mirror(Mirror),
     Datagram(usize, SocketAddr),
     Timer,
 }
@@ -601,6 +738,15 @@ impl<R: Runtime> Driver<R> {
                         self.core.handle_input(Input::Ingest { port, contents: &buf[..n] }, now);
                     }
                 }
+                Wake::Mirror(m) => {
+                    self.on_mirror(m);
+                    let mut noop = Context::from_waker(Waker::noop());
+                    for _ in 1..RECV_BATCH {
+                        let Some(rx) = &self.leader else { break };
+                        let Poll::Ready(Some(m)) = rx.poll_recv(&mut noop) else { break };
+                        self.on_mirror(m);
+                    }
+                }
                 Wake::Datagram(n, source) => {
                     self.on_datagram(source, &buf[..n]);
                     // Drain what else is queued before executing outputs, bounded so that timers
@@ -652,7 +798,13 @@ impl<R: Runtime> Driver<R> {
         self.turn = (self.turn + 1) % 3;
         for i in 0..3 {
             let wake = match (first + i) % 3 {
-                0 => self.poll_ingest(cx, buf).map(|(port, len)| Wake::Ingest(port, len)),
+                0 => match &self.leader {
+                    Some(rx) => match rx.poll_recv(cx) {
+                        Poll::Ready(Some(m)) => Some(Wake::Mirror(m)),
+                        _ => None,
+                    },
+                    None => self.poll_ingest(cx, buf).map(|(port, len)| Wake::Ingest(port, len)),
+                },
                 1 => match self.socket.poll_recv_from(cx, buf) {
                     Poll::Ready(Ok((len, source))) => Some(Wake::Datagram(len, source)),
                     Poll::Ready(Err(e)) => {
@@ -696,6 +848,14 @@ impl<R: Runtime> Driver<R> {
             }
         }
         None
+    }
+
+    fn on_mirror(&mut self, m: Mirror) {
+        let now = self.runtime.now();
+        if matches!(m, Mirror::Packet(_)) {
+            self.ingest_read.push(now);
+        }
+        self.core.mirror(m, now);
     }
 
     fn on_datagram(&mut self, source: SocketAddr, contents: &[u8]) {
@@ -757,13 +917,26 @@ impl<R: Runtime> Driver<R> {
     /// batch before any other output and at the end.
     async fn flush(&mut self) {
         while let Some(output) = self.core.poll_output() {
-            if let Output::Transmit(t) = output {
-                self.sends.push(t);
-                continue;
-            }
+            let output = match output {
+                Output::Transmit(t) => {
+                    self.sends.push(t);
+                    continue;
+                }
+                Output::Mirror(m) => {
+                    // Not ordered with datagrams: no need to send what is gathered first.
+                    if let Some((last, rest)) = self.followers.split_last() {
+                        for f in rest {
+                            let _ = f.send(m.clone());
+                        }
+                        let _ = last.send(m);
+                    }
+                    continue;
+                }
+                other => other,
+            };
             self.send_gathered().await;
             match output {
-                Output::Transmit(_) => {}
+                Output::Transmit(_) | Output::Mirror(_) => {}
                 Output::BindIngest { stream, ports } => self.bind_ingest(stream, ports),
                 Output::ReleaseIngest { stream, ports } => {
                     debug!(%stream, video = ports.video, "ingest ports released");
@@ -795,7 +968,18 @@ impl<R: Runtime> Driver<R> {
                     }
                 }
                 Output::Event(event) => {
-                    // The core logs every event itself; subscribers get them here.
+                    // The core logs every event itself; subscribers get them here. Followers'
+                    // stream events repeat the leader's.
+                    let viewer_event = matches!(
+                        event,
+                        Event::ViewerJoined { .. }
+                            | Event::ViewerConnected { .. }
+                            | Event::ViewerLeft { .. }
+                            | Event::KeyframeRequested { .. }
+                    );
+                    if self.index != 0 && !viewer_event {
+                        continue;
+                    }
                     let mut subs = lock(&self.subscribers);
                     subs.retain(|s| s.send(event.clone()).is_ok());
                 }

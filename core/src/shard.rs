@@ -1,0 +1,249 @@
+//! Running one server as several cores ("shards"), each on its own thread with its own viewer
+//! socket, to use more than one CPU core.
+//!
+//! - **Viewers** live on one shard from POST to end. A session id carries its shard's index in
+//!   its low byte ([`SessionId::shard`]), so that a runtime routes PATCH and DELETE without a
+//!   table; a POST goes to the shard with the fewest viewers ([`ShardSet::least_loaded`]).
+//! - **Streams** belong to shard 0, the leader: it binds the ingest ports, runs FFmpeg and
+//!   parses each RTP packet once. Its core emits every stream change and every parsed packet as
+//!   [`Output::Mirror`](crate::Output::Mirror); the runtime hands them, in order, to every other
+//!   shard ([`Core::mirror`](crate::Core::mirror)), where the stream exists as a follower copy
+//!   with no ports and no process. A packet's payload is an `Arc<[u8]>` shared by all shards:
+//!   ingest is parsed and copied once per machine, not once per shard.
+//! - **Caps and rate limits** are the server's, not each shard's: the shards share one
+//!   [`ShardSet`], which counts viewers per stream and in total and holds the request rate
+//!   limiter, behind a mutex taken once per HTTP request and once per viewer that leaves
+//!   (never per packet).
+//!
+//! A stream stop closes the leader's viewers before its ports are released, as a single core
+//! does; follower shards close theirs when the mirrored stop reaches them (microseconds later,
+//! while the leader is still waiting for FFmpeg to exit).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::config::StreamConfig;
+use crate::ids::{SessionId, StreamId};
+use crate::peer::SourcePacket;
+use crate::ratelimit::{Kind, Limiter, RateLimits};
+use crate::whep::Reject;
+
+/// Most shards one server runs (the index lives in one byte of the session id).
+pub const MAX_SHARDS: usize = 64;
+
+/// A core's place in a sharded server ([`Config::shard`](crate::Config::shard)).
+#[derive(Debug, Clone)]
+pub struct ShardMember {
+    /// This core's index, `0..set.count()`. Shard 0 is the leader.
+    pub index: u8,
+    /// State shared by all shards of the server.
+    pub set: Arc<ShardSet>,
+}
+
+impl ShardMember {
+    /// Whether this core is the leader (owns ports and processes, mirrors to the others).
+    pub fn is_leader(&self) -> bool {
+        self.index == 0
+    }
+}
+
+/// What the shards of one server share: viewer counts (for the caps and for placing new
+/// viewers) and the request rate limiter.
+#[derive(Debug)]
+pub struct ShardSet {
+    book: Mutex<Book>,
+}
+
+#[derive(Debug)]
+struct Book {
+    limiter: Limiter,
+    /// Viewers per stream, all shards together.
+    streams: HashMap<StreamId, usize>,
+    /// Viewers per shard.
+    shards: Vec<usize>,
+}
+
+impl ShardSet {
+    /// State for `count` shards (1..=[`MAX_SHARDS`]), with the server's rate limits.
+    pub fn new(count: usize, rate_limits: RateLimits, now: Instant) -> Arc<Self> {
+        let count = count.clamp(1, MAX_SHARDS);
+        Arc::new(Self {
+            book: Mutex::new(Book {
+                limiter: Limiter::new(rate_limits, now),
+                streams: HashMap::new(),
+                shards: vec![0; count],
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Book> {
+        // Every update is a few counter changes that cannot be left half done.
+        self.book.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Number of shards.
+    pub fn count(&self) -> usize {
+        self.lock().shards.len()
+    }
+
+    /// The shard with the fewest viewers (the lowest index among equals).
+    pub fn least_loaded(&self) -> usize {
+        let book = self.lock();
+        (0..book.shards.len()).min_by_key(|&i| book.shards[i]).unwrap_or(0)
+    }
+
+    /// Viewers of every shard together.
+    pub fn viewers(&self) -> usize {
+        self.lock().shards.iter().sum()
+    }
+
+    /// Viewers per shard.
+    pub fn viewers_per_shard(&self) -> Vec<usize> {
+        self.lock().shards.clone()
+    }
+
+    /// Viewers of `stream` on every shard together.
+    pub fn stream_viewers(&self, stream: &StreamId) -> usize {
+        self.lock().streams.get(stream).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn admit(
+        &self,
+        kind: Kind,
+        client: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        self.lock().limiter.admit(kind, client, now)
+    }
+
+    pub(crate) fn tracked_clients(&self) -> usize {
+        self.lock().limiter.tracked()
+    }
+
+    /// Takes a viewer seat on `shard` for `stream` if both caps allow it.
+    pub(crate) fn take_seat(
+        &self,
+        shard: u8,
+        stream: &StreamId,
+        stream_cap: usize,
+        total_cap: usize,
+    ) -> Result<(), Reject> {
+        let mut book = self.lock();
+        if book.streams.get(stream).copied().unwrap_or(0) >= stream_cap {
+            return Err(Reject::StreamFull { cap: stream_cap });
+        }
+        if book.shards.iter().sum::<usize>() >= total_cap {
+            return Err(Reject::ServerFull { cap: total_cap });
+        }
+        *book.streams.entry(stream.clone()).or_default() += 1;
+        if let Some(n) = book.shards.get_mut(usize::from(shard)) {
+            *n += 1;
+        }
+        Ok(())
+    }
+
+    /// Gives back a seat taken with [`take_seat`](Self::take_seat).
+    pub(crate) fn release_seat(&self, shard: u8, stream: &StreamId) {
+        let mut book = self.lock();
+        if let Some(n) = book.streams.get_mut(stream) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                book.streams.remove(stream);
+            }
+        }
+        if let Some(n) = book.shards.get_mut(usize::from(shard)) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// What the leader shard tells the others ([`Output::Mirror`](crate::Output::Mirror)), to be
+/// applied in order with [`Core::mirror`](crate::Core::mirror).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mirror {
+    /// A stream was added (its configuration; followers keep a copy without ports or process).
+    Add {
+        /// The stream.
+        stream: StreamId,
+        /// Its configuration on the leader.
+        config: StreamConfig,
+    },
+    /// The stream was started: followers accept viewers for it.
+    Start {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// The stream stopped: followers close its viewers.
+    Stop {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// The stream was removed.
+    Remove {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// One RTP packet from the stream's FFmpeg, parsed; its payload is shared, not copied.
+    Packet(SharedPacket),
+}
+
+/// An ingest packet as the leader parsed it (extended sequence number, keyframe flags), with
+/// its payload in an `Arc<[u8]>` that every shard's viewers share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedPacket {
+    pub(crate) stream: StreamId,
+    pub(crate) packet: SourcePacket,
+}
+
+impl SharedPacket {
+    /// The stream the packet belongs to.
+    pub fn stream(&self) -> &StreamId {
+        &self.stream
+    }
+
+    /// The RTP payload's length.
+    pub fn payload_len(&self) -> usize {
+        self.packet.payload.len()
+    }
+}
+
+impl SessionId {
+    /// The shard the session lives on (the low byte; always 0 on an unsharded server).
+    pub fn shard(self) -> u8 {
+        self.low_byte()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> StreamId {
+        StreamId::new(s).expect("id")
+    }
+
+    #[test]
+    fn seats_enforce_both_caps_across_shards() {
+        #[allow(clippy::disallowed_methods)] // a test's clock
+        let now = Instant::now();
+        let set = ShardSet::new(2, RateLimits::unlimited(), now);
+        let (a, b) = (id("a"), id("b"));
+        assert!(set.take_seat(0, &a, 2, 3).is_ok());
+        assert!(set.take_seat(1, &a, 2, 3).is_ok());
+        assert!(matches!(set.take_seat(0, &a, 2, 3), Err(Reject::StreamFull { cap: 2 })));
+        assert!(set.take_seat(1, &b, 2, 3).is_ok());
+        assert!(matches!(set.take_seat(0, &b, 2, 3), Err(Reject::ServerFull { cap: 3 })));
+        assert_eq!(set.viewers_per_shard(), vec![1, 2]);
+        assert_eq!(set.least_loaded(), 0);
+        set.release_seat(1, &a);
+        set.release_seat(1, &b);
+        assert_eq!(set.least_loaded(), 1);
+        assert_eq!(set.stream_viewers(&a), 1);
+        assert_eq!(set.stream_viewers(&b), 0);
+        // Releasing more than was taken never underflows.
+        set.release_seat(1, &b);
+        assert_eq!(set.viewers(), 1);
+    }
+}
