@@ -51,8 +51,24 @@ pub struct Config {
     /// A viewer whose ICE agent reports `Disconnected` and does not recover within this
     /// grace period is closed.
     pub disconnect_grace: Duration,
-    /// Packets of video kept per viewer for retransmission on NACK.
+    /// Packets of video kept per viewer for retransmission on NACK, at most. Each slot costs
+    /// about 420 bytes of str0m packet metadata per viewer (payloads are shared between
+    /// viewers), and a viewer started from the GOP cache fills all of them at once, so this is
+    /// the largest part of a viewer's memory that a setting controls: 64 is about 26 KiB. It
+    /// also bounds how far back a NACK can be repaired: 64 packets are about 300 ms of a 2 Mbit/s
+    /// stream, 150 ms at 4 Mbit/s. A NACK for an older packet goes unanswered and the player
+    /// waits for, or asks for, a keyframe.
     pub rtx_cache_packets: usize,
+    /// How long a sent video packet stays available for retransmission, at most. Without a
+    /// burst the cache grows only as far as this much video needs, up to `rtx_cache_packets`.
+    /// Zero turns retransmission off.
+    pub rtx_cache_age: Duration,
+    /// str0m drops a viewer's queued retransmissions while they exceed this share of the video
+    /// bytes sent to it over the last second, which bounds what a viewer NACKing without end can
+    /// make the server send (otherwise up to the whole cache per NACK). `None` lifts that bound
+    /// and saves str0m's history of every packet sent in the last second (24 bytes a packet:
+    /// 6–24 KiB per viewer, more after the GOP-cache burst a viewer starts with).
+    pub rtx_ratio_cap: Option<f32>,
     /// Keep each stream's video since its last keyframe and start every new viewer with it
     /// (timestamps compressed so the player catches up to live), so that the first picture does
     /// not wait up to a GOP for FFmpeg's next keyframe. Bounded to 1024 packets and 1 MiB.
@@ -92,7 +108,9 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(20),
             inactivity_timeout: Duration::from_secs(30),
             disconnect_grace: Duration::from_secs(5),
-            rtx_cache_packets: 256,
+            rtx_cache_packets: 64,
+            rtx_cache_age: Duration::from_secs(1),
+            rtx_ratio_cap: Some(0.15),
             gop_cache: true,
             rate_limits: RateLimits::default(),
             max_load: 0.9,

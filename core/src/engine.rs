@@ -9,6 +9,7 @@ use str0m::change::SdpOffer;
 use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::media::{MediaKind, Mid, Pt};
 use str0m::net::{DatagramRecv, Protocol, Receive};
+use str0m::rtp::{Extension, ExtensionMap};
 use str0m::{Candidate, IceCreds, Input as RtcInput, Rtc};
 use tracing::{debug, info, warn};
 
@@ -66,7 +67,7 @@ pub struct Core {
     crypto: Arc<CryptoProvider>,
     cert: Option<DtlsCert>,
     streams: BTreeMap<StreamId, Stream>,
-    peers: HashMap<SessionId, Peer>,
+    peers: HashMap<SessionId, Box<Peer>>,
     by_addr: HashMap<SocketAddr, SessionId>,
     by_ufrag: HashMap<String, SessionId>,
     ingest: HashMap<u16, (StreamId, MediaKind)>,
@@ -1147,6 +1148,7 @@ impl Core {
             .enable_opus(true, false)
             .set_local_ice_credentials(creds)
             .set_crypto_provider(self.crypto.clone())
+            .set_extension_map(rtp_extensions())
             .set_send_buffer_video(self.config.rtx_cache_packets)
             .set_send_buffer_audio(64);
         if let Some(cert) = &self.cert {
@@ -1191,10 +1193,17 @@ impl Core {
         let (Some(video_ssrc), Some(audio_ssrc)) = (video_ssrc, audio_ssrc) else {
             return Err(Reject::BadOffer("no send stream for a media section".into()));
         };
-        // Bound the retransmission cache: its packet metadata dominates a viewer's memory,
-        // and a retransmission older than a second is useless to a low-latency player.
+        // Bound the retransmission cache by age and count: its packet metadata (about 430 bytes
+        // a packet) dominates a viewer's memory, and an old retransmission is useless to a
+        // low-latency player.
         if let Some(tx) = api.stream_tx(&video_ssrc) {
-            tx.set_rtx_cache(self.config.rtx_cache_packets, Duration::from_secs(1), Some(0.15));
+            let (packets, age) = (self.config.rtx_cache_packets, self.config.rtx_cache_age);
+            tx.set_rtx_cache(packets, age, self.config.rtx_ratio_cap);
+        }
+        // Audio is written non-nackable, so its cache stays empty; without a ratio cap str0m
+        // keeps no per-packet byte history for it either.
+        if let Some(tx) = api.stream_tx(&audio_ssrc) {
+            tx.set_rtx_cache(0, Duration::ZERO, None);
         }
 
         // Shards take their seat now, atomically with the check: another shard may have
@@ -1229,7 +1238,7 @@ impl Core {
         let mut news = std::mem::take(&mut self.news);
         peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
         self.news = news;
-        self.peers.insert(session, peer);
+        self.peers.insert(session, Box::new(peer));
         self.by_ufrag.insert(local_ufrag, session);
         if let Some(s) = self.streams.get_mut(id) {
             s.viewers.insert(session);
@@ -1480,6 +1489,19 @@ impl Core {
             + self.streams.values().filter(|s| s.scheduled.is_some()).count();
         assert_eq!(scheduled, self.timers.len(), "no stray timer entries");
     }
+}
+
+/// The RTP header extensions offered to viewers: str0m's standard set without transport-wide
+/// congestion control. Bandwidth estimation is off, so TWCC feedback would go unused, and with it
+/// negotiated str0m keeps a record of the last 1000 sent packets per viewer (about 88 KiB).
+fn rtp_extensions() -> ExtensionMap {
+    let mut exts = ExtensionMap::empty();
+    for (id, ext) in ExtensionMap::standard().iter() {
+        if *ext != Extension::TransportSequenceNumber {
+            exts.set(id, ext.clone());
+        }
+    }
+    exts
 }
 
 /// Our ICE username fragment from a STUN binding request's USERNAME (`ours:theirs`).

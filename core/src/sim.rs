@@ -27,6 +27,11 @@ pub mod ops;
 /// The address of the core's viewer socket in the simulation.
 pub const SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 3478);
 
+/// Bytes of a viewer's `Peer` struct (its str0m `Rtc` inline), for the memory benchmark.
+pub fn peer_struct_size() -> usize {
+    size_of::<crate::peer::Peer>()
+}
+
 /// A config suitable for simulations: the [`SERVER`] candidate and a fixed seed.
 pub fn config() -> Config {
     Config {
@@ -219,6 +224,11 @@ pub struct SimWorld {
     /// What the core emitted for other shards ([`Output::Mirror`]), in order; a sharded test
     /// hands them to the follower worlds' cores.
     pub mirrors: Vec<crate::shard::Mirror>,
+    /// Drop every this many datagrams the core sends (0: none), to exercise NACK repair.
+    pub loss_every: u64,
+    /// Datagrams from the core dropped by `loss_every` so far.
+    pub lost: u64,
+    sent: u64,
     pub spawns: u64,
     pub kills: u64,
     next_pid: u32,
@@ -244,6 +254,9 @@ impl SimWorld {
             sources: BTreeMap::new(),
             events: Vec::new(),
             mirrors: Vec::new(),
+            loss_every: 0,
+            lost: 0,
+            sent: 0,
             spawns: 0,
             kills: 0,
             next_pid: 1000,
@@ -639,12 +652,19 @@ impl SimWorld {
         let now = self.now;
         while let Some(out) = self.core.poll_output() {
             match out {
-                Output::Transmit(t) => self.net.push_back(Packet {
-                    at: now + self.latency,
-                    from: t.source,
-                    to: t.destination,
-                    data: t.contents,
-                }),
+                Output::Transmit(t) => {
+                    self.sent += 1;
+                    if self.loss_every > 0 && self.sent.is_multiple_of(self.loss_every) {
+                        self.lost += 1;
+                        continue;
+                    }
+                    self.net.push_back(Packet {
+                        at: now + self.latency,
+                        from: t.source,
+                        to: t.destination,
+                        data: t.contents,
+                    });
+                }
                 Output::BindIngest { stream, ports } => {
                     let taken = self
                         .bound
@@ -744,6 +764,12 @@ impl SimWorld {
         w.sources.remove(&id);
         let ports = w.bound[&id];
         (w, id, ports)
+    }
+
+    /// Ends the simulation and keeps only the core, dropping the players, the network and the
+    /// sources (benchmarks measure the core's heap alone).
+    pub fn into_core(self) -> Core {
+        self.core
     }
 
     /// Kills a stream's fake FFmpeg as SIGKILL would (an unexpected exit).

@@ -256,6 +256,22 @@ fn ice_restart_keeps_media_flowing() {
 }
 
 #[test]
+fn lost_video_is_repaired_by_retransmission() {
+    let (mut w, _, v) = playing(30);
+    w.loss_every = 37;
+    w.run_for(3 * SEC);
+    w.loss_every = 0;
+    w.run_for(SEC);
+    assert!(w.lost > 10, "only {} datagrams lost", w.lost);
+    let seqs = &w.viewers[v].video_seqs;
+    let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        panic!("no video received");
+    };
+    let missing: Vec<u64> = (first..=last).filter(|s| !seqs.contains(s)).collect();
+    assert!(missing.is_empty(), "not repaired: {missing:?}");
+}
+
+#[test]
 fn trickled_candidates_are_accepted_and_media_flows() {
     let mut w = SimWorld::new(sim::config());
     let demo = w.add_stream("demo", StreamConfig::external(), 30);
