@@ -241,8 +241,9 @@ impl Peer {
 
     /// Starts a viewer that just connected with `packets` (the stream's primed GOP cache):
     /// all at once without `pacing`, else the keyframe at once and the rest from a backlog
-    /// that [`pace`](Self::pace) releases, live video queueing behind it. Without pacing, or
-    /// when the cache does not fit in the backlog, returns `None` if nothing was written.
+    /// that [`pace`](Self::pace) releases, live video queueing behind it. Returns what was
+    /// written now, or `None` when the cache was not used (nothing written without pacing, or
+    /// more packets than the backlog may hold).
     pub(crate) fn prime(
         &mut self,
         packets: impl IntoIterator<Item = SourcePacket>,
