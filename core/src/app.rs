@@ -545,6 +545,11 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
         ("keyframe_requests_total", "PLI/FIR from viewers.", m.keyframe_requests),
         ("ffmpeg_restarts_total", "Restarts of supervised FFmpeg processes.", m.process_restarts),
         ("gop_primes_total", "Viewers started with the cached GOP.", m.gop_primes),
+        (
+            "prime_backlogs_dropped_total",
+            "Paced GOP primes dropped for falling behind live.",
+            m.prime_backlogs_dropped,
+        ),
         ("ingest_packets_total", "Datagrams received from FFmpeg.", m.ingest_packets),
         ("ingest_rtcp_total", "RTCP from FFmpeg, dropped.", m.ingest_rtcp),
         (

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::app::{AppConfig, StreamSpec};
 use crate::ratelimit::{Rate, RateLimits, RateSetting};
-use crate::{Config, IceServer};
+use crate::{Config, IceServer, PrimePacing};
 
 /// A WHEP egress server: FFmpeg in, browsers out.
 #[derive(Debug, Parser)]
@@ -72,6 +72,10 @@ pub struct Cli {
     /// keyframe).
     #[arg(long)]
     no_gop_cache: bool,
+    /// Rate at which a new viewer gets the cached GOP after its keyframe, in kbit/s of RTP
+    /// payload; 0 = all at once [default: 8000]. Must exceed the stream's bitrate.
+    #[arg(long, value_name = "KBIT/S")]
+    prime_kbps: Option<u64>,
     /// POSTs (new sessions) per second one client address may send, `RATE[:BURST]`; 0 = no
     /// limit [default: 5:20]. Beyond it: 429 with Retry-After.
     #[arg(long, value_name = "RATE[:BURST]")]
@@ -116,6 +120,9 @@ struct FileConfig {
     ffmpeg: Option<String>,
     strict_if_match: Option<bool>,
     gop_cache: Option<bool>,
+    prime_kbps: Option<u64>,
+    prime_burst_kib: Option<u64>,
+    prime_max_pending: Option<usize>,
     post_rate: Option<String>,
     post_rate_global: Option<String>,
     request_rate: Option<String>,
@@ -243,6 +250,14 @@ fn settings(
     }
     core.strict_if_match = file.strict_if_match.unwrap_or(core.strict_if_match);
     core.gop_cache = !cli.no_gop_cache && file.gop_cache.unwrap_or(core.gop_cache);
+    let mut pacing = core.prime_pacing.unwrap_or_default();
+    pacing.burst = file.prime_burst_kib.map_or(pacing.burst, |k| k.saturating_mul(1024));
+    pacing.max_pending = file.prime_max_pending.unwrap_or(pacing.max_pending);
+    core.prime_pacing = match cli.prime_kbps.or(file.prime_kbps) {
+        Some(0) => None,
+        Some(kbps) => Some(PrimePacing { rate: kbps.saturating_mul(1000) / 8, ..pacing }),
+        None => core.prime_pacing.map(|_| pacing),
+    };
     let rate =
         |flag: Option<RateSetting>, file: Option<String>, default: Option<Rate>| match (flag, file)
         {
@@ -484,6 +499,21 @@ max_viewers = 2
         assert!(err.contains("RATE[:BURST]"), "{err}");
         let err = setup_with(&["--config", "w.toml"], "post_rate = \"1:0\"").expect_err("bad");
         assert!(err.contains("RATE[:BURST]"), "{err}");
+    }
+
+    #[test]
+    fn prime_pacing_from_flags_and_file() {
+        let s = setup_from(&[]).expect("valid");
+        assert_eq!(s.core.prime_pacing, Some(PrimePacing::default()));
+        let file = "prime_kbps = 4000\nprime_burst_kib = 32\nprime_max_pending = 1500\n";
+        let s = setup_with(&["--config", "w.toml"], file).expect("ok");
+        assert_eq!(
+            s.core.prime_pacing,
+            Some(PrimePacing { rate: 500_000, burst: 32 * 1024, max_pending: 1500 })
+        );
+        let s = setup_with(&["--config", "w.toml", "--prime-kbps", "16000"], file).expect("ok");
+        assert_eq!(s.core.prime_pacing.map(|p| (p.rate, p.burst)), Some((2_000_000, 32 * 1024)));
+        assert_eq!(setup_from(&["--prime-kbps", "0"]).expect("ok").core.prime_pacing, None);
     }
 
     #[test]

@@ -174,6 +174,12 @@ impl Core {
         self.peers.len()
     }
 
+    /// Video packets held back for viewers being primed at a paced rate, in total (each
+    /// viewer's share is bounded by [`PrimePacing::max_pending`](crate::PrimePacing)).
+    pub fn prime_backlog(&self) -> usize {
+        self.peers.values().map(|p| p.video.backlog()).sum()
+    }
+
     /// Number of ingest port pairs held by streams.
     pub fn ports_in_use(&self) -> usize {
         self.ports.in_use()
@@ -702,6 +708,9 @@ impl Core {
         };
         let mut news = std::mem::take(&mut self.news);
         peer.timeout(now, grace, &mut self.outputs, &mut news);
+        let sent = peer.pace(now, grace, &mut self.outputs, &mut news);
+        self.metrics.packets_forwarded += sent.packets;
+        self.metrics.bytes_forwarded += sent.bytes;
         let reason = match peer.state {
             _ if peer.dead => Some(CloseReason::RemoteClosed),
             PeerState::Connecting { deadline } if deadline <= now => {
@@ -742,12 +751,17 @@ impl Core {
                     self.outputs
                         .push_back(Output::Event(Event::KeyframeRequested { stream, session: s }));
                 }
+                PeerNews::BacklogDropped => {
+                    self.metrics.prime_backlogs_dropped += 1;
+                    warn!(session = %s, %stream, "viewer fell behind the paced GOP; video restarts at the next keyframe");
+                }
             }
         }
     }
 
     /// Starts a viewer that just connected with the stream's cached GOP, so that its first
-    /// picture does not wait for FFmpeg's next keyframe.
+    /// picture does not wait for FFmpeg's next keyframe: the keyframe at once, the rest paced
+    /// by [`Config::prime_pacing`] from the peer's timer ([`Peer::pace`]).
     fn prime(&mut self, s: SessionId, stream: &StreamId, now: Instant) {
         let grace = self.config.disconnect_grace;
         let (Some(st), Some(peer)) = (self.streams.get(stream), self.peers.get_mut(&s)) else {
@@ -765,16 +779,21 @@ impl Core {
         }
         // News from these writes (a DTLS close, say) is picked up by the caller's next drain.
         let mut news = Vec::new();
-        let mut sent = 0;
-        for pkt in st.gop.primed() {
-            if peer.write_media(&pkt, now, grace, &mut self.outputs, &mut news) {
-                sent += 1;
-                self.metrics.packets_forwarded += 1;
-                self.metrics.bytes_forwarded += pkt.payload.len() as u64;
-            }
-        }
+        let pacing = self.config.prime_pacing.as_ref();
+        let Some(sent) =
+            peer.prime(st.gop.primed(), pacing, now, grace, &mut self.outputs, &mut news)
+        else {
+            debug!(session = %s, %stream, cached = st.gop.packets.len(), "cached GOP not used");
+            return;
+        };
+        self.metrics.packets_forwarded += sent.packets;
+        self.metrics.bytes_forwarded += sent.bytes;
         self.metrics.gop_primes += 1;
-        debug!(session = %s, %stream, packets = sent, "viewer primed with the cached GOP");
+        debug!(
+            session = %s, %stream, packets = sent.packets, held = peer.video.backlog(),
+            "viewer primed with the cached GOP"
+        );
+        // The caller reschedules the peer, now with the backlog's next release.
     }
 
     fn on_datagram(
@@ -1482,6 +1501,9 @@ impl Core {
                 Some(s),
                 "peer {s} not in the ufrag index"
             );
+            let cap = self.config.prime_pacing.map_or(0, |p| p.max_pending);
+            assert!(p.video.backlog() <= cap, "peer {s} holds {} packets back", p.video.backlog());
+            assert_eq!(p.audio.backlog(), 0, "audio is never held back");
             let t = p.scheduled.unwrap_or_else(|| panic!("peer {s} has no timer"));
             assert!(self.timers.contains(&(t, TimerKey::Peer(*s))), "peer {s} timer missing");
         }

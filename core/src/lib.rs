@@ -86,6 +86,7 @@ pub mod ffmpeg;
 pub mod fuzzing;
 mod ids;
 mod metrics;
+mod pacer;
 mod peer;
 pub mod ports;
 pub mod ratelimit;
@@ -99,7 +100,7 @@ pub mod whep;
 #[cfg(feature = "sim")]
 pub mod sim;
 
-pub use config::{Config, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig};
+pub use config::{Config, Feed, H264Profile, IceServer, PrimePacing, ProcessConfig, StreamConfig};
 pub use engine::Core;
 pub use ffmpeg::EgressConfig;
 pub use ids::{ETag, SessionId, StreamId};

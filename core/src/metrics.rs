@@ -24,6 +24,9 @@ pub struct Metrics {
     pub keyframe_requests: u64,
     /// Viewers started with the cached GOP instead of waiting for the next keyframe.
     pub gop_primes: u64,
+    /// Paced primes whose backlog outgrew [`PrimePacing::max_pending`](crate::PrimePacing)
+    /// (the viewer fell behind live) and was dropped.
+    pub prime_backlogs_dropped: u64,
     /// Restarts of supervised FFmpeg processes.
     pub process_restarts: u64,
     /// Datagrams from FFmpeg on ingest ports.

@@ -10,7 +10,9 @@ use str0m::rtp::{RtpWrite, SeqNo, Ssrc};
 use str0m::{Event as RtcEvent, IceConnectionState, Input as RtcInput, Output as RtcOutput, Rtc};
 use tracing::{debug, trace};
 
+use crate::config::PrimePacing;
 use crate::ids::{ETag, SessionId, StreamId};
+use crate::pacer::{Backlog, Push};
 use crate::{Output, Transmit};
 
 /// One packet from a stream's ingest port, parsed once and shared by every viewer.
@@ -51,11 +53,26 @@ pub(crate) struct Track {
     /// Next extended sequence number this viewer expects; starts below 2^15 so the first
     /// packet's SRTP rollover counter is 0 (str0m notes: a first seq ≥ 65536 fails silently).
     next_out: u64,
+    /// Video held back while the cached GOP is paced out ([`Peer::prime`]); `None` otherwise.
+    backlog: Option<Box<Backlog>>,
 }
 
 impl Track {
     pub(crate) fn new(mid: Mid, pt: Pt, ssrc: Ssrc, nackable: bool, first_seq: u16) -> Self {
-        Self { mid, pt, ssrc, nackable, offset: None, next_out: u64::from(first_seq & 0x7fff) }
+        Self {
+            mid,
+            pt,
+            ssrc,
+            nackable,
+            offset: None,
+            next_out: u64::from(first_seq & 0x7fff),
+            backlog: None,
+        }
+    }
+
+    /// Packets held back for pacing.
+    pub(crate) fn backlog(&self) -> usize {
+        self.backlog.as_ref().map_or(0, |b| b.len())
     }
 
     /// Maps a source sequence number to this viewer's, starting or re-gating as needed.
@@ -78,6 +95,16 @@ impl Track {
 pub(crate) enum PeerNews {
     Connected,
     KeyframeRequest,
+    /// The backlog of a paced prime outgrew its cap and was dropped; video restarts at the
+    /// next keyframe.
+    BacklogDropped,
+}
+
+/// What a paced write put on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Sent {
+    pub(crate) packets: u64,
+    pub(crate) bytes: u64,
 }
 
 /// One WHEP session.
@@ -109,13 +136,14 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
-    /// The earliest instant at which this peer needs [`Peer::handle_timeout`].
+    /// The earliest instant at which this peer needs [`Peer::timeout`] (or [`Peer::pace`]).
     pub(crate) fn deadline(&self, inactivity: Duration) -> Instant {
         let own = match self.state {
             PeerState::Connecting { deadline } | PeerState::Disconnected { deadline } => deadline,
             PeerState::Connected => self.last_rx + inactivity,
         };
-        own.min(self.rtc_deadline)
+        let pace = self.video.backlog.as_ref().and_then(|b| b.next_release());
+        own.min(self.rtc_deadline).min(pace.unwrap_or(own))
     }
 
     /// Drains str0m's output into the core's queue until it asks for a timeout.
@@ -178,8 +206,9 @@ impl Peer {
         }
     }
 
-    /// Writes one source packet to this viewer (if connected and the track has started) and
-    /// releases it through str0m. Returns whether a packet was written.
+    /// Writes one live source packet to this viewer (if connected and the track has started)
+    /// and releases it through str0m, or queues it behind a paced prime's backlog. Returns
+    /// whether a packet was written.
     pub(crate) fn write_media(
         &mut self,
         pkt: &SourcePacket,
@@ -191,6 +220,93 @@ impl Peer {
         if self.dead || matches!(self.state, PeerState::Connecting { .. }) {
             return false;
         }
+        if pkt.kind == MediaKind::Video
+            && let Some(backlog) = &mut self.video.backlog
+        {
+            match backlog.push(pkt) {
+                Push::Queued => return false,
+                Push::Full => {
+                    // Behind by more than the cap allows: give up on the backlog rather than
+                    // grow it, and restart the video at the next keyframe (sequence numbers
+                    // stay contiguous, see `Track::map`).
+                    debug!(session = %self.session, dropped = backlog.len(), "prime backlog full");
+                    self.video.backlog = None;
+                    self.video.offset = None;
+                    news.push(PeerNews::BacklogDropped);
+                }
+            }
+        }
+        self.write_now(pkt, now, grace, out, news)
+    }
+
+    /// Starts a viewer that just connected with `packets` (the stream's primed GOP cache):
+    /// all at once without `pacing`, else the keyframe at once and the rest from a backlog
+    /// that [`pace`](Self::pace) releases, live video queueing behind it. Returns what was
+    /// written now, or `None` when the cache was not used (nothing written without pacing, or
+    /// more packets than the backlog may hold).
+    pub(crate) fn prime(
+        &mut self,
+        packets: impl IntoIterator<Item = SourcePacket>,
+        pacing: Option<&PrimePacing>,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<PeerNews>,
+    ) -> Option<Sent> {
+        if self.dead || matches!(self.state, PeerState::Connecting { .. }) {
+            return None;
+        }
+        if self.video.backlog.is_some() || self.video.offset.is_some() {
+            // Primed already, or playing live: the cache would go back in time.
+            return None;
+        }
+        let Some(pacing) = pacing else {
+            let mut sent = Sent::default();
+            for pkt in packets {
+                if self.write_now(&pkt, now, grace, out, news) {
+                    sent.packets += 1;
+                    sent.bytes += pkt.payload.len() as u64;
+                }
+            }
+            return (sent.packets > 0).then_some(sent);
+        };
+        self.video.backlog = Some(Box::new(Backlog::new(packets, pacing, now)?));
+        Some(self.pace(now, grace, out, news))
+    }
+
+    /// Writes what the paced backlog's budget allows at `now`; forgets the backlog once it is
+    /// empty (live video then goes straight through).
+    pub(crate) fn pace(
+        &mut self,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<PeerNews>,
+    ) -> Sent {
+        let mut sent = Sent::default();
+        while !self.dead
+            && let Some(pkt) = self.video.backlog.as_mut().and_then(|b| b.release(now))
+        {
+            if self.write_now(&pkt, now, grace, out, news) {
+                sent.packets += 1;
+                sent.bytes += pkt.payload.len() as u64;
+            }
+        }
+        if self.video.backlog.as_ref().is_some_and(|b| b.is_empty()) {
+            self.video.backlog = None;
+            trace!(session = %self.session, "prime backlog drained");
+        }
+        sent
+    }
+
+    fn write_now(
+        &mut self,
+        pkt: &SourcePacket,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<PeerNews>,
+    ) -> bool {
         let track = match pkt.kind {
             MediaKind::Video => &mut self.video,
             MediaKind::Audio => &mut self.audio,

@@ -84,6 +84,21 @@ pub struct Viewer {
     pub deadline: Instant,
     /// Whether str0m reported the peer closed.
     pub closed: bool,
+    /// Record every video packet in [`Viewer::arrivals`] (off: benchmarks run many viewers).
+    pub record: bool,
+    pub arrivals: Vec<Arrival>,
+}
+
+/// One video packet as a viewer received it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    pub at: Instant,
+    /// Extended sequence number.
+    pub seq: u64,
+    pub timestamp: u32,
+    /// RTP payload bytes.
+    pub bytes: usize,
+    pub keyframe_start: bool,
 }
 
 /// The scripted FFmpeg: H264 at 30 fps with a keyframe (STAP-A SPS+PPS, FU-A IDR) every
@@ -125,6 +140,11 @@ impl Source {
             idr_fragments: 24,
             p_fragments: 7,
         }
+    }
+
+    /// RTP timestamp of the last video frame sent.
+    pub fn last_video_ts(&self) -> u32 {
+        self.video_ts.wrapping_sub(3000)
     }
 
     fn header(marker: bool, pt: u8, seq: u16, ts: u32, ssrc: u32) -> Vec<u8> {
@@ -336,6 +356,8 @@ impl SimWorld {
             first_video_at: None,
             deadline: self.now,
             closed: false,
+            record: false,
+            arrivals: Vec::new(),
         };
         if resp.code() == 201 {
             let answer =
@@ -625,6 +647,16 @@ impl SimWorld {
                                 }
                                 v.last_video_ts = Some(ts);
                                 v.first_video_at.get_or_insert(now);
+                                if v.record {
+                                    v.arrivals.push(Arrival {
+                                        at: now,
+                                        seq: *p.seq_no,
+                                        timestamp: ts,
+                                        bytes: p.payload.len(),
+                                        keyframe_start: crate::rtp::classify_h264(&p.payload)
+                                            .is_keyframe_start(),
+                                    });
+                                }
                             }
                             Some(Codec::Opus) => {
                                 v.audio_packets += 1;

@@ -1,11 +1,11 @@
 //! Simulation tests: the core with str0m viewers, a scripted FFmpeg and a virtual clock. The
 //! harness checks the core's invariants after every step.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use whep_core::sim::{self, SimWorld};
+use whep_core::sim::{self, Arrival, SimWorld};
 use whep_core::whep::Method;
-use whep_core::{CloseReason, Event, StreamConfig, StreamId};
+use whep_core::{CloseReason, Event, PrimePacing, StreamConfig, StreamId};
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -147,6 +147,161 @@ fn late_joiner_starts_at_once_from_the_gop_cache_and_joins_live_without_a_seam()
     assert!(w.viewers[v].video_packets > 500, "{}", w.viewers[v].video_packets);
     assert_eq!(video_gaps(&w, v), 0, "the seam between cache and live lost packets");
     assert_eq!(w.viewers[v].video_ts_regressions, 0, "timestamps went backwards");
+}
+
+/// A world with a 2 s GOP (60 frames at 30 fps, the IDR 25 packets, P frames 7, about 268 kB/s
+/// of video) whose cache is `into_gop` old, paced by `pacing`, and a viewer joining then that
+/// records what it receives. Returns the world, the stream and the viewer.
+fn paced_join(pacing: PrimePacing, into_gop: Duration) -> (SimWorld, StreamId, usize) {
+    let mut config = sim::config();
+    config.prime_pacing = Some(pacing);
+    let mut w = SimWorld::new(config);
+    let demo = w.add_stream("demo", StreamConfig::external(), 60);
+    w.run_for(into_gop);
+    let (v, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    w.viewers[v].record = true;
+    (w, demo, v)
+}
+
+/// Drives until the viewer has video and its prime backlog is gone; returns the largest
+/// backlog seen (checked after every step) and when it emptied.
+fn drive_until_primed(w: &mut SimWorld, v: usize, max: Duration) -> (usize, Instant) {
+    let mut most = 0;
+    w.drive_until(max, |w| {
+        most = most.max(w.core.prime_backlog());
+        w.viewers[v].video_packets > 0 && w.core.prime_backlog() == 0
+    });
+    (most, w.now)
+}
+
+/// Checks that `arrivals` conform to a token bucket of `rate` bytes/s and `depth` bytes that
+/// starts full: no interval carries more than `depth + rate × interval`.
+fn assert_within_budget(arrivals: &[Arrival], rate: f64, depth: f64) {
+    let Some(first) = arrivals.first() else { return };
+    let (mut tokens, mut last) = (depth, first.at);
+    for a in arrivals {
+        tokens = (tokens + (a.at - last).as_secs_f64() * rate).min(depth);
+        last = a.at;
+        tokens -= a.bytes as f64;
+        assert!(
+            tokens >= -1.0,
+            "over budget by {:.0} B at {:?} after the first packet (seq {})",
+            -tokens,
+            a.at - first.at,
+            a.seq
+        );
+    }
+}
+
+#[test]
+fn paced_prime_sends_the_keyframe_first_then_the_gop_within_the_budget_and_joins_live() {
+    let pacing = PrimePacing { rate: 500_000, burst: 16 * 1024, max_pending: 2048 };
+    // Joining 1.9 s into the GOP: about 420 packets (460 kB) cached.
+    let (mut w, demo, v) = paced_join(pacing, Duration::from_millis(1900));
+    let joined = w.now;
+    let (_, drained) = drive_until_primed(&mut w, v, 5 * SEC);
+    let arrivals = w.viewers[v].arrivals.clone();
+    let first = arrivals.first().expect("video arrived");
+
+    // The keyframe first, whole, at once, and well within 300 ms of the POST.
+    assert!(first.keyframe_start, "video starts with the keyframe");
+    assert!(first.at - joined < Duration::from_millis(300), "first video {:?}", first.at - joined);
+    let keyframe: Vec<&Arrival> =
+        arrivals.iter().take_while(|a| a.timestamp == first.timestamp).collect();
+    assert_eq!(keyframe.len(), 25, "STAP-A (SPS, PPS) and the 24 IDR fragments lead");
+    assert!(keyframe.iter().all(|a| a.at == first.at), "the keyframe is not paced");
+    let keyframe_bytes: usize = keyframe.iter().map(|a| a.bytes).sum();
+    assert!(keyframe_bytes as u64 > pacing.burst, "this keyframe is larger than the burst");
+
+    // Then the rest of the GOP, and the live video queued behind it, within the budget: the
+    // bucket's depth is the burst, or the keyframe when that is larger (it leaves regardless
+    // and is repaid first). Live video after the backlog emptied is not paced.
+    let paced: Vec<Arrival> =
+        arrivals.iter().copied().filter(|a| a.at <= drained + w.latency).collect();
+    assert_within_budget(
+        &paced,
+        pacing.rate as f64,
+        keyframe_bytes.max(pacing.burst as usize) as f64,
+    );
+    let paced_bytes: usize = paced.iter().map(|a| a.bytes).sum();
+    let took = (paced.last().expect("paced").at - first.at).as_secs_f64();
+    // All but the burst at the rate (a keyframe beyond the burst is repaid first).
+    let expect = (paced_bytes as u64 - pacing.burst) as f64 / pacing.rate as f64;
+    assert!(took >= expect - 0.005, "{paced_bytes} B in {took:.3} s: faster than the rate");
+    assert!(took <= expect + 0.02, "{paced_bytes} B in {took:.3} s: slower than the rate");
+
+    // The seam: primed frames sit 1 ms (90 ticks) apart, live ones 33 ms (3000). The first
+    // live frame came through the queue while the backlog drained, right after the last
+    // primed packet: no gap, no reordering, timestamps forward.
+    let seam = paced
+        .windows(2)
+        .position(|p| p[1].timestamp.wrapping_sub(p[0].timestamp) == 3000)
+        .expect("live video was queued behind the primed GOP");
+    assert_eq!(paced[seam + 1].seq, paced[seam].seq + 1);
+    assert!(paced.len() > seam + 2, "live video queued behind the primed GOP");
+    assert!(paced.windows(2).all(|p| p[1].seq == p[0].seq + 1), "paced packets in order");
+
+    // Caught up: from then on the viewer gets each frame as the source sends it.
+    w.run_for(SEC);
+    let viewer = &w.viewers[v];
+    assert_eq!(viewer.last_video_ts, Some(w.sources[&demo].last_video_ts()), "not caught up");
+    assert_eq!(video_gaps(&w, v), 0, "the seam between cache and live lost packets");
+    assert_eq!(viewer.video_ts_regressions, 0, "timestamps went backwards");
+    assert_eq!(w.core.metrics().gop_primes, 1);
+    assert_eq!(w.core.metrics().prime_backlogs_dropped, 0);
+    eprintln!(
+        "paced prime: keyframe ({keyframe_bytes} B) {:?} after the POST, {paced_bytes} B paced \
+         over {took:.3} s (expected {expect:.3} s at {} B/s), caught up {:?} after the POST",
+        first.at - joined,
+        pacing.rate,
+        drained - joined
+    );
+}
+
+#[test]
+fn paced_prime_backlog_is_bounded_and_a_viewer_that_falls_behind_restarts_at_a_keyframe() {
+    // Slower than the stream itself (268 kB/s): the backlog can only grow.
+    let pacing = PrimePacing { rate: 150_000, burst: 32 * 1024, max_pending: 400 };
+    let (mut w, _, v) = paced_join(pacing, SEC);
+    let mut most = 0;
+    w.drive_until(5 * SEC, |w| {
+        most = most.max(w.core.prime_backlog());
+        w.core.metrics().prime_backlogs_dropped > 0
+    });
+    let dropped_at = w.now;
+    assert_eq!(w.core.prime_backlog(), 0, "the backlog was dropped");
+    assert!(most <= pacing.max_pending, "backlog reached {most}");
+    assert!(most >= pacing.max_pending - 10, "backlog peaked at {most}, never near the cap");
+    // Live from the next keyframe: no further drops, contiguous, forward.
+    w.run_for(3 * SEC);
+    let viewer = &w.viewers[v];
+    // What was on the wire when the backlog was dropped arrives up to one latency later.
+    let after: Vec<&Arrival> =
+        viewer.arrivals.iter().filter(|a| a.at > dropped_at + w.latency).collect();
+    assert!(after.len() > 300, "{} packets after the drop", after.len());
+    assert!(after[0].keyframe_start, "video restarts at a keyframe");
+    assert_eq!(w.core.metrics().prime_backlogs_dropped, 1);
+    assert_eq!(w.core.prime_backlog(), 0);
+    assert_eq!(video_gaps(&w, v), 0, "sequence numbers stay contiguous across the drop");
+    assert_eq!(viewer.video_ts_regressions, 0, "timestamps went backwards");
+    assert!(viewer.audio_packets > 150, "audio was never held back");
+}
+
+#[test]
+fn unpaced_prime_sends_the_whole_cache_at_once() {
+    let mut config = sim::config();
+    config.prime_pacing = None;
+    let mut w = SimWorld::new(config);
+    let demo = w.add_stream("demo", StreamConfig::external(), 60);
+    w.run_for(Duration::from_millis(1900));
+    let (v, _) = w.join(&demo);
+    w.viewers[v].record = true;
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 0);
+    let arrivals = &w.viewers[v].arrivals;
+    assert!(arrivals.len() > 400, "{} packets in the first instant", arrivals.len());
+    assert!(arrivals.iter().all(|a| a.at == arrivals[0].at));
+    assert_eq!(w.core.prime_backlog(), 0);
 }
 
 #[test]

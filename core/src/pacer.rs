@@ -1,0 +1,210 @@
+//! The backlog of a viewer being primed with the cached GOP: video held back and released
+//! through a token bucket ([`PrimePacing`]). Pure bookkeeping, no str0m: the peer writes what
+//! [`Backlog::release`] hands out and the core wakes it at [`Backlog::next_release`].
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::config::PrimePacing;
+use crate::peer::SourcePacket;
+
+/// Shortest wait between two releases: the bucket is drained in steps of at least this much
+/// budget, a few packets each, rather than with one wake-up per packet.
+const TICK: Duration = Duration::from_millis(5);
+
+/// Video packets waiting for one viewer, oldest first, and the bucket that lets them go.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    queue: VecDeque<SourcePacket>,
+    /// Packets at the head that leave whatever the tokens: the keyframe the cache starts with.
+    lead: usize,
+    /// Bytes per second.
+    rate: f64,
+    /// Bucket depth in bytes.
+    burst: f64,
+    /// Budget left; negative after a keyframe larger than the bucket, repaid before anything
+    /// else leaves.
+    tokens: f64,
+    refilled: Instant,
+    cap: usize,
+}
+
+/// What became of a packet offered to [`Backlog::push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Push {
+    /// Queued behind the backlog.
+    Queued,
+    /// The backlog is full: the caller drops it (and this packet) and re-gates the track.
+    Full,
+}
+
+impl Backlog {
+    /// A backlog holding `packets` (the primed cache), with a full bucket at `now`. `None` if
+    /// they do not fit in `pacing.max_pending`.
+    pub(crate) fn new(
+        packets: impl IntoIterator<Item = SourcePacket>,
+        pacing: &PrimePacing,
+        now: Instant,
+    ) -> Option<Self> {
+        let queue: VecDeque<SourcePacket> = packets.into_iter().collect();
+        if queue.len() > pacing.max_pending {
+            return None;
+        }
+        let first = queue.front().map(|p| p.timestamp);
+        let lead = queue.iter().take_while(|p| Some(p.timestamp) == first).count();
+        // A zero rate would never drain; the bucket must hold the largest packet.
+        let rate = pacing.rate.max(1) as f64;
+        let burst = pacing.burst.max(crate::rtp::MAX_PAYLOAD as u64) as f64;
+        Some(Self {
+            queue,
+            lead,
+            rate,
+            burst,
+            tokens: burst,
+            refilled: now,
+            cap: pacing.max_pending,
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Queues a live packet behind the backlog, unless it is full.
+    pub(crate) fn push(&mut self, pkt: &SourcePacket) -> Push {
+        if self.queue.len() >= self.cap {
+            return Push::Full;
+        }
+        self.queue.push_back(pkt.clone());
+        Push::Queued
+    }
+
+    /// The next packet, if the budget at `now` allows it.
+    pub(crate) fn release(&mut self, now: Instant) -> Option<SourcePacket> {
+        self.refill(now);
+        let len = self.queue.front()?.payload.len() as f64;
+        if self.lead == 0 && self.tokens < len {
+            return None;
+        }
+        self.lead = self.lead.saturating_sub(1);
+        self.tokens -= len;
+        self.queue.pop_front()
+    }
+
+    /// When [`release`](Self::release) next hands out packets: once the budget covers the head
+    /// packet and one [`TICK`] of rate, and a tick after the last release. `None` when empty.
+    pub(crate) fn next_release(&self) -> Option<Instant> {
+        let head = self.queue.front()?.payload.len() as f64;
+        if self.lead > 0 {
+            return Some(self.refilled);
+        }
+        let need = head.max((self.rate * TICK.as_secs_f64()).min(self.burst));
+        let wait = ((need - self.tokens).max(0.0) / self.rate * 1e6).ceil() as u64;
+        Some(self.refilled + Duration::from_micros(wait).max(TICK))
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.refilled = self.refilled.max(now);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests pick a real starting instant
+mod tests {
+    use std::sync::Arc;
+
+    use str0m::media::MediaKind;
+
+    use super::*;
+
+    fn pkt(seq: u64, timestamp: u32, len: usize) -> SourcePacket {
+        SourcePacket {
+            kind: MediaKind::Video,
+            seq,
+            restart: false,
+            timestamp,
+            marker: false,
+            keyframe_start: seq == 0,
+            payload: Arc::from(vec![0u8; len]),
+        }
+    }
+
+    fn pacing(rate: u64, burst: u64, max_pending: usize) -> PrimePacing {
+        PrimePacing { rate, burst, max_pending }
+    }
+
+    /// Releases everything due at `now`; returns the bytes.
+    fn drain(b: &mut Backlog, now: Instant) -> usize {
+        std::iter::from_fn(|| b.release(now)).map(|p| p.payload.len()).sum()
+    }
+
+    #[test]
+    fn keyframe_leaves_at_once_even_beyond_the_burst_then_the_rate_applies() {
+        let t0 = Instant::now();
+        // A 40-packet keyframe (44 kB) over a 10 kB bucket, then 100 packets of later frames.
+        let packets = (0..140).map(|i| pkt(i, if i < 40 { 0 } else { 3000 * (i as u32) }, 1100));
+        let mut b = Backlog::new(packets, &pacing(100_000, 10_000, 1000), t0).expect("fits");
+        assert_eq!(drain(&mut b, t0), 40 * 1100, "the keyframe, nothing more");
+        // The debt (44 kB - 10 kB) is repaid at 100 kB/s before anything else leaves.
+        let next = b.next_release().expect("more");
+        assert!(next - t0 >= Duration::from_millis(340), "{:?}", next - t0);
+        assert_eq!(drain(&mut b, next - Duration::from_millis(1)), 0);
+        assert!(drain(&mut b, next) >= 1100);
+        assert!(b.next_release().expect("more") > next, "no busy loop");
+    }
+
+    #[test]
+    fn bytes_per_interval_stay_within_burst_plus_rate() {
+        for rate in [200_000u64, 2_000_000] {
+            let t0 = Instant::now();
+            let burst = 20_000u64;
+            let packets =
+                (0..500).map(|i| pkt(i, 3000 * (i as u32 / 8), 1000 + (i as usize % 7) * 50));
+            let mut b = Backlog::new(packets, &pacing(rate, burst, 1000), t0).expect("fits");
+            let mut sent = Vec::new();
+            let mut now = t0;
+            while !b.is_empty() {
+                let bytes = drain(&mut b, now);
+                sent.push((now, bytes));
+                let Some(next) = b.next_release() else { break };
+                assert!(next > now, "next release not in the future");
+                now = next;
+            }
+            // Every window [t, t + w) from every release instant carries at most
+            // burst + rate × w (the lead frame here is 8 packets, well inside the burst).
+            for (i, &(t, _)) in sent.iter().enumerate() {
+                for w in [1, 5, 20, 100, 1000].map(Duration::from_millis) {
+                    let bytes: usize =
+                        sent[i..].iter().take_while(|(s, _)| *s < t + w).map(|(_, b)| b).sum();
+                    let budget = burst as f64 + rate as f64 * w.as_secs_f64();
+                    assert!(bytes as f64 <= budget + 1.0, "{bytes} B in {w:?} at {:?}", t - t0);
+                }
+            }
+            // It took as long as the rate says, in steps of at least a tick (a few packets
+            // each when the rate allows), not one wake-up per packet.
+            let total: usize = sent.iter().map(|(_, b)| b).sum();
+            let expect = (total as u64 - burst) as f64 / rate as f64;
+            let took = (now - t0).as_secs_f64();
+            assert!((took - expect).abs() < 0.01, "took {took} s, expected {expect} s");
+            let ticks = (took / TICK.as_secs_f64()).ceil() as usize + 1;
+            assert!(sent.len() <= ticks, "{} wake-ups in {took} s", sent.len());
+        }
+    }
+
+    #[test]
+    fn a_full_backlog_refuses_and_a_too_large_cache_is_not_taken() {
+        let t0 = Instant::now();
+        let mut b =
+            Backlog::new((0..3).map(|i| pkt(i, 0, 100)), &pacing(1000, 2000, 4), t0).expect("fits");
+        assert_eq!(b.push(&pkt(3, 3000, 100)), Push::Queued);
+        assert_eq!(b.push(&pkt(4, 3000, 100)), Push::Full);
+        assert_eq!(b.len(), 4);
+        assert!(Backlog::new((0..5).map(|i| pkt(i, 0, 100)), &pacing(1000, 2000, 4), t0).is_none());
+    }
+}
