@@ -68,6 +68,7 @@ impl Metrics {
             ice_failures,
             keyframe_requests,
             gop_primes,
+            prime_backlogs_dropped,
             process_restarts,
             ingest_packets,
             ingest_rtcp,
@@ -85,6 +86,7 @@ impl Metrics {
         self.ice_failures += ice_failures;
         self.keyframe_requests += keyframe_requests;
         self.gop_primes += gop_primes;
+        self.prime_backlogs_dropped += prime_backlogs_dropped;
         self.process_restarts += process_restarts;
         self.ingest_packets += ingest_packets;
         self.ingest_rtcp += ingest_rtcp;
