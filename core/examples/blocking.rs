@@ -184,6 +184,7 @@ fn run(settings: Settings, signals: SigSet) -> Result<(), String> {
         procs: HashMap::new(),
         shutdown_deadline: None,
         ingest_read: None,
+        http_time: Duration::ZERO,
     };
     runtime.run(&rx);
     Ok(())
@@ -207,6 +208,8 @@ struct Runtime {
     shutdown_deadline: Option<Instant>,
     /// When the ingest packet being handled was read, for the egress latency metric.
     ingest_read: Option<Instant>,
+    /// Time spent answering HTTP requests in the current load interval.
+    http_time: Duration,
 }
 
 impl Runtime {
@@ -244,7 +247,8 @@ impl Runtime {
             woke = now;
             let elapsed = now.saturating_duration_since(load_since);
             if elapsed >= Duration::from_millis(250) {
-                self.core.set_load(busy.as_secs_f64() / elapsed.as_secs_f64());
+                let forwarding = busy.saturating_sub(std::mem::take(&mut self.http_time));
+                self.core.set_load(forwarding.as_secs_f64() / elapsed.as_secs_f64());
                 (load_since, busy) = (now, Duration::ZERO);
             }
             match msg {
@@ -263,7 +267,10 @@ impl Runtime {
         match msg {
             Msg::Http { req, reply } => {
                 // The player page, /metrics, the admin API, and WHEP via `Core::handle_http`.
+                let started = Instant::now();
                 let resp = whep_core::app::handle(&mut self.core, &self.app, req, now);
+                // Answering requests is not forwarding load (see `Core::set_load`).
+                self.http_time += started.elapsed();
                 let _ = reply.send(resp); // the client may have gone; nothing to do
             }
             Msg::Datagram { source, contents } => {

@@ -92,8 +92,8 @@ pub struct Cli {
     /// UDP port (shard i on the UDP port + i): viewers spread over CPU cores [default: 1].
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
-    /// Refuse new viewers (503 + Retry-After) while the engine loop is busy at least this share
-    /// of its time, 0.1-1.0; 1 = never [default: 0.9]. Protects the viewers already served.
+    /// Refuse new viewers (503 + Retry-After) while the engine loop spends at least this share
+    /// of its time forwarding, 0.1-1.0; 1 = never [default: 0.9]. Protects the viewers already served.
     #[arg(long, value_name = "SHARE")]
     max_load: Option<f64>,
     /// Send one datagram per system call instead of batching each viewer's datagrams with UDP

@@ -136,8 +136,9 @@ impl Core {
         self.metrics.egress_latency.record(latency);
     }
 
-    /// Reports the share of its time (0 to 1) the loop driving this core spent working rather
-    /// than waiting, over the last interval (the runtime measures it; a few hundred
+    /// Reports the share of its time (0 to 1) the loop driving this core spent forwarding
+    /// (ingest, viewer datagrams, timers and sending; answering HTTP requests excluded, the
+    /// rate limits bound those) rather than waiting, over the last interval (the runtime measures it; a few hundred
     /// milliseconds is a good interval). At [`Config::max_load`] or more, new viewers are
     /// refused with 503 ([`Reject::Overloaded`]) until the load falls below 85 % of it.
     pub fn set_load(&mut self, load: f64) {

@@ -12,8 +12,9 @@
 //! starves the others when the loop is saturated, the ingest sockets (round-robin, up to 32
 //! queued packets per wake-up: a frame's packets arrive back to back), the viewer socket (up
 //! to 32 datagrams per wake-up: STUN consent checks, RTCP) and the timer; then it executes
-//! every output. It measures the share of its time spent working and reports it to the core
-//! ([`Core::set_load`]), which refuses new viewers while the loop is saturated, and after a
+//! every output. It measures the share of its time spent forwarding (working on anything but
+//! HTTP requests) and reports it to the core ([`Core::set_load`]), which refuses new viewers
+//! while that share is near saturation, and after a
 //! few wake-ups in a row that found work at once it yields to the runtime's other tasks.
 //!
 //! Datagrams for viewers are sent in batches: when the socket supports segmentation offload
@@ -568,11 +569,18 @@ struct LoadMeter {
     woke: Instant,
     /// Time spent working in the current interval.
     busy: Duration,
+    /// Work in the current interval that does not count (answering requests).
+    excluded: Duration,
 }
 
 impl LoadMeter {
     fn new(now: Instant) -> Self {
-        Self { since: now, woke: now, busy: Duration::ZERO }
+        Self { since: now, woke: now, busy: Duration::ZERO, excluded: Duration::ZERO }
+    }
+
+    /// Work that does not count as load (answering requests).
+    fn exclude(&mut self, work: Duration) {
+        self.excluded += work;
     }
 
     /// The loop is about to wait at `now`: the time since it woke was work.
@@ -589,9 +597,10 @@ impl LoadMeter {
         if elapsed < LOAD_INTERVAL {
             return None;
         }
-        let share = self.busy.as_secs_f64() / elapsed.as_secs_f64();
+        let share = self.busy.saturating_sub(self.excluded).as_secs_f64() / elapsed.as_secs_f64();
         self.since = now;
         self.busy = Duration::ZERO;
+        self.excluded = Duration::ZERO;
         Some(share)
     }
 }
@@ -705,7 +714,11 @@ impl<R: Runtime> Driver<R> {
             match wake {
                 Wake::Job(Some(job)) => {
                     let mut flag = ShutdownFlag::default();
-                    job(&mut self.core, &self.app, self.runtime.now(), &mut flag);
+                    let started = self.runtime.now();
+                    job(&mut self.core, &self.app, started, &mut flag);
+                    // Answering requests is not forwarding load: a burst of setups (bounded by
+                    // the rate limits) must not close admission by itself.
+                    load.exclude(self.runtime.now().saturating_duration_since(started));
                     if flag.0 {
                         self.begin_shutdown();
                     }
