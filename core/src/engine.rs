@@ -664,7 +664,7 @@ impl Core {
                 let _ = self.remove_stream(&stream, now);
             }
             Mirror::Packet(shared) => {
-                self.metrics.ingest_packets += 1;
+                // Not counted in `ingest_packets`: the leader counted the datagram.
                 if self
                     .streams
                     .get(&shared.stream)
