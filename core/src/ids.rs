@@ -1,14 +1,17 @@
 //! Identifiers and the seeded random source that draws them.
 
 use std::fmt;
+use std::sync::Arc;
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
 /// Identifies a stream. Any non-empty string without control characters, at most 256 bytes;
 /// ids such as `restreamer-ui:ingest:3f2a` (with `:`) are common.
+///
+/// Cheap to clone (a shared string): the packet path hands it around per packet.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StreamId(String);
+pub struct StreamId(Arc<str>);
 
 impl StreamId {
     /// Longest accepted id, in bytes.
@@ -18,7 +21,7 @@ impl StreamId {
     pub fn new(id: impl Into<String>) -> Option<Self> {
         let id = id.into();
         let ok = !id.is_empty() && id.len() <= Self::MAX_LEN && !id.chars().any(char::is_control);
-        ok.then_some(Self(id))
+        ok.then(|| Self(Arc::from(id)))
     }
 
     /// The id as a string.

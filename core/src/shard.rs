@@ -53,6 +53,7 @@ impl ShardMember {
 /// viewers) and the request rate limiter.
 #[derive(Debug)]
 pub struct ShardSet {
+    count: usize,
     book: Mutex<Book>,
 }
 
@@ -70,6 +71,7 @@ impl ShardSet {
     pub fn new(count: usize, rate_limits: RateLimits, now: Instant) -> Arc<Self> {
         let count = count.clamp(1, MAX_SHARDS);
         Arc::new(Self {
+            count,
             book: Mutex::new(Book {
                 limiter: Limiter::new(rate_limits, now),
                 streams: HashMap::new(),
@@ -85,7 +87,7 @@ impl ShardSet {
 
     /// Number of shards.
     pub fn count(&self) -> usize {
-        self.lock().shards.len()
+        self.count
     }
 
     /// The shard with the fewest viewers (the lowest index among equals).

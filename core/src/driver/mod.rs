@@ -296,15 +296,14 @@ impl<R: Runtime> Engine<R> {
             let addr = socket.local_addr()?;
             sockets.push((socket, addr));
         }
-        let (mirror_tx, mut mirror_rx): (Vec<_>, Vec<_>) = (1..count)
-            .map(|_| chan::channel::<Mirror>(None))
-            .map(|(tx, rx)| (tx, Some(rx)))
-            .unzip();
+        // The leader's queues to each follower: senders for shard 0, a receiver for each other.
+        let (mut to_followers, from_leader): (Vec<_>, Vec<_>) =
+            (1..count).map(|_| chan::channel::<Mirror>(None)).unzip();
+        let mut from_leader = from_leader.into_iter();
         let subscribers = Arc::new(Mutex::new(Vec::new()));
         let max_body = config.core.max_body_bytes;
         let whep_prefix = config.core.whep_prefix.clone();
         let mut shards = Vec::with_capacity(count);
-        let mut mirror_tx = Some(mirror_tx);
         for (index, (socket, udp_addr)) in sockets.into_iter().enumerate() {
             let mut core = config.core.clone();
             if core.host_candidates.is_empty() {
@@ -339,12 +338,8 @@ impl<R: Runtime> Engine<R> {
                 ingest_read: Vec::new(),
                 gso: config.udp_gso,
                 turn: 0,
-                followers: if index == 0 {
-                    mirror_tx.take().unwrap_or_default()
-                } else {
-                    Vec::new()
-                },
-                leader: if index == 0 { None } else { mirror_rx[index - 1].take() },
+                followers: std::mem::take(&mut to_followers),
+                leader: if index == 0 { None } else { from_leader.next() },
                 index,
             };
             let guard = SetOnDrop(Arc::clone(&done));
