@@ -83,6 +83,9 @@ pub struct Core {
     overloaded: bool,
     next_generation: u64,
     now: Instant,
+    /// Peers with live packets written but not yet released through str0m
+    /// ([`Peer::flush`]); flushed before any output is taken and before any other input.
+    unflushed: Vec<SessionId>,
     /// Reused buffers, so the packet path does not allocate for bookkeeping.
     news: Vec<PeerNews>,
     scratch: Vec<SessionId>,
@@ -114,6 +117,7 @@ impl Core {
             overloaded: false,
             next_generation: 1,
             now,
+            unflushed: Vec::new(),
             news: Vec::new(),
             scratch: Vec::new(),
         }
@@ -217,7 +221,34 @@ impl Core {
     /// The next output to execute, in order.
     #[must_use]
     pub fn poll_output(&mut self) -> Option<Output> {
+        self.flush_peers();
         self.outputs.pop_front()
+    }
+
+    /// Releases the live packets written since the last flush, one str0m drain per peer.
+    fn flush_peers(&mut self) {
+        if self.unflushed.is_empty() {
+            return;
+        }
+        let now = self.now;
+        let grace = self.config.disconnect_grace;
+        let mut peers = std::mem::take(&mut self.unflushed);
+        let mut news = std::mem::take(&mut self.news);
+        for s in peers.drain(..) {
+            let Some(peer) = self.peers.get_mut(&s) else { continue };
+            if !peer.flush(now, grace, &mut self.outputs, &mut news) {
+                continue;
+            }
+            let dead = peer.dead;
+            self.apply_news(s, &mut news, now);
+            if dead {
+                self.remove_peer(s, CloseReason::RemoteClosed, now);
+            } else {
+                self.reschedule_peer(s, now);
+            }
+        }
+        self.news = news;
+        self.unflushed = peers;
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) is next needed, and why.
@@ -919,15 +950,21 @@ impl Core {
             let Some(peer) = self.peers.get_mut(&s) else {
                 continue;
             };
+            let before = peer.unflushed;
             if peer.write_media(pkt, now, grace, &mut self.outputs, &mut news) {
                 self.metrics.packets_forwarded += 1;
                 self.metrics.bytes_forwarded += pkt.payload.len() as u64;
             }
-            let dead = peer.dead;
+            if before == 0 && peer.unflushed > 0 {
+                self.unflushed.push(s);
+            }
+            let (dead, pending) = (peer.dead, peer.unflushed > 0);
             self.apply_news(s, &mut news, now);
             if dead {
                 self.remove_peer(s, CloseReason::RemoteClosed, now);
-            } else {
+            } else if !pending {
+                // Written and released at once, or not written: its deadline may have moved.
+                // A pending peer is rescheduled by its flush.
                 self.reschedule_peer(s, now);
             }
         }
@@ -1254,6 +1291,7 @@ impl Core {
             rtc_deadline: now,
             scheduled: None,
             dead: false,
+            unflushed: 0,
         };
         let mut news = std::mem::take(&mut self.news);
         peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);

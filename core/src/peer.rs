@@ -15,6 +15,9 @@ use crate::ids::{ETag, SessionId, StreamId};
 use crate::pacer::{Backlog, Push};
 use crate::{Output, Transmit};
 
+/// Most live packets written to a viewer before its str0m output is drained.
+pub(crate) const MAX_UNFLUSHED: u16 = 16;
+
 /// One packet from a stream's ingest port, parsed once and shared by every viewer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SourcePacket {
@@ -133,6 +136,8 @@ pub(crate) struct Peer {
     pub(crate) scheduled: Option<Instant>,
     /// str0m said the viewer closed, or it errored: the core removes the peer.
     pub(crate) dead: bool,
+    /// Live packets written to str0m since its output was last drained ([`Peer::flush`]).
+    pub(crate) unflushed: u16,
 }
 
 impl Peer {
@@ -206,9 +211,13 @@ impl Peer {
         }
     }
 
-    /// Writes one live source packet to this viewer (if connected and the track has started)
-    /// and releases it through str0m, or queues it behind a paced prime's backlog. Returns
-    /// whether a packet was written.
+    /// Writes one live source packet to this viewer (if connected and the track has started),
+    /// or queues it behind a paced prime's backlog. Returns whether a packet was written.
+    ///
+    /// The packet is not released through str0m yet: the core drains a batch of writes with
+    /// one [`flush`](Self::flush) (a frame's packets arrive together), which costs one str0m
+    /// timeout and output poll per batch instead of per packet. A peer flushes by itself every
+    /// [`MAX_UNFLUSHED`] packets, well within str0m's send queue.
     pub(crate) fn write_media(
         &mut self,
         pkt: &SourcePacket,
@@ -236,7 +245,30 @@ impl Peer {
                 }
             }
         }
-        self.write_now(pkt, now, grace, out, news)
+        if !self.write_rtp(pkt, now) {
+            return false;
+        }
+        self.unflushed += 1;
+        if self.unflushed >= MAX_UNFLUSHED {
+            self.flush(now, grace, out, news);
+        }
+        true
+    }
+
+    /// Releases what [`write_media`](Self::write_media) wrote through str0m. Returns whether
+    /// there was anything to release.
+    pub(crate) fn flush(
+        &mut self,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<PeerNews>,
+    ) -> bool {
+        if self.unflushed == 0 {
+            return false;
+        }
+        self.timeout(now, grace, out, news);
+        true
     }
 
     /// Starts a viewer that just connected with `packets` (the stream's primed GOP cache):
@@ -299,6 +331,7 @@ impl Peer {
         sent
     }
 
+    /// Writes `pkt` and releases it (and anything written before it) through str0m.
     fn write_now(
         &mut self,
         pkt: &SourcePacket,
@@ -307,6 +340,15 @@ impl Peer {
         out: &mut VecDeque<Output>,
         news: &mut Vec<PeerNews>,
     ) -> bool {
+        if !self.write_rtp(pkt, now) {
+            return false;
+        }
+        self.timeout(now, grace, out, news);
+        true
+    }
+
+    /// Hands `pkt` to str0m for this viewer, mapped to its sequence numbers.
+    fn write_rtp(&mut self, pkt: &SourcePacket, now: Instant) -> bool {
         let track = match pkt.kind {
             MediaKind::Video => &mut self.video,
             MediaKind::Audio => &mut self.audio,
@@ -324,7 +366,6 @@ impl Peer {
                 .marker(pkt.marker)
                 .nackable(nackable),
         );
-        self.timeout(now, grace, out, news);
         true
     }
 
@@ -336,6 +377,8 @@ impl Peer {
         out: &mut VecDeque<Output>,
         news: &mut Vec<PeerNews>,
     ) {
+        // Releases whatever was written, so nothing is left to flush.
+        self.unflushed = 0;
         if let Err(e) = self.rtc.handle_input(RtcInput::Timeout(now)) {
             debug!(session = %self.session, error = %e, "timeout failed");
             self.dead = true;
