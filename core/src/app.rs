@@ -550,6 +550,22 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
             "Paced GOP primes dropped for falling behind live.",
             m.prime_backlogs_dropped,
         ),
+        (
+            "packets_retransmitted_total",
+            "Video packets retransmitted on NACK.",
+            m.packets_retransmitted,
+        ),
+        ("bytes_retransmitted_total", "Bytes of those retransmissions.", m.bytes_retransmitted),
+        (
+            "retransmissions_dropped_total",
+            "Retransmissions over a viewer's share, dropped.",
+            m.retransmissions_dropped,
+        ),
+        (
+            "retransmission_suspensions_total",
+            "Times a viewer's retransmissions were turned off for exceeding its share.",
+            m.retransmission_suspensions,
+        ),
         ("ingest_packets_total", "Datagrams received from FFmpeg.", m.ingest_packets),
         ("ingest_rtcp_total", "RTCP from FFmpeg, dropped.", m.ingest_rtcp),
         (

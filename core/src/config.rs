@@ -63,11 +63,13 @@ pub struct Config {
     /// burst the cache grows only as far as this much video needs, up to `rtx_cache_packets`.
     /// Zero turns retransmission off.
     pub rtx_cache_age: Duration,
-    /// str0m drops a viewer's queued retransmissions while they exceed this share of the video
-    /// bytes sent to it over the last second, which bounds what a viewer NACKing without end can
-    /// make the server send (otherwise up to the whole cache per NACK). `None` lifts that bound
-    /// and saves str0m's history of every packet sent in the last second (24 bytes a packet:
-    /// 6–24 KiB per viewer, more after the GOP-cache burst a viewer starts with).
+    /// Most of a viewer's video bytes that may be retransmissions, over the last half second
+    /// to second (15 % by default, after an allowance of 24 KiB). Beyond it, retransmissions
+    /// are dropped and the viewer's retransmission cache is off for a second, so a viewer that
+    /// NACKs without end (otherwise up to the whole cache per NACK) costs neither bandwidth nor
+    /// encryption. The core counts this from the datagrams' clear-text SSRCs, a few counters
+    /// per viewer (str0m's own cap would keep an entry per packet sent in the last second,
+    /// about 24 KiB a viewer). `None` lifts the bound.
     pub rtx_ratio_cap: Option<f32>,
     /// Keep each stream's video since its last keyframe and start every new viewer with it
     /// (timestamps compressed so the player catches up to live), so that the first picture does

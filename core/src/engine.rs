@@ -17,9 +17,10 @@ use crate::config::{Config, Feed, StreamConfig};
 use crate::ffmpeg;
 use crate::ids::{Rng, SessionId, StreamId};
 use crate::metrics::Metrics;
-use crate::peer::{Peer, PeerNews, PeerState, SourcePacket, Track};
+use crate::peer::{Peer, PeerNews, PeerState, Resend, SourcePacket, Track};
 use crate::ports::{PortPair, PortPool};
 use crate::ratelimit::{Kind, Limiter};
+use crate::resend::ResendBudget;
 use crate::rtp::{self, Datagram};
 use crate::sdp;
 use crate::sdpfrag::{self, SdpFrag};
@@ -787,6 +788,15 @@ impl Core {
                     self.metrics.prime_backlogs_dropped += 1;
                     warn!(session = %s, %stream, "viewer fell behind the paced GOP; video restarts at the next keyframe");
                 }
+                PeerNews::Resent { packets, bytes, dropped } => {
+                    self.metrics.packets_retransmitted += packets;
+                    self.metrics.bytes_retransmitted += bytes;
+                    self.metrics.retransmissions_dropped += dropped;
+                }
+                PeerNews::ResendsSuspended => {
+                    self.metrics.retransmission_suspensions += 1;
+                    debug!(session = %s, %stream, "viewer's retransmissions over its share: off for a second");
+                }
             }
         }
     }
@@ -1253,9 +1263,16 @@ impl Core {
         // Bound the retransmission cache by age and count: its packet metadata (about 430 bytes
         // a packet) dominates a viewer's memory, and an old retransmission is useless to a
         // low-latency player.
+        // str0m's own ratio cap is off: it keeps an entry per packet sent in the last second;
+        // the peer's `ResendBudget` does the same job with a few counters.
+        let (packets, age) = (self.config.rtx_cache_packets, self.config.rtx_cache_age);
+        let mut resend = None;
         if let Some(tx) = api.stream_tx(&video_ssrc) {
-            let (packets, age) = (self.config.rtx_cache_packets, self.config.rtx_cache_age);
-            tx.set_rtx_cache(packets, age, self.config.rtx_ratio_cap);
+            tx.set_rtx_cache(packets, age, None);
+            if let Some(rtx) = tx.rtx() {
+                let budget = ResendBudget::new(video_ssrc, rtx, self.config.rtx_ratio_cap, now);
+                resend = Some(Box::new(Resend { cache_packets: packets, cache_age: age, budget }));
+            }
         }
         // Audio is written non-nackable, so its cache stays empty; without a ratio cap str0m
         // keeps no per-packet byte history for it either.
@@ -1292,6 +1309,7 @@ impl Core {
             scheduled: None,
             dead: false,
             unflushed: 0,
+            resend,
         };
         let mut news = std::mem::take(&mut self.news);
         peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);

@@ -90,6 +90,7 @@ mod pacer;
 mod peer;
 pub mod ports;
 pub mod ratelimit;
+mod resend;
 pub mod rtp;
 pub mod sdp;
 pub mod sdpfrag;

@@ -27,6 +27,15 @@ pub struct Metrics {
     /// Paced primes whose backlog outgrew [`PrimePacing::max_pending`](crate::PrimePacing)
     /// (the viewer fell behind live) and was dropped.
     pub prime_backlogs_dropped: u64,
+    /// Video packets str0m retransmitted to viewers that NACKed them.
+    pub packets_retransmitted: u64,
+    /// Datagram bytes of those retransmissions.
+    pub bytes_retransmitted: u64,
+    /// Retransmissions dropped because they exceeded a viewer's share
+    /// ([`Config::rtx_ratio_cap`](crate::Config::rtx_ratio_cap)).
+    pub retransmissions_dropped: u64,
+    /// Times a viewer's retransmissions were turned off for exceeding that share.
+    pub retransmission_suspensions: u64,
     /// Restarts of supervised FFmpeg processes.
     pub process_restarts: u64,
     /// Datagrams from FFmpeg on ingest ports.
@@ -69,6 +78,10 @@ impl Metrics {
             keyframe_requests,
             gop_primes,
             prime_backlogs_dropped,
+            packets_retransmitted,
+            bytes_retransmitted,
+            retransmissions_dropped,
+            retransmission_suspensions,
             process_restarts,
             ingest_packets,
             ingest_rtcp,
@@ -87,6 +100,10 @@ impl Metrics {
         self.keyframe_requests += keyframe_requests;
         self.gop_primes += gop_primes;
         self.prime_backlogs_dropped += prime_backlogs_dropped;
+        self.packets_retransmitted += packets_retransmitted;
+        self.bytes_retransmitted += bytes_retransmitted;
+        self.retransmissions_dropped += retransmissions_dropped;
+        self.retransmission_suspensions += retransmission_suspensions;
         self.process_restarts += process_restarts;
         self.ingest_packets += ingest_packets;
         self.ingest_rtcp += ingest_rtcp;

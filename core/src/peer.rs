@@ -13,6 +13,7 @@ use tracing::{debug, trace};
 use crate::config::PrimePacing;
 use crate::ids::{ETag, SessionId, StreamId};
 use crate::pacer::{Backlog, Push};
+use crate::resend::{ResendBudget, Verdict};
 use crate::{Output, Transmit};
 
 /// Most live packets written to a viewer before its str0m output is drained.
@@ -101,6 +102,23 @@ pub(crate) enum PeerNews {
     /// The backlog of a paced prime outgrew its cap and was dropped; video restarts at the
     /// next keyframe.
     BacklogDropped,
+    /// Retransmissions str0m sent (`packets`, `bytes`) and dropped over the budget.
+    Resent {
+        packets: u64,
+        bytes: u64,
+        dropped: u64,
+    },
+    /// The viewer's retransmissions exceeded their share: its retransmission cache is off
+    /// for a while.
+    ResendsSuspended,
+}
+
+/// A viewer's video retransmission settings: str0m's cache and the core's budget.
+#[derive(Debug)]
+pub(crate) struct Resend {
+    pub(crate) cache_packets: usize,
+    pub(crate) cache_age: Duration,
+    pub(crate) budget: ResendBudget,
 }
 
 /// What a paced write put on the wire.
@@ -138,6 +156,8 @@ pub(crate) struct Peer {
     pub(crate) dead: bool,
     /// Live packets written to str0m since its output was last drained ([`Peer::flush`]).
     pub(crate) unflushed: u16,
+    /// Retransmission accounting and cap, when the viewer negotiated RTX.
+    pub(crate) resend: Option<Box<Resend>>,
 }
 
 impl Peer {
@@ -161,11 +181,23 @@ impl Peer {
     ) {
         loop {
             match self.rtc.poll_output() {
-                Ok(RtcOutput::Transmit(t)) => out.push_back(Output::Transmit(Transmit {
-                    source: t.source,
-                    destination: t.destination,
-                    contents: t.contents.into(),
-                })),
+                Ok(RtcOutput::Transmit(t)) => {
+                    if let Some(r) = &mut self.resend
+                        && let Verdict::Drop { suspend } = r.budget.on_transmit(&t.contents, now)
+                    {
+                        if suspend {
+                            debug!(session = %self.session, "retransmissions over budget");
+                            news.push(PeerNews::ResendsSuspended);
+                            self.set_rtx_cache(0, Duration::ZERO);
+                        }
+                        continue;
+                    }
+                    out.push_back(Output::Transmit(Transmit {
+                        source: t.source,
+                        destination: t.destination,
+                        contents: t.contents.into(),
+                    }));
+                }
                 Ok(RtcOutput::Timeout(t)) => {
                     self.rtc_deadline = t;
                     break;
@@ -180,6 +212,24 @@ impl Peer {
         }
         if !self.rtc.is_alive() {
             self.dead = true;
+        }
+        if let Some(r) = &mut self.resend
+            && (r.budget.resent_packets | r.budget.dropped) != 0
+        {
+            let b = &mut r.budget;
+            news.push(PeerNews::Resent {
+                packets: std::mem::take(&mut b.resent_packets),
+                bytes: std::mem::take(&mut b.resent_bytes),
+                dropped: std::mem::take(&mut b.dropped),
+            });
+        }
+    }
+
+    /// Replaces the video stream's retransmission cache (str0m keeps no ratio history: the
+    /// [`ResendBudget`] caps retransmissions).
+    fn set_rtx_cache(&mut self, packets: usize, age: Duration) {
+        if let Some(tx) = self.rtc.direct_api().stream_tx(&self.video.ssrc) {
+            tx.set_rtx_cache(packets, age, None);
         }
     }
 
@@ -379,6 +429,12 @@ impl Peer {
     ) {
         // Releases whatever was written, so nothing is left to flush.
         self.unflushed = 0;
+        if let Some(r) = &mut self.resend
+            && r.budget.resume(now)
+        {
+            let (packets, age) = (r.cache_packets, r.cache_age);
+            self.set_rtx_cache(packets, age);
+        }
         if let Err(e) = self.rtc.handle_input(RtcInput::Timeout(now)) {
             debug!(session = %self.session, error = %e, "timeout failed");
             self.dead = true;

@@ -426,6 +426,36 @@ fn lost_video_is_repaired_by_retransmission() {
     assert!(missing.is_empty(), "not repaired: {missing:?}");
 }
 
+/// Share of the video bytes a viewer got as retransmissions, after 4 s of losing every third
+/// datagram (and resending into the same loss), with `cap`.
+fn retransmitted_share(cap: Option<f32>) -> (f64, whep_core::Metrics) {
+    let mut config = sim::config();
+    config.rtx_ratio_cap = cap;
+    let mut w = SimWorld::new(config);
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 30);
+    w.loss_every = 3;
+    w.run_for(4 * SEC);
+    let m = w.core.metrics().clone();
+    let share = m.bytes_retransmitted as f64 / (m.bytes_forwarded + m.bytes_retransmitted) as f64;
+    (share, m)
+}
+
+#[test]
+fn retransmissions_are_capped_at_their_share_of_a_viewers_video() {
+    let (uncapped, m) = retransmitted_share(None);
+    assert!(uncapped > 0.25, "a third lost, no cap: only {uncapped:.3} retransmitted");
+    assert_eq!((m.retransmissions_dropped, m.retransmission_suspensions), (0, 0));
+
+    let (capped, m) = retransmitted_share(Some(0.15));
+    // The cap counts datagram bytes (headers, RTX and SRTP overhead included) against the
+    // same, this share payload bytes: allow for the difference and the first allowance.
+    assert!(capped < 0.2, "capped at 15 %: {capped:.3} retransmitted");
+    assert!(m.packets_retransmitted > 20, "{m:?}");
+    assert!(m.retransmission_suspensions > 0 && m.retransmissions_dropped > 0, "{m:?}");
+}
+
 #[test]
 fn trickled_candidates_are_accepted_and_media_flows() {
     let mut w = SimWorld::new(sim::config());
