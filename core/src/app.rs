@@ -600,7 +600,12 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
     head(&mut out, "viewers_current", "gauge", "Viewers of all streams.");
     let viewers = core.viewer_count() + followers.iter().map(|f| f.viewers).sum::<usize>();
     let _ = writeln!(out, "whep_viewers_current {viewers}");
-    head(&mut out, "engine_load", "gauge", "Share of its time the engine loop spent working.");
+    head(
+        &mut out,
+        "engine_load",
+        "gauge",
+        "Share of its time the engine loop spent working, over about the last second.",
+    );
     let load = followers.iter().map(|f| f.load).fold(core.load(), f64::max);
     let _ = writeln!(out, "whep_engine_load {load:.3}");
     head(&mut out, "overloaded", "gauge", "1 while new viewers are refused because of load.");

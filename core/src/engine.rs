@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, Feed, StreamConfig};
 use crate::ffmpeg;
-use crate::ids::{Rng, SessionId, StreamId};
+use crate::ids::{Rng, SessionId, SessionMap, StreamId};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, PeerNews, PeerState, Resend, SourcePacket, Track};
 use crate::ports::{PortPair, PortPool};
@@ -34,6 +34,10 @@ use crate::{CloseReason, Event, Input, Output, StreamError, StreamInfo, TimerRea
 
 /// How many adjacent pairs a stream tries before giving up (the seed's retry count).
 const MAX_BIND_ATTEMPTS: u32 = 10;
+
+/// Weight of a new sample in the load ([`Core::set_load`]): an exponential moving average,
+/// whose time constant is about three samples.
+pub const LOAD_SMOOTHING: f64 = 0.3;
 
 /// What a timer entry belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,7 +72,7 @@ pub struct Core {
     crypto: Arc<CryptoProvider>,
     cert: Option<DtlsCert>,
     streams: BTreeMap<StreamId, Stream>,
-    peers: HashMap<SessionId, Box<Peer>>,
+    peers: SessionMap<Box<Peer>>,
     by_addr: HashMap<SocketAddr, SessionId>,
     by_ufrag: HashMap<String, SessionId>,
     ingest: HashMap<u16, (StreamId, MediaKind)>,
@@ -106,7 +110,7 @@ impl Core {
             crypto,
             cert,
             streams: BTreeMap::new(),
-            peers: HashMap::new(),
+            peers: SessionMap::default(),
             by_addr: HashMap::new(),
             by_ufrag: HashMap::new(),
             ingest: HashMap::new(),
@@ -143,11 +147,15 @@ impl Core {
 
     /// Reports the share of its time (0 to 1) the loop driving this core spent forwarding
     /// (ingest, viewer datagrams, timers and sending; answering HTTP requests excluded, the
-    /// rate limits bound those) rather than waiting, over the last interval (the runtime measures it; a few hundred
-    /// milliseconds is a good interval). At [`Config::max_load`] or more, new viewers are
-    /// refused with 503 ([`Reject::Overloaded`]) until the load falls below 85 % of it.
-    pub fn set_load(&mut self, load: f64) {
-        let load = if load.is_finite() { load.clamp(0.0, 1.0) } else { 0.0 };
+    /// rate limits bound those) rather than waiting, over the last interval (the runtime
+    /// measures it; call it every ~250 ms). The core smooths the samples
+    /// ([`LOAD_SMOOTHING`]: about the last second at that rate), so that the burst of a
+    /// keyframe, one interval in eight with a 2 s GOP, does not close admission by itself. At
+    /// [`Config::max_load`] or more, new viewers are refused with 503 ([`Reject::Overloaded`])
+    /// until the load falls below 85 % of it.
+    pub fn set_load(&mut self, sample: f64) {
+        let sample = if sample.is_finite() { sample.clamp(0.0, 1.0) } else { 0.0 };
+        let load = self.load + (sample - self.load) * LOAD_SMOOTHING;
         self.load = load;
         let max = self.config.max_load;
         let was = self.overloaded;
@@ -165,7 +173,7 @@ impl Core {
         }
     }
 
-    /// The last load reported with [`set_load`](Self::set_load).
+    /// The load: the samples reported with [`set_load`](Self::set_load), smoothed.
     pub fn load(&self) -> f64 {
         self.load
     }

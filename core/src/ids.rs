@@ -1,6 +1,8 @@
 //! Identifiers and the seeded random source that draws them.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use rand_chacha::ChaCha20Rng;
@@ -53,6 +55,33 @@ impl SessionId {
 impl SessionId {
     pub(crate) fn low_byte(self) -> u8 {
         (self.0 & 0xff) as u8
+    }
+}
+
+/// A map keyed by [`SessionId`] that hashes an id by taking 64 of its random bits. Session
+/// ids are drawn by the server from a CSPRNG, so nobody can choose colliding keys and a keyed
+/// hash (SipHash, the std default) buys nothing; the fan-out looks a peer up per viewer-packet.
+pub(crate) type SessionMap<V> = HashMap<SessionId, V, BuildHasherDefault<SessionHasher>>;
+
+/// See [`SessionMap`].
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct SessionHasher(u64);
+
+impl Hasher for SessionHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u128(&mut self, id: u128) {
+        // Above the low byte (the shard index, the same for every id of a shard).
+        self.0 = (id >> 8) as u64;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached by `SessionId` (it hashes one u128); FNV-1a for anything else.
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
     }
 }
 
@@ -119,6 +148,30 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_hashes_spread_over_buckets_within_a_shard() {
+        use std::hash::BuildHasher;
+        let mut rng = Rng::new([9; 32]);
+        let build = BuildHasherDefault::<SessionHasher>::default();
+        // Low bits pick the bucket, the top 7 the tag: both must vary although the shard
+        // byte is fixed.
+        let mut low = [0u32; 64];
+        let mut top = [0u32; 128];
+        for _ in 0..64_000 {
+            let h = build.hash_one(rng.session_id(5));
+            low[(h & 63) as usize] += 1;
+            top[(h >> 57) as usize] += 1;
+        }
+        assert!(low.iter().all(|&n| (800..1200).contains(&n)), "{low:?}");
+        assert!(top.iter().all(|&n| (350..650).contains(&n)), "{top:?}");
+        let mut map = SessionMap::default();
+        let ids: Vec<_> = (0..1000).map(|_| rng.session_id(5)).collect();
+        for (i, id) in ids.iter().enumerate() {
+            map.insert(*id, i);
+        }
+        assert!(ids.iter().enumerate().all(|(i, id)| map.get(id) == Some(&i)));
+    }
 
     #[test]
     fn session_id_round_trips_and_rejects_junk() {

@@ -102,7 +102,7 @@ pub mod whep;
 pub mod sim;
 
 pub use config::{Config, Feed, H264Profile, IceServer, PrimePacing, ProcessConfig, StreamConfig};
-pub use engine::Core;
+pub use engine::{Core, LOAD_SMOOTHING};
 pub use ffmpeg::EgressConfig;
 pub use ids::{ETag, SessionId, StreamId};
 pub use metrics::{LatencyHistogram, Metrics};
