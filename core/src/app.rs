@@ -566,6 +566,11 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
             "Times a viewer's retransmissions were turned off for exceeding its share.",
             m.retransmission_suspensions,
         ),
+        (
+            "mirror_packets_dropped_total",
+            "Packets dropped for a shard that fell behind.",
+            m.mirror_packets_dropped,
+        ),
         ("ingest_packets_total", "Datagrams received from FFmpeg.", m.ingest_packets),
         ("ingest_rtcp_total", "RTCP from FFmpeg, dropped.", m.ingest_rtcp),
         (

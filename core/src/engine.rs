@@ -145,6 +145,12 @@ impl Core {
         self.metrics.egress_latency.record(latency);
     }
 
+    /// Counts packets a sharded leader's runtime dropped for a follower shard whose queue was
+    /// full ([`Metrics::mirror_packets_dropped`]).
+    pub fn record_mirror_drops(&mut self, packets: u64) {
+        self.metrics.mirror_packets_dropped += packets;
+    }
+
     /// Reports the share of its time (0 to 1) the loop driving this core spent forwarding
     /// (ingest, viewer datagrams, timers and sending; answering HTTP requests excluded, the
     /// rate limits bound those) rather than waiting, over the last interval (the runtime

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub retransmission_suspensions: u64,
     /// Restarts of supervised FFmpeg processes.
     pub process_restarts: u64,
+    /// Packets a sharded leader dropped for a follower shard that fell thousands of messages
+    /// behind (its viewers restart video at the next keyframe).
+    pub mirror_packets_dropped: u64,
     /// Datagrams from FFmpeg on ingest ports.
     pub ingest_packets: u64,
     /// RTCP from FFmpeg, dropped.
@@ -83,6 +86,7 @@ impl Metrics {
             retransmissions_dropped,
             retransmission_suspensions,
             process_restarts,
+            mirror_packets_dropped,
             ingest_packets,
             ingest_rtcp,
             ingest_dropped,
@@ -105,6 +109,7 @@ impl Metrics {
         self.retransmissions_dropped += retransmissions_dropped;
         self.retransmission_suspensions += retransmission_suspensions;
         self.process_restarts += process_restarts;
+        self.mirror_packets_dropped += mirror_packets_dropped;
         self.ingest_packets += ingest_packets;
         self.ingest_rtcp += ingest_rtcp;
         self.ingest_dropped += ingest_dropped;

@@ -60,7 +60,35 @@ pub(crate) fn channel<T>(capacity: Option<usize>) -> (Sender<T>, Receiver<T>) {
     (Sender { shared: Arc::clone(&shared) }, Receiver { shared })
 }
 
+/// Why [`Sender::send_within`] gave an item back.
+#[derive(Debug)]
+pub(crate) enum Full<T> {
+    /// The queue held the limit already.
+    Full(T),
+    /// The receiver is gone.
+    Closed(T),
+}
+
 impl<T> Sender<T> {
+    /// Queues `item` unless `limit` items wait already (or the receiver is gone).
+    pub(crate) fn send_within(&self, item: T, limit: usize) -> Result<(), Full<T>> {
+        let waker = {
+            let mut s = self.shared.lock();
+            if s.receiver_gone || s.closed {
+                return Err(Full::Closed(item));
+            }
+            if s.items.len() >= limit {
+                return Err(Full::Full(item));
+            }
+            s.items.push_back(item);
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+
     /// Queues `item`; gives it back when the receiver is gone.
     pub(crate) fn send(&self, item: T) -> Result<(), T> {
         let waker = {

@@ -24,6 +24,7 @@
 //! [`Metrics::egress_latency`].
 
 mod chan;
+mod follower;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -338,7 +339,10 @@ impl<R: Runtime> Engine<R> {
                 ingest_read: Vec::new(),
                 gso: config.udp_gso,
                 turn: 0,
-                followers: std::mem::take(&mut to_followers),
+                followers: std::mem::take(&mut to_followers)
+                    .into_iter()
+                    .map(follower::FollowerQueue::new)
+                    .collect(),
                 leader: if index == 0 { None } else { from_leader.next() },
                 index,
             };
@@ -629,7 +633,7 @@ struct Driver<R: Runtime> {
     /// Which of ingest, viewer socket and timer `poll_wake` tries first (rotates).
     turn: u8,
     /// The leader's queues to every other shard (empty unless this is a sharded leader).
-    followers: Vec<chan::Sender<Mirror>>,
+    followers: Vec<follower::FollowerQueue>,
     /// A follower's queue from the leader (its ingest).
     leader: Option<chan::Receiver<Mirror>>,
     /// This shard's index.
@@ -932,11 +936,15 @@ impl<R: Runtime> Driver<R> {
                 }
                 Output::Mirror(m) => {
                     // Not ordered with datagrams: no need to send what is gathered first.
-                    if let Some((last, rest)) = self.followers.split_last() {
+                    let mut dropped = 0;
+                    if let Some((last, rest)) = self.followers.split_last_mut() {
                         for f in rest {
-                            let _ = f.send(m.clone());
+                            dropped += u64::from(!f.push(m.clone()));
                         }
-                        let _ = last.send(m);
+                        dropped += u64::from(!last.push(m));
+                    }
+                    if dropped > 0 {
+                        self.core.record_mirror_drops(dropped);
                     }
                     continue;
                 }
