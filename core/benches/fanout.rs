@@ -76,7 +76,7 @@ fn fanout(c: &mut Criterion) {
 /// back to back) before draining its outputs. Side by side in one run: the same packets fed
 /// and drained one by one, and fed a frame at a time, then drained.
 fn frame_batches(_: &mut Criterion) {
-    for n in [10usize, 100] {
+    for n in [10usize, 100, 1000] {
         let mut results = Vec::new();
         for batched in [false, true] {
             let (mut w, _, ports) = SimWorld::with_connected_viewers(n);

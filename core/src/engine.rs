@@ -35,6 +35,10 @@ use crate::{CloseReason, Event, Input, Output, StreamError, StreamInfo, TimerRea
 /// How many adjacent pairs a stream tries before giving up (the seed's retry count).
 const MAX_BIND_ATTEMPTS: u32 = 10;
 
+/// Ingest packets held for a viewer-by-viewer fan-out at most ([`Core::fan_out_pending`]);
+/// a runtime normally takes outputs well before (after each wake-up's batch of reads).
+const MAX_PENDING: usize = 64;
+
 /// Weight of a new sample in the load ([`Core::set_load`]): an exponential moving average,
 /// whose time constant is about three samples.
 pub const LOAD_SMOOTHING: f64 = 0.3;
@@ -88,9 +92,10 @@ pub struct Core {
     overloaded: bool,
     next_generation: u64,
     now: Instant,
-    /// Peers with live packets written but not yet released through str0m
-    /// ([`Peer::flush`]); flushed before any output is taken and before any other input.
-    unflushed: Vec<SessionId>,
+    /// Ingest packets parsed but not yet written to viewers, with their arrival times: written
+    /// viewer by viewer when outputs are next taken or any other input comes
+    /// ([`Core::fan_out_pending`]).
+    pending: Vec<(StreamId, SourcePacket, Instant)>,
     /// Reused buffers, so the packet path does not allocate for bookkeeping.
     news: Vec<PeerNews>,
     scratch: Vec<SessionId>,
@@ -122,7 +127,7 @@ impl Core {
             overloaded: false,
             next_generation: 1,
             now,
-            unflushed: Vec::new(),
+            pending: Vec::new(),
             news: Vec::new(),
             scratch: Vec::new(),
         }
@@ -236,34 +241,8 @@ impl Core {
     /// The next output to execute, in order.
     #[must_use]
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.flush_peers();
+        self.fan_out_pending();
         self.outputs.pop_front()
-    }
-
-    /// Releases the live packets written since the last flush, one str0m drain per peer.
-    fn flush_peers(&mut self) {
-        if self.unflushed.is_empty() {
-            return;
-        }
-        let now = self.now;
-        let grace = self.config.disconnect_grace;
-        let mut peers = std::mem::take(&mut self.unflushed);
-        let mut news = std::mem::take(&mut self.news);
-        for s in peers.drain(..) {
-            let Some(peer) = self.peers.get_mut(&s) else { continue };
-            if !peer.flush(now, grace, &mut self.outputs, &mut news) {
-                continue;
-            }
-            let dead = peer.dead;
-            self.apply_news(s, &mut news, now);
-            if dead {
-                self.remove_peer(s, CloseReason::RemoteClosed, now);
-            } else {
-                self.reschedule_peer(s, now);
-            }
-        }
-        self.news = news;
-        self.unflushed = peers;
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) is next needed, and why.
@@ -289,6 +268,7 @@ impl Core {
 
     /// Registers a stream. It stays stopped until [`start_stream`](Self::start_stream).
     pub fn add_stream(&mut self, id: StreamId, config: StreamConfig) -> Result<(), StreamError> {
+        self.fan_out_pending();
         if self.streams.contains_key(&id) {
             return Err(StreamError::Exists);
         }
@@ -306,6 +286,7 @@ impl Core {
     /// ([`Output::BindIngest`]). Once bound, [`Event::StreamReady`] carries the FFmpeg output
     /// arguments and, for a supervised stream, [`Output::SpawnProcess`] follows.
     pub fn start_stream(&mut self, id: &StreamId, now: Instant) -> Result<(), StreamError> {
+        self.fan_out_pending();
         let now = self.tick(now);
         let stream = self.streams.get(id).ok_or(StreamError::NotFound)?;
         if !stream.config.egress.enabled {
@@ -351,6 +332,7 @@ impl Core {
     /// Stops a stream: closes every viewer first, then stops its FFmpeg (if supervised) and
     /// releases its ports once the process has exited (the seed's teardown order).
     pub fn stop_stream(&mut self, id: &StreamId, now: Instant) -> Result<(), StreamError> {
+        self.fan_out_pending();
         let now = self.tick(now);
         if !self.streams.contains_key(id) {
             return Err(StreamError::NotFound);
@@ -361,6 +343,7 @@ impl Core {
 
     /// Stops a stream as [`stop_stream`](Self::stop_stream) does and forgets it once stopped.
     pub fn remove_stream(&mut self, id: &StreamId, now: Instant) -> Result<(), StreamError> {
+        self.fan_out_pending();
         let now = self.tick(now);
         if !self.streams.contains_key(id) {
             return Err(StreamError::NotFound);
@@ -373,6 +356,7 @@ impl Core {
     /// until [`Core::is_idle`] to let supervised processes exit and ports be released.
     pub fn shutdown(&mut self, now: Instant) {
         let now = self.tick(now);
+        self.fan_out_pending();
         let ids: Vec<StreamId> = self.streams.keys().cloned().collect();
         for id in ids {
             self.teardown(&id, false, CloseReason::Shutdown, now);
@@ -651,6 +635,11 @@ impl Core {
     /// Handles one input from the runtime.
     pub fn handle_input(&mut self, input: Input<'_>, now: Instant) {
         let now = self.tick(now);
+        if !matches!(input, Input::Ingest { .. }) {
+            // Packets first, as they came: e.g. a viewer that connects now is started from the
+            // GOP cache, which must hold them, and must not get them twice.
+            self.fan_out_pending();
+        }
         match input {
             Input::Datagram { source, destination, contents } => {
                 self.on_datagram(source, destination, contents, now)
@@ -690,6 +679,9 @@ impl Core {
     /// Only follower shards call this; it is ignored on a core that is not one.
     pub fn mirror(&mut self, mirror: Mirror, now: Instant) {
         let now = self.tick(now);
+        if !matches!(mirror, Mirror::Packet(_)) {
+            self.fan_out_pending();
+        }
         if self.config.shard.as_ref().is_none_or(|m| m.is_leader()) {
             return;
         }
@@ -716,7 +708,7 @@ impl Core {
                     .get(&shared.stream)
                     .is_some_and(|s| s.state == StreamState::Mirrored)
                 {
-                    self.fan_out(&shared.stream, &shared.packet, now);
+                    self.defer(shared.stream, shared.packet, now);
                 }
             }
         }
@@ -725,6 +717,7 @@ impl Core {
     /// Handles every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         let now = self.tick(now);
+        self.fan_out_pending();
         while let Some((t, key)) = self.timers.first().cloned() {
             if t > now {
                 break;
@@ -953,42 +946,71 @@ impl Core {
             let shared = SharedPacket { stream: id.clone(), packet: pkt.clone() };
             self.outputs.push_back(Output::Mirror(Mirror::Packet(shared)));
         }
-        self.fan_out(&id, &pkt, now);
+        self.defer(id, pkt, now);
     }
 
-    /// Keeps `pkt` in the GOP cache and writes it to every viewer of the stream.
-    fn fan_out(&mut self, id: &StreamId, pkt: &SourcePacket, now: Instant) {
+    /// Queues a packet for [`fan_out_pending`](Self::fan_out_pending).
+    fn defer(&mut self, id: StreamId, pkt: SourcePacket, now: Instant) {
+        self.pending.push((id, pkt, now));
+        if self.pending.len() >= MAX_PENDING {
+            self.fan_out_pending();
+        }
+    }
+
+    /// Writes the pending ingest packets to the viewers, stream by stream and viewer by
+    /// viewer: each viewer gets all of its stream's packets and one str0m drain before the next
+    /// viewer is touched. A viewer's state (str0m's `Rtc` and its queues, ~100 KiB) thus comes
+    /// into the cache once per batch of packets, not once per packet: with hundreds of viewers
+    /// it does not stay cached between two packets.
+    fn fan_out_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        // Usually one stream (its video and audio); stable, so each stream's order holds.
+        pending.sort_by(|a, b| a.0.cmp(&b.0));
+        for batch in pending.chunk_by(|a, b| a.0 == b.0) {
+            self.fan_out(&batch[0].0, batch);
+        }
+        pending.clear();
+        if self.pending.is_empty() {
+            self.pending = pending;
+        }
+    }
+
+    /// Keeps `batch` (packets of stream `id`, with their arrival times) in the GOP cache and
+    /// writes it to every viewer of the stream, releasing each viewer's copies at once.
+    fn fan_out(&mut self, id: &StreamId, batch: &[(StreamId, SourcePacket, Instant)]) {
         let Some(stream) = self.streams.get_mut(id) else {
             return;
         };
-        stream.last_rtp = Some(now);
-        if pkt.kind == MediaKind::Video && self.config.gop_cache {
-            stream.gop.push(pkt);
+        for (_, pkt, at) in batch {
+            stream.last_rtp = Some(*at);
+            if pkt.kind == MediaKind::Video && self.config.gop_cache {
+                stream.gop.push(pkt);
+            }
         }
         let mut viewers = std::mem::take(&mut self.scratch);
         viewers.clear();
         viewers.extend(stream.viewers.iter().copied());
-        let grace = self.config.disconnect_grace;
+        let (now, grace) = (self.now, self.config.disconnect_grace);
         let mut news = std::mem::take(&mut self.news);
         for &s in &viewers {
             let Some(peer) = self.peers.get_mut(&s) else {
                 continue;
             };
-            let before = peer.unflushed;
-            if peer.write_media(pkt, now, grace, &mut self.outputs, &mut news) {
-                self.metrics.packets_forwarded += 1;
-                self.metrics.bytes_forwarded += pkt.payload.len() as u64;
+            for (_, pkt, at) in batch {
+                if peer.write_media(pkt, *at, grace, &mut self.outputs, &mut news) {
+                    self.metrics.packets_forwarded += 1;
+                    self.metrics.bytes_forwarded += pkt.payload.len() as u64;
+                }
             }
-            if before == 0 && peer.unflushed > 0 {
-                self.unflushed.push(s);
-            }
-            let (dead, pending) = (peer.dead, peer.unflushed > 0);
+            peer.flush(now, grace, &mut self.outputs, &mut news);
+            let dead = peer.dead;
             self.apply_news(s, &mut news, now);
             if dead {
                 self.remove_peer(s, CloseReason::RemoteClosed, now);
-            } else if !pending {
-                // Written and released at once, or not written: its deadline may have moved.
-                // A pending peer is rescheduled by its flush.
+            } else {
                 self.reschedule_peer(s, now);
             }
         }
@@ -1075,6 +1097,7 @@ impl Core {
     /// Answers one WHEP request. Always returns a response; see [`crate::whep`].
     pub fn handle_http(&mut self, req: WhepRequest, now: Instant) -> WhepResponse {
         let now = self.tick(now);
+        self.fan_out_pending();
         let route = whep::route(&self.config.whep_prefix, &req.target);
         let label = match (&route, &req.method) {
             (Some(Route::Endpoint(_)), _) => "endpoint",
@@ -1511,6 +1534,7 @@ impl Core {
     /// production, linear in viewers and streams.
     pub fn check_invariants(&self) {
         self.ports.check_invariants();
+        assert!(self.pending.len() < MAX_PENDING, "pending packets beyond the bound");
         let mut indexed = 0;
         for (id, s) in &self.streams {
             assert_eq!(&s.id, id, "stream keyed by its id");

@@ -876,17 +876,15 @@ impl<R: Runtime> Driver<R> {
             .handle_input(Input::Datagram { source, destination, contents }, self.runtime.now());
     }
 
-    /// Sends the gathered datagrams: per destination in the order the core produced them,
-    /// runs of equal size (the last may be shorter) in one segmented send each.
+    /// Sends the gathered datagrams in the order the core produced them, each run to one
+    /// destination of equal size (the last may be shorter) in one segmented send.
     async fn send_gathered(&mut self) {
         if self.sends.is_empty() {
             return;
         }
+        // The core hands out each viewer's copies of a batch together (it drains one viewer at
+        // a time), so runs need no sorting by destination.
         let max = if self.gso { self.socket.max_segments().max(1) } else { 1 };
-        if max > 1 {
-            // Stable: each viewer's datagrams keep their order.
-            self.sends.sort_by_key(|t| t.destination);
-        }
         let mut i = 0;
         while i < self.sends.len() {
             let first = &self.sends[i];
