@@ -746,15 +746,20 @@ fn a_batch_of_ingest_packets_reaches_every_viewer_whole() {
     let before: Vec<u64> = w.viewers.iter().map(|v| v.video_packets).collect();
     let mut source = sim::Source::new(60, 0x0bad_cafe);
     let mut fed = 0u64;
-    for _ in 0..3 {
+    // Keyframes are long: several frames of one batch exceed the flush threshold (16); 150
+    // packets exceed what the core holds back before writing (64). A timer in the middle of
+    // the third batch must not reorder or lose what came before it.
+    for (round, size) in [40, 150, 40].into_iter().enumerate() {
         let mut batch = Vec::new();
-        // Keyframes are long: several frames of one batch exceed the flush threshold (16).
-        while batch.len() < 40 {
+        while batch.len() < size {
             batch.extend(source.video_frame());
         }
-        for pkt in &batch {
+        for (i, pkt) in batch.iter().enumerate() {
             w.core
                 .handle_input(whep_core::Input::Ingest { port: ports.video, contents: pkt }, w.now);
+            if round == 2 && i == 20 {
+                w.core.handle_timeout(w.now);
+            }
         }
         fed += batch.len() as u64;
         w.drain();
