@@ -63,6 +63,15 @@ pub struct Config {
     /// burst the cache grows only as far as this much video needs, up to `rtx_cache_packets`.
     /// Zero turns retransmission off.
     pub rtx_cache_age: Duration,
+    /// Video packets kept for retransmission while a viewer is started from the GOP cache
+    /// ([`Config::gop_cache`]), until [`rtx_cache_age`](Self::rtx_cache_age) after its last
+    /// cached packet went out; then back to `rtx_cache_packets`. The cached GOP goes out
+    /// faster than live (8 Mbit/s by default), so 64 packets would be gone within ~80 ms: a
+    /// fragment of the starting keyframe lost on a path with a longer round trip could not be
+    /// repaired, and the picture would wait for FFmpeg's next keyframe. 256 packets cover a
+    /// ~300 ms round trip at that rate; a joining viewer holds ~80 KiB more for a second or
+    /// two. At most `rtx_cache_packets` turns this off.
+    pub rtx_cache_prime_packets: usize,
     /// Most of a viewer's video bytes that may be retransmissions, over the last half second
     /// to second (15 % by default, after an allowance of 24 KiB). Beyond it, retransmissions
     /// are dropped and the viewer's retransmission cache is off for a second, so a viewer that
@@ -115,6 +124,7 @@ impl Default for Config {
             disconnect_grace: Duration::from_secs(5),
             rtx_cache_packets: 64,
             rtx_cache_age: Duration::from_secs(1),
+            rtx_cache_prime_packets: 256,
             rtx_ratio_cap: Some(0.15),
             gop_cache: true,
             prime_pacing: Some(PrimePacing::default()),

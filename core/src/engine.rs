@@ -1308,7 +1308,13 @@ impl Core {
             tx.set_rtx_cache(packets, age, None);
             if let Some(rtx) = tx.rtx() {
                 let budget = ResendBudget::new(video_ssrc, rtx, self.config.rtx_ratio_cap, now);
-                resend = Some(Box::new(Resend { cache_packets: packets, cache_age: age, budget }));
+                resend = Some(Box::new(Resend {
+                    cache_packets: packets,
+                    cache_age: age,
+                    prime_packets: self.config.rtx_cache_prime_packets,
+                    shrink_at: None,
+                    budget,
+                }));
             }
         }
         // Audio is written non-nackable, so its cache stays empty; without a ratio cap str0m

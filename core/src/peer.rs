@@ -118,6 +118,11 @@ pub(crate) enum PeerNews {
 pub(crate) struct Resend {
     pub(crate) cache_packets: usize,
     pub(crate) cache_age: Duration,
+    /// The cache's size while the viewer is started from the GOP cache
+    /// ([`Config::rtx_cache_prime_packets`](crate::Config::rtx_cache_prime_packets)).
+    pub(crate) prime_packets: usize,
+    /// When the cache goes back to `cache_packets` after a prime.
+    pub(crate) shrink_at: Option<Instant>,
     pub(crate) budget: ResendBudget,
 }
 
@@ -168,7 +173,8 @@ impl Peer {
             PeerState::Connected => self.last_rx + inactivity,
         };
         let pace = self.video.backlog.as_ref().and_then(|b| b.next_release());
-        own.min(self.rtc_deadline).min(pace.unwrap_or(own))
+        let shrink = self.resend.as_ref().and_then(|r| r.shrink_at);
+        own.min(self.rtc_deadline).min(pace.unwrap_or(own)).min(shrink.unwrap_or(own))
     }
 
     /// Drains str0m's output into the core's queue until it asks for a timeout.
@@ -343,6 +349,7 @@ impl Peer {
             return None;
         }
         let Some(pacing) = pacing else {
+            self.grow_rtx_cache_for_prime();
             let mut sent = Sent::default();
             for pkt in packets {
                 if self.write_now(&pkt, now, grace, out, news) {
@@ -350,10 +357,35 @@ impl Peer {
                     sent.bytes += pkt.payload.len() as u64;
                 }
             }
+            self.prime_done(now);
             return (sent.packets > 0).then_some(sent);
         };
         self.video.backlog = Some(Box::new(Backlog::new(packets, pacing, now)?));
+        self.grow_rtx_cache_for_prime();
         Some(self.pace(now, grace, out, news))
+    }
+
+    /// Makes room in the retransmission cache for a GOP sent faster than live (see
+    /// [`Config::rtx_cache_prime_packets`](crate::Config::rtx_cache_prime_packets)). Nothing
+    /// has been sent to this viewer yet, so replacing the cache loses nothing.
+    fn grow_rtx_cache_for_prime(&mut self) {
+        let Some(r) = &mut self.resend else { return };
+        if r.prime_packets <= r.cache_packets || r.budget.suspended() {
+            return;
+        }
+        let (packets, age) = (r.prime_packets, r.cache_age);
+        r.shrink_at = None;
+        self.set_rtx_cache(packets, age);
+    }
+
+    /// The GOP prime went out: the cache shrinks back once its packets are too old to be
+    /// asked for.
+    fn prime_done(&mut self, now: Instant) {
+        if let Some(r) = &mut self.resend
+            && r.prime_packets > r.cache_packets
+        {
+            r.shrink_at = Some(now + r.cache_age);
+        }
     }
 
     /// Writes what the paced backlog's budget allows at `now`; forgets the backlog once it is
@@ -376,6 +408,7 @@ impl Peer {
         }
         if self.video.backlog.as_ref().is_some_and(|b| b.is_empty()) {
             self.video.backlog = None;
+            self.prime_done(now);
             trace!(session = %self.session, "prime backlog drained");
         }
         sent
@@ -429,11 +462,16 @@ impl Peer {
     ) {
         // Releases whatever was written, so nothing is left to flush.
         self.unflushed = 0;
-        if let Some(r) = &mut self.resend
-            && r.budget.resume(now)
-        {
-            let (packets, age) = (r.cache_packets, r.cache_age);
-            self.set_rtx_cache(packets, age);
+        if let Some(r) = &mut self.resend {
+            // Back to the steady size after a suspension (see `ResendBudget`) or a prime. The
+            // shrink drops the cache's packets, all older than `cache_age` but the last few.
+            let resumed = r.budget.resume(now);
+            let shrink = r.shrink_at.is_some_and(|t| now >= t);
+            if resumed || shrink {
+                r.shrink_at = None;
+                let (packets, age) = (r.cache_packets, r.cache_age);
+                self.set_rtx_cache(packets, age);
+            }
         }
         if let Err(e) = self.rtc.handle_input(RtcInput::Timeout(now)) {
             debug!(session = %self.session, error = %e, "timeout failed");

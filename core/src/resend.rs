@@ -120,8 +120,7 @@ impl ResendBudget {
     }
 
     /// Whether retransmission is off.
-    #[cfg(test)]
-    fn suspended(&self) -> bool {
+    pub(crate) fn suspended(&self) -> bool {
         self.suspended_until.is_some()
     }
 
