@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -33,10 +34,38 @@ impl TokioRuntime {
 }
 
 /// A tokio UDP socket, with quinn-udp's segmentation offload (GSO) for batched sends.
+///
+/// It joins a reactor when it is first used, not when it is bound: a shard's socket is bound
+/// by the engine on the caller's runtime, then polled on the shard's own thread and runtime
+/// ([`Runtime::spawn_shard`]), whose reactor should watch it (no cross-thread wake-up per
+/// readiness event).
 #[derive(Debug)]
 pub struct TokioUdp {
-    socket: tokio::net::UdpSocket,
+    bound: std::net::UdpSocket,
+    socket: std::sync::OnceLock<tokio::net::UdpSocket>,
+    /// The runtime that bound it, for a first use outside any runtime.
+    handle: tokio::runtime::Handle,
     state: quinn_udp::UdpSocketState,
+}
+
+impl TokioUdp {
+    /// The registered socket: with the reactor of the runtime it is first used on.
+    fn socket(&self) -> io::Result<&tokio::net::UdpSocket> {
+        if let Some(s) = self.socket.get() {
+            return Ok(s);
+        }
+        let std = self.bound.try_clone()?;
+        let socket = match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::net::UdpSocket::from_std(std)?,
+            Err(_) => {
+                let _guard = self.handle.enter();
+                tokio::net::UdpSocket::from_std(std)?
+            }
+        };
+        // Only the engine loop that owns the socket polls it, so nobody raced us here.
+        let _ = self.socket.set(socket);
+        self.socket.get().ok_or_else(|| io::Error::other("socket registration lost"))
+    }
 }
 
 /// Send and receive buffer asked for on every socket (the kernel caps it at
@@ -50,8 +79,9 @@ impl UdpSocket for TokioUdp {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<(usize, SocketAddr)>> {
+        let socket = self.socket()?;
         let mut rb = ReadBuf::new(buf);
-        self.socket.poll_recv_from(cx, &mut rb).map_ok(|from| (rb.filled().len(), from))
+        socket.poll_recv_from(cx, &mut rb).map_ok(|from| (rb.filled().len(), from))
     }
 
     fn poll_send_to(
@@ -60,11 +90,11 @@ impl UdpSocket for TokioUdp {
         buf: &[u8],
         target: SocketAddr,
     ) -> Poll<io::Result<usize>> {
-        self.socket.poll_send_to(cx, buf, target)
+        self.socket()?.poll_send_to(cx, buf, target)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+        self.bound.local_addr()
     }
 
     fn max_segments(&self) -> usize {
@@ -85,10 +115,11 @@ impl UdpSocket for TokioUdp {
             segment_size: (contents.len() > segment_size).then_some(segment_size),
             src_ip: None,
         };
+        let socket = self.socket()?;
         loop {
-            std::task::ready!(self.socket.poll_send_ready(cx))?;
-            let send = || self.state.try_send((&self.socket).into(), &transmit);
-            match self.socket.try_io(tokio::io::Interest::WRITABLE, send) {
+            std::task::ready!(socket.poll_send_ready(cx))?;
+            let send = || self.state.try_send(socket.into(), &transmit);
+            match socket.try_io(tokio::io::Interest::WRITABLE, send) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 r => return Poll::Ready(r),
             }
@@ -126,17 +157,53 @@ impl Runtime for TokioRuntime {
                 debug!(%addr, error = %e, "socket buffer size not set");
             }
         }
-        let _guard = self.handle.enter();
-        Ok(TokioUdp { socket: tokio::net::UdpSocket::from_std(socket)?, state })
+        Ok(TokioUdp {
+            bound: socket,
+            socket: std::sync::OnceLock::new(),
+            handle: self.handle.clone(),
+            state,
+        })
     }
 
+    /// A sleep on the calling runtime (a shard's own, see [`spawn_shard`](Self::spawn_shard)),
+    /// or on the engine's outside any.
     fn timer(&self) -> TokioTimer {
-        let _guard = self.handle.enter();
+        let _guard = tokio::runtime::Handle::try_current().is_err().then(|| self.handle.enter());
         TokioTimer(Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())))
     }
 
     fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
         self.handle.spawn(future);
+    }
+
+    /// A thread per shard with a current-thread runtime of its own (its reactor watches the
+    /// shard's socket, its timer wheel the shard's timer), so that shards run in parallel
+    /// whatever the embedding runtime's worker count, and a shard never waits behind another
+    /// shard or the HTTP tasks. The thread ends with the loop.
+    fn spawn_shard(&self, index: usize, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        let slot = Arc::new(Mutex::new(Some(future)));
+        let theirs = Arc::clone(&slot);
+        let engine = self.handle.clone();
+        let spawned =
+            std::thread::Builder::new().name(format!("whep-shard-{index}")).spawn(move || {
+                let Some(future) = theirs.lock().ok().and_then(|mut f| f.take()) else {
+                    return;
+                };
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt.block_on(future),
+                    Err(e) => {
+                        warn!(shard = index, error = %e, "no runtime for the shard; using the engine's");
+                        engine.block_on(future);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // No thread to be had: share the engine runtime's workers.
+            warn!(shard = index, error = %e, "no thread for the shard; running it as a task");
+            if let Some(future) = slot.lock().ok().and_then(|mut f| f.take()) {
+                self.handle.spawn(future);
+            }
+        }
     }
 
     fn spawn_process(
