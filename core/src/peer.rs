@@ -311,20 +311,17 @@ impl Peer {
         true
     }
 
-    /// Releases what [`write_media`](Self::write_media) wrote through str0m. Returns whether
-    /// there was anything to release.
+    /// Releases what [`write_media`](Self::write_media) wrote through str0m, if anything.
     pub(crate) fn flush(
         &mut self,
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
         news: &mut Vec<PeerNews>,
-    ) -> bool {
-        if self.unflushed == 0 {
-            return false;
+    ) {
+        if self.unflushed > 0 {
+            self.timeout(now, grace, out, news);
         }
-        self.timeout(now, grace, out, news);
-        true
     }
 
     /// Starts a viewer that just connected with `packets` (the stream's primed GOP cache):

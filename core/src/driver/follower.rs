@@ -39,20 +39,23 @@ impl FollowerQueue {
             let _ = self.tx.send(m);
             return true;
         };
-        let gap = !self.gaps.is_empty() && self.gaps.contains(&shared.stream);
-        if gap {
+        // Usually no gap: the stream id is cloned only to forget one.
+        let gap = (!self.gaps.is_empty() && self.gaps.contains(&shared.stream))
+            .then(|| shared.stream.clone());
+        if gap.is_some() {
             shared.packet.restart = true;
         }
-        let stream = shared.stream.clone();
         match self.tx.send_within(Mirror::Packet(shared), MAX_QUEUED) {
             Ok(()) => {
-                if gap {
+                if let Some(stream) = gap {
                     self.gaps.remove(&stream);
                 }
                 true
             }
-            Err(Full::Full(_)) => {
-                self.gaps.insert(stream);
+            Err(Full::Full(m)) => {
+                if let Mirror::Packet(shared) = m {
+                    self.gaps.insert(shared.stream);
+                }
                 false
             }
             Err(Full::Closed(_)) => true,
