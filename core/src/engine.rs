@@ -943,7 +943,7 @@ impl Core {
         let id = id.clone();
         if self.mirrors {
             // First, so that the other shards start on it while this one forwards.
-            let shared = SharedPacket { stream: id.clone(), packet: pkt.clone() };
+            let shared = SharedPacket { stream: id.clone(), packet: pkt.clone(), read_at: now };
             self.outputs.push_back(Output::Mirror(Mirror::Packet(shared)));
         }
         self.defer(id, pkt, now);

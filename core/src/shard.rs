@@ -197,9 +197,18 @@ pub enum Mirror {
 pub struct SharedPacket {
     pub(crate) stream: StreamId,
     pub(crate) packet: SourcePacket,
+    /// When the leader read it off the ingest socket.
+    pub(crate) read_at: Instant,
 }
 
 impl SharedPacket {
+    /// When the leader's runtime read the datagram (the `now` of its `Input::Ingest`): a
+    /// follower's runtime measures its egress latency from here, queueing between shards
+    /// included.
+    pub fn read_at(&self) -> Instant {
+        self.read_at
+    }
+
     /// The stream the packet belongs to.
     pub fn stream(&self) -> &StreamId {
         &self.stream

@@ -64,6 +64,7 @@ impl FollowerQueue {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests pick a real instant
 mod tests {
     use std::sync::Arc;
     use std::task::{Context, Poll, Waker};
@@ -87,6 +88,7 @@ mod tests {
                 keyframe_start: false,
                 payload: Arc::from(&[0u8; 8][..]),
             },
+            read_at: std::time::Instant::now(),
         })
     }
 

@@ -864,8 +864,9 @@ impl<R: Runtime> Driver<R> {
 
     fn on_mirror(&mut self, m: Mirror) {
         let now = self.runtime.now();
-        if matches!(m, Mirror::Packet(_)) {
-            self.ingest_read.push(now);
+        if let Mirror::Packet(p) = &m {
+            // From the leader's read: the hop between shards is part of the latency.
+            self.ingest_read.push(p.read_at());
         }
         self.core.mirror(m, now);
     }
