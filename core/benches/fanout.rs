@@ -50,14 +50,14 @@ fn fanout(c: &mut Criterion) {
             })
         });
         assert_eq!(w.core.viewer_count(), n, "no viewer lost during the run");
-        // Allocations on the same path, over 300 packets.
+        // Allocations on the same path, over 300 packets made beforehand (the scripted source
+        // allocates its own).
+        while queue.len() < 300 {
+            queue.extend(source.video_frame().into_iter().map(|p| (ports.video, p)));
+        }
         let a0 = counting::ALLOCS.load(std::sync::atomic::Ordering::Relaxed);
         let mut fed = 0usize;
-        while fed < 300 {
-            if queue.is_empty() {
-                queue.extend(source.video_frame().into_iter().map(|p| (ports.video, p)));
-            }
-            let Some((port, pkt)) = queue.pop_front() else { continue };
+        while let Some((port, pkt)) = queue.pop_front() {
             now += Duration::from_micros(1);
             w.core.handle_input(Input::Ingest { port, contents: &pkt }, now);
             black_box(w.discard_outputs());
