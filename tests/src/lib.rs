@@ -364,7 +364,12 @@ pub fn wait_until(timeout: Duration, mut pred: impl FnMut() -> bool) -> bool {
 
 /// Headless Chromium (Debian's `chromium` package) driven through its console log.
 pub mod chromium {
-    use super::{BufRead, BufReader, Command, Duration, Instant, Path, Stdio, mpsc, thread};
+    use std::os::unix::process::CommandExt;
+
+    use super::{
+        BufRead, BufReader, Command, Duration, Instant, Ordering, Path, Pid, Signal, Stdio, mpsc,
+        thread,
+    };
 
     /// Where Debian installs it; `CHROMIUM` overrides.
     pub fn binary() -> String {
@@ -383,12 +388,20 @@ pub mod chromium {
             Path::new(&bin).exists(),
             "{bin} is missing: install Debian's chromium package (bash scripts/test.sh does)"
         );
+        // One profile per browser: tests in one binary run browsers in parallel, and a profile
+        // in use (its SingletonLock) makes a second Chromium abort.
+        static BROWSERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let profile = std::env::temp_dir().join(format!(
             "whep-e2e-chromium-{}-{}",
             std::process::id(),
-            Instant::now().elapsed().as_nanos()
+            BROWSERS.fetch_add(1, Ordering::Relaxed)
         ));
+        // Left by an earlier process with the same pid.
+        let _ = std::fs::remove_dir_all(&profile);
         let mut child = Command::new(&bin)
+            // Its own process group: /usr/bin/chromium is a script, and the browser it starts
+            // (with its helpers) must go when the test is done.
+            .process_group(0)
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -438,6 +451,9 @@ pub mod chromium {
                 }
             }
         };
+        if let Ok(pgid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
         let _ = child.kill();
         let _ = child.wait();
         let _ = std::fs::remove_dir_all(&profile);
