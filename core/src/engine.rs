@@ -39,6 +39,10 @@ const MAX_BIND_ATTEMPTS: u32 = 10;
 /// a runtime normally takes outputs well before (after each wake-up's batch of reads).
 const MAX_PENDING: usize = 64;
 
+/// Outputs the core queues before [`Core::poll_output`] hands them out while it writes a batch
+/// of packets to the viewers: a few viewers' copies at a time.
+const OUTPUT_CHUNK: usize = 64;
+
 /// Weight of a new sample in the load ([`Core::set_load`]): an exponential moving average,
 /// whose time constant is about three samples.
 pub const LOAD_SMOOTHING: f64 = 0.3;
@@ -96,6 +100,8 @@ pub struct Core {
     /// viewer by viewer when outputs are next taken or any other input comes
     /// ([`Core::fan_out_pending`]).
     pending: Vec<(StreamId, SourcePacket, Instant)>,
+    /// The batch being written, viewer by viewer, as outputs are taken.
+    fanning: Option<Box<Fanning>>,
     /// Reused buffers, so the packet path does not allocate for bookkeeping.
     news: Vec<PeerNews>,
     scratch: Vec<SessionId>,
@@ -128,6 +134,7 @@ impl Core {
             next_generation: 1,
             now,
             pending: Vec::new(),
+            fanning: None,
             news: Vec::new(),
             scratch: Vec::new(),
         }
@@ -241,7 +248,11 @@ impl Core {
     /// The next output to execute, in order.
     #[must_use]
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.fan_out_pending();
+        if self.outputs.is_empty() {
+            // A few viewers' copies at a time: the runtime sends the first viewers' while the
+            // core writes the next ones', and a batch's datagrams are never all in memory.
+            self.fan_out_step(Some(OUTPUT_CHUNK));
+        }
         self.outputs.pop_front()
     }
 
@@ -957,65 +968,92 @@ impl Core {
         }
     }
 
+    /// Writes the pending ingest packets to the viewers, all of them, before another input is
+    /// handled (see [`fan_out_step`](Self::fan_out_step)).
+    fn fan_out_pending(&mut self) {
+        self.fan_out_step(None);
+    }
+
     /// Writes the pending ingest packets to the viewers, stream by stream and viewer by
     /// viewer: each viewer gets all of its stream's packets and one str0m drain before the next
     /// viewer is touched. A viewer's state (str0m's `Rtc` and its queues, ~100 KiB) thus comes
     /// into the cache once per batch of packets, not once per packet: with hundreds of viewers
-    /// it does not stay cached between two packets.
-    fn fan_out_pending(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let mut pending = std::mem::take(&mut self.pending);
-        // Usually one stream (its video and audio); stable, so each stream's order holds.
-        pending.sort_by(|a, b| a.0.cmp(&b.0));
-        for batch in pending.chunk_by(|a, b| a.0 == b.0) {
-            self.fan_out(&batch[0].0, batch);
-        }
-        pending.clear();
-        if self.pending.is_empty() {
-            self.pending = pending;
-        }
-    }
-
-    /// Keeps `batch` (packets of stream `id`, with their arrival times) in the GOP cache and
-    /// writes it to every viewer of the stream, releasing each viewer's copies at once.
-    fn fan_out(&mut self, id: &StreamId, batch: &[(StreamId, SourcePacket, Instant)]) {
-        let Some(stream) = self.streams.get_mut(id) else {
-            return;
-        };
-        for (_, pkt, at) in batch {
-            stream.last_rtp = Some(*at);
-            if pkt.kind == MediaKind::Video && self.config.gop_cache {
-                stream.gop.push(pkt);
-            }
-        }
-        let mut viewers = std::mem::take(&mut self.scratch);
-        viewers.clear();
-        viewers.extend(stream.viewers.iter().copied());
+    /// it does not stay cached between two packets. With a `budget`, stops once that many
+    /// outputs are queued and resumes at the next call.
+    fn fan_out_step(&mut self, budget: Option<usize>) {
         let (now, grace) = (self.now, self.config.disconnect_grace);
         let mut news = std::mem::take(&mut self.news);
-        for &s in &viewers {
-            let Some(peer) = self.peers.get_mut(&s) else {
+        while let Some(mut f) = self.fanning.take().or_else(|| self.start_fanning()) {
+            if f.next >= f.viewers.len() && !self.next_stream(&mut f) {
+                // Done: keep the buffers for the next batch.
+                f.packets.clear();
+                if self.pending.is_empty() {
+                    std::mem::swap(&mut self.pending, &mut f.packets);
+                }
+                self.scratch = std::mem::take(&mut f.viewers);
                 continue;
-            };
-            for (_, pkt, at) in batch {
-                if peer.write_media(pkt, *at, grace, &mut self.outputs, &mut news) {
-                    self.metrics.packets_forwarded += 1;
-                    self.metrics.bytes_forwarded += pkt.payload.len() as u64;
+            }
+            let next = f.viewers.get(f.next).copied();
+            f.next += 1;
+            if let Some(s) = next
+                && let Some(peer) = self.peers.get_mut(&s)
+            {
+                for (_, pkt, at) in &f.packets[f.start..f.end] {
+                    if peer.write_media(pkt, *at, grace, &mut self.outputs, &mut news) {
+                        self.metrics.packets_forwarded += 1;
+                        self.metrics.bytes_forwarded += pkt.payload.len() as u64;
+                    }
+                }
+                peer.flush(now, grace, &mut self.outputs, &mut news);
+                let dead = peer.dead;
+                self.apply_news(s, &mut news, now);
+                if dead {
+                    self.remove_peer(s, CloseReason::RemoteClosed, now);
+                } else {
+                    self.reschedule_peer(s, now);
                 }
             }
-            peer.flush(now, grace, &mut self.outputs, &mut news);
-            let dead = peer.dead;
-            self.apply_news(s, &mut news, now);
-            if dead {
-                self.remove_peer(s, CloseReason::RemoteClosed, now);
-            } else {
-                self.reschedule_peer(s, now);
+            self.fanning = Some(f);
+            if budget.is_some_and(|b| self.outputs.len() >= b) {
+                break;
             }
         }
         self.news = news;
-        self.scratch = viewers;
+    }
+
+    /// A fan-out of the pending packets, if any.
+    fn start_fanning(&mut self) -> Option<Box<Fanning>> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let mut packets = std::mem::take(&mut self.pending);
+        // Usually one stream (its video and audio); stable, so each stream's order holds.
+        packets.sort_by(|a, b| a.0.cmp(&b.0));
+        let viewers = std::mem::take(&mut self.scratch);
+        Some(Box::new(Fanning { packets, start: 0, end: 0, viewers, next: 0 }))
+    }
+
+    /// Moves `f` to its next stream's packets: keeps them in that stream's GOP cache and
+    /// lists its viewers. Returns `false` when there are no more.
+    fn next_stream(&mut self, f: &mut Fanning) -> bool {
+        f.start = f.end;
+        let Some((id, _, _)) = f.packets.get(f.start) else {
+            return false;
+        };
+        let id = id.clone();
+        f.end = f.start + f.packets[f.start..].iter().take_while(|p| p.0 == id).count();
+        f.viewers.clear();
+        f.next = 0;
+        if let Some(stream) = self.streams.get_mut(&id) {
+            for (_, pkt, at) in &f.packets[f.start..f.end] {
+                stream.last_rtp = Some(*at);
+                if pkt.kind == MediaKind::Video && self.config.gop_cache {
+                    stream.gop.push(pkt);
+                }
+            }
+            f.viewers.extend(stream.viewers.iter().copied());
+        }
+        true
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1541,6 +1579,7 @@ impl Core {
     pub fn check_invariants(&self) {
         self.ports.check_invariants();
         assert!(self.pending.len() < MAX_PENDING, "pending packets beyond the bound");
+        assert!(self.fanning.is_none(), "a fan-out left half done after the outputs were taken");
         let mut indexed = 0;
         for (id, s) in &self.streams {
             assert_eq!(&s.id, id, "stream keyed by its id");
@@ -1617,6 +1656,19 @@ impl Core {
 /// The RTP header extensions offered to viewers: str0m's standard set without transport-wide
 /// congestion control. Bandwidth estimation is off, so TWCC feedback would go unused, and with it
 /// negotiated str0m keeps a record of the last 1000 sent packets per viewer (about 88 KiB).
+/// Ingest packets being written to viewers ([`Core::fan_out_step`]).
+#[derive(Debug)]
+struct Fanning {
+    /// The batch, sorted by stream (stable).
+    packets: Vec<(StreamId, SourcePacket, Instant)>,
+    /// The current stream's packets are `packets[start..end]`.
+    start: usize,
+    end: usize,
+    /// That stream's viewers, and the next one to write.
+    viewers: Vec<SessionId>,
+    next: usize,
+}
+
 fn rtp_extensions() -> ExtensionMap {
     let mut exts = ExtensionMap::empty();
     for (id, ext) in ExtensionMap::standard().iter() {

@@ -783,6 +783,37 @@ fn oversized_ingest_packets_are_dropped_not_forwarded() {
 /// with the packets it read in one wake-up) reaches every viewer whole and in order, also a
 /// batch longer than a peer holds back before flushing on its own.
 #[test]
+fn a_batch_is_written_a_few_viewers_at_a_time_as_outputs_are_taken() {
+    let n = 40;
+    let (mut w, _, ports) = SimWorld::with_connected_viewers(n);
+    let before: Vec<u64> = w.viewers.iter().map(|v| v.video_packets).collect();
+    let forwarded = |w: &SimWorld| w.core.metrics().packets_forwarded;
+    let base = forwarded(&w);
+    let mut source = sim::Source::new(60, 0x0bad_cafe);
+    let frame = source.video_frame();
+    let total = (n * frame.len()) as u64;
+    for pkt in &frame {
+        w.core.handle_input(whep_core::Input::Ingest { port: ports.video, contents: pkt }, w.now);
+    }
+    assert_eq!(forwarded(&w), base, "written before outputs were taken");
+    // The first output: only the first few viewers have been written.
+    assert!(matches!(w.core.poll_output(), Some(whep_core::Output::Transmit(_))));
+    let first = forwarded(&w) - base;
+    assert!(first > 0 && first < total / 4, "{first} of {total} written for one output");
+    // Any other input finishes the batch first.
+    w.core.handle_timeout(w.now);
+    assert_eq!(forwarded(&w) - base, total);
+    w.drain();
+    w.run_for(Duration::from_millis(50));
+    for (i, v) in w.viewers.iter().enumerate() {
+        assert!(
+            v.video_packets - before[i] >= frame.len() as u64 - 1,
+            "viewer {i} missed the frame"
+        );
+    }
+}
+
+#[test]
 fn a_batch_of_ingest_packets_reaches_every_viewer_whole() {
     let (mut w, _, ports) = SimWorld::with_connected_viewers(3);
     let before: Vec<u64> = w.viewers.iter().map(|v| v.video_packets).collect();

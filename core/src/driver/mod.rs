@@ -51,6 +51,8 @@ const MAX_DATAGRAM: usize = 2048;
 /// Datagrams read from the viewer socket, or from ingest sockets, per wake-up before outputs
 /// are executed.
 const RECV_BATCH: usize = 32;
+/// Datagrams gathered before they are sent, at least (at the next change of destination).
+const SEND_CHUNK: usize = 256;
 /// Largest payload of one segmented send (the UDP length field's limit, less headers).
 const MAX_GSO_BYTES: usize = 65_000;
 /// Events a subscriber may fall behind before it loses the oldest.
@@ -930,6 +932,14 @@ impl<R: Runtime> Driver<R> {
         while let Some(output) = self.core.poll_output() {
             let output = match output {
                 Output::Transmit(t) => {
+                    // The core hands a batch out a few viewers at a time: send what is
+                    // gathered once it is a chunk, at a change of viewer, so the first
+                    // viewers' copies leave while the core writes the next ones'.
+                    if self.sends.len() >= SEND_CHUNK
+                        && self.sends.last().is_some_and(|l| l.destination != t.destination)
+                    {
+                        self.send_gathered().await;
+                    }
                     self.sends.push(t);
                     continue;
                 }
