@@ -91,7 +91,7 @@ pub struct Core {
     limiter: Limiter,
     /// This core leads a sharded server: it mirrors streams and packets to the others.
     mirrors: bool,
-    /// Last load the runtime reported, and whether admission is closed because of it.
+    /// The load (the runtime's samples, smoothed), and whether admission is closed because of it.
     load: f64,
     overloaded: bool,
     next_generation: u64,
