@@ -101,7 +101,7 @@ pub struct Core {
     /// ([`Core::fan_out_pending`]).
     pending: Vec<(StreamId, SourcePacket, Instant)>,
     /// The batch being written, viewer by viewer, as outputs are taken.
-    fanning: Option<Box<Fanning>>,
+    fanning: Option<Fanning>,
     /// Reused buffers, so the packet path does not allocate for bookkeeping.
     news: Vec<PeerNews>,
     scratch: Vec<SessionId>,
@@ -1022,7 +1022,7 @@ impl Core {
     }
 
     /// A fan-out of the pending packets, if any.
-    fn start_fanning(&mut self) -> Option<Box<Fanning>> {
+    fn start_fanning(&mut self) -> Option<Fanning> {
         if self.pending.is_empty() {
             return None;
         }
@@ -1030,7 +1030,7 @@ impl Core {
         // Usually one stream (its video and audio); stable, so each stream's order holds.
         packets.sort_by(|a, b| a.0.cmp(&b.0));
         let viewers = std::mem::take(&mut self.scratch);
-        Some(Box::new(Fanning { packets, start: 0, end: 0, viewers, next: 0 }))
+        Some(Fanning { packets, start: 0, end: 0, viewers, next: 0 })
     }
 
     /// Moves `f` to its next stream's packets: keeps them in that stream's GOP cache and
