@@ -42,7 +42,7 @@ fn fanout(c: &mut Criterion) {
                     let Some((port, pkt)) = queue.pop_front() else { continue };
                     now += Duration::from_micros(1);
                     let t = Instant::now();
-                    w.core.handle_input(Input::Ingest { port, contents: &pkt }, now);
+                    w.core.handle_input(Input::Ingest { port, contents: &pkt, arrived: None }, now);
                     black_box(w.discard_outputs());
                     total += t.elapsed();
                 }
@@ -59,7 +59,7 @@ fn fanout(c: &mut Criterion) {
         let mut fed = 0usize;
         while let Some((port, pkt)) = queue.pop_front() {
             now += Duration::from_micros(1);
-            w.core.handle_input(Input::Ingest { port, contents: &pkt }, now);
+            w.core.handle_input(Input::Ingest { port, contents: &pkt, arrived: None }, now);
             black_box(w.discard_outputs());
             fed += 1;
         }
@@ -92,7 +92,10 @@ fn frame_batches(_: &mut Criterion) {
                 now += Duration::from_millis(16);
                 let t = Instant::now();
                 for (port, pkt) in &packets {
-                    w.core.handle_input(Input::Ingest { port: *port, contents: pkt }, now);
+                    w.core.handle_input(
+                        Input::Ingest { port: *port, contents: pkt, arrived: None },
+                        now,
+                    );
                     if !batched {
                         black_box(w.discard_outputs());
                     }

@@ -206,7 +206,7 @@ struct Runtime {
     procs: HashMap<(StreamId, u64), u32>,
     /// Set by the first signal: when to give up waiting for a clean shutdown.
     shutdown_deadline: Option<Instant>,
-    /// When the ingest packet being handled was read, for the egress latency metric.
+    /// When the ingest packet being handled was read, for the egress latency metrics.
     ingest_read: Option<Instant>,
     /// Time spent answering HTTP requests in the current load interval.
     http_time: Duration,
@@ -281,7 +281,8 @@ impl Runtime {
             Msg::Ingest { port, epoch, contents, read } => {
                 // Leftovers of a released socket must not reach a stream that re-bound the port.
                 if self.ingest.get(&port).is_some_and(|r| r.epoch == epoch) {
-                    self.core.handle_input(Input::Ingest { port, contents: &contents }, now);
+                    let input = Input::Ingest { port, contents: &contents, arrived: Some(read) };
+                    self.core.handle_input(input, now);
                     self.ingest_read = Some(read);
                 }
             }
@@ -309,6 +310,9 @@ impl Runtime {
                     // One socket, so `t.source` (its address as the viewer sees it) is implied.
                     if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
                         debug!(destination = %t.destination, error = %e, "send failed");
+                    }
+                    if let Some(read) = self.ingest_read {
+                        self.core.record_copy_latency(read.elapsed(), 1);
                     }
                 }
                 Output::BindIngest { stream, ports } => {

@@ -631,19 +631,27 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
     }
     head(&mut out, "ingest_port_pairs_in_use", "gauge", "Ingest port pairs held.");
     let _ = writeln!(out, "whep_ingest_port_pairs_in_use {}", core.ports_in_use());
-    let h = &m.egress_latency;
-    head(
-        &mut out,
-        "egress_latency_seconds",
-        "histogram",
-        "From reading an ingest packet to having sent it to every viewer.",
-    );
-    for (bound, n) in h.buckets() {
-        let le = bound.map_or_else(|| "+Inf".to_owned(), |b| format!("{:e}", b.as_secs_f64()));
-        let _ = writeln!(out, "whep_egress_latency_seconds_bucket{{le=\"{le}\"}} {n}");
+    let latencies = [
+        (
+            "egress_latency_seconds",
+            "From an ingest packet's arrival to having sent it to every viewer.",
+            &m.egress_latency,
+        ),
+        (
+            "egress_copy_latency_seconds",
+            "From an ingest packet's arrival to sending one viewer's copy (every copy counted).",
+            &m.copy_latency,
+        ),
+    ];
+    for (name, help, h) in latencies {
+        head(&mut out, name, "histogram", help);
+        for (bound, n) in h.buckets() {
+            let le = bound.map_or_else(|| "+Inf".to_owned(), |b| format!("{:e}", b.as_secs_f64()));
+            let _ = writeln!(out, "whep_{name}_bucket{{le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(out, "whep_{name}_sum {}", h.sum().as_secs_f64());
+        let _ = writeln!(out, "whep_{name}_count {}", h.count());
     }
-    let _ = writeln!(out, "whep_egress_latency_seconds_sum {}", h.sum().as_secs_f64());
-    let _ = writeln!(out, "whep_egress_latency_seconds_count {}", h.count());
     out
 }
 

@@ -150,11 +150,17 @@ impl Core {
         &self.metrics
     }
 
-    /// Records how long one ingest packet took from the runtime reading it to the runtime
-    /// having sent its last copy, into [`Metrics::egress_latency`]. The core cannot see this
-    /// itself: it ends in the runtime's sockets.
+    /// Records how long one ingest packet took from its arrival to the runtime having sent its
+    /// last copy, into [`Metrics::egress_latency`]. The core cannot see this itself: it ends
+    /// in the runtime's sockets.
     pub fn record_egress_latency(&mut self, latency: Duration) {
         self.metrics.egress_latency.record(latency);
+    }
+
+    /// Records that `copies` viewers' copies of ingest packets left `latency` after the
+    /// packets' arrival, into [`Metrics::copy_latency`].
+    pub fn record_copy_latency(&mut self, latency: Duration, copies: u64) {
+        self.metrics.copy_latency.record_n(latency, copies);
     }
 
     /// Counts packets a sharded leader's runtime dropped for a follower shard whose queue was
@@ -655,7 +661,9 @@ impl Core {
             Input::Datagram { source, destination, contents } => {
                 self.on_datagram(source, destination, contents, now)
             }
-            Input::Ingest { port, contents } => self.on_ingest(port, contents, now),
+            Input::Ingest { port, contents, arrived } => {
+                self.on_ingest(port, contents, arrived, now)
+            }
             Input::IngestBound { stream, ports } => self.on_bound(&stream, ports, now),
             Input::BindFailed { stream, ports, error } => {
                 self.on_bind_failed(&stream, ports, &error, now)
@@ -909,7 +917,7 @@ impl Core {
         }
     }
 
-    fn on_ingest(&mut self, port: u16, contents: &[u8], now: Instant) {
+    fn on_ingest(&mut self, port: u16, contents: &[u8], arrived: Option<Instant>, now: Instant) {
         self.metrics.ingest_packets += 1;
         let Some((id, kind)) = self.ingest.get(&port) else {
             self.metrics.ingest_dropped += 1;
@@ -954,7 +962,8 @@ impl Core {
         let id = id.clone();
         if self.mirrors {
             // First, so that the other shards start on it while this one forwards.
-            let shared = SharedPacket { stream: id.clone(), packet: pkt.clone(), read_at: now };
+            let read_at = arrived.map_or(now, |a| a.min(now));
+            let shared = SharedPacket { stream: id.clone(), packet: pkt.clone(), read_at };
             self.outputs.push_back(Output::Mirror(Mirror::Packet(shared)));
         }
         self.defer(id, pkt, now);

@@ -129,6 +129,11 @@ pub enum Input<'a> {
         port: u16,
         /// The datagram.
         contents: &'a [u8],
+        /// When it arrived, if the runtime knows (a kernel receive timestamp) and it is
+        /// earlier than `now`: the time a sharded engine's other shards measure their egress
+        /// latency from ([`SharedPacket::read_at`](crate::shard::SharedPacket::read_at)).
+        /// `None` means `now`.
+        arrived: Option<std::time::Instant>,
     },
     /// Both ports of an [`Output::BindIngest`] are bound.
     IngestBound {

@@ -55,10 +55,16 @@ pub struct Metrics {
     pub packets_forwarded: u64,
     /// Payload bytes written to viewers.
     pub bytes_forwarded: u64,
-    /// Time from reading an RTP packet off an ingest socket to the end of sending its copies
-    /// to every viewer, as measured and reported by the runtime
+    /// Time from an RTP packet's arrival on an ingest socket (the kernel's receive timestamp
+    /// where the runtime has one, else its read) to the end of sending its copies to every
+    /// viewer, as measured and reported by the runtime
     /// ([`Core::record_egress_latency`](crate::Core::record_egress_latency)).
     pub egress_latency: LatencyHistogram,
+    /// The same from the arrival to the sending of each viewer's copy, every copy counted:
+    /// what a typical viewer waits, where [`egress_latency`](Self::egress_latency) is the
+    /// last one's wait
+    /// ([`Core::record_copy_latency`](crate::Core::record_copy_latency)).
+    pub copy_latency: LatencyHistogram,
 }
 
 impl Metrics {
@@ -95,6 +101,7 @@ impl Metrics {
             packets_forwarded,
             bytes_forwarded,
             egress_latency,
+            copy_latency,
         } = other;
         self.cap_rejections += cap_rejections;
         self.viewers_joined += viewers_joined;
@@ -118,6 +125,7 @@ impl Metrics {
         self.packets_forwarded += packets_forwarded;
         self.bytes_forwarded += bytes_forwarded;
         self.egress_latency.merge(egress_latency);
+        self.copy_latency.merge(copy_latency);
     }
 }
 
@@ -144,6 +152,11 @@ impl Default for LatencyHistogram {
 impl LatencyHistogram {
     /// Counts one duration.
     pub fn record(&mut self, d: Duration) {
+        self.record_n(d, 1);
+    }
+
+    /// Counts `n` equal durations.
+    pub fn record_n(&mut self, d: Duration, n: u64) {
         let us = d.as_secs_f64() * 1e6;
         let k = if us <= 1.0 {
             0
@@ -152,8 +165,8 @@ impl LatencyHistogram {
             let k = (f64::from(STEPS_PER_OCTAVE) * us.log2()).ceil();
             if k >= BUCKETS as f64 { BUCKETS } else { k as usize }
         };
-        self.counts[k] += 1;
-        self.sum_ns += d.as_nanos();
+        self.counts[k] += n;
+        self.sum_ns += d.as_nanos() * u128::from(n);
     }
 
     /// Durations recorded.

@@ -561,7 +561,7 @@ impl SimWorld {
                 s.next_audio = Some(s.next_audio.unwrap_or(now) + Duration::from_millis(20));
             }
             for (port, d) in datagrams {
-                self.core.handle_input(Input::Ingest { port, contents: &d }, now);
+                self.core.handle_input(Input::Ingest { port, contents: &d, arrived: None }, now);
                 self.drain();
             }
         }
@@ -569,7 +569,7 @@ impl SimWorld {
 
     /// Feeds one raw datagram to an ingest port (garbage, RTCP, ...).
     pub fn ingest_raw(&mut self, port: u16, data: &[u8]) {
-        self.core.handle_input(Input::Ingest { port, contents: data }, self.now);
+        self.core.handle_input(Input::Ingest { port, contents: data, arrived: None }, self.now);
         self.drain();
     }
 

@@ -1007,7 +1007,8 @@ fn apply(sut: &mut Sut, model: &mut Model, i: usize, op: &Op) -> Result<(), Test
         Op::Rtp { stream } => {
             let port =
                 sut.core.stream(&stream_id(stream)).and_then(|s| s.ports).map_or(1, |p| p.video);
-            sut.core.handle_input(Input::Ingest { port, contents: &rtp_packet() }, now);
+            sut.core
+                .handle_input(Input::Ingest { port, contents: &rtp_packet(), arrived: None }, now);
             sut.drain();
             model.rtp(stream);
         }

@@ -793,7 +793,10 @@ fn a_batch_is_written_a_few_viewers_at_a_time_as_outputs_are_taken() {
     let frame = source.video_frame();
     let total = (n * frame.len()) as u64;
     for pkt in &frame {
-        w.core.handle_input(whep_core::Input::Ingest { port: ports.video, contents: pkt }, w.now);
+        w.core.handle_input(
+            whep_core::Input::Ingest { port: ports.video, contents: pkt, arrived: None },
+            w.now,
+        );
     }
     assert_eq!(forwarded(&w), base, "written before outputs were taken");
     // The first output: only the first few viewers have been written.
@@ -828,8 +831,10 @@ fn a_batch_of_ingest_packets_reaches_every_viewer_whole() {
             batch.extend(source.video_frame());
         }
         for (i, pkt) in batch.iter().enumerate() {
-            w.core
-                .handle_input(whep_core::Input::Ingest { port: ports.video, contents: pkt }, w.now);
+            w.core.handle_input(
+                whep_core::Input::Ingest { port: ports.video, contents: pkt, arrived: None },
+                w.now,
+            );
             if round == 2 && i == 20 {
                 w.core.handle_timeout(w.now);
             }

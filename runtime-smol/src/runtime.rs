@@ -3,12 +3,13 @@
 
 use std::future::Future;
 use std::io;
+use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -16,7 +17,7 @@ use smol::io::{AsyncBufReadExt, BufReader};
 use smol::stream::StreamExt;
 use tracing::{debug, warn};
 use whep_core::StreamId;
-use whep_core::driver::{ProcessExit, Runtime, Timer, UdpSocket};
+use whep_core::driver::{ProcessExit, Received, Runtime, Timer, UdpSocket};
 
 type Spawner = Arc<dyn Fn(Pin<Box<dyn Future<Output = ()> + Send>>) + Send + Sync>;
 
@@ -70,6 +71,24 @@ impl UdpSocket for SmolUdp {
                     std::task::ready!(self.socket.poll_readable(cx))?;
                 }
                 r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
+        let mut meta = [quinn_udp::RecvMeta::default()];
+        loop {
+            let socket = self.socket.get_ref();
+            match self.state.recv(socket.into(), &mut [IoSliceMut::new(buf)], &mut meta) {
+                Ok(_) => {
+                    let m = &meta[0];
+                    let r = Received { len: m.len, from: m.addr, stride: m.stride, age: None };
+                    return Poll::Ready(Ok(r.timestamped(m.timestamp, SystemTime::now())));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.socket.poll_readable(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }

@@ -2,19 +2,20 @@
 
 use std::future::Future;
 use std::io;
+use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader, ReadBuf};
 use tracing::{debug, warn};
 use whep_core::StreamId;
-use whep_core::driver::{ProcessExit, Runtime, Timer, UdpSocket};
+use whep_core::driver::{ProcessExit, Received, Runtime, Timer, UdpSocket};
 
 /// The tokio runtime the engine was started on.
 #[derive(Debug, Clone)]
@@ -73,6 +74,12 @@ impl TokioUdp {
 /// thousands of datagrams.
 pub(crate) const SOCKET_BUFFER: usize = 4 << 20;
 
+/// What quinn-udp received (coalesced datagrams, kernel timestamp), for the driver.
+fn received(meta: &quinn_udp::RecvMeta) -> Received {
+    Received { len: meta.len, from: meta.addr, stride: meta.stride, age: None }
+        .timestamped(meta.timestamp, SystemTime::now())
+}
+
 impl UdpSocket for TokioUdp {
     fn poll_recv_from(
         &self,
@@ -82,6 +89,20 @@ impl UdpSocket for TokioUdp {
         let socket = self.socket()?;
         let mut rb = ReadBuf::new(buf);
         socket.poll_recv_from(cx, &mut rb).map_ok(|from| (rb.filled().len(), from))
+    }
+
+    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
+        let socket = self.socket()?;
+        let mut meta = [quinn_udp::RecvMeta::default()];
+        loop {
+            std::task::ready!(socket.poll_recv_ready(cx))?;
+            let recv = || self.state.recv(socket.into(), &mut [IoSliceMut::new(buf)], &mut meta);
+            match socket.try_io(tokio::io::Interest::READABLE, recv) {
+                Ok(_) => return Poll::Ready(Ok(received(&meta[0]))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
     }
 
     fn poll_send_to(

@@ -101,6 +101,14 @@ fn concurrent_viewers_and_cap(bin: &str) {
     assert_plays(&again, &mut server);
     let forwarded = server.metric("whep_packets_forwarded_total").unwrap_or(0.0);
     assert!(forwarded >= 400.0, "packets forwarded: {forwarded}");
+    // Both latencies are measured (last copy per ingest packet, and every copy), from the
+    // kernel's receive timestamps, and are plausible on an idle machine.
+    for name in ["whep_egress_latency_seconds", "whep_egress_copy_latency_seconds"] {
+        let count = server.metric(&format!("{name}_count")).unwrap_or(0.0);
+        let sum = server.metric(&format!("{name}_sum")).unwrap_or(0.0);
+        assert!(count >= 100.0, "{name}: {count} recorded");
+        assert!(sum > 0.0 && sum / count < 0.5, "{name}: mean {} s", sum / count);
+    }
 }
 
 /// Every error path of the HTTP surface over real HTTP.

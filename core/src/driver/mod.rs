@@ -20,8 +20,12 @@
 //! Datagrams for viewers are sent in batches: when the socket supports segmentation offload
 //! (UDP GSO, [`UdpSocket::max_segments`]), the copies for one viewer of the packets handled in
 //! one wake-up (typically a frame's fragments, which are of equal size) leave in one system
-//! call. The time from reading an ingest packet to having sent its last copy is recorded in
-//! [`Metrics::egress_latency`].
+//! call. The time from an ingest packet's arrival (the kernel's receive timestamp, so time
+//! queued in the socket while the loop was busy counts) to having sent its last copy is
+//! recorded in [`Metrics::egress_latency`], and to each copy in [`Metrics::copy_latency`].
+//!
+//! Sockets are read through [`UdpSocket::poll_recv`], which may return several datagrams of
+//! one sender coalesced by the kernel (UDP GRO): they are handed to the core one by one.
 
 mod chan;
 mod follower;
@@ -34,7 +38,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{debug, info, warn};
 
@@ -45,9 +49,9 @@ use crate::{
     WhepResponse,
 };
 
-/// Largest datagram read from any socket; anything longer is truncated and then dropped by the
-/// core as malformed.
-const MAX_DATAGRAM: usize = 2048;
+/// Receive buffer: room for the most datagrams one receive may return coalesced (UDP GRO: 64
+/// segments, at most 64 KiB in all), or for the largest UDP datagram.
+const RECV_BUFFER: usize = 1 << 17;
 /// Datagrams read from the viewer socket, or from ingest sockets, per wake-up before outputs
 /// are executed.
 const RECV_BATCH: usize = 32;
@@ -100,6 +104,44 @@ pub trait Runtime: Send + Sync + 'static {
     fn now(&self) -> Instant;
 }
 
+/// What one [`UdpSocket::poll_recv`] put in the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes received.
+    pub len: usize,
+    /// Their sender.
+    pub from: SocketAddr,
+    /// The size of each datagram in them: `len` for one datagram; less when the kernel
+    /// coalesced several of one sender (UDP GRO), the last of which may be shorter.
+    pub stride: usize,
+    /// How long before the call the kernel received them (its receive timestamp), where the
+    /// socket reports one: time spent queued in the socket counts as latency.
+    pub age: Option<Duration>,
+}
+
+impl Received {
+    /// One datagram of `len` bytes from `from`, with no timestamp.
+    pub fn datagram(len: usize, from: SocketAddr) -> Self {
+        Self { len, from, stride: len, age: None }
+    }
+
+    /// With the age of a kernel receive timestamp (`SO_TIMESTAMPNS`: time since the Unix
+    /// epoch) at wall-clock time `wall_now`. A timestamp in the future (the clock was set
+    /// back) counts as no age.
+    #[must_use]
+    pub fn timestamped(mut self, timestamp: Option<Duration>, wall_now: SystemTime) -> Self {
+        let since_epoch = wall_now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        self.age = timestamp.map(|t| since_epoch.saturating_sub(t));
+        self
+    }
+
+    /// Each datagram in `buf[..len]`: `stride` bytes each, the last possibly shorter.
+    pub fn datagrams<'b>(&self, buf: &'b [u8]) -> impl Iterator<Item = &'b [u8]> + use<'b> {
+        let len = self.len.min(buf.len());
+        buf[..len].chunks(self.stride.max(1))
+    }
+}
+
 /// A UDP socket of a [`Runtime`].
 pub trait UdpSocket: Send + Sync + 'static {
     /// Receives one datagram, or registers the task for readiness.
@@ -108,6 +150,14 @@ pub trait UdpSocket: Send + Sync + 'static {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<(usize, SocketAddr)>>;
+    /// Receives what the socket has for one call: one datagram, or several of one sender
+    /// coalesced by the kernel (UDP GRO, which a socket must handle here if it enables it),
+    /// with the kernel's receive timestamp if the socket has one; or registers the task for
+    /// readiness. The driver reads every socket through this. The default is one
+    /// [`poll_recv_from`](Self::poll_recv_from) datagram without a timestamp.
+    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
+        self.poll_recv_from(cx, buf).map_ok(|(len, from)| Received::datagram(len, from))
+    }
     /// Sends one datagram, or registers the task for writability.
     fn poll_send_to(
         &self,
@@ -628,7 +678,7 @@ struct Driver<R: Runtime> {
     sends: Vec<crate::Transmit>,
     /// One segmented send's payload (reused).
     segments: Vec<u8>,
-    /// When each ingest packet handled since the last flush was read.
+    /// When each ingest packet handled since the last flush arrived.
     ingest_read: Vec<Instant>,
     /// [`ServerConfig::udp_gso`].
     gso: bool,
@@ -645,9 +695,9 @@ struct Driver<R: Runtime> {
 enum Wake {
     Job(Option<Job>),
     Exit(Exited),
-    Ingest(u16, usize),
+    Ingest(u16, Received),
     Mirror(Mirror),
-    Datagram(usize, SocketAddr),
+    Datagram(Received),
     Timer,
 }
 
@@ -662,7 +712,7 @@ impl<R: Runtime> Driver<R> {
     }
 
     async fn run(mut self, jobs: chan::Receiver<Job>, shutdown_timeout: Duration, done: SetOnDrop) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut buf = vec![0u8; RECV_BUFFER];
         let mut jobs_open = true;
         let mut timer = self.runtime.timer();
         let mut load = LoadMeter::new(self.runtime.now());
@@ -738,18 +788,16 @@ impl<R: Runtime> Driver<R> {
                     };
                     self.core.handle_input(input, self.runtime.now());
                 }
-                Wake::Ingest(port, n) => {
-                    let now = self.runtime.now();
-                    self.ingest_read.push(now);
-                    self.core.handle_input(Input::Ingest { port, contents: &buf[..n] }, now);
+                Wake::Ingest(port, received) => {
+                    self.on_ingest(port, received, &buf);
                     // The rest of a frame is usually queued already: take it too, so that its
                     // copies for each viewer can leave in one segmented send.
                     let mut noop = Context::from_waker(Waker::noop());
                     for _ in 1..RECV_BATCH {
-                        let Some((port, n)) = self.poll_ingest(&mut noop, &mut buf) else { break };
-                        let now = self.runtime.now();
-                        self.ingest_read.push(now);
-                        self.core.handle_input(Input::Ingest { port, contents: &buf[..n] }, now);
+                        let Some((port, received)) = self.poll_ingest(&mut noop, &mut buf) else {
+                            break;
+                        };
+                        self.on_ingest(port, received, &buf);
                     }
                 }
                 Wake::Mirror(m) => {
@@ -761,15 +809,15 @@ impl<R: Runtime> Driver<R> {
                         self.on_mirror(m);
                     }
                 }
-                Wake::Datagram(n, source) => {
-                    self.on_datagram(source, &buf[..n]);
+                Wake::Datagram(received) => {
+                    self.on_datagrams(received, &buf);
                     // Drain what else is queued before executing outputs, bounded so that timers
                     // and requests are not starved. The no-op waker is replaced by the next
                     // `poll_wake`, which polls this socket again with the task's waker.
                     let mut noop = Context::from_waker(Waker::noop());
                     for _ in 1..RECV_BATCH {
-                        match self.socket.poll_recv_from(&mut noop, &mut buf) {
-                            Poll::Ready(Ok((n, source))) => self.on_datagram(source, &buf[..n]),
+                        match self.socket.poll_recv(&mut noop, &mut buf) {
+                            Poll::Ready(Ok(received)) => self.on_datagrams(received, &buf),
                             _ => break,
                         }
                     }
@@ -817,10 +865,10 @@ impl<R: Runtime> Driver<R> {
                         Poll::Ready(Some(m)) => Some(Wake::Mirror(m)),
                         _ => None,
                     },
-                    None => self.poll_ingest(cx, buf).map(|(port, len)| Wake::Ingest(port, len)),
+                    None => self.poll_ingest(cx, buf).map(|(port, r)| Wake::Ingest(port, r)),
                 },
-                1 => match self.socket.poll_recv_from(cx, buf) {
-                    Poll::Ready(Ok((len, source))) => Some(Wake::Datagram(len, source)),
+                1 => match self.socket.poll_recv(cx, buf) {
+                    Poll::Ready(Ok(received)) => Some(Wake::Datagram(received)),
                     Poll::Ready(Err(e)) => {
                         debug!(error = %e, "viewer socket receive error");
                         cx.waker().wake_by_ref();
@@ -841,17 +889,17 @@ impl<R: Runtime> Driver<R> {
         Poll::Pending
     }
 
-    /// Polls the ingest sockets once each, round-robin; the first ready one's packet is in
+    /// Polls the ingest sockets once each, round-robin; the first ready one's packets are in
     /// `buf`.
-    fn poll_ingest(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Option<(u16, usize)> {
+    fn poll_ingest(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Option<(u16, Received)> {
         let n = self.ingest.len();
         for i in 0..n {
             let idx = (self.ingest_next + i) % n;
             let (port, _, socket) = &self.ingest[idx];
-            match socket.poll_recv_from(cx, buf) {
-                Poll::Ready(Ok((len, _))) => {
+            match socket.poll_recv(cx, buf) {
+                Poll::Ready(Ok(received)) => {
                     self.ingest_next = idx + 1;
-                    return Some((*port, len));
+                    return Some((*port, received));
                 }
                 // An error on a loopback UDP socket (e.g. a queued ICMP report) is not fatal.
                 Poll::Ready(Err(e)) => {
@@ -873,10 +921,23 @@ impl<R: Runtime> Driver<R> {
         self.core.mirror(m, now);
     }
 
-    fn on_datagram(&mut self, source: SocketAddr, contents: &[u8]) {
+    /// Hands the core what one ingest receive returned, timed from its arrival.
+    fn on_ingest(&mut self, port: u16, received: Received, buf: &[u8]) {
+        let now = self.runtime.now();
+        let arrived = received.age.and_then(|age| now.checked_sub(age)).unwrap_or(now);
+        for contents in received.datagrams(buf) {
+            self.ingest_read.push(arrived);
+            self.core.handle_input(Input::Ingest { port, contents, arrived: Some(arrived) }, now);
+        }
+    }
+
+    fn on_datagrams(&mut self, received: Received, buf: &[u8]) {
+        let source = received.from;
         let destination = self.core.config().candidate_for(source).unwrap_or(self.local);
-        self.core
-            .handle_input(Input::Datagram { source, destination, contents }, self.runtime.now());
+        let now = self.runtime.now();
+        for contents in received.datagrams(buf) {
+            self.core.handle_input(Input::Datagram { source, destination, contents }, now);
+        }
     }
 
     /// Sends the gathered datagrams in the order the core produced them, each run to one
@@ -888,6 +949,10 @@ impl<R: Runtime> Driver<R> {
         // The core hands out each viewer's copies of a batch together (it drains one viewer at
         // a time), so runs need no sorting by destination.
         let max = if self.gso { self.socket.max_segments().max(1) } else { 1 };
+        // Copies of the ingest packets handled since the last flush are timed from the first
+        // one's arrival (datagrams of other kinds sent with them, RTCP and STUN, are too few
+        // to matter).
+        let arrived = self.ingest_read.iter().min().copied();
         let mut i = 0;
         while i < self.sends.len() {
             let first = &self.sends[i];
@@ -920,6 +985,10 @@ impl<R: Runtime> Driver<R> {
             };
             if let Err(e) = sent {
                 debug!(%destination, datagrams = end - i, error = %e, "send failed");
+            }
+            if let Some(arrived) = arrived {
+                let latency = self.runtime.now().saturating_duration_since(arrived);
+                self.core.record_copy_latency(latency, (end - i) as u64);
             }
             i = end;
         }

@@ -1064,15 +1064,19 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
         pct(share(f0, f1)),
     );
     if let (Some(f), Some(total)) = (outcome.forwarded_per_s, fwd(&m1)) {
-        let latency = |q| {
-            histogram_quantile("whep_egress_latency_seconds", &m0, &m1, q)
+        let latency = |name, q| {
+            histogram_quantile(name, &m0, &m1, q)
                 .map_or("n/a".into(), |s| format!("{:.0} us", s * 1e6))
         };
+        let (last, copy) = ("whep_egress_latency_seconds", "whep_egress_copy_latency_seconds");
         println!(
-            "server forwarded {f:.0} packets/s ({total:.0} in total); ingest to egress latency \
-             p50 {}, p99 {}",
-            latency(0.5),
-            latency(0.99)
+            "server forwarded {f:.0} packets/s ({total:.0} in total); added latency from arrival \
+             on the ingest port: to the last viewer's copy p50 {}, p99 {}; to each copy p50 {}, \
+             p99 {}",
+            latency(last, 0.5),
+            latency(last, 0.99),
+            latency(copy, 0.5),
+            latency(copy, 0.99)
         );
     }
     #[allow(clippy::cast_precision_loss)]
