@@ -110,7 +110,7 @@ pub struct Core {
 impl Core {
     /// Creates a core. `now` is the earliest instant it will see.
     pub fn new(config: Config, now: Instant) -> Self {
-        let crypto = Arc::new(str0m::crypto::from_feature_flags());
+        let crypto = crate::dtls::provider();
         let cert = crypto.dtls_provider.generate_certificate();
         let mirrors = config.shard.as_ref().is_some_and(|m| m.is_leader() && m.set.count() > 1);
         Self {

@@ -80,6 +80,7 @@ pub mod cli;
 mod config;
 #[cfg(feature = "driver")]
 pub mod driver;
+pub mod dtls;
 mod engine;
 pub mod ffmpeg;
 #[cfg(feature = "fuzzing")]

@@ -323,6 +323,7 @@ impl SimWorld {
             .clear_codecs()
             .enable_h264(true)
             .enable_opus(true, false)
+            .set_crypto_provider(crate::dtls::provider())
             .build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut api = rtc.sdp_api();

@@ -489,7 +489,9 @@ impl Viewer {
             .set_rtp_mode(true)
             .clear_codecs()
             .enable_h264(true)
-            .enable_opus(true, false);
+            .enable_opus(true, false)
+            // DTLS configuration validated once, not per viewer (~1 ms of CPU each).
+            .set_crypto_provider(whep_core::dtls::provider());
         // This setter takes `&mut self`, unlike the rest of the builder.
         config.set_max_stun_rto(MAX_STUN_RTO);
         if options.shared_cert
