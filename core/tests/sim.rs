@@ -849,3 +849,40 @@ fn a_batch_of_ingest_packets_reaches_every_viewer_whole() {
         assert!(seqs.windows(2).all(|p| p[1] == p[0] + 1), "viewer {i}: gaps");
     }
 }
+
+/// A sharded leader stamps the packets it mirrors to the other shards with their arrival on
+/// the ingest port, as the runtime reported it (`Input::Ingest::arrived`), so that a follower's
+/// egress latency includes the time the packet waited in the leader's socket; without it, or
+/// with a time after `now`, the stamp is `now`.
+#[test]
+#[allow(clippy::disallowed_methods)] // the shard set's limiter needs a start before the world
+fn a_leader_stamps_mirrored_packets_with_their_arrival() {
+    use whep_core::shard::{Mirror, ShardMember, ShardSet};
+    use whep_core::{Input, Output, RateLimits};
+    let mut config = sim::config();
+    let now = Instant::now();
+    let set = ShardSet::new(2, RateLimits::unlimited(), now);
+    config.shard = Some(ShardMember { index: 0, set });
+    let mut w = SimWorld::new(config);
+    let id = w.add_stream("s", StreamConfig::external(), 60);
+    w.run_for(Duration::from_millis(200));
+    let ports = w.bound[&id];
+    let mut source = sim::Source::new(60, 0x5eed);
+    let frame = source.video_frame();
+    let stamp = |w: &mut SimWorld, arrived: Option<Instant>, pkt: &[u8]| {
+        let input = Input::Ingest { port: ports.video, contents: pkt, arrived };
+        w.core.handle_input(input, w.now);
+        let mut stamps = Vec::new();
+        while let Some(out) = w.core.poll_output() {
+            if let Output::Mirror(Mirror::Packet(p)) = out {
+                stamps.push(p.read_at());
+            }
+        }
+        stamps
+    };
+    let earlier = w.now - Duration::from_millis(5);
+    assert_eq!(stamp(&mut w, Some(earlier), &frame[0]), [earlier]);
+    let now = w.now;
+    assert_eq!(stamp(&mut w, None, &frame[1]), [now]);
+    assert_eq!(stamp(&mut w, Some(now + Duration::from_secs(1)), &frame[2]), [now]);
+}
