@@ -1389,7 +1389,10 @@ impl Core {
             video: Track::new(video_mid, Pt::from(video_pt), video_ssrc, true, vseq),
             audio: Track::new(audio_mid, Pt::from(audio_pt), audio_ssrc, false, aseq),
             etag,
-            offer: offer_text,
+            offer: sdp::compact_offer(
+                &offer_text,
+                &[(&summary.video_mid, &[video_pt]), (&summary.audio_mid, &[audio_pt])],
+            ),
             remote_creds,
             local_ufrag: local_ufrag.clone(),
             last_rx: now,

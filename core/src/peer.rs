@@ -143,7 +143,8 @@ pub(crate) struct Peer {
     pub(crate) video: Track,
     pub(crate) audio: Track,
     pub(crate) etag: ETag,
-    /// The offer as received, kept to re-accept it with new credentials on ICE restart.
+    /// The offer as received, less what a restart does not need (`sdp::compact_offer`), kept
+    /// to re-accept it with new credentials on ICE restart.
     pub(crate) offer: String,
     /// The viewer's current ICE credentials.
     pub(crate) remote_creds: (String, String),

@@ -247,6 +247,75 @@ pub(crate) fn restart_offer(offer: &str, ufrag: &str, pwd: &str) -> String {
     out
 }
 
+/// What a viewer keeps of its offer, to re-accept it on an ICE restart
+/// ([`restart_offer`]): every line but the candidates (a restart drops them) and, in each
+/// media section named in `keep` (by `a=mid`), the payload types other than the ones kept
+/// and their retransmission types (`a=fmtp:<rtx> apt=<kept>`), from the `m=` line and from
+/// `a=rtpmap`, `a=fmtp` and `a=rtcp-fb`. A browser offers twenty-odd video payload types
+/// (VP8, VP9, AV1, H265, RED, FEC, each with RTX) we never send: 6 KiB of Chromium's offer,
+/// 2.1 KiB kept. Sections not named, and lines it does not understand, stay as they are.
+pub(crate) fn compact_offer(offer: &str, keep: &[(&str, &[u8])]) -> String {
+    let mut out = String::with_capacity(offer.len() / 2);
+    let lines: Vec<&str> = offer.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        // One section: the session part, or an m= line and what follows it.
+        let end = (i + 1..lines.len()).find(|&j| lines[j].starts_with("m=")).unwrap_or(lines.len());
+        let section = &lines[i..end];
+        let mid = section.iter().find_map(|l| l.strip_prefix("a=mid:")).map(str::trim);
+        let kept = mid.and_then(|m| keep.iter().find(|(k, _)| *k == m)).map(|(_, pts)| *pts);
+        let allowed = kept.map(|pts| {
+            let mut allowed: Vec<&str> = Vec::new();
+            for l in section {
+                // `a=fmtp:<rtx> apt=<pt>`: the retransmission type of a kept one.
+                if let Some((pt, params)) =
+                    l.strip_prefix("a=fmtp:").and_then(|r| r.split_once(' '))
+                    && let Some(apt) = params.split(';').find_map(|p| p.trim().strip_prefix("apt="))
+                    && apt.parse::<u8>().is_ok_and(|a| pts.contains(&a))
+                {
+                    allowed.push(pt);
+                }
+            }
+            (pts, allowed)
+        });
+        for line in section {
+            if line.starts_with("a=candidate:") || line.starts_with("a=end-of-candidates") {
+                continue;
+            }
+            if let Some((pts, rtx)) = &allowed {
+                let keeps = |pt: &str| {
+                    pt == "*"
+                        || rtx.contains(&pt)
+                        || pt.parse::<u8>().is_ok_and(|p| pts.contains(&p))
+                };
+                if line.starts_with("m=") {
+                    let mut fields = line.split(' ');
+                    let head: Vec<&str> = fields.by_ref().take(3).collect();
+                    let formats: Vec<&str> = fields.filter(|f| keeps(f)).collect();
+                    out.push_str(&head.join(" "));
+                    for f in formats {
+                        out.push(' ');
+                        out.push_str(f);
+                    }
+                    out.push_str("\r\n");
+                    continue;
+                }
+                let pt_attr = ["a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"]
+                    .iter()
+                    .find_map(|p| line.strip_prefix(p))
+                    .and_then(|rest| rest.split(' ').next());
+                if pt_attr.is_some_and(|pt| !keeps(pt)) {
+                    continue;
+                }
+            }
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+        i = end;
+    }
+    out
+}
+
 /// The `a=ice-ufrag` and `a=ice-pwd` values of an SDP (first occurrence of each).
 pub(crate) fn ice_credentials(sdp: &str) -> Option<(String, String)> {
     let find = |prefix: &str| {
@@ -275,6 +344,54 @@ mod tests {
         assert_eq!(choose_h264(&s.h264, H264Profile::Baseline), Some(102));
         assert_eq!(choose_h264(&s.h264, H264Profile::Main), Some(116));
         assert_eq!(choose_h264(&s.h264, H264Profile::High), None);
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // str0m needs a start instant
+    fn a_compacted_offer_keeps_the_chosen_types_and_is_accepted_again() {
+        use str0m::Rtc;
+        use str0m::change::SdpOffer;
+        let compact = compact_offer(CHROMIUM_OFFER, &[("0", &[108]), ("1", &[111])]);
+        assert!(compact.len() < 2560, "{} bytes:\n{compact}", compact.len());
+        let s = check_offer(compact.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{compact}"));
+        assert_eq!(
+            (s.h264.iter().map(|h| h.pt).collect::<Vec<_>>(), s.opus),
+            (vec![108], vec![111])
+        );
+        assert!(compact.contains("m=video 9 UDP/TLS/RTP/SAVPF 108 109\r\n"), "{compact}");
+        assert!(compact.contains("a=fmtp:109 apt=108"), "the RTX type of 108 stays");
+        assert!(compact.contains("a=rtcp-fb:108 nack"));
+        assert!(!compact.contains("VP8") && !compact.contains("a=candidate"), "{compact}");
+        for needed in
+            ["a=ice-ufrag:", "a=ice-pwd:", "a=fingerprint:", "a=group:BUNDLE", "a=extmap:"]
+        {
+            assert!(compact.contains(needed), "{needed} lost");
+        }
+        // str0m accepts the original, then the compacted one with new credentials (a restart),
+        // and still sends H264 on 108.
+        let mut rtc =
+            Rtc::builder().set_ice_lite(true).set_rtp_mode(true).build(std::time::Instant::now());
+        let first = SdpOffer::from_sdp_string(CHROMIUM_OFFER).expect("offer");
+        rtc.sdp_api().accept_offer(first).expect("first accept");
+        let again = restart_offer(&compact, "newufrag", "newpasswordnewpasswordxx");
+        let again = SdpOffer::from_sdp_string(&again).expect("compacted offer");
+        let answer = rtc.sdp_api().accept_offer(again).expect("restart accept").to_sdp_string();
+        assert!(answer.contains("a=rtpmap:108 H264/90000"), "{answer}");
+        let media = rtc.media(str0m::media::Mid::from("0")).expect("video");
+        assert!(
+            media.remote_pts().contains(&str0m::media::Pt::from(108)),
+            "{:?}",
+            media.remote_pts()
+        );
+    }
+
+    #[test]
+    fn compacting_leaves_unnamed_sections_and_unknown_lines() {
+        let o = offer(H264, OPUS);
+        assert_eq!(compact_offer(&o, &[]), o);
+        let with_candidate =
+            o.replace("a=mid:0\r\n", "a=mid:0\r\na=candidate:1 1 udp 1 10.0.0.1 5000 typ host\r\n");
+        assert_eq!(compact_offer(&with_candidate, &[]), o);
     }
 
     fn offer(video: &str, audio: &str) -> String {
