@@ -290,7 +290,10 @@ fn handle_http(
     sessions: &Mutex<HashMap<String, Arc<Session>>>,
 ) -> Vec<u8> {
     match (request.method.as_str(), request.target.as_str()) {
-        ("POST", "/whep/demo") => {
+        // `/whep/full` answers as a full ICE agent (as MediaMTX and live777 do), `/whep/demo`
+        // as an ICE-lite one (as whepd does).
+        ("POST", target @ ("/whep/demo" | "/whep/full")) => {
+            let lite = target == "/whep/demo";
             let offer = String::from_utf8_lossy(&request.body);
             let offer = match SdpOffer::from_sdp_string(&offer) {
                 Ok(o) => o,
@@ -299,7 +302,7 @@ fn handle_http(
             let socket = UdpSocket::bind("127.0.0.1:0").expect("bind server UDP");
             let local = socket.local_addr().expect("server UDP address");
             let mut rtc = RtcConfig::new()
-                .set_ice_lite(true)
+                .set_ice_lite(lite)
                 .set_rtp_mode(true)
                 .clear_codecs()
                 .enable_h264(true)
@@ -311,7 +314,7 @@ fn handle_http(
                 Ok(a) => a,
                 Err(e) => return http_response("400 Bad Request", &[], &e.to_string()),
             };
-            let location = format!("/whep/demo/session-{n}");
+            let location = format!("{target}/session-{n}");
             let session = Arc::new(Session::default());
             sessions.lock().expect("sessions lock").insert(location.clone(), Arc::clone(&session));
             thread::spawn(move || serve_media(rtc, socket, &session));
@@ -503,6 +506,7 @@ fn loopback_media_then_server_delete_closes_viewer() {
     assert!(viewer.location().starts_with("/whep/demo/session-"), "{}", viewer.location());
     assert_eq!(viewer.etag(), Some("\"1\""));
     assert!(viewer.answer().starts_with("v=0"));
+    assert!(viewer.answer().contains("a=ice-lite"), "{}", viewer.answer());
     assert!(viewer.wait_for(Duration::from_secs(10), |s| s.connected), "{:?}", viewer.stats());
     assert!(viewer.wait_for(Duration::from_secs(10), media_flows), "{:?}", viewer.stats());
 
@@ -589,4 +593,20 @@ fn loopback_server_vanishing_closes_viewer_after_ice_timeout() {
     assert!(reason.contains("ICE disconnected"), "{reason}");
     assert!(vanished.elapsed() > Duration::from_secs(3));
     viewer.abandon();
+}
+
+/// The viewer (whep-load's and the end-to-end suite's) also plays from a server that runs full
+/// ICE, as MediaMTX and live777 do, and not only from an ICE-lite one like whepd: both sides
+/// send connectivity checks and the viewer, controlling, nominates.
+#[test]
+fn loopback_full_ice_server() {
+    let server = LoopbackWhep::start();
+    let viewer = Viewer::connect(server.addr, "/whep/full", None).expect("connect");
+    assert!(!viewer.answer().contains("a=ice-lite"), "{}", viewer.answer());
+    assert!(viewer.wait_for(Duration::from_secs(10), media_flows), "{:?}", viewer.stats());
+    let stats = viewer.stats();
+    assert!(stats.ice_state == "Connected" || stats.ice_state == "Completed", "{stats:?}");
+    assert_eq!(viewer.delete().expect("DELETE"), 200);
+    assert!(viewer.wait_for(Duration::from_secs(5), |s| s.closed), "{:?}", viewer.stats());
+    viewer.close();
 }
