@@ -810,6 +810,8 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
         })
         .count();
     let setup_secs = start.elapsed().as_secs_f64();
+    // Per-viewer figures divide by the viewers the server admitted, not by those asked for.
+    let admitted = viewers.len().max(1);
     let (setup_server1, setup_me1) = (server_pid.and_then(cpu_seconds), cpu_seconds(me));
     let retries = base.retries();
     println!(
@@ -849,7 +851,7 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     #[allow(clippy::cast_precision_loss)]
     let server_ms = setup_server1
         .zip(setup_server0)
-        .map(|(b, a)| format!(", {:.2} ms per viewer", (b - a) * 1000.0 / n.max(1) as f64));
+        .map(|(b, a)| format!(", {:.2} ms per viewer", (b - a) * 1000.0 / admitted as f64));
     println!(
         "CPU from the first POST until every viewer played: server {}{}, whep-load {} of one core \
          (streaming to the viewers already connected included)",
@@ -1030,7 +1032,7 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     };
     if let Some(stream) = own.stream_pps {
         #[allow(clippy::cast_precision_loss)]
-        let delivered = outcome.received_per_s / (stream * n.max(1) as f64);
+        let delivered = outcome.received_per_s / (stream * admitted as f64);
         outcome.delivered = Some(delivered);
         let ingest = delta(&m1, &m0, "whep_ingest_packets_total") / metrics_secs;
         println!(
@@ -1053,11 +1055,11 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     let fwd = |m: &HashMap<String, f64>| m.get("whep_packets_forwarded_total").copied();
     outcome.forwarded_per_s = fwd(&m1).zip(fwd(&m0)).map(|(b, a)| (b - a) / metrics_secs);
     #[allow(clippy::cast_precision_loss)]
-    let per_viewer = outcome.server_cpu.map(|c| c / n.max(1) as f64);
+    let per_viewer = outcome.server_cpu.map(|c| c / admitted as f64);
     let per_kpps = outcome.server_cpu.zip(outcome.forwarded_per_s).map(|(c, f)| c / (f / 1000.0));
     println!(
-        "server CPU: {} of one core = {} per viewer, {} per 1000 forwarded packets/s; FFmpeg \
-         CPU: {}",
+        "server CPU: {} of one core = {} per viewer ({admitted} admitted), {} per 1000 \
+         forwarded packets/s; FFmpeg CPU: {}",
         pct(outcome.server_cpu),
         per_viewer.map_or("n/a".into(), |v| format!("{v:.3} %")),
         per_kpps.map_or("n/a".into(), |v| format!("{v:.2} %")),
@@ -1081,11 +1083,11 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
     }
     #[allow(clippy::cast_precision_loss)]
     if let (Some(b), Some(a)) = (rss_before, rss_after) {
-        let per = (a as f64 - b as f64) / n.max(1) as f64;
+        let per = (a as f64 - b as f64) / admitted as f64;
         outcome.rss_per_viewer_kib = Some(per);
         println!(
             "server RSS: {:.1} MiB before the viewers, {:.1} MiB with them = {per:.0} KiB per \
-             viewer",
+             viewer ({admitted} admitted)",
             b as f64 / 1024.0,
             a as f64 / 1024.0
         );
