@@ -106,8 +106,11 @@ fn main() {
         println!("  {what:<66} {rust:>6.1} / {malloc:>6} KiB");
     };
     let config = whep_core::sim::config();
-    let joined = joined(config.clone(), n).per_viewer(joined(config.clone(), 0), n);
+    let nobody = joined(config.clone(), 0);
+    let chromium = joined_chromium(config.clone(), n).per_viewer(nobody, n);
+    let joined = joined(config.clone(), n).per_viewer(nobody, n);
     show("answered, not connected (Rtc, ICE agent, DTLS state, Peer)", joined);
+    show("  the same answering Chromium 156's offer (not str0m's)", chromium);
     let mut bare = config.clone();
     bare.rtx_cache_age = Duration::ZERO;
     bare.rtx_ratio_cap = None;
@@ -177,6 +180,28 @@ fn joined(mut config: Config, n: usize) -> Heap {
     for _ in 0..n {
         let (_, r) = w.join(&id);
         assert_eq!(r.code(), 201);
+    }
+    let mut core = w.into_core();
+    while core.poll_output().is_some() {}
+    let heap = Heap::now().since(before);
+    drop(core);
+    heap
+}
+
+/// Answers Chromium 156's offer (`core/tests/data`) `n` times; returns the core's heap.
+fn joined_chromium(mut config: Config, n: usize) -> Heap {
+    const OFFER: &str = include_str!("../tests/data/chromium-156-offer.sdp");
+    config.max_viewers_per_stream = n;
+    config.max_viewers_total = n;
+    config.rate_limits = RateLimits::unlimited();
+    let before = Heap::now();
+    let mut w = SimWorld::new(config);
+    w.add_stream("bench", StreamConfig::external(), 30);
+    for _ in 0..n {
+        let req = whep_core::WhepRequest::new(whep_core::whep::Method::Post, "/whep/bench")
+            .with_header("Content-Type", "application/sdp")
+            .with_body(OFFER);
+        assert_eq!(w.http(req).code(), 201);
     }
     let mut core = w.into_core();
     while core.poll_output().is_some() {}
