@@ -1,8 +1,9 @@
 //! `whep-load`: N WHEP viewers (str0m, one process) against any WHEP endpoint, or against a
 //! server binary it starts itself. Reports setup times and setups per second, time to the first
 //! decodable frame, packets, bytes, loss and reordering per viewer, its own CPU per received
-//! packet, and, for a server it started, the server's CPU, forwarded packets, RSS per viewer and
-//! where packets were dropped.
+//! packet, and, for a server it started, the server's CPU, forwarded packets, RSS per admitted
+//! viewer, its added latency (from its `/metrics`: arrival on the ingest port to the last
+//! viewer's copy and to each copy, p50 and p99) and where packets were dropped.
 //!
 //! ```sh
 //! cargo build --release -p whep-e2e --bins
