@@ -69,8 +69,10 @@ fn chromium_plays_demo(bin: &str) {
         "chromium verdict"
     );
     eprintln!(
-        "chromium: firstFrameMs={} (POST to first decoded frame), browser start to PASS {} ms",
+        "chromium: firstFrameMs={} (POST to first decoded frame), firstPresentedMs={} (to \
+         the first frame on screen), browser start to PASS {} ms",
         chromium::field(&verdict, "firstFrameMs").unwrap_or("?"),
+        chromium::field(&verdict, "firstPresentedMs").unwrap_or("?"),
         started.elapsed().as_millis()
     );
     assert_eq!(server.metric("whep_viewers_joined_total"), Some(1.0));
