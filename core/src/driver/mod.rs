@@ -388,7 +388,7 @@ impl<R: Runtime> Engine<R> {
                 shutdown_at: None,
                 sends: Vec::new(),
                 segments: Vec::new(),
-                ingest_read: Vec::new(),
+                ingest_arrivals: Vec::new(),
                 gso: config.udp_gso,
                 turn: 0,
                 followers: std::mem::take(&mut to_followers)
@@ -679,7 +679,7 @@ struct Driver<R: Runtime> {
     /// One segmented send's payload (reused).
     segments: Vec<u8>,
     /// When each ingest packet handled since the last flush arrived.
-    ingest_read: Vec<Instant>,
+    ingest_arrivals: Vec<Instant>,
     /// [`ServerConfig::udp_gso`].
     gso: bool,
     /// Which of ingest, viewer socket and timer `poll_wake` tries first (rotates).
@@ -719,9 +719,9 @@ impl<R: Runtime> Driver<R> {
         let mut ready_in_a_row = 0u32;
         loop {
             self.flush().await;
-            if !self.ingest_read.is_empty() {
+            if !self.ingest_arrivals.is_empty() {
                 let sent = self.runtime.now();
-                for read in self.ingest_read.drain(..) {
+                for read in self.ingest_arrivals.drain(..) {
                     self.core.record_egress_latency(sent.saturating_duration_since(read));
                 }
             }
@@ -916,7 +916,7 @@ impl<R: Runtime> Driver<R> {
         let now = self.runtime.now();
         if let Mirror::Packet(p) = &m {
             // From the leader's read: the hop between shards is part of the latency.
-            self.ingest_read.push(p.read_at());
+            self.ingest_arrivals.push(p.read_at());
         }
         self.core.mirror(m, now);
     }
@@ -926,7 +926,7 @@ impl<R: Runtime> Driver<R> {
         let now = self.runtime.now();
         let arrived = received.age.and_then(|age| now.checked_sub(age)).unwrap_or(now);
         for contents in received.datagrams(buf) {
-            self.ingest_read.push(arrived);
+            self.ingest_arrivals.push(arrived);
             self.core.handle_input(Input::Ingest { port, contents, arrived: Some(arrived) }, now);
         }
     }
@@ -952,7 +952,7 @@ impl<R: Runtime> Driver<R> {
         // Copies of the ingest packets handled since the last flush are timed from the first
         // one's arrival (datagrams of other kinds sent with them, RTCP and STUN, are too few
         // to matter).
-        let arrived = self.ingest_read.iter().min().copied();
+        let arrived = self.ingest_arrivals.iter().min().copied();
         let mut i = 0;
         while i < self.sends.len() {
             let first = &self.sends[i];
