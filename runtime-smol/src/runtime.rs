@@ -82,8 +82,14 @@ impl UdpSocket for SmolUdp {
             match self.state.recv(socket.into(), &mut [IoSliceMut::new(buf)], &mut meta) {
                 Ok(_) => {
                     let m = &meta[0];
-                    let r = Received { len: m.len, from: m.addr, stride: m.stride, age: None };
-                    return Poll::Ready(Ok(r.timestamped(m.timestamp, SystemTime::now())));
+                    let now = SystemTime::now();
+                    return Poll::Ready(Ok(Received::coalesced(
+                        m.len,
+                        m.addr,
+                        m.stride,
+                        m.timestamp,
+                        now,
+                    )));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     std::task::ready!(self.socket.poll_readable(cx))?;

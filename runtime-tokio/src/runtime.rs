@@ -74,12 +74,6 @@ impl TokioUdp {
 /// thousands of datagrams.
 pub(crate) const SOCKET_BUFFER: usize = 4 << 20;
 
-/// What quinn-udp received (coalesced datagrams, kernel timestamp), for the driver.
-fn received(meta: &quinn_udp::RecvMeta) -> Received {
-    Received { len: meta.len, from: meta.addr, stride: meta.stride, age: None }
-        .timestamped(meta.timestamp, SystemTime::now())
-}
-
 impl UdpSocket for TokioUdp {
     fn poll_recv_from(
         &self,
@@ -98,7 +92,17 @@ impl UdpSocket for TokioUdp {
             std::task::ready!(socket.poll_recv_ready(cx))?;
             let recv = || self.state.recv(socket.into(), &mut [IoSliceMut::new(buf)], &mut meta);
             match socket.try_io(tokio::io::Interest::READABLE, recv) {
-                Ok(_) => return Poll::Ready(Ok(received(&meta[0]))),
+                Ok(_) => {
+                    let m = &meta[0];
+                    let now = SystemTime::now();
+                    return Poll::Ready(Ok(Received::coalesced(
+                        m.len,
+                        m.addr,
+                        m.stride,
+                        m.timestamp,
+                        now,
+                    )));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }

@@ -125,6 +125,19 @@ impl Received {
         Self { len, from, stride: len, age: None }
     }
 
+    /// `len` bytes from `from` in datagrams of `stride` bytes, with the kernel receive
+    /// timestamp `timestamp` (time since the Unix epoch), read at wall-clock time `wall_now`:
+    /// what a runtime reading through quinn-udp (`RecvMeta`) hands the driver.
+    pub fn coalesced(
+        len: usize,
+        from: SocketAddr,
+        stride: usize,
+        timestamp: Option<Duration>,
+        wall_now: SystemTime,
+    ) -> Self {
+        Self { len, from, stride, age: None }.timestamped(timestamp, wall_now)
+    }
+
     /// With the age of a kernel receive timestamp (`SO_TIMESTAMPNS`: time since the Unix
     /// epoch) at wall-clock time `wall_now`. A timestamp in the future (the clock was set
     /// back) counts as no age.
@@ -721,8 +734,8 @@ impl<R: Runtime> Driver<R> {
             self.flush().await;
             if !self.ingest_arrivals.is_empty() {
                 let sent = self.runtime.now();
-                for read in self.ingest_arrivals.drain(..) {
-                    self.core.record_egress_latency(sent.saturating_duration_since(read));
+                for arrived in self.ingest_arrivals.drain(..) {
+                    self.core.record_egress_latency(sent.saturating_duration_since(arrived));
                 }
             }
             if let Some(started) = self.shutdown_at {
