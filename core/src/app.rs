@@ -542,6 +542,16 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
         ("viewers_connected_total", "Viewers whose ICE and DTLS completed.", m.viewers_connected),
         ("viewers_left_total", "Viewers removed, for any reason.", m.viewers_left),
         ("ice_failures_total", "Viewers that never connected or were lost.", m.ice_failures),
+        (
+            "unchecked_sessions_total",
+            "Viewers closed for sending no ICE check in time.",
+            m.unchecked_sessions,
+        ),
+        (
+            "addresses_refused_total",
+            "ICE checks from a source address beyond a session's limit, dropped.",
+            m.addresses_refused,
+        ),
         ("keyframe_requests_total", "PLI/FIR from viewers.", m.keyframe_requests),
         ("ffmpeg_restarts_total", "Restarts of supervised FFmpeg processes.", m.process_restarts),
         ("gop_primes_total", "Viewers started with the cached GOP.", m.gop_primes),

@@ -45,6 +45,31 @@ pub struct Config {
     pub retry_after_secs: u32,
     /// A viewer that has not connected (ICE + DTLS) this long after its POST is closed.
     pub connect_timeout: Duration,
+    /// A viewer that sent no ICE connectivity check (a STUN request carrying its session's
+    /// credentials) this long after its POST is closed, well before
+    /// [`connect_timeout`](Self::connect_timeout): a player sends its first check as soon as it
+    /// has the answer (Chromium within milliseconds, one round trip on a slow path), so a
+    /// session without one holds a viewer seat for nothing. At least `connect_timeout` turns
+    /// it off.
+    pub first_check_timeout: Duration,
+    /// Sessions that have not connected yet which one client address (IPv6: its /64) may hold
+    /// at once; a POST beyond gets 429. With [`first_check_timeout`](Self::first_check_timeout)
+    /// this keeps one client from holding a stream's seats with POSTs that never start ICE.
+    /// Requests without a client address are not counted. `0` turns the limit off.
+    pub max_unconnected_per_client: usize,
+    /// Remote ICE candidates a session may hold, from its offer and its trickle PATCHes
+    /// together (an ICE restart starts the count again). str0m keeps every remote candidate
+    /// and scans them on each one added, so without a bound one session's candidates would
+    /// make each PATCH slower and stall the loop for every viewer. An offer with more gets
+    /// 422, as does a PATCH that would bring the session beyond it (nothing of it is applied).
+    pub max_remote_candidates: usize,
+    /// Source addresses a session learns from its ICE checks (per ICE generation). Each one is
+    /// a demultiplexing entry here and a peer-reflexive candidate in str0m; a check from yet
+    /// another address beyond this is dropped and counted
+    /// ([`Metrics::addresses_refused`](crate::Metrics::addresses_refused)). A player sends
+    /// checks from each of its interfaces and from each new NAT binding; an ICE restart
+    /// starts the count again.
+    pub max_viewer_addresses: usize,
     /// A viewer from which no datagram arrived for this long is closed (consent freshness,
     /// RFC 7675 uses 30 s).
     pub inactivity_timeout: Duration,
@@ -120,6 +145,10 @@ impl Default for Config {
             max_body_bytes: 64 * 1024,
             retry_after_secs: 5,
             connect_timeout: Duration::from_secs(20),
+            first_check_timeout: Duration::from_secs(5),
+            max_unconnected_per_client: 4,
+            max_remote_candidates: 32,
+            max_viewer_addresses: 8,
             inactivity_timeout: Duration::from_secs(30),
             disconnect_grace: Duration::from_secs(5),
             rtx_cache_packets: 64,

@@ -19,7 +19,7 @@ use crate::ids::{Rng, SessionId, SessionMap, StreamId};
 use crate::metrics::Metrics;
 use crate::peer::{Peer, PeerNews, PeerState, Resend, SourcePacket, Track};
 use crate::ports::{PortPair, PortPool};
-use crate::ratelimit::{Kind, Limiter};
+use crate::ratelimit::{Kind, Limiter, Unconnected};
 use crate::resend::ResendBudget;
 use crate::rtp::{self, Datagram};
 use crate::sdp;
@@ -89,6 +89,9 @@ pub struct Core {
     outputs: VecDeque<Output>,
     metrics: Metrics,
     limiter: Limiter,
+    /// Sessions not connected yet per client address (a sharded server counts them in its
+    /// [`ShardSet`](crate::shard::ShardSet) instead).
+    unconnected: Unconnected,
     /// This core leads a sharded server: it mirrors streams and packets to the others.
     mirrors: bool,
     /// The load (the runtime's samples, smoothed), and whether admission is closed because of it.
@@ -117,6 +120,7 @@ impl Core {
             rng: Rng::new(config.rng_seed),
             ports: PortPool::new(config.ingest_ports.clone()),
             limiter: Limiter::new(config.rate_limits, now),
+            unconnected: Unconnected::default(),
             config,
             crypto,
             cert,
@@ -773,6 +777,10 @@ impl Core {
         let reason = match peer.state {
             _ if peer.dead => Some(CloseReason::RemoteClosed),
             PeerState::Connecting { deadline } if deadline <= now => {
+                if !peer.checked {
+                    self.metrics.unchecked_sessions += 1;
+                    debug!(session = %s, "no ICE check arrived; closing the session");
+                }
                 Some(CloseReason::ConnectTimeout)
             }
             PeerState::Disconnected { deadline } if deadline <= now => {
@@ -798,6 +806,7 @@ impl Core {
             match n {
                 PeerNews::Connected => {
                     info!(session = %s, %stream, "viewer connected");
+                    self.release_unconnected(s);
                     self.metrics.viewers_connected += 1;
                     self.outputs.push_back(Output::Event(Event::ViewerConnected {
                         stream: stream.clone(),
@@ -897,9 +906,24 @@ impl Core {
         };
         if known != Some(session) {
             if !peer.addrs.contains(&source) {
+                if peer.addrs.len() >= self.config.max_viewer_addresses {
+                    // Each address would be a demultiplexing entry here and a candidate in
+                    // str0m: a viewer with its credentials could spoof thousands.
+                    self.metrics.addresses_refused += 1;
+                    self.metrics.datagrams_dropped += 1;
+                    return;
+                }
                 peer.addrs.push(source);
             }
             self.by_addr.insert(source, session);
+            if !peer.checked {
+                // The first check: the viewer is reachable, so it gets the whole connect
+                // timeout for the rest (DTLS) instead of the first check's.
+                peer.checked = true;
+                if let PeerState::Connecting { deadline } = &mut peer.state {
+                    *deadline = peer.joined + self.config.connect_timeout;
+                }
+            }
         }
         peer.last_rx = now;
         let mut news = std::mem::take(&mut self.news);
@@ -1070,6 +1094,7 @@ impl Core {
     // ---------------------------------------------------------------------------------------
 
     fn remove_peer(&mut self, s: SessionId, reason: CloseReason, now: Instant) {
+        self.release_unconnected(s);
         let Some(mut peer) = self.peers.remove(&s) else {
             return;
         };
@@ -1101,6 +1126,17 @@ impl Core {
             session: s,
             reason,
         }));
+    }
+
+    /// Stops counting `s` against its client's unconnected sessions (it connected, or goes).
+    fn release_unconnected(&mut self, s: SessionId) {
+        let Some(client) = self.peers.get_mut(&s).and_then(|p| p.unconnected_client.take()) else {
+            return;
+        };
+        match &self.config.shard {
+            Some(m) => m.set.release_unconnected(client),
+            None => self.unconnected.release(client),
+        }
     }
 
     fn reschedule_peer(&mut self, s: SessionId, now: Instant) {
@@ -1278,6 +1314,17 @@ impl Core {
         if self.config.host_candidates.is_empty() {
             return Err(Reject::NoCandidates);
         }
+        let unconnected_cap = self.config.max_unconnected_per_client;
+        let client = req.client.filter(|_| unconnected_cap > 0);
+        if let Some(ip) = client {
+            let full = match &self.config.shard {
+                Some(m) => m.set.unconnected_full(ip, unconnected_cap),
+                None => self.unconnected.is_full(ip, unconnected_cap),
+            };
+            if full {
+                return Err(Reject::TooManyUnconnected { cap: unconnected_cap });
+            }
+        }
         if self.overloaded {
             // Before the expensive part (answer, certificate, SRTP context): a POST refused
             // here costs next to nothing, and the viewers already served keep their share.
@@ -1286,6 +1333,11 @@ impl Core {
         let profile = stream.config.profile;
         // The policy accepted UTF-8 already.
         let offer_text = String::from_utf8_lossy(&req.body).into_owned();
+        let offered_candidates =
+            offer_text.lines().filter(|l| l.trim_start().starts_with("a=candidate:")).count();
+        if offered_candidates > self.config.max_remote_candidates {
+            return Err(Reject::TooManyCandidates { cap: self.config.max_remote_candidates });
+        }
         let remote_creds = sdp::ice_credentials(&offer_text)
             .ok_or_else(|| Reject::BadOffer("no a=ice-ufrag / a=ice-pwd".into()))?;
 
@@ -1378,6 +1430,19 @@ impl Core {
             self.metrics.cap_rejections += 1;
             return Err(full);
         }
+        if let Some(ip) = client {
+            let taken = match &self.config.shard {
+                Some(m) => m.set.take_unconnected(ip, unconnected_cap),
+                None => self.unconnected.take(ip, unconnected_cap),
+            };
+            if !taken {
+                // Another shard's session of this client came in between.
+                if let Some(m) = &self.config.shard {
+                    m.set.release_seat(m.index, id);
+                }
+                return Err(Reject::TooManyUnconnected { cap: unconnected_cap });
+            }
+        }
         let session = self.unique_session();
         let etag = self.rng.etag();
         let (vseq, aseq) = (self.rng.u32() as u16, self.rng.u32() as u16);
@@ -1385,7 +1450,9 @@ impl Core {
             session,
             stream: id.clone(),
             rtc,
-            state: PeerState::Connecting { deadline: now + self.config.connect_timeout },
+            state: PeerState::Connecting {
+                deadline: now + self.config.first_check_timeout.min(self.config.connect_timeout),
+            },
             video: Track::new(video_mid, Pt::from(video_pt), video_ssrc, true, vseq),
             audio: Track::new(audio_mid, Pt::from(audio_pt), audio_ssrc, false, aseq),
             etag,
@@ -1397,6 +1464,10 @@ impl Core {
             local_ufrag: local_ufrag.clone(),
             last_rx: now,
             addrs: Vec::new(),
+            joined: now,
+            checked: false,
+            unconnected_client: client,
+            remote_candidates: offered_candidates,
             keyframe_requests: 0,
             rtc_deadline: now,
             scheduled: None,
@@ -1500,6 +1571,22 @@ impl Core {
             }
             _ => false,
         };
+        // The whole PATCH or nothing of it; more candidates than a session may hold in all are
+        // refused before any is parsed, so no request costs more than the bound.
+        let cap = self.config.max_remote_candidates;
+        let held = if restart { 0 } else { peer.remote_candidates };
+        if frag.candidates.len() > cap {
+            return Err(Reject::TooManyCandidates { cap });
+        }
+        // mDNS (.local), TCP and otherwise unusable candidates are dropped silently (WHEP).
+        let candidates: Vec<Candidate> = frag
+            .candidates
+            .iter()
+            .filter_map(|(_, c)| Candidate::from_sdp_string(c).ok())
+            .collect();
+        if held + candidates.len() > cap {
+            return Err(Reject::TooManyCandidates { cap });
+        }
         let resp = if restart {
             self.ice_restart(s, &frag)?
         } else {
@@ -1508,17 +1595,14 @@ impl Core {
         let Some(peer) = self.peers.get_mut(&s) else {
             return Ok(resp);
         };
-        let mut added = 0;
+        let added = candidates.len();
         let mut news = std::mem::take(&mut self.news);
         let grace = self.config.disconnect_grace;
-        for (_, c) in &frag.candidates {
-            // mDNS (.local), TCP and otherwise unusable candidates are dropped silently (WHEP).
-            if let Ok(c) = Candidate::from_sdp_string(c) {
-                peer.rtc.add_remote_candidate(c);
-                peer.drain(now, grace, &mut self.outputs, &mut news);
-                added += 1;
-            }
+        for c in candidates {
+            peer.rtc.add_remote_candidate(c);
+            peer.drain(now, grace, &mut self.outputs, &mut news);
         }
+        peer.remote_candidates += added;
         debug!(session = %s, restart, added, "patch");
         peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
         self.apply_news(s, &mut news, now);
@@ -1564,6 +1648,14 @@ impl Core {
             if first_kind == "video" { (&mids[0], &mids[1]) } else { (&mids[1], &mids[0]) };
         if self.by_ufrag.get(&old) == Some(&s) {
             self.by_ufrag.remove(&old);
+        }
+        // str0m forgot the old generation's candidates and pairs: so do the demultiplexer and
+        // the limits. The new generation's checks (by ufrag) bring the addresses back.
+        peer.remote_candidates = 0;
+        for a in peer.addrs.drain(..) {
+            if self.by_addr.get(&a) == Some(&s) {
+                self.by_addr.remove(&a);
+            }
         }
         self.by_ufrag.insert(local.ufrag.clone(), s);
         info!(session = %s, "ice restart");
@@ -1658,6 +1750,19 @@ impl Core {
             assert_eq!(p.audio.backlog(), 0, "audio is never held back");
             let t = p.scheduled.unwrap_or_else(|| panic!("peer {s} has no timer"));
             assert!(self.timers.contains(&(t, TimerKey::Peer(*s))), "peer {s} timer missing");
+            assert!(p.addrs.len() <= self.config.max_viewer_addresses, "peer {s} addresses");
+            assert!(
+                p.remote_candidates <= self.config.max_remote_candidates,
+                "peer {s} candidates"
+            );
+            assert!(
+                p.unconnected_client.is_none() || matches!(p.state, PeerState::Connecting { .. }),
+                "peer {s} connected but still counted as connecting"
+            );
+        }
+        if self.config.shard.is_none() {
+            let counted = self.peers.values().filter(|p| p.unconnected_client.is_some()).count();
+            assert_eq!(self.unconnected.total(), counted, "unconnected sessions per client");
         }
         let scheduled = self.peers.values().filter(|p| p.scheduled.is_some()).count()
             + self.streams.values().filter(|s| s.scheduled.is_some()).count();

@@ -20,6 +20,12 @@ pub struct Metrics {
     pub viewers_left: u64,
     /// Viewers that never connected or whose ICE agent lost them.
     pub ice_failures: u64,
+    /// Of those, viewers closed because they sent no ICE check within
+    /// [`Config::first_check_timeout`](crate::Config::first_check_timeout).
+    pub unchecked_sessions: u64,
+    /// ICE checks dropped because their session already had
+    /// [`Config::max_viewer_addresses`](crate::Config::max_viewer_addresses) source addresses.
+    pub addresses_refused: u64,
     /// Keyframe requests (PLI/FIR) received from viewers; FFmpeg cannot honour them.
     pub keyframe_requests: u64,
     /// Viewers started with the cached GOP instead of waiting for the next keyframe.
@@ -84,6 +90,8 @@ impl Metrics {
             viewers_connected,
             viewers_left,
             ice_failures,
+            unchecked_sessions,
+            addresses_refused,
             keyframe_requests,
             gop_primes,
             prime_backlogs_dropped,
@@ -108,6 +116,8 @@ impl Metrics {
         self.viewers_connected += viewers_connected;
         self.viewers_left += viewers_left;
         self.ice_failures += ice_failures;
+        self.unchecked_sessions += unchecked_sessions;
+        self.addresses_refused += addresses_refused;
         self.keyframe_requests += keyframe_requests;
         self.gop_primes += gop_primes;
         self.prime_backlogs_dropped += prime_backlogs_dropped;

@@ -1,7 +1,7 @@
 //! One viewer: a str0m `Rtc` in RTP mode plus what the core knows about it.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -151,8 +151,18 @@ pub(crate) struct Peer {
     /// Our current ICE username fragment (the demux key).
     pub(crate) local_ufrag: String,
     pub(crate) last_rx: Instant,
-    /// Source addresses learned for this viewer (demux keys).
+    /// Source addresses learned for this viewer from its ICE checks in this ICE generation
+    /// (demux keys), at most [`Config::max_viewer_addresses`](crate::Config).
     pub(crate) addrs: Vec<SocketAddr>,
+    /// When the POST created this session.
+    pub(crate) joined: Instant,
+    /// An ICE check with this session's credentials has arrived.
+    pub(crate) checked: bool,
+    /// The client address this session is counted under while it has not connected
+    /// ([`Config::max_unconnected_per_client`](crate::Config)); taken when it connects or goes.
+    pub(crate) unconnected_client: Option<IpAddr>,
+    /// Remote ICE candidates given to str0m in this ICE generation (offer and PATCHes).
+    pub(crate) remote_candidates: usize,
     pub(crate) keyframe_requests: u64,
     /// str0m's next timeout.
     pub(crate) rtc_deadline: Instant,

@@ -229,6 +229,47 @@ impl Limiter {
     }
 }
 
+/// Sessions not connected yet, per client (keyed as the rate limits are: IPv6 by its /64).
+/// An entry lives only while one of its sessions does, so the viewer caps bound the table.
+#[derive(Debug, Default)]
+pub(crate) struct Unconnected(HashMap<IpAddr, usize>);
+
+impl Unconnected {
+    /// Counts one more session of `client`, unless it already has `cap`.
+    pub(crate) fn take(&mut self, client: IpAddr, cap: usize) -> bool {
+        let n = self.0.entry(key(client)).or_default();
+        if *n >= cap {
+            if *n == 0 {
+                self.0.remove(&key(client));
+            }
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Whether `client` holds `cap` sessions or more.
+    pub(crate) fn is_full(&self, client: IpAddr, cap: usize) -> bool {
+        self.0.get(&key(client)).is_some_and(|n| *n >= cap)
+    }
+
+    /// Gives back one session counted with [`take`](Self::take).
+    pub(crate) fn release(&mut self, client: IpAddr) {
+        let k = key(client);
+        if let Some(n) = self.0.get_mut(&k) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&k);
+            }
+        }
+    }
+
+    /// Sessions counted, all clients together.
+    pub(crate) fn total(&self) -> usize {
+        self.0.values().sum()
+    }
+}
+
 /// The bucket key of an address: IPv4 as is, IPv6 by its /64 (IPv4-mapped as IPv4).
 fn key(ip: IpAddr) -> IpAddr {
     match ip {

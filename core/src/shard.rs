@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use crate::config::StreamConfig;
 use crate::ids::{SessionId, StreamId};
 use crate::peer::SourcePacket;
-use crate::ratelimit::{Kind, Limiter, RateLimits};
+use crate::ratelimit::{Kind, Limiter, RateLimits, Unconnected};
 use crate::whep::Reject;
 
 /// Most shards one server runs (the index lives in one byte of the session id).
@@ -64,6 +64,8 @@ struct Book {
     streams: HashMap<StreamId, usize>,
     /// Viewers per shard.
     shards: Vec<usize>,
+    /// Sessions not connected yet per client, all shards together.
+    unconnected: Unconnected,
 }
 
 impl ShardSet {
@@ -76,6 +78,7 @@ impl ShardSet {
                 limiter: Limiter::new(rate_limits, now),
                 streams: HashMap::new(),
                 shards: vec![0; count],
+                unconnected: Unconnected::default(),
             }),
         })
     }
@@ -144,6 +147,21 @@ impl ShardSet {
             *n += 1;
         }
         Ok(())
+    }
+
+    /// Counts a session of `client` that has not connected, unless it already has `cap`.
+    pub(crate) fn take_unconnected(&self, client: IpAddr, cap: usize) -> bool {
+        self.lock().unconnected.take(client, cap)
+    }
+
+    /// Whether `client` holds `cap` unconnected sessions on all shards together.
+    pub(crate) fn unconnected_full(&self, client: IpAddr, cap: usize) -> bool {
+        self.lock().unconnected.is_full(client, cap)
+    }
+
+    /// Gives back what [`take_unconnected`](Self::take_unconnected) counted.
+    pub(crate) fn release_unconnected(&self, client: IpAddr) {
+        self.lock().unconnected.release(client);
     }
 
     /// Gives back a seat taken with [`take_seat`](Self::take_seat).

@@ -42,6 +42,26 @@ pub fn config() -> Config {
     }
 }
 
+/// An ICE connectivity check (STUN binding request, as a controlling player sends) to the
+/// session whose SDP answer is `answer`, from the player whose ICE username fragment is
+/// `player_ufrag`: integrity-protected with the answer's password, so the server accepts it
+/// from whatever address it comes (tests spoof sources with it).
+pub fn binding_request(answer: &str, player_ufrag: &str, nonce: u64) -> Vec<u8> {
+    use str0m::ice::{StunMessage, TransId};
+    let attr = |name: &str| {
+        answer.lines().find_map(|l| l.trim().strip_prefix(name)).unwrap_or_default().to_owned()
+    };
+    let (ufrag, pwd) = (attr("a=ice-ufrag:"), attr("a=ice-pwd:"));
+    let username = format!("{ufrag}:{player_ufrag}");
+    let msg =
+        StunMessage::binding_request(&username, TransId::new(), true, nonce, 0x6e00_1eff, false);
+    let mut buf = vec![0u8; 1500];
+    let hmac = crate::dtls::provider().sha1_hmac_provider;
+    let n = msg.to_bytes(Some(pwd.as_bytes()), &mut buf, |k, p| hmac.sha1_hmac(k, p)).unwrap();
+    buf.truncate(n);
+    buf
+}
+
 /// A datagram in flight.
 #[derive(Debug, Clone)]
 struct Packet {
@@ -62,7 +82,7 @@ pub struct Viewer {
     pub etag: Option<String>,
     pending: Option<SdpPendingOffer>,
     /// The answer as received, for ICE restarts.
-    answer: String,
+    pub answer: String,
     video_mid: Mid,
     pub connected: bool,
     /// Drop everything this viewer sends (it vanished without DELETE).

@@ -191,6 +191,19 @@ pub enum Reject {
     Overloaded,
     /// An ICE restart the WebRTC stack refused; the session is kept (400).
     RestartFailed(String),
+    /// The offer, or a PATCH on top of what the session holds, carries more ICE candidates than
+    /// [`Config::max_remote_candidates`](crate::Config::max_remote_candidates) (422).
+    TooManyCandidates {
+        /// The limit.
+        cap: usize,
+    },
+    /// The client address already holds
+    /// [`Config::max_unconnected_per_client`](crate::Config::max_unconnected_per_client)
+    /// sessions that have not connected (429).
+    TooManyUnconnected {
+        /// The limit.
+        cap: usize,
+    },
     /// The client, or all clients together, sent more requests than
     /// [`Config::rate_limits`](crate::Config::rate_limits) allows (429).
     RateLimited {
@@ -212,14 +225,16 @@ impl Reject {
                 StatusCode::BadRequest
             }
             Self::CodecMismatch { .. } => StatusCode::NotAcceptable,
-            Self::BadLayout(_) => StatusCode::UnprocessableEntity,
+            Self::BadLayout(_) | Self::TooManyCandidates { .. } => StatusCode::UnprocessableEntity,
             Self::PreconditionRequired => StatusCode::PreconditionRequired,
             Self::PreconditionFailed => StatusCode::PreconditionFailed,
             Self::StreamFull { .. }
             | Self::ServerFull { .. }
             | Self::NoCandidates
             | Self::Overloaded => StatusCode::ServiceUnavailable,
-            Self::RateLimited { .. } => StatusCode::TooManyRequests,
+            Self::RateLimited { .. } | Self::TooManyUnconnected { .. } => {
+                StatusCode::TooManyRequests
+            }
         }
     }
 
@@ -232,6 +247,7 @@ impl Reject {
                 | Self::NoCandidates
                 | Self::Overloaded
                 | Self::RateLimited { .. }
+                | Self::TooManyUnconnected { .. }
         )
     }
 
@@ -257,6 +273,8 @@ impl Reject {
             Self::Overloaded => "overloaded",
             Self::RestartFailed(_) => "restart_failed",
             Self::RateLimited { .. } => "rate_limited",
+            Self::TooManyCandidates { .. } => "too_many_candidates",
+            Self::TooManyUnconnected { .. } => "too_many_unconnected",
         }
     }
 
@@ -314,6 +332,13 @@ impl fmt::Display for Reject {
             Self::Overloaded => f.write_str("webrtc: server busy, retry later"),
             Self::RestartFailed(why) => write!(f, "webrtc: ICE restart failed: {why}"),
             Self::RateLimited { .. } => f.write_str("webrtc: too many requests, retry later"),
+            Self::TooManyCandidates { cap } => {
+                write!(f, "webrtc: too many ICE candidates (a session holds at most {cap})")
+            }
+            Self::TooManyUnconnected { cap } => write!(
+                f,
+                "webrtc: too many sessions from this address still connecting (at most {cap}), retry later"
+            ),
         }
     }
 }

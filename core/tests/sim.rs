@@ -886,3 +886,128 @@ fn a_leader_stamps_mirrored_packets_with_their_arrival() {
     assert_eq!(stamp(&mut w, None, &frame[1]), [now]);
     assert_eq!(stamp(&mut w, Some(now + Duration::from_secs(1)), &frame[2]), [now]);
 }
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().expect("an IP address")
+}
+
+/// A POST of Chromium 156's offer from `client`, with `extra` lines added to its video section.
+fn post_from(w: &mut SimWorld, stream: &StreamId, client: std::net::IpAddr, extra: &str) -> u16 {
+    let offer = include_str!("data/chromium-156-offer.sdp");
+    let offer = offer.replacen("a=mid:0\r\n", &format!("a=mid:0\r\n{extra}"), 1);
+    let req = whep_core::whep::WhepRequest::new(Method::Post, format!("/whep/{stream}"))
+        .with_client(client)
+        .with_header("Content-Type", "application/sdp")
+        .with_body(offer);
+    w.http(req).code()
+}
+
+#[test]
+fn a_session_that_sends_no_ice_check_is_closed_early_and_a_slow_viewer_still_connects() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let first_check = w.core.config().first_check_timeout;
+    assert!(first_check < w.core.config().connect_timeout);
+    // A POST from a player that never starts ICE.
+    assert_eq!(post_from(&mut w, &demo, ip("192.0.2.9"), ""), 201);
+    w.run_for(first_check - SEC);
+    assert_eq!(w.core.viewer_count(), 1);
+    w.run_for(2 * SEC);
+    assert_eq!(w.core.viewer_count(), 0, "a session without a check holds its seat");
+    assert_eq!(left(&w, CloseReason::ConnectTimeout), 1);
+    assert_eq!(w.core.metrics().unchecked_sessions, 1);
+
+    // A 300 ms round trip (and a DTLS handshake of several) still connects: the first check
+    // gives the session the whole connect timeout.
+    w.latency = Duration::from_millis(150);
+    let (v, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    w.drive_until(first_check * 3, |w| w.viewers[v].video_packets > 30);
+    assert!(w.viewers[v].video_packets > 30, "the slow viewer did not play");
+    assert_eq!(w.core.metrics().unchecked_sessions, 1);
+}
+
+#[test]
+fn one_client_holds_a_few_unconnected_sessions_at_most() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let cap = w.core.config().max_unconnected_per_client;
+    // IPv6 clients count by their /64.
+    let squatters = ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::9"];
+    let codes: Vec<u16> =
+        (0..cap + 2).map(|i| post_from(&mut w, &demo, ip(squatters[i % 3]), "")).collect();
+    assert_eq!(codes.iter().filter(|c| **c == 201).count(), cap, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 429).count(), 2, "{codes:?}");
+    let refused = w.core.metrics().rejections.get("too_many_unconnected").copied();
+    assert_eq!(refused, Some(2));
+    // Another address is not affected: the stream (cap 8) still has seats.
+    assert_eq!(post_from(&mut w, &demo, ip("2001:db8:1:3::1"), ""), 201);
+    // None of them sends a check: reaped after the first-check timeout, then welcome again.
+    w.run_for(w.core.config().first_check_timeout + SEC);
+    assert_eq!(w.core.viewer_count(), 0);
+    assert_eq!(w.core.metrics().unchecked_sessions, cap as u64 + 1);
+    assert_eq!(post_from(&mut w, &demo, ip(squatters[0]), ""), 201);
+}
+
+#[test]
+fn remote_candidates_per_session_are_bounded() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let cap = w.core.config().max_remote_candidates;
+    let cand = |i: usize| {
+        format!("a=candidate:{i} 1 udp 2122260223 10.9.{}.{} 9 typ host\r\n", i / 250, i % 250 + 1)
+    };
+    let client = ip("192.0.2.50");
+    // An offer with more than a session may hold is refused before any work.
+    let many: String = (0..=cap).map(cand).collect();
+    assert_eq!(post_from(&mut w, &demo, client, &many), 422);
+    let fits: String = (0..cap - 2).map(cand).collect();
+    assert_eq!(post_from(&mut w, &demo, client, &fits), 201);
+
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 30);
+    let patch = |w: &mut SimWorld, body: String| {
+        let req = w
+            .session_request(v, Method::Patch)
+            .with_header("Content-Type", "application/trickle-ice-sdpfrag")
+            .with_body(body);
+        w.http(req)
+    };
+    // A PATCH with more than the whole bound is refused, whatever the session holds.
+    let r = patch(&mut w, format!("a=mid:0\r\n{}", (0..=cap).map(cand).collect::<String>()));
+    assert_eq!(r.code(), 422);
+    assert!(String::from_utf8_lossy(&r.body).contains(&format!("at most {cap}")));
+    // One at a time up to the bound (the offer had one), then refused, and nothing of a refused
+    // PATCH applies.
+    for i in 0..cap - 1 {
+        assert_eq!(patch(&mut w, format!("a=mid:0\r\n{}", cand(1000 + i))).code(), 204, "{i}");
+    }
+    assert_eq!(patch(&mut w, format!("a=mid:0\r\n{}", cand(2000))).code(), 422);
+    let refused = w.core.metrics().rejections.get("too_many_candidates").copied();
+    assert_eq!(refused, Some(3));
+    // An ICE restart starts the count again.
+    let frag = w.viewer_ice_restart(v);
+    let r = patch(&mut w, frag);
+    assert_eq!(r.code(), 200, "{}", String::from_utf8_lossy(&r.body));
+    let frag = String::from_utf8_lossy(&r.body).into_owned();
+    w.viewer_accept_restart(v, &frag);
+    assert_eq!(patch(&mut w, format!("a=mid:0\r\n{}", cand(3000))).code(), 204);
+    assert_keeps_playing(&mut w, v);
+}
+
+#[test]
+fn checks_from_more_source_addresses_than_a_session_may_have_are_dropped() {
+    let (mut w, _demo, v) = playing(30);
+    let cap = w.core.config().max_viewer_addresses;
+    let ufrag = w.viewers[v].rtc.direct_api().local_ice_credentials().ufrag;
+    let answer = w.viewers[v].answer.clone();
+    let spoofed = 200u16;
+    for port in 0..spoofed {
+        let check = sim::binding_request(&answer, &ufrag, u64::from(port));
+        w.datagram_raw(std::net::SocketAddr::from(([10, 77, 0, 1], 20_000 + port)), &check);
+    }
+    // The viewer's own address is one; the rest of the bound went to the first spoofed ones.
+    let refused = w.core.metrics().addresses_refused;
+    assert_eq!(refused, u64::from(spoofed) - (cap as u64 - 1));
+    assert_keeps_playing(&mut w, v);
+}
