@@ -88,6 +88,10 @@ pub struct Cli {
     /// `RATE[:BURST]`; 0 = no limit [default: 50:100].
     #[arg(long, value_name = "RATE[:BURST]")]
     request_rate: Option<RateSetting>,
+    /// Sessions still connecting (no ICE and DTLS yet) one client address may hold; 0 = no
+    /// limit [default: 4]. Beyond it: 429 with Retry-After.
+    #[arg(long, value_name = "N")]
+    max_unconnected: Option<usize>,
     /// Engine loops ("shards"), each on its own thread with its own viewer socket on the next
     /// UDP port (shard i on the UDP port + i): viewers spread over CPU cores [default: 1].
     #[arg(long, value_name = "N")]
@@ -126,6 +130,10 @@ struct FileConfig {
     post_rate: Option<String>,
     post_rate_global: Option<String>,
     request_rate: Option<String>,
+    max_unconnected_per_client: Option<usize>,
+    max_remote_candidates: Option<usize>,
+    max_viewer_addresses: Option<usize>,
+    first_check_timeout_secs: Option<u64>,
     max_load: Option<f64>,
     shards: Option<usize>,
     connect_timeout_secs: Option<u64>,
@@ -279,7 +287,17 @@ fn settings(
         }
         core.max_load = max;
     }
+    core.max_unconnected_per_client = cli
+        .max_unconnected
+        .or(file.max_unconnected_per_client)
+        .unwrap_or(core.max_unconnected_per_client);
+    core.max_remote_candidates = file.max_remote_candidates.unwrap_or(core.max_remote_candidates);
+    core.max_viewer_addresses = file.max_viewer_addresses.unwrap_or(core.max_viewer_addresses);
+    if core.max_remote_candidates == 0 || core.max_viewer_addresses == 0 {
+        return Err("max_remote_candidates and max_viewer_addresses must be at least 1".into());
+    }
     let secs = Duration::from_secs;
+    core.first_check_timeout = file.first_check_timeout_secs.map_or(core.first_check_timeout, secs);
     core.connect_timeout = file.connect_timeout_secs.map_or(core.connect_timeout, secs);
     core.inactivity_timeout = file.inactivity_timeout_secs.map_or(core.inactivity_timeout, secs);
     core.process.stale_timeout = file.stale_timeout_secs.map_or(core.process.stale_timeout, secs);

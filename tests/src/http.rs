@@ -229,3 +229,28 @@ fn read_chunked(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
         }
     }
 }
+
+/// Writes `bytes` as [`raw`] does, from a connection whose local address is `local` (another
+/// loopback address such as 127.0.0.2: a second client to the per-client limits).
+pub fn raw_from(
+    local: std::net::Ipv4Addr,
+    addr: SocketAddr,
+    bytes: &[u8],
+    wait: Duration,
+) -> io::Result<Response> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    let SocketAddr::V4(to) = addr else {
+        return Err(invalid_input("raw_from connects to IPv4 addresses only"));
+    };
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(local, 0)),
+    )?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to))?;
+    let stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(wait))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let _ = (&stream).write_all(bytes);
+    read_response(&stream)
+}

@@ -129,6 +129,8 @@ pub struct Stats {
     pub first_audio_at: Option<Instant>,
     /// When the last video or audio packet arrived.
     pub last_media_at: Option<Instant>,
+    /// When the last video packet arrived.
+    pub last_video_at: Option<Instant>,
     /// PLIs handed to str0m after [`Viewer::request_keyframe`].
     pub keyframe_requests: u64,
     /// When the offer was POSTed.
@@ -151,6 +153,26 @@ pub struct Stats {
     /// RTP packets of no known media: a payload type that is not the answer's H264 or Opus
     /// (light mode), or that str0m could not map to an m-line.
     pub unknown_packets: u64,
+    /// The longest time between two video packets' arrivals (a stall of the sender shows here
+    /// when the source sends evenly).
+    pub max_video_gap: Duration,
+    /// Times more than 100 ms passed between two video packets' arrivals.
+    pub video_gaps_over_100ms: u64,
+}
+
+impl Stats {
+    /// Records a video packet's arrival at `now` in the gap statistics (before
+    /// `last_video_at` moves).
+    fn video_arrived(&mut self, now: Instant) {
+        if let Some(last) = self.last_video_at {
+            let gap = now.saturating_duration_since(last);
+            self.max_video_gap = self.max_video_gap.max(gap);
+            if gap > Duration::from_millis(100) {
+                self.video_gaps_over_100ms += 1;
+            }
+        }
+        self.last_video_at = Some(now);
+    }
 }
 
 /// Loss and reordering of one media kind, from str0m's extended (64-bit) sequence numbers,
@@ -917,6 +939,7 @@ impl Worker {
                 stats.video_packets += 1;
                 stats.video_bytes += bytes;
                 stats.first_video_at.get_or_insert(now);
+                stats.video_arrived(now);
             }
             MediaKind::Audio => {
                 stats.audio_seq.record_u16(head.seq);
@@ -1015,6 +1038,7 @@ impl Worker {
                 stats.video_packets += 1;
                 stats.video_bytes += len;
                 stats.first_video_at.get_or_insert(now);
+                stats.video_arrived(now);
                 stats.first_video_is_keyframe.get_or_insert(keyframe);
                 let ts = packet.header.timestamp;
                 if keyframe && self.last_keyframe_ts != Some(ts) {

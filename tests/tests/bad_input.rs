@@ -220,8 +220,11 @@ fn slow_clients(bin: &str) {
 /// Floods of POST, PATCH and DELETE from one client: beyond the per-client budget every
 /// request gets 429 with `Retry-After`, nothing is created, and the counters agree.
 fn request_floods(bin: &str) {
-    let mut server = external_server(bin, &[]);
+    // The POSTs come from one address and never start ICE: without the limit of sessions
+    // still connecting (which `seat_squatting` tests) they meet the rate limits alone.
+    let mut server = external_server(bin, &["--max-unconnected", "0"]);
     let base = baseline(&server);
+    let joined_before = server.metric("whep_viewers_joined_total").unwrap_or(0.0);
     let started = Instant::now();
     let (mut created, mut limited, mut busy) = (Vec::new(), 0u32, 0u32);
     for _ in 0..150 {
@@ -252,7 +255,9 @@ fn request_floods(bin: &str) {
         "{} created in {secs:.1} s",
         created.len()
     );
-    assert_eq!(server.metric("whep_viewers_current"), Some(created.len() as f64));
+    // Joined, not current: sessions that send no ICE check are closed after a few seconds.
+    let joined = server.metric("whep_viewers_joined_total").unwrap_or(0.0) - joined_before;
+    assert_eq!(joined, created.len() as f64);
     eprintln!(
         "POST flood: {} created, {limited} refused with 429, {busy} with 503 in {secs:.2} s",
         created.len()
@@ -260,11 +265,15 @@ fn request_floods(bin: &str) {
 
     // PATCH flood on a live session (trickle), then a DELETE flood: 50/s, burst 100.
     std::thread::sleep(Duration::from_secs(2));
-    let session = created[0].clone();
+    let r = post(&server, "ext", CHROMIUM_OFFER.as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let session = r.header("location").unwrap_or_default().to_owned();
+    created.push(session.clone());
     let frag = ("Content-Type", "application/trickle-ice-sdpfrag");
     let (mut ok, mut refused) = (0u32, 0u32);
     for _ in 0..300 {
-        let body = b"a=candidate:1 1 udp 2130706431 192.0.2.1 9 typ host\r\n";
+        // No candidate: a session holds a few dozen at most (`candidate_flood`).
+        let body = b"a=end-of-candidates\r\n";
         match server.request("PATCH", &session, &[frag], body).status {
             204 => ok += 1,
             429 => refused += 1,
@@ -525,6 +534,185 @@ fn ingest_flood(bin: &str) {
     });
 }
 
+/// `n` host candidates of distinct documentation addresses, as sdpfrag lines.
+fn candidates(n: usize, salt: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let i = i + salt;
+            format!(
+                "a=candidate:{i} 1 udp 2122260223 198.51.{}.{} {} typ host\r\n",
+                i / 250 % 250,
+                i % 250 + 1,
+                10_000 + i % 50_000
+            )
+        })
+        .collect()
+}
+
+/// A session flooded with trickled candidates (45 PATCHes of 990, ~54 KiB each, then one at a
+/// time) holds a few dozen at most: beyond, 422 and nothing applied; no PATCH stalls the loop,
+/// so another viewer's video keeps arriving evenly and `/healthz` answers at once.
+fn candidate_flood(bin: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut server = external_server(bin, &["--request-rate", "0"]);
+    let base = baseline(&server);
+    let video = video_port(&server, "ext");
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        scope.spawn(|| feed(video, 200, &stop));
+        let watched = Viewer::connect(server.http, "/whep/ext", None).expect("viewer");
+        assert!(
+            watched.wait_for(Duration::from_secs(20), |s| s.video_packets > 100),
+            "{:?}",
+            watched.stats()
+        );
+        let r = post(&server, "ext", CHROMIUM_OFFER.as_bytes());
+        assert_eq!(r.status, 201, "{}", r.text());
+        let session = r.header("location").unwrap_or_default().to_owned();
+        let frag = ("Content-Type", "application/trickle-ice-sdpfrag");
+        let before = watched.stats();
+        let (mut slowest_patch, mut slowest_health) = (Duration::ZERO, Duration::ZERO);
+        let mut statuses = Vec::new();
+        for round in 0..45 {
+            let body = format!("a=mid:0\r\n{}", candidates(990, round * 990));
+            let t = Instant::now();
+            let r = server.request("PATCH", &session, &[frag], body.as_bytes());
+            slowest_patch = slowest_patch.max(t.elapsed());
+            statuses.push(r.status);
+            if round == 0 {
+                assert!(r.text().contains("too many ICE candidates"), "{}", r.text());
+            }
+            let t = Instant::now();
+            assert_alive(&server);
+            slowest_health = slowest_health.max(t.elapsed());
+        }
+        assert!(statuses.iter().all(|s| *s == 422), "{statuses:?}");
+        // One at a time: the offer had none, so 32 fit.
+        let one_by_one: Vec<u16> = (0..40)
+            .map(|i| {
+                let body = format!("a=mid:0\r\n{}", candidates(1, 100_000 + i));
+                server.request("PATCH", &session, &[frag], body.as_bytes()).status
+            })
+            .collect();
+        assert_eq!(one_by_one.iter().filter(|s| **s == 204).count(), 32, "{one_by_one:?}");
+        assert!(one_by_one[32..].iter().all(|s| *s == 422), "{one_by_one:?}");
+        let refused =
+            server.metric("whep_rejections_total{reason=\"too_many_candidates\"}").unwrap_or(0.0);
+        assert_eq!(refused, 45.0 + 8.0);
+        std::thread::sleep(Duration::from_millis(300));
+        let after = watched.stats();
+        eprintln!(
+            "candidate flood: slowest PATCH {slowest_patch:?}, slowest /healthz {slowest_health:?}, watched viewer: {} video packets, longest gap {:?}, {} gaps over 100 ms (before the flood: {:?}, {})",
+            after.video_packets - before.video_packets,
+            after.max_video_gap,
+            after.video_gaps_over_100ms - before.video_gaps_over_100ms,
+            before.max_video_gap,
+            before.video_gaps_over_100ms,
+        );
+        // The feed sends a packet every 5 ms; a PATCH that held the loop for hundreds of ms
+        // (str0m scanning tens of thousands of candidates) showed as gaps that long.
+        assert!(
+            after.video_gaps_over_100ms - before.video_gaps_over_100ms <= 2,
+            "the other viewer's video stalled during the flood: {after:?}"
+        );
+        assert!(after.max_video_gap < Duration::from_millis(500), "{after:?}");
+        assert_eq!(server.request("DELETE", &session, &[], b"").status, 204);
+        watched.close();
+    });
+    assert_back_to(&mut server, &base, "candidate flood");
+}
+
+/// Valid ICE checks (the session's own credentials) from hundreds of source ports: the session
+/// learns a few addresses, the rest are dropped and counted, unanswered.
+fn stun_address_flood(bin: &str) {
+    let mut server = external_server(bin, &[]);
+    let base = baseline(&server);
+    let r = post(&server, "ext", CHROMIUM_OFFER.as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let answer = r.text();
+    let player_ufrag = CHROMIUM_OFFER
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
+        .expect("the offer's ufrag");
+    let sources = 300;
+    let sockets: Vec<UdpSocket> =
+        (0..sources).map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind")).collect();
+    for (i, s) in sockets.iter().enumerate() {
+        let check = whep_core::sim::binding_request(&answer, player_ufrag, i as u64);
+        s.send_to(&check, server.udp).expect("send");
+        if i % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut answered = 0;
+    for s in &sockets {
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 1500];
+        if s.recv(&mut buf).is_ok() {
+            answered += 1;
+        }
+    }
+    let refused = server.metric("whep_addresses_refused_total").unwrap_or(-1.0);
+    eprintln!("STUN from {sources} sources: {answered} answered, {refused} refused");
+    assert_eq!(answered, 8, "the checks answered are those of the first 8 addresses");
+    assert_eq!(refused, f64::from(sources - 8));
+    let location = r.header("location").unwrap_or_default().to_owned();
+    assert_eq!(server.request("DELETE", &location, &[], b"").status, 204);
+    assert_alive(&server);
+    assert_back_to(&mut server, &base, "STUN address flood");
+}
+
+/// POSTs that never start ICE cannot hold a stream's seats: one address holds a few at a time
+/// (429 beyond), another address still gets a seat meanwhile, and they are closed a few
+/// seconds later unless a check arrives; then a real viewer plays.
+fn seat_squatting(bin: &str) {
+    let mut server = external_server(bin, &[]);
+    let base = baseline(&server);
+    let started = Instant::now();
+    let statuses: Vec<u16> =
+        (0..8).map(|_| post(&server, "ext", CHROMIUM_OFFER.as_bytes()).status).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 4, "{statuses:?}");
+    let r = post(&server, "ext", CHROMIUM_OFFER.as_bytes());
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.text().contains("still connecting"), "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+    // Another client address is served meanwhile.
+    let mut req = head("POST", "/whep/ext", &[("Content-Type", "application/sdp".into())], 0);
+    req.truncate(req.len() - "Content-Length: 0\r\n\r\n".len());
+    req.extend(format!("Content-Length: {}\r\n\r\n", CHROMIUM_OFFER.len()).bytes());
+    req.extend(CHROMIUM_OFFER.bytes());
+    let other = http::raw_from([127, 0, 0, 2].into(), server.http, &req, Duration::from_secs(10))
+        .expect("a POST from 127.0.0.2");
+    assert_eq!(other.status, 201, "{}", other.text());
+    // Nobody sends a check: every session is closed within a few seconds.
+    assert!(
+        wait_until(Duration::from_secs(15), || server.metric("whep_viewers_current") == Some(0.0)),
+        "squatted sessions not reaped"
+    );
+    let reaped_after = started.elapsed();
+    assert_eq!(server.metric("whep_unchecked_sessions_total"), Some(5.0));
+    eprintln!(
+        "seat squatting: 4 of 8 POSTs from one address answered, reaped after {reaped_after:?}"
+    );
+    let viewer = Viewer::connect(server.http, "/whep/ext", None).expect("a real viewer");
+    assert!(
+        viewer.wait_for(Duration::from_secs(20), |s| s.connected),
+        "{:?}\n{}",
+        viewer.stats(),
+        server.output()
+    );
+    viewer.close();
+    assert_back_to(&mut server, &base, "seat squatting");
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {
@@ -551,6 +739,21 @@ macro_rules! suite {
             #[test]
             fn ingest_flood() {
                 super::ingest_flood($bin);
+            }
+
+            #[test]
+            fn candidate_flood() {
+                super::candidate_flood($bin);
+            }
+
+            #[test]
+            fn stun_address_flood() {
+                super::stun_address_flood($bin);
+            }
+
+            #[test]
+            fn seat_squatting() {
+                super::seat_squatting($bin);
             }
         }
     };

@@ -65,10 +65,19 @@ use whep_e2e::{ADMIN_TOKEN, Resources, Server, children_of, http, process_alive,
 const OFFER: &str = include_str!("../../core/tests/data/chromium-156-offer.sdp");
 const SDP: (&str, &str) = ("Content-Type", "application/sdp");
 
-/// Turns off the per-client and global WHEP rate limits: the soak measures leaks, not the
-/// limiter, and its thousands of POSTs from one address would otherwise be answered 429.
-const NO_RATE_LIMITS: &[&str] =
-    &["--post-rate", "0", "--post-rate-global", "0", "--request-rate", "0"];
+/// Turns off the per-client and global WHEP rate limits and the per-client limit of sessions
+/// still connecting: the soak measures leaks, not the limiter, and its thousands of POSTs from
+/// one address would otherwise be answered 429.
+const NO_RATE_LIMITS: &[&str] = &[
+    "--post-rate",
+    "0",
+    "--post-rate-global",
+    "0",
+    "--request-rate",
+    "0",
+    "--max-unconnected",
+    "0",
+];
 
 /// The per-stream viewer cap: above what the workers hold at once (the sessions left without
 /// DELETE live 2 s), so that 503s come from the cap bursts, not from the churn.

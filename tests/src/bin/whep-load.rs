@@ -39,8 +39,9 @@
 //! Past about 100 % of its core, the server does not degrade gracefully: every viewer's ICE
 //! consent fails within a second or two ("closed: ... ICE disconnected").
 //!
-//! A server it starts gets `--post-rate 0 --post-rate-global 0 --request-rate 0` (its rate
-//! limits off, so that setups per second measure the server rather than its limiter; give
+//! A server it starts gets `--post-rate 0 --post-rate-global 0 --request-rate 0
+//! --max-unconnected 0` (its per-client limits off, so that setups per second measure the
+//! server rather than its limiter, and every viewer comes from one address; give
 //! `--keep-rate-limits`, or any of these flags with `--server-arg`, to keep or set them) and
 //! `--max-viewers N --max-viewers-total N`. 429 answers are retried after their Retry-After
 //! until `--play-timeout`.
@@ -79,11 +80,11 @@ struct Args {
     server: Option<PathBuf>,
     /// Extra argument for the server it starts (repeat), e.g. `--server-arg=--no-gop-cache`.
     /// A server it starts also gets `--max-viewers N --max-viewers-total N` and `--post-rate 0
-    /// --post-rate-global 0 --request-rate 0` unless given here.
+    /// --post-rate-global 0 --request-rate 0 --max-unconnected 0` unless given here.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
     /// Keep the rate limits of the server it starts (do not pass `--post-rate 0
-    /// --post-rate-global 0 --request-rate 0`).
+    /// --post-rate-global 0 --request-rate 0 --max-unconnected 0`).
     #[arg(long)]
     keep_rate_limits: bool,
     /// Video bitrate of the demo stream of the server it starts, in kbit/s (whep-load writes a
@@ -548,6 +549,7 @@ fn start_server(args: &Args, n: usize) -> Result<Own, String> {
         add("--post-rate", "0".into());
         add("--post-rate-global", "0".into());
         add("--request-rate", "0".into());
+        add("--max-unconnected", "0".into());
     }
     let mut config = None;
     if let Some(kbps) = args.bitrate_kbps {
