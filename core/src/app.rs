@@ -385,8 +385,9 @@ pub fn handle_sharded(
 /// `http://{Host}{target}` (http-types' servers do) would route `Host: x/metrics?` to
 /// `/metrics`; a proxy in front may also route on `Host`. Such a request is refused
 /// (RFC 9112 §3.2: 400 for an invalid or repeated `Host`) rather than answered on a route the
-/// client did not name in its target.
-fn plain_host(req: &WhepRequest) -> bool {
+/// client did not name in its target. [`handle`] checks it; a runtime that serves the WHEP
+/// routes alone from such a URL checks it itself.
+pub fn plain_host(req: &WhepRequest) -> bool {
     let mut hosts = req.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("host"));
     match (hosts.next(), hosts.next()) {
         (Some((_, host)), None) => !host.contains(['/', '?', '#', '\\']),

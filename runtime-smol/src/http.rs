@@ -69,6 +69,12 @@ pub(crate) async fn handle(whep: &Whep, mut req: Request, app_routes: bool) -> R
     }
     let resp = if app_routes {
         whep.handle_request(wreq).await
+    } else if !whep_core::app::plain_host(&wreq) {
+        // The target came from a URL built with `Host`; see `plain_host` (the application
+        // routes check it in the core).
+        let mut resp = Response::new(StatusCode::BadRequest);
+        resp.set_body("bad Host header\n");
+        return resp;
     } else {
         whep.handle_whep_request(wreq).await
     };
@@ -289,3 +295,33 @@ impl Future for SmolSleep {
 }
 
 impl hyper::rt::Sleep for SmolSleep {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An http-types server builds the URL from `Host`: such a request is refused on both
+    /// handlers rather than routed on what `Host` smuggled into the URL.
+    #[test]
+    fn handle_refuses_a_host_with_a_path() {
+        smol::block_on(async {
+            let config = whep_core::app::ServerConfig {
+                udp_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+                ..Default::default()
+            };
+            let whep = Whep::start(config).expect("engine");
+            let request = || {
+                let url = http_types::Url::parse("http://x/metrics?/healthz").expect("url");
+                let mut req = Request::new(http_types::Method::Get, url);
+                req.insert_header("Host", "x/metrics?");
+                req
+            };
+            assert_eq!(whep.handle(request()).await.status(), StatusCode::BadRequest);
+            assert_eq!(whep.handle_whep(request()).await.status(), StatusCode::BadRequest);
+            let mut ok = request();
+            ok.insert_header("Host", "x");
+            assert_eq!(whep.handle(ok).await.status(), StatusCode::Ok);
+            whep.shutdown().await;
+        });
+    }
+}
