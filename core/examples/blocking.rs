@@ -33,8 +33,9 @@
 //! [`Core::is_idle`]; after 10 s (or a second signal) what is left gets SIGKILL. FFmpeg also
 //! gets SIGKILL when this process dies (`PR_SET_PDEATHSIG`; the main thread spawns them all).
 //!
-//! HTTP is the subset browsers, curl and WHEP clients need: one request per connection,
-//! `Content-Length` bodies (a chunked one gets 411), answers with `Connection: close`. The
+//! HTTP is the subset browsers, curl and WHEP clients need: keep-alive connections whose
+//! requests (pipelined or not) are answered in order, `Content-Length` bodies only (a transfer
+//! coding gets 501, conflicting lengths 400, and the connection is closed after either). The
 //! end-to-end suite (`tests/`) runs this very file as its `whepd-blocking` binary.
 
 // clippy.toml forbids clocks, sockets, threads and processes in the sans-IO library; this
@@ -43,7 +44,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -65,8 +66,11 @@ const MAX_DATAGRAM: usize = 2048;
 const QUEUE: usize = 4096;
 /// How often an idle ingest reader checks its stop flag.
 const INGEST_POLL: Duration = Duration::from_millis(100);
-/// Read and write timeout of an HTTP connection.
+/// How long a request may take to arrive (head and body), and an idle keep-alive connection
+/// may wait for its next request; also the write timeout.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection's leftover input is read (and discarded) after the answer.
+const LINGER: Duration = Duration::from_secs(2);
 /// Longest request head (request line and headers).
 const MAX_HEAD: usize = 64 * 1024;
 /// HTTP connections served at once; more are answered 503 at once.
@@ -535,7 +539,7 @@ fn prepare_child(cmd: &mut Command) {
 }
 
 // ------------------------------------------------------------------------------------------
-// HTTP/1.1, one request per connection: `Content-Length` bodies, `Connection: close` answers.
+// HTTP/1.1 with keep-alive: `Content-Length` bodies only, answers in request order.
 // ------------------------------------------------------------------------------------------
 
 fn accept_loop(listener: &TcpListener, max_body: usize, tx: &SyncSender<Msg>) {
@@ -554,7 +558,7 @@ fn accept_loop(listener: &TcpListener, max_body: usize, tx: &SyncSender<Msg>) {
             active.fetch_sub(1, Ordering::AcqRel);
             let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
             let busy = plain(StatusCode::ServiceUnavailable, "too many connections");
-            let _ = write_response(&conn, &busy, false);
+            let _ = write_response(&conn, &busy, false, true);
             continue;
         }
         let (tx, done) = (tx.clone(), Arc::clone(&active));
@@ -569,32 +573,49 @@ fn accept_loop(listener: &TcpListener, max_body: usize, tx: &SyncSender<Msg>) {
     }
 }
 
-/// Reads one request, has the main loop answer it, writes the answer.
+/// Reads requests one after the other (pipelined ones are already in the buffer), has the
+/// main loop answer each and writes the answers in order, until the client asks to close, the
+/// request cannot be framed, or the connection idles for [`HTTP_TIMEOUT`].
 fn serve(conn: &TcpStream, peer: SocketAddr, max_body: usize, tx: &SyncSender<Msg>) {
     let _ = conn.set_write_timeout(Some(HTTP_TIMEOUT));
     let mut reader = BufReader::new(Deadline::new(conn, HTTP_TIMEOUT));
-    let (resp, head, unread) = match read_request(&mut reader, max_body) {
-        Ok((mut req, unread)) => {
-            req.client = Some(peer.ip());
-            let head = req.method == Method::Head;
-            let (reply, answer) = mpsc::channel();
-            // If the main loop is gone, `reply` is dropped with the message and `recv` fails.
-            let resp = tx.send(Msg::Http { req, reply }).ok().and_then(|()| answer.recv().ok());
-            (resp.unwrap_or_else(|| plain(StatusCode::ServiceUnavailable, "exiting")), head, unread)
-        }
-        Err(ReadError::Refused(status, why)) => (plain(status, why), false, 0),
-        Err(ReadError::Broken(e)) => {
-            debug!(%peer, error = %e, "request not read");
+    for first in std::iter::once(true).chain(std::iter::repeat(false)) {
+        reader.get_mut().until = Instant::now() + HTTP_TIMEOUT;
+        let (resp, head, unread, close) = match read_request(&mut reader, max_body) {
+            Ok(Some(Parsed { mut req, unread, close })) => {
+                req.client = Some(peer.ip());
+                let head = req.method == Method::Head;
+                let (reply, answer) = mpsc::channel();
+                // If the main loop is gone, `reply` is dropped with the message and `recv` fails.
+                let resp = tx.send(Msg::Http { req, reply }).ok().and_then(|()| answer.recv().ok());
+                let resp = resp.unwrap_or_else(|| plain(StatusCode::ServiceUnavailable, "exiting"));
+                // What is left of an over-long body is not read as the next request.
+                (resp, head, unread, close || unread > 0)
+            }
+            // Closed between requests: the client is done.
+            Ok(None) if !first => return,
+            Ok(None) => (plain(StatusCode::BadRequest, "no request"), false, 0, true),
+            Err(ReadError::Refused(status, why)) => (plain(status, why), false, 0, true),
+            Err(ReadError::Broken(e)) => {
+                debug!(%peer, error = %e, "request not read");
+                return;
+            }
+        };
+        if let Err(e) = write_response(conn, &resp, head, close) {
+            debug!(%peer, error = %e, "response not written");
             return;
         }
-    };
-    if let Err(e) = write_response(conn, &resp, head) {
-        debug!(%peer, error = %e, "response not written");
-        return;
+        if close {
+            // Read (a bounded part of) what the client sent beyond the answered request before
+            // closing: closing with unread data resets the connection, and the client could
+            // lose the answer before reading it.
+            let _ = conn.shutdown(Shutdown::Write);
+            reader.get_mut().until = Instant::now() + LINGER;
+            let budget = unread.min(16 * max_body as u64).max(MAX_HEAD as u64);
+            let _ = io::copy(&mut reader.take(budget), &mut io::sink());
+            return;
+        }
     }
-    // Read (a bounded part of) what is left of an over-long body: closing with unread data
-    // would reset the connection, and the client could lose the 413 before reading it.
-    let _ = io::copy(&mut reader.take(unread.min(16 * max_body as u64)), &mut io::sink());
 }
 
 /// Reads from a connection until a deadline: a client that trickles its request a byte at a
@@ -621,7 +642,7 @@ impl Read for Deadline<'_> {
     }
 }
 
-/// Why no request was read: answer with a status, or just close the connection.
+/// Why no request was read: answer with a status (and close), or just close the connection.
 enum ReadError {
     Refused(StatusCode, &'static str),
     Broken(io::Error),
@@ -633,24 +654,34 @@ impl From<io::Error> for ReadError {
     }
 }
 
+/// A request read off a connection.
+struct Parsed {
+    req: WhepRequest,
+    /// Body bytes not read (beyond `max_body + 1`).
+    unread: u64,
+    /// Whether the connection ends after the answer (`Connection: close`, or HTTP/1.0 without
+    /// `keep-alive`).
+    close: bool,
+}
+
 /// Reads the request line, the headers and a `Content-Length` body of at most `max_body + 1`
-/// bytes: the core answers anything longer with 413. Returns the request and the number of body
-/// bytes left unread.
+/// bytes: the core answers anything longer with 413. `None` when the connection ended before a
+/// request began.
 fn read_request(
     reader: &mut BufReader<Deadline<'_>>,
     max_body: usize,
-) -> Result<(WhepRequest, u64), ReadError> {
+) -> Result<Option<Parsed>, ReadError> {
     use ReadError::Refused;
     let bad = |why| Refused(StatusCode::BadRequest, why);
     let mut budget = MAX_HEAD;
-    let line = read_line(reader, &mut budget)?.ok_or_else(|| bad("no request"))?;
+    let Some(line) = read_line(reader, &mut budget)? else { return Ok(None) };
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(bad("bad request line"));
     };
-    if !target.starts_with('/') || !version.starts_with("HTTP/1.") {
+    if !target.starts_with('/') || !matches!(version, "HTTP/1.1" | "HTTP/1.0") {
         return Err(bad("bad request line"));
     }
     let method = method
@@ -664,22 +695,37 @@ fn read_request(
             break; // end of the head
         }
         let (name, value) = line.split_once(':').ok_or_else(|| bad("bad header line"))?;
-        req.headers.push((name.trim().to_owned(), value.trim().to_owned()));
+        if name.is_empty() || name.contains(|c: char| c.is_ascii_whitespace()) {
+            return Err(bad("bad header line"));
+        }
+        req.headers.push((name.to_owned(), value.trim().to_owned()));
     }
+    // Only `Content-Length` frames a body here. A transfer coding (even one ending in chunked)
+    // is not read, and guessing its length would let the body pass as the next request.
     if req.header("transfer-encoding").is_some() {
-        return Err(Refused(StatusCode::LengthRequired, "send the body with Content-Length"));
+        return Err(Refused(
+            StatusCode::NotImplemented,
+            "Transfer-Encoding not supported: send the body with Content-Length",
+        ));
     }
-    let length = match req.header("content-length") {
-        None => 0,
-        Some(v) => v.parse::<u64>().map_err(|_| bad("bad Content-Length"))?,
+    let length = content_length(&req).ok_or_else(|| bad("bad or conflicting Content-Length"))?;
+    let tokens = |name| {
+        header_all(&req, name)
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .map(str::to_ascii_lowercase)
+            .collect::<Vec<_>>()
     };
+    let connection = tokens("connection");
+    let close = connection.iter().any(|t| t == "close")
+        || (version == "HTTP/1.0" && !connection.iter().any(|t| t == "keep-alive"));
     let keep = length.min(max_body as u64 + 1);
     if keep > 0 && req.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
         let mut conn: &TcpStream = reader.get_ref().conn;
         conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
     }
     match reader.by_ref().take(keep).read_to_end(&mut req.body) {
-        Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
+        Err(e) if is_timeout(&e) => {
             return Err(Refused(StatusCode::RequestTimeout, "request body too slow"));
         }
         r => r?,
@@ -687,7 +733,35 @@ fn read_request(
     if (req.body.len() as u64) < keep {
         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
     }
-    Ok((req, length - keep))
+    Ok(Some(Parsed { req, unread: length - keep, close }))
+}
+
+/// The body length: 0 without `Content-Length`, `None` (400) unless every field and list
+/// element is the same run of digits (RFC 9112 §6.3: differing lengths are an error, since a
+/// proxy in front may have used another one).
+fn content_length(req: &WhepRequest) -> Option<u64> {
+    let mut length = None;
+    for value in header_all(req, "content-length").flat_map(|v| v.split(',')) {
+        let value = value.trim();
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n = value.parse::<u64>().ok()?;
+        if length.is_some_and(|l| l != n) {
+            return None;
+        }
+        length = Some(n);
+    }
+    Some(length.unwrap_or(0))
+}
+
+/// Every value of the header `name`, in order.
+fn header_all<'a>(req: &'a WhepRequest, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    req.headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)
 }
 
 /// One line without its line break, `None` at end of stream. The whole head may take
@@ -711,7 +785,13 @@ fn read_line(
     }
 }
 
-fn write_response(mut conn: &TcpStream, resp: &WhepResponse, head: bool) -> io::Result<()> {
+/// Writes `resp`, with `Connection: close` when the connection ends after it.
+fn write_response(
+    mut conn: &TcpStream,
+    resp: &WhepResponse,
+    head: bool,
+    close: bool,
+) -> io::Result<()> {
     let mut out = format!("HTTP/1.1 {} {}\r\n", resp.code(), resp.status.canonical_reason());
     for (name, value) in &resp.headers {
         // No value holds CR or LF; should one, dropping it beats splitting the response.
@@ -724,7 +804,10 @@ fn write_response(mut conn: &TcpStream, resp: &WhepResponse, head: bool) -> io::
     if !bodiless {
         out.push_str(&format!("Content-Length: {}\r\n", resp.body.len()));
     }
-    out.push_str("Connection: close\r\n\r\n");
+    if close {
+        out.push_str("Connection: close\r\n");
+    }
+    out.push_str("\r\n");
     let mut bytes = out.into_bytes();
     if !head && !bodiless {
         bytes.extend_from_slice(&resp.body);

@@ -15,6 +15,10 @@
 //! | `/api/streams/{id}` | GET, DELETE | admin: one stream; remove it |
 //! | `/api/streams/{id}/start`, `/stop` | POST | admin: start or stop it |
 //! | WHEP prefix | any | [`Core::handle_http`] |
+//!
+//! Routes are matched on the request target alone. A request whose `Host` holds more than a
+//! host and port (`/`, `?`, `#`, `\`), or that has two `Host` fields, is answered `400 bad Host
+//! header` before any route.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -327,6 +331,11 @@ pub fn handle_sharded(
     now: Instant,
     followers: &[ShardView],
 ) -> WhepResponse {
+    if !plain_host(&req) {
+        let resp = error(StatusCode::BadRequest, "bad Host header");
+        core.count_request("other", &req.method, resp.code());
+        return resp;
+    }
     let path = req.target.split('?').next().unwrap_or_default().to_owned();
     let prefix = core.config().whep_prefix.clone();
     if path.starts_with(&format!("{prefix}/")) {
@@ -368,6 +377,23 @@ pub fn handle_sharded(
     let resp = resp.with("Access-Control-Allow-Origin", core.config().cors_origin.clone());
     core.count_request(label, &req.method, resp.code());
     if req.method == Method::Head { WhepResponse { body: Vec::new(), ..resp } } else { resp }
+}
+
+/// Whether the request has at most one `Host` field, and it names a host and port only.
+///
+/// Routing uses the request target alone, but an HTTP library that builds a URL from
+/// `http://{Host}{target}` (http-types' servers do) would route `Host: x/metrics?` to
+/// `/metrics`; a proxy in front may also route on `Host`. Such a request is refused
+/// (RFC 9112 §3.2: 400 for an invalid or repeated `Host`) rather than answered on a route the
+/// client did not name in its target. [`handle`] checks it; a runtime that serves the WHEP
+/// routes alone from such a URL checks it itself.
+pub fn plain_host(req: &WhepRequest) -> bool {
+    let mut hosts = req.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("host"));
+    match (hosts.next(), hosts.next()) {
+        (Some((_, host)), None) => !host.contains(['/', '?', '#', '\\']),
+        (None, _) => true,
+        (Some(_), Some(_)) => false,
+    }
 }
 
 fn admin(
@@ -711,6 +737,21 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn host_must_be_plain() {
+        let get = |hosts: &[&str]| {
+            hosts
+                .iter()
+                .fold(WhepRequest::new(Method::Get, "/healthz"), |r, h| r.with_header("Host", *h))
+        };
+        for ok in [&[][..], &["x"], &["127.0.0.1:8080"], &["[::1]:80"]] {
+            assert!(plain_host(&get(ok)), "{ok:?}");
+        }
+        for bad in [&["x/metrics?"][..], &["x?y"], &["x#y"], &["x\\y"], &["x", "y"]] {
+            assert!(!plain_host(&get(bad)), "{bad:?}");
+        }
     }
 
     #[test]

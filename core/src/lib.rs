@@ -85,6 +85,8 @@ mod engine;
 pub mod ffmpeg;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+#[cfg(feature = "http")]
+mod http_glue;
 mod ids;
 mod metrics;
 mod pacer;

@@ -1,15 +1,20 @@
-//! HTTP glue: `http_types::Request` ⇄ [`WhepRequest`], and an async-h1 listener.
+//! HTTP glue: hyper 1 on smol ([`serve`]) and `http_types::Request` ⇄ [`WhepRequest`]
+//! ([`handle`], for http-types applications).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use async_h1::server::ConnectionStatus;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
 use http_types::{Request, Response, StatusCode};
-use smol::io::{AsyncReadExt, AsyncWriteExt};
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tracing::debug;
 use whep_core::{WhepRequest, WhepResponse};
 
@@ -18,13 +23,15 @@ use crate::Whep;
 /// How long a client may take to send its request head (the connection is closed beyond),
 /// and then its body (408).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head hyper buffers (request line and headers); beyond: 431.
+const MAX_HEAD: usize = 64 * 1024;
 /// Connections served at once by [`serve`]; beyond, new ones are closed at once.
 const MAX_CONNECTIONS: usize = 256;
 
 /// Answers one request: every application route, or with `app_routes` false the WHEP routes
 /// only. The body is read up to the configured limit; a longer body is answered with 413
 /// without being read further. The client address for the rate limits is the request's
-/// `peer_addr` (async-h1 through [`serve`], tide and others set it).
+/// `peer_addr` (async-h1, tide and others set it).
 pub(crate) async fn handle(whep: &Whep, mut req: Request, app_routes: bool) -> Response {
     let limit = whep.max_body();
     let mut body = Vec::new();
@@ -62,6 +69,12 @@ pub(crate) async fn handle(whep: &Whep, mut req: Request, app_routes: bool) -> R
     }
     let resp = if app_routes {
         whep.handle_request(wreq).await
+    } else if !whep_core::app::plain_host(&wreq) {
+        // The target came from a URL built with `Host`; see `plain_host` (the application
+        // routes check it in the core).
+        let mut resp = Response::new(StatusCode::BadRequest);
+        resp.set_body("bad Host header\n");
+        return resp;
     } else {
         whep.handle_whep_request(wreq).await
     };
@@ -81,9 +94,11 @@ fn to_http_types(resp: WhepResponse) -> Response {
     out
 }
 
-/// Accepts HTTP/1.1 connections on `listener` until `shutdown` completes. Connections in flight
-/// finish on their own tasks. At most [`MAX_CONNECTIONS`] are served at once; a head must
-/// arrive within [`REQUEST_TIMEOUT`] and fit in async-h1's 8 KiB (431 beyond).
+/// Accepts HTTP/1.1 connections on `listener` until `shutdown` completes; connections in flight
+/// are then finished gracefully. hyper does the framing (keep-alive, pipelining, chunked
+/// bodies; a transfer coding or `Content-Length` it cannot trust is refused with 400 and the
+/// connection closed). At most [`MAX_CONNECTIONS`] are served at once; a head must arrive
+/// within [`REQUEST_TIMEOUT`] and fit in [`MAX_HEAD`].
 pub(crate) async fn serve(
     whep: Whep,
     listener: smol::net::TcpListener,
@@ -95,6 +110,8 @@ pub(crate) async fn serve(
     }
     let mut shutdown = std::pin::pin!(shutdown);
     let active = Arc::new(AtomicUsize::new(0));
+    // Never sent on: dropping it on return wakes every connection's `recv` to shut down.
+    let (_stop, stopped) = smol::channel::bounded::<()>(1);
     loop {
         let next = smol::future::or(async { Next::Conn(listener.accept().await) }, async {
             (&mut shutdown).await;
@@ -116,79 +133,195 @@ pub(crate) async fn serve(
             debug!(%peer, "too many connections, closing a new one");
             continue;
         }
-        let (whep, active) = (whep.clone(), Arc::clone(&active));
+        let (whep, active, stopped) = (whep.clone(), Arc::clone(&active), stopped.clone());
         smol::spawn(async move {
-            connection(whep, stream, peer).await;
+            connection(whep, stream, peer, stopped).await;
             active.fetch_sub(1, Ordering::AcqRel);
         })
         .detach();
     }
 }
 
-/// Serves one connection's requests. async-h1's own head timeout (60 s) cannot be set, so each
-/// request gets [`REQUEST_TIMEOUT`] for its head and then twice that for its body, the answer
-/// and discarding what is left of an over-long body; the connection is closed beyond.
-async fn connection(whep: Whep, stream: smol::net::TcpStream, peer: SocketAddr) {
-    let entered = Arc::new(AtomicBool::new(false));
-    let endpoint = {
-        let entered = Arc::clone(&entered);
-        move |mut req: Request| {
-            entered.store(true, Ordering::Release);
-            req.set_peer_addr(Some(peer));
-            let whep = whep.clone();
-            async move { Ok(handle(&whep, req, true).await) }
-        }
-    };
-    let mut server = async_h1::server::Server::new(stream.clone(), endpoint);
-    loop {
-        entered.store(false, Ordering::Release);
-        let deadline = async {
-            smol::Timer::after(REQUEST_TIMEOUT).await;
-            if entered.load(Ordering::Acquire) {
-                smol::Timer::after(2 * REQUEST_TIMEOUT).await;
-            }
-            None
-        };
-        match smol::future::or(async { Some(server.accept_one().await) }, deadline).await {
-            Some(Ok(ConnectionStatus::KeepAlive)) => {}
-            Some(Ok(ConnectionStatus::Close)) => return,
-            Some(Err(e)) => {
-                debug!(%peer, error = %e, "connection ended");
-                if !entered.load(Ordering::Acquire) {
-                    refuse_head(stream, &e).await;
-                }
-                return;
-            }
-            None => {
-                debug!(%peer, "request too slow, closing the connection");
-                return;
-            }
+/// Serves one connection's requests until it closes, or finishes the one in flight once the
+/// listener stops.
+async fn connection(
+    whep: Whep,
+    stream: smol::net::TcpStream,
+    peer: SocketAddr,
+    stopped: smol::channel::Receiver<()>,
+) {
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let whep = whep.clone();
+        async move { Ok::<_, Infallible>(call_http(&whep, req, peer).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(SmolTimer)
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_header_size(MAX_HEAD)
+        .serve_connection(SmolIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    let ended = smol::future::or(async { Some(conn.as_mut().await) }, async {
+        let _ = stopped.recv().await;
+        None
+    })
+    .await;
+    match ended {
+        Some(Ok(())) => {}
+        Some(Err(e)) => debug!(%peer, error = %e, "connection ended"),
+        None => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         }
     }
 }
 
-/// async-h1 closes the connection without a word on a head it cannot decode; answer it first
-/// (431 for an over-long head, 400 for a malformed one), so that the client learns why.
-/// Transport errors (the connection is gone) get nothing.
-async fn refuse_head(mut stream: smol::net::TcpStream, e: &http_types::Error) {
-    if e.downcast_ref::<io::Error>().is_some() {
-        return;
+/// Answers one request that hyper framed: the body is read up to the configured limit (413
+/// beyond, without reading further) within [`REQUEST_TIMEOUT`] (408 beyond).
+async fn call_http(
+    whep: &Whep,
+    req: http::Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> http::Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let limit = whep.max_body();
+    let read =
+        smol::future::or(async { Some(Limited::new(body, limit + 1).collect().await) }, async {
+            smol::Timer::after(REQUEST_TIMEOUT).await;
+            None
+        });
+    let body = match read.await {
+        Some(Ok(collected)) => collected.to_bytes().to_vec(),
+        Some(Err(e)) => {
+            debug!(%peer, error = %e, "request body not read");
+            if !e.is::<http_body_util::LengthLimitError>() {
+                return plain(http::StatusCode::BAD_REQUEST, "malformed request body");
+            }
+            // Over the limit: hand the core an over-long body so that the refusal (413) and
+            // its counting stay in one place.
+            vec![0; limit + 1]
+        }
+        None => return plain(http::StatusCode::REQUEST_TIMEOUT, "request body too slow"),
+    };
+    let resp = match WhepRequest::from_http(&parts, body, Some(peer.ip())) {
+        Ok(req) => whep.handle_request(req).await,
+        Err(resp) => resp,
+    };
+    resp.into_http().map(|body| Full::new(Bytes::from(body)))
+}
+
+fn plain(status: http::StatusCode, text: &'static str) -> http::Response<Full<Bytes>> {
+    let mut out = http::Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *out.status_mut() = status;
+    out
+}
+
+/// A smol (futures-io) stream as hyper's IO: reads go through a small buffer of our own and
+/// are copied into hyper's (hyper's buffer may be uninitialised, and filling it in place would
+/// take `unsafe`); a copy of a request's bytes costs nothing next to answering it.
+struct SmolIo<S> {
+    inner: S,
+    scratch: Box<[u8]>,
+}
+
+impl<S> SmolIo<S> {
+    fn new(inner: S) -> Self {
+        Self { inner, scratch: vec![0; 8 * 1024].into_boxed_slice() }
     }
-    let (status, why) = if e.to_string().contains("Head byte length") {
-        ("431 Request Header Fields Too Large", "request head too large\n")
-    } else {
-        ("400 Bad Request", "malformed request head\n")
-    };
-    let answer = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{why}",
-        why.len()
-    );
-    let write = async {
-        let _ = stream.write_all(answer.as_bytes()).await;
-        let _ = stream.flush().await;
-    };
-    smol::future::or(write, async {
-        smol::Timer::after(Duration::from_secs(1)).await;
-    })
-    .await;
+}
+
+impl<S: AsyncRead + Unpin> hyper::rt::Read for SmolIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let room = buf.remaining().min(this.scratch.len());
+        let n =
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut this.scratch[..room]))?;
+        buf.put_slice(&this.scratch[..n]);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> hyper::rt::Write for SmolIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_close(cx)
+    }
+}
+
+/// hyper's timer (head timeouts) over async-io's.
+#[derive(Debug, Clone, Copy)]
+struct SmolTimer;
+
+impl hyper::rt::Timer for SmolTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(SmolSleep(smol::Timer::after(duration)))
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(SmolSleep(smol::Timer::at(deadline)))
+    }
+}
+
+struct SmolSleep(smol::Timer);
+
+impl Future for SmolSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.get_mut().0).poll(cx).map(drop)
+    }
+}
+
+impl hyper::rt::Sleep for SmolSleep {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An http-types server builds the URL from `Host`: such a request is refused on both
+    /// handlers rather than routed on what `Host` smuggled into the URL.
+    #[test]
+    fn handle_refuses_a_host_with_a_path() {
+        smol::block_on(async {
+            let config = whep_core::app::ServerConfig {
+                udp_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+                ..Default::default()
+            };
+            let whep = Whep::start(config).expect("engine");
+            let request = || {
+                let url = http_types::Url::parse("http://x/metrics?/healthz").expect("url");
+                let mut req = Request::new(http_types::Method::Get, url);
+                req.insert_header("Host", "x/metrics?");
+                req
+            };
+            assert_eq!(whep.handle(request()).await.status(), StatusCode::BadRequest);
+            assert_eq!(whep.handle_whep(request()).await.status(), StatusCode::BadRequest);
+            let mut ok = request();
+            ok.insert_header("Host", "x");
+            assert_eq!(whep.handle(ok).await.status(), StatusCode::Ok);
+            whep.shutdown().await;
+        });
+    }
 }

@@ -1,7 +1,8 @@
 //! [whep-core] on smol / async-io. The engine is `whep_core::driver`'s event loop over
 //! [`SmolRuntime`] (`Async<UdpSocket>`, `async_io::Timer`, async-process children); this crate
-//! adds the HTTP side from the http-types ecosystem: [`Whep::serve`] runs async-h1, and
-//! [`Whep::handle`] answers an `http_types::Request` for an application with its own server.
+//! adds the HTTP side: [`Whep::serve`] runs hyper's HTTP/1.1 server on smol, and
+//! [`Whep::handle`] answers an `http_types::Request` for an http-types application with its own
+//! server.
 //!
 //! The surface matches `whep-tokio`: start on an executor, manage streams, subscribe to events,
 //! serve the routes or hand them over; the `whepd-smol` binary is `whepd` on this runtime.
@@ -38,7 +39,7 @@ pub mod cli;
 pub use runtime::SmolRuntime;
 
 /// A handle to a running engine on smol: an [`Engine`] (streams, events, requests, shutdown;
-/// reached through `Deref`) plus the http-types glue. Cheap to clone; the engine shuts down
+/// reached through `Deref`) plus the HTTP glue. Cheap to clone; the engine shuts down
 /// when [`Engine::shutdown`] is called or the last handle is dropped.
 #[derive(Debug, Clone)]
 pub struct Whep {
@@ -91,8 +92,8 @@ impl Whep {
         http::handle(self, req, false).await
     }
 
-    /// Serves every application route on `listener` (HTTP/1.1 by async-h1) until `shutdown`
-    /// completes.
+    /// Serves every application route on `listener` (HTTP/1.1 by hyper, with keep-alive and
+    /// pipelining) until `shutdown` completes; connections in flight are then finished.
     pub async fn serve(
         &self,
         listener: smol::net::TcpListener,

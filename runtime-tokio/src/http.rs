@@ -66,12 +66,10 @@ impl WhepService {
         let read = tokio::time::timeout(REQUEST_TIMEOUT, Limited::new(body, limit + 1).collect());
         let body = match read.await {
             Ok(Ok(collected)) => collected.to_bytes().to_vec(),
-            // Over the limit (or a broken body): hand the core an over-long body so that the
-            // refusal (413) and its counting stay in one place.
-            Ok(Err(e)) => {
-                debug!(error = %e, "request body not read");
-                vec![0; limit + 1]
-            }
+            Ok(Err(e)) => match over_limit(limit, e.as_ref()) {
+                Some(body) => body,
+                None => return plain(http::StatusCode::BAD_REQUEST, "malformed request body"),
+            },
             Err(_) => return plain(http::StatusCode::REQUEST_TIMEOUT, "request body too slow"),
         };
         let client = parts
@@ -79,17 +77,10 @@ impl WhepService {
             .get::<ClientAddr>()
             .map(|c| c.0)
             .or_else(|| parts.extensions.get::<SocketAddr>().copied());
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
-        let Ok(method) = parts.method.as_str().parse::<http_types::Method>() else {
-            return plain(http::StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+        let req = match WhepRequest::from_http(&parts, body, client.map(|a| a.ip())) {
+            Ok(req) => req,
+            Err(resp) => return to_http(resp),
         };
-        let mut req = WhepRequest::new(method, target).with_body(body);
-        req.client = client.map(|a| a.ip());
-        for (name, value) in &parts.headers {
-            if let Ok(value) = value.to_str() {
-                req.headers.push((name.as_str().to_owned(), value.to_owned()));
-            }
-        }
         let resp = if self.app_routes {
             self.whep.handle_request(req).await
         } else {
@@ -99,17 +90,19 @@ impl WhepService {
     }
 }
 
+/// For a body that could not be read: an over-long body (`limit` + 1 bytes, so that the core
+/// answers 413 and counts it, in one place) when the limit was hit, `None` for a broken one
+/// (a bad chunk, a connection gone), which gets 400.
+fn over_limit(
+    limit: usize,
+    e: &(dyn std::error::Error + Send + Sync + 'static),
+) -> Option<Vec<u8>> {
+    debug!(error = %e, "request body not read");
+    e.is::<http_body_util::LengthLimitError>().then(|| vec![0; limit + 1])
+}
+
 fn to_http(resp: WhepResponse) -> http::Response<Full<Bytes>> {
-    let status =
-        http::StatusCode::from_u16(resp.code()).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-    let mut out = http::Response::new(Full::new(Bytes::from(resp.body)));
-    *out.status_mut() = status;
-    for (name, value) in resp.headers {
-        if let Ok(value) = http::HeaderValue::try_from(value) {
-            out.headers_mut().append(name, value);
-        }
-    }
-    out
+    resp.into_http().map(|body| Full::new(Bytes::from(body)))
 }
 
 fn plain(status: http::StatusCode, text: &'static str) -> http::Response<Full<Bytes>> {

@@ -125,6 +125,33 @@ pub fn read_response(stream: &TcpStream) -> io::Result<Response> {
     }
 }
 
+/// Reads the responses on one connection, in order, until it closes or `max` have arrived
+/// (a request was written already, possibly several pipelined). Informational (1xx) responses
+/// are skipped. The error, if any, says why reading stopped before `max`: `UnexpectedEof` for
+/// a clean close between responses, a timeout for a connection left open and silent.
+pub fn read_responses(stream: &TcpStream, max: usize) -> (Vec<Response>, Option<io::Error>) {
+    let mut reader = BufReader::new(stream);
+    let mut out = Vec::new();
+    while out.len() < max {
+        let (status, headers) = match read_head(&mut reader) {
+            Ok(head) => head,
+            Err(e) => return (out, Some(e)),
+        };
+        if (100..200).contains(&status) && status != 101 {
+            continue;
+        }
+        let mut response = Response { status, headers, body: Vec::new() };
+        if status != 204 && status != 304 && status >= 200 {
+            match read_body(&mut reader, &response) {
+                Ok(body) => response.body = body,
+                Err(e) => return (out, Some(e)),
+            }
+        }
+        out.push(response);
+    }
+    (out, None)
+}
+
 /// `GET target` without extra headers.
 pub fn get(addr: SocketAddr, target: &str) -> io::Result<Response> {
     request(addr, "GET", target, &[], &[])

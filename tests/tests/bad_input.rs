@@ -45,8 +45,8 @@ fn baseline(server: &Server) -> Resources {
     server.resources()
 }
 
-/// A client that pauses before its request: async-h1 (smol) then arms its own head timer,
-/// which starts async-io 1.x's reactor thread (3 descriptors) once, lazily.
+/// A client that pauses before its request: the server's head timer is armed, and whatever
+/// that creates lazily, once (a timer thread, descriptors), is in the baseline.
 fn warm_http(server: &Server) {
     let mut slow = TcpStream::connect(server.http).expect("connect");
     std::thread::sleep(Duration::from_millis(200));
