@@ -33,7 +33,7 @@ use crate::config::{H264Profile, StreamConfig};
 use crate::ffmpeg::EgressConfig;
 use crate::{Config, Core, StreamError, StreamId, StreamInfo, WhepRequest, WhepResponse};
 
-mod policy;
+pub mod policy;
 
 pub use policy::{AdminPolicy, FILE_FORMATS, Refused, URL_PROTOCOLS, URL_SCHEMES, check_media_dir};
 
