@@ -19,6 +19,12 @@
 //! Routes are matched on the request target alone. A request whose `Host` holds more than a
 //! host and port (`/`, `?`, `#`, `\`), or that has two `Host` fields, is answered `400 bad Host
 //! header` before any route.
+//!
+//! A stream added over the admin API is held to [`AdminPolicy`] (network URLs, files in media
+//! directories, no raw FFmpeg arguments or filter graphs unless the operator opts in). A client
+//! whose admin authentication failures exceed its budget (the per-client request rate,
+//! [`RateLimits::requests_per_client`](crate::RateLimits::requests_per_client)) gets 429 with
+//! `Retry-After` before its token is looked at.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -31,6 +37,10 @@ use crate::config::{H264Profile, StreamConfig};
 use crate::ffmpeg::EgressConfig;
 use crate::{Config, Core, StreamError, StreamId, StreamInfo, WhepRequest, WhepResponse};
 
+pub mod policy;
+
+pub use policy::{AdminPolicy, FILE_FORMATS, Refused, URL_PROTOCOLS, URL_SCHEMES, check_media_dir};
+
 /// The player page, with `__WHEP_PREFIX__` still in it; [`handle`] fills it in.
 pub const PLAYER_HTML: &str = include_str!("../assets/player.html");
 
@@ -39,6 +49,8 @@ pub const PLAYER_HTML: &str = include_str!("../assets/player.html");
 pub struct AppConfig {
     /// Bearer token of the admin API. `None` disables the admin API (403).
     pub admin_token: Option<String>,
+    /// What streams added over the admin API may make FFmpeg do.
+    pub policy: AdminPolicy,
 }
 
 /// How a stream is fed and which WebRTC legs FFmpeg writes: the serialisable form of a
@@ -407,8 +419,18 @@ fn admin(
     let Some(token) = &app.admin_token else {
         return error(StatusCode::Forbidden, "admin API disabled: configure an admin token");
     };
+    // A client whose failures used up its budget is refused before its token is compared,
+    // so a right guess looks no different from a wrong one.
+    let (limiter, metrics) = core.admin_limits();
+    if let Err(wait) = limiter.admin_admit(req.client, now) {
+        *metrics.rejections.entry("admin_rate_limited").or_default() += 1;
+        let secs = wait.as_millis().div_ceil(1000).max(1);
+        return error(StatusCode::TooManyRequests, "admin API: too many failed authentications")
+            .with("Retry-After", secs.to_string());
+    }
     let presented = req.header("authorization").and_then(|v| v.strip_prefix("Bearer "));
     if !presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token.as_bytes())) {
+        limiter.admin_failed(req.client, now);
         return error(StatusCode::Unauthorized, "admin API: missing or wrong bearer token")
             .with("WWW-Authenticate", "Bearer");
     }
@@ -445,9 +467,12 @@ fn admin(
             let Some(id) = StreamId::new(id) else {
                 return error(StatusCode::BadRequest, "bad stream id");
             };
-            let config = match spec.to_config() {
+            let config = match app.policy.stream_config(&spec) {
                 Ok(c) => c,
-                Err(e) => return error(StatusCode::BadRequest, &format!("bad stream: {e}")),
+                Err(Refused::Forbidden(why)) => return error(StatusCode::Forbidden, &why),
+                Err(Refused::Invalid(e)) => {
+                    return error(StatusCode::BadRequest, &format!("bad stream: {e}"));
+                }
             };
             if let Err(e) = core.add_stream(id.clone(), config) {
                 return stream_error(&e);
@@ -458,7 +483,8 @@ fn admin(
                 return stream_error(&e);
             }
             let info = core.stream(&id).map(|s| info_json(&s)).unwrap_or_default();
-            json(StatusCode::Created, &info).with("Location", format!("/api/streams/{id}"))
+            let segment = percent_encoding::utf8_percent_encode(id.as_str(), crate::whep::SEGMENT);
+            json(StatusCode::Created, &info).with("Location", format!("/api/streams/{segment}"))
         }
         (method, [raw, action @ ..]) => {
             let Some(id) = id(raw) else { return error(StatusCode::NotFound, "no such stream") };
@@ -719,6 +745,98 @@ mod tests {
             serde_json::from_str(r#"{"file":"a.mp4","max_viewers":3}"#).expect("valid");
         assert_eq!(spec.to_config().expect("valid").max_viewers, Some(3));
         assert!(serde_json::from_str::<StreamSpec>(r#"{"fiel":"a.mp4"}"#).is_err());
+    }
+
+    fn admin_req(method: Method, target: &str, token: &str, body: &str) -> WhepRequest {
+        WhepRequest::new(method, target)
+            .with_header("Authorization", format!("Bearer {token}"))
+            .with_body(body)
+            .with_client([192, 0, 2, 1])
+    }
+
+    fn body(r: &WhepResponse) -> String {
+        String::from_utf8_lossy(&r.body).into_owned()
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a real starting instant
+    fn admin_posts_are_held_to_the_policy() {
+        let now = Instant::now();
+        let mut core = Core::new(Config::default(), now);
+        let app = AppConfig { admin_token: Some("t".into()), ..AppConfig::default() };
+        let post = |core: &mut Core, spec: &str| {
+            handle(core, &app, admin_req(Method::Post, "/api/streams", "t", spec), now)
+        };
+        for (spec, status, needle) in [
+            (r#"{"id":"a","url":"file:/etc/shadow"}"#, 403, "only network protocols"),
+            (r#"{"id":"a","file":"/etc/shadow"}"#, 403, "--media-dir"),
+            (r#"{"id":"a","lavfi":"testsrc2"}"#, 403, "--admin-raw-ffmpeg"),
+            (r#"{"id":"a","args":["-i","/etc/shadow"]}"#, 403, "--admin-raw-ffmpeg"),
+            (r#"{"id":"a","url":"rtsp://h/x","external":true}"#, 400, "only one of"),
+        ] {
+            let r = post(&mut core, spec);
+            assert_eq!(r.code(), status, "{spec}: {}", body(&r));
+            assert!(body(&r).contains(needle), "{spec}: {}", body(&r));
+        }
+        assert!(core.streams().is_empty());
+        // An accepted URL runs FFmpeg with the protocol whitelist.
+        let r = post(&mut core, r#"{"id":"cam","url":"rtsp://127.0.0.1:1/x","autostart":false}"#);
+        assert_eq!(r.code(), 201, "{}", body(&r));
+        assert_eq!(r.header("location"), Some("/api/streams/cam"));
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a real starting instant
+    fn admin_location_is_percent_encoded() {
+        let now = Instant::now();
+        let mut core = Core::new(Config::default(), now);
+        let app = AppConfig { admin_token: Some("t".into()), ..AppConfig::default() };
+        for (id, want) in [
+            ("a b", "/api/streams/a%20b"),
+            ("a/b", "/api/streams/a%2Fb"),
+            ("a%2Fb", "/api/streams/a%252Fb"),
+        ] {
+            let spec = serde_json::json!({"id": id, "external": true, "autostart": false});
+            let req = admin_req(Method::Post, "/api/streams", "t", &spec.to_string());
+            let r = handle(&mut core, &app, req, now);
+            assert_eq!(r.code(), 201, "{id}: {}", body(&r));
+            let location = r.header("location").unwrap_or_default().to_owned();
+            assert_eq!(location, want);
+            let r = handle(&mut core, &app, admin_req(Method::Get, &location, "t", ""), now);
+            let got: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            assert_eq!(got["id"], id, "GET {location}: {}", body(&r));
+        }
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a real starting instant
+    fn admin_authentication_failures_are_rate_limited() {
+        let t0 = Instant::now();
+        let mut config = Config::default();
+        config.rate_limits.requests_per_client = Some(crate::Rate::new(2, 4));
+        let mut core = Core::new(config, t0);
+        let app = AppConfig { admin_token: Some("t".into()), ..AppConfig::default() };
+        let get = |core: &mut Core, token: &str, t: Instant| {
+            handle(core, &app, admin_req(Method::Get, "/api/streams", token, ""), t)
+        };
+        // The right token spends nothing.
+        for _ in 0..10 {
+            assert_eq!(get(&mut core, "t", t0).code(), 200);
+        }
+        for _ in 0..4 {
+            assert_eq!(get(&mut core, "guess", t0).code(), 401);
+        }
+        // Out of budget: refused before the token is looked at, right or wrong.
+        for token in ["guess", "t"] {
+            let r = get(&mut core, token, t0);
+            assert_eq!(r.code(), 429, "{}", body(&r));
+            assert_eq!(r.header("retry-after"), Some("1"));
+        }
+        assert_eq!(core.metrics().rejections.get("admin_rate_limited"), Some(&2));
+        // Another client is not affected; the budget refills at the request rate.
+        let other = admin_req(Method::Get, "/api/streams", "t", "").with_client([192, 0, 2, 2]);
+        assert_eq!(handle(&mut core, &app, other, t0).code(), 200);
+        assert_eq!(get(&mut core, "t", t0 + Duration::from_millis(500)).code(), 200);
     }
 
     #[test]

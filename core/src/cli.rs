@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::app::{AppConfig, StreamSpec};
+use crate::app::{AdminPolicy, AppConfig, StreamSpec};
 use crate::ratelimit::{Rate, RateLimits, RateSetting};
 use crate::{Config, IceServer, PrimePacing};
 
@@ -52,6 +52,14 @@ pub struct Cli {
     /// Bearer token of the admin API (none = admin API disabled).
     #[arg(long)]
     admin_token: Option<String>,
+    /// Directory whose files streams added over the admin API may play (`file`; repeat)
+    /// [default: none, `file` refused over the API].
+    #[arg(long = "media-dir", value_name = "DIR")]
+    media_dirs: Vec<String>,
+    /// Let the admin API pass raw FFmpeg `args` and `lavfi` graphs: FFmpeg's full power, files
+    /// included, to whoever holds the admin token.
+    #[arg(long)]
+    admin_raw_ffmpeg: bool,
     /// STUN/TURN server announced to viewers, `URL[,USERNAME,CREDENTIAL]` (repeat).
     #[arg(long = "ice-server")]
     ice_servers: Vec<String>,
@@ -119,6 +127,8 @@ struct FileConfig {
     cors_origin: Option<String>,
     bearer_tokens: Vec<String>,
     admin_token: Option<String>,
+    media_dirs: Vec<String>,
+    admin_raw_ffmpeg: Option<bool>,
     ice_servers: Vec<IceServerFile>,
     whep_prefix: Option<String>,
     ffmpeg: Option<String>,
@@ -326,9 +336,17 @@ fn settings(
     for (name, spec) in &streams {
         spec.to_config().map_err(|e| format!("stream {name:?}: {e}"))?;
     }
+    let media_dirs = if cli.media_dirs.is_empty() { file.media_dirs } else { cli.media_dirs };
+    for dir in &media_dirs {
+        crate::app::check_media_dir(dir)?;
+    }
+    let policy = AdminPolicy {
+        media_dirs,
+        raw_ffmpeg: cli.admin_raw_ffmpeg || file.admin_raw_ffmpeg.unwrap_or(false),
+    };
     Ok(Settings {
         core,
-        app: AppConfig { admin_token: cli.admin_token.or(file.admin_token) },
+        app: AppConfig { admin_token: cli.admin_token.or(file.admin_token), policy },
         udp: cli.udp.or(file.udp).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478))),
         http: cli.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
         streams,
@@ -532,6 +550,32 @@ max_viewers = 2
         let s = setup_with(&["--config", "w.toml", "--prime-kbps", "16000"], file).expect("ok");
         assert_eq!(s.core.prime_pacing.map(|p| (p.rate, p.burst)), Some((2_000_000, 32 * 1024)));
         assert_eq!(setup_from(&["--prime-kbps", "0"]).expect("ok").core.prime_pacing, None);
+    }
+
+    #[test]
+    fn admin_policy_from_flags_and_file() {
+        let s = setup_from(&[]).expect("valid");
+        assert_eq!(s.app.policy, AdminPolicy::default());
+        let file = "media_dirs = [\"/srv/a\"]\nadmin_raw_ffmpeg = true\n";
+        let s = setup_with(&["--config", "w.toml"], file).expect("valid");
+        assert_eq!(
+            s.app.policy,
+            AdminPolicy { media_dirs: vec!["/srv/a".into()], raw_ffmpeg: true }
+        );
+        let s = setup_with(
+            &["--config", "w.toml", "--media-dir", "/m/1", "--media-dir", "/m/2/"],
+            file,
+        )
+        .expect("valid");
+        assert_eq!(s.app.policy.media_dirs, ["/m/1", "/m/2/"]);
+        assert!(setup_from(&["--admin-raw-ffmpeg"]).expect("valid").app.policy.raw_ffmpeg);
+        let err = setup_from(&["--media-dir", "media"]).expect_err("relative");
+        assert!(err.contains("absolute"), "{err}");
+        let err = setup_from(&["--media-dir", "/srv/../etc"]).expect_err("dot-dot");
+        assert!(err.contains("absolute"), "{err}");
+        // Configured streams keep full power: raw args and lavfi need no opt-in there.
+        let raw = "[streams.r]\nargs = [\"-f\", \"lavfi\", \"-i\", \"testsrc2\"]\n";
+        assert!(setup_with(&["--config", "w.toml"], raw).is_ok());
     }
 
     #[test]

@@ -1245,6 +1245,12 @@ impl Core {
         }
     }
 
+    /// The rate limiter and counters, for the admin API's authentication limit (`app`).
+    #[cfg(feature = "app")]
+    pub(crate) fn admin_limits(&mut self) -> (&mut Limiter, &mut Metrics) {
+        (&mut self.limiter, &mut self.metrics)
+    }
+
     /// Counts one answered HTTP request in [`Metrics::requests`].
     pub(crate) fn count_request(&mut self, route: &'static str, method: &Method, status: u16) {
         *self.metrics.requests.entry((route, method.to_string(), status)).or_default() += 1;

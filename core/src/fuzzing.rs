@@ -275,7 +275,7 @@ impl RequestWorld {
         let mut config = sim::config();
         config.strict_if_match = true;
         let (w, _) = demo_world(config);
-        let app = AppConfig { admin_token: Some(ADMIN_TOKEN.to_owned()) };
+        let app = AppConfig { admin_token: Some(ADMIN_TOKEN.to_owned()), ..AppConfig::default() };
         Self { w, session: None, dirty: false, app }
     }
 

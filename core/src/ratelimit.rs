@@ -6,6 +6,11 @@
 //! a burst of candidates right after its POST. A refused request gets 429 with `Retry-After`
 //! set to the whole seconds until the bucket has a token again.
 //!
+//! The admin API's authentication failures draw on a per-client bucket of their own, at the
+//! same rate as other WHEP requests ([`RateLimits::requests_per_client`]): a client whose
+//! bucket is empty is refused (429) before its token is looked at, so guessing the admin token
+//! is as slow as any other request, and an admin client that authenticates never spends it.
+//!
 //! Clients are keyed by IP address, IPv6 by its /64 (one host usually owns a whole /64). The
 //! per-client table is bounded: buckets that have refilled carry no information and are
 //! dropped when the table is full, and should it still be full (a flood from many addresses),
@@ -80,7 +85,8 @@ pub struct RateLimits {
     pub post_per_client: Option<Rate>,
     /// POSTs from all clients together.
     pub post_global: Option<Rate>,
-    /// Other requests to WHEP routes (PATCH, DELETE, GET, HEAD, OPTIONS) per client address.
+    /// Other requests to WHEP routes (PATCH, DELETE, GET, HEAD, OPTIONS) per client address;
+    /// also the budget of the admin API's authentication failures per client address.
     pub requests_per_client: Option<Rate>,
 }
 
@@ -158,6 +164,23 @@ impl PerClient {
         Self { rate, clients: HashMap::new(), overflow: Bucket::full(rate, now) }
     }
 
+    /// Whether `client` has a token, without taking it (nor a place in the table).
+    fn peek(&mut self, client: IpAddr, now: Instant) -> Result<(), Duration> {
+        let rate = self.rate;
+        let mut copy = match self.clients.get(&client) {
+            Some(bucket) => *bucket,
+            None if self.clients.len() < MAX_CLIENTS => return Ok(()),
+            None => {
+                self.clients.retain(|_, b| !b.is_full(rate, now));
+                if self.clients.len() < MAX_CLIENTS {
+                    return Ok(());
+                }
+                self.overflow
+            }
+        };
+        copy.take(rate, now)
+    }
+
     fn take(&mut self, client: IpAddr, now: Instant) -> Result<(), Duration> {
         let rate = self.rate;
         if !self.clients.contains_key(&client) && self.clients.len() >= MAX_CLIENTS {
@@ -183,6 +206,8 @@ pub(crate) struct Limiter {
     post_client: Option<PerClient>,
     post_global: Option<(Rate, Bucket)>,
     other_client: Option<PerClient>,
+    /// Admin API authentication failures.
+    admin_client: Option<PerClient>,
 }
 
 impl Limiter {
@@ -191,6 +216,7 @@ impl Limiter {
             post_client: limits.post_per_client.map(|r| PerClient::new(r, now)),
             post_global: limits.post_global.map(|r| (r, Bucket::full(r, now))),
             other_client: limits.requests_per_client.map(|r| PerClient::new(r, now)),
+            admin_client: limits.requests_per_client.map(|r| PerClient::new(r, now)),
         }
     }
 
@@ -222,10 +248,34 @@ impl Limiter {
         }
     }
 
+    /// Whether an admin API request from `client` may be looked at: `Err` with the wait while
+    /// its authentication failures have used up its budget. Takes nothing; see
+    /// [`admin_failed`](Self::admin_failed). A request without a known client address is not
+    /// limited.
+    pub(crate) fn admin_admit(
+        &mut self,
+        client: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        match (&mut self.admin_client, client) {
+            (Some(limiter), Some(ip)) => limiter.peek(key(ip), now),
+            _ => Ok(()),
+        }
+    }
+
+    /// Spends a token of `client`'s admin budget on a failed authentication.
+    pub(crate) fn admin_failed(&mut self, client: Option<IpAddr>, now: Instant) {
+        if let (Some(limiter), Some(ip)) = (&mut self.admin_client, client) {
+            // Refused or not, the failure is answered; the next request finds the bucket empty.
+            let _ = limiter.take(key(ip), now);
+        }
+    }
+
     /// Clients tracked, for tests and metrics.
     pub(crate) fn tracked(&self) -> usize {
         self.post_client.as_ref().map_or(0, |l| l.clients.len())
             + self.other_client.as_ref().map_or(0, |l| l.clients.len())
+            + self.admin_client.as_ref().map_or(0, |l| l.clients.len())
     }
 }
 
@@ -372,6 +422,36 @@ mod tests {
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap_or(IpAddr::from([0; 16]));
         assert_eq!(l.admit(Kind::Other, ip(1), t0), Ok(()));
         assert!(l.admit(Kind::Other, Some(mapped), t0).is_err());
+    }
+
+    #[test]
+    fn admin_failures_spend_a_budget_of_their_own() {
+        let t0 = Instant::now();
+        let limits =
+            RateLimits { requests_per_client: Some(Rate::new(2, 3)), ..RateLimits::unlimited() };
+        let mut l = Limiter::new(limits, t0);
+        // Looking costs nothing; failures do.
+        for _ in 0..10 {
+            assert_eq!(l.admin_admit(ip(1), t0), Ok(()));
+        }
+        for _ in 0..3 {
+            assert_eq!(l.admin_admit(ip(1), t0), Ok(()));
+            l.admin_failed(ip(1), t0);
+        }
+        assert_eq!(l.admin_admit(ip(1), t0), Err(Duration::from_millis(500)));
+        // WHEP requests and other clients are unaffected; no address, no limit.
+        assert_eq!(l.admit(Kind::Other, ip(1), t0), Ok(()));
+        assert_eq!(l.admin_admit(ip(2), t0), Ok(()));
+        l.admin_failed(None, t0);
+        assert_eq!(l.admin_admit(None, t0), Ok(()));
+        // Refilled at the request rate.
+        assert_eq!(l.admin_admit(ip(1), t0 + Duration::from_millis(500)), Ok(()));
+        // Unlimited request rate: no admin limit either.
+        let mut open = Limiter::new(RateLimits::unlimited(), t0);
+        for _ in 0..100 {
+            open.admin_failed(ip(1), t0);
+        }
+        assert_eq!(open.admin_admit(ip(1), t0), Ok(()));
     }
 
     #[test]

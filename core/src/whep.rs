@@ -396,7 +396,7 @@ fn decode_segment(s: &str) -> Option<String> {
 
 /// Characters escaped in a path segment we emit: everything but unreserved, sub-delims, `:`
 /// and `@` (RFC 3986 `pchar`).
-const SEGMENT: &AsciiSet = &CONTROLS
+pub(crate) const SEGMENT: &AsciiSet = &CONTROLS
     .add(b' ')
     .add(b'"')
     .add(b'#')

@@ -234,8 +234,9 @@ fn stop_via_api_leaves_nothing(bin: &str) {
 }
 
 /// Streams added through the admin API play; bad specs are refused with 400 and a reason.
+/// (`lavfi` over the API needs the operator's opt-in; `admin_policy.rs` tests the policy.)
 fn admin_adds_streams(bin: &str) {
-    let mut server = Server::start(bin, &["--no-demo"]);
+    let mut server = Server::start(bin, &["--no-demo", "--admin-raw-ffmpeg"]);
     let r = server.admin("POST", "/api/streams", r#"{"id":"x"}"#);
     assert_eq!(r.status, 400, "{}", r.text());
     let r = server.admin("POST", "/api/streams", r#"{"id":"x","lavfi":"testsrc2","bogus":1}"#);

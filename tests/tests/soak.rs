@@ -95,6 +95,8 @@ stale_timeout_secs = 10
 stop_grace_secs = 2
 max_viewers_per_stream = {CAP}
 max_viewers_total = 64
+# The dynamic stream is a lavfi graph posted to the admin API: the operator's opt-in.
+admin_raw_ffmpeg = true
 
 [streams.a]
 lavfi = "testsrc2=size=320x240:rate=15"
