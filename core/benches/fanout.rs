@@ -42,7 +42,15 @@ fn fanout(c: &mut Criterion) {
                     let Some((port, pkt)) = queue.pop_front() else { continue };
                     now += Duration::from_micros(1);
                     let t = Instant::now();
-                    w.core.handle_input(Input::Ingest { port, contents: &pkt, arrived: None }, now);
+                    w.core.handle_input(
+                        Input::Ingest {
+                            port,
+                            source: whep_core::sim::ffmpeg_source(port),
+                            contents: &pkt,
+                            arrived: None,
+                        },
+                        now,
+                    );
                     black_box(w.discard_outputs());
                     total += t.elapsed();
                 }
@@ -59,7 +67,15 @@ fn fanout(c: &mut Criterion) {
         let mut fed = 0usize;
         while let Some((port, pkt)) = queue.pop_front() {
             now += Duration::from_micros(1);
-            w.core.handle_input(Input::Ingest { port, contents: &pkt, arrived: None }, now);
+            w.core.handle_input(
+                Input::Ingest {
+                    port,
+                    source: whep_core::sim::ffmpeg_source(port),
+                    contents: &pkt,
+                    arrived: None,
+                },
+                now,
+            );
             black_box(w.discard_outputs());
             fed += 1;
         }
@@ -93,7 +109,12 @@ fn frame_batches(_: &mut Criterion) {
                 let t = Instant::now();
                 for (port, pkt) in &packets {
                     w.core.handle_input(
-                        Input::Ingest { port: *port, contents: pkt, arrived: None },
+                        Input::Ingest {
+                            port: *port,
+                            source: whep_core::sim::ffmpeg_source(*port),
+                            contents: pkt,
+                            arrived: None,
+                        },
                         now,
                     );
                     if !batched {

@@ -225,7 +225,15 @@ fn fan_out(core: &mut Core, mut now: Instant, ports: PortPair, n: usize) -> (f64
     let mut bytes = 0usize;
     for (port, p) in &packets {
         now += Duration::from_micros(1);
-        core.handle_input(Input::Ingest { port: *port, contents: p, arrived: None }, now);
+        core.handle_input(
+            Input::Ingest {
+                port: *port,
+                source: whep_core::sim::ffmpeg_source(*port),
+                contents: p,
+                arrived: None,
+            },
+            now,
+        );
         while let Some(out) = core.poll_output() {
             if let whep_core::Output::Transmit(t) = out {
                 bytes += t.contents.capacity();

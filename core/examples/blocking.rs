@@ -85,7 +85,7 @@ enum Msg {
     /// A datagram on the viewer socket.
     Datagram { source: SocketAddr, contents: Vec<u8> },
     /// A datagram on an ingest socket; `epoch` tells a released socket's leftovers apart.
-    Ingest { port: u16, epoch: u64, contents: Vec<u8>, read: Instant },
+    Ingest { port: u16, epoch: u64, source: SocketAddr, contents: Vec<u8>, read: Instant },
     /// A spawned process exited (`code` is `None` when a signal killed it).
     Exited { stream: StreamId, generation: u64, code: Option<i32> },
     /// SIGTERM or SIGINT.
@@ -282,10 +282,11 @@ impl Runtime {
                 let input = Input::Datagram { source, destination, contents: &contents };
                 self.core.handle_input(input, now);
             }
-            Msg::Ingest { port, epoch, contents, read } => {
+            Msg::Ingest { port, epoch, source, contents, read } => {
                 // Leftovers of a released socket must not reach a stream that re-bound the port.
                 if self.ingest.get(&port).is_some_and(|r| r.epoch == epoch) {
-                    let input = Input::Ingest { port, contents: &contents, arrived: Some(read) };
+                    let arrived = Some(read);
+                    let input = Input::Ingest { port, source, contents: &contents, arrived };
                     self.core.handle_input(input, now);
                     self.ingest_read = Some(read);
                 }
@@ -393,14 +394,14 @@ impl Runtime {
         let thread = spawn_io(&format!("ingest-{port}"), move || {
             let mut buf = vec![0u8; MAX_DATAGRAM];
             while !stopped.load(Ordering::Acquire) {
-                match socket.recv(&mut buf) {
+                match socket.recv_from(&mut buf) {
                     Ok(_) if stopped.load(Ordering::Acquire) => break,
                     // `try_send`: this thread must never block on the main loop, which may be
                     // waiting in `IngestReader::stop` for it to end. A full queue drops the
                     // packet, as a full socket buffer would.
-                    Ok(n) => {
+                    Ok((n, source)) => {
                         let (contents, read) = (buf[..n].to_vec(), Instant::now());
-                        let msg = Msg::Ingest { port, epoch, contents, read };
+                        let msg = Msg::Ingest { port, epoch, source, contents, read };
                         match tx.try_send(msg) {
                             Ok(()) | Err(TrySendError::Full(_)) => {}
                             Err(TrySendError::Disconnected(_)) => break,

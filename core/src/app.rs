@@ -640,6 +640,11 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
             "Malformed or oversized ingest datagrams, dropped.",
             m.ingest_dropped,
         ),
+        (
+            "ingest_rejected_total",
+            "Ingest datagrams from another sender than the stream's FFmpeg, dropped.",
+            m.ingest_rejected,
+        ),
         ("datagrams_in_total", "Datagrams on the viewer socket.", m.datagrams_in),
         ("datagrams_dropped_total", "Viewer datagrams matching no viewer.", m.datagrams_dropped),
         ("packets_forwarded_total", "RTP packets written to viewers.", m.packets_forwarded),

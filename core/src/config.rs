@@ -19,7 +19,10 @@ pub struct Config {
     /// as viewers reach it (the public address behind a 1:1 NAT). At least one is needed for a
     /// viewer to connect; the core rejects offers with 503 when the list is empty.
     pub host_candidates: Vec<SocketAddr>,
-    /// Loopback ports from which ingest pairs (video V, audio V+1) are handed out.
+    /// Loopback ports from which each started stream takes a block of four: its ingest pair
+    /// (video V, audio V+1) and the ports its FFmpeg sends from (V+2, V+3). Ingest accepts a
+    /// supervised stream's datagrams from those two ports alone, so that no other local process
+    /// can inject media (see [`PortPair::video_source`](crate::PortPair::video_source)).
     pub ingest_ports: RangeInclusive<u16>,
     /// How long a pair whose bind failed is skipped before it is tried again.
     pub bind_quarantine: Duration,

@@ -118,7 +118,7 @@ impl Core {
         let mirrors = config.shard.as_ref().is_some_and(|m| m.is_leader() && m.set.count() > 1);
         Self {
             rng: Rng::new(config.rng_seed),
-            ports: PortPool::new(config.ingest_ports.clone()),
+            ports: PortPool::with_stride(config.ingest_ports.clone(), PortPool::STREAM_BLOCK),
             limiter: Limiter::new(config.rate_limits, now),
             unconnected: Unconnected::default(),
             config,
@@ -665,8 +665,8 @@ impl Core {
             Input::Datagram { source, destination, contents } => {
                 self.on_datagram(source, destination, contents, now)
             }
-            Input::Ingest { port, contents, arrived } => {
-                self.on_ingest(port, contents, arrived, now)
+            Input::Ingest { port, source, contents, arrived } => {
+                self.on_ingest(port, source, contents, arrived, now)
             }
             Input::IngestBound { stream, ports } => self.on_bound(&stream, ports, now),
             Input::BindFailed { stream, ports, error } => {
@@ -941,7 +941,14 @@ impl Core {
         }
     }
 
-    fn on_ingest(&mut self, port: u16, contents: &[u8], arrived: Option<Instant>, now: Instant) {
+    fn on_ingest(
+        &mut self,
+        port: u16,
+        from: SocketAddr,
+        contents: &[u8],
+        arrived: Option<Instant>,
+        now: Instant,
+    ) {
         self.metrics.ingest_packets += 1;
         let Some((id, kind)) = self.ingest.get(&port) else {
             self.metrics.ingest_dropped += 1;
@@ -951,6 +958,22 @@ impl Core {
         let Some(stream) = self.streams.get_mut(id) else {
             return;
         };
+        let ports = stream.ports();
+        let expected = match (stream.supervised(), ports, kind) {
+            (false, _, _) => None,
+            (true, Some(p), MediaKind::Video) => Some(p.video_source()),
+            (true, Some(p), MediaKind::Audio) => Some(p.audio_source()),
+            (true, None, _) => Some(0),
+        };
+        let source = match kind {
+            MediaKind::Video => &mut stream.video,
+            MediaKind::Audio => &mut stream.audio,
+        };
+        if !source.admits(from, expected, now) {
+            // Not the stream's own FFmpeg: another local process must not reach the viewers.
+            self.metrics.ingest_rejected += 1;
+            return;
+        }
         let p = match rtp::parse(contents) {
             Ok(Datagram::Rtp(p)) => p,
             Ok(Datagram::Rtcp) => {

@@ -13,6 +13,9 @@
 //!   not used, so the RTCP filtering at ingest stays the single place that handles it.
 //! - `pkt_size=1200` rather than the seed's 1316, so that an RTP packet plus the SRTP tag and
 //!   the header extensions a viewer negotiates still fits a 1280-byte IPv6-minimum MTU path.
+//! - Each leg sends from a known port, `localaddr=127.0.0.1&localport=V+2` (audio V+3), the two
+//!   ports after the pair in the stream's block: ingest accepts a supervised stream's datagrams
+//!   from those alone, so another local process cannot inject media into what viewers get.
 
 /// The identifier of the video output leg.
 pub const VIDEO_LEG_ID: &str = "webrtc_video";
@@ -172,7 +175,7 @@ pub fn build_args(cfg: &EgressConfig, video_port: u16) -> Vec<String> {
     }
     let video_pt = cfg.video_pt.to_string();
     push(&["-payload_type", &video_pt, "-f", "rtp"]);
-    push(&[&udp_address(u32::from(video_port))]);
+    push(&[&udp_address(u32::from(video_port), u32::from(video_port) + 2)]);
 
     // Audio leg.
     push(&["-map", cfg.effective_audio_map()]);
@@ -186,7 +189,7 @@ pub fn build_args(cfg: &EgressConfig, video_port: u16) -> Vec<String> {
     let audio_pt = cfg.audio_pt.to_string();
     push(&["-payload_type", &audio_pt, "-f", "rtp"]);
     // In u32 so that a bad V of 65535 gives a bad address rather than a panic or port 0.
-    push(&[&udp_address(u32::from(video_port) + 1)]);
+    push(&[&udp_address(u32::from(video_port) + 1, u32::from(video_port) + 3)]);
 
     args
 }
@@ -253,9 +256,9 @@ fn check_map(field: &str, map: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Formats the loopback RTP output address of `port`.
-fn udp_address(port: u32) -> String {
-    format!("udp://127.0.0.1:{port}?pkt_size={RTP_PKT_SIZE}")
+/// Formats the loopback RTP output address of `port`, sent from `127.0.0.1:source`.
+fn udp_address(port: u32, source: u32) -> String {
+    format!("udp://127.0.0.1:{port}?pkt_size={RTP_PKT_SIZE}&localaddr=127.0.0.1&localport={source}")
 }
 
 /// Turns one leg's slice (`-map sel … address`) into an [`OutputLeg`].
@@ -277,12 +280,14 @@ mod tests {
         items.iter().map(|s| (*s).to_owned()).collect()
     }
 
-    /// Parses the port out of `udp://127.0.0.1:<port>?pkt_size=1200`.
+    /// Parses the port out of
+    /// `udp://127.0.0.1:<port>?pkt_size=1200&localaddr=127.0.0.1&localport=<port + 2>`.
     fn port_of(address: &str) -> Option<u32> {
         let rest = address.strip_prefix("udp://127.0.0.1:")?;
         let (port, query) = rest.split_once('?')?;
-        (query == "pkt_size=1200").then_some(())?;
-        port.parse().ok()
+        let port: u32 = port.parse().ok()?;
+        let source = query.strip_prefix("pkt_size=1200&localaddr=127.0.0.1&localport=")?;
+        (source.parse::<u32>().ok()? == port + 2).then_some(port)
     }
 
     fn transcode() -> EgressConfig {
@@ -313,7 +318,7 @@ mod tests {
             "96",
             "-f",
             "rtp",
-            "udp://127.0.0.1:40000?pkt_size=1200",
+            "udp://127.0.0.1:40000?pkt_size=1200&localaddr=127.0.0.1&localport=40002",
             "-map",
             "0:a:0",
             "-c:a",
@@ -322,7 +327,7 @@ mod tests {
             "111",
             "-f",
             "rtp",
-            "udp://127.0.0.1:40001?pkt_size=1200",
+            "udp://127.0.0.1:40001?pkt_size=1200&localaddr=127.0.0.1&localport=40003",
         ]);
         assert_eq!(got, want);
     }
@@ -355,7 +360,7 @@ mod tests {
             "96",
             "-f",
             "rtp",
-            "udp://127.0.0.1:40000?pkt_size=1200",
+            "udp://127.0.0.1:40000?pkt_size=1200&localaddr=127.0.0.1&localport=40002",
             "-map",
             "0:a:0",
             "-c:a",
@@ -370,7 +375,7 @@ mod tests {
             "111",
             "-f",
             "rtp",
-            "udp://127.0.0.1:40001?pkt_size=1200",
+            "udp://127.0.0.1:40001?pkt_size=1200&localaddr=127.0.0.1&localport=40003",
         ]);
         assert_eq!(got, want);
     }
@@ -492,8 +497,12 @@ mod tests {
             };
             assert_eq!(video.id, "webrtc_video");
             assert_eq!(audio.id, "webrtc_audio");
-            assert!(video.address.ends_with(":40000?pkt_size=1200"));
-            assert!(audio.address.ends_with(":40001?pkt_size=1200"));
+            assert!(
+                video.address.ends_with(":40000?pkt_size=1200&localaddr=127.0.0.1&localport=40002")
+            );
+            assert!(
+                audio.address.ends_with(":40001?pkt_size=1200&localaddr=127.0.0.1&localport=40003")
+            );
             assert_eq!(video.options[..2], ["-map", "0:v:0"]);
             assert_eq!(audio.options[..2], ["-map", "0:a:0"]);
             assert_eq!(video.options.last().map(String::as_str), Some("rtp"));
@@ -533,7 +542,10 @@ mod tests {
         assert_eq!(argv[..4], ["-hide_banner", "-nostdin", "-loglevel", "warning"]);
         assert_eq!(argv[4..9], input[..]);
         assert_eq!(argv[9..], build_args(&cfg, 40000)[..]);
-        assert_eq!(argv.last().map(String::as_str), Some("udp://127.0.0.1:40001?pkt_size=1200"));
+        assert_eq!(
+            argv.last().map(String::as_str),
+            Some("udp://127.0.0.1:40001?pkt_size=1200&localaddr=127.0.0.1&localport=40003")
+        );
     }
 
     #[test]
@@ -546,7 +558,10 @@ mod tests {
         assert_eq!(port_of(&audio.address), Some(65535));
         // An invalid V of 65535 must not panic or wrap to port 0.
         let args = build_args(&EgressConfig::default(), 65535);
-        assert_eq!(args.last().map(String::as_str), Some("udp://127.0.0.1:65536?pkt_size=1200"));
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("udp://127.0.0.1:65536?pkt_size=1200&localaddr=127.0.0.1&localport=65538")
+        );
     }
 
     /// A valid selector: empty, or no whitespace and no leading '-'.

@@ -130,6 +130,9 @@ pub enum Input<'a> {
     Ingest {
         /// The local port it arrived on.
         port: u16,
+        /// Its sender: only the stream's own FFmpeg is accepted (see
+        /// [`PortPair::video_source`]), other datagrams are counted and dropped.
+        source: SocketAddr,
         /// The datagram.
         contents: &'a [u8],
         /// When it arrived, if the runtime knows (a kernel receive timestamp) and it is

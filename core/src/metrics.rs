@@ -53,6 +53,9 @@ pub struct Metrics {
     pub ingest_rtcp: u64,
     /// Malformed or oversized datagrams, or datagrams on unknown ports, dropped.
     pub ingest_dropped: u64,
+    /// Datagrams on a stream's ingest ports from another sender than its FFmpeg (or, for an
+    /// external feed, than the sender it accepts), dropped.
+    pub ingest_rejected: u64,
     /// Datagrams on the viewer socket.
     pub datagrams_in: u64,
     /// Viewer-socket datagrams that matched no viewer or were not WebRTC.
@@ -104,6 +107,7 @@ impl Metrics {
             ingest_packets,
             ingest_rtcp,
             ingest_dropped,
+            ingest_rejected,
             datagrams_in,
             datagrams_dropped,
             packets_forwarded,
@@ -130,6 +134,7 @@ impl Metrics {
         self.ingest_packets += ingest_packets;
         self.ingest_rtcp += ingest_rtcp;
         self.ingest_dropped += ingest_dropped;
+        self.ingest_rejected += ingest_rejected;
         self.datagrams_in += datagrams_in;
         self.datagrams_dropped += datagrams_dropped;
         self.packets_forwarded += packets_forwarded;

@@ -36,6 +36,20 @@ impl PortPair {
     pub fn contains(self, port: u16) -> bool {
         port == self.video || port == self.audio()
     }
+
+    /// The port a stream's FFmpeg sends its video from, `video + 2` (its output leg's
+    /// `localport`): ingest accepts the video port's datagrams from this port alone. A pool of
+    /// [`PortPool::STREAM_BLOCK`] ports per stream reserves it; saturates like [`audio`](Self::audio).
+    #[must_use]
+    pub fn video_source(self) -> u16 {
+        self.video.saturating_add(2)
+    }
+
+    /// The port a stream's FFmpeg sends its audio from, `video + 3`.
+    #[must_use]
+    pub fn audio_source(self) -> u16 {
+        self.video.saturating_add(3)
+    }
 }
 
 impl fmt::Display for PortPair {
@@ -60,8 +74,9 @@ enum Slot {
 
 /// A pool of adjacent loopback port pairs taken from a configured range.
 ///
-/// Pair `k` is `(start + 2k, start + 2k + 1)`; every such pair that fits in the range belongs to
-/// the pool. Each pair is in exactly one state: free, allocated or quarantined. Allocation is
+/// Pair `k` is `(start + s·k, start + s·k + 1)`, `s` the pool's stride (2, or
+/// [`STREAM_BLOCK`](Self::STREAM_BLOCK) for the core's blocks whose two further ports are
+/// FFmpeg's sending ports); every such block that fits in the range belongs to the pool. Each pair is in exactly one state: free, allocated or quarantined. Allocation is
 /// round-robin so that a just-released pair, which a dying FFmpeg may still be sending to, rests
 /// as long as possible before it is reused.
 ///
@@ -72,6 +87,8 @@ enum Slot {
 pub struct PortPool {
     /// The first port of the configured range (the video port of pair 0).
     start: u16,
+    /// Ports per pair number: 2, or more when each pair owns further ports after it.
+    stride: u16,
     /// The last port of the configured range; pairs never reach past it.
     end: u16,
     /// One entry per pair, indexed by pair number.
@@ -94,11 +111,25 @@ impl PortPool {
     /// or one-port range gives a pool with capacity 0 (never panics). All pairs start free.
     #[must_use]
     pub fn new(range: RangeInclusive<u16>) -> Self {
+        Self::with_stride(range, 2)
+    }
+
+    /// Ports a stream holds in the core's pool: its ingest pair (video V, audio V+1) and the
+    /// two ports its FFmpeg sends from (V+2, V+3; see [`PortPair::video_source`]).
+    pub const STREAM_BLOCK: u16 = 4;
+
+    /// Creates a pool whose pairs start every `stride` ports (at least 2): pair `k` is
+    /// `start + stride·k` and `+ 1`, and the `stride - 2` ports after each pair belong to it too
+    /// (handed out and released with it, never part of another pair).
+    #[must_use]
+    pub fn with_stride(range: RangeInclusive<u16>, stride: u16) -> Self {
+        let stride = stride.max(2);
         let (start, end) = (*range.start(), *range.end());
         // Count in u32 so that a range ending at 65535 cannot overflow.
         let ports = if end < start { 0 } else { u32::from(end) - u32::from(start) + 1 };
-        let pairs = usize::try_from(ports / 2).unwrap_or(0);
+        let pairs = usize::try_from(ports / u32::from(stride)).unwrap_or(0);
         Self {
+            stride,
             start,
             end,
             slots: vec![Slot::Free; pairs],
@@ -199,7 +230,7 @@ impl PortPool {
             if self.end < self.start { 0 } else { u32::from(self.end) - u32::from(self.start) + 1 };
         assert_eq!(
             u32::try_from(self.slots.len()).ok(),
-            Some(ports / 2),
+            Some(ports / u32::from(self.stride)),
             "PortPool: {} slots for range {}..={}",
             self.slots.len(),
             self.start,
@@ -211,8 +242,8 @@ impl PortPool {
             let pair = self.pair_at(index);
             assert!(
                 pair.video >= self.start
-                    && (pair.video - self.start).is_multiple_of(2)
-                    && pair.video < self.end,
+                    && (pair.video - self.start).is_multiple_of(self.stride)
+                    && u32::from(pair.video) + u32::from(self.stride) - 1 <= u32::from(self.end),
                 "PortPool: pair {index} = {pair} is outside or misaligned in {}..={}",
                 self.start,
                 self.end
@@ -293,10 +324,10 @@ impl PortPool {
     /// Returns the pair number of `pair` if it is one of this pool's pairs.
     fn index_of(&self, pair: PortPair) -> Option<usize> {
         let offset = pair.video.checked_sub(self.start)?;
-        if !offset.is_multiple_of(2) {
+        if !offset.is_multiple_of(self.stride) {
             return None;
         }
-        let index = usize::from(offset / 2);
+        let index = usize::from(offset / self.stride);
         (index < self.slots.len()).then_some(index)
     }
 
@@ -307,9 +338,10 @@ impl PortPool {
 
     /// Returns the pair with number `index`; the caller guarantees `index < capacity`.
     fn pair_at(&self, index: usize) -> PortPair {
-        // `index < capacity <= 32768`, and `start + 2 * index + 1 <= end`, so this fits in u16;
-        // the saturating arithmetic only keeps a broken invariant from wrapping silently.
-        let offset = u16::try_from(index.saturating_mul(2)).unwrap_or(u16::MAX);
+        // `index < capacity <= 32768`, and `start + stride * index + 1 <= end`, so this fits in
+        // u16; the saturating arithmetic only keeps a broken invariant from wrapping silently.
+        let offset =
+            u16::try_from(index.saturating_mul(usize::from(self.stride))).unwrap_or(u16::MAX);
         PortPair { video: self.start.saturating_add(offset) }
     }
 }
@@ -684,5 +716,20 @@ mod tests {
                 }
             }
         }
+    }
+    #[test]
+    fn blocks_of_four_keep_the_senders_ports_out_of_other_pairs() {
+        let now = Instant::now();
+        let mut pool = PortPool::with_stride(40000..=40010, PortPool::STREAM_BLOCK);
+        assert_eq!(pool.capacity(), 2, "a block needs all four ports in the range");
+        let a =
+            pool.allocate(now).map(|p| (p.video, p.audio(), p.video_source(), p.audio_source()));
+        assert_eq!(a, Some((40000, 40001, 40002, 40003)));
+        assert_eq!(pool.allocate(now), Some(pair(40004)));
+        assert_eq!(pool.allocate(now), None);
+        assert!(!pool.is_allocated(pair(40002)) && !pool.release(pair(40002)));
+        assert!(pool.release(pair(40000)));
+        pool.check_invariants();
+        assert_eq!(PortPool::with_stride(40000..=40003, 1).capacity(), 2, "at least pairs");
     }
 }

@@ -62,6 +62,12 @@ pub fn binding_request(answer: &str, player_ufrag: &str, nonce: u64) -> Vec<u8> 
     buf
 }
 
+/// Where a stream's FFmpeg sends the datagrams for ingest port `port` from: two ports above it
+/// (see [`PortPair::video_source`]).
+pub fn ffmpeg_source(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port.saturating_add(2)))
+}
+
 /// A datagram in flight.
 #[derive(Debug, Clone)]
 struct Packet {
@@ -582,15 +588,24 @@ impl SimWorld {
                 s.next_audio = Some(s.next_audio.unwrap_or(now) + Duration::from_millis(20));
             }
             for (port, d) in datagrams {
-                self.core.handle_input(Input::Ingest { port, contents: &d, arrived: None }, now);
+                let source = ffmpeg_source(port);
+                let input = Input::Ingest { port, source, contents: &d, arrived: None };
+                self.core.handle_input(input, now);
                 self.drain();
             }
         }
     }
 
-    /// Feeds one raw datagram to an ingest port (garbage, RTCP, ...).
+    /// Feeds one raw datagram to an ingest port (garbage, RTCP, ...), from where the stream's
+    /// FFmpeg sends.
     pub fn ingest_raw(&mut self, port: u16, data: &[u8]) {
-        self.core.handle_input(Input::Ingest { port, contents: data, arrived: None }, self.now);
+        self.ingest_from(ffmpeg_source(port), port, data);
+    }
+
+    /// Feeds one raw datagram to an ingest port from `source`.
+    pub fn ingest_from(&mut self, source: SocketAddr, port: u16, data: &[u8]) {
+        let input = Input::Ingest { port, source, contents: data, arrived: None };
+        self.core.handle_input(input, self.now);
         self.drain();
     }
 

@@ -1,6 +1,7 @@
 //! One stream: its configuration, ingest ports, FFmpeg process and viewers.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::config::{Feed, ProcessConfig, StreamConfig};
@@ -40,10 +41,34 @@ pub(crate) enum Process {
     Terminating { generation: u64, kill_at: Option<Instant> },
 }
 
+/// How long the sender an external feed's port accepts may be silent before another sender
+/// takes its place (an application's FFmpeg restarted from a new port).
+pub(crate) const SENDER_IDLE: Duration = Duration::from_secs(2);
+
 /// Per-source (video or audio) ingest state.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Source {
     pub(crate) seq: SeqExtender,
+    /// The sender an external feed's port accepts, and when it last sent.
+    sender: Option<(SocketAddr, Instant)>,
+}
+
+impl Source {
+    /// Whether a datagram from `from` belongs to the stream. A supervised stream's FFmpeg sends
+    /// from a known loopback port (`expected`, its leg's `localport`); nothing else is
+    /// accepted. An external feed's port accepts its first sender, and another only once that
+    /// one has been silent for [`SENDER_IDLE`].
+    pub(crate) fn admits(&mut self, from: SocketAddr, expected: Option<u16>, now: Instant) -> bool {
+        if let Some(port) = expected {
+            return from.port() == port && from.ip().is_loopback();
+        }
+        match &mut self.sender {
+            Some((sender, last)) if *sender == from => *last = now,
+            Some((_, last)) if now.saturating_duration_since(*last) < SENDER_IDLE => return false,
+            _ => self.sender = Some((from, now)),
+        }
+        true
+    }
 }
 
 /// The video packets since the last keyframe (SPS/IDR start), so that a new viewer can start

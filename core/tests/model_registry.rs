@@ -364,7 +364,7 @@ fn event_kind(e: &Event) -> &'static str {
 }
 
 fn ingest_ports(pairs: u16) -> RangeInclusive<u16> {
-    40_000..=40_000 + 2 * pairs - 1
+    40_000..=40_000 + whep_core::ports::PortPool::STREAM_BLOCK * pairs - 1
 }
 
 /// A P-frame RTP packet as FFmpeg sends it.
@@ -1007,8 +1007,9 @@ fn apply(sut: &mut Sut, model: &mut Model, i: usize, op: &Op) -> Result<(), Test
         Op::Rtp { stream } => {
             let port =
                 sut.core.stream(&stream_id(stream)).and_then(|s| s.ports).map_or(1, |p| p.video);
-            sut.core
-                .handle_input(Input::Ingest { port, contents: &rtp_packet(), arrived: None }, now);
+            let source = whep_core::sim::ffmpeg_source(port);
+            let input = Input::Ingest { port, source, contents: &rtp_packet(), arrived: None };
+            sut.core.handle_input(input, now);
             sut.drain();
             model.rtp(stream);
         }

@@ -525,8 +525,11 @@ fn supervised_stream_spawns_ffmpeg_with_the_output_legs() {
     let ports = w.bound[&demo];
     assert_eq!(&p.args[..3], ["-hide_banner", "-nostdin", "-loglevel"]);
     assert!(p.args.contains(&"testsrc2".to_owned()));
-    let video = format!("udp://127.0.0.1:{}?pkt_size=1200", ports.video);
-    let audio = format!("udp://127.0.0.1:{}?pkt_size=1200", ports.audio());
+    let leg = |port: u16, from: u16| {
+        format!("udp://127.0.0.1:{port}?pkt_size=1200&localaddr=127.0.0.1&localport={from}")
+    };
+    let video = leg(ports.video, ports.video_source());
+    let audio = leg(ports.audio(), ports.audio_source());
     assert!(p.args.contains(&video) && p.args.last() == Some(&audio), "{:?}", p.args);
     assert_eq!(w.core.stream(&demo).and_then(|s| s.pid), Some(p.pid));
     let (v, _) = w.join(&demo);
@@ -543,8 +546,12 @@ fn external_stream_hands_out_arguments() {
     });
     let (args, ports) = ready.unwrap_or_else(|| panic!("StreamReady"));
     let legs = whep_core::ffmpeg::split_legs(&args).unwrap_or_else(|| panic!("two legs"));
-    assert_eq!(legs[0].address, format!("udp://127.0.0.1:{}?pkt_size=1200", ports.video));
-    assert_eq!(legs[1].address, format!("udp://127.0.0.1:{}?pkt_size=1200", ports.video + 1));
+    let leg = |port: u16| {
+        let from = port + 2;
+        format!("udp://127.0.0.1:{port}?pkt_size=1200&localaddr=127.0.0.1&localport={from}")
+    };
+    assert_eq!(legs[0].address, leg(ports.video));
+    assert_eq!(legs[1].address, leg(ports.video + 1));
     assert!(w.procs.is_empty(), "no process spawned for an external feed");
     assert_eq!(w.core.stream(&demo).map(|s| s.supervised), Some(false));
 }
@@ -743,7 +750,7 @@ fn stream_management_errors() {
 #[test]
 fn port_exhaustion_is_an_error_not_a_panic() {
     let mut config = sim::config();
-    config.ingest_ports = 40_000..=40_003;
+    config.ingest_ports = 40_000..=40_007;
     let mut w = SimWorld::new(config);
     w.add_stream("a", StreamConfig::external(), 30);
     w.add_stream("b", StreamConfig::external(), 30);
@@ -794,7 +801,12 @@ fn a_batch_is_written_a_few_viewers_at_a_time_as_outputs_are_taken() {
     let total = (n * frame.len()) as u64;
     for pkt in &frame {
         w.core.handle_input(
-            whep_core::Input::Ingest { port: ports.video, contents: pkt, arrived: None },
+            whep_core::Input::Ingest {
+                port: ports.video,
+                source: sim::ffmpeg_source(ports.video),
+                contents: pkt,
+                arrived: None,
+            },
             w.now,
         );
     }
@@ -832,7 +844,12 @@ fn a_batch_of_ingest_packets_reaches_every_viewer_whole() {
         }
         for (i, pkt) in batch.iter().enumerate() {
             w.core.handle_input(
-                whep_core::Input::Ingest { port: ports.video, contents: pkt, arrived: None },
+                whep_core::Input::Ingest {
+                    port: ports.video,
+                    source: sim::ffmpeg_source(ports.video),
+                    contents: pkt,
+                    arrived: None,
+                },
                 w.now,
             );
             if round == 2 && i == 20 {
@@ -870,7 +887,8 @@ fn a_leader_stamps_mirrored_packets_with_their_arrival() {
     let mut source = sim::Source::new(60, 0x5eed);
     let frame = source.video_frame();
     let stamp = |w: &mut SimWorld, arrived: Option<Instant>, pkt: &[u8]| {
-        let input = Input::Ingest { port: ports.video, contents: pkt, arrived };
+        let source = sim::ffmpeg_source(ports.video);
+        let input = Input::Ingest { port: ports.video, source, contents: pkt, arrived };
         w.core.handle_input(input, w.now);
         let mut stamps = Vec::new();
         while let Some(out) = w.core.poll_output() {
@@ -1010,4 +1028,64 @@ fn checks_from_more_source_addresses_than_a_session_may_have_are_dropped() {
     let refused = w.core.metrics().addresses_refused;
     assert_eq!(refused, u64::from(spoofed) - (cap as u64 - 1));
     assert_keeps_playing(&mut w, v);
+}
+
+/// An IDR-starting H264 RTP packet of SSRC `ssrc`, as another process could send it.
+fn injected(seq: u16, ssrc: u32) -> Vec<u8> {
+    let mut p = vec![0x80, 96];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&u32::from(seq).wrapping_mul(3000).to_be_bytes());
+    p.extend_from_slice(&ssrc.to_be_bytes());
+    p.extend_from_slice(&[0x65; 200]);
+    p
+}
+
+#[test]
+fn a_supervised_streams_ingest_takes_datagrams_from_its_ffmpeg_alone() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", supervised(), 30);
+    w.run_for(Duration::from_millis(100));
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 30);
+    let ports = w.bound[&demo];
+    let forwarded = w.core.metrics().packets_forwarded;
+    // Another local process, and one that guessed FFmpeg's port on another address.
+    let intruders = [
+        std::net::SocketAddr::from(([127, 0, 0, 1], 50_000)),
+        std::net::SocketAddr::from(([192, 0, 2, 7], ports.video_source())),
+    ];
+    for seq in 0..100u16 {
+        w.ingest_from(intruders[usize::from(seq % 2)], ports.video, &injected(seq, 0xbad));
+    }
+    w.ingest_from(intruders[0], ports.audio(), &injected(0, 0xbad));
+    assert_eq!(w.core.metrics().ingest_rejected, 101);
+    assert_eq!(w.core.metrics().packets_forwarded, forwarded, "an injected packet was forwarded");
+    assert_keeps_playing(&mut w, v);
+    assert_eq!(video_gaps(&w, v), 0);
+}
+
+#[test]
+fn an_external_feed_takes_its_first_sender_until_that_one_falls_silent() {
+    let mut w = SimWorld::new(sim::config());
+    let ext = w.add_stream("ext", StreamConfig::external(), 30);
+    let (v, _) = w.join(&ext);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 30);
+    let ports = w.bound[&ext];
+    let other = std::net::SocketAddr::from(([127, 0, 0, 1], 50_001));
+    for seq in 0..10u16 {
+        w.ingest_from(other, ports.video, &injected(seq, 0xbad));
+    }
+    assert_eq!(w.core.metrics().ingest_rejected, 10);
+    // The feed stops (the application's FFmpeg restarts from another port): after a short
+    // silence the new sender is taken, and only it.
+    w.sources.remove(&ext);
+    w.run_for(3 * SEC);
+    let received = w.viewers[v].video_packets;
+    for seq in 0..10u16 {
+        w.ingest_from(other, ports.video, &injected(seq, 0x600d));
+    }
+    w.ingest_from(sim::ffmpeg_source(ports.video), ports.video, &injected(11, 0xbad));
+    assert_eq!(w.core.metrics().ingest_rejected, 11);
+    w.run_for(Duration::from_millis(200));
+    assert!(w.viewers[v].video_packets > received, "the new sender's video did not play");
 }

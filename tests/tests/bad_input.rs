@@ -336,7 +336,8 @@ fn udp_garbage(bin: &str) {
     );
     warm_http(&server);
     let base = server.resources();
-    let dropped_before = server.metric("whep_ingest_dropped_total").unwrap_or(0.0);
+    let dropped_before = server.metric("whep_ingest_dropped_total").unwrap_or(0.0)
+        + server.metric("whep_ingest_rejected_total").unwrap_or(0.0);
 
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
     let mut next = move || {
@@ -381,7 +382,10 @@ fn udp_garbage(bin: &str) {
         }
     }
     assert_alive(&server);
-    let dropped = server.metric("whep_ingest_dropped_total").unwrap_or(0.0) - dropped_before;
+    // Not from the stream's FFmpeg: rejected before it is even parsed.
+    let dropped = server.metric("whep_ingest_dropped_total").unwrap_or(0.0)
+        + server.metric("whep_ingest_rejected_total").unwrap_or(0.0)
+        - dropped_before;
     eprintln!("UDP garbage: {sent} datagrams sent, {dropped} counted as dropped on ingest");
     assert!(dropped > 0.0, "garbage on the ingest ports is counted");
 
@@ -713,6 +717,58 @@ fn seat_squatting(bin: &str) {
     assert_back_to(&mut server, &base, "seat squatting");
 }
 
+/// Another local process sends RTP (keyframes of its own, to make a player switch to them) to
+/// the demo stream's ingest ports while a viewer watches: FFmpeg sends from known ports
+/// (`localport`), so none of it is forwarded, and every datagram is counted.
+fn ingest_spoofing(bin: &str) {
+    let mut server = Server::start(bin, &[]);
+    let video = video_port(&server, "demo");
+    let viewer = Viewer::connect(server.http, "/whep/demo", None).expect("viewer");
+    assert!(
+        viewer.wait_for(Duration::from_secs(25), |s| s.video_packets > 50),
+        "{:?}",
+        viewer.stats()
+    );
+    let rejected_before = server.metric("whep_ingest_rejected_total").unwrap_or(0.0);
+    let received_before = viewer.stats().video_packets;
+    let attacker = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let (v, a) =
+        (SocketAddr::from(([127, 0, 0, 1], video)), SocketAddr::from(([127, 0, 0, 1], video + 1)));
+    let mut idr = vec![0x65u8; 1000];
+    idr[1..].iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    let injected = 2000u16;
+    for seq in 0..injected {
+        let ts = u32::from(seq) * 3000;
+        let _ = attacker.send_to(&rtp(96, seq, ts, 0x0bad_0bad, &idr), v);
+        if seq % 10 == 0 {
+            let _ = attacker.send_to(&rtp(111, seq / 10, ts, 0x0bad_0bae, &idr[..100]), a);
+        }
+        if seq % 100 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rejected = server.metric("whep_ingest_rejected_total").unwrap_or(0.0) - rejected_before;
+    let received = viewer.stats().video_packets - received_before;
+    eprintln!(
+        "ingest spoofing: {injected} video + {} audio datagrams injected, {rejected} rejected; the viewer got {received} video packets meanwhile",
+        injected / 10
+    );
+    // Loopback does not lose datagrams at this rate (4 MiB socket buffers), but allow a few.
+    assert!(rejected >= f64::from(injected) * 0.95, "{rejected} rejected");
+    // The demo stream sends a few hundred packets in that time; the injection alone was 2000.
+    assert!(received < 1000, "injected packets reached the viewer: {received}");
+    assert!(
+        viewer.wait_for(Duration::from_secs(5), |s| s.video_packets
+            > received_before + received + 50),
+        "the viewer stopped playing: {:?}",
+        viewer.stats()
+    );
+    viewer.close();
+    let status = server.terminate(Duration::from_secs(15)).expect("server exits");
+    assert!(status.success(), "{status:?}\n{}", server.output());
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {
@@ -754,6 +810,11 @@ macro_rules! suite {
             #[test]
             fn seat_squatting() {
                 super::seat_squatting($bin);
+            }
+
+            #[test]
+            fn ingest_spoofing() {
+                super::ingest_spoofing($bin);
             }
         }
     };

@@ -119,6 +119,24 @@ fn chromium_plays_from_second_shard(bin: &str) {
     first.close();
 }
 
+/// A session id that names a shard the server does not have (its low byte is the shard): the
+/// leader answers as for any unknown session, within the rate limits.
+fn made_up_session_on_a_missing_shard(bin: &str) {
+    let server = Server::start(bin, &["--shards", "2", "--no-demo"]);
+    let r = server.admin("POST", "/api/streams", r#"{"id":"ext","external":true}"#);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let target = "/whep/ext/0123456789abcdef0123456789abcd05";
+    let frag = ("Content-Type", "application/trickle-ice-sdpfrag");
+    assert_eq!(server.request("DELETE", target, &[], b"").status, 204);
+    let r = server.request("PATCH", target, &[frag], b"a=end-of-candidates\r\n");
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(server.request("GET", target, &[], b"").status, 404);
+    let statuses: Vec<u16> =
+        (0..150).map(|_| server.request("GET", target, &[], b"").status).collect();
+    assert!(statuses.iter().all(|s| [404, 429].contains(s)), "{statuses:?}");
+    assert!(statuses.contains(&429), "requests to a missing shard escape the rate limit");
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {
@@ -130,6 +148,11 @@ macro_rules! suite {
             #[test]
             fn chromium_plays_from_second_shard() {
                 super::chromium_plays_from_second_shard($bin);
+            }
+
+            #[test]
+            fn made_up_session_on_a_missing_shard() {
+                super::made_up_session_on_a_missing_shard($bin);
             }
         }
     };

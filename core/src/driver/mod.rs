@@ -579,13 +579,17 @@ impl<R: Runtime> Engine<R> {
     }
 
     /// The shard that answers `req`: a session's own, the least loaded one for a POST that
-    /// creates a session, else the leader.
+    /// creates a session, else the leader. A session id naming a shard that does not exist
+    /// (made up by a client) goes to the leader, which knows no such session either: 404, or
+    /// 204 for a DELETE, within the rate limits like any other unknown session.
     fn shard_for(&self, req: &WhepRequest) -> usize {
         let Some(set) = &self.inner.set else { return 0 };
         match crate::whep::shard_route(&self.inner.whep_prefix, req) {
             crate::whep::ShardRoute::NewSession => set.least_loaded(),
-            crate::whep::ShardRoute::Session(shard) => usize::from(shard),
-            crate::whep::ShardRoute::Any => 0,
+            crate::whep::ShardRoute::Session(shard) if usize::from(shard) < set.count() => {
+                usize::from(shard)
+            }
+            crate::whep::ShardRoute::Session(_) | crate::whep::ShardRoute::Any => 0,
         }
     }
 
@@ -940,7 +944,9 @@ impl<R: Runtime> Driver<R> {
         let arrived = received.age.and_then(|age| now.checked_sub(age)).unwrap_or(now);
         for contents in received.datagrams(buf) {
             self.ingest_arrivals.push(arrived);
-            self.core.handle_input(Input::Ingest { port, contents, arrived: Some(arrived) }, now);
+            let input =
+                Input::Ingest { port, source: received.from, contents, arrived: Some(arrived) };
+            self.core.handle_input(input, now);
         }
     }
 

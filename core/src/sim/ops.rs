@@ -20,7 +20,7 @@ pub const CAP_PER_STREAM: usize = 3;
 /// Total viewer cap of the world.
 pub const CAP_TOTAL: usize = 5;
 /// Ports of the world's ingest range (four pairs).
-pub const INGEST_PORTS: std::ops::RangeInclusive<u16> = 40_000..=40_007;
+pub const INGEST_PORTS: std::ops::RangeInclusive<u16> = 40_000..=40_015;
 
 /// One operation. Viewer and stream arguments are taken modulo the number of viewers created
 /// so far and of streams, so every value is meaningful.
@@ -179,7 +179,7 @@ impl OpsWorld {
                 w.drain();
             }
             Op::Garbage(p, bytes) => {
-                let port = INGEST_PORTS.start() + u16::from(p % 8);
+                let port = INGEST_PORTS.start() + u16::from(p % 16);
                 self.world.ingest_raw(port, bytes);
                 self.world.datagram_raw(super::SERVER, bytes);
             }
@@ -190,7 +190,7 @@ impl OpsWorld {
                 }
             }
             Op::BindFails(on) => {
-                let pair = [INGEST_PORTS.start() + 2, INGEST_PORTS.start() + 3];
+                let pair = [INGEST_PORTS.start() + 4, INGEST_PORTS.start() + 5];
                 if *on {
                     self.world.fail_bind.extend(pair);
                 } else {
