@@ -15,7 +15,6 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use whep_core::Input;
 use whep_core::sim::{SimWorld, Source};
 
 fn fanout(c: &mut Criterion) {
@@ -42,15 +41,7 @@ fn fanout(c: &mut Criterion) {
                     let Some((port, pkt)) = queue.pop_front() else { continue };
                     now += Duration::from_micros(1);
                     let t = Instant::now();
-                    w.core.handle_input(
-                        Input::Ingest {
-                            port,
-                            source: whep_core::sim::ffmpeg_source(port),
-                            contents: &pkt,
-                            arrived: None,
-                        },
-                        now,
-                    );
+                    w.core.handle_input(whep_core::sim::from_ffmpeg(port, &pkt), now);
                     black_box(w.discard_outputs());
                     total += t.elapsed();
                 }
@@ -67,15 +58,7 @@ fn fanout(c: &mut Criterion) {
         let mut fed = 0usize;
         while let Some((port, pkt)) = queue.pop_front() {
             now += Duration::from_micros(1);
-            w.core.handle_input(
-                Input::Ingest {
-                    port,
-                    source: whep_core::sim::ffmpeg_source(port),
-                    contents: &pkt,
-                    arrived: None,
-                },
-                now,
-            );
+            w.core.handle_input(whep_core::sim::from_ffmpeg(port, &pkt), now);
             black_box(w.discard_outputs());
             fed += 1;
         }
@@ -108,15 +91,7 @@ fn frame_batches(_: &mut Criterion) {
                 now += Duration::from_millis(16);
                 let t = Instant::now();
                 for (port, pkt) in &packets {
-                    w.core.handle_input(
-                        Input::Ingest {
-                            port: *port,
-                            source: whep_core::sim::ffmpeg_source(*port),
-                            contents: pkt,
-                            arrived: None,
-                        },
-                        now,
-                    );
+                    w.core.handle_input(whep_core::sim::from_ffmpeg(*port, pkt), now);
                     if !batched {
                         black_box(w.discard_outputs());
                     }

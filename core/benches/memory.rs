@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use whep_core::sim::{SimWorld, Source};
-use whep_core::{Config, Core, Input, PortPair, RateLimits, StreamConfig};
+use whep_core::{Config, Core, PortPair, RateLimits, StreamConfig};
 
 mod counting;
 use counting::{ALLOCS, LIVE};
@@ -225,15 +225,7 @@ fn fan_out(core: &mut Core, mut now: Instant, ports: PortPair, n: usize) -> (f64
     let mut bytes = 0usize;
     for (port, p) in &packets {
         now += Duration::from_micros(1);
-        core.handle_input(
-            Input::Ingest {
-                port: *port,
-                source: whep_core::sim::ffmpeg_source(*port),
-                contents: p,
-                arrived: None,
-            },
-            now,
-        );
+        core.handle_input(whep_core::sim::from_ffmpeg(*port, p), now);
         while let Some(out) = core.poll_output() {
             if let whep_core::Output::Transmit(t) = out {
                 bytes += t.contents.capacity();

@@ -68,6 +68,12 @@ pub fn ffmpeg_source(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port.saturating_add(2)))
 }
 
+/// An ingest datagram on `port` as the stream's FFmpeg sends it (from [`ffmpeg_source`]),
+/// with no arrival time.
+pub fn from_ffmpeg(port: u16, contents: &[u8]) -> Input<'_> {
+    Input::Ingest { port, source: ffmpeg_source(port), contents, arrived: None }
+}
+
 /// A datagram in flight.
 #[derive(Debug, Clone)]
 struct Packet {
@@ -588,9 +594,7 @@ impl SimWorld {
                 s.next_audio = Some(s.next_audio.unwrap_or(now) + Duration::from_millis(20));
             }
             for (port, d) in datagrams {
-                let source = ffmpeg_source(port);
-                let input = Input::Ingest { port, source, contents: &d, arrived: None };
-                self.core.handle_input(input, now);
+                self.core.handle_input(from_ffmpeg(port, &d), now);
                 self.drain();
             }
         }

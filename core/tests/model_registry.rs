@@ -1007,9 +1007,7 @@ fn apply(sut: &mut Sut, model: &mut Model, i: usize, op: &Op) -> Result<(), Test
         Op::Rtp { stream } => {
             let port =
                 sut.core.stream(&stream_id(stream)).and_then(|s| s.ports).map_or(1, |p| p.video);
-            let source = whep_core::sim::ffmpeg_source(port);
-            let input = Input::Ingest { port, source, contents: &rtp_packet(), arrived: None };
-            sut.core.handle_input(input, now);
+            sut.core.handle_input(whep_core::sim::from_ffmpeg(port, &rtp_packet()), now);
             sut.drain();
             model.rtp(stream);
         }

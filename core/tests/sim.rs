@@ -800,15 +800,7 @@ fn a_batch_is_written_a_few_viewers_at_a_time_as_outputs_are_taken() {
     let frame = source.video_frame();
     let total = (n * frame.len()) as u64;
     for pkt in &frame {
-        w.core.handle_input(
-            whep_core::Input::Ingest {
-                port: ports.video,
-                source: sim::ffmpeg_source(ports.video),
-                contents: pkt,
-                arrived: None,
-            },
-            w.now,
-        );
+        w.core.handle_input(sim::from_ffmpeg(ports.video, pkt), w.now);
     }
     assert_eq!(forwarded(&w), base, "written before outputs were taken");
     // The first output: only the first few viewers have been written.
@@ -843,15 +835,7 @@ fn a_batch_of_ingest_packets_reaches_every_viewer_whole() {
             batch.extend(source.video_frame());
         }
         for (i, pkt) in batch.iter().enumerate() {
-            w.core.handle_input(
-                whep_core::Input::Ingest {
-                    port: ports.video,
-                    source: sim::ffmpeg_source(ports.video),
-                    contents: pkt,
-                    arrived: None,
-                },
-                w.now,
-            );
+            w.core.handle_input(sim::from_ffmpeg(ports.video, pkt), w.now);
             if round == 2 && i == 20 {
                 w.core.handle_timeout(w.now);
             }
