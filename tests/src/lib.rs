@@ -6,6 +6,7 @@
 //! binary.
 
 pub mod http;
+pub mod relay;
 pub mod viewer;
 
 use std::io::{BufRead, BufReader};

@@ -771,6 +771,34 @@ fn ingest_spoofing(bin: &str) {
     assert!(status.success(), "{status:?}\n{}", server.output());
 }
 
+/// A real viewer behind a 300 ms round trip (a delaying UDP relay) still connects and plays
+/// with the default first-check timeout: its first check arrives one round trip after the
+/// answer, and then it has the whole connect timeout for DTLS.
+fn long_round_trip_connects(bin: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut relay = whep_e2e::relay::DelayRelay::bind().expect("relay");
+    let front = relay.front().to_string();
+    let server = external_server(bin, &["--candidate", &front]);
+    relay.start(server.udp, Duration::from_millis(150)).expect("relay start");
+    let video = video_port(&server, "ext");
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| feed(video, 100, &stop));
+        let viewer = Viewer::connect(server.http, "/whep/ext", None).expect("viewer");
+        let played = viewer.wait_for(Duration::from_secs(20), |s| s.video_packets > 50);
+        stop.store(true, Ordering::Relaxed);
+        let stats = viewer.stats();
+        let connect = stats.connected_at.zip(stats.answered_at).map(|(c, a)| c - a);
+        eprintln!(
+            "300 ms round trip: connected {connect:?} after the answer, {} datagrams relayed",
+            relay.forwarded()
+        );
+        assert!(played, "{stats:?}");
+        assert_eq!(server.metric("whep_unchecked_sessions_total"), Some(0.0));
+        viewer.close();
+    });
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {
@@ -817,6 +845,11 @@ macro_rules! suite {
             #[test]
             fn ingest_spoofing() {
                 super::ingest_spoofing($bin);
+            }
+
+            #[test]
+            fn long_round_trip_connects() {
+                super::long_round_trip_connects($bin);
             }
         }
     };
