@@ -81,13 +81,13 @@ mod config;
 #[cfg(feature = "driver")]
 pub mod driver;
 pub mod dtls;
-mod engine;
 pub mod ffmpeg;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 #[cfg(feature = "http")]
 mod http_glue;
 mod ids;
+mod machine;
 mod metrics;
 mod pacer;
 mod peer;
@@ -105,9 +105,9 @@ pub mod whep;
 pub mod sim;
 
 pub use config::{Config, Feed, H264Profile, IceServer, PrimePacing, ProcessConfig, StreamConfig};
-pub use engine::{Core, LOAD_SMOOTHING};
 pub use ffmpeg::EgressConfig;
 pub use ids::{ETag, SessionId, StreamId};
+pub use machine::{Core, LOAD_SMOOTHING};
 pub use metrics::{LatencyHistogram, Metrics};
 pub use ports::PortPair;
 pub use ratelimit::{Rate, RateLimits};

@@ -70,7 +70,7 @@ const BACKOFF_RESET: Duration = Duration::from_secs(5);
 const STALE: Duration = Duration::from_secs(8);
 const STOP_GRACE: Duration = Duration::from_secs(1);
 const MAX_BODY: usize = 64 * 1024;
-/// The core's bind retry limit (`MAX_BIND_ATTEMPTS` in engine.rs).
+/// The core's bind retry limit (`MAX_BIND_ATTEMPTS` in core/src/machine/mod.rs).
 const MAX_BIND_ATTEMPTS: u32 = 10;
 
 // -------------------------------------------------------------------------------------------

@@ -1,0 +1,547 @@
+//! The WHEP resource: POST an offer (a viewer and its answer), PATCH trickle and ICE restarts,
+//! DELETE, OPTIONS, with authentication, rate limits, caps and admission.
+
+use std::time::{Duration, Instant};
+
+use str0m::change::SdpOffer;
+use str0m::media::{Mid, Pt};
+use str0m::rtp::{Extension, ExtensionMap};
+use str0m::{Candidate, IceCreds, Rtc};
+use tracing::{debug, info, warn};
+
+use crate::ids::{SessionId, StreamId};
+use crate::metrics::Metrics;
+use crate::peer::{Peer, PeerState, Resend, Track};
+use crate::ratelimit::{Kind, Limiter};
+use crate::resend::ResendBudget;
+use crate::sdp;
+use crate::sdpfrag::{self, SdpFrag};
+use crate::stream::Stream;
+use crate::whep::{
+    self, ALLOW_HEADERS, ALLOW_METHODS, CONTENT_TYPE_SDP, CONTENT_TYPE_SDPFRAG, EXPOSE_HEADERS,
+    Method, Reject, Route, StatusCode, WhepRequest, WhepResponse,
+};
+use crate::{CloseReason, Event, Output};
+
+use super::Core;
+
+impl Core {
+    /// Answers one WHEP request. Always returns a response; see [`crate::whep`].
+    pub fn handle_http(&mut self, req: WhepRequest, now: Instant) -> WhepResponse {
+        let now = self.tick(now);
+        self.fan_out_pending();
+        let route = whep::route(&self.config.whep_prefix, &req.target);
+        let label = match (&route, &req.method) {
+            (Some(Route::Endpoint(_)), _) => "endpoint",
+            (Some(Route::Session(..)), _) => "session",
+            (None, _) => "other",
+        };
+        let preflight = req.is_preflight();
+        // Preflights and unknown paths are free; everything else draws on the rate limits
+        // before any work (authentication included, so tokens cannot be guessed at speed).
+        let limited = match route {
+            Some(_) if !preflight => self.admit(&req, now).err(),
+            _ => None,
+        };
+        let result = match route {
+            None => Err(Reject::NoRoute),
+            Some(_) if preflight => Ok(self.preflight()),
+            Some(_) if limited.is_some() => {
+                Err(Reject::RateLimited { retry_after: limited.unwrap_or_default() })
+            }
+            Some(_)
+                if !whep::bearer_ok(&self.config.bearer_tokens, req.header("authorization")) =>
+            {
+                Err(Reject::Unauthorized)
+            }
+            Some(_) if req.body.len() > self.config.max_body_bytes => Err(Reject::PayloadTooLarge),
+            Some(Route::Endpoint(stream)) => self.endpoint(&req, &stream, now),
+            Some(Route::Session(stream, session)) => self.session(&req, &stream, session, now),
+        };
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(reject) => {
+                debug!(method = %req.method, target = %req.target, reason = reject.reason(), "request rejected");
+                *self.metrics.rejections.entry(reject.reason()).or_default() += 1;
+                reject.into_response(self.config.retry_after_secs)
+            }
+        };
+        resp = resp
+            .with("Access-Control-Allow-Origin", self.config.cors_origin.clone())
+            .with("Access-Control-Expose-Headers", EXPOSE_HEADERS);
+        if self.config.cors_origin != "*" {
+            resp = resp.with("Vary", "Origin");
+        }
+        self.count_request(label, &req.method, resp.code());
+        resp
+    }
+
+    /// Draws on the rate limits; a POST to an endpoint is a new session, anything else is an
+    /// ordinary request.
+    pub(super) fn admit(&mut self, req: &WhepRequest, now: Instant) -> Result<(), Duration> {
+        let kind = if req.method == Method::Post { Kind::Post } else { Kind::Other };
+        match &self.config.shard {
+            Some(m) => m.set.admit(kind, req.client, now),
+            None => self.limiter.admit(kind, req.client, now),
+        }
+    }
+
+    /// Clients the rate limiter tracks (bounded by [`MAX_CLIENTS`](crate::ratelimit::MAX_CLIENTS) per table).
+    pub fn rate_limited_clients(&self) -> usize {
+        match &self.config.shard {
+            Some(m) => m.set.tracked_clients(),
+            None => self.limiter.tracked(),
+        }
+    }
+
+    /// The rate limiter and counters, for the admin API's authentication limit (`app`).
+    #[cfg(feature = "app")]
+    pub(crate) fn admin_limits(&mut self) -> (&mut Limiter, &mut Metrics) {
+        (&mut self.limiter, &mut self.metrics)
+    }
+
+    /// Counts one answered HTTP request in [`Metrics::requests`].
+    pub(crate) fn count_request(&mut self, route: &'static str, method: &Method, status: u16) {
+        *self.metrics.requests.entry((route, method.to_string(), status)).or_default() += 1;
+    }
+
+    pub(super) fn preflight(&self) -> WhepResponse {
+        WhepResponse::new(StatusCode::NoContent)
+            .with("Access-Control-Allow-Methods", ALLOW_METHODS)
+            .with("Access-Control-Allow-Headers", ALLOW_HEADERS)
+            .with("Access-Control-Max-Age", "86400")
+    }
+
+    pub(super) fn endpoint(
+        &mut self,
+        req: &WhepRequest,
+        id: &StreamId,
+        now: Instant,
+    ) -> Result<WhepResponse, Reject> {
+        const ALLOW: &str = "GET, HEAD, OPTIONS, POST";
+        let live = self.streams.get(id).is_some_and(Stream::accepts_viewers);
+        match req.method {
+            Method::Post => self.post(req, id, now),
+            Method::Options => {
+                let mut r = WhepResponse::new(StatusCode::NoContent)
+                    .with("Accept-Post", CONTENT_TYPE_SDP)
+                    .with("Allow", ALLOW);
+                for s in &self.config.ice_servers {
+                    r = r.with("Link", s.link_value());
+                }
+                Ok(r)
+            }
+            Method::Get if live => Ok(WhepResponse::new(StatusCode::NoContent)),
+            Method::Head if live => {
+                Ok(WhepResponse::new(StatusCode::Ok).with("Content-Type", CONTENT_TYPE_SDP))
+            }
+            Method::Get | Method::Head => Err(Reject::StreamNotFound),
+            _ => Err(Reject::MethodNotAllowed { allow: ALLOW }),
+        }
+    }
+
+    pub(super) fn post(
+        &mut self,
+        req: &WhepRequest,
+        id: &StreamId,
+        now: Instant,
+    ) -> Result<WhepResponse, Reject> {
+        let stream =
+            self.streams.get(id).filter(|s| s.accepts_viewers()).ok_or(Reject::StreamNotFound)?;
+        if req.media_type().as_deref() != Some(CONTENT_TYPE_SDP) {
+            return Err(Reject::UnsupportedMediaType { expected: CONTENT_TYPE_SDP });
+        }
+        let summary = sdp::check_offer(&req.body)?;
+        let cap = stream.config.max_viewers.unwrap_or(self.config.max_viewers_per_stream);
+        let total_cap = self.config.max_viewers_total;
+        let (here, total) = match &self.config.shard {
+            Some(m) => (m.set.stream_viewers(id), m.set.viewers()),
+            None => (stream.viewers.len(), self.peers.len()),
+        };
+        if here >= cap {
+            self.metrics.cap_rejections += 1;
+            return Err(Reject::StreamFull { cap });
+        }
+        if total >= total_cap {
+            self.metrics.cap_rejections += 1;
+            return Err(Reject::ServerFull { cap: total_cap });
+        }
+        if self.config.host_candidates.is_empty() {
+            return Err(Reject::NoCandidates);
+        }
+        let unconnected_cap = self.config.max_unconnected_per_client;
+        let client = req.client.filter(|_| unconnected_cap > 0);
+        if let Some(ip) = client {
+            let full = match &self.config.shard {
+                Some(m) => m.set.unconnected_full(ip, unconnected_cap),
+                None => self.unconnected.is_full(ip, unconnected_cap),
+            };
+            if full {
+                return Err(Reject::TooManyUnconnected { cap: unconnected_cap });
+            }
+        }
+        if self.overloaded {
+            // Before the expensive part (answer, certificate, SRTP context): a POST refused
+            // here costs next to nothing, and the viewers already served keep their share.
+            return Err(Reject::Overloaded);
+        }
+        let profile = stream.config.profile;
+        // The policy accepted UTF-8 already.
+        let offer_text = String::from_utf8_lossy(&req.body).into_owned();
+        let offered_candidates =
+            offer_text.lines().filter(|l| l.trim_start().starts_with("a=candidate:")).count();
+        if offered_candidates > self.config.max_remote_candidates {
+            return Err(Reject::TooManyCandidates { cap: self.config.max_remote_candidates });
+        }
+        let remote_creds = sdp::ice_credentials(&offer_text)
+            .ok_or_else(|| Reject::BadOffer("no a=ice-ufrag / a=ice-pwd".into()))?;
+
+        let local_ufrag = self.unique_ufrag();
+        let creds = IceCreds { ufrag: local_ufrag.clone(), pass: self.rng.ice_chars(24) };
+        let mut cfg = Rtc::builder()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_h264(true)
+            .enable_opus(true, false)
+            .set_local_ice_credentials(creds)
+            .set_crypto_provider(self.crypto.clone())
+            .set_extension_map(rtp_extensions())
+            .set_send_buffer_video(self.config.rtx_cache_packets)
+            .set_send_buffer_audio(64);
+        if let Some(cert) = &self.cert {
+            cfg = cfg.set_dtls_cert(cert.clone());
+        }
+        let mut rtc = cfg.build(now);
+        for addr in &self.config.host_candidates {
+            match Candidate::host(*addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => warn!(%addr, error = %e, "unusable host candidate"),
+            }
+        }
+        let offer =
+            SdpOffer::from_sdp_string(&offer_text).map_err(|e| Reject::BadOffer(e.to_string()))?;
+        let answer =
+            rtc.sdp_api().accept_offer(offer).map_err(|e| Reject::BadOffer(e.to_string()))?;
+
+        let video_mid = Mid::from(summary.video_mid.as_str());
+        let audio_mid = Mid::from(summary.audio_mid.as_str());
+        let usable = |rtc: &Rtc, mid: Mid| -> Vec<Pt> {
+            rtc.media(mid)
+                .filter(|m| !m.disabled())
+                .map(|m| m.remote_pts().to_vec())
+                .unwrap_or_default()
+        };
+        let (vpts, apts) = (usable(&rtc, video_mid), usable(&rtc, audio_mid));
+        let h264: Vec<_> =
+            summary.h264.iter().copied().filter(|h| vpts.contains(&Pt::from(h.pt))).collect();
+        let video_pt = sdp::choose_h264(&h264, profile);
+        let audio_pt = summary.opus.iter().copied().find(|pt| apts.contains(&Pt::from(*pt)));
+        let (Some(video_pt), Some(audio_pt)) = (video_pt, audio_pt) else {
+            return Err(Reject::CodecMismatch {
+                h264: video_pt.is_none(),
+                opus: audio_pt.is_none(),
+            });
+        };
+        let mut api = rtc.direct_api();
+        let video_ssrc = api.stream_tx_by_mid(video_mid, None).map(|t| t.ssrc());
+        let audio_ssrc = api.stream_tx_by_mid(audio_mid, None).map(|t| t.ssrc());
+        let (Some(video_ssrc), Some(audio_ssrc)) = (video_ssrc, audio_ssrc) else {
+            return Err(Reject::BadOffer("no send stream for a media section".into()));
+        };
+        // Bound the retransmission cache by age and count: its packet metadata (about 430 bytes
+        // a packet) dominates a viewer's memory, and an old retransmission is useless to a
+        // low-latency player.
+        // str0m's own ratio cap is off: it keeps an entry per packet sent in the last second;
+        // the peer's `ResendBudget` does the same job with a few counters.
+        let (packets, age) = (self.config.rtx_cache_packets, self.config.rtx_cache_age);
+        let mut resend = None;
+        if let Some(tx) = api.stream_tx(&video_ssrc) {
+            tx.set_rtx_cache(packets, age, None);
+            if let Some(rtx) = tx.rtx() {
+                let budget = ResendBudget::new(video_ssrc, rtx, self.config.rtx_ratio_cap, now);
+                resend = Some(Box::new(Resend {
+                    cache_packets: packets,
+                    cache_age: age,
+                    prime_packets: self.config.rtx_cache_prime_packets,
+                    shrink_at: None,
+                    budget,
+                }));
+            }
+        }
+        // Audio is written non-nackable, so its cache stays empty; without a ratio cap str0m
+        // keeps no per-packet byte history for it either.
+        if let Some(tx) = api.stream_tx(&audio_ssrc) {
+            tx.set_rtx_cache(0, Duration::ZERO, None);
+        }
+
+        // Shards take their seat now, atomically with the check: another shard may have
+        // filled the cap since the check above.
+        if let Some(m) = &self.config.shard
+            && let Err(full) = m.set.take_seat(m.index, id, cap, total_cap)
+        {
+            self.metrics.cap_rejections += 1;
+            return Err(full);
+        }
+        if let Some(ip) = client {
+            let taken = match &self.config.shard {
+                Some(m) => m.set.take_unconnected(ip, unconnected_cap),
+                None => self.unconnected.take(ip, unconnected_cap),
+            };
+            if !taken {
+                // Another shard's session of this client came in between.
+                if let Some(m) = &self.config.shard {
+                    m.set.release_seat(m.index, id);
+                }
+                return Err(Reject::TooManyUnconnected { cap: unconnected_cap });
+            }
+        }
+        let session = self.unique_session();
+        let etag = self.rng.etag();
+        let (vseq, aseq) = (self.rng.u32() as u16, self.rng.u32() as u16);
+        let mut peer = Peer {
+            session,
+            stream: id.clone(),
+            rtc,
+            state: PeerState::Connecting {
+                deadline: now + self.config.first_check_timeout.min(self.config.connect_timeout),
+            },
+            video: Track::new(video_mid, Pt::from(video_pt), video_ssrc, true, vseq),
+            audio: Track::new(audio_mid, Pt::from(audio_pt), audio_ssrc, false, aseq),
+            etag,
+            offer: sdp::compact_offer(
+                &offer_text,
+                &[(&summary.video_mid, &[video_pt]), (&summary.audio_mid, &[audio_pt])],
+            ),
+            remote_creds,
+            local_ufrag: local_ufrag.clone(),
+            last_rx: now,
+            addrs: Vec::new(),
+            joined: now,
+            checked: false,
+            unconnected_client: client,
+            remote_candidates: offered_candidates,
+            keyframe_requests: 0,
+            rtc_deadline: now,
+            scheduled: None,
+            dead: false,
+            unflushed: 0,
+            resend,
+        };
+        let mut news = std::mem::take(&mut self.news);
+        peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
+        self.news = news;
+        self.peers.insert(session, Box::new(peer));
+        self.by_ufrag.insert(local_ufrag, session);
+        if let Some(s) = self.streams.get_mut(id) {
+            s.viewers.insert(session);
+        }
+        self.reschedule_peer(session, now);
+        self.metrics.viewers_joined += 1;
+        info!(%session, stream = %id, video_pt, audio_pt, "viewer joined");
+        self.outputs.push_back(Output::Event(Event::ViewerJoined { stream: id.clone(), session }));
+
+        let location = whep::session_location(&self.config.whep_prefix, id, session, &req.target);
+        let mut resp = WhepResponse::new(StatusCode::Created)
+            .with("Location", location)
+            .with("ETag", etag.header_value())
+            .with("Accept-Patch", CONTENT_TYPE_SDPFRAG);
+        for s in &self.config.ice_servers {
+            resp = resp.with("Link", s.link_value());
+        }
+        Ok(resp.with_body(CONTENT_TYPE_SDP, sdp::finish_answer(&answer.to_sdp_string())))
+    }
+
+    pub(super) fn unique_session(&mut self) -> SessionId {
+        loop {
+            let shard = self.config.shard.as_ref().map_or(0, |m| m.index);
+            let s = self.rng.session_id(shard);
+            if !self.peers.contains_key(&s) {
+                return s;
+            }
+        }
+    }
+
+    pub(super) fn unique_ufrag(&mut self) -> String {
+        loop {
+            let u = self.rng.ice_chars(16);
+            if !self.by_ufrag.contains_key(&u) {
+                return u;
+            }
+        }
+    }
+
+    pub(super) fn session(
+        &mut self,
+        req: &WhepRequest,
+        id: &StreamId,
+        session: Option<SessionId>,
+        now: Instant,
+    ) -> Result<WhepResponse, Reject> {
+        const ALLOW: &str = "GET, HEAD, OPTIONS, PATCH, DELETE";
+        let known = session.filter(|s| self.peers.get(s).is_some_and(|p| &p.stream == id));
+        match (req.method, known) {
+            (Method::Delete, Some(s)) => {
+                self.remove_peer(s, CloseReason::Deleted, now);
+                Ok(WhepResponse::new(StatusCode::NoContent))
+            }
+            // Idempotent, as the seed: deleting what is not there succeeds.
+            (Method::Delete, None) => Ok(WhepResponse::new(StatusCode::NoContent)),
+            (Method::Patch, Some(s)) => self.patch(req, s, now),
+            (Method::Options, _) => Ok(WhepResponse::new(StatusCode::NoContent)
+                .with("Accept-Patch", CONTENT_TYPE_SDPFRAG)
+                .with("Allow", ALLOW)),
+            (Method::Get | Method::Head, Some(_)) => Ok(WhepResponse::new(StatusCode::NoContent)),
+            (Method::Patch | Method::Get | Method::Head, None) => Err(Reject::SessionNotFound),
+            _ => Err(Reject::MethodNotAllowed { allow: ALLOW }),
+        }
+    }
+
+    pub(super) fn patch(
+        &mut self,
+        req: &WhepRequest,
+        s: SessionId,
+        now: Instant,
+    ) -> Result<WhepResponse, Reject> {
+        if req.media_type().as_deref() != Some(CONTENT_TYPE_SDPFRAG) {
+            return Err(Reject::UnsupportedMediaType { expected: CONTENT_TYPE_SDPFRAG });
+        }
+        let Some(peer) = self.peers.get(&s) else {
+            return Err(Reject::SessionNotFound);
+        };
+        if self.config.strict_if_match {
+            match req.header("if-match") {
+                None => return Err(Reject::PreconditionRequired),
+                Some(v) if !peer.etag.matches(v) => return Err(Reject::PreconditionFailed),
+                Some(_) => {}
+            }
+        }
+        let frag = SdpFrag::parse(&req.body).map_err(|e| Reject::BadFragment(e.to_string()))?;
+        let restart = match (&frag.ice_ufrag, &frag.ice_pwd) {
+            (Some(u), Some(p)) => {
+                (u.as_str(), p.as_str())
+                    != (peer.remote_creds.0.as_str(), peer.remote_creds.1.as_str())
+            }
+            _ => false,
+        };
+        // The whole PATCH or nothing of it; more candidates than a session may hold in all are
+        // refused before any is parsed, so no request costs more than the bound.
+        let cap = self.config.max_remote_candidates;
+        let held = if restart { 0 } else { peer.remote_candidates };
+        if frag.candidates.len() > cap {
+            return Err(Reject::TooManyCandidates { cap });
+        }
+        // mDNS (.local), TCP and otherwise unusable candidates are dropped silently (WHEP).
+        let candidates: Vec<Candidate> = frag
+            .candidates
+            .iter()
+            .filter_map(|(_, c)| Candidate::from_sdp_string(c).ok())
+            .collect();
+        if held + candidates.len() > cap {
+            return Err(Reject::TooManyCandidates { cap });
+        }
+        let resp = if restart {
+            self.ice_restart(s, &frag)?
+        } else {
+            WhepResponse::new(StatusCode::NoContent)
+        };
+        let Some(peer) = self.peers.get_mut(&s) else {
+            return Ok(resp);
+        };
+        let added = candidates.len();
+        let mut news = std::mem::take(&mut self.news);
+        let grace = self.config.disconnect_grace;
+        for c in candidates {
+            peer.rtc.add_remote_candidate(c);
+            peer.drain(now, grace, &mut self.outputs, &mut news);
+        }
+        peer.remote_candidates += added;
+        debug!(session = %s, restart, added, "patch");
+        peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
+        self.apply_news(s, &mut news, now);
+        self.news = news;
+        self.reschedule_peer(s, now);
+        Ok(resp)
+    }
+
+    pub(super) fn ice_restart(
+        &mut self,
+        s: SessionId,
+        frag: &SdpFrag,
+    ) -> Result<WhepResponse, Reject> {
+        let (Some(ufrag), Some(pwd)) = (&frag.ice_ufrag, &frag.ice_pwd) else {
+            return Err(Reject::BadFragment("restart without credentials".into()));
+        };
+        let etag = self.rng.etag();
+        let Some(peer) = self.peers.get_mut(&s) else {
+            return Err(Reject::SessionNotFound);
+        };
+        let offer_text = sdp::restart_offer(&peer.offer, ufrag, pwd);
+        let offer = SdpOffer::from_sdp_string(&offer_text)
+            .map_err(|e| Reject::RestartFailed(e.to_string()))?;
+        let answer = peer
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| Reject::RestartFailed(e.to_string()))?;
+        // Whatever this reports is applied by the caller with the rest of the PATCH's news.
+        peer.drain(self.now, self.config.disconnect_grace, &mut self.outputs, &mut self.news);
+        let local = peer.rtc.direct_api().local_ice_credentials();
+        peer.offer = offer_text;
+        peer.remote_creds = (ufrag.clone(), pwd.clone());
+        peer.etag = etag;
+        let old = std::mem::replace(&mut peer.local_ufrag, local.ufrag.clone());
+        let answer = answer.to_sdp_string();
+        let candidates: Vec<String> = answer
+            .lines()
+            .filter_map(|l| l.strip_prefix("a="))
+            .filter(|l| l.starts_with("candidate:"))
+            .map(str::to_owned)
+            .collect();
+        let mids = [peer.video.mid.to_string(), peer.audio.mid.to_string()];
+        let first_kind =
+            if answer.find("m=audio") < answer.find("m=video") { "audio" } else { "video" };
+        let (first, second) =
+            if first_kind == "video" { (&mids[0], &mids[1]) } else { (&mids[1], &mids[0]) };
+        if self.by_ufrag.get(&old) == Some(&s) {
+            self.by_ufrag.remove(&old);
+        }
+        // str0m forgot the old generation's candidates and pairs: so do the demultiplexer and
+        // the limits. The new generation's checks (by ufrag) bring the addresses back.
+        peer.remote_candidates = 0;
+        for a in peer.addrs.drain(..) {
+            if self.by_addr.get(&a) == Some(&s) {
+                self.by_addr.remove(&a);
+            }
+        }
+        self.by_ufrag.insert(local.ufrag.clone(), s);
+        info!(session = %s, "ice restart");
+        let body = sdpfrag::build_restart_answer(
+            true,
+            Some("trickle"),
+            first_kind,
+            &[first.as_str(), second.as_str()],
+            &local.ufrag,
+            &local.pass,
+            &candidates,
+        );
+        Ok(WhepResponse::new(StatusCode::Ok)
+            .with("ETag", etag.header_value())
+            .with_body(CONTENT_TYPE_SDPFRAG, body))
+    }
+}
+
+/// The RTP header extensions offered to viewers: str0m's standard set without transport-wide
+/// congestion control. Bandwidth estimation is off, so TWCC feedback would go unused, and with it
+/// negotiated str0m keeps a record of the last 1000 sent packets per viewer (about 88 KiB).
+fn rtp_extensions() -> ExtensionMap {
+    let mut exts = ExtensionMap::empty();
+    for (id, ext) in ExtensionMap::standard().iter() {
+        if *ext != Extension::TransportSequenceNumber {
+            exts.set(id, ext.clone());
+        }
+    }
+    exts
+}

@@ -1,0 +1,408 @@
+//! The core state machine. [`Core`] owns the state and dispatches each input to the module
+//! whose job it is:
+//!
+//! | module | job |
+//! |---|---|
+//! | `streams` | stream lifecycle: add, start (bind the ingest ports, spawn FFmpeg), stop, remove, FFmpeg exits and restarts, stale sources |
+//! | `fanout` | ingest: datagrams from FFmpeg checked and parsed, then written to every viewer of their stream |
+//! | `viewers` | viewers (WHEP sessions, each a str0m peer): their datagrams, timers, connection news, GOP-cache prime, removal |
+//! | `http` | the WHEP resource: POST, PATCH (trickle, ICE restart), DELETE, OPTIONS; rate limits, caps, admission |
+//! | `invariants` | the bookkeeping checked whole, after every step in tests |
+
+mod fanout;
+mod http;
+mod invariants;
+mod streams;
+mod viewers;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use str0m::config::{CryptoProvider, DtlsCert};
+use str0m::media::MediaKind;
+use tracing::{info, warn};
+
+use crate::config::{Config, Feed, StreamConfig};
+use crate::ids::{Rng, SessionId, SessionMap, StreamId};
+use crate::metrics::Metrics;
+use crate::peer::{Peer, PeerNews, PeerState, SourcePacket};
+use crate::ports::PortPool;
+use crate::ratelimit::{Limiter, Unconnected};
+use crate::shard::Mirror;
+use crate::stream::{Process, Stream, StreamState};
+use crate::{CloseReason, Input, Output, StreamInfo, TimerReason};
+
+/// How many adjacent pairs a stream tries before giving up (the seed's retry count).
+const MAX_BIND_ATTEMPTS: u32 = 10;
+
+/// Ingest packets held for a viewer-by-viewer fan-out at most ([`Core::fan_out_pending`]);
+/// a runtime normally takes outputs well before (after each wake-up's batch of reads).
+const MAX_PENDING: usize = 64;
+
+/// Outputs the core queues before [`Core::poll_output`] hands them out while it writes a batch
+/// of packets to the viewers: a few viewers' copies at a time.
+const OUTPUT_CHUNK: usize = 64;
+
+/// Weight of a new sample in the load ([`Core::set_load`]): an exponential moving average,
+/// whose time constant is about three samples.
+pub const LOAD_SMOOTHING: f64 = 0.3;
+
+/// What a timer entry belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKey {
+    Peer(SessionId),
+    Stream(StreamId),
+}
+
+/// The sans-IO WHEP egress core. See the [crate documentation](crate) for the run loop.
+///
+/// # Calling contract
+///
+/// - **Inputs**: [`handle_http`](Self::handle_http) (answers at once),
+///   [`handle_input`](Self::handle_input) (datagrams, RTP from FFmpeg, bind results, process
+///   lifecycle), [`handle_timeout`](Self::handle_timeout), and the stream management calls
+///   [`add_stream`](Self::add_stream), [`start_stream`](Self::start_stream),
+///   [`stop_stream`](Self::stop_stream), [`remove_stream`](Self::remove_stream),
+///   [`shutdown`](Self::shutdown).
+/// - **Outputs**: after any of those calls, drain [`poll_output`](Self::poll_output) until it
+///   returns `None` and execute each [`Output`] in order; then read
+///   [`poll_timeout`](Self::poll_timeout) and call `handle_timeout` when that instant arrives.
+/// - **Time** comes only from the `now` arguments. It must not go backwards; an earlier `now`
+///   than one already seen is treated as the latest one seen.
+/// - A spurious or early `handle_timeout` is harmless.
+/// - Rejections (404, 406, 503, ...) are ordinary responses; IO failures come back as inputs
+///   ([`Input::BindFailed`], [`Input::SpawnFailed`], [`Input::ProcessExited`]). Nothing here
+///   panics on bytes from the network or from FFmpeg.
+#[derive(Debug)]
+pub struct Core {
+    config: Config,
+    rng: Rng,
+    crypto: Arc<CryptoProvider>,
+    cert: Option<DtlsCert>,
+    streams: BTreeMap<StreamId, Stream>,
+    peers: SessionMap<Box<Peer>>,
+    by_addr: HashMap<SocketAddr, SessionId>,
+    by_ufrag: HashMap<String, SessionId>,
+    ingest: HashMap<u16, (StreamId, MediaKind)>,
+    ports: PortPool,
+    timers: BTreeSet<(Instant, TimerKey)>,
+    outputs: VecDeque<Output>,
+    metrics: Metrics,
+    limiter: Limiter,
+    /// Sessions not connected yet per client address (a sharded server counts them in its
+    /// [`ShardSet`](crate::shard::ShardSet) instead).
+    unconnected: Unconnected,
+    /// This core leads a sharded server: it mirrors streams and packets to the others.
+    mirrors: bool,
+    /// The load (the runtime's samples, smoothed), and whether admission is closed because of it.
+    load: f64,
+    overloaded: bool,
+    next_generation: u64,
+    now: Instant,
+    /// Ingest packets parsed but not yet written to viewers, with their arrival times: written
+    /// viewer by viewer when outputs are next taken or any other input comes
+    /// ([`Core::fan_out_pending`]).
+    pending: Vec<(StreamId, SourcePacket, Instant)>,
+    /// The batch being written, viewer by viewer, as outputs are taken.
+    fanning: Option<fanout::Fanning>,
+    /// Reused buffers, so the packet path does not allocate for bookkeeping.
+    news: Vec<PeerNews>,
+    scratch: Vec<SessionId>,
+}
+
+impl Core {
+    /// Creates a core. `now` is the earliest instant it will see.
+    pub fn new(config: Config, now: Instant) -> Self {
+        let crypto = crate::dtls::provider();
+        let cert = crypto.dtls_provider.generate_certificate();
+        let mirrors = config.shard.as_ref().is_some_and(|m| m.is_leader() && m.set.count() > 1);
+        Self {
+            rng: Rng::new(config.rng_seed),
+            ports: PortPool::with_stride(config.ingest_ports.clone(), PortPool::STREAM_BLOCK),
+            limiter: Limiter::new(config.rate_limits, now),
+            unconnected: Unconnected::default(),
+            config,
+            crypto,
+            cert,
+            streams: BTreeMap::new(),
+            peers: SessionMap::default(),
+            by_addr: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            ingest: HashMap::new(),
+            timers: BTreeSet::new(),
+            outputs: VecDeque::new(),
+            metrics: Metrics::default(),
+            mirrors,
+            load: 0.0,
+            overloaded: false,
+            next_generation: 1,
+            now,
+            pending: Vec::new(),
+            fanning: None,
+            news: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Counters since creation.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Records how long one ingest packet took from its arrival to the runtime having sent its
+    /// last copy, into [`Metrics::egress_latency`]. The core cannot see this itself: it ends
+    /// in the runtime's sockets.
+    pub fn record_egress_latency(&mut self, latency: Duration) {
+        self.metrics.egress_latency.record(latency);
+    }
+
+    /// Records that `copies` viewers' copies of ingest packets left `latency` after the
+    /// packets' arrival, into [`Metrics::copy_latency`].
+    pub fn record_copy_latency(&mut self, latency: Duration, copies: u64) {
+        self.metrics.copy_latency.record_n(latency, copies);
+    }
+
+    /// Counts packets a sharded leader's runtime dropped for a follower shard whose queue was
+    /// full ([`Metrics::mirror_packets_dropped`]).
+    pub fn record_mirror_drops(&mut self, packets: u64) {
+        self.metrics.mirror_packets_dropped += packets;
+    }
+
+    /// Reports the share of its time (0 to 1) the loop driving this core spent forwarding
+    /// (ingest, viewer datagrams, timers and sending; answering HTTP requests excluded, the
+    /// rate limits bound those) rather than waiting, over the last interval (the runtime
+    /// measures it; call it every ~250 ms). The core smooths the samples
+    /// ([`LOAD_SMOOTHING`]: about the last second at that rate), so that the burst of a
+    /// keyframe, one interval in eight with a 2 s GOP, does not close admission by itself. At
+    /// [`Config::max_load`] or more, new viewers are refused with 503 ([`Reject::Overloaded`](crate::whep::Reject::Overloaded))
+    /// until the load falls below 85 % of it.
+    pub fn set_load(&mut self, sample: f64) {
+        let sample = if sample.is_finite() { sample.clamp(0.0, 1.0) } else { 0.0 };
+        let load = self.load + (sample - self.load) * LOAD_SMOOTHING;
+        self.load = load;
+        let max = self.config.max_load;
+        let was = self.overloaded;
+        if max < 1.0 && load >= max {
+            self.overloaded = true;
+        } else if load < max * 0.85 || max >= 1.0 {
+            self.overloaded = false;
+        }
+        if self.overloaded != was {
+            if self.overloaded {
+                warn!(load, "overloaded: refusing new viewers");
+            } else {
+                info!(load, "load back to normal: admitting viewers");
+            }
+        }
+    }
+
+    /// The load: the samples reported with [`set_load`](Self::set_load), smoothed.
+    pub fn load(&self) -> f64 {
+        self.load
+    }
+
+    /// Whether new viewers are being refused because of load (see [`set_load`](Self::set_load)).
+    pub fn is_overloaded(&self) -> bool {
+        self.overloaded
+    }
+
+    /// Number of viewers (WHEP sessions) in total.
+    pub fn viewer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Video packets held back for viewers being primed at a paced rate, in total (each
+    /// viewer's share is bounded by [`PrimePacing::max_pending`](crate::PrimePacing)).
+    pub fn prime_backlog(&self) -> usize {
+        self.peers.values().map(|p| p.video.backlog()).sum()
+    }
+
+    /// Number of ingest port pairs held by streams.
+    pub fn ports_in_use(&self) -> usize {
+        self.ports.in_use()
+    }
+
+    /// Status of one stream.
+    pub fn stream(&self, id: &StreamId) -> Option<StreamInfo> {
+        self.streams.get(id).map(|s| self.info(s))
+    }
+
+    /// Status of every stream, ordered by id.
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        self.streams.values().map(|s| self.info(s)).collect()
+    }
+
+    fn info(&self, s: &Stream) -> StreamInfo {
+        StreamInfo {
+            id: s.id.clone(),
+            state: s.state_name(),
+            enabled: s.config.egress.enabled,
+            supervised: s.supervised(),
+            ports: s.ports(),
+            pid: s.pid,
+            viewers: s.viewers.len(),
+            connected_viewers: s
+                .viewers
+                .iter()
+                .filter(|v| self.peers.get(v).is_some_and(|p| p.state == PeerState::Connected))
+                .count(),
+            restarts: s.restarts,
+        }
+    }
+
+    /// The next output to execute, in order.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if self.outputs.is_empty() {
+            // A few viewers' copies at a time: the runtime sends the first viewers' while the
+            // core writes the next ones', and a batch's datagrams are never all in memory.
+            self.fan_out_step(Some(OUTPUT_CHUNK));
+        }
+        self.outputs.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) is next needed, and why.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
+        self.timers.first().map(|(t, k)| {
+            let why = match k {
+                TimerKey::Peer(_) => TimerReason::Peer,
+                TimerKey::Stream(_) => TimerReason::Stream,
+            };
+            (*t, why)
+        })
+    }
+
+    fn tick(&mut self, now: Instant) -> Instant {
+        self.now = self.now.max(now);
+        self.now
+    }
+
+    /// Handles one input from the runtime.
+    pub fn handle_input(&mut self, input: Input<'_>, now: Instant) {
+        let now = self.tick(now);
+        if !matches!(input, Input::Ingest { .. }) {
+            // Packets first, as they came: e.g. a viewer that connects now is started from the
+            // GOP cache, which must hold them, and must not get them twice.
+            self.fan_out_pending();
+        }
+        match input {
+            Input::Datagram { source, destination, contents } => {
+                self.on_datagram(source, destination, contents, now)
+            }
+            Input::Ingest { port, source, contents, arrived } => {
+                self.on_ingest(port, source, contents, arrived, now)
+            }
+            Input::IngestBound { stream, ports } => self.on_bound(&stream, ports, now),
+            Input::BindFailed { stream, ports, error } => {
+                self.on_bind_failed(&stream, ports, &error, now)
+            }
+            Input::ProcessSpawned { stream, generation, pid } => {
+                let Some(s) = self.streams.get_mut(&stream) else { return };
+                if let StreamState::Running {
+                    process: Process::Spawned { generation: g, .. }, ..
+                } = s.state
+                    && g == generation
+                {
+                    s.pid = Some(pid);
+                    info!(stream = %stream, generation, pid, "process spawned");
+                }
+            }
+            Input::SpawnFailed { stream, generation, error } => {
+                let current = self.streams.get(&stream).is_some_and(|s| {
+                    matches!(s.state, StreamState::Running { process: Process::Spawned { generation: g, .. }, .. } if g == generation)
+                });
+                if current {
+                    self.close_viewers(&stream, CloseReason::StreamRestarting, now);
+                    self.failed(&stream, format!("could not start the process: {error}"), now);
+                }
+            }
+            Input::ProcessExited { stream, generation, code } => {
+                self.on_process_exit(&stream, generation, code, now)
+            }
+        }
+    }
+
+    /// Applies what the leader shard emitted as [`Output::Mirror`] (see [`crate::shard`]).
+    /// Only follower shards call this; it is ignored on a core that is not one.
+    pub fn mirror(&mut self, mirror: Mirror, now: Instant) {
+        let now = self.tick(now);
+        if !matches!(mirror, Mirror::Packet(_)) {
+            self.fan_out_pending();
+        }
+        if self.config.shard.as_ref().is_none_or(|m| m.is_leader()) {
+            return;
+        }
+        match mirror {
+            Mirror::Add { stream, config } => {
+                let config = StreamConfig { feed: Feed::Mirror, ..config };
+                if let Err(e) = self.add_stream(stream.clone(), config) {
+                    warn!(%stream, error = %e, "mirrored stream not added");
+                }
+            }
+            Mirror::Start { stream } => {
+                let _ = self.start_stream(&stream, now);
+            }
+            Mirror::Stop { stream } => {
+                let _ = self.stop_stream(&stream, now);
+            }
+            Mirror::Remove { stream } => {
+                let _ = self.remove_stream(&stream, now);
+            }
+            Mirror::Packet(shared) => {
+                // Not counted in `ingest_packets`: the leader counted the datagram.
+                if self
+                    .streams
+                    .get(&shared.stream)
+                    .is_some_and(|s| s.state == StreamState::Mirrored)
+                {
+                    self.defer(shared.stream, shared.packet, now);
+                }
+            }
+        }
+    }
+
+    /// Handles every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.tick(now);
+        self.fan_out_pending();
+        while let Some((t, key)) = self.timers.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.timers.remove(&(t, key.clone()));
+            match key {
+                TimerKey::Peer(s) => {
+                    if let Some(p) = self.peers.get_mut(&s) {
+                        p.scheduled = None;
+                    }
+                    self.peer_timeout(s, now);
+                }
+                TimerKey::Stream(id) => {
+                    if let Some(st) = self.streams.get_mut(&id) {
+                        st.scheduled = None;
+                    }
+                    self.stream_timeout(&id, now);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_is_send() {
+        fn is_send<T: Send>() {}
+        is_send::<Core>();
+    }
+}

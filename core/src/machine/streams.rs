@@ -1,0 +1,410 @@
+//! Stream lifecycle: add, start (bind, spawn), stop, remove, FFmpeg exits and restarts with
+//! backoff, stale sources, and the stream timers.
+
+use std::time::Instant;
+
+use str0m::media::MediaKind;
+use tracing::{debug, info, warn};
+
+use crate::config::{Feed, StreamConfig};
+use crate::ffmpeg;
+use crate::ids::{SessionId, StreamId};
+use crate::ports::PortPair;
+use crate::shard::Mirror;
+use crate::stream::{Process, Stream, StreamState};
+use crate::{CloseReason, Event, Output, StreamError};
+
+use super::{Core, MAX_BIND_ATTEMPTS, TimerKey};
+
+impl Core {
+    /// Registers a stream. It stays stopped until [`start_stream`](Self::start_stream).
+    pub fn add_stream(&mut self, id: StreamId, config: StreamConfig) -> Result<(), StreamError> {
+        self.fan_out_pending();
+        if self.streams.contains_key(&id) {
+            return Err(StreamError::Exists);
+        }
+        config.egress.validate().map_err(StreamError::InvalidConfig)?;
+        info!(stream = %id, "stream added");
+        if self.mirrors {
+            let add = Mirror::Add { stream: id.clone(), config: config.clone() };
+            self.outputs.push_back(Output::Mirror(add));
+        }
+        self.streams.insert(id.clone(), Stream::new(id, config));
+        Ok(())
+    }
+
+    /// Starts a stream: allocates an adjacent port pair and asks the runtime to bind it
+    /// ([`Output::BindIngest`]). Once bound, [`Event::StreamReady`] carries the FFmpeg output
+    /// arguments and, for a supervised stream, [`Output::SpawnProcess`] follows.
+    pub fn start_stream(&mut self, id: &StreamId, now: Instant) -> Result<(), StreamError> {
+        self.fan_out_pending();
+        let now = self.tick(now);
+        let stream = self.streams.get(id).ok_or(StreamError::NotFound)?;
+        if !stream.config.egress.enabled {
+            return Err(StreamError::Disabled);
+        }
+        match stream.state {
+            StreamState::Stopped => {}
+            StreamState::Backoff { .. } => {}
+            _ => return Err(StreamError::AlreadyStarted),
+        }
+        if stream.config.feed == Feed::Mirror {
+            if let Some(s) = self.streams.get_mut(id) {
+                s.state = StreamState::Mirrored;
+                s.last_rtp = None;
+            }
+            return Ok(());
+        }
+        if self.mirrors {
+            self.outputs.push_back(Output::Mirror(Mirror::Start { stream: id.clone() }));
+        }
+        let ports = self.ports.allocate(now).ok_or(StreamError::NoPorts)?;
+        // A start by the application is a fresh start: earlier crashes do not lengthen the
+        // backoff of the next one.
+        if let Some(s) = self.streams.get_mut(id) {
+            s.failures = 0;
+        }
+        self.bind(id, ports, 1, now);
+        Ok(())
+    }
+
+    pub(super) fn bind(&mut self, id: &StreamId, ports: PortPair, attempt: u32, now: Instant) {
+        if let Some(s) = self.streams.get_mut(id) {
+            s.state = StreamState::Binding { ports, attempt };
+            s.video = Default::default();
+            s.audio = Default::default();
+            s.last_rtp = None;
+        }
+        debug!(stream = %id, %ports, attempt, "binding ingest ports");
+        self.outputs.push_back(Output::BindIngest { stream: id.clone(), ports });
+        self.reschedule_stream(id, now);
+    }
+
+    /// Stops a stream: closes every viewer first, then stops its FFmpeg (if supervised) and
+    /// releases its ports once the process has exited (the seed's teardown order).
+    pub fn stop_stream(&mut self, id: &StreamId, now: Instant) -> Result<(), StreamError> {
+        self.fan_out_pending();
+        let now = self.tick(now);
+        if !self.streams.contains_key(id) {
+            return Err(StreamError::NotFound);
+        }
+        self.teardown(id, false, CloseReason::StreamStopped, now);
+        Ok(())
+    }
+
+    /// Stops a stream as [`stop_stream`](Self::stop_stream) does and forgets it once stopped.
+    pub fn remove_stream(&mut self, id: &StreamId, now: Instant) -> Result<(), StreamError> {
+        self.fan_out_pending();
+        let now = self.tick(now);
+        if !self.streams.contains_key(id) {
+            return Err(StreamError::NotFound);
+        }
+        self.teardown(id, true, CloseReason::StreamStopped, now);
+        Ok(())
+    }
+
+    /// Closes every viewer and stops every stream, for a clean exit. Keep driving the core
+    /// until [`Core::is_idle`] to let supervised processes exit and ports be released.
+    pub fn shutdown(&mut self, now: Instant) {
+        let now = self.tick(now);
+        self.fan_out_pending();
+        let ids: Vec<StreamId> = self.streams.keys().cloned().collect();
+        for id in ids {
+            self.teardown(&id, false, CloseReason::Shutdown, now);
+        }
+        let rest: Vec<SessionId> = self.peers.keys().copied().collect();
+        for s in rest {
+            self.remove_peer(s, CloseReason::Shutdown, now);
+        }
+    }
+
+    /// True when no viewer, port or process is held.
+    pub fn is_idle(&self) -> bool {
+        self.peers.is_empty()
+            && self.ports.in_use() == 0
+            && self.streams.values().all(|s| matches!(s.state, StreamState::Stopped))
+    }
+
+    pub(super) fn teardown(&mut self, id: &StreamId, remove: bool, why: CloseReason, now: Instant) {
+        self.close_viewers(id, why, now);
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        let state = std::mem::replace(&mut stream.state, StreamState::Stopped);
+        match state {
+            StreamState::Running { ports, process: Process::Spawned { generation, .. } }
+            | StreamState::Running { ports, process: Process::Terminating { generation, .. } } => {
+                stream.state = StreamState::Stopping {
+                    ports,
+                    generation,
+                    kill_at: Some(now + self.config.process.stop_grace),
+                    remove,
+                };
+                info!(stream = %id, generation, "stopping process");
+                self.outputs.push_back(Output::StopProcess { stream: id.clone(), generation });
+            }
+            StreamState::Stopping { ports, generation, kill_at, remove: r } => {
+                stream.state =
+                    StreamState::Stopping { ports, generation, kill_at, remove: r || remove };
+            }
+            StreamState::Running { ports, process: Process::External }
+            | StreamState::Binding { ports, .. } => {
+                self.release(id, ports);
+                self.stopped(id, remove);
+            }
+            StreamState::Backoff { .. } | StreamState::Stopped | StreamState::Mirrored => {
+                self.stopped(id, remove)
+            }
+        }
+        self.reschedule_stream(id, now);
+    }
+
+    pub(super) fn close_viewers(&mut self, id: &StreamId, why: CloseReason, now: Instant) {
+        let viewers: Vec<SessionId> =
+            self.streams.get(id).map(|s| s.viewers.iter().copied().collect()).unwrap_or_default();
+        for v in viewers {
+            self.remove_peer(v, why, now);
+        }
+    }
+
+    pub(super) fn release(&mut self, id: &StreamId, ports: PortPair) {
+        self.ingest.remove(&ports.video);
+        self.ingest.remove(&ports.audio());
+        if self.ports.release(ports) {
+            self.outputs.push_back(Output::ReleaseIngest { stream: id.clone(), ports });
+        }
+    }
+
+    pub(super) fn stopped(&mut self, id: &StreamId, remove: bool) {
+        if let Some(s) = self.streams.get_mut(id) {
+            s.state = StreamState::Stopped;
+            s.pid = None;
+        }
+        self.outputs.push_back(Output::Event(Event::StreamStopped { stream: id.clone() }));
+        if self.mirrors {
+            let m = if remove {
+                Mirror::Remove { stream: id.clone() }
+            } else {
+                Mirror::Stop { stream: id.clone() }
+            };
+            self.outputs.push_back(Output::Mirror(m));
+        }
+        if remove {
+            if let Some(t) = self.streams.remove(id).and_then(|s| s.scheduled) {
+                self.timers.remove(&(t, TimerKey::Stream(id.clone())));
+            }
+            info!(stream = %id, "stream removed");
+        } else {
+            info!(stream = %id, "stream stopped");
+        }
+    }
+
+    pub(super) fn on_bound(&mut self, id: &StreamId, ports: PortPair, now: Instant) {
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        if !matches!(stream.state, StreamState::Binding { ports: p, .. } if p == ports) {
+            return;
+        }
+        self.ingest.insert(ports.video, (id.clone(), MediaKind::Video));
+        self.ingest.insert(ports.audio(), (id.clone(), MediaKind::Audio));
+        let egress = &stream.config.egress;
+        let (process, args) = match &stream.config.feed {
+            Feed::External => (Process::External, ffmpeg::build_args(egress, ports.video)),
+            Feed::Mirror => return, // never binds
+            Feed::Supervised { input_args } => {
+                let generation = self.next_generation;
+                self.next_generation += 1;
+                (
+                    Process::Spawned { generation, since: now },
+                    ffmpeg::command_line(input_args, egress, ports.video),
+                )
+            }
+        };
+        stream.state = StreamState::Running { ports, process: process.clone() };
+        info!(stream = %id, %ports, "stream ready");
+        self.outputs.push_back(Output::Event(Event::StreamReady {
+            stream: id.clone(),
+            ports,
+            args: args.clone(),
+        }));
+        if let Process::Spawned { generation, .. } = process {
+            self.outputs.push_back(Output::SpawnProcess {
+                stream: id.clone(),
+                generation,
+                program: self.config.process.program.clone(),
+                args,
+            });
+        }
+        self.reschedule_stream(id, now);
+    }
+
+    pub(super) fn on_bind_failed(
+        &mut self,
+        id: &StreamId,
+        ports: PortPair,
+        error: &str,
+        now: Instant,
+    ) {
+        let Some(stream) = self.streams.get(id) else {
+            return;
+        };
+        let StreamState::Binding { ports: p, attempt } = stream.state else {
+            return;
+        };
+        if p != ports {
+            return;
+        }
+        warn!(stream = %id, %ports, error, "ingest bind failed");
+        self.ports.quarantine(ports, now + self.config.bind_quarantine);
+        let next = (attempt < MAX_BIND_ATTEMPTS).then(|| self.ports.allocate(now)).flatten();
+        match next {
+            Some(ports) => self.bind(id, ports, attempt + 1, now),
+            None => self.failed(id, format!("no bindable ingest port pair ({error})"), now),
+        }
+    }
+
+    /// The stream could not get going: supervised streams retry after a backoff, external
+    /// ones stop.
+    pub(super) fn failed(&mut self, id: &StreamId, reason: String, now: Instant) {
+        let p = self.config.process.clone();
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        if let Some(ports) = stream.ports() {
+            stream.state = StreamState::Stopped;
+            self.release(id, ports);
+        }
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        let retry_in = stream.supervised().then(|| stream.backoff(None, &p));
+        stream.pid = None;
+        stream.state = match retry_in {
+            Some(d) => StreamState::Backoff { until: now + d },
+            None => StreamState::Stopped,
+        };
+        if retry_in.is_none() {
+            // A stopped stream holds no viewers, as after `stop_stream`: those that joined
+            // while it was binding would otherwise stay attached to it, without media.
+            self.close_viewers(id, CloseReason::StreamStopped, now);
+        }
+        warn!(stream = %id, reason, ?retry_in, "stream failed");
+        self.outputs.push_back(Output::Event(Event::StreamFailed {
+            stream: id.clone(),
+            reason,
+            retry_in,
+        }));
+        self.reschedule_stream(id, now);
+    }
+
+    pub(super) fn on_process_exit(
+        &mut self,
+        id: &StreamId,
+        generation: u64,
+        code: Option<i32>,
+        now: Instant,
+    ) {
+        let p = self.config.process.clone();
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        match stream.state.clone() {
+            StreamState::Stopping { ports, generation: g, remove, .. } if g == generation => {
+                info!(stream = %id, generation, ?code, "process exited");
+                self.release(id, ports);
+                self.stopped(id, remove);
+                self.reschedule_stream(id, now);
+            }
+            StreamState::Running { ports, process } => {
+                let (g, ran) = match process {
+                    Process::Spawned { generation: g, since } => (g, Some(now - since)),
+                    Process::Terminating { generation: g, .. } => (g, None),
+                    Process::External => return,
+                };
+                if g != generation {
+                    return;
+                }
+                let delay = stream.backoff(ran, &p);
+                stream.restarts += 1;
+                stream.pid = None;
+                self.metrics.process_restarts += 1;
+                warn!(stream = %id, generation, ?code, ?delay, "process exited; restarting");
+                self.outputs.push_back(Output::Event(Event::ProcessExited {
+                    stream: id.clone(),
+                    code,
+                    restart_in: Some(delay),
+                }));
+                self.close_viewers(id, CloseReason::StreamRestarting, now);
+                if let Some(s) = self.streams.get_mut(id) {
+                    s.state = StreamState::Backoff { until: now + delay };
+                }
+                self.release(id, ports);
+                self.reschedule_stream(id, now);
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn stream_timeout(&mut self, id: &StreamId, now: Instant) {
+        let p = self.config.process.clone();
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        match stream.state.clone() {
+            StreamState::Backoff { until } if until <= now => match self.ports.allocate(now) {
+                Some(ports) => self.bind(id, ports, 1, now),
+                None => {
+                    let d = stream.backoff(None, &p);
+                    stream.state = StreamState::Backoff { until: now + d };
+                    warn!(stream = %id, "no free ingest ports; retrying later");
+                }
+            },
+            StreamState::Stopping { kill_at: Some(k), generation, ports, remove } if k <= now => {
+                stream.state = StreamState::Stopping { ports, generation, kill_at: None, remove };
+                warn!(stream = %id, generation, "process did not stop in time; killing");
+                self.outputs.push_back(Output::KillProcess { stream: id.clone(), generation });
+            }
+            StreamState::Running {
+                ports,
+                process: Process::Terminating { generation, kill_at: Some(k) },
+            } if k <= now => {
+                stream.state = StreamState::Running {
+                    ports,
+                    process: Process::Terminating { generation, kill_at: None },
+                };
+                self.outputs.push_back(Output::KillProcess { stream: id.clone(), generation });
+            }
+            StreamState::Running { ports, process: Process::Spawned { generation, .. } }
+                if stream.deadline(&p).is_some_and(|d| d <= now) =>
+            {
+                warn!(stream = %id, generation, "no RTP from the process; restarting it");
+                stream.state = StreamState::Running {
+                    ports,
+                    process: Process::Terminating { generation, kill_at: Some(now + p.stop_grace) },
+                };
+                self.outputs.push_back(Output::Event(Event::StreamStale { stream: id.clone() }));
+                self.outputs.push_back(Output::StopProcess { stream: id.clone(), generation });
+            }
+            _ => {}
+        }
+        self.reschedule_stream(id, now);
+    }
+
+    pub(super) fn reschedule_stream(&mut self, id: &StreamId, now: Instant) {
+        let p = &self.config.process;
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        let at = stream.deadline(p).map(|t| t.max(now));
+        if stream.scheduled == at {
+            return;
+        }
+        if let Some(old) = std::mem::replace(&mut stream.scheduled, at) {
+            self.timers.remove(&(old, TimerKey::Stream(id.clone())));
+        }
+        if let Some(at) = at {
+            self.timers.insert((at, TimerKey::Stream(id.clone())));
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Viewers (WHEP sessions, each a str0m peer): datagrams from them demultiplexed by address and
+//! ICE username, their timers, connection news, the GOP-cache prime, and their removal.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::Input as RtcInput;
+use str0m::net::{DatagramRecv, Protocol, Receive};
+use tracing::{debug, info, warn};
+
+use crate::ids::{SessionId, StreamId};
+use crate::peer::{PeerNews, PeerState};
+use crate::stream::StreamState;
+use crate::{CloseReason, Event, Output};
+
+use super::{Core, TimerKey};
+
+impl Core {
+    pub(super) fn peer_timeout(&mut self, s: SessionId, now: Instant) {
+        let grace = self.config.disconnect_grace;
+        let inactivity = self.config.inactivity_timeout;
+        let Some(peer) = self.peers.get_mut(&s) else {
+            return;
+        };
+        let mut news = std::mem::take(&mut self.news);
+        peer.timeout(now, grace, &mut self.outputs, &mut news);
+        let sent = peer.pace(now, grace, &mut self.outputs, &mut news);
+        self.metrics.packets_forwarded += sent.packets;
+        self.metrics.bytes_forwarded += sent.bytes;
+        let reason = match peer.state {
+            _ if peer.dead => Some(CloseReason::RemoteClosed),
+            PeerState::Connecting { deadline } if deadline <= now => {
+                if !peer.checked {
+                    self.metrics.unchecked_sessions += 1;
+                    debug!(session = %s, "no ICE check arrived; closing the session");
+                }
+                Some(CloseReason::ConnectTimeout)
+            }
+            PeerState::Disconnected { deadline } if deadline <= now => {
+                Some(CloseReason::IceDisconnected)
+            }
+            PeerState::Connected if peer.last_rx + inactivity <= now => Some(CloseReason::Inactive),
+            _ => None,
+        };
+        self.apply_news(s, &mut news, now);
+        self.news = news;
+        match reason {
+            Some(r) => self.remove_peer(s, r, now),
+            None => self.reschedule_peer(s, now),
+        }
+    }
+
+    pub(super) fn apply_news(&mut self, s: SessionId, news: &mut Vec<PeerNews>, now: Instant) {
+        for n in news.drain(..) {
+            let Some(peer) = self.peers.get(&s) else {
+                continue;
+            };
+            let stream = peer.stream.clone();
+            match n {
+                PeerNews::Connected => {
+                    info!(session = %s, %stream, "viewer connected");
+                    self.release_unconnected(s);
+                    self.metrics.viewers_connected += 1;
+                    self.outputs.push_back(Output::Event(Event::ViewerConnected {
+                        stream: stream.clone(),
+                        session: s,
+                    }));
+                    self.prime(s, &stream, now);
+                }
+                PeerNews::KeyframeRequest => {
+                    self.metrics.keyframe_requests += 1;
+                    self.outputs
+                        .push_back(Output::Event(Event::KeyframeRequested { stream, session: s }));
+                }
+                PeerNews::BacklogDropped => {
+                    self.metrics.prime_backlogs_dropped += 1;
+                    warn!(session = %s, %stream, "viewer fell behind the paced GOP; video restarts at the next keyframe");
+                }
+                PeerNews::Resent { packets, bytes, dropped } => {
+                    self.metrics.packets_retransmitted += packets;
+                    self.metrics.bytes_retransmitted += bytes;
+                    self.metrics.retransmissions_dropped += dropped;
+                }
+                PeerNews::ResendsSuspended => {
+                    self.metrics.retransmission_suspensions += 1;
+                    debug!(session = %s, %stream, "viewer's retransmissions over its share: off for a second");
+                }
+            }
+        }
+    }
+
+    /// Starts a viewer that just connected with the stream's cached GOP, so that its first
+    /// picture does not wait for FFmpeg's next keyframe: the keyframe at once, the rest paced
+    /// by [`Config::prime_pacing`] from the peer's timer ([`Peer::pace`]).
+    pub(super) fn prime(&mut self, s: SessionId, stream: &StreamId, now: Instant) {
+        let grace = self.config.disconnect_grace;
+        let (Some(st), Some(peer)) = (self.streams.get(stream), self.peers.get_mut(&s)) else {
+            return;
+        };
+        // Only a cache of the source that is sending now: after a stop or an FFmpeg exit the
+        // cache may still hold the previous run's GOP until the new source's first packet
+        // clears it.
+        let live = matches!(st.state, StreamState::Running { .. } | StreamState::Mirrored)
+            && st
+                .last_rtp
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+        if st.gop.packets.is_empty() || !live {
+            return;
+        }
+        // News from these writes (a DTLS close, say) is picked up by the caller's next drain.
+        let mut news = Vec::new();
+        let pacing = self.config.prime_pacing.as_ref();
+        let Some(sent) =
+            peer.prime(st.gop.primed(), pacing, now, grace, &mut self.outputs, &mut news)
+        else {
+            debug!(session = %s, %stream, cached = st.gop.packets.len(), "cached GOP not used");
+            return;
+        };
+        self.metrics.packets_forwarded += sent.packets;
+        self.metrics.bytes_forwarded += sent.bytes;
+        self.metrics.gop_primes += 1;
+        debug!(
+            session = %s, %stream, packets = sent.packets, held = peer.video.backlog(),
+            "viewer primed with the cached GOP"
+        );
+        // The caller reschedules the peer, now with the backlog's next release.
+    }
+
+    pub(super) fn on_datagram(
+        &mut self,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+        now: Instant,
+    ) {
+        self.metrics.datagrams_in += 1;
+        let Ok(recv) = DatagramRecv::try_from(contents) else {
+            self.metrics.datagrams_dropped += 1;
+            return;
+        };
+        let input = RtcInput::Receive(
+            now,
+            Receive { proto: Protocol::Udp, source, destination, contents: recv },
+        );
+        let known = self.by_addr.get(&source).copied();
+        // A STUN request names its session by ufrag, whatever the address: a new viewer may
+        // come from the address of one that vanished and is not reaped yet (a port the OS or
+        // a TURN relay handed out again). The address then belongs to the new session.
+        let by_ufrag = stun_local_ufrag(contents)
+            .and_then(|ufrag| self.by_ufrag.get(ufrag).copied())
+            .filter(|s| self.peers.get(s).is_some_and(|p| p.rtc.accepts(&input)));
+        let Some(session) = by_ufrag.or(known) else {
+            self.metrics.datagrams_dropped += 1;
+            return;
+        };
+        let grace = self.config.disconnect_grace;
+        let Some(peer) = self.peers.get_mut(&session) else {
+            return;
+        };
+        if known != Some(session) {
+            if !peer.addrs.contains(&source) {
+                if peer.addrs.len() >= self.config.max_viewer_addresses {
+                    // Each address would be a demultiplexing entry here and a candidate in
+                    // str0m: a viewer with its credentials could spoof thousands.
+                    self.metrics.addresses_refused += 1;
+                    self.metrics.datagrams_dropped += 1;
+                    return;
+                }
+                peer.addrs.push(source);
+            }
+            self.by_addr.insert(source, session);
+            if !peer.checked {
+                // The first check: the viewer is reachable, so it gets the whole connect
+                // timeout for the rest (DTLS) instead of the first check's.
+                peer.checked = true;
+                if let PeerState::Connecting { deadline } = &mut peer.state {
+                    *deadline = peer.joined + self.config.connect_timeout;
+                }
+            }
+        }
+        peer.last_rx = now;
+        let mut news = std::mem::take(&mut self.news);
+        if let Err(e) = peer.rtc.handle_input(input) {
+            debug!(%session, error = %e, "datagram rejected");
+        }
+        peer.drain(now, grace, &mut self.outputs, &mut news);
+        let dead = peer.dead;
+        self.apply_news(session, &mut news, now);
+        self.news = news;
+        if dead {
+            self.remove_peer(session, CloseReason::RemoteClosed, now);
+        } else {
+            self.reschedule_peer(session, now);
+        }
+    }
+
+    pub(super) fn remove_peer(&mut self, s: SessionId, reason: CloseReason, now: Instant) {
+        self.release_unconnected(s);
+        let Some(mut peer) = self.peers.remove(&s) else {
+            return;
+        };
+        peer.close(now, &mut self.outputs);
+        if let Some(t) = peer.scheduled {
+            self.timers.remove(&(t, TimerKey::Peer(s)));
+        }
+        for a in &peer.addrs {
+            if self.by_addr.get(a) == Some(&s) {
+                self.by_addr.remove(a);
+            }
+        }
+        if self.by_ufrag.get(&peer.local_ufrag) == Some(&s) {
+            self.by_ufrag.remove(&peer.local_ufrag);
+        }
+        if let Some(stream) = self.streams.get_mut(&peer.stream) {
+            stream.viewers.remove(&s);
+        }
+        if let Some(m) = &self.config.shard {
+            m.set.release_seat(m.index, &peer.stream);
+        }
+        if matches!(reason, CloseReason::IceDisconnected | CloseReason::ConnectTimeout) {
+            self.metrics.ice_failures += 1;
+        }
+        self.metrics.viewers_left += 1;
+        info!(session = %s, stream = %peer.stream, ?reason, "viewer left");
+        self.outputs.push_back(Output::Event(Event::ViewerLeft {
+            stream: peer.stream,
+            session: s,
+            reason,
+        }));
+    }
+
+    /// Stops counting `s` against its client's unconnected sessions (it connected, or goes).
+    pub(super) fn release_unconnected(&mut self, s: SessionId) {
+        let Some(client) = self.peers.get_mut(&s).and_then(|p| p.unconnected_client.take()) else {
+            return;
+        };
+        match &self.config.shard {
+            Some(m) => m.set.release_unconnected(client),
+            None => self.unconnected.release(client),
+        }
+    }
+
+    pub(super) fn reschedule_peer(&mut self, s: SessionId, now: Instant) {
+        let inactivity = self.config.inactivity_timeout;
+        let Some(peer) = self.peers.get_mut(&s) else {
+            return;
+        };
+        // str0m may ask for a timeout at `now` right after a write; the core's own
+        // handle_timeout runs it, so never schedule in the past (no busy loop).
+        let at = peer.deadline(inactivity).max(now);
+        if peer.scheduled == Some(at) {
+            return;
+        }
+        if let Some(old) = peer.scheduled.replace(at) {
+            self.timers.remove(&(old, TimerKey::Peer(s)));
+        }
+        self.timers.insert((at, TimerKey::Peer(s)));
+    }
+}
+
+/// Our ICE username fragment from a STUN binding request's USERNAME (`ours:theirs`).
+fn stun_local_ufrag(b: &[u8]) -> Option<&str> {
+    const MAGIC: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
+    if b.len() < 20 || b[0] & 0xc0 != 0 || b.get(4..8)? != MAGIC {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([b[2], b[3]]));
+    let attrs = b.get(20..20 + len)?;
+    let mut i = 0;
+    while i + 4 <= attrs.len() {
+        let typ = u16::from_be_bytes([attrs[i], attrs[i + 1]]);
+        let alen = usize::from(u16::from_be_bytes([attrs[i + 2], attrs[i + 3]]));
+        let value = attrs.get(i + 4..i + 4 + alen)?;
+        if typ == 0x0006 {
+            let user = std::str::from_utf8(value).ok()?;
+            return user.split(':').next();
+        }
+        i += 4 + alen.div_ceil(4) * 4;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stun_username_is_parsed() {
+        let user = b"srvufrag:cli";
+        let mut m = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+        m.extend_from_slice(&[7; 12]);
+        // A PRIORITY attribute first, then USERNAME (12 bytes, no padding needed).
+        let mut attrs = vec![0x00, 0x24, 0x00, 0x04, 1, 2, 3, 4, 0x00, 0x06, 0x00, 12];
+        attrs.extend_from_slice(user);
+        m[2..4].copy_from_slice(&(attrs.len() as u16).to_be_bytes());
+        m.extend_from_slice(&attrs);
+        assert_eq!(stun_local_ufrag(&m), Some("srvufrag"));
+        assert_eq!(stun_local_ufrag(&m[..m.len() - 1]), None, "truncated");
+        assert_eq!(stun_local_ufrag(&[0x80; 40]), None, "not STUN");
+        for n in 0..m.len() {
+            let _ = stun_local_ufrag(&m[..n]);
+        }
+    }
+}
