@@ -5,15 +5,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use str0m::change::SdpOffer;
+use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::media::{MediaKind, Mid, Pt};
-use str0m::rtp::{RtpWrite, SeqNo, Ssrc};
+use str0m::rtp::{Extension, ExtensionMap, RtpWrite, SeqNo, Ssrc};
+use str0m::{Candidate, IceCreds};
 use str0m::{Event as RtcEvent, IceConnectionState, Input as RtcInput, Output as RtcOutput, Rtc};
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
-use crate::config::PrimePacing;
+use crate::config::{Config, H264Profile, PrimePacing};
 use crate::ids::{ETag, SessionId, StreamId};
 use crate::pacer::{Backlog, Push};
 use crate::resend::{ResendBudget, Verdict};
+use crate::sdp::{self, OfferSummary};
+use crate::whep::Reject;
 use crate::{Output, Transmit};
 
 /// Most live packets written to a viewer before its str0m output is drained.
@@ -174,6 +179,211 @@ pub(crate) struct Peer {
     pub(crate) unflushed: u16,
     /// Retransmission accounting and cap, when the viewer negotiated RTX.
     pub(crate) resend: Option<Box<Resend>>,
+}
+
+/// A viewer's offer, checked ([`sdp::check_offer`]).
+#[derive(Debug)]
+pub(crate) struct Offer<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) summary: &'a OfferSummary,
+    /// The H264 profile the stream carries: decides which offered payload type the viewer gets.
+    pub(crate) profile: H264Profile,
+}
+
+/// A viewer's str0m peer that accepted its offer: ICE-lite, RTP mode, H264 and Opus, our DTLS
+/// certificate and host candidates, a bounded retransmission cache. Built before the viewer
+/// takes a seat, so that an offer str0m refuses costs none; [`into_peer`](Self::into_peer)
+/// then gives it its session.
+#[derive(Debug)]
+pub(crate) struct Answered {
+    rtc: Rtc,
+    answer: String,
+    local_ufrag: String,
+    video: (Mid, Ssrc),
+    audio: (Mid, Ssrc),
+    /// The offered payload types chosen for the viewer.
+    pub(crate) video_pt: u8,
+    pub(crate) audio_pt: u8,
+    compact_offer: String,
+    resend: Option<Box<Resend>>,
+}
+
+/// What a viewer's session is when its [`Answered`] peer becomes a [`Peer`].
+#[derive(Debug)]
+pub(crate) struct Seat {
+    pub(crate) session: SessionId,
+    pub(crate) stream: StreamId,
+    pub(crate) etag: ETag,
+    /// The first sequence numbers of its video and audio (random).
+    pub(crate) first_seqs: (u16, u16),
+    pub(crate) remote_creds: (String, String),
+    pub(crate) unconnected_client: Option<IpAddr>,
+    pub(crate) remote_candidates: usize,
+    /// When it is closed unless it sends an ICE check (see [`Peer::checked`]).
+    pub(crate) deadline: Instant,
+    pub(crate) now: Instant,
+}
+
+impl Answered {
+    /// Builds the peer and accepts `offer` with our ICE credentials `creds`; `dtls` is the
+    /// crypto provider and the certificate every viewer shares.
+    pub(crate) fn new(
+        offer: Offer<'_>,
+        creds: IceCreds,
+        dtls: (&Arc<CryptoProvider>, Option<&DtlsCert>),
+        config: &Config,
+        now: Instant,
+    ) -> Result<Self, Reject> {
+        let local_ufrag = creds.ufrag.clone();
+        let mut cfg = Rtc::builder()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_h264(true)
+            .enable_opus(true, false)
+            .set_local_ice_credentials(creds)
+            .set_crypto_provider(dtls.0.clone())
+            .set_extension_map(rtp_extensions())
+            .set_send_buffer_video(config.rtx_cache_packets)
+            .set_send_buffer_audio(64);
+        if let Some(cert) = dtls.1 {
+            cfg = cfg.set_dtls_cert(cert.clone());
+        }
+        let mut rtc = cfg.build(now);
+        for addr in &config.host_candidates {
+            match Candidate::host(*addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => warn!(%addr, error = %e, "unusable host candidate"),
+            }
+        }
+        let sdp_offer =
+            SdpOffer::from_sdp_string(offer.text).map_err(|e| Reject::BadOffer(e.to_string()))?;
+        let answer =
+            rtc.sdp_api().accept_offer(sdp_offer).map_err(|e| Reject::BadOffer(e.to_string()))?;
+
+        let summary = offer.summary;
+        let video_mid = Mid::from(summary.video_mid.as_str());
+        let audio_mid = Mid::from(summary.audio_mid.as_str());
+        let usable = |rtc: &Rtc, mid: Mid| -> Vec<Pt> {
+            rtc.media(mid)
+                .filter(|m| !m.disabled())
+                .map(|m| m.remote_pts().to_vec())
+                .unwrap_or_default()
+        };
+        let (vpts, apts) = (usable(&rtc, video_mid), usable(&rtc, audio_mid));
+        let h264: Vec<_> =
+            summary.h264.iter().copied().filter(|h| vpts.contains(&Pt::from(h.pt))).collect();
+        let video_pt = sdp::choose_h264(&h264, offer.profile);
+        let audio_pt = summary.opus.iter().copied().find(|pt| apts.contains(&Pt::from(*pt)));
+        let (Some(video_pt), Some(audio_pt)) = (video_pt, audio_pt) else {
+            return Err(Reject::CodecMismatch {
+                h264: video_pt.is_none(),
+                opus: audio_pt.is_none(),
+            });
+        };
+        let mut api = rtc.direct_api();
+        let video_ssrc = api.stream_tx_by_mid(video_mid, None).map(|t| t.ssrc());
+        let audio_ssrc = api.stream_tx_by_mid(audio_mid, None).map(|t| t.ssrc());
+        let (Some(video_ssrc), Some(audio_ssrc)) = (video_ssrc, audio_ssrc) else {
+            return Err(Reject::BadOffer("no send stream for a media section".into()));
+        };
+        // Bound the retransmission cache by age and count: its packet metadata (about 430 bytes
+        // a packet) dominates a viewer's memory, and an old retransmission is useless to a
+        // low-latency player.
+        // str0m's own ratio cap is off: it keeps an entry per packet sent in the last second;
+        // the peer's `ResendBudget` does the same job with a few counters.
+        let (packets, age) = (config.rtx_cache_packets, config.rtx_cache_age);
+        let mut resend = None;
+        if let Some(tx) = api.stream_tx(&video_ssrc) {
+            tx.set_rtx_cache(packets, age, None);
+            if let Some(rtx) = tx.rtx() {
+                let budget = ResendBudget::new(video_ssrc, rtx, config.rtx_ratio_cap, now);
+                resend = Some(Box::new(Resend {
+                    cache_packets: packets,
+                    cache_age: age,
+                    prime_packets: config.rtx_cache_prime_packets,
+                    shrink_at: None,
+                    budget,
+                }));
+            }
+        }
+        // Audio is written non-nackable, so its cache stays empty; without a ratio cap str0m
+        // keeps no per-packet byte history for it either.
+        if let Some(tx) = api.stream_tx(&audio_ssrc) {
+            tx.set_rtx_cache(0, Duration::ZERO, None);
+        }
+        Ok(Self {
+            rtc,
+            answer: sdp::finish_answer(&answer.to_sdp_string()),
+            local_ufrag,
+            video: (video_mid, video_ssrc),
+            audio: (audio_mid, audio_ssrc),
+            video_pt,
+            audio_pt,
+            compact_offer: sdp::compact_offer(
+                offer.text,
+                &[(&summary.video_mid, &[video_pt]), (&summary.audio_mid, &[audio_pt])],
+            ),
+            resend,
+        })
+    }
+
+    /// The viewer's [`Peer`], connecting until `seat.deadline`, and the SDP answer to send.
+    pub(crate) fn into_peer(self, seat: Seat) -> (Peer, String) {
+        let now = seat.now;
+        let peer = Peer {
+            session: seat.session,
+            stream: seat.stream,
+            rtc: self.rtc,
+            state: PeerState::Connecting { deadline: seat.deadline },
+            video: Track::new(
+                self.video.0,
+                Pt::from(self.video_pt),
+                self.video.1,
+                true,
+                seat.first_seqs.0,
+            ),
+            audio: Track::new(
+                self.audio.0,
+                Pt::from(self.audio_pt),
+                self.audio.1,
+                false,
+                seat.first_seqs.1,
+            ),
+            etag: seat.etag,
+            offer: self.compact_offer,
+            remote_creds: seat.remote_creds,
+            local_ufrag: self.local_ufrag,
+            last_rx: now,
+            addrs: Vec::new(),
+            joined: now,
+            checked: false,
+            unconnected_client: seat.unconnected_client,
+            remote_candidates: seat.remote_candidates,
+            keyframe_requests: 0,
+            rtc_deadline: now,
+            scheduled: None,
+            dead: false,
+            unflushed: 0,
+            resend: self.resend,
+        };
+        (peer, self.answer)
+    }
+}
+
+/// The RTP header extensions offered to viewers: str0m's standard set without transport-wide
+/// congestion control. Bandwidth estimation is off, so TWCC feedback would go unused, and with it
+/// negotiated str0m keeps a record of the last 1000 sent packets per viewer (about 88 KiB).
+fn rtp_extensions() -> ExtensionMap {
+    let mut exts = ExtensionMap::empty();
+    for (id, ext) in ExtensionMap::standard().iter() {
+        if *ext != Extension::TransportSequenceNumber {
+            exts.set(id, ext.clone());
+        }
+    }
+    exts
 }
 
 impl Peer {

@@ -4,16 +4,13 @@
 use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
-use str0m::media::{Mid, Pt};
-use str0m::rtp::{Extension, ExtensionMap};
-use str0m::{Candidate, IceCreds, Rtc};
-use tracing::{debug, info, warn};
+use str0m::{Candidate, IceCreds};
+use tracing::{debug, info};
 
 use crate::ids::{SessionId, StreamId};
 use crate::metrics::Metrics;
-use crate::peer::{Peer, PeerState, Resend, Track};
+use crate::peer::{Answered, Offer, Seat};
 use crate::ratelimit::{Kind, Limiter};
-use crate::resend::ResendBudget;
 use crate::sdp;
 use crate::sdpfrag::{self, SdpFrag};
 use crate::stream::Stream;
@@ -197,85 +194,14 @@ impl Core {
             .ok_or_else(|| Reject::BadOffer("no a=ice-ufrag / a=ice-pwd".into()))?;
 
         let local_ufrag = self.unique_ufrag();
-        let creds = IceCreds { ufrag: local_ufrag.clone(), pass: self.rng.ice_chars(24) };
-        let mut cfg = Rtc::builder()
-            .set_ice_lite(true)
-            .set_rtp_mode(true)
-            .clear_codecs()
-            .enable_h264(true)
-            .enable_opus(true, false)
-            .set_local_ice_credentials(creds)
-            .set_crypto_provider(self.crypto.clone())
-            .set_extension_map(rtp_extensions())
-            .set_send_buffer_video(self.config.rtx_cache_packets)
-            .set_send_buffer_audio(64);
-        if let Some(cert) = &self.cert {
-            cfg = cfg.set_dtls_cert(cert.clone());
-        }
-        let mut rtc = cfg.build(now);
-        for addr in &self.config.host_candidates {
-            match Candidate::host(*addr, "udp") {
-                Ok(c) => {
-                    rtc.add_local_candidate(c);
-                }
-                Err(e) => warn!(%addr, error = %e, "unusable host candidate"),
-            }
-        }
-        let offer =
-            SdpOffer::from_sdp_string(&offer_text).map_err(|e| Reject::BadOffer(e.to_string()))?;
-        let answer =
-            rtc.sdp_api().accept_offer(offer).map_err(|e| Reject::BadOffer(e.to_string()))?;
-
-        let video_mid = Mid::from(summary.video_mid.as_str());
-        let audio_mid = Mid::from(summary.audio_mid.as_str());
-        let usable = |rtc: &Rtc, mid: Mid| -> Vec<Pt> {
-            rtc.media(mid)
-                .filter(|m| !m.disabled())
-                .map(|m| m.remote_pts().to_vec())
-                .unwrap_or_default()
-        };
-        let (vpts, apts) = (usable(&rtc, video_mid), usable(&rtc, audio_mid));
-        let h264: Vec<_> =
-            summary.h264.iter().copied().filter(|h| vpts.contains(&Pt::from(h.pt))).collect();
-        let video_pt = sdp::choose_h264(&h264, profile);
-        let audio_pt = summary.opus.iter().copied().find(|pt| apts.contains(&Pt::from(*pt)));
-        let (Some(video_pt), Some(audio_pt)) = (video_pt, audio_pt) else {
-            return Err(Reject::CodecMismatch {
-                h264: video_pt.is_none(),
-                opus: audio_pt.is_none(),
-            });
-        };
-        let mut api = rtc.direct_api();
-        let video_ssrc = api.stream_tx_by_mid(video_mid, None).map(|t| t.ssrc());
-        let audio_ssrc = api.stream_tx_by_mid(audio_mid, None).map(|t| t.ssrc());
-        let (Some(video_ssrc), Some(audio_ssrc)) = (video_ssrc, audio_ssrc) else {
-            return Err(Reject::BadOffer("no send stream for a media section".into()));
-        };
-        // Bound the retransmission cache by age and count: its packet metadata (about 430 bytes
-        // a packet) dominates a viewer's memory, and an old retransmission is useless to a
-        // low-latency player.
-        // str0m's own ratio cap is off: it keeps an entry per packet sent in the last second;
-        // the peer's `ResendBudget` does the same job with a few counters.
-        let (packets, age) = (self.config.rtx_cache_packets, self.config.rtx_cache_age);
-        let mut resend = None;
-        if let Some(tx) = api.stream_tx(&video_ssrc) {
-            tx.set_rtx_cache(packets, age, None);
-            if let Some(rtx) = tx.rtx() {
-                let budget = ResendBudget::new(video_ssrc, rtx, self.config.rtx_ratio_cap, now);
-                resend = Some(Box::new(Resend {
-                    cache_packets: packets,
-                    cache_age: age,
-                    prime_packets: self.config.rtx_cache_prime_packets,
-                    shrink_at: None,
-                    budget,
-                }));
-            }
-        }
-        // Audio is written non-nackable, so its cache stays empty; without a ratio cap str0m
-        // keeps no per-packet byte history for it either.
-        if let Some(tx) = api.stream_tx(&audio_ssrc) {
-            tx.set_rtx_cache(0, Duration::ZERO, None);
-        }
+        let answered = Answered::new(
+            Offer { text: &offer_text, summary: &summary, profile },
+            IceCreds { ufrag: local_ufrag.clone(), pass: self.rng.ice_chars(24) },
+            (&self.crypto, self.cert.as_ref()),
+            &self.config,
+            now,
+        )?;
+        let (video_pt, audio_pt) = (answered.video_pt, answered.audio_pt);
 
         // Shards take their seat now, atomically with the check: another shard may have
         // filled the cap since the check above.
@@ -300,36 +226,17 @@ impl Core {
         }
         let session = self.unique_session();
         let etag = self.rng.etag();
-        let (vseq, aseq) = (self.rng.u32() as u16, self.rng.u32() as u16);
-        let mut peer = Peer {
+        let (mut peer, answer) = answered.into_peer(Seat {
             session,
             stream: id.clone(),
-            rtc,
-            state: PeerState::Connecting {
-                deadline: now + self.config.first_check_timeout.min(self.config.connect_timeout),
-            },
-            video: Track::new(video_mid, Pt::from(video_pt), video_ssrc, true, vseq),
-            audio: Track::new(audio_mid, Pt::from(audio_pt), audio_ssrc, false, aseq),
             etag,
-            offer: sdp::compact_offer(
-                &offer_text,
-                &[(&summary.video_mid, &[video_pt]), (&summary.audio_mid, &[audio_pt])],
-            ),
+            first_seqs: (self.rng.u32() as u16, self.rng.u32() as u16),
             remote_creds,
-            local_ufrag: local_ufrag.clone(),
-            last_rx: now,
-            addrs: Vec::new(),
-            joined: now,
-            checked: false,
             unconnected_client: client,
             remote_candidates: offered_candidates,
-            keyframe_requests: 0,
-            rtc_deadline: now,
-            scheduled: None,
-            dead: false,
-            unflushed: 0,
-            resend,
-        };
+            deadline: now + self.config.first_check_timeout.min(self.config.connect_timeout),
+            now,
+        });
         let mut news = std::mem::take(&mut self.news);
         peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
         self.news = news;
@@ -351,7 +258,7 @@ impl Core {
         for s in &self.config.ice_servers {
             resp = resp.with("Link", s.link_value());
         }
-        Ok(resp.with_body(CONTENT_TYPE_SDP, sdp::finish_answer(&answer.to_sdp_string())))
+        Ok(resp.with_body(CONTENT_TYPE_SDP, answer))
     }
 
     pub(super) fn unique_session(&mut self) -> SessionId {
@@ -531,17 +438,4 @@ impl Core {
             .with("ETag", etag.header_value())
             .with_body(CONTENT_TYPE_SDPFRAG, body))
     }
-}
-
-/// The RTP header extensions offered to viewers: str0m's standard set without transport-wide
-/// congestion control. Bandwidth estimation is off, so TWCC feedback would go unused, and with it
-/// negotiated str0m keeps a record of the last 1000 sent packets per viewer (about 88 KiB).
-fn rtp_extensions() -> ExtensionMap {
-    let mut exts = ExtensionMap::empty();
-    for (id, ext) in ExtensionMap::standard().iter() {
-        if *ext != Extension::TransportSequenceNumber {
-            exts.set(id, ext.clone());
-        }
-    }
-    exts
 }
