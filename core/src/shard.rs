@@ -24,6 +24,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::CloseReason;
 use crate::config::StreamConfig;
 use crate::ids::{SessionId, StreamId};
 use crate::peer::SourcePacket;
@@ -190,15 +191,21 @@ pub enum Mirror {
         /// Its configuration on the leader.
         config: StreamConfig,
     },
-    /// The stream was started: followers accept viewers for it.
-    Start {
+    /// The stream began or ceased to accept viewers (started; stopped, or failed for good):
+    /// followers do the same, closing its viewers when it ceased.
+    Accepting {
         /// The stream.
         stream: StreamId,
+        /// Whether it accepts viewers now.
+        accepting: bool,
     },
-    /// The stream stopped: followers close its viewers.
-    Stop {
+    /// The leader closed the stream's viewers (its FFmpeg exited or could not start, or it
+    /// stopped): followers close theirs, for the same reason.
+    CloseViewers {
         /// The stream.
         stream: StreamId,
+        /// Why.
+        reason: CloseReason,
     },
     /// The stream was removed.
     Remove {

@@ -1,14 +1,16 @@
 //! One stream: its configuration, ingest ports, FFmpeg process and viewers.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::Output;
 use crate::config::{Feed, ProcessConfig, StreamConfig};
 use crate::ids::{SessionId, StreamId};
 use crate::peer::SourcePacket;
 use crate::ports::PortPair;
 use crate::rtp::SeqExtender;
+use crate::shard::Mirror;
 
 /// Where a stream is in its lifecycle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,7 +152,8 @@ impl GopCache {
 pub(crate) struct Stream {
     pub(crate) id: StreamId,
     pub(crate) config: StreamConfig,
-    pub(crate) state: StreamState,
+    /// Changed only through [`set_state`](Self::set_state), which tells the follower shards.
+    state: StreamState,
     pub(crate) viewers: BTreeSet<SessionId>,
     pub(crate) video: Source,
     pub(crate) audio: Source,
@@ -181,6 +184,28 @@ impl Stream {
             restarts: 0,
             pid: None,
             scheduled: None,
+        }
+    }
+
+    pub(crate) fn state(&self) -> &StreamState {
+        &self.state
+    }
+
+    /// Moves the stream to `state`, the one way its state changes. On a sharded leader
+    /// (`mirror`), a change in whether it accepts viewers goes to the follower shards in
+    /// `out` ([`Mirror::Accepting`]), so that no shard can be left behind by a code path that
+    /// forgot to tell them.
+    pub(crate) fn set_state(
+        &mut self,
+        state: StreamState,
+        mirror: bool,
+        out: &mut VecDeque<Output>,
+    ) {
+        let before = self.accepts_viewers();
+        self.state = state;
+        let accepting = self.accepts_viewers();
+        if mirror && accepting != before {
+            out.push_back(Output::Mirror(Mirror::Accepting { stream: self.id.clone(), accepting }));
         }
     }
 

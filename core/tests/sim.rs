@@ -1073,3 +1073,92 @@ fn an_external_feed_takes_its_first_sender_until_that_one_falls_silent() {
     w.run_for(Duration::from_millis(200));
     assert!(w.viewers[v].video_packets > received, "the new sender's video did not play");
 }
+
+/// A leader and a follower shard of one server, the leader's mirror output handed to the
+/// follower as the driver does.
+#[allow(clippy::disallowed_methods)] // the shard set's limiter needs a start before the worlds
+fn two_shards() -> (SimWorld, SimWorld) {
+    use whep_core::RateLimits;
+    use whep_core::shard::{ShardMember, ShardSet};
+    let set = ShardSet::new(2, RateLimits::unlimited(), Instant::now());
+    let shard = |index: u8| {
+        let mut config = sim::config();
+        config.shard = Some(ShardMember { index, set: set.clone() });
+        SimWorld::new(config)
+    };
+    (shard(0), shard(1))
+}
+
+/// Runs both shards for `d`, in steps, the leader's mirror messages delivered in between.
+fn run_shards(leader: &mut SimWorld, follower: &mut SimWorld, d: Duration) {
+    let step = Duration::from_millis(20);
+    for _ in 0..(d.as_millis() / step.as_millis()).max(1) {
+        leader.run_for(step);
+        pump(leader, follower);
+        follower.run_for(step);
+    }
+}
+
+fn pump(leader: &mut SimWorld, follower: &mut SimWorld) {
+    for m in std::mem::take(&mut leader.mirrors) {
+        follower.core.mirror(m, follower.now);
+        follower.drain();
+    }
+}
+
+/// Every shard behaves as one when the leader's FFmpeg dies: the viewers of each are closed
+/// (the stream restarts), and those that come back play again.
+#[test]
+fn an_ffmpeg_crash_closes_the_viewers_of_every_shard() {
+    let (mut l, mut f) = two_shards();
+    let id = l.add_stream("s", supervised(), 30);
+    run_shards(&mut l, &mut f, Duration::from_millis(200));
+    let (a, _) = l.join(&id);
+    let (b, r) = f.join(&id);
+    assert_eq!(r.code(), 201, "{}", String::from_utf8_lossy(&r.body));
+    run_shards(&mut l, &mut f, 2 * SEC);
+    assert!(l.viewers[a].video_packets > 30 && f.viewers[b].video_packets > 30);
+    l.crash_process(&id);
+    pump(&mut l, &mut f);
+    assert_eq!(l.core.viewer_count(), 0);
+    assert_eq!(f.core.viewer_count(), 0, "the follower kept its viewer");
+    assert_eq!(left(&f, CloseReason::StreamRestarting), 1);
+    run_shards(&mut l, &mut f, 2 * SEC);
+    let (c, r) = f.join(&id);
+    assert_eq!(r.code(), 201);
+    run_shards(&mut l, &mut f, 2 * SEC);
+    assert!(f.viewers[c].video_packets > 30, "no video on the follower after the restart");
+}
+
+/// An FFmpeg that cannot start closes the viewers that joined meanwhile, on every shard.
+#[test]
+fn a_failed_start_closes_the_viewers_of_every_shard() {
+    let (mut l, mut f) = two_shards();
+    l.spawn_fails = true;
+    let id = l.add_stream("s", supervised(), 30);
+    pump(&mut l, &mut f);
+    run_shards(&mut l, &mut f, Duration::from_millis(20));
+    let before = left(&f, CloseReason::StreamRestarting);
+    // Viewers may join a stream in backoff (it is starting); the next failed start closes them.
+    let (_, r) = f.join(&id);
+    assert_eq!(r.code(), 201);
+    run_shards(&mut l, &mut f, 3 * SEC);
+    assert_eq!(f.core.viewer_count(), 0, "the follower kept a viewer of a stream that failed");
+    assert!(left(&f, CloseReason::StreamRestarting) > before);
+}
+
+/// An external stream whose ports cannot be bound is stopped, and no shard takes viewers for
+/// it any more.
+#[test]
+fn an_external_stream_that_cannot_bind_is_refused_on_every_shard() {
+    let (mut l, mut f) = two_shards();
+    l.fail_bind.extend(40_000..=40_099);
+    let id = l.add_stream("x", StreamConfig::external(), 30);
+    run_shards(&mut l, &mut f, 2 * SEC);
+    let state = l.core.stream(&id).map(|s| s.state);
+    assert_eq!(state, Some("stopped"), "the leader gave up binding");
+    let (_, r) = l.join(&id);
+    assert_eq!(r.code(), 404);
+    let (_, r) = f.join(&id);
+    assert_eq!(r.code(), 404, "the follower still takes viewers for a stopped stream");
+}

@@ -137,6 +137,43 @@ fn made_up_session_on_a_missing_shard(bin: &str) {
     assert!(statuses.contains(&429), "requests to a missing shard escape the rate limit");
 }
 
+/// The leader's FFmpeg is killed: the viewers of both shards are closed (as on a server of one
+/// loop), and once FFmpeg is back viewers play on both again.
+fn ffmpeg_crash_closes_viewers_on_every_shard(bin: &str) {
+    let server = Server::start(bin, &["--shards", "2"]);
+    let running = server
+        .wait_stream("demo", PLAY_WITHIN, |s| s["state"] == "running" && s["pid"].is_u64())
+        .unwrap_or_else(|s| panic!("demo not running: {s}"));
+    let pid = running["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
+    let viewers: Vec<Viewer> = (0..2).map(|_| connect(&server)).collect();
+    assert_eq!(viewers.iter().map(shard_of).collect::<Vec<_>>(), [0, 1]);
+    for v in &viewers {
+        assert!(v.wait_for(PLAY_WITHIN, |s| s.video_packets > 30), "{:?}", v.stats());
+    }
+    assert!(whep_e2e::signal(pid, nix::sys::signal::Signal::SIGKILL), "kill FFmpeg {pid}");
+    for v in &viewers {
+        assert!(
+            v.wait_for(Duration::from_secs(10), |s| s.closed),
+            "a viewer on shard {} outlived its stream's FFmpeg: {:?}",
+            shard_of(v),
+            v.stats()
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || server.metric("whep_viewers_current") == Some(0.0))
+    );
+    server
+        .wait_stream("demo", PLAY_WITHIN, |s| {
+            s["state"] == "running" && s["pid"].as_u64().is_some_and(|p| p != u64::from(pid))
+        })
+        .unwrap_or_else(|s| panic!("FFmpeg not restarted: {s}"));
+    let again: Vec<Viewer> = (0..2).map(|_| connect(&server)).collect();
+    for v in &again {
+        assert!(v.wait_for(PLAY_WITHIN, |s| s.video_packets > 30), "{:?}", v.stats());
+    }
+    again.into_iter().for_each(Viewer::close);
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {
@@ -148,6 +185,11 @@ macro_rules! suite {
             #[test]
             fn chromium_plays_from_second_shard() {
                 super::chromium_plays_from_second_shard($bin);
+            }
+
+            #[test]
+            fn ffmpeg_crash_closes_viewers_on_every_shard() {
+                super::ffmpeg_crash_closes_viewers_on_every_shard($bin);
             }
 
             #[test]

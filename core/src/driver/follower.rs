@@ -32,7 +32,7 @@ impl FollowerQueue {
     /// Queues `m`; returns `false` when it was a packet and was dropped.
     pub(crate) fn push(&mut self, m: Mirror) -> bool {
         let Mirror::Packet(mut shared) = m else {
-            if let Mirror::Remove { stream } | Mirror::Stop { stream } = &m {
+            if let Mirror::Remove { stream } | Mirror::Accepting { stream, accepting: false } = &m {
                 self.gaps.remove(stream);
             }
             // A follower that is gone (shut down) needs nothing more.
@@ -139,8 +139,8 @@ mod tests {
             })
             .collect();
         assert_eq!(marks, [(9000, true), (9001, false)]);
-        // b still owes its restart mark; a Stop forgets it.
-        assert!(q.push(Mirror::Stop { stream: b.clone() }));
+        // b still owes its restart mark; a stop forgets it.
+        assert!(q.push(Mirror::Accepting { stream: b.clone(), accepting: false }));
         assert!(q.push(packet(&b, 1)));
         let marks: Vec<_> = std::iter::from_fn(|| next(&rx))
             .filter_map(|m| match m {

@@ -29,7 +29,7 @@ impl Core {
             if let Some(m) = &self.config.shard {
                 assert!(m.set.stream_viewers(id) >= s.viewers.len(), "stream {id} seats");
             }
-            if matches!(s.state, StreamState::Stopped | StreamState::Stopping { .. }) {
+            if matches!(s.state(), StreamState::Stopped | StreamState::Stopping { .. }) {
                 assert!(s.viewers.is_empty(), "stream {id} is {} but has viewers", s.state_name());
             }
             if let Some(ports) = s.ports() {

@@ -308,7 +308,7 @@ impl Core {
                 let Some(s) = self.streams.get_mut(&stream) else { return };
                 if let StreamState::Running {
                     process: Process::Spawned { generation: g, .. }, ..
-                } = s.state
+                } = *s.state()
                     && g == generation
                 {
                     s.pid = Some(pid);
@@ -317,7 +317,7 @@ impl Core {
             }
             Input::SpawnFailed { stream, generation, error } => {
                 let current = self.streams.get(&stream).is_some_and(|s| {
-                    matches!(s.state, StreamState::Running { process: Process::Spawned { generation: g, .. }, .. } if g == generation)
+                    matches!(*s.state(), StreamState::Running { process: Process::Spawned { generation: g, .. }, .. } if g == generation)
                 });
                 if current {
                     self.close_viewers(&stream, CloseReason::StreamRestarting, now);
@@ -347,12 +347,13 @@ impl Core {
                     warn!(%stream, error = %e, "mirrored stream not added");
                 }
             }
-            Mirror::Start { stream } => {
+            Mirror::Accepting { stream, accepting: true } => {
                 let _ = self.start_stream(&stream, now);
             }
-            Mirror::Stop { stream } => {
+            Mirror::Accepting { stream, accepting: false } => {
                 let _ = self.stop_stream(&stream, now);
             }
+            Mirror::CloseViewers { stream, reason } => self.close_viewers(&stream, reason, now),
             Mirror::Remove { stream } => {
                 let _ = self.remove_stream(&stream, now);
             }
@@ -361,7 +362,7 @@ impl Core {
                 if self
                     .streams
                     .get(&shared.stream)
-                    .is_some_and(|s| s.state == StreamState::Mirrored)
+                    .is_some_and(|s| *s.state() == StreamState::Mirrored)
                 {
                     self.defer(shared.stream, shared.packet, now);
                 }

@@ -43,20 +43,17 @@ impl Core {
         if !stream.config.egress.enabled {
             return Err(StreamError::Disabled);
         }
-        match stream.state {
+        match stream.state() {
             StreamState::Stopped => {}
             StreamState::Backoff { .. } => {}
             _ => return Err(StreamError::AlreadyStarted),
         }
         if stream.config.feed == Feed::Mirror {
             if let Some(s) = self.streams.get_mut(id) {
-                s.state = StreamState::Mirrored;
+                s.set_state(StreamState::Mirrored, self.mirrors, &mut self.outputs);
                 s.last_rtp = None;
             }
             return Ok(());
-        }
-        if self.mirrors {
-            self.outputs.push_back(Output::Mirror(Mirror::Start { stream: id.clone() }));
         }
         let ports = self.ports.allocate(now).ok_or(StreamError::NoPorts)?;
         // A start by the application is a fresh start: earlier crashes do not lengthen the
@@ -70,7 +67,7 @@ impl Core {
 
     pub(super) fn bind(&mut self, id: &StreamId, ports: PortPair, attempt: u32, now: Instant) {
         if let Some(s) = self.streams.get_mut(id) {
-            s.state = StreamState::Binding { ports, attempt };
+            s.set_state(StreamState::Binding { ports, attempt }, self.mirrors, &mut self.outputs);
             s.video = Default::default();
             s.audio = Default::default();
             s.last_rtp = None;
@@ -122,7 +119,7 @@ impl Core {
     pub fn is_idle(&self) -> bool {
         self.peers.is_empty()
             && self.ports.in_use() == 0
-            && self.streams.values().all(|s| matches!(s.state, StreamState::Stopped))
+            && self.streams.values().all(|s| matches!(s.state(), StreamState::Stopped))
     }
 
     pub(super) fn teardown(&mut self, id: &StreamId, remove: bool, why: CloseReason, now: Instant) {
@@ -130,22 +127,28 @@ impl Core {
         let Some(stream) = self.streams.get_mut(id) else {
             return;
         };
-        let state = std::mem::replace(&mut stream.state, StreamState::Stopped);
-        match state {
+        match stream.state().clone() {
             StreamState::Running { ports, process: Process::Spawned { generation, .. } }
             | StreamState::Running { ports, process: Process::Terminating { generation, .. } } => {
-                stream.state = StreamState::Stopping {
-                    ports,
-                    generation,
-                    kill_at: Some(now + self.config.process.stop_grace),
-                    remove,
-                };
+                stream.set_state(
+                    StreamState::Stopping {
+                        ports,
+                        generation,
+                        kill_at: Some(now + self.config.process.stop_grace),
+                        remove,
+                    },
+                    self.mirrors,
+                    &mut self.outputs,
+                );
                 info!(stream = %id, generation, "stopping process");
                 self.outputs.push_back(Output::StopProcess { stream: id.clone(), generation });
             }
             StreamState::Stopping { ports, generation, kill_at, remove: r } => {
-                stream.state =
-                    StreamState::Stopping { ports, generation, kill_at, remove: r || remove };
+                stream.set_state(
+                    StreamState::Stopping { ports, generation, kill_at, remove: r || remove },
+                    self.mirrors,
+                    &mut self.outputs,
+                );
             }
             StreamState::Running { ports, process: Process::External }
             | StreamState::Binding { ports, .. } => {
@@ -159,7 +162,12 @@ impl Core {
         self.reschedule_stream(id, now);
     }
 
+    /// Closes the stream's viewers; a sharded leader has the followers close theirs too.
     pub(super) fn close_viewers(&mut self, id: &StreamId, why: CloseReason, now: Instant) {
+        if self.mirrors && self.streams.contains_key(id) {
+            let m = Mirror::CloseViewers { stream: id.clone(), reason: why };
+            self.outputs.push_back(Output::Mirror(m));
+        }
         let viewers: Vec<SessionId> =
             self.streams.get(id).map(|s| s.viewers.iter().copied().collect()).unwrap_or_default();
         for v in viewers {
@@ -177,17 +185,12 @@ impl Core {
 
     pub(super) fn stopped(&mut self, id: &StreamId, remove: bool) {
         if let Some(s) = self.streams.get_mut(id) {
-            s.state = StreamState::Stopped;
+            s.set_state(StreamState::Stopped, self.mirrors, &mut self.outputs);
             s.pid = None;
         }
         self.outputs.push_back(Output::Event(Event::StreamStopped { stream: id.clone() }));
-        if self.mirrors {
-            let m = if remove {
-                Mirror::Remove { stream: id.clone() }
-            } else {
-                Mirror::Stop { stream: id.clone() }
-            };
-            self.outputs.push_back(Output::Mirror(m));
+        if self.mirrors && remove {
+            self.outputs.push_back(Output::Mirror(Mirror::Remove { stream: id.clone() }));
         }
         if remove {
             if let Some(t) = self.streams.remove(id).and_then(|s| s.scheduled) {
@@ -203,7 +206,7 @@ impl Core {
         let Some(stream) = self.streams.get_mut(id) else {
             return;
         };
-        if !matches!(stream.state, StreamState::Binding { ports: p, .. } if p == ports) {
+        if !matches!(*stream.state(), StreamState::Binding { ports: p, .. } if p == ports) {
             return;
         }
         self.ingest.insert(ports.video, (id.clone(), MediaKind::Video));
@@ -221,7 +224,11 @@ impl Core {
                 )
             }
         };
-        stream.state = StreamState::Running { ports, process: process.clone() };
+        stream.set_state(
+            StreamState::Running { ports, process: process.clone() },
+            self.mirrors,
+            &mut self.outputs,
+        );
         info!(stream = %id, %ports, "stream ready");
         self.outputs.push_back(Output::Event(Event::StreamReady {
             stream: id.clone(),
@@ -249,7 +256,7 @@ impl Core {
         let Some(stream) = self.streams.get(id) else {
             return;
         };
-        let StreamState::Binding { ports: p, attempt } = stream.state else {
+        let StreamState::Binding { ports: p, attempt } = *stream.state() else {
             return;
         };
         if p != ports {
@@ -272,7 +279,7 @@ impl Core {
             return;
         };
         if let Some(ports) = stream.ports() {
-            stream.state = StreamState::Stopped;
+            stream.set_state(StreamState::Stopped, self.mirrors, &mut self.outputs);
             self.release(id, ports);
         }
         let Some(stream) = self.streams.get_mut(id) else {
@@ -280,10 +287,14 @@ impl Core {
         };
         let retry_in = stream.supervised().then(|| stream.backoff(None, &p));
         stream.pid = None;
-        stream.state = match retry_in {
-            Some(d) => StreamState::Backoff { until: now + d },
-            None => StreamState::Stopped,
-        };
+        stream.set_state(
+            match retry_in {
+                Some(d) => StreamState::Backoff { until: now + d },
+                None => StreamState::Stopped,
+            },
+            self.mirrors,
+            &mut self.outputs,
+        );
         if retry_in.is_none() {
             // A stopped stream holds no viewers, as after `stop_stream`: those that joined
             // while it was binding would otherwise stay attached to it, without media.
@@ -309,7 +320,7 @@ impl Core {
         let Some(stream) = self.streams.get_mut(id) else {
             return;
         };
-        match stream.state.clone() {
+        match stream.state().clone() {
             StreamState::Stopping { ports, generation: g, remove, .. } if g == generation => {
                 info!(stream = %id, generation, ?code, "process exited");
                 self.release(id, ports);
@@ -337,7 +348,11 @@ impl Core {
                 }));
                 self.close_viewers(id, CloseReason::StreamRestarting, now);
                 if let Some(s) = self.streams.get_mut(id) {
-                    s.state = StreamState::Backoff { until: now + delay };
+                    s.set_state(
+                        StreamState::Backoff { until: now + delay },
+                        self.mirrors,
+                        &mut self.outputs,
+                    );
                 }
                 self.release(id, ports);
                 self.reschedule_stream(id, now);
@@ -351,17 +366,25 @@ impl Core {
         let Some(stream) = self.streams.get_mut(id) else {
             return;
         };
-        match stream.state.clone() {
+        match stream.state().clone() {
             StreamState::Backoff { until } if until <= now => match self.ports.allocate(now) {
                 Some(ports) => self.bind(id, ports, 1, now),
                 None => {
                     let d = stream.backoff(None, &p);
-                    stream.state = StreamState::Backoff { until: now + d };
+                    stream.set_state(
+                        StreamState::Backoff { until: now + d },
+                        self.mirrors,
+                        &mut self.outputs,
+                    );
                     warn!(stream = %id, "no free ingest ports; retrying later");
                 }
             },
             StreamState::Stopping { kill_at: Some(k), generation, ports, remove } if k <= now => {
-                stream.state = StreamState::Stopping { ports, generation, kill_at: None, remove };
+                stream.set_state(
+                    StreamState::Stopping { ports, generation, kill_at: None, remove },
+                    self.mirrors,
+                    &mut self.outputs,
+                );
                 warn!(stream = %id, generation, "process did not stop in time; killing");
                 self.outputs.push_back(Output::KillProcess { stream: id.clone(), generation });
             }
@@ -369,20 +392,31 @@ impl Core {
                 ports,
                 process: Process::Terminating { generation, kill_at: Some(k) },
             } if k <= now => {
-                stream.state = StreamState::Running {
-                    ports,
-                    process: Process::Terminating { generation, kill_at: None },
-                };
+                stream.set_state(
+                    StreamState::Running {
+                        ports,
+                        process: Process::Terminating { generation, kill_at: None },
+                    },
+                    self.mirrors,
+                    &mut self.outputs,
+                );
                 self.outputs.push_back(Output::KillProcess { stream: id.clone(), generation });
             }
             StreamState::Running { ports, process: Process::Spawned { generation, .. } }
                 if stream.deadline(&p).is_some_and(|d| d <= now) =>
             {
                 warn!(stream = %id, generation, "no RTP from the process; restarting it");
-                stream.state = StreamState::Running {
-                    ports,
-                    process: Process::Terminating { generation, kill_at: Some(now + p.stop_grace) },
-                };
+                stream.set_state(
+                    StreamState::Running {
+                        ports,
+                        process: Process::Terminating {
+                            generation,
+                            kill_at: Some(now + p.stop_grace),
+                        },
+                    },
+                    self.mirrors,
+                    &mut self.outputs,
+                );
                 self.outputs.push_back(Output::Event(Event::StreamStale { stream: id.clone() }));
                 self.outputs.push_back(Output::StopProcess { stream: id.clone(), generation });
             }

@@ -100,7 +100,7 @@ impl Core {
         // Only a cache of the source that is sending now: after a stop or an FFmpeg exit the
         // cache may still hold the previous run's GOP until the new source's first packet
         // clears it.
-        let live = matches!(st.state, StreamState::Running { .. } | StreamState::Mirrored)
+        let live = matches!(st.state(), StreamState::Running { .. } | StreamState::Mirrored)
             && st
                 .last_rtp
                 .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
