@@ -29,6 +29,8 @@
 
 mod chan;
 mod follower;
+#[cfg(all(test, feature = "sim"))]
+mod tests;
 
 use std::collections::HashMap;
 use std::fmt;
