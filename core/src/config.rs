@@ -5,8 +5,8 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use crate::ffmpeg::EgressConfig;
+use crate::pacer::PrimePacing;
 use crate::ratelimit::RateLimits;
-use crate::shard::ShardMember;
 
 /// Configuration of a [`Core`](crate::Core). Every field has a sensible default.
 #[derive(Debug, Clone)]
@@ -125,10 +125,6 @@ pub struct Config {
     pub max_load: f64,
     /// Supervision of FFmpeg processes the core spawns.
     pub process: ProcessConfig,
-    /// This core's place in a sharded server (see [`crate::shard`]); `None` for a server of
-    /// one core. Caps and rate limits are then counted in the shared
-    /// [`ShardSet`](crate::shard::ShardSet), and the leader mirrors its streams.
-    pub shard: Option<ShardMember>,
 }
 
 impl Default for Config {
@@ -163,7 +159,6 @@ impl Default for Config {
             rate_limits: RateLimits::default(),
             max_load: 0.9,
             process: ProcessConfig::default(),
-            shard: None,
         }
     }
 }
@@ -185,43 +180,6 @@ impl Config {
             .or_else(|| c.iter().find(|c| !c.ip().is_loopback() && c.is_ipv4() == source.is_ipv4()))
             .or_else(|| c.first())
             .copied()
-    }
-}
-
-/// Pacing of the cached GOP to a viewer that just connected (see [`Config::gop_cache`]).
-///
-/// The keyframe that starts the cache (SPS, PPS, IDR: every packet with the first timestamp)
-/// leaves at once, as a live keyframe does, so the first picture is not delayed. The rest of
-/// the cache then leaves through a token bucket of [`rate`](Self::rate) bytes per second and
-/// [`burst`](Self::burst) bytes of depth (which the keyframe draws on first), counted in RTP
-/// payload bytes. Video that arrives live meanwhile queues behind it for that viewer, so its
-/// sequence numbers and timestamps continue without a gap; audio is not held back.
-///
-/// A budget in bytes rather than a multiple of the stream's rate, because what overflows is
-/// byte-sized (router queues, the viewer's socket buffer) and the stream's rate is unknown
-/// right after a keyframe. The rate must exceed the stream's own, or the backlog never drains:
-/// it then reaches [`max_pending`](Self::max_pending), is dropped, and that viewer's video
-/// restarts at the next live keyframe. With the defaults, `burst + rate × RTT` stays within
-/// the retransmission cache ([`Config::rtx_cache_packets`], 256 packets of about 1.1 kB) for
-/// round trips up to about 200 ms, so a lost fragment of the keyframe can still be resent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrimePacing {
-    /// Sustained rate in RTP payload bytes per second (default 1 000 000, 8 Mbit/s). A 2 s GOP
-    /// of a 2 Mbit/s stream (500 kB) is caught up about 0.6 s after the first picture.
-    pub rate: u64,
-    /// Depth of the bucket in bytes (default 64 KiB): what may leave at once, keyframe included.
-    pub burst: u64,
-    /// Most video packets held back per viewer (default 2048, twice the largest cache). The
-    /// queue shares payloads with the stream, so a full queue costs about 100 kB of
-    /// bookkeeping and keeps at most `max_pending` × 1.5 kB of payload alive. A cache larger
-    /// than this is not used (the viewer waits for the next keyframe); beyond it the backlog is
-    /// dropped and the viewer's video restarts at the next keyframe.
-    pub max_pending: usize,
-}
-
-impl Default for PrimePacing {
-    fn default() -> Self {
-        Self { rate: 1_000_000, burst: 64 * 1024, max_pending: 2048 }
     }
 }
 

@@ -90,6 +90,7 @@ mod ids;
 mod machine;
 mod metrics;
 mod pacer;
+mod packet;
 mod peer;
 pub mod ports;
 pub mod ratelimit;
@@ -104,11 +105,12 @@ pub mod whep;
 #[cfg(feature = "sim")]
 pub mod sim;
 
-pub use config::{Config, Feed, H264Profile, IceServer, PrimePacing, ProcessConfig, StreamConfig};
+pub use config::{Config, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig};
 pub use ffmpeg::EgressConfig;
 pub use ids::{ETag, SessionId, StreamId};
 pub use machine::{Core, LOAD_SMOOTHING};
 pub use metrics::{LatencyHistogram, Metrics};
+pub use pacer::PrimePacing;
 pub use ports::PortPair;
 pub use ratelimit::{Rate, RateLimits};
 pub use whep::{Reject, WhepRequest, WhepResponse};

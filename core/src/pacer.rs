@@ -5,8 +5,44 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::config::PrimePacing;
-use crate::peer::SourcePacket;
+use crate::packet::SourcePacket;
+
+/// Pacing of the cached GOP to a viewer that just connected (see [`Config::gop_cache`](crate::Config::gop_cache)).
+///
+/// The keyframe that starts the cache (SPS, PPS, IDR: every packet with the first timestamp)
+/// leaves at once, as a live keyframe does, so the first picture is not delayed. The rest of
+/// the cache then leaves through a token bucket of [`rate`](Self::rate) bytes per second and
+/// [`burst`](Self::burst) bytes of depth (which the keyframe draws on first), counted in RTP
+/// payload bytes. Video that arrives live meanwhile queues behind it for that viewer, so its
+/// sequence numbers and timestamps continue without a gap; audio is not held back.
+///
+/// A budget in bytes rather than a multiple of the stream's rate, because what overflows is
+/// byte-sized (router queues, the viewer's socket buffer) and the stream's rate is unknown
+/// right after a keyframe. The rate must exceed the stream's own, or the backlog never drains:
+/// it then reaches [`max_pending`](Self::max_pending), is dropped, and that viewer's video
+/// restarts at the next live keyframe. With the defaults, `burst + rate × RTT` stays within
+/// the retransmission cache ([`Config::rtx_cache_packets`](crate::Config::rtx_cache_packets), 256 packets of about 1.1 kB) for
+/// round trips up to about 200 ms, so a lost fragment of the keyframe can still be resent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrimePacing {
+    /// Sustained rate in RTP payload bytes per second (default 1 000 000, 8 Mbit/s). A 2 s GOP
+    /// of a 2 Mbit/s stream (500 kB) is caught up about 0.6 s after the first picture.
+    pub rate: u64,
+    /// Depth of the bucket in bytes (default 64 KiB): what may leave at once, keyframe included.
+    pub burst: u64,
+    /// Most video packets held back per viewer (default 2048, twice the largest cache). The
+    /// queue shares payloads with the stream, so a full queue costs about 100 kB of
+    /// bookkeeping and keeps at most `max_pending` × 1.5 kB of payload alive. A cache larger
+    /// than this is not used (the viewer waits for the next keyframe); beyond it the backlog is
+    /// dropped and the viewer's video restarts at the next keyframe.
+    pub max_pending: usize,
+}
+
+impl Default for PrimePacing {
+    fn default() -> Self {
+        Self { rate: 1_000_000, burst: 64 * 1024, max_pending: 2048 }
+    }
+}
 
 /// Shortest wait between two releases: the bucket is drained in steps of at least this much
 /// budget, a few packets each, rather than with one wake-up per packet.

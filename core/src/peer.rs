@@ -13,9 +13,11 @@ use str0m::{Candidate, IceCreds};
 use str0m::{Event as RtcEvent, IceConnectionState, Input as RtcInput, Output as RtcOutput, Rtc};
 use tracing::{debug, trace, warn};
 
-use crate::config::{Config, H264Profile, PrimePacing};
+use crate::config::{Config, H264Profile};
 use crate::ids::{ETag, SessionId, StreamId};
+use crate::pacer::PrimePacing;
 use crate::pacer::{Backlog, Push};
+use crate::packet::SourcePacket;
 use crate::resend::{ResendBudget, Verdict};
 use crate::sdp::{self, OfferSummary};
 use crate::whep::Reject;
@@ -23,21 +25,6 @@ use crate::{Output, Transmit};
 
 /// Most live packets written to a viewer before its str0m output is drained.
 pub(crate) const MAX_UNFLUSHED: u16 = 16;
-
-/// One packet from a stream's ingest port, parsed once and shared by every viewer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SourcePacket {
-    pub(crate) kind: MediaKind,
-    /// Extended source sequence number (see [`crate::rtp::SeqExtender`]).
-    pub(crate) seq: u64,
-    /// The source restarted (new SSRC or a jump): viewers rebase and video re-gates.
-    pub(crate) restart: bool,
-    pub(crate) timestamp: u32,
-    pub(crate) marker: bool,
-    /// A viewer's video may start here (SPS or the start of an IDR).
-    pub(crate) keyframe_start: bool,
-    pub(crate) payload: Arc<[u8]>,
-}
 
 /// Lifecycle of a viewer's WebRTC connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,14 +27,14 @@ use std::time::{Duration, Instant};
 use crate::CloseReason;
 use crate::config::StreamConfig;
 use crate::ids::{SessionId, StreamId};
-use crate::peer::SourcePacket;
+use crate::packet::SourcePacket;
 use crate::ratelimit::{Kind, Limiter, RateLimits, Unconnected};
 use crate::whep::Reject;
 
 /// Most shards one server runs (the index lives in one byte of the session id).
 pub const MAX_SHARDS: usize = 64;
 
-/// A core's place in a sharded server ([`Config::shard`](crate::Config::shard)).
+/// A core's place in a sharded server ([`Core::in_shard`](crate::Core::in_shard)).
 #[derive(Debug, Clone)]
 pub struct ShardMember {
     /// This core's index, `0..set.count()`. Shard 0 is the leader.

@@ -290,11 +290,20 @@ pub struct SimWorld {
 impl SimWorld {
     /// A world around a core built from `config`.
     pub fn new(config: Config) -> Self {
+        Self::with_core(|start| Core::new(config, start))
+    }
+
+    /// A world around shard `member.index` of a sharded server.
+    pub fn in_shard(config: Config, member: crate::shard::ShardMember) -> Self {
+        Self::with_core(|start| Core::new(config, start).in_shard(member))
+    }
+
+    fn with_core(core: impl FnOnce(Instant) -> Core) -> Self {
         let start = Instant::now();
         Self {
             start,
             now: start,
-            core: Core::new(config, start),
+            core: core(start),
             viewers: Vec::new(),
             net: VecDeque::new(),
             latency: Duration::from_millis(5),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::Output;
 use crate::config::{Feed, ProcessConfig, StreamConfig};
 use crate::ids::{SessionId, StreamId};
-use crate::peer::SourcePacket;
+use crate::packet::SourcePacket;
 use crate::ports::PortPair;
 use crate::rtp::SeqExtender;
 use crate::shard::Mirror;

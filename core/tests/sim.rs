@@ -860,11 +860,10 @@ fn a_batch_of_ingest_packets_reaches_every_viewer_whole() {
 fn a_leader_stamps_mirrored_packets_with_their_arrival() {
     use whep_core::shard::{Mirror, ShardMember, ShardSet};
     use whep_core::{Input, Output, RateLimits};
-    let mut config = sim::config();
+    let config = sim::config();
     let now = Instant::now();
     let set = ShardSet::new(2, RateLimits::unlimited(), now);
-    config.shard = Some(ShardMember { index: 0, set });
-    let mut w = SimWorld::new(config);
+    let mut w = SimWorld::in_shard(config, ShardMember { index: 0, set });
     let id = w.add_stream("s", StreamConfig::external(), 60);
     w.run_for(Duration::from_millis(200));
     let ports = w.bound[&id];
@@ -1081,11 +1080,8 @@ fn two_shards() -> (SimWorld, SimWorld) {
     use whep_core::RateLimits;
     use whep_core::shard::{ShardMember, ShardSet};
     let set = ShardSet::new(2, RateLimits::unlimited(), Instant::now());
-    let shard = |index: u8| {
-        let mut config = sim::config();
-        config.shard = Some(ShardMember { index, set: set.clone() });
-        SimWorld::new(config)
-    };
+    let shard =
+        |index: u8| SimWorld::in_shard(sim::config(), ShardMember { index, set: set.clone() });
     (shard(0), shard(1))
 }
 

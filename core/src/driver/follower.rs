@@ -73,7 +73,7 @@ mod tests {
 
     use super::*;
     use crate::StreamConfig;
-    use crate::peer::SourcePacket;
+    use crate::packet::SourcePacket;
     use crate::shard::SharedPacket;
 
     fn packet(stream: &StreamId, seq: u64) -> Mirror {

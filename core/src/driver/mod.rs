@@ -382,15 +382,18 @@ impl<R: Runtime> Engine<R> {
                     c.set_port(c.port().saturating_add(index as u16));
                 }
             }
-            if let Some(set) = &set {
+            if set.is_some() {
                 core.rng_seed[31] ^= index as u8;
-                core.shard = Some(ShardMember { index: index as u8, set: Arc::clone(set) });
             }
             info!(shard = index, udp = %udp_addr, candidates = ?core.host_candidates, "viewer socket bound");
             let (jobs, jobs_rx) = chan::channel(None);
             let done = Arc::new(Latch::default());
             let driver = Driver {
-                core: Core::new(core, now),
+                core: match &set {
+                    Some(set) => Core::new(core, now)
+                        .in_shard(ShardMember { index: index as u8, set: Arc::clone(set) }),
+                    None => Core::new(core, now),
+                },
                 app: config.app.clone(),
                 runtime: Arc::clone(&runtime),
                 local: udp_addr,

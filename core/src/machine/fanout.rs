@@ -8,7 +8,7 @@ use std::time::Instant;
 use str0m::media::MediaKind;
 
 use crate::ids::{SessionId, StreamId};
-use crate::peer::SourcePacket;
+use crate::packet::SourcePacket;
 use crate::rtp::{self, Datagram};
 use crate::shard::{Mirror, SharedPacket};
 use crate::{CloseReason, Output};

@@ -77,7 +77,7 @@ impl Core {
     /// ordinary request.
     pub(super) fn admit(&mut self, req: &WhepRequest, now: Instant) -> Result<(), Duration> {
         let kind = if req.method == Method::Post { Kind::Post } else { Kind::Other };
-        match &self.config.shard {
+        match &self.shard {
             Some(m) => m.set.admit(kind, req.client, now),
             None => self.limiter.admit(kind, req.client, now),
         }
@@ -85,7 +85,7 @@ impl Core {
 
     /// Clients the rate limiter tracks (bounded by [`MAX_CLIENTS`](crate::ratelimit::MAX_CLIENTS) per table).
     pub fn rate_limited_clients(&self) -> usize {
-        match &self.config.shard {
+        match &self.shard {
             Some(m) => m.set.tracked_clients(),
             None => self.limiter.tracked(),
         }
@@ -151,7 +151,7 @@ impl Core {
         let summary = sdp::check_offer(&req.body)?;
         let cap = stream.config.max_viewers.unwrap_or(self.config.max_viewers_per_stream);
         let total_cap = self.config.max_viewers_total;
-        let (here, total) = match &self.config.shard {
+        let (here, total) = match &self.shard {
             Some(m) => (m.set.stream_viewers(id), m.set.viewers()),
             None => (stream.viewers.len(), self.peers.len()),
         };
@@ -169,7 +169,7 @@ impl Core {
         let unconnected_cap = self.config.max_unconnected_per_client;
         let client = req.client.filter(|_| unconnected_cap > 0);
         if let Some(ip) = client {
-            let full = match &self.config.shard {
+            let full = match &self.shard {
                 Some(m) => m.set.unconnected_full(ip, unconnected_cap),
                 None => self.unconnected.is_full(ip, unconnected_cap),
             };
@@ -205,20 +205,20 @@ impl Core {
 
         // Shards take their seat now, atomically with the check: another shard may have
         // filled the cap since the check above.
-        if let Some(m) = &self.config.shard
+        if let Some(m) = &self.shard
             && let Err(full) = m.set.take_seat(m.index, id, cap, total_cap)
         {
             self.metrics.cap_rejections += 1;
             return Err(full);
         }
         if let Some(ip) = client {
-            let taken = match &self.config.shard {
+            let taken = match &self.shard {
                 Some(m) => m.set.take_unconnected(ip, unconnected_cap),
                 None => self.unconnected.take(ip, unconnected_cap),
             };
             if !taken {
                 // Another shard's session of this client came in between.
-                if let Some(m) = &self.config.shard {
+                if let Some(m) = &self.shard {
                     m.set.release_seat(m.index, id);
                 }
                 return Err(Reject::TooManyUnconnected { cap: unconnected_cap });
@@ -263,7 +263,7 @@ impl Core {
 
     pub(super) fn unique_session(&mut self) -> SessionId {
         loop {
-            let shard = self.config.shard.as_ref().map_or(0, |m| m.index);
+            let shard = self.shard.as_ref().map_or(0, |m| m.index);
             let s = self.rng.session_id(shard);
             if !self.peers.contains_key(&s) {
                 return s;

@@ -26,7 +26,7 @@ impl Core {
             indexed += s.viewers.len();
             let cap = s.config.max_viewers.unwrap_or(self.config.max_viewers_per_stream);
             assert!(s.viewers.len() <= cap, "stream {id} over its cap");
-            if let Some(m) = &self.config.shard {
+            if let Some(m) = &self.shard {
                 assert!(m.set.stream_viewers(id) >= s.viewers.len(), "stream {id} seats");
             }
             if matches!(s.state(), StreamState::Stopped | StreamState::Stopping { .. }) {
@@ -89,7 +89,7 @@ impl Core {
                 "peer {s} connected but still counted as connecting"
             );
         }
-        if self.config.shard.is_none() {
+        if self.shard.is_none() {
             let counted = self.peers.values().filter(|p| p.unconnected_client.is_some()).count();
             assert_eq!(self.unconnected.total(), counted, "unconnected sessions per client");
         }

@@ -27,10 +27,11 @@ use tracing::{info, warn};
 use crate::config::{Config, Feed, StreamConfig};
 use crate::ids::{Rng, SessionId, SessionMap, StreamId};
 use crate::metrics::Metrics;
-use crate::peer::{Peer, PeerNews, PeerState, SourcePacket};
+use crate::packet::SourcePacket;
+use crate::peer::{Peer, PeerNews, PeerState};
 use crate::ports::PortPool;
 use crate::ratelimit::{Limiter, Unconnected};
-use crate::shard::Mirror;
+use crate::shard::{Mirror, ShardMember};
 use crate::stream::{Process, Stream, StreamState};
 use crate::{CloseReason, Input, Output, StreamInfo, TimerReason};
 
@@ -94,6 +95,9 @@ pub struct Core {
     /// Sessions not connected yet per client address (a sharded server counts them in its
     /// [`ShardSet`](crate::shard::ShardSet) instead).
     unconnected: Unconnected,
+    /// This core's place in a sharded server ([`Core::in_shard`]); caps and rate limits are
+    /// then counted in the shared [`ShardSet`](crate::shard::ShardSet).
+    shard: Option<ShardMember>,
     /// This core leads a sharded server: it mirrors streams and packets to the others.
     mirrors: bool,
     /// The load (the runtime's samples, smoothed), and whether admission is closed because of it.
@@ -117,7 +121,6 @@ impl Core {
     pub fn new(config: Config, now: Instant) -> Self {
         let crypto = crate::dtls::provider();
         let cert = crypto.dtls_provider.generate_certificate();
-        let mirrors = config.shard.as_ref().is_some_and(|m| m.is_leader() && m.set.count() > 1);
         Self {
             rng: Rng::new(config.rng_seed),
             ports: PortPool::with_stride(config.ingest_ports.clone(), PortPool::STREAM_BLOCK),
@@ -134,7 +137,8 @@ impl Core {
             timers: BTreeSet::new(),
             outputs: VecDeque::new(),
             metrics: Metrics::default(),
-            mirrors,
+            mirrors: false,
+            shard: None,
             load: 0.0,
             overloaded: false,
             next_generation: 1,
@@ -144,6 +148,16 @@ impl Core {
             news: Vec::new(),
             scratch: Vec::new(),
         }
+    }
+
+    /// Makes this core shard `member.index` of a sharded server (see [`crate::shard`]): its
+    /// caps and rate limits are counted in the shared set, and the leader (index 0) mirrors its
+    /// streams and packets to the others.
+    #[must_use]
+    pub fn in_shard(mut self, member: ShardMember) -> Self {
+        self.mirrors = member.is_leader() && member.set.count() > 1;
+        self.shard = Some(member);
+        self
     }
 
     /// The configuration.
@@ -337,7 +351,7 @@ impl Core {
         if !matches!(mirror, Mirror::Packet(_)) {
             self.fan_out_pending();
         }
-        if self.config.shard.as_ref().is_none_or(|m| m.is_leader()) {
+        if self.shard.as_ref().is_none_or(|m| m.is_leader()) {
             return;
         }
         match mirror {

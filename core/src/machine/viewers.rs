@@ -214,7 +214,7 @@ impl Core {
         if let Some(stream) = self.streams.get_mut(&peer.stream) {
             stream.viewers.remove(&s);
         }
-        if let Some(m) = &self.config.shard {
+        if let Some(m) = &self.shard {
             m.set.release_seat(m.index, &peer.stream);
         }
         if matches!(reason, CloseReason::IceDisconnected | CloseReason::ConnectTimeout) {
@@ -234,7 +234,7 @@ impl Core {
         let Some(client) = self.peers.get_mut(&s).and_then(|p| p.unconnected_client.take()) else {
             return;
         };
-        match &self.config.shard {
+        match &self.shard {
             Some(m) => m.set.release_unconnected(client),
             None => self.unconnected.release(client),
         }

@@ -1,0 +1,20 @@
+//! A packet from a stream's ingest, as every part of the core that carries it sees it.
+
+use std::sync::Arc;
+
+use str0m::media::MediaKind;
+
+/// One packet from a stream's ingest port, parsed once and shared by every viewer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SourcePacket {
+    pub(crate) kind: MediaKind,
+    /// Extended source sequence number (see [`crate::rtp::SeqExtender`]).
+    pub(crate) seq: u64,
+    /// The source restarted (new SSRC or a jump): viewers rebase and video re-gates.
+    pub(crate) restart: bool,
+    pub(crate) timestamp: u32,
+    pub(crate) marker: bool,
+    /// A viewer's video may start here (SPS or the start of an IDR).
+    pub(crate) keyframe_start: bool,
+    pub(crate) payload: Arc<[u8]>,
+}
