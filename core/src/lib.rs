@@ -7,6 +7,11 @@
 //! forwards every RTP packet to every viewer, SRTP-encrypted per viewer, over one shared UDP
 //! socket.
 //!
+//! Comments that cite "the seed" mean the WebRTC egress subsystem of the Go media server this
+//! crate re-implements: its routes, error statuses, per-stream cap, teardown order (viewers
+//! first, then FFmpeg, then the ports) and FFmpeg output legs are kept where they say so, and
+//! the differences are named there.
+//!
 //! # What this crate does not do
 //!
 //! It binds no socket, spawns no process, reads no clock, starts no thread and parses no HTTP

@@ -2,8 +2,8 @@
 //! scripted FFmpeg-like RTP source, fake processes and in-memory packet queues around one
 //! [`Core`]. The core's invariants are checked after every step.
 //!
-//! Used by the core's tests, benchmarks and fuzz targets, and by later end-to-end tests as a
-//! fast stand-in for real viewers.
+//! Used by the core's tests, benchmarks and fuzz targets; the end-to-end suite uses only its
+//! helpers for crafted datagrams ([`binding_request`]), its viewers are its own.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 // The harness anchors its virtual clock at one real instant (str0m needs a real `Instant`).
