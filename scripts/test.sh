@@ -41,7 +41,7 @@ step "clippy (warnings are errors)"
 cargo clippy --locked --workspace --all-targets --all-features -- -D warnings
 
 step "rustdoc (warnings are errors)"
-RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps -p whep-core -p whep-tokio -p whep-smol --all-features
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps -p whep-core -p whep-server -p whep-tokio -p whep-smol --all-features
 
 step "tests"
 cargo test --locked --workspace --all-features

@@ -45,15 +45,14 @@
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{SigSet, Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::{SigSet, Signal};
 use tracing::{debug, error, info, warn};
 use whep_core::app::AppConfig;
 use whep_core::cli::{self, CliError, Settings};
@@ -102,12 +101,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = check_program(&settings.core.process.program, !settings.streams.is_empty()) {
+    if let Err(e) =
+        whep_server::check_program(&settings.core.process.program, !settings.streams.is_empty())
+    {
         error!("{e}");
         return ExitCode::FAILURE;
     }
     // Before any thread exists, so that all of them inherit the mask and only the `signals`
-    // thread's sigwait takes these signals. Children inherit it too; `prepare_child` clears it.
+    // thread's sigwait takes these signals. Children inherit it too; `whep_server::command` clears it.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
@@ -236,7 +237,7 @@ impl Runtime {
                 if now >= deadline {
                     for ((stream, _), pid) in self.procs.drain() {
                         warn!(%stream, pid, "shutdown cut short; killing FFmpeg");
-                        signal(pid, Signal::SIGKILL);
+                        whep_server::signal(pid, true);
                     }
                     return;
                 }
@@ -351,13 +352,13 @@ impl Runtime {
                 }
                 Output::StopProcess { stream, generation } => {
                     if let Some(pid) = self.procs.get(&(stream, generation)) {
-                        signal(*pid, Signal::SIGTERM);
+                        whep_server::signal(*pid, false);
                     }
                 }
                 Output::KillProcess { stream, generation } => {
                     if let Some(pid) = self.procs.get(&(stream.clone(), generation)) {
                         warn!(%stream, pid, "FFmpeg did not stop in time; sending SIGKILL");
-                        signal(*pid, Signal::SIGKILL);
+                        whep_server::signal(*pid, true);
                     }
                 }
                 // The core logs what matters; an embedding application would act on these.
@@ -474,9 +475,8 @@ fn spawn_process(
     args: &[String],
     tx: &SyncSender<Msg>,
 ) -> Result<u32, String> {
-    let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-    prepare_child(&mut cmd);
+    let mut cmd = whep_server::command(program, args);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| cli::spawn_error(program, &e))?;
     let pid = child.id();
     debug!(%stream, pid, generation, "FFmpeg started");
@@ -507,36 +507,10 @@ fn spawn_process(
     });
     if let Err(e) = waiter {
         // Nobody would report its exit: do not let it run.
-        signal(pid, Signal::SIGKILL);
+        whep_server::signal(pid, true);
         return Err(format!("cannot start a thread to wait for `{program}`: {e}"));
     }
     Ok(pid)
-}
-
-/// Sends `sig` to `pid`. A process that is already gone is fine.
-fn signal(pid: u32, sig: Signal) {
-    let Ok(raw) = i32::try_from(pid) else { return };
-    if let Err(e) = kill(Pid::from_raw(raw), sig) {
-        debug!(pid, ?sig, error = %e, "signal not delivered");
-    }
-}
-
-/// In the child, before exec: unblock the signals `main` blocked (the mask survives fork and
-/// exec; FFmpeg would never see SIGTERM) and ask for SIGKILL when the parent dies.
-#[allow(unsafe_code)]
-fn prepare_child(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // pthread_sigmask(3) and prctl(2), both async-signal-safe; it allocates nothing and touches
-    // no memory of the parent. The parent-death signal fires when the thread that forked dies:
-    // always the main thread here, so only when the server itself dies.
-    unsafe {
-        cmd.pre_exec(|| {
-            SigSet::empty().thread_set_mask()?;
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            Ok(())
-        });
-    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -835,30 +809,8 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
     spawn_io(name, f).map(drop).map_err(|e| format!("cannot start the {name} thread: {e}"))
 }
 
-/// Fails early, naming the fix, when `program` (FFmpeg) cannot be run and a stream needs it.
-fn check_program(program: &str, needed: bool) -> Result<(), String> {
-    if !needed {
-        return Ok(());
-    }
-    let status = Command::new(program)
-        .arg("-version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    match status {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(cli::missing_ffmpeg(program)),
-        Err(e) => Err(format!("cannot run FFmpeg (`{program}`): {e}")),
-    }
-}
-
 /// The candidates advertised when none are configured: the socket's own address, or for a
 /// wildcard bind, loopback plus the address of the default route.
 fn default_candidates(bound: SocketAddr) -> Vec<SocketAddr> {
-    // Connecting a UDP socket sends nothing; it only makes the kernel pick a source address.
-    let probe = UdpSocket::bind("0.0.0.0:0")
-        .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
-        .and_then(|s| s.local_addr());
-    whep_core::app::default_candidates(bound, probe.ok())
+    whep_core::app::default_candidates(bound, whep_server::default_route())
 }

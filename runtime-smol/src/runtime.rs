@@ -11,8 +11,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use smol::io::{AsyncBufReadExt, BufReader};
 use smol::stream::StreamExt;
 use tracing::{debug, warn};
@@ -52,11 +50,6 @@ pub struct SmolUdp {
     socket: smol::Async<std::net::UdpSocket>,
     state: quinn_udp::UdpSocketState,
 }
-
-/// Send and receive buffer asked for on every socket (the kernel caps it at
-/// `net.core.wmem_max` / `rmem_max`): a keyframe for hundreds of viewers is a burst of
-/// thousands of datagrams.
-const SOCKET_BUFFER: usize = 4 << 20;
 
 impl UdpSocket for SmolUdp {
     fn poll_recv_from(
@@ -168,15 +161,7 @@ impl Runtime for SmolRuntime {
 
     fn bind_udp(&self, addr: SocketAddr) -> io::Result<SmolUdp> {
         let socket = smol::Async::<std::net::UdpSocket>::bind(addr)?;
-        let state = quinn_udp::UdpSocketState::new(socket.get_ref().into())?;
-        for set in [
-            quinn_udp::UdpSocketState::set_send_buffer_size,
-            quinn_udp::UdpSocketState::set_recv_buffer_size,
-        ] {
-            if let Err(e) = set(&state, socket.get_ref().into(), SOCKET_BUFFER) {
-                debug!(%addr, error = %e, "socket buffer size not set");
-            }
-        }
+        let state = whep_server::udp_state(socket.get_ref())?;
         Ok(SmolUdp { socket, state })
     }
 
@@ -216,7 +201,7 @@ impl Runtime for SmolRuntime {
         args: &[String],
         exit: ProcessExit,
     ) -> Result<u32, String> {
-        let mut cmd = smol::process::Command::from(command(program, args));
+        let mut cmd = smol::process::Command::from(whep_server::command(program, args));
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|e| whep_core::cli::spawn_error(program, &e))?;
         let pid = child.id();
@@ -248,37 +233,10 @@ impl Runtime for SmolRuntime {
     }
 
     fn signal(&self, pid: u32, force: bool) {
-        let Ok(raw) = i32::try_from(pid) else { return };
-        let sig = if force { Signal::SIGKILL } else { Signal::SIGTERM };
-        if let Err(e) = kill(Pid::from_raw(raw), sig) {
-            debug!(pid, ?sig, error = %e, "signal not delivered");
-        }
+        whep_server::signal(pid, force);
     }
 
     fn now(&self) -> Instant {
         Instant::now()
     }
-}
-
-/// `program args…` with, on Linux, SIGKILL when the spawning thread dies (`PR_SET_PDEATHSIG`,
-/// so that no FFmpeg outlives a killed server) and a clean signal mask.
-fn command(program: &str, args: &[String]) -> std::process::Command {
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args);
-    #[cfg(target_os = "linux")]
-    #[allow(unsafe_code)]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2) and
-        // sigprocmask(2), which are async-signal-safe; it touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                // whepd-smol blocks SIGTERM/SIGINT in its threads to receive them synchronously;
-                // a blocked mask survives exec, and FFmpeg must see SIGTERM.
-                nix::sys::signal::SigSet::all().thread_unblock().map_err(io::Error::from)?;
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
-            });
-        }
-    }
-    cmd
 }

@@ -68,7 +68,7 @@ impl Whep {
         if config.core.rng_seed == [0; 32] {
             getrandom::fill(&mut config.core.rng_seed).map_err(io::Error::other)?;
         }
-        let engine = Engine::start(TokioRuntime::current(), config, default_route())?;
+        let engine = Engine::start(TokioRuntime::current(), config, whep_server::default_route())?;
         Ok(Self { engine })
     }
 
@@ -97,30 +97,4 @@ impl Whep {
     }
 }
 
-/// Fails early, naming the fix, when `program` (FFmpeg) cannot be run and a stream needs it.
-pub fn check_program(program: &str, needed: bool) -> Result<(), String> {
-    if !needed {
-        return Ok(());
-    }
-    let status = std::process::Command::new(program)
-        .arg("-version")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
-    match status {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            Err(whep_core::cli::missing_ffmpeg(program))
-        }
-        Err(e) => Err(format!("cannot run FFmpeg (`{program}`): {e}")),
-    }
-}
-
-/// The address the kernel picks towards the Internet: connecting a UDP socket sends nothing.
-fn default_route() -> Option<std::net::SocketAddr> {
-    std::net::UdpSocket::bind("0.0.0.0:0")
-        .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
-        .and_then(|s| s.local_addr())
-        .ok()
-}
+pub use whep_server::check_program;

@@ -10,8 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader, ReadBuf};
 use tracing::{debug, warn};
 use whep_core::StreamId;
@@ -68,11 +66,6 @@ impl TokioUdp {
         self.socket.get().ok_or_else(|| io::Error::other("socket registration lost"))
     }
 }
-
-/// Send and receive buffer asked for on every socket (the kernel caps it at
-/// `net.core.wmem_max` / `rmem_max`): a keyframe for hundreds of viewers is a burst of
-/// thousands of datagrams.
-pub(crate) const SOCKET_BUFFER: usize = 4 << 20;
 
 impl UdpSocket for TokioUdp {
     fn poll_recv_from(
@@ -173,15 +166,7 @@ impl Runtime for TokioRuntime {
     fn bind_udp(&self, addr: SocketAddr) -> io::Result<TokioUdp> {
         let socket = std::net::UdpSocket::bind(addr)?;
         socket.set_nonblocking(true)?;
-        let state = quinn_udp::UdpSocketState::new((&socket).into())?;
-        for set in [
-            quinn_udp::UdpSocketState::set_send_buffer_size,
-            quinn_udp::UdpSocketState::set_recv_buffer_size,
-        ] {
-            if let Err(e) = set(&state, (&socket).into(), SOCKET_BUFFER) {
-                debug!(%addr, error = %e, "socket buffer size not set");
-            }
-        }
+        let state = whep_server::udp_state(&socket)?;
         Ok(TokioUdp {
             bound: socket,
             socket: std::sync::OnceLock::new(),
@@ -239,7 +224,7 @@ impl Runtime for TokioRuntime {
         exit: ProcessExit,
     ) -> Result<u32, String> {
         let _guard = self.handle.enter();
-        let mut cmd = tokio::process::Command::from(command(program, args));
+        let mut cmd = tokio::process::Command::from(whep_server::command(program, args));
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|e| whep_core::cli::spawn_error(program, &e))?;
         let pid = child.id().ok_or("the process exited before its pid was read")?;
@@ -271,42 +256,10 @@ impl Runtime for TokioRuntime {
     }
 
     fn signal(&self, pid: u32, force: bool) {
-        signal(pid, force);
+        whep_server::signal(pid, force);
     }
 
     fn now(&self) -> Instant {
         Instant::now()
     }
-}
-
-/// Sends SIGTERM (or SIGKILL when `force`) to `pid`. A process that is already gone is fine.
-fn signal(pid: u32, force: bool) {
-    let Ok(raw) = i32::try_from(pid) else { return };
-    let sig = if force { Signal::SIGKILL } else { Signal::SIGTERM };
-    if let Err(e) = kill(Pid::from_raw(raw), sig) {
-        debug!(pid, ?sig, error = %e, "signal not delivered");
-    }
-}
-
-/// `program args…` with, on Linux, SIGKILL when the spawning thread dies (`PR_SET_PDEATHSIG`,
-/// so that no FFmpeg outlives a killed server) and a clean signal mask.
-fn command(program: &str, args: &[String]) -> std::process::Command {
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args);
-    #[cfg(target_os = "linux")]
-    #[allow(unsafe_code)]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2) and
-        // sigprocmask(2), which are async-signal-safe; it touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                // A server that receives SIGTERM synchronously blocks it in its threads; a
-                // blocked mask survives exec, and FFmpeg must see SIGTERM.
-                nix::sys::signal::SigSet::all().thread_unblock().map_err(io::Error::from)?;
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
-            });
-        }
-    }
-    cmd
 }
