@@ -35,7 +35,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{H264Profile, StreamConfig};
 use crate::ffmpeg::EgressConfig;
-use crate::{Config, Core, StreamError, StreamId, StreamInfo, WhepRequest, WhepResponse};
+use crate::{
+    Config, Core, StreamError, StreamId, StreamInfo, StreamStatus, WhepRequest, WhepResponse,
+};
 
 pub mod policy;
 
@@ -372,7 +374,7 @@ pub fn handle_sharded(
             let list: Vec<_> = merged_streams(core, followers)
                 .iter()
                 .map(|s| {
-                    serde_json::json!({"id": s.id.as_str(), "state": s.state, "viewers": s.viewers})
+                    serde_json::json!({"id": s.id.as_str(), "state": s.state.as_str(), "viewers": s.viewers})
                 })
                 .collect();
             ("streams", json(StatusCode::Ok, &serde_json::Value::Array(list)))
@@ -511,7 +513,7 @@ fn admin(
 fn info_json(s: &StreamInfo) -> serde_json::Value {
     serde_json::json!({
         "id": s.id.as_str(),
-        "state": s.state,
+        "state": s.state.as_str(),
         "enabled": s.enabled,
         "supervised": s.supervised,
         "pid": s.pid,
@@ -666,7 +668,7 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
     }
     head(&mut out, "stream_up", "gauge", "1 while the stream's ingest is running.");
     for s in &streams {
-        let up = u8::from(s.state == "running");
+        let up = u8::from(s.state == StreamStatus::Running);
         let _ = writeln!(out, "whep_stream_up{{stream=\"{}\"}} {up}", prom_escape(s.id.as_str()));
     }
     head(&mut out, "viewers_current", "gauge", "Viewers of all streams.");

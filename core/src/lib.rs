@@ -396,13 +396,51 @@ impl fmt::Display for StreamError {
 
 impl std::error::Error for StreamError {}
 
+/// Where a stream is in its lifecycle, as listings show it ([`StreamInfo::state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamStatus {
+    /// Not started, or stopped.
+    Stopped,
+    /// Its ingest ports are being bound.
+    Binding,
+    /// Receiving (or waiting for) RTP; on a follower shard, mirroring the leader's.
+    Running,
+    /// Its FFmpeg went stale and is being stopped to be started again.
+    Restarting,
+    /// Waiting to start again after its FFmpeg exited or could not start.
+    Backoff,
+    /// Stopping: its FFmpeg was asked to exit, its ports are released when it has.
+    Stopping,
+}
+
+impl StreamStatus {
+    /// The name listings and `/api/streams` use: `stopped`, `binding`, `running`,
+    /// `restarting`, `backoff` or `stopping`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Binding => "binding",
+            Self::Running => "running",
+            Self::Restarting => "restarting",
+            Self::Backoff => "backoff",
+            Self::Stopping => "stopping",
+        }
+    }
+}
+
+impl fmt::Display for StreamStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Status of one stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamInfo {
     /// The id.
     pub id: StreamId,
-    /// `stopped`, `binding`, `running`, `restarting`, `backoff` or `stopping`.
-    pub state: &'static str,
+    /// Where it is in its lifecycle.
+    pub state: StreamStatus,
     /// Whether WebRTC egress is enabled.
     pub enabled: bool,
     /// Whether the core supervises its FFmpeg.

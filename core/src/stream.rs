@@ -4,13 +4,13 @@ use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::Output;
 use crate::config::{Feed, ProcessConfig, StreamConfig};
 use crate::ids::{SessionId, StreamId};
 use crate::packet::SourcePacket;
 use crate::ports::PortPair;
 use crate::rtp::SeqExtender;
 use crate::shard::Mirror;
+use crate::{Output, StreamStatus};
 
 /// Where a stream is in its lifecycle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,15 +262,17 @@ impl Stream {
         p.restart_backoff_initial.saturating_mul(1 << exp).min(p.restart_backoff_max)
     }
 
-    /// A short name of the state for status listings.
-    pub(crate) fn state_name(&self) -> &'static str {
+    /// The state as status listings show it.
+    pub(crate) fn status(&self) -> StreamStatus {
         match &self.state {
-            StreamState::Stopped => "stopped",
-            StreamState::Binding { .. } => "binding",
-            StreamState::Running { process: Process::Terminating { .. }, .. } => "restarting",
-            StreamState::Running { .. } | StreamState::Mirrored => "running",
-            StreamState::Backoff { .. } => "backoff",
-            StreamState::Stopping { .. } => "stopping",
+            StreamState::Stopped => StreamStatus::Stopped,
+            StreamState::Binding { .. } => StreamStatus::Binding,
+            StreamState::Running { process: Process::Terminating { .. }, .. } => {
+                StreamStatus::Restarting
+            }
+            StreamState::Running { .. } | StreamState::Mirrored => StreamStatus::Running,
+            StreamState::Backoff { .. } => StreamStatus::Backoff,
+            StreamState::Stopping { .. } => StreamStatus::Stopping,
         }
     }
 }

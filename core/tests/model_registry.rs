@@ -1095,7 +1095,7 @@ fn compare(sut: &Sut, model: &Model, i: usize, op: &Op) -> Result<(), TestCaseEr
             return Err(TestCaseError::fail(format!("op #{i} {op:?}: {} missing", NAMES[j])));
         };
         let name = NAMES[j];
-        prop_assert_eq!(info.state, m.st.name(), "op #{} {:?}: state of {}", i, op, name);
+        prop_assert_eq!(info.state.as_str(), m.st.name(), "op #{} {:?}: state of {}", i, op, name);
         prop_assert_eq!(
             info.viewers,
             model.viewers_of(j),
@@ -1104,7 +1104,7 @@ fn compare(sut: &Sut, model: &Model, i: usize, op: &Op) -> Result<(), TestCaseEr
             op,
             name
         );
-        if info.state == "stopped" {
+        if info.state == whep_core::StreamStatus::Stopped {
             prop_assert_eq!(info.viewers, 0, "op #{} {:?}: stopped {} holds viewers", i, op, name);
         }
         prop_assert_eq!(info.connected_viewers, 0, "op #{} {:?}: connected of {}", i, op, name);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use whep_core::sim::{self, Arrival, SimWorld};
 use whep_core::whep::Method;
-use whep_core::{CloseReason, Event, PrimePacing, StreamConfig, StreamId};
+use whep_core::{CloseReason, Event, PrimePacing, StreamConfig, StreamId, StreamStatus};
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -330,7 +330,7 @@ fn stopping_a_stream_closes_viewers_first_then_releases_ports() {
     w.core.start_stream(&demo, w.now).unwrap_or_else(|e| panic!("{e}"));
     w.drain();
     assert_eq!(w.core.ports_in_use(), 1);
-    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some("running"));
+    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some(StreamStatus::Running));
 }
 
 #[test]
@@ -569,7 +569,7 @@ fn ffmpeg_crash_closes_viewers_releases_ports_and_restarts() {
     assert_eq!(w.core.ports_in_use(), 0, "ports released");
     assert!(w.bound.is_empty());
     assert_eq!(left(&w, CloseReason::StreamRestarting), 2);
-    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some("backoff"));
+    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some(StreamStatus::Backoff));
     // Restart after the backoff; a new viewer plays again.
     w.drive_until(5 * SEC, |w| w.procs.contains_key(&demo));
     assert_eq!(w.spawns, 2);
@@ -636,11 +636,11 @@ fn ffmpeg_that_ignores_sigterm_is_killed() {
     let demo = w.add_stream("demo", supervised(), 30);
     w.core.stop_stream(&demo, w.now).unwrap_or_else(|e| panic!("{e}"));
     w.drain();
-    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some("stopping"));
+    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some(StreamStatus::Stopping));
     assert_eq!(w.core.ports_in_use(), 1, "ports stay until the process is gone");
     w.run_for(w.core.config().process.stop_grace + SEC);
     assert_eq!(w.kills, 1);
-    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some("stopped"));
+    assert_eq!(w.core.stream(&demo).map(|s| s.state), Some(StreamStatus::Stopped));
     assert_eq!(w.core.ports_in_use(), 0);
     assert!(w.procs.is_empty());
 }
@@ -1152,7 +1152,7 @@ fn an_external_stream_that_cannot_bind_is_refused_on_every_shard() {
     let id = l.add_stream("x", StreamConfig::external(), 30);
     run_shards(&mut l, &mut f, 2 * SEC);
     let state = l.core.stream(&id).map(|s| s.state);
-    assert_eq!(state, Some("stopped"), "the leader gave up binding");
+    assert_eq!(state, Some(StreamStatus::Stopped), "the leader gave up binding");
     let (_, r) = l.join(&id);
     assert_eq!(r.code(), 404);
     let (_, r) = f.join(&id);

@@ -30,7 +30,7 @@ impl Core {
                 assert!(m.set.stream_viewers(id) >= s.viewers.len(), "stream {id} seats");
             }
             if matches!(s.state(), StreamState::Stopped | StreamState::Stopping { .. }) {
-                assert!(s.viewers.is_empty(), "stream {id} is {} but has viewers", s.state_name());
+                assert!(s.viewers.is_empty(), "stream {id} is {} but has viewers", s.status());
             }
             if let Some(ports) = s.ports() {
                 assert!(self.ports.is_allocated(ports), "stream {id} holds unallocated {ports}");

@@ -256,7 +256,7 @@ impl Core {
     fn info(&self, s: &Stream) -> StreamInfo {
         StreamInfo {
             id: s.id.clone(),
-            state: s.state_name(),
+            state: s.status(),
             enabled: s.config.egress.enabled,
             supervised: s.supervised(),
             ports: s.ports(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::{SimWorld, config};
 use crate::whep::Method;
-use crate::{Config, StreamConfig, StreamId};
+use crate::{Config, StreamConfig, StreamId, StreamStatus};
 
 /// Per-stream viewer cap of the world.
 pub const CAP_PER_STREAM: usize = 3;
@@ -207,8 +207,9 @@ impl OpsWorld {
         let before = w.core.viewer_count();
         let info = w.core.stream(&id);
         let (_, r) = w.join(&id);
-        let accepting =
-            info.as_ref().is_some_and(|i| i.state != "stopped" && i.state != "stopping");
+        let accepting = info
+            .as_ref()
+            .is_some_and(|i| i.state != StreamStatus::Stopped && i.state != StreamStatus::Stopping);
         match r.code() {
             201 => {
                 assert!(accepting, "201 from a stopped stream");
@@ -234,8 +235,12 @@ impl OpsWorld {
             .filter(|i| i.ports.is_some())
             .count();
         assert_eq!(held, w.core.ports_in_use(), "streams holding ports = pairs in use");
-        let past_binding =
-            w.core.streams().iter().filter(|i| i.state != "binding" && i.ports.is_some()).count();
+        let past_binding = w
+            .core
+            .streams()
+            .iter()
+            .filter(|i| i.state != StreamStatus::Binding && i.ports.is_some())
+            .count();
         assert_eq!(w.bound.len(), past_binding, "bound pairs = streams past binding");
     }
 
