@@ -17,8 +17,16 @@ pub struct H264Offer {
     pub pt: u8,
     /// `packetization-mode` (0 when absent, as RFC 6184 says).
     pub packetization_mode: u8,
-    /// `profile-level-id`, if present and valid hex.
+    /// `profile-level-id`, if present and valid hex; absent means Baseline (RFC 6184).
     pub profile_level_id: Option<u32>,
+}
+
+impl H264Offer {
+    /// The profile of this format: its `profile-level-id`'s, or Baseline (42000a) when it has
+    /// none (RFC 6184 §8.1); `None` for a profile we do not know.
+    pub fn profile(&self) -> Option<H264Profile> {
+        self.profile_level_id.map_or(Some(H264Profile::Baseline), profile_of)
+    }
 }
 
 /// What the codec policy learned from an acceptable offer.
@@ -197,7 +205,7 @@ pub fn choose_h264(offered: &[H264Offer], want: H264Profile) -> Option<u8> {
         offered
             .iter()
             .filter(|h| h.packetization_mode == 1)
-            .find(|h| h.profile_level_id.and_then(profile_of) == Some(p))
+            .find(|h| h.profile() == Some(p))
             .map(|h| h.pt)
     };
     with(want).or_else(|| match want {
@@ -551,12 +559,12 @@ mod tests {
                 // Payload types are unique within an offer.
                 let mut seen = std::collections::BTreeSet::new();
                 let offered: Vec<H264Offer> = offered.into_iter().filter(|h| seen.insert(h.pt)).collect();
-                let exact = offered.iter().any(|h| h.packetization_mode == 1 && h.profile_level_id.and_then(profile_of) == Some(want));
+                let exact = offered.iter().any(|h| h.packetization_mode == 1 && h.profile() == Some(want));
                 match choose_h264(&offered, want) {
                     Some(pt) => {
                         let h = offered.iter().find(|h| h.pt == pt && h.packetization_mode == 1);
                         prop_assert!(h.is_some());
-                        let got = h.and_then(|h| h.profile_level_id).and_then(profile_of);
+                        let got = h.and_then(H264Offer::profile);
                         let baseline_family = [H264Profile::ConstrainedBaseline, H264Profile::Baseline];
                         prop_assert!(got == Some(want) || (baseline_family.contains(&want) && got.is_some_and(|g| baseline_family.contains(&g))));
                     }

@@ -1158,3 +1158,48 @@ fn an_external_stream_that_cannot_bind_is_refused_on_every_shard() {
     let (_, r) = f.join(&id);
     assert_eq!(r.code(), 404, "the follower still takes viewers for a stopped stream");
 }
+
+/// POSTs `offer` to `stream`; the status, and the answer's first video format as
+/// `(payload type, rtpmap, fmtp)`.
+fn first_video_format(w: &mut SimWorld, stream: &StreamId, offer: String) -> (u16, String) {
+    let req = whep_core::whep::WhepRequest::new(Method::Post, format!("/whep/{stream}"))
+        .with_header("Content-Type", "application/sdp")
+        .with_body(offer);
+    let r = w.http(req);
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    let pt = body
+        .lines()
+        .find(|l| l.starts_with("m=video"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or_default()
+        .to_owned();
+    let attr = |name: &str| {
+        let prefix = format!("a={name}:{pt} ");
+        body.lines().find_map(|l| l.strip_prefix(prefix.as_str())).unwrap_or_default().to_owned()
+    };
+    (r.code(), format!("{pt} {} {}", attr("rtpmap"), attr("fmtp")))
+}
+
+/// RFC 6184: an H264 format without `profile-level-id` is Baseline (42000a), which decodes a
+/// constrained-baseline stream: such an offer is answered, not refused with 406.
+#[test]
+fn h264_without_profile_level_id_is_baseline() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let offer = include_str!("data/chromium-156-offer.sdp");
+    let bare: String = offer
+        .lines()
+        .filter(|l| !l.contains("profile-level-id=") || !l.contains("packetization-mode=1"))
+        .map(|l| format!("{l}\r\n"))
+        .collect::<String>()
+        .replace(
+            "a=rtcp-fb:102 nack pli\r\n",
+            "a=rtcp-fb:102 nack pli\r\na=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1\r\n",
+        );
+    // 102 is now the one H264 format with packetization-mode 1, and it has no profile-level-id.
+    assert_eq!(bare.matches("packetization-mode=1").count(), 1, "{bare}");
+    let (code, format) = first_video_format(&mut w, &demo, bare);
+    assert_eq!(code, 201, "{format}");
+    assert!(format.starts_with("102 H264/90000"), "{format}");
+    assert!(format.contains("packetization-mode=1"), "{format}");
+}
