@@ -1203,3 +1203,31 @@ fn h264_without_profile_level_id_is_baseline() {
     assert!(format.starts_with("102 H264/90000"), "{format}");
     assert!(format.contains("packetization-mode=1"), "{format}");
 }
+
+/// Safari offers constrained high (`640c1f`) first and constrained baseline (`42e01f`) second,
+/// each in both packetization modes: a constrained-baseline stream goes out on the baseline
+/// type with packetization mode 1, whatever the order; a High stream on `640c1f`.
+#[test]
+fn a_safari_offer_gets_the_constrained_baseline_type() {
+    use whep_core::H264Profile;
+    use whep_core::sdp::{check_offer, choose_h264};
+    let offer = include_str!("data/safari-like-offer.sdp");
+    let summary = check_offer(offer.as_bytes()).expect("Safari's offer passes the policy");
+    let pts: Vec<u8> = summary.h264.iter().map(|h| h.pt).collect();
+    assert_eq!(pts, [96, 98], "packetization-mode 1 types, in offer order");
+    assert_eq!(choose_h264(&summary.h264, H264Profile::ConstrainedBaseline), Some(98));
+    assert_eq!(choose_h264(&summary.h264, H264Profile::High), Some(96));
+    assert_eq!(summary.opus, [111]);
+
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let req = whep_core::whep::WhepRequest::new(Method::Post, "/whep/demo")
+        .with_header("Content-Type", "application/sdp")
+        .with_body(offer);
+    let r = w.http(req);
+    assert_eq!(r.code(), 201, "{}", String::from_utf8_lossy(&r.body));
+    let answer = String::from_utf8_lossy(&r.body);
+    let video = answer.lines().find(|l| l.starts_with("m=video")).unwrap_or_default();
+    assert!(video.split_whitespace().skip(3).any(|pt| pt == "98"), "{video}");
+    assert_eq!(w.core.stream(&demo).map(|s| s.viewers), Some(1));
+}
