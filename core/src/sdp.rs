@@ -69,7 +69,9 @@ fn check_session(session: &Session) -> Result<OfferSummary, Reject> {
     let session_dir =
         direction(session.has_attribute("sendonly"), session.has_attribute("inactive"));
     let (mut video, mut audio) = (None, None);
-    for m in session.medias.iter().filter(|m| m.port != 0) {
+    // A port of 0 rejects a section, except with `a=bundle-only` (RFC 8843 §6): then it is
+    // part of the bundle, and a max-bundle offerer (GStreamer's webrtcbin) offers it so.
+    for m in session.medias.iter().filter(|m| m.port != 0 || m.has_attribute("bundle-only")) {
         let slot = match m.media.as_str() {
             "video" => &mut video,
             "audio" => &mut audio,
@@ -105,6 +107,24 @@ fn check_session(session: &Session) -> Result<OfferSummary, Reject> {
             Ok(OfferSummary { video_mid, audio_mid, h264, opus })
         }
         _ => Err(Reject::CodecMismatch { h264: h264.is_empty(), opus: opus.is_empty() }),
+    }
+}
+
+/// Refuses an offer without a BUNDLE group, with a body that says so: every viewer's media
+/// shares one transport (RFC 8843), and str0m answers only bundled offers ("Session attribute
+/// a=group missing" would tell a player nothing). GStreamer's webrtcbin sends none with
+/// `bundle-policy=balanced`; `max-bundle` or `max-compat` bundles.
+pub fn check_bundle(body: &[u8]) -> Result<(), Reject> {
+    let bundled =
+        body.split(|b| *b == b'\n').any(|l| l.trim_ascii().starts_with(b"a=group:BUNDLE"));
+    if bundled {
+        Ok(())
+    } else {
+        Err(Reject::BadOffer(
+            "BUNDLE is required: offer both sections in one a=group:BUNDLE (a WebRTC stack's \
+             bundle-policy max-bundle or max-compat)"
+                .into(),
+        ))
     }
 }
 

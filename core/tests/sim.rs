@@ -1231,3 +1231,35 @@ fn a_safari_offer_gets_the_constrained_baseline_type() {
     assert!(video.split_whitespace().skip(3).any(|pt| pt == "98"), "{video}");
     assert_eq!(w.core.stream(&demo).map(|s| s.viewers), Some(1));
 }
+
+/// RFC 8843: GStreamer's webrtcbin with `max-bundle` offers its second section as
+/// `m=audio 0 … a=bundle-only`, part of the bundle; it is answered like any other. An offer
+/// without BUNDLE gets a 400 that says BUNDLE is required.
+#[test]
+fn bundle_only_sections_are_answered_and_bundle_is_required() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let offer = include_str!("data/chromium-156-offer.sdp");
+    let at = offer.find("m=audio 9 ").expect("audio section");
+    let (video, audio) = offer.split_at(at);
+    let audio = audio.replacen("m=audio 9 ", "m=audio 0 ", 1).replacen(
+        "a=mid:1\r\n",
+        "a=mid:1\r\na=bundle-only\r\n",
+        1,
+    );
+    let post = |w: &mut SimWorld, body: String| {
+        let req = whep_core::whep::WhepRequest::new(Method::Post, "/whep/demo")
+            .with_header("Content-Type", "application/sdp")
+            .with_body(body);
+        let r = w.http(req);
+        (r.code(), String::from_utf8_lossy(&r.body).into_owned())
+    };
+    let (code, body) = post(&mut w, format!("{video}{audio}"));
+    assert_eq!(code, 201, "{body}");
+    assert!(body.contains("m=audio 9 ") || body.contains("m=audio "), "{body}");
+    let unbundled = offer.replace("a=group:BUNDLE 0 1\r\n", "");
+    let (code, body) = post(&mut w, unbundled);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("BUNDLE"), "{body}");
+    assert_eq!(w.core.stream(&demo).map(|s| s.viewers), Some(1));
+}

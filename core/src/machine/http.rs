@@ -149,6 +149,7 @@ impl Core {
             return Err(Reject::UnsupportedMediaType { expected: CONTENT_TYPE_SDP });
         }
         let summary = sdp::check_offer(&req.body)?;
+        sdp::check_bundle(&req.body)?;
         let cap = stream.config.max_viewers.unwrap_or(self.config.max_viewers_per_stream);
         let total_cap = self.config.max_viewers_total;
         let (here, total) = match &self.shard {
