@@ -303,7 +303,11 @@ impl Answered {
         }
         Ok(Self {
             rtc,
-            answer: sdp::finish_answer(&answer.to_sdp_string()),
+            answer: sdp::finish_answer(&sdp::trim_answer(
+                &answer.to_sdp_string(),
+                offer.text,
+                &[(&summary.video_mid, video_pt), (&summary.audio_mid, audio_pt)],
+            )),
             local_ufrag,
             video: (video_mid, video_ssrc),
             audio: (audio_mid, audio_ssrc),

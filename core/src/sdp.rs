@@ -235,6 +235,87 @@ pub fn choose_h264(offered: &[H264Offer], want: H264Profile) -> Option<u8> {
     })
 }
 
+/// Makes str0m's answer say only what we send and what was offered (RFC 3264 §6, RFC 8285,
+/// RFC 4585): each section lists only its chosen payload type (`keep`, by mid) and that type's
+/// RTX; feedback lines and header extensions the offer did not carry for them are dropped,
+/// `a=extmap-allow-mixed` only stays if offered, and `a=rtcp-rsize` is kept where offered.
+pub(crate) fn trim_answer(answer: &str, offer: &str, keep: &[(&str, u8)]) -> String {
+    let offered: std::collections::HashSet<&str> = offer.lines().map(str::trim).collect();
+    let offered_uris: std::collections::HashSet<&str> = offer
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("a=extmap:"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    // The offer's sections by mid, to tell which asked for reduced-size RTCP.
+    let rsize_mids: Vec<&str> = offer
+        .split("m=")
+        .filter(|section| section.lines().any(|l| l.trim() == "a=rtcp-rsize"))
+        .filter_map(|section| section.lines().find_map(|l| l.trim().strip_prefix("a=mid:")))
+        .collect();
+    let mut out = String::with_capacity(answer.len());
+    let sections: Vec<&str> = answer.split("\r\nm=").collect();
+    for (i, section) in sections.iter().enumerate() {
+        let section = if i == 0 { (*section).to_owned() } else { format!("m={section}") };
+        let lines: Vec<&str> = section.lines().collect();
+        let mid = lines.iter().find_map(|l| l.strip_prefix("a=mid:"));
+        let chosen = mid.and_then(|m| keep.iter().find(|(k, _)| *k == m)).map(|(_, pt)| *pt);
+        let pt_of = |l: &str, attr: &str| -> Option<u8> {
+            l.strip_prefix(attr)?.split([' ', ':']).next()?.parse().ok()
+        };
+        let mut kept: Vec<u8> = Vec::new();
+        if let Some(pt) = chosen {
+            kept.push(pt);
+            for l in &lines {
+                if let Some(rtx) = pt_of(l, "a=fmtp:")
+                    && l.ends_with(&format!("apt={pt}"))
+                {
+                    kept.push(rtx);
+                }
+            }
+        }
+        let mut rsize_pending =
+            mid.is_some_and(|m| rsize_mids.contains(&m)) && !lines.contains(&"a=rtcp-rsize");
+        for l in &lines {
+            let line: String = if i > 0 && l.starts_with("m=") && chosen.is_some() {
+                let mut parts: Vec<&str> = l.split_whitespace().collect();
+                let formats: Vec<&str> = parts
+                    .split_off(3.min(parts.len()))
+                    .into_iter()
+                    .filter(|f| f.parse().ok().is_some_and(|p: u8| kept.contains(&p)))
+                    .collect();
+                parts.extend(formats);
+                parts.join(" ")
+            } else {
+                (*l).to_owned()
+            };
+            let l = line.as_str();
+            if l == "a=extmap-allow-mixed" && !offered.contains(l) {
+                continue;
+            }
+            if let Some(rest) = l.strip_prefix("a=extmap:")
+                && rest.split_whitespace().nth(1).is_some_and(|uri| !offered_uris.contains(uri))
+            {
+                continue;
+            }
+            // A format line (`rtpmap`, `fmtp`, `rtcp-fb`) of a payload type not sent.
+            let format = pt_of(l, "a=rtpmap:").or(pt_of(l, "a=fmtp:")).or(pt_of(l, "a=rtcp-fb:"));
+            if chosen.is_some() && format.is_some_and(|pt| !kept.contains(&pt)) {
+                continue;
+            }
+            if l.starts_with("a=rtcp-fb:") && !offered.contains(l) {
+                continue;
+            }
+            out.push_str(l);
+            out.push_str("\r\n");
+            if rsize_pending && l == "a=rtcp-mux" {
+                out.push_str("a=rtcp-rsize\r\n");
+                rsize_pending = false;
+            }
+        }
+    }
+    out
+}
+
 /// Adds what the WHEP draft asks of an answer and str0m leaves out: `a=rtcp-mux-only` next to
 /// `a=rtcp-mux` (RFC 8858) and `a=end-of-candidates` after the candidates, since the server never
 /// trickles (RFC 8838).

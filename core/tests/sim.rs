@@ -1263,3 +1263,43 @@ fn bundle_only_sections_are_answered_and_bundle_is_required() {
     assert!(body.contains("BUNDLE"), "{body}");
     assert_eq!(w.core.stream(&demo).map(|s| s.viewers), Some(1));
 }
+
+/// The answer says what the server sends and nothing it was not offered: the chosen H264 type
+/// and its RTX, Opus; feedback and `a=extmap-allow-mixed` only as offered; `a=rtcp-rsize` kept.
+#[test]
+fn the_answer_lists_only_what_is_sent_and_what_was_offered() {
+    let mut w = SimWorld::new(sim::config());
+    let _demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let offer = include_str!("data/chromium-156-offer.sdp");
+    let post = |w: &mut SimWorld, body: &str| {
+        let req = whep_core::whep::WhepRequest::new(Method::Post, "/whep/demo")
+            .with_header("Content-Type", "application/sdp")
+            .with_body(body.to_owned());
+        let r = w.http(req);
+        assert_eq!(r.code(), 201, "{}", String::from_utf8_lossy(&r.body));
+        String::from_utf8_lossy(&r.body).into_owned()
+    };
+    let m_line = |answer: &str, kind: &str| {
+        answer.lines().find(|l| l.starts_with(kind)).unwrap_or_default().to_owned()
+    };
+    let answer = post(&mut w, offer);
+    // Constrained baseline, packetization mode 1: 108 and its RTX 109; Opus 111.
+    assert_eq!(m_line(&answer, "m=video"), "m=video 9 UDP/TLS/RTP/SAVPF 108 109");
+    assert_eq!(m_line(&answer, "m=audio"), "m=audio 9 UDP/TLS/RTP/SAVPF 111");
+    assert!(!answer.contains("a=rtpmap:102 "), "{answer}");
+    assert!(answer.contains("a=fmtp:109 apt=108"), "{answer}");
+    assert!(answer.contains("a=rtcp-fb:108 nack pli"), "{answer}");
+    assert!(answer.contains("a=rtcp-rsize"), "offered rtcp-rsize is kept: {answer}");
+    assert!(answer.contains("a=extmap-allow-mixed"), "offered, so kept");
+
+    // A player that offers neither REMB nor mixed extensions (Firefox, aiortc) is not told of
+    // them.
+    let plain: String = offer
+        .lines()
+        .filter(|l| !l.contains("goog-remb") && !l.contains("extmap-allow-mixed"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    let answer = post(&mut w, &plain);
+    assert!(!answer.contains("goog-remb") && !answer.contains("extmap-allow-mixed"), "{answer}");
+    assert!(answer.contains("a=rtcp-fb:108 nack"), "{answer}");
+}
