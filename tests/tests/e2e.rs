@@ -66,6 +66,8 @@ fn chromium_plays_demo(bin: &str) {
     // The first decoded frame's time is measured (the time on screen, from the frame callback,
     // is best effort: with three browsers on two cores the page can pass before its first
     // frame is composited).
+    // The page offers H264 with its retransmission format, so a lost packet can be resent.
+    assert_eq!(chromium::field(&verdict, "rtx"), Some("1"), "no RTX negotiated: {verdict}");
     let ms = chromium::field(&verdict, "firstFrameMs").and_then(|v| v.parse::<u64>().ok());
     assert!(ms.is_some_and(|ms| ms > 0), "firstFrameMs missing: {verdict}");
     tracing::info!(
