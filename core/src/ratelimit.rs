@@ -287,14 +287,10 @@ pub(crate) struct Unconnected(HashMap<IpAddr, usize>);
 impl Unconnected {
     /// Counts one more session of `client`, unless it already has `cap`.
     pub(crate) fn take(&mut self, client: IpAddr, cap: usize) -> bool {
-        let n = self.0.entry(key(client)).or_default();
-        if *n >= cap {
-            if *n == 0 {
-                self.0.remove(&key(client));
-            }
+        if self.is_full(client, cap) {
             return false;
         }
-        *n += 1;
+        *self.0.entry(key(client)).or_default() += 1;
         true
     }
 

@@ -691,9 +691,8 @@ fn seat_squatting(bin: &str) {
     assert!(r.text().contains("still connecting"), "{}", r.text());
     assert!(r.header("retry-after").is_some());
     // Another client address is served meanwhile.
-    let mut req = head("POST", "/whep/ext", &[("Content-Type", "application/sdp".into())], 0);
-    req.truncate(req.len() - "Content-Length: 0\r\n\r\n".len());
-    req.extend(format!("Content-Length: {}\r\n\r\n", CHROMIUM_OFFER.len()).bytes());
+    let sdp = [("Content-Type", "application/sdp".to_owned())];
+    let mut req = head("POST", "/whep/ext", &sdp, CHROMIUM_OFFER.len());
     req.extend(CHROMIUM_OFFER.bytes());
     let other = http::raw_from([127, 0, 0, 2].into(), server.http, &req, Duration::from_secs(10))
         .expect("a POST from 127.0.0.2");
