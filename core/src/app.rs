@@ -608,6 +608,11 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
         ),
         ("keyframe_requests_total", "PLI/FIR from viewers.", m.keyframe_requests),
         ("ffmpeg_restarts_total", "Restarts of supervised FFmpeg processes.", m.process_restarts),
+        (
+            "cached_keyframes_total",
+            "Keyframe requests answered from the GOP cache.",
+            m.cached_keyframes,
+        ),
         ("gop_primes_total", "Viewers started with the cached GOP.", m.gop_primes),
         (
             "prime_backlogs_dropped_total",

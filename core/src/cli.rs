@@ -84,6 +84,10 @@ pub struct Cli {
     /// payload; 0 = all at once [default: 8000]. Must exceed the stream's bitrate.
     #[arg(long, value_name = "KBIT/S")]
     prime_kbps: Option<u64>,
+    /// Answer a viewer's keyframe request (PLI/FIR) with the cached GOP at most once per this
+    /// many milliseconds per viewer; 0 = never (requests only counted) [default: 1000].
+    #[arg(long, value_name = "MS")]
+    cached_keyframe_ms: Option<u64>,
     /// POSTs (new sessions) per second one client address may send, `RATE[:BURST]`; 0 = no
     /// limit [default: 5:20]. Beyond it: 429 with Retry-After.
     #[arg(long, value_name = "RATE[:BURST]")]
@@ -137,6 +141,7 @@ struct FileConfig {
     prime_kbps: Option<u64>,
     prime_burst_kib: Option<u64>,
     prime_max_pending: Option<usize>,
+    cached_keyframe_ms: Option<u64>,
     post_rate: Option<String>,
     post_rate_global: Option<String>,
     request_rate: Option<String>,
@@ -275,6 +280,11 @@ fn settings(
         Some(0) => None,
         Some(kbps) => Some(PrimePacing { rate: kbps.saturating_mul(1000) / 8, ..pacing }),
         None => core.prime_pacing.map(|_| pacing),
+    };
+    core.cached_keyframe_interval = match cli.cached_keyframe_ms.or(file.cached_keyframe_ms) {
+        Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(ms)),
+        None => core.cached_keyframe_interval,
     };
     let rate =
         |flag: Option<RateSetting>, file: Option<String>, default: Option<Rate>| match (flag, file)
@@ -550,6 +560,10 @@ max_viewers = 2
         let s = setup_with(&["--config", "w.toml", "--prime-kbps", "16000"], file).expect("ok");
         assert_eq!(s.core.prime_pacing.map(|p| (p.rate, p.burst)), Some((2_000_000, 32 * 1024)));
         assert_eq!(setup_from(&["--prime-kbps", "0"]).expect("ok").core.prime_pacing, None);
+        let s = setup_from(&["--cached-keyframe-ms", "0"]).expect("ok");
+        assert_eq!(s.core.cached_keyframe_interval, None);
+        let s = setup_with(&["--config", "w.toml"], "cached_keyframe_ms = 250\n").expect("ok");
+        assert_eq!(s.core.cached_keyframe_interval, Some(Duration::from_millis(250)));
     }
 
     #[test]

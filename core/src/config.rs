@@ -115,6 +115,16 @@ pub struct Config {
     /// How fast a new viewer gets the cached GOP; `None` writes it at once (one burst of up to
     /// 1 MiB). See [`PrimePacing`].
     pub prime_pacing: Option<PrimePacing>,
+    /// A viewer's keyframe request (PLI or FIR) is answered from the GOP cache
+    /// ([`Config::gop_cache`]) at most once per this interval: FFmpeg cannot make a keyframe on
+    /// request, so the viewer gets the cached keyframe and the frames since, again, at the end
+    /// of the frame being received, with its sequence numbers continuing and the frames' RTP
+    /// timestamps placed before the next live frame's, paced like a join
+    /// ([`Config::prime_pacing`]). A lost keyframe then costs about a round trip instead of
+    /// the rest of the GOP. Each answer costs up to the cached GOP's bytes (half a GOP on
+    /// average); requests within the interval are counted and left unanswered (the viewer
+    /// repeats them). `None`: requests are only counted, as before.
+    pub cached_keyframe_interval: Option<Duration>,
     /// Request rate limits per client address and global (429 with `Retry-After` beyond).
     pub rate_limits: RateLimits,
     /// Admission control: while the loop driving this core reports (through
@@ -156,6 +166,7 @@ impl Default for Config {
             rtx_ratio_cap: Some(0.15),
             gop_cache: true,
             prime_pacing: Some(PrimePacing::default()),
+            cached_keyframe_interval: Some(Duration::from_secs(1)),
             rate_limits: RateLimits::default(),
             max_load: 0.9,
             process: ProcessConfig::default(),

@@ -89,6 +89,7 @@ pub mod dtls;
 pub mod ffmpeg;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod gop;
 #[cfg(feature = "http")]
 mod http_glue;
 mod ids;

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub addresses_refused: u64,
     /// Keyframe requests (PLI/FIR) received from viewers; FFmpeg cannot honour them.
     pub keyframe_requests: u64,
+    /// Keyframe requests answered from the GOP cache
+    /// ([`Config::cached_keyframe_interval`](crate::Config::cached_keyframe_interval)).
+    pub cached_keyframes: u64,
     /// Viewers started with the cached GOP instead of waiting for the next keyframe.
     pub gop_primes: u64,
     /// Paced primes whose backlog outgrew [`PrimePacing::max_pending`](crate::PrimePacing)
@@ -96,6 +99,7 @@ impl Metrics {
             unchecked_sessions,
             addresses_refused,
             keyframe_requests,
+            cached_keyframes,
             gop_primes,
             prime_backlogs_dropped,
             packets_retransmitted,
@@ -123,6 +127,7 @@ impl Metrics {
         self.unchecked_sessions += unchecked_sessions;
         self.addresses_refused += addresses_refused;
         self.keyframe_requests += keyframe_requests;
+        self.cached_keyframes += cached_keyframes;
         self.gop_primes += gop_primes;
         self.prime_backlogs_dropped += prime_backlogs_dropped;
         self.packets_retransmitted += packets_retransmitted;

@@ -14,6 +14,7 @@ use str0m::{Event as RtcEvent, IceConnectionState, Input as RtcInput, Output as 
 use tracing::{debug, trace, warn};
 
 use crate::config::{Config, H264Profile};
+use crate::gop::GopCache;
 use crate::ids::{ETag, SessionId, StreamId};
 use crate::pacer::PrimePacing;
 use crate::pacer::{Backlog, Push};
@@ -51,6 +52,8 @@ pub(crate) struct Track {
     next_out: u64,
     /// Video held back while the cached GOP is paced out ([`Peer::prime`]); `None` otherwise.
     backlog: Option<Box<Backlog>>,
+    /// The RTP timestamp of the last packet written.
+    last_ts: Option<u32>,
 }
 
 impl Track {
@@ -63,6 +66,7 @@ impl Track {
             offset: None,
             next_out: u64::from(first_seq & 0x7fff),
             backlog: None,
+            last_ts: None,
         }
     }
 
@@ -156,6 +160,12 @@ pub(crate) struct Peer {
     /// Remote ICE candidates given to str0m in this ICE generation (offer and PATCHes).
     pub(crate) remote_candidates: usize,
     pub(crate) keyframe_requests: u64,
+    /// The viewer asked for a keyframe that the GOP cache will answer
+    /// ([`Config::cached_keyframe_interval`](crate::Config::cached_keyframe_interval)), at the
+    /// end of the frame being fanned out ([`Peer::replay`]).
+    pub(crate) keyframe_wanted: bool,
+    /// When the viewer was last sent the cached GOP (its join, or an answer to a request).
+    pub(crate) gop_sent_at: Option<Instant>,
     /// str0m's next timeout.
     pub(crate) rtc_deadline: Instant,
     /// The entry this peer has in the core's timer set.
@@ -354,6 +364,8 @@ impl Answered {
             unconnected_client: seat.unconnected_client,
             remote_candidates: seat.remote_candidates,
             keyframe_requests: 0,
+            keyframe_wanted: false,
+            gop_sent_at: None,
             rtc_deadline: now,
             scheduled: None,
             dead: false,
@@ -557,7 +569,54 @@ impl Peer {
             // Primed already, or playing live: the cache would go back in time.
             return None;
         }
+        self.send_gop(packets, pacing, now, grace, out, news)
+    }
+
+    /// Marks the viewer's keyframe request for an answer from the GOP cache, unless it had
+    /// the cached GOP less than `interval` ago.
+    pub(crate) fn want_keyframe(&mut self, now: Instant, interval: Duration) {
+        if self.gop_sent_at.is_none_or(|t| now >= t + interval) {
+            self.keyframe_wanted = true;
+        }
+    }
+
+    /// Answers the viewer's keyframe request with the stream's cached GOP again
+    /// ([`GopCache::replayed`]): its sequence numbers continue where the viewer's are, the
+    /// frames' timestamps come after the last one it was sent, and the live video continues
+    /// behind it as after a join. Call only when the cache ends with a whole frame that the
+    /// viewer was sent. `None` if nothing could be sent (not connected, a prime still being
+    /// paced, no video sent yet, or a cache beyond the backlog's cap).
+    pub(crate) fn replay(
+        &mut self,
+        gop: &GopCache,
+        pacing: Option<&PrimePacing>,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<PeerNews>,
+    ) -> Option<Sent> {
+        if self.dead || self.state != PeerState::Connected || self.video.backlog.is_some() {
+            return None;
+        }
+        let after = self.video.last_ts?;
+        self.keyframe_wanted = false;
+        self.send_gop(gop.replayed(after), pacing, now, grace, out, news)
+    }
+
+    /// Writes a GOP (its keyframe first) from a fresh start of the video track: see
+    /// [`prime`](Self::prime).
+    fn send_gop(
+        &mut self,
+        packets: impl IntoIterator<Item = SourcePacket>,
+        pacing: Option<&PrimePacing>,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<PeerNews>,
+    ) -> Option<Sent> {
         let Some(pacing) = pacing else {
+            self.video.offset = None;
+            self.gop_sent_at = Some(now);
             self.grow_rtx_cache_for_prime();
             let mut sent = Sent::default();
             for pkt in packets {
@@ -569,14 +628,19 @@ impl Peer {
             self.prime_done(now);
             return (sent.packets > 0).then_some(sent);
         };
-        self.video.backlog = Some(Box::new(Backlog::new(packets, pacing, now)?));
+        let backlog = Backlog::new(packets, pacing, now)?;
+        // The track starts again at the GOP's keyframe (`Track::map`), sequence numbers
+        // continuing.
+        self.video.offset = None;
+        self.video.backlog = Some(Box::new(backlog));
+        self.gop_sent_at = Some(now);
         self.grow_rtx_cache_for_prime();
         Some(self.pace(now, grace, out, news))
     }
 
     /// Makes room in the retransmission cache for a GOP sent faster than live (see
-    /// [`Config::rtx_cache_prime_packets`](crate::Config::rtx_cache_prime_packets)). Nothing
-    /// has been sent to this viewer yet, so replacing the cache loses nothing.
+    /// [`Config::rtx_cache_prime_packets`](crate::Config::rtx_cache_prime_packets)). The GOP
+    /// starts the viewer's video anew, so replacing the cache loses nothing it still needs.
     fn grow_rtx_cache_for_prime(&mut self) {
         let Some(r) = &mut self.resend else { return };
         if r.prime_packets <= r.cache_packets || r.budget.suspended() {
@@ -648,6 +712,11 @@ impl Peer {
         let Some(seq) = track.map(pkt) else {
             return false;
         };
+        track.last_ts = Some(pkt.timestamp);
+        if pkt.keyframe_start {
+            // A keyframe goes out anyway.
+            self.keyframe_wanted = false;
+        }
         let (pt, ssrc, nackable) = (track.pt, track.ssrc, track.nackable);
         let mut api = self.rtc.direct_api();
         let Some(tx) = api.stream_tx(&ssrc) else {

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::config::{Feed, ProcessConfig, StreamConfig};
+use crate::gop::GopCache;
 use crate::ids::{SessionId, StreamId};
-use crate::packet::SourcePacket;
 use crate::ports::PortPair;
 use crate::rtp::SeqExtender;
 use crate::shard::Mirror;
@@ -70,81 +70,6 @@ impl Source {
             _ => self.sender = Some((from, now)),
         }
         true
-    }
-}
-
-/// The video packets since the last keyframe (SPS/IDR start), so that a new viewer can start
-/// with a picture at once instead of waiting for FFmpeg's next keyframe (which no viewer can
-/// request). Bounded; a GOP too long for the bounds is not cached.
-#[derive(Debug, Default)]
-pub(crate) struct GopCache {
-    pub(crate) packets: Vec<SourcePacket>,
-    bytes: usize,
-    /// RTP timestamp of the keyframe being cached; `None` until one starts.
-    keyframe_ts: Option<u32>,
-}
-
-impl GopCache {
-    /// Most packets kept (about 2 s of a 5 Mbit/s stream).
-    pub(crate) const MAX_PACKETS: usize = 1024;
-    /// Most payload bytes kept.
-    pub(crate) const MAX_BYTES: usize = 1 << 20;
-
-    pub(crate) fn push(&mut self, pkt: &SourcePacket) {
-        if pkt.restart {
-            self.clear();
-        }
-        if pkt.keyframe_start && self.keyframe_ts != Some(pkt.timestamp) {
-            self.clear();
-            self.keyframe_ts = Some(pkt.timestamp);
-        }
-        if self.keyframe_ts.is_none() {
-            return;
-        }
-        if self.packets.len() >= Self::MAX_PACKETS
-            || self.bytes + pkt.payload.len() > Self::MAX_BYTES
-        {
-            // Too long a GOP: nothing until the next keyframe.
-            self.clear();
-            return;
-        }
-        self.bytes += pkt.payload.len();
-        self.packets.push(pkt.clone());
-    }
-
-    pub(crate) fn clear(&mut self) {
-        self.packets.clear();
-        self.bytes = 0;
-        self.keyframe_ts = None;
-    }
-
-    /// The cached packets with their RTP timestamps moved forward so that the frames sit 1 ms
-    /// apart right before the newest one, which keeps its own: a player decodes the burst at
-    /// once and then continues with the live packets without being a GOP behind.
-    pub(crate) fn primed(&self) -> impl Iterator<Item = SourcePacket> + '_ {
-        const STEP: u32 = 90; // 1 ms at 90 kHz
-        let frames = {
-            let mut n = 0u32;
-            let mut last = None;
-            for p in &self.packets {
-                if last != Some(p.timestamp) {
-                    n += 1;
-                    last = Some(p.timestamp);
-                }
-            }
-            n
-        };
-        let newest = self.packets.last().map_or(0, |p| p.timestamp);
-        let mut index = 0u32;
-        let mut last = None;
-        self.packets.iter().map(move |p| {
-            if last.is_some() && last != Some(p.timestamp) {
-                index += 1;
-            }
-            last = Some(p.timestamp);
-            let behind = frames.saturating_sub(1).saturating_sub(index);
-            SourcePacket { timestamp: newest.wrapping_sub(behind * STEP), ..p.clone() }
-        })
     }
 }
 

@@ -1303,3 +1303,93 @@ fn the_answer_lists_only_what_is_sent_and_what_was_offered() {
     assert!(!answer.contains("goog-remb") && !answer.contains("extmap-allow-mixed"), "{answer}");
     assert!(answer.contains("a=rtcp-fb:108 nack"), "{answer}");
 }
+
+/// A world with a 2 s GOP (60 frames) and `config`, and a recording viewer that plays live
+/// 0.7 s into a GOP (the next keyframe from FFmpeg is 1.3 s away).
+fn playing_mid_gop(config: whep_core::Config) -> (SimWorld, usize) {
+    let mut w = SimWorld::new(config);
+    let demo = w.add_stream("demo", StreamConfig::external(), 60);
+    let (v, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    w.viewers[v].record = true;
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 0 && w.core.prime_backlog() == 0);
+    // The last keyframe the viewer got, then 0.7 s on.
+    let keyframes =
+        |w: &SimWorld| w.viewers[v].arrivals.iter().filter(|a| a.keyframe_start).count();
+    let seen = keyframes(&w);
+    w.drive_until(3 * SEC, |w| keyframes(w) > seen);
+    w.run_for(Duration::from_millis(700));
+    (w, v)
+}
+
+/// When viewer `v` next starts a keyframe after `since`, driving at most `max`.
+fn next_keyframe(w: &mut SimWorld, v: usize, since: Instant, max: Duration) -> Option<Instant> {
+    let at = |w: &SimWorld| {
+        w.viewers[v].arrivals.iter().find(|a| a.keyframe_start && a.at > since).map(|a| a.at)
+    };
+    w.drive_until(max, |w| at(w).is_some());
+    at(w)
+}
+
+#[test]
+fn a_keyframe_request_is_answered_from_the_gop_cache_with_sequence_and_timestamps_continuing() {
+    let (mut w, v) = playing_mid_gop(sim::config());
+    let asked = w.now;
+    w.viewer_request_keyframe(v);
+    let got = next_keyframe(&mut w, v, asked, 2 * SEC).expect("a keyframe arrived");
+    // A round trip and a frame, not the 1.3 s to FFmpeg's next keyframe.
+    assert!(got - asked < Duration::from_millis(200), "keyframe {:?} after the PLI", got - asked);
+    assert_eq!(w.core.metrics().cached_keyframes, 1);
+    // The replayed keyframe comes after the last frame the viewer had, in timestamp as in
+    // sequence number (a player would merge or drop a frame with an old timestamp).
+    let arrivals = &w.viewers[v].arrivals;
+    let k = arrivals.iter().position(|a| a.at == got && a.keyframe_start).expect("keyframe");
+    let (before, kf) = (arrivals[k - 1], arrivals[k]);
+    assert_eq!(kf.seq, before.seq + 1);
+    assert!((kf.timestamp.wrapping_sub(before.timestamp) as i32) > 0, "{before:?} then {kf:?}");
+
+    // Rate limited per viewer: another request within the interval is counted, not answered;
+    // one after it is.
+    w.run_for(Duration::from_millis(100));
+    w.viewer_request_keyframe(v);
+    w.drive_until(SEC / 2, |w| w.core.metrics().keyframe_requests >= 2);
+    w.run_for(Duration::from_millis(300));
+    assert_eq!(w.core.metrics().cached_keyframes, 1, "answered within the interval");
+    w.run_for((got + SEC).saturating_duration_since(w.now));
+    w.viewer_request_keyframe(v);
+    w.drive_until(SEC, |w| w.core.metrics().cached_keyframes == 2);
+
+    // Through FFmpeg's next keyframe and on: no hole in the viewer's sequence numbers, no
+    // timestamp going back (the replayed frames sit between the live ones).
+    w.run_for(3 * SEC);
+    assert_eq!(video_gaps(&w, v), 0, "a replay left a hole in the sequence numbers");
+    assert_eq!(w.viewers[v].video_ts_regressions, 0, "timestamps went backwards");
+    assert_eq!(w.core.prime_backlog(), 0);
+}
+
+#[test]
+fn without_cached_keyframes_a_request_waits_for_ffmpegs_next_keyframe() {
+    let mut config = sim::config();
+    config.cached_keyframe_interval = None;
+    let (mut w, v) = playing_mid_gop(config);
+    let asked = w.now;
+    w.viewer_request_keyframe(v);
+    let got = next_keyframe(&mut w, v, asked, 3 * SEC).expect("FFmpeg's keyframe arrived");
+    assert!(got - asked > SEC, "keyframe {:?} after the PLI", got - asked);
+    assert_eq!(w.core.metrics().cached_keyframes, 0);
+    assert!(w.core.metrics().keyframe_requests >= 1);
+}
+
+#[test]
+fn a_keyframe_request_answered_at_once_without_pacing_keeps_the_sequence_whole() {
+    let mut config = sim::config();
+    config.prime_pacing = None;
+    let (mut w, v) = playing_mid_gop(config);
+    let asked = w.now;
+    w.viewer_request_keyframe(v);
+    let got = next_keyframe(&mut w, v, asked, 2 * SEC).expect("a keyframe arrived");
+    assert!(got - asked < Duration::from_millis(200), "keyframe {:?} after the PLI", got - asked);
+    w.run_for(3 * SEC);
+    assert_eq!(video_gaps(&w, v), 0);
+    assert_eq!(w.viewers[v].video_ts_regressions, 0);
+}

@@ -138,6 +138,10 @@ impl Core {
                 peer.flush(now, grace, &mut self.outputs, &mut news);
                 let dead = peer.dead;
                 self.apply_news(s, &mut news, now);
+                if !dead && self.peers.get(&s).is_some_and(|p| p.keyframe_wanted) {
+                    let stream = f.packets[f.start].0.clone();
+                    self.replay_gop(s, &stream, now);
+                }
                 if dead {
                     self.remove_peer(s, CloseReason::RemoteClosed, now);
                 } else {

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `streams` | stream lifecycle: add, start (bind the ingest ports, spawn FFmpeg), stop, remove, FFmpeg exits and restarts, stale sources |
 //! | `fanout` | ingest: datagrams from FFmpeg checked and parsed, then written to every viewer of their stream |
-//! | `viewers` | viewers (WHEP sessions, each a str0m peer): their datagrams, timers, connection news, GOP-cache prime, removal |
+//! | `viewers` | viewers (WHEP sessions, each a str0m peer): their datagrams, timers, connection news, GOP-cache prime and keyframe replies, removal |
 //! | `http` | the WHEP resource: POST, PATCH (trickle, ICE restart), DELETE, OPTIONS; rate limits, caps, admission |
 //! | `invariants` | the bookkeeping checked whole, after every step in tests |
 

@@ -69,6 +69,12 @@ impl Core {
                 }
                 PeerNews::KeyframeRequest => {
                     self.metrics.keyframe_requests += 1;
+                    if let Some(interval) = self.config.cached_keyframe_interval
+                        && self.config.gop_cache
+                        && let Some(peer) = self.peers.get_mut(&s)
+                    {
+                        peer.want_keyframe(now, interval);
+                    }
                     self.outputs
                         .push_back(Output::Event(Event::KeyframeRequested { stream, session: s }));
                 }
@@ -124,6 +130,32 @@ impl Core {
             "viewer primed with the cached GOP"
         );
         // The caller reschedules the peer, now with the backlog's next release.
+    }
+
+    /// Answers a viewer's keyframe request ([`Peer::want_keyframe`]) with the stream's cached
+    /// GOP again, once the cache ends with a whole frame (the fan-out calls this after every
+    /// batch it wrote to a viewer that wants one; a frame cut in two would be lost twice).
+    pub(super) fn replay_gop(&mut self, s: SessionId, stream: &StreamId, now: Instant) {
+        let grace = self.config.disconnect_grace;
+        let (Some(st), Some(peer)) = (self.streams.get(stream), self.peers.get_mut(&s)) else {
+            return;
+        };
+        if !st.gop.ends_a_frame() {
+            return;
+        }
+        let mut news = Vec::new();
+        let pacing = self.config.prime_pacing.as_ref();
+        let Some(sent) = peer.replay(&st.gop, pacing, now, grace, &mut self.outputs, &mut news)
+        else {
+            return;
+        };
+        self.metrics.packets_forwarded += sent.packets;
+        self.metrics.bytes_forwarded += sent.bytes;
+        self.metrics.cached_keyframes += 1;
+        debug!(
+            session = %s, %stream, packets = sent.packets, held = peer.video.backlog(),
+            "keyframe request answered with the cached GOP"
+        );
     }
 
     pub(super) fn on_datagram(
