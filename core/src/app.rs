@@ -613,6 +613,12 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
             "Keyframe requests answered from the GOP cache.",
             m.cached_keyframes,
         ),
+        (
+            "early_nominations_total",
+            "Viewers whose first DTLS nominated its pair (no wait for USE-CANDIDATE).",
+            m.early_nominations,
+        ),
+        ("path_moves_total", "Viewers whose media followed their new address.", m.path_moves),
         ("gop_primes_total", "Viewers started with the cached GOP.", m.gop_primes),
         (
             "prime_backlogs_dropped_total",

@@ -97,6 +97,7 @@ mod machine;
 mod metrics;
 mod pacer;
 mod packet;
+mod path;
 mod peer;
 pub mod ports;
 pub mod ratelimit;

@@ -31,6 +31,10 @@ pub struct Metrics {
     /// Keyframe requests answered from the GOP cache
     /// ([`Config::cached_keyframe_interval`](crate::Config::cached_keyframe_interval)).
     pub cached_keyframes: u64,
+    /// Viewers whose first DTLS nominated the pair it came on (see `crate::path`).
+    pub early_nominations: u64,
+    /// Viewers whose media moved to a new address of theirs (a NAT rebinding).
+    pub path_moves: u64,
     /// Viewers started with the cached GOP instead of waiting for the next keyframe.
     pub gop_primes: u64,
     /// Paced primes whose backlog outgrew [`PrimePacing::max_pending`](crate::PrimePacing)
@@ -100,6 +104,8 @@ impl Metrics {
             addresses_refused,
             keyframe_requests,
             cached_keyframes,
+            early_nominations,
+            path_moves,
             gop_primes,
             prime_backlogs_dropped,
             packets_retransmitted,
@@ -128,6 +134,8 @@ impl Metrics {
         self.addresses_refused += addresses_refused;
         self.keyframe_requests += keyframe_requests;
         self.cached_keyframes += cached_keyframes;
+        self.early_nominations += early_nominations;
+        self.path_moves += path_moves;
         self.gop_primes += gop_primes;
         self.prime_backlogs_dropped += prime_backlogs_dropped;
         self.packets_retransmitted += packets_retransmitted;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use str0m::change::SdpOffer;
 use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::media::{MediaKind, Mid, Pt};
+use str0m::net::{DatagramRecv, Protocol, Receive};
 use str0m::rtp::{Extension, ExtensionMap, RtpWrite, SeqNo, Ssrc};
 use str0m::{Candidate, IceCreds};
 use str0m::{Event as RtcEvent, IceConnectionState, Input as RtcInput, Output as RtcOutput, Rtc};
@@ -19,6 +20,7 @@ use crate::ids::{ETag, SessionId, StreamId};
 use crate::pacer::PrimePacing;
 use crate::pacer::{Backlog, Push};
 use crate::packet::SourcePacket;
+use crate::path::{self, Path};
 use crate::resend::{ResendBudget, Verdict};
 use crate::sdp::{self, OfferSummary};
 use crate::whep::Reject;
@@ -176,6 +178,8 @@ pub(crate) struct Peer {
     pub(crate) unflushed: u16,
     /// Retransmission accounting and cap, when the viewer negotiated RTX.
     pub(crate) resend: Option<Box<Resend>>,
+    /// Where its media goes, and the checks that may move it ([`crate::path`]).
+    pub(crate) path: Path,
 }
 
 /// A viewer's offer, checked ([`sdp::check_offer`]).
@@ -371,6 +375,7 @@ impl Answered {
             dead: false,
             unflushed: 0,
             resend: self.resend,
+            path: Path::default(),
         };
         (peer, self.answer)
     }
@@ -412,6 +417,10 @@ impl Peer {
         loop {
             match self.rtc.poll_output() {
                 Ok(RtcOutput::Transmit(t)) => {
+                    if self.path.suppress.is_some() && self.path.suppresses(&t.contents) {
+                        continue;
+                    }
+                    self.path.on_transmit(t.destination, &t.contents);
                     if let Some(r) = &mut self.resend
                         && let Verdict::Drop { suspend } = r.budget.on_transmit(&t.contents, now)
                     {
@@ -756,6 +765,67 @@ impl Peer {
             self.dead = true;
         }
         self.drain(now, grace, out, news);
+    }
+
+    /// Nominates the pair the viewer's datagrams from `source` to our `destination` came on,
+    /// with a USE-CANDIDATE check made with the session's credentials (see [`crate::path`]),
+    /// and drains what follows (DTLS or media now on that path). False if str0m refused it.
+    pub(crate) fn nominate(
+        &mut self,
+        source: SocketAddr,
+        destination: SocketAddr,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<PeerNews>,
+    ) -> bool {
+        let local = self.rtc.direct_api().local_ice_credentials();
+        let username = format!("{}:{}", local.ufrag, self.remote_creds.0);
+        let provider = crate::dtls::provider();
+        let hmac = |k: &[u8], p: &[&[u8]]| provider.sha1_hmac_provider.sha1_hmac(k, p);
+        let Some((bytes, tid)) = path::nomination(&username, &local.pass, hmac) else {
+            return false;
+        };
+        let Ok(contents) = DatagramRecv::try_from(&bytes[..]) else {
+            return false;
+        };
+        let input =
+            RtcInput::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
+        if !self.rtc.accepts(&input) {
+            return false;
+        }
+        self.path.suppress = Some(tid);
+        if let Err(e) = self.rtc.handle_input(input) {
+            debug!(session = %self.session, error = %e, "nomination refused");
+            return false;
+        }
+        // str0m makes the nominated pair its send path on its next timeout.
+        self.timeout(now, grace, out, news);
+        self.path.suppress = None;
+        true
+    }
+
+    /// Moves the media to `to` (see [`crate::path`]): the current path's candidates are
+    /// invalidated (their pairs go, and checks from there are ignored from now on) and the pair
+    /// from `to` is nominated.
+    pub(crate) fn move_path(
+        &mut self,
+        to: SocketAddr,
+        destination: SocketAddr,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<PeerNews>,
+    ) -> bool {
+        if let Some(old) = self.path.sending_to {
+            let mut api = self.rtc.direct_api();
+            for c in path::candidates_at(old) {
+                api.invalidate_candidate(&c);
+            }
+        }
+        self.path.candidate = None;
+        self.path.heard_at = Some(now);
+        self.nominate(to, destination, now, grace, out, news)
     }
 
     /// Starts a graceful close (RTCP BYE, DTLS close_notify) and drains what it produces.

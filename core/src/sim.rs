@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::format::Codec;
+use str0m::ice::StunMessage;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event as RtcEvent, Input as RtcInput, Output as RtcOutput, Rtc};
@@ -99,6 +100,9 @@ pub struct Viewer {
     pub connected: bool,
     /// Drop everything this viewer sends (it vanished without DELETE).
     pub silent: bool,
+    /// The address the server sees this viewer at, when a NAT maps it (`None`: `addr`).
+    /// Changing it is a NAT rebinding: what the server sends to the old one is lost.
+    pub nat: Option<SocketAddr>,
     pub video_packets: u64,
     pub audio_packets: u64,
     pub first_video_seq: Option<u16>,
@@ -278,6 +282,11 @@ pub struct SimWorld {
     pub mirrors: Vec<crate::shard::Mirror>,
     /// Drop every this many datagrams the core sends (0: none), to exercise NACK repair.
     pub loss_every: u64,
+    /// Until then, viewers' checks go without USE-CANDIDATE (re-signed), as Chromium's first
+    /// checks do: its nomination comes with a later check, while its DTLS starts at once.
+    pub hold_nomination: Option<Instant>,
+    /// The last STUN binding request a viewer sent, as sent (for replay tests).
+    pub last_check: Option<Vec<u8>>,
     /// Datagrams from the core dropped by `loss_every` so far.
     pub lost: u64,
     sent: u64,
@@ -316,6 +325,8 @@ impl SimWorld {
             events: Vec::new(),
             mirrors: Vec::new(),
             loss_every: 0,
+            hold_nomination: None,
+            last_check: None,
             lost: 0,
             sent: 0,
             spawns: 0,
@@ -387,6 +398,7 @@ impl SimWorld {
             video_mid,
             connected: false,
             silent: false,
+            nat: None,
             video_packets: 0,
             audio_packets: 0,
             first_video_seq: None,
@@ -641,10 +653,13 @@ impl SimWorld {
             self.drain();
             return;
         }
-        let Some(i) = self.viewers.iter().position(|v| v.addr == p.to && !v.closed) else {
+        let Some(i) =
+            self.viewers.iter().position(|v| v.nat.unwrap_or(v.addr) == p.to && !v.closed)
+        else {
             return;
         };
-        let Ok(recv) = Receive::new(Protocol::Udp, p.from, p.to, &p.data) else {
+        let local = self.viewers[i].addr;
+        let Ok(recv) = Receive::new(Protocol::Udp, p.from, local, &p.data) else {
             return;
         };
         let _ = self.viewers[i].rtc.handle_input(RtcInput::Receive(now, recv));
@@ -659,11 +674,20 @@ impl SimWorld {
             match v.rtc.poll_output() {
                 Ok(RtcOutput::Transmit(t)) => {
                     if !v.silent {
+                        let mut data: Vec<u8> = t.contents.into();
+                        if self.hold_nomination.is_some_and(|until| now < until)
+                            && let Some(held) = without_use_candidate(&data, &v.answer)
+                        {
+                            data = held;
+                        }
+                        if data.starts_with(&[0x00, 0x01]) {
+                            self.last_check = Some(data.clone());
+                        }
                         self.net.push_back(Packet {
                             at: now + latency,
-                            from: t.source,
+                            from: v.nat.unwrap_or(t.source),
                             to: t.destination,
-                            data: t.contents.into(),
+                            data,
                         });
                     }
                 }
@@ -872,4 +896,28 @@ impl SimWorld {
     pub fn connected(&self, stream: &StreamId) -> usize {
         self.core.stream(stream).map_or(0, |s| s.connected_viewers)
     }
+}
+
+/// A viewer's STUN binding request with USE-CANDIDATE, rebuilt without it and signed again with
+/// the server's ICE password from `answer`; `None` for anything else.
+fn without_use_candidate(data: &[u8], answer: &str) -> Option<Vec<u8>> {
+    let msg = StunMessage::parse(data).ok()?;
+    if !msg.is_binding_request() || !msg.use_candidate() {
+        return None;
+    }
+    let pwd = answer.lines().find_map(|l| l.trim().strip_prefix("a=ice-pwd:"))?;
+    let (ours, theirs) = msg.split_username()?;
+    let username = format!("{ours}:{theirs}");
+    let tie = msg.ice_controlling().unwrap_or(0);
+    let held =
+        StunMessage::binding_request(&username, msg.trans_id(), true, tie, msg.prio()?, false);
+    let mut buf = vec![0u8; 512];
+    let provider = crate::dtls::provider();
+    let n = held
+        .to_bytes(Some(pwd.as_bytes()), &mut buf, |k, p| {
+            provider.sha1_hmac_provider.sha1_hmac(k, p)
+        })
+        .ok()?;
+    buf.truncate(n);
+    Some(buf)
 }

@@ -1,6 +1,7 @@
 //! Simulation tests: the core with str0m viewers, a scripted FFmpeg and a virtual clock. The
 //! harness checks the core's invariants after every step.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use whep_core::sim::{self, Arrival, SimWorld};
@@ -1005,7 +1006,7 @@ fn checks_from_more_source_addresses_than_a_session_may_have_are_dropped() {
     let spoofed = 200u16;
     for port in 0..spoofed {
         let check = sim::binding_request(&answer, &ufrag, u64::from(port));
-        w.datagram_raw(std::net::SocketAddr::from(([10, 77, 0, 1], 20_000 + port)), &check);
+        w.datagram_raw(SocketAddr::from(([10, 77, 0, 1], 20_000 + port)), &check);
     }
     // The viewer's own address is one; the rest of the bound went to the first spoofed ones.
     let refused = w.core.metrics().addresses_refused;
@@ -1034,8 +1035,8 @@ fn a_supervised_streams_ingest_takes_datagrams_from_its_ffmpeg_alone() {
     let forwarded = w.core.metrics().packets_forwarded;
     // Another local process, and one that guessed FFmpeg's port on another address.
     let intruders = [
-        std::net::SocketAddr::from(([127, 0, 0, 1], 50_000)),
-        std::net::SocketAddr::from(([192, 0, 2, 7], ports.video_source())),
+        SocketAddr::from(([127, 0, 0, 1], 50_000)),
+        SocketAddr::from(([192, 0, 2, 7], ports.video_source())),
     ];
     for seq in 0..100u16 {
         w.ingest_from(intruders[usize::from(seq % 2)], ports.video, &injected(seq, 0xbad));
@@ -1054,7 +1055,7 @@ fn an_external_feed_takes_its_first_sender_until_that_one_falls_silent() {
     let (v, _) = w.join(&ext);
     w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 30);
     let ports = w.bound[&ext];
-    let other = std::net::SocketAddr::from(([127, 0, 0, 1], 50_001));
+    let other = SocketAddr::from(([127, 0, 0, 1], 50_001));
     for seq in 0..10u16 {
         w.ingest_from(other, ports.video, &injected(seq, 0xbad));
     }
@@ -1392,4 +1393,57 @@ fn a_keyframe_request_answered_at_once_without_pacing_keeps_the_sequence_whole()
     w.run_for(3 * SEC);
     assert_eq!(video_gaps(&w, v), 0);
     assert_eq!(w.viewers[v].video_ts_regressions, 0);
+}
+
+#[test]
+fn a_viewers_first_dtls_is_answered_on_its_checked_pair_without_waiting_for_its_nomination() {
+    let mut w = SimWorld::new(sim::config());
+    w.latency = Duration::from_millis(75); // 150 ms round trip
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    // As Chromium: DTLS right after the first check succeeds, USE-CANDIDATE only later.
+    w.hold_nomination = Some(w.now + 3 * SEC);
+    let joined = w.now;
+    let (v, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 0);
+    let first = w.viewers[v].first_video_at.expect("video arrived");
+    // Check (1 RTT), DTLS (2 RTTs), video: well under the 3 s the nomination was held.
+    assert!(first - joined < SEC, "first video {:?} after the POST", first - joined);
+    assert_eq!(w.core.metrics().early_nominations, 1);
+    assert_keeps_playing(&mut w, v);
+}
+
+#[test]
+fn after_a_nat_rebinding_media_follows_the_viewers_new_address() {
+    let (mut w, _, v) = playing(10);
+    let old = w.viewers[v].addr;
+    let rebound = SocketAddr::new(old.ip(), old.port() + 1000);
+    w.viewers[v].nat = Some(rebound);
+    let at = w.now;
+    let before = w.viewers[v].video_packets;
+    w.drive_until(20 * SEC, |w| w.viewers[v].video_packets > before + 30);
+    let back = w.now - at;
+    assert!(w.viewers[v].video_packets > before + 30, "video never came back");
+    assert_eq!(w.core.metrics().path_moves, 1);
+    // str0m's viewer checks its pair every few seconds; the path moves with its next datagram.
+    assert!(back < 6 * SEC, "video back {back:?} after the rebinding");
+    assert_keeps_playing(&mut w, v);
+}
+
+#[test]
+fn a_replayed_check_from_another_address_does_not_move_the_media() {
+    let (mut w, _, v) = playing(10);
+    w.run_for(3 * SEC);
+    let check = w.last_check.clone().expect("the viewer checked");
+    // The viewer goes quiet (its path looks dead), and an attacker replays its check.
+    w.viewers[v].silent = true;
+    w.run_for(2 * SEC);
+    let attacker: SocketAddr = "203.0.113.9:4000".parse().expect("addr");
+    for _ in 0..3 {
+        w.datagram_raw(attacker, &check);
+        w.run_for(SEC / 10);
+    }
+    assert_eq!(w.core.metrics().path_moves, 0, "a replay moved the media");
+    w.viewers[v].silent = false;
+    assert_keeps_playing(&mut w, v);
 }

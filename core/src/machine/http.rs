@@ -419,6 +419,7 @@ impl Core {
         // str0m forgot the old generation's candidates and pairs: so do the demultiplexer and
         // the limits. The new generation's checks (by ufrag) bring the addresses back.
         peer.remote_candidates = 0;
+        peer.path.restart();
         for a in peer.addrs.drain(..) {
             if self.by_addr.get(&a) == Some(&s) {
                 self.by_addr.remove(&a);

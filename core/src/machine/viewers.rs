@@ -9,6 +9,7 @@ use str0m::net::{DatagramRecv, Protocol, Receive};
 use tracing::{debug, info, warn};
 
 use crate::ids::{SessionId, StreamId};
+use crate::path;
 use crate::peer::{PeerNews, PeerState};
 use crate::stream::StreamState;
 use crate::{CloseReason, Event, Output};
@@ -211,11 +212,42 @@ impl Core {
             }
         }
         peer.last_rx = now;
+        // A check whose integrity str0m verified (routed by its username) with a transaction
+        // id not seen before: the viewer's own, not a replay (see `crate::path`).
+        let fresh_check = by_ufrag == Some(session)
+            && path::binding_request_tid(contents).is_some_and(|t| peer.path.fresh_check(t));
         let mut news = std::mem::take(&mut self.news);
         if let Err(e) = peer.rtc.handle_input(input) {
             debug!(%session, error = %e, "datagram rejected");
         }
         peer.drain(now, grace, &mut self.outputs, &mut news);
+        let path = &mut peer.path;
+        if path.sending_to.is_none()
+            && !path.nominated_for_dtls
+            && path::is_dtls(contents)
+            && peer.addrs.contains(&source)
+        {
+            // The viewer sends DTLS on the pair it selected: answer there now, not once its
+            // nomination comes (a second later at 150 ms RTT).
+            path.nominated_for_dtls = true;
+            if peer.nominate(source, destination, now, grace, &mut self.outputs, &mut news) {
+                self.metrics.early_nominations += 1;
+                debug!(%session, %source, "nominated the pair the viewer's DTLS came on");
+            }
+        } else if path.sending_to.is_some_and(|to| to != source) {
+            if path.candidate == Some(source) && path.quiet(now) {
+                // Its checks and now its own traffic come from here, and nothing from the
+                // old path for a while: the NAT gave it a new port.
+                let old = path.sending_to;
+                if peer.move_path(source, destination, now, grace, &mut self.outputs, &mut news) {
+                    self.metrics.path_moves += 1;
+                    info!(%session, ?old, new = %source, "viewer's address changed; media follows");
+                }
+            } else if fresh_check {
+                path.candidate = Some(source);
+            }
+        }
+        peer.path.heard(source, now);
         let dead = peer.dead;
         self.apply_news(session, &mut news, now);
         self.news = news;
