@@ -237,6 +237,40 @@ pub fn classify_h264(payload: &[u8]) -> H264Flags {
     flags
 }
 
+/// Whether a VP8 RTP payload (RFC 7741) begins a key frame: the payload descriptor says the
+/// packet starts partition 0 (S set, partition index 0), and the VP8 payload header after the
+/// descriptor has its inverse key-frame bit (P) clear. A truncated descriptor is not a start.
+pub fn vp8_keyframe_start(payload: &[u8]) -> bool {
+    let Some(&d) = payload.first() else {
+        return false;
+    };
+    if d & 0x10 == 0 || d & 0x07 != 0 {
+        return false; // S clear, or a later partition
+    }
+    let mut at = 1;
+    if d & 0x80 != 0 {
+        // X: one byte of I L T K flags, then the fields they announce.
+        let Some(&x) = payload.get(1) else {
+            return false;
+        };
+        at = 2;
+        if x & 0x80 != 0 {
+            // I: a 7- or 15-bit picture id (M, the high bit, says 15).
+            let Some(&pid) = payload.get(at) else {
+                return false;
+            };
+            at += if pid & 0x80 != 0 { 2 } else { 1 };
+        }
+        if x & 0x40 != 0 {
+            at += 1; // L: TL0PICIDX
+        }
+        if x & 0x30 != 0 {
+            at += 1; // T or K: TID, Y, KEYIDX
+        }
+    }
+    payload.get(at).is_some_and(|h| h & 0x01 == 0)
+}
+
 /// Extends 16-bit RTP sequence numbers to a monotonic 64-bit counter per source and detects
 /// source restarts.
 #[derive(Debug, Clone, Default)]
@@ -673,6 +707,25 @@ mod tests {
                 }
                 max_seen = max_seen.max(e.seq);
             }
+        }
+    }
+    #[test]
+    fn vp8_keyframe_starts() {
+        // S, partition 0, no extension, P = 0: a key frame's first packet.
+        assert!(vp8_keyframe_start(&[0x10, 0x00, 0x9d, 0x01, 0x2a]));
+        // P = 1: an interframe.
+        assert!(!vp8_keyframe_start(&[0x10, 0x01]));
+        // Not the start of partition 0.
+        assert!(!vp8_keyframe_start(&[0x00, 0x00]));
+        assert!(!vp8_keyframe_start(&[0x11, 0x00]));
+        // Extended descriptor: I with a 15-bit picture id, then L, then T/K (FFmpeg and
+        // libwebrtc send I with M set).
+        assert!(vp8_keyframe_start(&[0x90, 0x80, 0x81, 0x23, 0x00]));
+        assert!(vp8_keyframe_start(&[0x90, 0xf0, 0x81, 0x23, 0x07, 0x20, 0x00]));
+        assert!(!vp8_keyframe_start(&[0x90, 0xf0, 0x81, 0x23, 0x07, 0x20, 0x01]));
+        // Truncated anywhere: not a start, no panic.
+        for n in 0..7 {
+            assert!(!vp8_keyframe_start(&[0x90, 0xf0, 0x81, 0x23, 0x07, 0x20, 0x00][..n]));
         }
     }
 }
