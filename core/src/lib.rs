@@ -78,13 +78,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-#[cfg(feature = "app")]
-pub mod app;
-#[cfg(feature = "cli")]
-pub mod cli;
 mod config;
-#[cfg(feature = "driver")]
-pub mod driver;
 pub mod dtls;
 pub mod ffmpeg;
 #[cfg(feature = "fuzzing")]

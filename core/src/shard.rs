@@ -243,6 +243,42 @@ impl SharedPacket {
     pub fn payload_len(&self) -> usize {
         self.packet.payload.len()
     }
+
+    /// The extended source sequence number.
+    pub fn seq(&self) -> u64 {
+        self.packet.seq
+    }
+
+    /// Whether the packet is marked as a source restart (see [`mark_restart`](Self::mark_restart)).
+    pub fn is_restart(&self) -> bool {
+        self.packet.restart
+    }
+
+    /// Marks the packet as a source restart: a follower's viewers re-gate video at the next
+    /// keyframe, sequence numbers continuing without a gap (what a runtime does with the first
+    /// packet after it dropped some of the stream's for a follower that fell behind).
+    pub fn mark_restart(&mut self) {
+        self.packet.restart = true;
+    }
+
+    /// A video packet of `stream` with sequence number `seq` and an 8-byte payload, read at
+    /// `read_at`: for tests of what carries packets between shards.
+    #[cfg(feature = "sim")]
+    pub fn test_video(stream: StreamId, seq: u64, read_at: Instant) -> Self {
+        Self {
+            stream,
+            packet: SourcePacket {
+                kind: str0m::media::MediaKind::Video,
+                seq,
+                restart: false,
+                timestamp: 0,
+                marker: false,
+                keyframe_start: false,
+                payload: Arc::from(&[0u8; 8][..]),
+            },
+            read_at,
+        }
+    }
 }
 
 impl SessionId {
