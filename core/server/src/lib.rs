@@ -9,6 +9,8 @@
 //! - [`app`]: the application routes every runtime serves (player page, `/metrics`, the admin
 //!   API) and the serialisable stream specification.
 //! - [`cli`]: `whepd`'s command line and configuration file, shared by every runtime's binary.
+//! - [`shard`]: the seat book the shards of one server share ([`whep_core::shard::Book`]),
+//!   behind a mutex: the one lock of the server's state, kept out of the pure core.
 //! - [`os`] (re-exported here): the operating-system helpers: FFmpeg children ([`command`],
 //!   [`signal`], [`check_program`]), the sockets' setup ([`udp_state`]) and the default route
 //!   ([`default_route`]).
@@ -22,5 +24,6 @@ pub mod driver;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod os;
+pub mod shard;
 
 pub use os::{SOCKET_BUFFER, check_program, command, default_route, signal, udp_state};

@@ -47,7 +47,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, info, warn};
 
 use crate::app::{AddError, AppConfig, ServerConfig, ShardView, StreamSpec};
-use whep_core::shard::{MAX_SHARDS, Mirror, ShardMember, ShardSet};
+use crate::shard::ShardSet;
+use whep_core::shard::{MAX_SHARDS, Mirror, ShardMember};
 use whep_core::{
     Core, Event, Input, Metrics, Output, PortPair, StreamError, StreamId, StreamInfo, WhepRequest,
     WhepResponse,
@@ -393,7 +394,7 @@ impl<R: Runtime> Engine<R> {
             let driver = Driver {
                 core: match &set {
                     Some(set) => Core::new(core, now)
-                        .in_shard(ShardMember { index: index as u8, set: Arc::clone(set) }),
+                        .in_shard(ShardMember { index: index as u8, set: set.clone() }),
                     None => Core::new(core, now),
                 },
                 app: config.app.clone(),
