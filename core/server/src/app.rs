@@ -2,7 +2,7 @@
 //! Prometheus `/metrics`, the public stream list, the token-guarded JSON admin API, and the
 //! serialisable stream specification used by configuration files and the admin API.
 //!
-//! Like the rest of the crate it does no IO: [`handle`] takes a parsed request and the core and
+//! Like the core, it does no IO: [`handle`] takes a parsed request and the core and
 //! returns the response; WHEP requests fall through to [`Core::handle_http`].
 //!
 //! | route | method | what |

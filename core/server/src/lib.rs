@@ -10,11 +10,14 @@
 //!   API) and the serialisable stream specification.
 //! - [`cli`]: `whepd`'s command line and configuration file, shared by every runtime's binary.
 //! - [`shard`]: the seat book the shards of one server share ([`whep_core::shard::Book`]),
-//!   behind a mutex: the one lock of the server's state, kept out of the pure core.
+//!   behind a mutex, kept out of the pure core.
 //! - [`os`] (re-exported here): the operating-system helpers: FFmpeg children ([`command`],
 //!   [`signal`], [`check_program`]), the sockets' setup ([`udp_state`]) and the default route
 //!   ([`default_route`]).
 //! - `fuzzing` (feature `fuzzing`): every fuzz target, the core's and the application routes'.
+//!
+//! `examples/blocking.rs` is `whepd` on plain std threads and sockets, with none of the async
+//! driver: the template for a loop of one's own.
 
 #![warn(missing_docs)]
 
