@@ -56,22 +56,6 @@ impl ShardSet {
     pub fn stream_viewers(&self, stream: &StreamId) -> usize {
         self.lock().stream_viewers(stream)
     }
-
-    /// Takes a viewer seat on `shard` for `stream` if both caps allow it.
-    pub fn take_seat(
-        &self,
-        shard: u8,
-        stream: &StreamId,
-        stream_cap: usize,
-        total_cap: usize,
-    ) -> Result<(), Reject> {
-        self.lock().take_seat(shard, stream, stream_cap, total_cap)
-    }
-
-    /// Gives back a seat taken with [`take_seat`](Self::take_seat).
-    pub fn release_seat(&self, shard: u8, stream: &StreamId) {
-        self.lock().release_seat(shard, stream);
-    }
 }
 
 impl SharedSeats for ShardSet {
@@ -102,11 +86,11 @@ impl SharedSeats for ShardSet {
         stream_cap: usize,
         total_cap: usize,
     ) -> Result<(), Reject> {
-        Self::take_seat(self, shard, stream, stream_cap, total_cap)
+        self.lock().take_seat(shard, stream, stream_cap, total_cap)
     }
 
     fn release_seat(&self, shard: u8, stream: &StreamId) {
-        Self::release_seat(self, shard, stream);
+        self.lock().release_seat(shard, stream);
     }
 
     fn take_unconnected(&self, client: IpAddr, cap: usize) -> bool {
