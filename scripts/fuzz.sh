@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fuzzes every untrusted input surface of whep-core (the targets of `whep_core::fuzzing`, built
-# by the cargo-fuzz project in fuzz/) for a fixed time each.
+# Fuzzes every untrusted input surface (the targets of `whep_server::fuzzing`: whep-core's and
+# the application routes', built by the cargo-fuzz project in fuzz/) for a fixed time each.
 #
 #   bash scripts/fuzz.sh [SECONDS_PER_TARGET]      # default 20
 #
@@ -9,7 +9,7 @@
 # corpus entries go to a temporary directory that is deleted at the end) and prints how many
 # inputs each target executed. Any crash, timeout or out-of-memory makes the script exit
 # non-zero after all targets ran; libFuzzer leaves the input under fuzz/artifacts/<target>/,
-# where `cargo test -p whep-core --all-features --test fuzz_corpus` replays it as a regression
+# where `cargo test -p whep-server --all-features --test fuzz_corpus` replays it as a regression
 # case (reproduce one with `RUSTC_BOOTSTRAP=1 cargo fuzz run <target> <file>`).
 #
 # Toolchain: only stable Rust is installed here and in CI. cargo-fuzz passes nightly-only

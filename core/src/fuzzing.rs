@@ -1,9 +1,11 @@
 //! Fuzz targets (feature `fuzzing`): one function per surface where untrusted bytes enter the
 //! core, each taking `&[u8]`.
 //!
-//! The cargo-fuzz project in `fuzz/` calls these from libFuzzer (`scripts/fuzz.sh`), and
-//! `core/tests/fuzz_corpus.rs` replays the committed seed corpora (`fuzz/corpus/<target>/`) and
-//! any crash files (`fuzz/artifacts/<target>/`) through them as an ordinary test on stable Rust.
+//! The cargo-fuzz project in `fuzz/` calls these from libFuzzer (`scripts/fuzz.sh`), through
+//! `whep_server::fuzzing`, which adds the target of the application routes (`whep_request`,
+//! built on [`decode_request`] and the helpers here); `core/server/tests/fuzz_corpus.rs`
+//! replays the committed seed corpora (`fuzz/corpus/<target>/`) and any crash files
+//! (`fuzz/artifacts/<target>/`) through them as an ordinary test on stable Rust.
 //!
 //! No function panics on any input, unless the core is wrong: a broken invariant
 //! ([`Core::check_invariants`](crate::Core::check_invariants), run after every step), a
@@ -12,10 +14,10 @@
 //!
 //! Building a world costs more than most inputs (str0m answering an offer; for the media
 //! targets a DTLS handshake), so all targets but `sdpfrag` and `ops` keep theirs in a
-//! thread-local and rebuild it every 256 inputs, or sooner when it is no longer in the state
-//! the target needs. `offer` and `whep_request` rebuild or restore it whenever an input may
-//! have changed it, so every input sees the same state (up to counters and the random ids the
-//! core draws) and a crash file reproduces on its own.
+//! thread-local ([`with_world`]) and rebuild it every 256 inputs, or sooner when it is no longer
+//! in the state the target needs. `offer` and `whep_request` rebuild or restore it whenever an
+//! input may have changed it, so every input sees the same state (up to counters and the random
+//! ids the core draws) and a crash file reproduces on its own.
 //! `ingest` and `viewer_datagram` keep one connected viewer across inputs (its str0m state and
 //! the stream's sequence numbers carry over), so a crash there may need the inputs before it;
 //! replaying the crash file alone starts from a fresh world.
@@ -25,7 +27,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::thread::LocalKey;
 use std::time::Duration;
 
-use crate::app::{self, AppConfig};
 use crate::rtp::{self, Datagram, SeqExtender};
 use crate::sdpfrag::{self, SdpFrag};
 use crate::sim::ops::{Op, OpsWorld};
@@ -36,10 +37,10 @@ use crate::{PortPair, StreamConfig, StreamId, sdp};
 /// A fuzz target: takes any bytes, panics only when the core is wrong.
 pub type Target = fn(&[u8]);
 
-/// Every target by name, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/` call it.
+/// Every target of the core by name, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/`
+/// call it (`whep_server::fuzzing::TARGETS` lists these and `whep_request`).
 pub const TARGETS: &[(&str, Target)] = &[
     ("offer", offer),
-    ("whep_request", whep_request),
     ("sdpfrag", sdpfrag),
     ("ingest", ingest),
     ("viewer_datagram", viewer_datagram),
@@ -49,11 +50,11 @@ pub const TARGETS: &[(&str, Target)] = &[
 /// The Chromium offer of the core's test data; every world's session is created with it.
 pub const CHROMIUM_OFFER: &str = include_str!("../tests/data/chromium-156-offer.sdp");
 
-/// In a [`whep_request`] target, replaced by the id of the world's session.
+/// In a `whep_request` target, replaced by the id of the world's session.
 pub const SESSION_PLACEHOLDER: &str = "SESSION";
-/// In a [`whep_request`] header value, replaced by the session's `ETag` (quoted).
+/// In a `whep_request` header value, replaced by the session's `ETag` (quoted).
 pub const ETAG_PLACEHOLDER: &str = "ETAG";
-/// The admin token of the [`whep_request`] world (`Authorization: Bearer admin`).
+/// The admin token of the `whep_request` world (`Authorization: Bearer admin`).
 pub const ADMIN_TOKEN: &str = "admin";
 /// In a STUN USERNAME attribute of a [`viewer_datagram`] input, replaced by the real
 /// `server-ufrag:viewer-ufrag` of the world's session; the message's MESSAGE-INTEGRITY is then
@@ -61,7 +62,7 @@ pub const ADMIN_TOKEN: &str = "admin";
 pub const STUN_USERNAME_PLACEHOLDER: &[u8] = b"USER:NAME";
 
 /// Inputs after which a reused world is built afresh.
-const REBUILD_EVERY: u32 = 256;
+pub const REBUILD_EVERY: u32 = 256;
 
 /// At most this many operations of an [`ops`] input are run.
 pub const MAX_OPS: usize = 64;
@@ -70,18 +71,29 @@ pub const MAX_ADVANCE_MS: u64 = 30_000;
 
 /// A world kept across inputs, rebuilt every [`REBUILD_EVERY`] uses or when it is no longer
 /// in the state the target needs.
-struct Reused<T> {
+#[derive(Debug)]
+pub struct Reused<T> {
     world: Option<T>,
     uses: u32,
 }
 
 impl<T> Reused<T> {
-    const fn new() -> Self {
+    /// No world yet: the first use builds one.
+    pub const fn new() -> Self {
         Self { world: None, uses: 0 }
     }
 }
 
-fn with_world<T: 'static, R>(
+impl<T> Default for Reused<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Runs `f` on the world in `key`, built with `build` first when there is none, it served
+/// [`REBUILD_EVERY`] inputs, or it is no longer `usable` (the targets of
+/// `whep_server::fuzzing` keep theirs this way too).
+pub fn with_world<T: 'static, R>(
     key: &'static LocalKey<RefCell<Reused<T>>>,
     build: fn() -> T,
     usable: fn(&T) -> bool,
@@ -102,7 +114,8 @@ fn with_world<T: 'static, R>(
     })
 }
 
-fn demo_world(mut config: crate::Config) -> (SimWorld, StreamId) {
+/// A simulated world of `config` without rate limits, with a started external stream `demo`.
+pub fn demo_world(mut config: crate::Config) -> (SimWorld, StreamId) {
     // A world serves many inputs at one virtual instant: rate limits (tested on their own)
     // would refuse them after the first burst.
     config.rate_limits = crate::RateLimits::unlimited();
@@ -111,13 +124,15 @@ fn demo_world(mut config: crate::Config) -> (SimWorld, StreamId) {
     (w, id)
 }
 
-fn post(body: impl Into<Vec<u8>>) -> WhepRequest {
+/// `POST /whep/demo` with an SDP offer `body`.
+pub fn post(body: impl Into<Vec<u8>>) -> WhepRequest {
     WhepRequest::new(Method::Post, "/whep/demo")
         .with_header("Content-Type", CONTENT_TYPE_SDP)
         .with_body(body)
 }
 
-fn text(body: &[u8]) -> String {
+/// `body` as lossy UTF-8.
+pub fn text(body: &[u8]) -> String {
     String::from_utf8_lossy(body).into_owned()
 }
 
@@ -259,90 +274,6 @@ pub fn decode_request(data: &[u8]) -> WhepRequest {
     }
     req.body = rest.to_vec();
     req
-}
-
-struct RequestWorld {
-    w: SimWorld,
-    /// The session's id and ETag, once an input named it.
-    session: Option<(String, String)>,
-    /// A request that may have changed the core's state ran; the next input needs a new world.
-    dirty: bool,
-    app: AppConfig,
-}
-
-impl RequestWorld {
-    fn new() -> Self {
-        let mut config = sim::config();
-        config.strict_if_match = true;
-        let (w, _) = demo_world(config);
-        let app = AppConfig { admin_token: Some(ADMIN_TOKEN.to_owned()), ..AppConfig::default() };
-        Self { w, session: None, dirty: false, app }
-    }
-
-    /// The session's id and ETag, created on first use (str0m answering an offer is the
-    /// costly part of a world, so inputs that do not name the session skip it).
-    fn session(&mut self) -> (String, String) {
-        if let Some(s) = &self.session {
-            return s.clone();
-        }
-        let r = self.w.http(post(CHROMIUM_OFFER));
-        assert_eq!(r.code(), 201, "the Chromium offer is accepted: {}", text(&r.body));
-        let location = r.header("location").unwrap_or_default();
-        let id = location.rsplit('/').next().unwrap_or_default().to_owned();
-        let etag = r.header("etag").unwrap_or_default().to_owned();
-        self.session.insert((id, etag)).clone()
-    }
-}
-
-thread_local! {
-    static REQUEST: RefCell<Reused<RequestWorld>> = const { RefCell::new(Reused::new()) };
-}
-
-/// One HTTP request to the application routes, decoded with [`decode_request`], answered by
-/// [`app::handle`] (player page, metrics, admin API with token [`ADMIN_TOKEN`], and the WHEP
-/// routes of [`Core::handle_http`](crate::Core::handle_http)).
-///
-/// The core has a running external stream `demo` and enforces `If-Match` on PATCH
-/// ([`Config::strict_if_match`](crate::Config::strict_if_match)). When the target contains
-/// [`SESSION_PLACEHOLDER`] or a header value [`ETAG_PLACEHOLDER`], the stream also has one
-/// session (created from [`CHROMIUM_OFFER`], not connected), whose id and ETag replace them:
-/// `/whep/demo/SESSION` with `If-Match: ETAG` reaches PATCH (trickle and ICE restart), DELETE
-/// and GET of a live session. The outputs are executed by the simulation (ports bound, fake
-/// FFmpeg spawned for streams the admin API adds).
-///
-/// Every input sees the same state (up to counters), so a crash file reproduces on its own: the world is kept
-/// only across requests that cannot change it (every method but POST, PATCH and DELETE is
-/// read-only on every route); after a POST, PATCH or DELETE the next input gets a new one.
-///
-/// A crash means: an invariant breaks, a response lacks `Access-Control-Allow-Origin`, or
-/// something panics in the routes, the admin API's JSON handling, the WHEP handlers or str0m.
-pub fn whep_request(data: &[u8]) {
-    let mut req = decode_request(data);
-    let needs_session = req.target.contains(SESSION_PLACEHOLDER)
-        || req.headers.iter().any(|(_, v)| v.contains(ETAG_PLACEHOLDER));
-    with_world(
-        &REQUEST,
-        RequestWorld::new,
-        |r| !r.dirty,
-        |rw| {
-            if needs_session {
-                let (id, etag) = rw.session();
-                req.target = req.target.replace(SESSION_PLACEHOLDER, &id);
-                for (_, v) in &mut req.headers {
-                    *v = v.replace(ETAG_PLACEHOLDER, &etag);
-                }
-            }
-            rw.dirty = matches!(req.method, Method::Post | Method::Patch | Method::Delete);
-            let w = &mut rw.w;
-            let resp = app::handle(&mut w.core, &rw.app, req, w.now);
-            w.drain();
-            assert!(
-                resp.header("access-control-allow-origin").is_some(),
-                "response {} without Access-Control-Allow-Origin",
-                resp.code()
-            );
-        },
-    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,10 +14,28 @@
 //!
 //! # What this crate does not do
 //!
-//! It binds no socket, spawns no process, reads no clock, starts no thread and parses no HTTP
-//! bytes. A runtime (tokio, smol, or a plain loop over std sockets) does all IO and hands the
-//! results in as inputs; the core answers with outputs. Its normal dependencies contain no
-//! async runtime, socket or process crate (CI checks this).
+//! It binds no socket, spawns no process, reads no clock, starts no thread, takes no lock and
+//! parses no HTTP bytes. A runtime (tokio, smol, or a plain loop over std sockets) does all IO
+//! and hands the results in as inputs; the core answers with outputs. Its normal dependencies
+//! contain no async runtime, socket or process crate (CI checks this).
+//!
+//! The server shell around it lives in the crate `whep-server` (`core/server/`), written once
+//! for every runtime: the event loop the async runtimes share over a small `Runtime` trait (as
+//! quinn keeps its loop in `quinn`, outside `quinn-proto`), the application routes (player
+//! page, `/metrics`, admin API), `whepd`'s command line, the shards' shared seat book behind a
+//! mutex (`whep_server::shard::ShardSet`, over this crate's [`shard::Book`] and
+//! [`shard::SharedSeats`]), and the operating-system helpers.
+//!
+//! # Features
+//!
+//! None is on by default; the default build is the state machine alone.
+//!
+//! - `sim`: the deterministic simulation harness (`whep_core::sim`: a virtual clock, str0m viewers, a
+//!   scripted RTP source), for tests and benches.
+//! - `http`: conversions between the `http` crate's types and [`WhepRequest`] /
+//!   [`WhepResponse`] (types only, no IO), for runtimes that serve with hyper.
+//! - `fuzzing`: fuzz targets for every untrusted input surface of the core (`whep_core::fuzzing`;
+//!   implies `sim`).
 //!
 //! # Run loop
 //!
@@ -78,13 +96,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-#[cfg(feature = "app")]
-pub mod app;
-#[cfg(feature = "cli")]
-pub mod cli;
 mod config;
-#[cfg(feature = "driver")]
-pub mod driver;
 pub mod dtls;
 pub mod ffmpeg;
 #[cfg(feature = "fuzzing")]

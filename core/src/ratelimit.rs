@@ -195,8 +195,10 @@ impl PerClient {
 
 /// What kind of request is being admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub enum Kind {
+    /// A POST that creates a session.
     Post,
+    /// Any other request to a WHEP route.
     Other,
 }
 

@@ -3,7 +3,7 @@
 //!
 //! - **Viewers** live on one shard from POST to end. A session id carries its shard's index in
 //!   its low byte ([`SessionId::shard`]), so that a runtime routes PATCH and DELETE without a
-//!   table; a POST goes to the shard with the fewest viewers ([`ShardSet::least_loaded`]).
+//!   table; a POST goes to the shard with the fewest viewers ([`Book::least_loaded`]).
 //! - **Streams** belong to shard 0, the leader: it binds the ingest ports, runs FFmpeg and
 //!   parses each RTP packet once. Its core emits every stream change and every parsed packet as
 //!   [`Output::Mirror`](crate::Output::Mirror); the runtime hands them, in order, to every other
@@ -11,17 +11,20 @@
 //!   with no ports and no process. A packet's payload is an `Arc<[u8]>` shared by all shards:
 //!   ingest is parsed and copied once per machine, not once per shard.
 //! - **Caps and rate limits** are the server's, not each shard's: the shards share one
-//!   [`ShardSet`], which counts viewers per stream and in total and holds the request rate
-//!   limiter, behind a mutex taken once per HTTP request and once per viewer that leaves
-//!   (never per packet).
+//!   [`Book`], which counts viewers per stream and in total and holds the request rate
+//!   limiter. This crate keeps the bookkeeping and says what a core needs of it
+//!   ([`SharedSeats`]); the server shell shares it between threads
+//!   (`whep_server::shard::ShardSet`, behind a mutex taken once per HTTP request and once per
+//!   viewer that leaves, never per packet), so that this crate holds no lock.
 //!
 //! A stream stop closes the leader's viewers before its ports are released, as a single core
 //! does; follower shards close theirs when the mirrored stop reaches them (microseconds later,
 //! while the leader is still waiting for FFmpeg to exit).
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::CloseReason;
@@ -40,7 +43,7 @@ pub struct ShardMember {
     /// This core's index, `0..set.count()`. Shard 0 is the leader.
     pub index: u8,
     /// State shared by all shards of the server.
-    pub set: Arc<ShardSet>,
+    pub set: Arc<dyn SharedSeats>,
 }
 
 impl ShardMember {
@@ -50,16 +53,55 @@ impl ShardMember {
     }
 }
 
-/// What the shards of one server share: viewer counts (for the caps and for placing new
-/// viewers) and the request rate limiter.
-#[derive(Debug)]
-pub struct ShardSet {
-    count: usize,
-    book: Mutex<Book>,
+/// What the shards of one server share, as a core sees it: a [`Book`] that every shard's core
+/// updates from its own thread. The core defines what it needs and keeps the bookkeeping
+/// ([`Book`]); the server shell supplies the sharing (`whep_server::shard::ShardSet`, a
+/// [`Book`] behind a mutex), so that this crate holds no lock.
+///
+/// Each method is one [`Book`] call, done atomically with respect to the other shards.
+pub trait SharedSeats: Send + Sync + fmt::Debug {
+    /// Number of shards.
+    fn count(&self) -> usize;
+
+    /// Viewers of every shard together.
+    fn viewers(&self) -> usize;
+
+    /// Viewers of `stream` on every shard together.
+    fn stream_viewers(&self, stream: &StreamId) -> usize;
+
+    /// [`Book::admit`].
+    fn admit(&self, kind: Kind, client: Option<IpAddr>, now: Instant) -> Result<(), Duration>;
+
+    /// [`Book::tracked_clients`].
+    fn tracked_clients(&self) -> usize;
+
+    /// [`Book::take_seat`].
+    fn take_seat(
+        &self,
+        shard: u8,
+        stream: &StreamId,
+        stream_cap: usize,
+        total_cap: usize,
+    ) -> Result<(), Reject>;
+
+    /// [`Book::release_seat`].
+    fn release_seat(&self, shard: u8, stream: &StreamId);
+
+    /// [`Book::take_unconnected`].
+    fn take_unconnected(&self, client: IpAddr, cap: usize) -> bool;
+
+    /// [`Book::unconnected_full`].
+    fn unconnected_full(&self, client: IpAddr, cap: usize) -> bool;
+
+    /// [`Book::release_unconnected`].
+    fn release_unconnected(&self, client: IpAddr);
 }
 
+/// The bookkeeping the shards of one server share: viewer counts (for the caps and for placing
+/// new viewers) and the request rate limiter. Plain data; [`SharedSeats`] is how the shards
+/// share it.
 #[derive(Debug)]
-struct Book {
+pub struct Book {
     limiter: Limiter,
     /// Viewers per stream, all shards together.
     streams: HashMap<StreamId, usize>,
@@ -69,112 +111,104 @@ struct Book {
     unconnected: Unconnected,
 }
 
-impl ShardSet {
-    /// State for `count` shards (1..=[`MAX_SHARDS`]), with the server's rate limits.
-    pub fn new(count: usize, rate_limits: RateLimits, now: Instant) -> Arc<Self> {
-        let count = count.clamp(1, MAX_SHARDS);
-        Arc::new(Self {
-            count,
-            book: Mutex::new(Book {
-                limiter: Limiter::new(rate_limits, now),
-                streams: HashMap::new(),
-                shards: vec![0; count],
-                unconnected: Unconnected::default(),
-            }),
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Book> {
-        // Every update is a few counter changes that cannot be left half done.
-        self.book.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+impl Book {
+    /// The book of `count` shards (clamped to 1..=[`MAX_SHARDS`]), with the server's rate
+    /// limits.
+    pub fn new(count: usize, rate_limits: RateLimits, now: Instant) -> Self {
+        Self {
+            limiter: Limiter::new(rate_limits, now),
+            streams: HashMap::new(),
+            shards: vec![0; count.clamp(1, MAX_SHARDS)],
+            unconnected: Unconnected::default(),
+        }
     }
 
     /// Number of shards.
     pub fn count(&self) -> usize {
-        self.count
+        self.shards.len()
     }
 
     /// The shard with the fewest viewers (the lowest index among equals).
     pub fn least_loaded(&self) -> usize {
-        let book = self.lock();
-        (0..book.shards.len()).min_by_key(|&i| book.shards[i]).unwrap_or(0)
+        (0..self.shards.len()).min_by_key(|&i| self.shards[i]).unwrap_or(0)
     }
 
     /// Viewers of every shard together.
     pub fn viewers(&self) -> usize {
-        self.lock().shards.iter().sum()
+        self.shards.iter().sum()
     }
 
     /// Viewers per shard.
-    pub fn viewers_per_shard(&self) -> Vec<usize> {
-        self.lock().shards.clone()
+    pub fn viewers_per_shard(&self) -> &[usize] {
+        &self.shards
     }
 
     /// Viewers of `stream` on every shard together.
     pub fn stream_viewers(&self, stream: &StreamId) -> usize {
-        self.lock().streams.get(stream).copied().unwrap_or(0)
+        self.streams.get(stream).copied().unwrap_or(0)
     }
 
-    pub(crate) fn admit(
-        &self,
+    /// Admits a request of `kind` from `client` or says how long it should wait (the server's
+    /// rate limits, all shards together).
+    pub fn admit(
+        &mut self,
         kind: Kind,
         client: Option<IpAddr>,
         now: Instant,
     ) -> Result<(), Duration> {
-        self.lock().limiter.admit(kind, client, now)
+        self.limiter.admit(kind, client, now)
     }
 
-    pub(crate) fn tracked_clients(&self) -> usize {
-        self.lock().limiter.tracked()
+    /// Clients the rate limiter tracks.
+    pub fn tracked_clients(&self) -> usize {
+        self.limiter.tracked()
     }
 
     /// Takes a viewer seat on `shard` for `stream` if both caps allow it.
-    pub(crate) fn take_seat(
-        &self,
+    pub fn take_seat(
+        &mut self,
         shard: u8,
         stream: &StreamId,
         stream_cap: usize,
         total_cap: usize,
     ) -> Result<(), Reject> {
-        let mut book = self.lock();
-        if book.streams.get(stream).copied().unwrap_or(0) >= stream_cap {
+        if self.stream_viewers(stream) >= stream_cap {
             return Err(Reject::StreamFull { cap: stream_cap });
         }
-        if book.shards.iter().sum::<usize>() >= total_cap {
+        if self.viewers() >= total_cap {
             return Err(Reject::ServerFull { cap: total_cap });
         }
-        *book.streams.entry(stream.clone()).or_default() += 1;
-        if let Some(n) = book.shards.get_mut(usize::from(shard)) {
+        *self.streams.entry(stream.clone()).or_default() += 1;
+        if let Some(n) = self.shards.get_mut(usize::from(shard)) {
             *n += 1;
         }
         Ok(())
     }
 
     /// Counts a session of `client` that has not connected, unless it already has `cap`.
-    pub(crate) fn take_unconnected(&self, client: IpAddr, cap: usize) -> bool {
-        self.lock().unconnected.take(client, cap)
+    pub fn take_unconnected(&mut self, client: IpAddr, cap: usize) -> bool {
+        self.unconnected.take(client, cap)
     }
 
     /// Whether `client` holds `cap` unconnected sessions on all shards together.
-    pub(crate) fn unconnected_full(&self, client: IpAddr, cap: usize) -> bool {
-        self.lock().unconnected.is_full(client, cap)
+    pub fn unconnected_full(&self, client: IpAddr, cap: usize) -> bool {
+        self.unconnected.is_full(client, cap)
     }
 
     /// Gives back what [`take_unconnected`](Self::take_unconnected) counted.
-    pub(crate) fn release_unconnected(&self, client: IpAddr) {
-        self.lock().unconnected.release(client);
+    pub fn release_unconnected(&mut self, client: IpAddr) {
+        self.unconnected.release(client);
     }
 
     /// Gives back a seat taken with [`take_seat`](Self::take_seat).
-    pub(crate) fn release_seat(&self, shard: u8, stream: &StreamId) {
-        let mut book = self.lock();
-        if let Some(n) = book.streams.get_mut(stream) {
+    pub fn release_seat(&mut self, shard: u8, stream: &StreamId) {
+        if let Some(n) = self.streams.get_mut(stream) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                book.streams.remove(stream);
+                self.streams.remove(stream);
             }
         }
-        if let Some(n) = book.shards.get_mut(usize::from(shard)) {
+        if let Some(n) = self.shards.get_mut(usize::from(shard)) {
             *n = n.saturating_sub(1);
         }
     }
@@ -243,6 +277,42 @@ impl SharedPacket {
     pub fn payload_len(&self) -> usize {
         self.packet.payload.len()
     }
+
+    /// The extended source sequence number.
+    pub fn seq(&self) -> u64 {
+        self.packet.seq
+    }
+
+    /// Whether the packet is marked as a source restart (see [`mark_restart`](Self::mark_restart)).
+    pub fn is_restart(&self) -> bool {
+        self.packet.restart
+    }
+
+    /// Marks the packet as a source restart: a follower's viewers re-gate video at the next
+    /// keyframe, sequence numbers continuing without a gap (what a runtime does with the first
+    /// packet after it dropped some of the stream's for a follower that fell behind).
+    pub fn mark_restart(&mut self) {
+        self.packet.restart = true;
+    }
+
+    /// A video packet of `stream` with sequence number `seq` and an 8-byte payload, read at
+    /// `read_at`: for tests of what carries packets between shards.
+    #[cfg(feature = "sim")]
+    pub fn test_video(stream: StreamId, seq: u64, read_at: Instant) -> Self {
+        Self {
+            stream,
+            packet: SourcePacket {
+                kind: str0m::media::MediaKind::Video,
+                seq,
+                restart: false,
+                timestamp: 0,
+                marker: false,
+                keyframe_start: false,
+                payload: Arc::from(&[0u8; 8][..]),
+            },
+            read_at,
+        }
+    }
 }
 
 impl SessionId {
@@ -264,22 +334,39 @@ mod tests {
     fn seats_enforce_both_caps_across_shards() {
         #[allow(clippy::disallowed_methods)] // a test's clock
         let now = Instant::now();
-        let set = ShardSet::new(2, RateLimits::unlimited(), now);
+        let mut book = Book::new(2, RateLimits::unlimited(), now);
         let (a, b) = (id("a"), id("b"));
-        assert!(set.take_seat(0, &a, 2, 3).is_ok());
-        assert!(set.take_seat(1, &a, 2, 3).is_ok());
-        assert!(matches!(set.take_seat(0, &a, 2, 3), Err(Reject::StreamFull { cap: 2 })));
-        assert!(set.take_seat(1, &b, 2, 3).is_ok());
-        assert!(matches!(set.take_seat(0, &b, 2, 3), Err(Reject::ServerFull { cap: 3 })));
-        assert_eq!(set.viewers_per_shard(), vec![1, 2]);
-        assert_eq!(set.least_loaded(), 0);
-        set.release_seat(1, &a);
-        set.release_seat(1, &b);
-        assert_eq!(set.least_loaded(), 1);
-        assert_eq!(set.stream_viewers(&a), 1);
-        assert_eq!(set.stream_viewers(&b), 0);
+        assert!(book.take_seat(0, &a, 2, 3).is_ok());
+        assert!(book.take_seat(1, &a, 2, 3).is_ok());
+        assert!(matches!(book.take_seat(0, &a, 2, 3), Err(Reject::StreamFull { cap: 2 })));
+        assert!(book.take_seat(1, &b, 2, 3).is_ok());
+        assert!(matches!(book.take_seat(0, &b, 2, 3), Err(Reject::ServerFull { cap: 3 })));
+        assert_eq!(book.viewers_per_shard(), [1, 2]);
+        assert_eq!(book.least_loaded(), 0);
+        book.release_seat(1, &a);
+        book.release_seat(1, &b);
+        assert_eq!(book.least_loaded(), 1);
+        assert_eq!(book.stream_viewers(&a), 1);
+        assert_eq!(book.stream_viewers(&b), 0);
         // Releasing more than was taken never underflows.
-        set.release_seat(1, &b);
-        assert_eq!(set.viewers(), 1);
+        book.release_seat(1, &b);
+        assert_eq!(book.viewers(), 1);
+    }
+
+    #[test]
+    fn a_book_counts_unconnected_sessions_per_client() {
+        #[allow(clippy::disallowed_methods)] // a test's clock
+        let now = Instant::now();
+        let mut book = Book::new(MAX_SHARDS + 1, RateLimits::unlimited(), now);
+        assert_eq!(book.count(), MAX_SHARDS);
+        let ip = IpAddr::from([192, 0, 2, 1]);
+        assert!(book.take_unconnected(ip, 2));
+        assert!(!book.unconnected_full(ip, 2));
+        assert!(book.take_unconnected(ip, 2));
+        assert!(book.unconnected_full(ip, 2));
+        assert!(!book.take_unconnected(ip, 2));
+        book.release_unconnected(ip);
+        assert!(!book.unconnected_full(ip, 2));
+        assert!(book.admit(Kind::Post, Some(ip), now).is_ok());
     }
 }

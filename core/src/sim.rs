@@ -302,7 +302,9 @@ impl SimWorld {
         Self::with_core(|start| Core::new(config, start))
     }
 
-    /// A world around shard `member.index` of a sharded server.
+    /// A world around shard `member.index` of a sharded server. Its
+    /// [`set`](crate::shard::ShardMember::set) is what the shards share: the server's
+    /// (`whep_server::shard::ShardSet`), or any [`SharedSeats`](crate::shard::SharedSeats).
     pub fn in_shard(config: Config, member: crate::shard::ShardMember) -> Self {
         Self::with_core(|start| Core::new(config, start).in_shard(member))
     }

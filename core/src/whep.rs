@@ -99,16 +99,19 @@ pub struct WhepResponse {
 }
 
 impl WhepResponse {
-    pub(crate) fn new(status: StatusCode) -> Self {
+    /// A response with `status`, no header and no body.
+    pub fn new(status: StatusCode) -> Self {
         Self { status, headers: Vec::new(), body: Vec::new() }
     }
 
-    pub(crate) fn with(mut self, name: &'static str, value: impl Into<String>) -> Self {
+    /// This response with the header field `name: value` added.
+    pub fn with(mut self, name: &'static str, value: impl Into<String>) -> Self {
         self.headers.push((name, value.into()));
         self
     }
 
-    pub(crate) fn with_body(mut self, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
+    /// This response with `body` and a `Content-Type` of `content_type`.
+    pub fn with_body(mut self, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
         self.headers.push(("Content-Type", content_type.to_owned()));
         self.body = body.into();
         self
@@ -396,7 +399,7 @@ fn decode_segment(s: &str) -> Option<String> {
 
 /// Characters escaped in a path segment we emit: everything but unreserved, sub-delims, `:`
 /// and `@` (RFC 3986 `pchar`).
-pub(crate) const SEGMENT: &AsciiSet = &CONTROLS
+pub const SEGMENT: &AsciiSet = &CONTROLS
     .add(b' ')
     .add(b'"')
     .add(b'#')

@@ -859,8 +859,9 @@ fn a_batch_of_ingest_packets_reaches_every_viewer_whole() {
 #[test]
 #[allow(clippy::disallowed_methods)] // the shard set's limiter needs a start before the world
 fn a_leader_stamps_mirrored_packets_with_their_arrival() {
-    use whep_core::shard::{Mirror, ShardMember, ShardSet};
+    use whep_core::shard::{Mirror, ShardMember};
     use whep_core::{Input, Output, RateLimits};
+    use whep_server::shard::ShardSet;
     let config = sim::config();
     let now = Instant::now();
     let set = ShardSet::new(2, RateLimits::unlimited(), now);
@@ -1079,7 +1080,8 @@ fn an_external_feed_takes_its_first_sender_until_that_one_falls_silent() {
 #[allow(clippy::disallowed_methods)] // the shard set's limiter needs a start before the worlds
 fn two_shards() -> (SimWorld, SimWorld) {
     use whep_core::RateLimits;
-    use whep_core::shard::{ShardMember, ShardSet};
+    use whep_core::shard::ShardMember;
+    use whep_server::shard::ShardSet;
     let set = ShardSet::new(2, RateLimits::unlimited(), Instant::now());
     let shard =
         |index: u8| SimWorld::in_shard(sim::config(), ShardMember { index, set: set.clone() });

@@ -2,4 +2,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| whep_core::fuzzing::ops(data));
+fuzz_target!(|data: &[u8]| whep_server::fuzzing::ops(data));

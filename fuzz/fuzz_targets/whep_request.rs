@@ -2,4 +2,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| whep_core::fuzzing::whep_request(data));
+fuzz_target!(|data: &[u8]| whep_server::fuzzing::whep_request(data));

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use http_types::{Response, StatusCode};
 use whep_core::Event;
-use whep_core::app::{ServerConfig, StreamSpec};
+use whep_server::app::{ServerConfig, StreamSpec};
 use whep_smol::Whep;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

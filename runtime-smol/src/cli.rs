@@ -1,10 +1,10 @@
-//! `whepd` on smol: the command line and configuration of [`whep_core::cli`], signals, and a
+//! `whepd` on smol: the command line and configuration of [`whep_server::cli`], signals, and a
 //! clean shutdown. The `whepd-smol` binary is [`main`].
 
 use std::process::ExitCode;
 
 use tracing::{error, info};
-use whep_core::cli::{self, CliError, Settings};
+use whep_server::cli::{self, CliError, Settings};
 
 use crate::Whep;
 

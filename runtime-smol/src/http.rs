@@ -69,7 +69,7 @@ pub(crate) async fn handle(whep: &Whep, mut req: Request, app_routes: bool) -> R
     }
     let resp = if app_routes {
         whep.handle_request(wreq).await
-    } else if !whep_core::app::plain_host(&wreq) {
+    } else if !whep_server::app::plain_host(&wreq) {
         // The target came from a URL built with `Host`; see `plain_host` (the application
         // routes check it in the core).
         let mut resp = Response::new(StatusCode::BadRequest);
@@ -305,7 +305,7 @@ mod tests {
     #[test]
     fn handle_refuses_a_host_with_a_path() {
         smol::block_on(async {
-            let config = whep_core::app::ServerConfig {
+            let config = whep_server::app::ServerConfig {
                 udp_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
                 ..Default::default()
             };

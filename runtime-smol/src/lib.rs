@@ -1,4 +1,4 @@
-//! [whep-core] on smol / async-io. The engine is `whep_core::driver`'s event loop over
+//! [whep-core] on smol / async-io. The engine is `whep_server::driver`'s event loop over
 //! [`SmolRuntime`] (`Async<UdpSocket>`, `async_io::Timer`, async-process children); this crate
 //! adds the HTTP side: [`Whep::serve`] runs hyper's HTTP/1.1 server on smol, and
 //! [`Whep::handle`] answers an `http_types::Request` for an http-types application with its own
@@ -9,7 +9,7 @@
 //!
 //! ```no_run
 //! # fn demo() -> std::io::Result<()> {
-//! use whep_core::app::{ServerConfig, StreamSpec};
+//! use whep_server::app::{ServerConfig, StreamSpec};
 //! use whep_smol::Whep;
 //!
 //! smol::block_on(async {
@@ -28,8 +28,8 @@ use std::io;
 use std::ops::Deref;
 use std::sync::Arc;
 
-pub use whep_core::app::{AddError, ServerConfig};
-pub use whep_core::driver::{Engine, Subscription};
+pub use whep_server::app::{AddError, ServerConfig};
+pub use whep_server::driver::{Engine, Subscription};
 
 mod http;
 mod runtime;

@@ -15,7 +15,7 @@ use smol::io::{AsyncBufReadExt, BufReader};
 use smol::stream::StreamExt;
 use tracing::{debug, warn};
 use whep_core::StreamId;
-use whep_core::driver::{ProcessExit, Received, Runtime, Timer, UdpSocket};
+use whep_server::driver::{ProcessExit, Received, Runtime, Timer, UdpSocket};
 
 type Spawner = Arc<dyn Fn(Pin<Box<dyn Future<Output = ()> + Send>>) + Send + Sync>;
 
@@ -203,7 +203,7 @@ impl Runtime for SmolRuntime {
     ) -> Result<u32, String> {
         let mut cmd = smol::process::Command::from(whep_server::command(program, args));
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| whep_core::cli::spawn_error(program, &e))?;
+        let mut child = cmd.spawn().map_err(|e| whep_server::cli::spawn_error(program, &e))?;
         let pid = child.id();
         if let Some(stderr) = child.stderr.take() {
             let stream = stream.clone();

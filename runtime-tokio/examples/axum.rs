@@ -12,7 +12,7 @@
 
 use axum::Router;
 use axum::routing::get;
-use whep_core::app::StreamSpec;
+use whep_server::app::StreamSpec;
 use whep_tokio::{ServerConfig, Whep};
 
 #[tokio::main]

@@ -21,7 +21,7 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use whep_core::Event;
-use whep_core::app::StreamSpec;
+use whep_server::app::StreamSpec;
 use whep_tokio::{ServerConfig, Whep};
 
 #[tokio::main]

@@ -1,4 +1,4 @@
-//! `whepd` on tokio: the command line and configuration of [`whep_core::cli`], signals, and a
+//! `whepd` on tokio: the command line and configuration of [`whep_server::cli`], signals, and a
 //! clean shutdown.
 //!
 //! With no configuration it starts a demo stream (an FFmpeg test pattern with a tone) and
@@ -8,7 +8,7 @@
 use std::process::ExitCode;
 
 use tracing::{error, info};
-use whep_core::cli::{self, CliError, Settings};
+use whep_server::cli::{self, CliError, Settings};
 
 use crate::Whep;
 

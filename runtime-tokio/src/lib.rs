@@ -1,4 +1,4 @@
-//! [whep-core] on tokio. The engine is `whep_core::driver`'s event loop over [`TokioRuntime`]
+//! [whep-core] on tokio. The engine is `whep_server::driver`'s event loop over [`TokioRuntime`]
 //! (tokio sockets, timer, tasks and `tokio::process` children); this crate adds the HTTP side:
 //! a service for hyper and tower, and an HTTP listener.
 //!
@@ -13,7 +13,7 @@
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! use whep_tokio::{ServerConfig, Whep};
-//! use whep_core::app::StreamSpec;
+//! use whep_server::app::StreamSpec;
 //!
 //! let mut config = ServerConfig::default();
 //! config.core.host_candidates = vec!["127.0.0.1:3478".parse().unwrap()];
@@ -31,8 +31,8 @@ use std::future::Future;
 use std::io;
 use std::ops::Deref;
 
-pub use whep_core::app::{AddError, ServerConfig};
-pub use whep_core::driver::{Engine, Subscription};
+pub use whep_server::app::{AddError, ServerConfig};
+pub use whep_server::driver::{Engine, Subscription};
 
 mod http;
 mod runtime;

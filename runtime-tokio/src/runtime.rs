@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime};
 use tokio::io::{AsyncBufReadExt, BufReader, ReadBuf};
 use tracing::{debug, warn};
 use whep_core::StreamId;
-use whep_core::driver::{ProcessExit, Received, Runtime, Timer, UdpSocket};
+use whep_server::driver::{ProcessExit, Received, Runtime, Timer, UdpSocket};
 
 /// The tokio runtime the engine was started on.
 #[derive(Debug, Clone)]
@@ -226,7 +226,7 @@ impl Runtime for TokioRuntime {
         let _guard = self.handle.enter();
         let mut cmd = tokio::process::Command::from(whep_server::command(program, args));
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| whep_core::cli::spawn_error(program, &e))?;
+        let mut child = cmd.spawn().map_err(|e| whep_server::cli::spawn_error(program, &e))?;
         let pid = child.id().ok_or("the process exited before its pid was read")?;
         if let Some(stderr) = child.stderr.take() {
             let stream = stream.clone();

@@ -6,7 +6,7 @@ use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use whep_core::driver::{Received, Runtime, UdpSocket};
+use whep_server::driver::{Received, Runtime, UdpSocket};
 
 /// Datagram sizes sent in one segmented send: three full segments and a shorter last one.
 const SIZES: [usize; 4] = [1000, 1000, 1000, 400];

@@ -1,6 +1,7 @@
 //! The WHEP resource: POST an offer (a viewer and its answer), PATCH trickle and ICE restarts,
 //! DELETE, OPTIONS, with authentication, rate limits, caps and admission.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
@@ -8,9 +9,8 @@ use str0m::{Candidate, IceCreds};
 use tracing::{debug, info};
 
 use crate::ids::{SessionId, StreamId};
-use crate::metrics::Metrics;
 use crate::peer::{Answered, Offer, Seat};
-use crate::ratelimit::{Kind, Limiter};
+use crate::ratelimit::Kind;
 use crate::sdp;
 use crate::sdpfrag::{self, SdpFrag};
 use crate::stream::Stream;
@@ -91,14 +91,25 @@ impl Core {
         }
     }
 
-    /// The rate limiter and counters, for the admin API's authentication limit (`app`).
-    #[cfg(feature = "app")]
-    pub(crate) fn admin_limits(&mut self) -> (&mut Limiter, &mut Metrics) {
-        (&mut self.limiter, &mut self.metrics)
+    /// Whether an admin API request from `client` may be looked at (the application routes'
+    /// authentication limit): `Err` with the wait, counted as an `admin_rate_limited`
+    /// rejection, while its authentication failures have used up its budget. Takes nothing; see
+    /// [`admin_failed`](Self::admin_failed).
+    pub fn admin_admit(&mut self, client: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
+        let admitted = self.limiter.admin_admit(client, now);
+        if admitted.is_err() {
+            *self.metrics.rejections.entry("admin_rate_limited").or_default() += 1;
+        }
+        admitted
     }
 
-    /// Counts one answered HTTP request in [`Metrics::requests`].
-    pub(crate) fn count_request(&mut self, route: &'static str, method: &Method, status: u16) {
+    /// Spends a token of `client`'s admin budget on a failed authentication.
+    pub fn admin_failed(&mut self, client: Option<IpAddr>, now: Instant) {
+        self.limiter.admin_failed(client, now);
+    }
+
+    /// Counts one answered HTTP request in [`Metrics::requests`](crate::Metrics::requests).
+    pub fn count_request(&mut self, route: &'static str, method: &Method, status: u16) {
         *self.metrics.requests.entry((route, method.to_string(), status)).or_default() += 1;
     }
 

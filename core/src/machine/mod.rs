@@ -93,10 +93,10 @@ pub struct Core {
     metrics: Metrics,
     limiter: Limiter,
     /// Sessions not connected yet per client address (a sharded server counts them in its
-    /// [`ShardSet`](crate::shard::ShardSet) instead).
+    /// [`SharedSeats`](crate::shard::SharedSeats) instead).
     unconnected: Unconnected,
     /// This core's place in a sharded server ([`Core::in_shard`]); caps and rate limits are
-    /// then counted in the shared [`ShardSet`](crate::shard::ShardSet).
+    /// then counted in the shared [`SharedSeats`](crate::shard::SharedSeats).
     shard: Option<ShardMember>,
     /// This core leads a sharded server: it mirrors streams and packets to the others.
     mirrors: bool,

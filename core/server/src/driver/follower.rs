@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 
 use super::chan::{self, Full};
-use crate::StreamId;
-use crate::shard::Mirror;
+use whep_core::StreamId;
+use whep_core::shard::Mirror;
 
 /// Most messages waiting in one follower's queue before the leader drops packets for it
 /// (about 12 s of one 2.5 Mbit/s stream, 0.4 s of 10 000 packets/s; payloads are shared, so
@@ -40,10 +40,10 @@ impl FollowerQueue {
             return true;
         };
         // Usually no gap: the stream id is cloned only to forget one.
-        let gap = (!self.gaps.is_empty() && self.gaps.contains(&shared.stream))
-            .then(|| shared.stream.clone());
+        let gap = (!self.gaps.is_empty() && self.gaps.contains(shared.stream()))
+            .then(|| shared.stream().clone());
         if gap.is_some() {
-            shared.packet.restart = true;
+            shared.mark_restart();
         }
         match self.tx.send_within(Mirror::Packet(shared), MAX_QUEUED) {
             Ok(()) => {
@@ -54,7 +54,7 @@ impl FollowerQueue {
             }
             Err(Full::Full(m)) => {
                 if let Mirror::Packet(shared) = m {
-                    self.gaps.insert(shared.stream);
+                    self.gaps.insert(shared.stream().clone());
                 }
                 false
             }
@@ -66,30 +66,14 @@ impl FollowerQueue {
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // tests pick a real instant
 mod tests {
-    use std::sync::Arc;
     use std::task::{Context, Poll, Waker};
 
-    use str0m::media::MediaKind;
-
     use super::*;
-    use crate::StreamConfig;
-    use crate::packet::SourcePacket;
-    use crate::shard::SharedPacket;
+    use whep_core::StreamConfig;
+    use whep_core::shard::SharedPacket;
 
     fn packet(stream: &StreamId, seq: u64) -> Mirror {
-        Mirror::Packet(SharedPacket {
-            stream: stream.clone(),
-            packet: SourcePacket {
-                kind: MediaKind::Video,
-                seq,
-                restart: false,
-                timestamp: 0,
-                marker: false,
-                keyframe_start: false,
-                payload: Arc::from(&[0u8; 8][..]),
-            },
-            read_at: std::time::Instant::now(),
-        })
+        Mirror::Packet(SharedPacket::test_video(stream.clone(), seq, std::time::Instant::now()))
     }
 
     fn next(rx: &chan::Receiver<Mirror>) -> Option<Mirror> {
@@ -118,7 +102,7 @@ mod tests {
         for seq in 0..3 {
             match next(&rx) {
                 Some(Mirror::Packet(p)) => {
-                    assert_eq!((p.packet.seq, p.packet.restart), (seq, false))
+                    assert_eq!((p.seq(), p.is_restart()), (seq, false))
                 }
                 other => panic!("{other:?}"),
             }
@@ -134,7 +118,7 @@ mod tests {
         let marks: Vec<_> = rest[MAX_QUEUED - 2..]
             .iter()
             .map(|m| match m {
-                Mirror::Packet(p) => (p.packet.seq, p.packet.restart),
+                Mirror::Packet(p) => (p.seq(), p.is_restart()),
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -144,7 +128,7 @@ mod tests {
         assert!(q.push(packet(&b, 1)));
         let marks: Vec<_> = std::iter::from_fn(|| next(&rx))
             .filter_map(|m| match m {
-                Mirror::Packet(p) => Some(p.packet.restart),
+                Mirror::Packet(p) => Some(p.is_restart()),
                 _ => None,
             })
             .collect();

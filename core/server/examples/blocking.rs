@@ -3,7 +3,7 @@
 //! driving it from an event loop of your own.
 //!
 //! ```sh
-//! cargo run -p whep-core --features cli --example blocking -- --help   # same flags as whepd
+//! cargo run -p whep-server --example blocking -- --help   # same flags as whepd
 //! ```
 //!
 //! # Design
@@ -38,8 +38,8 @@
 //! coding gets 501, conflicting lengths 400, and the connection is closed after either). The
 //! end-to-end suite (`tests/`) runs this very file as its `whepd-blocking` binary.
 
-// clippy.toml forbids clocks, sockets, threads and processes in the sans-IO library; this
-// example is a runtime, and doing exactly that IO on the library's behalf is its whole job.
+// clippy.toml forbids clocks and sleeping in the server shell, whose loop takes time from its
+// runtime; this example is a runtime, and reading the clock on the shell's behalf is its job.
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::HashMap;
@@ -54,10 +54,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{debug, error, info, warn};
-use whep_core::app::AppConfig;
-use whep_core::cli::{self, CliError, Settings};
 use whep_core::whep::{Method, StatusCode};
 use whep_core::{Core, Input, Output, PortPair, StreamId, WhepRequest, WhepResponse};
+use whep_server::app::AppConfig;
+use whep_server::cli::{self, CliError, Settings};
 
 /// Largest datagram read; a longer one is truncated and then dropped by the core as malformed.
 const MAX_DATAGRAM: usize = 2048;
@@ -273,7 +273,7 @@ impl Runtime {
             Msg::Http { req, reply } => {
                 // The player page, /metrics, the admin API, and WHEP via `Core::handle_http`.
                 let started = Instant::now();
-                let resp = whep_core::app::handle(&mut self.core, &self.app, req, now);
+                let resp = whep_server::app::handle(&mut self.core, &self.app, req, now);
                 // Answering requests is not forwarding load (see `Core::set_load`).
                 self.http_time += started.elapsed();
                 let _ = reply.send(resp); // the client may have gone; nothing to do
@@ -812,5 +812,5 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
 /// The candidates advertised when none are configured: the socket's own address, or for a
 /// wildcard bind, loopback plus the address of the default route.
 fn default_candidates(bound: SocketAddr) -> Vec<SocketAddr> {
-    whep_core::app::default_candidates(bound, whep_server::default_route())
+    whep_server::app::default_candidates(bound, whep_server::default_route())
 }

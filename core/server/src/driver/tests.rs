@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use super::{Engine, ProcessExit, Runtime, Timer, UdpSocket};
 use crate::app::{ServerConfig, StreamSpec};
-use crate::whep::{Method, WhepRequest};
-use crate::{Config, StreamId};
+use whep_core::whep::{Method, WhepRequest};
+use whep_core::{Config, StreamId};
 
 const WAIT: Duration = Duration::from_secs(10);
-const OFFER: &str = include_str!("../../tests/data/chromium-156-offer.sdp");
+const OFFER: &str = include_str!("../../../tests/data/chromium-156-offer.sdp");
 
 /// Runs `fut` to completion on this thread.
 fn block_on<F: Future>(fut: F) -> F::Output {
@@ -341,8 +341,8 @@ fn ports_are_bound_before_ffmpeg_is_spawned_and_a_crash_restarts_it_from_the_tim
     block_on(async {
         while seen.len() < 3 {
             match events.recv().await {
-                Some(crate::Event::StreamReady { .. }) => seen.push("ready"),
-                Some(crate::Event::ProcessExited { .. }) => seen.push("exited"),
+                Some(whep_core::Event::StreamReady { .. }) => seen.push("ready"),
+                Some(whep_core::Event::ProcessExited { .. }) => seen.push("exited"),
                 Some(_) => {}
                 None => break,
             }
@@ -376,7 +376,7 @@ fn checks_are_answered_in_order_and_ingest_from_a_stranger_is_refused() {
     let (a, b): (SocketAddr, SocketAddr) =
         ("10.0.0.1:5000".parse().unwrap(), "10.0.0.2:5000".parse().unwrap());
     for (from, nonce) in [(a, 1), (b, 2)] {
-        let check = crate::sim::binding_request(&answer, player_ufrag, nonce);
+        let check = whep_core::sim::binding_request(&answer, player_ufrag, nonce);
         rt.0.net.deliver(viewer_socket, from, &[check]);
     }
     eventually("both checks answered", || {
@@ -394,8 +394,9 @@ fn checks_are_answered_in_order_and_ingest_from_a_stranger_is_refused() {
     // Answers of one size to one player, produced in one wake-up, leave in one segmented send.
     let calls_before = lock(&rt.0.net.calls).len();
     let answered = rt.0.net.sent_to(a).len();
-    let checks: Vec<Vec<u8>> =
-        (10..13).map(|nonce| crate::sim::binding_request(&answer, player_ufrag, nonce)).collect();
+    let checks: Vec<Vec<u8>> = (10..13)
+        .map(|nonce| whep_core::sim::binding_request(&answer, player_ufrag, nonce))
+        .collect();
     rt.0.net.deliver(viewer_socket, a, &checks);
     eventually("three more answers", || rt.0.net.sent_to(a).len() == answered + 3);
     let calls = lock(&rt.0.net.calls)[calls_before..].to_vec();

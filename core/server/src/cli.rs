@@ -14,8 +14,8 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::app::{AdminPolicy, AppConfig, StreamSpec};
-use crate::ratelimit::{Rate, RateLimits, RateSetting};
-use crate::{Config, IceServer, PrimePacing};
+use whep_core::ratelimit::{Rate, RateLimits, RateSetting};
+use whep_core::{Config, IceServer, PrimePacing};
 
 /// A WHEP egress server: FFmpeg in, browsers out.
 #[derive(Debug, Parser)]
@@ -340,8 +340,11 @@ fn settings(
         streams.push(("demo".into(), StreamSpec::demo()));
     }
     let shards = cli.shards.or(file.shards).unwrap_or(1);
-    if !(1..=crate::shard::MAX_SHARDS).contains(&shards) {
-        return Err(format!("shards {shards} must be between 1 and {}", crate::shard::MAX_SHARDS));
+    if !(1..=whep_core::shard::MAX_SHARDS).contains(&shards) {
+        return Err(format!(
+            "shards {shards} must be between 1 and {}",
+            whep_core::shard::MAX_SHARDS
+        ));
     }
     for (name, spec) in &streams {
         spec.to_config().map_err(|e| format!("stream {name:?}: {e}"))?;

@@ -1,16 +1,16 @@
 //! Replays the committed fuzz corpora as an ordinary test on stable Rust: every file of every
 //! `fuzz/corpus/<target>/` directory, and every crash file of `fuzz/artifacts/<target>/` (kept
-//! as regression cases), goes through the matching `whep_core::fuzzing` function. A corpus
+//! as regression cases), goes through the matching `whep_server::fuzzing` function. A corpus
 //! directory that is missing or empty fails the test, so a target cannot silently lose its
 //! seeds.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use whep_core::fuzzing::TARGETS;
+use whep_server::fuzzing::TARGETS;
 
 fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("fuzz")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join("fuzz")
 }
 
 /// The regular files of a directory, sorted; `None` if it does not exist.
@@ -83,8 +83,8 @@ fn every_target_has_a_test_and_a_fuzz_target() {
 /// turned the 201st into a 429 and the target into a crash).
 #[test]
 fn a_reused_world_accepts_every_input() {
-    let offer = include_bytes!("data/chromium-156-offer.sdp");
+    let offer = include_bytes!("../../tests/data/chromium-156-offer.sdp");
     for _ in 0..300 {
-        whep_core::fuzzing::offer(offer);
+        whep_server::fuzzing::offer(offer);
     }
 }

@@ -2,7 +2,7 @@
 //! Prometheus `/metrics`, the public stream list, the token-guarded JSON admin API, and the
 //! serialisable stream specification used by configuration files and the admin API.
 //!
-//! Like the rest of the crate it does no IO: [`handle`] takes a parsed request and the core and
+//! Like the core, it does no IO: [`handle`] takes a parsed request and the core and
 //! returns the response; WHEP requests fall through to [`Core::handle_http`].
 //!
 //! | route | method | what |
@@ -23,7 +23,7 @@
 //! A stream added over the admin API is held to [`AdminPolicy`] (network URLs, files in media
 //! directories, no raw FFmpeg arguments or filter graphs unless the operator opts in). A client
 //! whose admin authentication failures exceed its budget (the per-client request rate,
-//! [`RateLimits::requests_per_client`](crate::RateLimits::requests_per_client)) gets 429 with
+//! [`RateLimits::requests_per_client`](whep_core::RateLimits::requests_per_client)) gets 429 with
 //! `Retry-After` before its token is looked at.
 
 use std::fmt::Write as _;
@@ -33,11 +33,11 @@ use std::time::{Duration, Instant};
 use http_types::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{H264Profile, StreamConfig};
-use crate::ffmpeg::EgressConfig;
-use crate::{
+use whep_core::ffmpeg::EgressConfig;
+use whep_core::{
     Config, Core, StreamError, StreamId, StreamInfo, StreamStatus, WhepRequest, WhepResponse,
 };
+use whep_core::{H264Profile, StreamConfig};
 
 pub mod policy;
 
@@ -205,12 +205,12 @@ pub struct ServerConfig {
     /// How long the engine's shutdown waits for FFmpeg processes to exit after viewers are closed
     /// (they get SIGTERM, then SIGKILL after [`ProcessConfig::stop_grace`]).
     ///
-    /// [`ProcessConfig::stop_grace`]: crate::ProcessConfig::stop_grace
+    /// [`ProcessConfig::stop_grace`]: whep_core::ProcessConfig::stop_grace
     pub shutdown_timeout: Duration,
     /// Send a viewer's datagrams of one wake-up in one UDP segmentation-offload (GSO) call
     /// where the socket supports it (default). Off: one system call per datagram.
     pub udp_gso: bool,
-    /// Engine loops ("shards", see [`crate::shard`]), each with its own thread (where the
+    /// Engine loops ("shards", see [`whep_core::shard`]), each with its own thread (where the
     /// runtime gives it one), core and viewer socket; shard `i` binds [`udp_bind`](Self::udp_bind)'s
     /// port plus `i` (unless that is 0) and advertises configured host candidates with their
     /// port plus `i`. 1 (the default) is one loop for everything. Up to 64.
@@ -284,7 +284,7 @@ pub fn default_candidates(bound: SocketAddr, default_route: Option<SocketAddr>) 
 #[derive(Debug, Clone, Default)]
 pub struct ShardView {
     /// The shard's counters.
-    pub metrics: crate::Metrics,
+    pub metrics: whep_core::Metrics,
     /// Its streams, with its own viewers.
     pub streams: Vec<StreamInfo>,
     /// Its viewers.
@@ -423,16 +423,14 @@ fn admin(
     };
     // A client whose failures used up its budget is refused before its token is compared,
     // so a right guess looks no different from a wrong one.
-    let (limiter, metrics) = core.admin_limits();
-    if let Err(wait) = limiter.admin_admit(req.client, now) {
-        *metrics.rejections.entry("admin_rate_limited").or_default() += 1;
+    if let Err(wait) = core.admin_admit(req.client, now) {
         let secs = wait.as_millis().div_ceil(1000).max(1);
         return error(StatusCode::TooManyRequests, "admin API: too many failed authentications")
             .with("Retry-After", secs.to_string());
     }
     let presented = req.header("authorization").and_then(|v| v.strip_prefix("Bearer "));
     if !presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token.as_bytes())) {
-        limiter.admin_failed(req.client, now);
+        core.admin_failed(req.client, now);
         return error(StatusCode::Unauthorized, "admin API: missing or wrong bearer token")
             .with("WWW-Authenticate", "Bearer");
     }
@@ -485,7 +483,8 @@ fn admin(
                 return stream_error(&e);
             }
             let info = core.stream(&id).map(|s| info_json(&s)).unwrap_or_default();
-            let segment = percent_encoding::utf8_percent_encode(id.as_str(), crate::whep::SEGMENT);
+            let segment =
+                percent_encoding::utf8_percent_encode(id.as_str(), whep_core::whep::SEGMENT);
             json(StatusCode::Created, &info).with("Location", format!("/api/streams/{segment}"))
         }
         (method, [raw, action @ ..]) => {
@@ -831,7 +830,7 @@ mod tests {
     fn admin_authentication_failures_are_rate_limited() {
         let t0 = Instant::now();
         let mut config = Config::default();
-        config.rate_limits.requests_per_client = Some(crate::Rate::new(2, 4));
+        config.rate_limits.requests_per_client = Some(whep_core::Rate::new(2, 4));
         let mut core = Core::new(config, t0);
         let app = AppConfig { admin_token: Some("t".into()), ..AppConfig::default() };
         let get = |core: &mut Core, token: &str, t: Instant| {

@@ -21,7 +21,7 @@
 //!   (`metadata=mode=print:file=…`, `movie=…`).
 //! - `external = true`: always allowed (FFmpeg is not the server's to run).
 
-use crate::config::{Feed, StreamConfig};
+use whep_core::{Feed, StreamConfig};
 
 use super::StreamSpec;
 

@@ -1,11 +1,13 @@
-//! The one event loop every async runtime runs (feature `driver`), written against a small
-//! [`Runtime`] trait, as quinn does: `whep-tokio` and `whep-smol` each implement the trait
-//! (sockets, a timer, spawning tasks and FFmpeg children) and add their HTTP server; the loop,
-//! the output execution and the [`Engine`] handle live here once.
+//! The one event loop every async runtime runs, written against a small [`Runtime`] trait, as
+//! quinn does (its loop and runtime trait live in `quinn`, outside `quinn-proto`): `whep-tokio`
+//! and `whep-smol` each implement the trait (sockets, a timer, spawning tasks and FFmpeg
+//! children) and add their HTTP server; the loop, the output execution and the [`Engine`]
+//! handle live here once.
 //!
 //! This module does no IO of its own and depends on no runtime: every socket, timer, task and
 //! process comes through the trait, and its queues are std-only. The [`Core`] state machine does
-//! not use it; an application with its own loop can ignore it (see `core/examples/blocking.rs`).
+//! not use it; an application with its own loop can ignore it (see
+//! `core/server/examples/blocking.rs`).
 //!
 //! One task owns the `Core`. It waits on every source at once: jobs from handles (HTTP
 //! requests, stream management) and process exits first, then, taking turns so that none
@@ -29,7 +31,7 @@
 
 mod chan;
 mod follower;
-#[cfg(all(test, feature = "sim"))]
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
@@ -45,8 +47,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, info, warn};
 
 use crate::app::{AddError, AppConfig, ServerConfig, ShardView, StreamSpec};
-use crate::shard::{MAX_SHARDS, Mirror, ShardMember, ShardSet};
-use crate::{
+use crate::shard::ShardSet;
+use whep_core::shard::{MAX_SHARDS, Mirror, ShardMember};
+use whep_core::{
     Core, Event, Input, Metrics, Output, PortPair, StreamError, StreamId, StreamInfo, WhepRequest,
     WhepResponse,
 };
@@ -337,7 +340,7 @@ impl Drop for SetOnDrop {
 impl<R: Runtime> Engine<R> {
     /// Binds the viewer socket and starts the engine task on `runtime`.
     ///
-    /// An all-zero [`Config::rng_seed`](crate::Config::rng_seed) must be filled by the caller
+    /// An all-zero [`Config::rng_seed`](whep_core::Config::rng_seed) must be filled by the caller
     /// from the operating system first. With no host candidates, `default_route` (the address
     /// the kernel picks towards the Internet, if known) feeds
     /// [`default_candidates`](crate::app::default_candidates).
@@ -391,7 +394,7 @@ impl<R: Runtime> Engine<R> {
             let driver = Driver {
                 core: match &set {
                     Some(set) => Core::new(core, now)
-                        .in_shard(ShardMember { index: index as u8, set: Arc::clone(set) }),
+                        .in_shard(ShardMember { index: index as u8, set: set.clone() }),
                     None => Core::new(core, now),
                 },
                 app: config.app.clone(),
@@ -449,7 +452,7 @@ impl<R: Runtime> Engine<R> {
         self.inner.shards.len()
     }
 
-    /// Largest accepted request body ([`Config::max_body_bytes`](crate::Config::max_body_bytes)).
+    /// Largest accepted request body ([`Config::max_body_bytes`](whep_core::Config::max_body_bytes)).
     pub fn max_body(&self) -> usize {
         self.inner.max_body
     }
@@ -589,12 +592,12 @@ impl<R: Runtime> Engine<R> {
     /// 204 for a DELETE, within the rate limits like any other unknown session.
     fn shard_for(&self, req: &WhepRequest) -> usize {
         let Some(set) = &self.inner.set else { return 0 };
-        match crate::whep::shard_route(&self.inner.whep_prefix, req) {
-            crate::whep::ShardRoute::NewSession => set.least_loaded(),
-            crate::whep::ShardRoute::Session(shard) if usize::from(shard) < set.count() => {
+        match whep_core::whep::shard_route(&self.inner.whep_prefix, req) {
+            whep_core::whep::ShardRoute::NewSession => set.least_loaded(),
+            whep_core::whep::ShardRoute::Session(shard) if usize::from(shard) < set.count() => {
                 usize::from(shard)
             }
-            crate::whep::ShardRoute::Session(_) | crate::whep::ShardRoute::Any => 0,
+            whep_core::whep::ShardRoute::Session(_) | whep_core::whep::ShardRoute::Any => 0,
         }
     }
 
@@ -697,7 +700,7 @@ struct Driver<R: Runtime> {
     subscribers: Arc<Mutex<Vec<chan::Sender<Event>>>>,
     shutdown_at: Option<Instant>,
     /// Datagrams for viewers gathered for one batched send (reused).
-    sends: Vec<crate::Transmit>,
+    sends: Vec<whep_core::Transmit>,
     /// One segmented send's payload (reused).
     segments: Vec<u8>,
     /// When each ingest packet handled since the last flush arrived.

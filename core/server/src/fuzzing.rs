@@ -1,0 +1,114 @@
+//! Every fuzz target (feature `fuzzing`): the core's ([`whep_core::fuzzing`]) and the one of the
+//! application routes, [`whep_request`], which needs [`app::handle`] and so lives here.
+//!
+//! The cargo-fuzz project in `fuzz/` calls these from libFuzzer (`scripts/fuzz.sh`), and
+//! `core/server/tests/fuzz_corpus.rs` replays the committed seed corpora
+//! (`fuzz/corpus/<target>/`) and any crash files (`fuzz/artifacts/<target>/`) through
+//! [`TARGETS`] as an ordinary test on stable Rust. What a crash means, and how the targets keep
+//! their worlds across inputs, is documented in [`whep_core::fuzzing`].
+
+use std::cell::RefCell;
+
+use whep_core::fuzzing::{
+    ADMIN_TOKEN, CHROMIUM_OFFER, ETAG_PLACEHOLDER, Reused, SESSION_PLACEHOLDER, decode_request,
+    demo_world, post, text, with_world,
+};
+pub use whep_core::fuzzing::{Target, decode_ops, ingest, offer, ops, sdpfrag, viewer_datagram};
+use whep_core::sim::{self, SimWorld};
+use whep_core::whep::Method;
+
+use crate::app::{self, AppConfig};
+
+/// Every target by name, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/` call it.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("offer", offer),
+    ("whep_request", whep_request),
+    ("sdpfrag", sdpfrag),
+    ("ingest", ingest),
+    ("viewer_datagram", viewer_datagram),
+    ("ops", ops),
+];
+
+struct RequestWorld {
+    w: SimWorld,
+    /// The session's id and ETag, once an input named it.
+    session: Option<(String, String)>,
+    /// A request that may have changed the core's state ran; the next input needs a new world.
+    dirty: bool,
+    app: AppConfig,
+}
+
+impl RequestWorld {
+    fn new() -> Self {
+        let mut config = sim::config();
+        config.strict_if_match = true;
+        let (w, _) = demo_world(config);
+        let app = AppConfig { admin_token: Some(ADMIN_TOKEN.to_owned()), ..AppConfig::default() };
+        Self { w, session: None, dirty: false, app }
+    }
+
+    /// The session's id and ETag, created on first use (str0m answering an offer is the
+    /// costly part of a world, so inputs that do not name the session skip it).
+    fn session(&mut self) -> (String, String) {
+        if let Some(s) = &self.session {
+            return s.clone();
+        }
+        let r = self.w.http(post(CHROMIUM_OFFER));
+        assert_eq!(r.code(), 201, "the Chromium offer is accepted: {}", text(&r.body));
+        let location = r.header("location").unwrap_or_default();
+        let id = location.rsplit('/').next().unwrap_or_default().to_owned();
+        let etag = r.header("etag").unwrap_or_default().to_owned();
+        self.session.insert((id, etag)).clone()
+    }
+}
+
+thread_local! {
+    static REQUEST: RefCell<Reused<RequestWorld>> = const { RefCell::new(Reused::new()) };
+}
+
+/// One HTTP request to the application routes, decoded with [`decode_request`], answered by
+/// [`app::handle`] (player page, metrics, admin API with token [`ADMIN_TOKEN`], and the WHEP
+/// routes of [`Core::handle_http`](whep_core::Core::handle_http)).
+///
+/// The core has a running external stream `demo` and enforces `If-Match` on PATCH
+/// ([`Config::strict_if_match`](whep_core::Config::strict_if_match)). When the target contains
+/// [`SESSION_PLACEHOLDER`] or a header value [`ETAG_PLACEHOLDER`], the stream also has one
+/// session (created from [`CHROMIUM_OFFER`], not connected), whose id and ETag replace them:
+/// `/whep/demo/SESSION` with `If-Match: ETAG` reaches PATCH (trickle and ICE restart), DELETE
+/// and GET of a live session. The outputs are executed by the simulation (ports bound, fake
+/// FFmpeg spawned for streams the admin API adds).
+///
+/// Every input sees the same state (up to counters), so a crash file reproduces on its own: the world is kept
+/// only across requests that cannot change it (every method but POST, PATCH and DELETE is
+/// read-only on every route); after a POST, PATCH or DELETE the next input gets a new one.
+///
+/// A crash means: an invariant breaks, a response lacks `Access-Control-Allow-Origin`, or
+/// something panics in the routes, the admin API's JSON handling, the WHEP handlers or str0m.
+pub fn whep_request(data: &[u8]) {
+    let mut req = decode_request(data);
+    let needs_session = req.target.contains(SESSION_PLACEHOLDER)
+        || req.headers.iter().any(|(_, v)| v.contains(ETAG_PLACEHOLDER));
+    with_world(
+        &REQUEST,
+        RequestWorld::new,
+        |r| !r.dirty,
+        |rw| {
+            if needs_session {
+                let (id, etag) = rw.session();
+                req.target = req.target.replace(SESSION_PLACEHOLDER, &id);
+                for (_, v) in &mut req.headers {
+                    *v = v.replace(ETAG_PLACEHOLDER, &etag);
+                }
+            }
+            rw.dirty = matches!(req.method, Method::Post | Method::Patch | Method::Delete);
+            let w = &mut rw.w;
+            let resp = app::handle(&mut w.core, &rw.app, req, w.now);
+            w.drain();
+            assert!(
+                resp.header("access-control-allow-origin").is_some(),
+                "response {} without Access-Control-Allow-Origin",
+                resp.code()
+            );
+        },
+    );
+}
