@@ -19,11 +19,17 @@ pub struct Config {
     /// as viewers reach it (the public address behind a 1:1 NAT). At least one is needed for a
     /// viewer to connect; the core rejects offers with 503 when the list is empty.
     pub host_candidates: Vec<SocketAddr>,
-    /// Loopback ports from which each started stream takes a block of four: its ingest pair
-    /// (video V, audio V+1) and the ports its FFmpeg sends from (V+2, V+3). Ingest accepts a
-    /// supervised stream's datagrams from those two ports alone, so that no other local process
-    /// can inject media (see [`PortPair::video_source`](crate::PortPair::video_source)).
+    /// Loopback ports from which each started stream takes a block of
+    /// `4 + 2 × max_renditions`: its ingest pair (video V, audio V+1), the ports its FFmpeg
+    /// sends from (V+2, V+3), and for each further video rendition `k` its ingest port and the
+    /// port FFmpeg sends it from (V+4+2k, V+5+2k). Ingest accepts a supervised stream's
+    /// datagrams from its sending ports alone, so that no other local process can inject media
+    /// (see [`PortPair::video_source`](crate::PortPair::video_source)).
     pub ingest_ports: RangeInclusive<u16>,
+    /// Most further video renditions a stream may carry besides its H264 one
+    /// ([`EgressConfig::renditions`](crate::ffmpeg::EgressConfig::renditions)); sizes every
+    /// stream's port block.
+    pub max_renditions: u8,
     /// How long a pair whose bind failed is skipped before it is tried again.
     pub bind_quarantine: Duration,
     /// Most viewers of one stream (the seed's per-stream cap).
@@ -143,6 +149,7 @@ impl Default for Config {
             rng_seed: [0; 32],
             host_candidates: Vec::new(),
             ingest_ports: 40_000..=40_999,
+            max_renditions: 2,
             bind_quarantine: Duration::from_secs(30),
             max_viewers_per_stream: 8,
             max_viewers_total: 64,
@@ -254,6 +261,31 @@ impl IceServer {
 
 fn quote_escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// The codec of a stream's video rendition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VideoCodec {
+    /// H264 (RFC 6184), in the stream's [`H264Profile`].
+    H264,
+    /// VP8 (RFC 7741): what every WebRTC browser decodes, Firefox without OpenH264 among them.
+    Vp8,
+}
+
+impl VideoCodec {
+    /// The codec's name as SDP writes it (`a=rtpmap`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::H264 => "H264",
+            Self::Vp8 => "VP8",
+        }
+    }
+}
+
+impl std::fmt::Display for VideoCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Which H264 profile a stream carries; decides which offered payload type a viewer gets.

@@ -17,6 +17,8 @@
 //!   ports after the pair in the stream's block: ingest accepts a supervised stream's datagrams
 //!   from those alone, so another local process cannot inject media into what viewers get.
 
+use crate::config::VideoCodec;
+
 /// The identifier of the video output leg.
 pub const VIDEO_LEG_ID: &str = "webrtc_video";
 
@@ -31,6 +33,32 @@ pub const DEFAULT_AUDIO_MAP: &str = "0:a:0";
 
 /// The RTP packet size limit FFmpeg is told to respect on both legs.
 pub const RTP_PKT_SIZE: u16 = 1200;
+
+/// A further video rendition of a stream: FFmpeg encodes the picture again, in `codec` at
+/// `bitrate_kbps`, with the stream's GOP (keyframes aligned with the H264 rendition's when that
+/// is transcoded with the same GOP), and sends it to the rendition's own ingest port
+/// ([`PortPair::rendition`](crate::PortPair::rendition)). A viewer gets the first rendition
+/// its offer can decode, the stream's H264 first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendition {
+    /// The codec: VP8 for players without H264 (Firefox without OpenH264), or H264 for a lower
+    /// rung of a bitrate ladder.
+    pub codec: VideoCodec,
+    /// The target bitrate in kbit/s.
+    pub bitrate_kbps: u32,
+    /// The picture height in pixels (width follows the aspect ratio); `None` keeps the source's.
+    pub height: Option<u32>,
+}
+
+impl Rendition {
+    /// A rendition in `codec` at `bitrate_kbps`, at the source's size.
+    pub fn new(codec: VideoCodec, bitrate_kbps: u32) -> Self {
+        Self { codec, bitrate_kbps, height: None }
+    }
+}
+
+/// The RTP payload type FFmpeg writes on a rendition's leg (ingest does not look at it).
+pub const RENDITION_PT: u8 = 97;
 
 /// The per-stream WebRTC egress settings (the seed's `ConfigWebRTC`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +86,9 @@ pub struct EgressConfig {
     pub video_bitrate_kbps: Option<u32>,
     /// The Opus bitrate in kbit/s when transcoding; default 96. Ignored in copy mode.
     pub audio_bitrate_kbps: u32,
+    /// Further video renditions, each an output leg of its own after the audio leg; default
+    /// none. At most [`Config::max_renditions`](crate::Config::max_renditions).
+    pub renditions: Vec<Rendition>,
 }
 
 impl Default for EgressConfig {
@@ -72,6 +103,7 @@ impl Default for EgressConfig {
             gop: 60,
             video_bitrate_kbps: None,
             audio_bitrate_kbps: 96,
+            renditions: Vec::new(),
         }
     }
 }
@@ -99,6 +131,14 @@ impl EgressConfig {
         }
         if self.audio_bitrate_kbps == 0 {
             return Err("audio_bitrate_kbps must be positive".to_owned());
+        }
+        for (k, r) in self.renditions.iter().enumerate() {
+            if r.bitrate_kbps == 0 {
+                return Err(format!("rendition {k}: bitrate_kbps must be positive"));
+            }
+            if r.height.is_some_and(|h| h == 0 || h % 2 != 0 || h > 4320) {
+                return Err(format!("rendition {k}: height must be even, 2 to 4320"));
+            }
         }
         Ok(())
     }
@@ -191,7 +231,80 @@ pub fn build_args(cfg: &EgressConfig, video_port: u16) -> Vec<String> {
     // In u32 so that a bad V of 65535 gives a bad address rather than a panic or port 0.
     push(&[&udp_address(u32::from(video_port) + 1, u32::from(video_port) + 3)]);
 
+    // Rendition legs.
+    for (k, r) in cfg.renditions.iter().enumerate() {
+        let port = u32::from(video_port) + 4 + 2 * k as u32;
+        args.extend(rendition_leg(cfg, r, port));
+    }
     args
+}
+
+/// One rendition's output leg: `-map`, the encoder, `-f rtp` and its address (`port`, sent
+/// from `port + 1`).
+fn rendition_leg(cfg: &EgressConfig, r: &Rendition, port: u32) -> Vec<String> {
+    let gop = cfg.gop.to_string();
+    let rate = format!("{}k", r.bitrate_kbps);
+    let bufsize = format!("{}k", r.bitrate_kbps.div_ceil(2));
+    let mut leg: Vec<String> = ["-map", cfg.effective_video_map()].map(str::to_owned).to_vec();
+    if let Some(h) = r.height {
+        leg.extend(["-vf".to_owned(), format!("scale=-2:{h}")]);
+    }
+    let encoder: &[&str] = match r.codec {
+        // Real-time VP8: no look-ahead or alternate reference frames (they add latency), error
+        // resilient partitions, fastest speed; keyframes every GOP like the H264 rendition.
+        VideoCodec::Vp8 => &[
+            "-c:v",
+            "libvpx",
+            "-deadline",
+            "realtime",
+            "-cpu-used",
+            "8",
+            "-lag-in-frames",
+            "0",
+            "-auto-alt-ref",
+            "0",
+            "-error-resilient",
+            "1",
+        ],
+        VideoCodec::H264 => &[
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-profile:v",
+            "baseline",
+            "-tune",
+            "zerolatency",
+            "-sc_threshold",
+            "0",
+            "-bf",
+            "0",
+        ],
+    };
+    leg.extend(encoder.iter().map(|s| (*s).to_owned()));
+    leg.extend(
+        [
+            "-pix_fmt",
+            "yuv420p",
+            "-g",
+            &gop,
+            "-keyint_min",
+            &gop,
+            "-b:v",
+            &rate,
+            "-maxrate",
+            &rate,
+            "-bufsize",
+            &bufsize,
+            "-payload_type",
+            &RENDITION_PT.to_string(),
+            "-f",
+            "rtp",
+        ]
+        .map(str::to_owned),
+    );
+    leg.push(udp_address(port, port + 1));
+    leg
 }
 
 /// Splits the flat list from [`build_args`] at the second `-map` into the video and audio legs.
@@ -617,5 +730,37 @@ mod tests {
                 prop_assert!(cfg.validate().is_err(), "accepted {:?}", map);
             }
         }
+    }
+    #[test]
+    fn renditions_are_legs_of_their_own_after_audio_on_their_ports() {
+        let cfg = EgressConfig {
+            force_transcode: true,
+            renditions: vec![
+                Rendition::new(VideoCodec::Vp8, 800),
+                Rendition { codec: VideoCodec::H264, bitrate_kbps: 400, height: Some(240) },
+            ],
+            ..EgressConfig::default()
+        };
+        assert_eq!(cfg.validate(), Ok(()));
+        let args = build_args(&cfg, 40_000);
+        assert_eq!(args.iter().filter(|a| *a == "-map").count(), 4);
+        let joined = args.join(" ");
+        assert!(joined.contains("-c:v libvpx -deadline realtime"), "{joined}");
+        assert!(joined.contains("-b:v 800k"), "{joined}");
+        assert!(
+            joined.contains(
+                "udp://127.0.0.1:40004?pkt_size=1200&localaddr=127.0.0.1&localport=40005"
+            ),
+            "{joined}"
+        );
+        assert!(joined.contains("-vf scale=-2:240"), "{joined}");
+        assert!(
+            joined.ends_with(
+                "udp://127.0.0.1:40006?pkt_size=1200&localaddr=127.0.0.1&localport=40007"
+            ),
+            "{joined}"
+        );
+        let bad = EgressConfig { renditions: vec![Rendition::new(VideoCodec::Vp8, 0)], ..cfg };
+        assert!(bad.validate().is_err());
     }
 }

@@ -150,8 +150,8 @@ thread_local! {
 /// core with one started external stream (str0m parses and answers it), then DELETEs the
 /// session so the next input finds the same empty stream.
 ///
-/// A crash means: the policy's summary breaks its documented shape (no H264 with
-/// packetization-mode 1, or no Opus), the core answers an accepted offer with anything but
+/// A crash means: the policy's summary breaks its documented shape (neither H264 with
+/// packetization-mode 1 nor VP8, or no Opus), the core answers an accepted offer with anything but
 /// 201, 400 (str0m refused it), 406 (str0m dropped the codecs) or 413 (over the body limit), a
 /// 201 lacks `Location`/`ETag` or does not add exactly one viewer, a rejection leaves a viewer
 /// behind, DELETE does not remove it, an invariant breaks, or str0m panics.
@@ -159,7 +159,10 @@ pub fn offer(data: &[u8]) {
     let Ok(summary) = sdp::check_offer(data) else {
         return;
     };
-    assert!(!summary.h264.is_empty(), "accepted offer without H264");
+    assert!(
+        !summary.h264.is_empty() || !summary.vp8.is_empty(),
+        "accepted offer without H264 or VP8"
+    );
     assert!(
         summary.h264.iter().all(|h| h.packetization_mode == 1),
         "summary lists an H264 type without packetization-mode 1: {:?}",

@@ -138,6 +138,7 @@ mod tests {
             for i in 0..per_frame {
                 gop.push(&SourcePacket {
                     kind: MediaKind::Video,
+                    rendition: 0,
                     seq,
                     restart: false,
                     timestamp: ts0.wrapping_add(f * 3000),

@@ -64,8 +64,8 @@
 //!     while let Some(out) = core.poll_output() {
 //!         match out {
 //!             Output::Transmit(t) => { /* socket.send_to(&t.contents, t.destination) */ }
-//!             Output::BindIngest { stream, ports } => {
-//!                 // bind 127.0.0.1:ports.video and ports.audio(), then report:
+//!             Output::BindIngest { stream, ports, renditions } => {
+//!                 // bind 127.0.0.1 on every port of ports.ingest(renditions), then report:
 //!                 core.handle_input(Input::IngestBound { stream, ports }, Instant::now());
 //!             }
 //!             _ => { /* spawn/stop/kill processes, release ports, log events */ }
@@ -124,7 +124,7 @@ pub mod whep;
 #[cfg(feature = "sim")]
 pub mod sim;
 
-pub use config::{Config, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig};
+pub use config::{Config, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig, VideoCodec};
 pub use ffmpeg::EgressConfig;
 pub use ids::{ETag, SessionId, StreamId};
 pub use machine::{Core, LOAD_SMOOTHING};
@@ -224,15 +224,19 @@ pub struct Transmit {
 pub enum Output {
     /// Send a datagram on the viewer socket.
     Transmit(Transmit),
-    /// Bind `127.0.0.1:ports.video` and `127.0.0.1:ports.audio()` for the stream's RTP and
-    /// report [`Input::IngestBound`] or [`Input::BindFailed`].
+    /// Bind `127.0.0.1` on `ports.video`, `ports.audio()` and each further video rendition's
+    /// port ([`PortPair::ingest`]) for the stream's RTP and report [`Input::IngestBound`] or
+    /// [`Input::BindFailed`].
     BindIngest {
         /// The stream.
         stream: StreamId,
         /// The pair to bind.
         ports: PortPair,
+        /// The stream's further video renditions: bind every port of
+        /// [`PortPair::ingest`]`(renditions)`, the pair and one port per rendition.
+        renditions: u8,
     },
-    /// Close the two ingest sockets.
+    /// Close the stream's ingest sockets (those of its [`Output::BindIngest`]).
     ReleaseIngest {
         /// The stream.
         stream: StreamId,

@@ -162,6 +162,7 @@ mod tests {
     fn pkt(seq: u64, timestamp: u32, len: usize) -> SourcePacket {
         SourcePacket {
             kind: MediaKind::Video,
+            rendition: 0,
             seq,
             restart: false,
             timestamp,

@@ -8,6 +8,10 @@ use str0m::media::MediaKind;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SourcePacket {
     pub(crate) kind: MediaKind,
+    /// Which of the stream's video renditions a video packet belongs to (0: the stream's own
+    /// H264; see [`EgressConfig::renditions`](crate::ffmpeg::EgressConfig::renditions)); 0 for
+    /// audio.
+    pub(crate) rendition: u8,
     /// Extended source sequence number (see [`crate::rtp::SeqExtender`]).
     pub(crate) seq: u64,
     /// The source restarted (new SSRC or a jump): viewers rebase and video re-gates.

@@ -14,7 +14,7 @@ use str0m::{Candidate, IceCreds};
 use str0m::{Event as RtcEvent, IceConnectionState, Input as RtcInput, Output as RtcOutput, Rtc};
 use tracing::{debug, trace, warn};
 
-use crate::config::{Config, H264Profile};
+use crate::config::{Config, H264Profile, VideoCodec};
 use crate::gop::GopCache;
 use crate::ids::{ETag, SessionId, StreamId};
 use crate::pacer::PrimePacing;
@@ -140,6 +140,9 @@ pub(crate) struct Peer {
     pub(crate) state: PeerState,
     pub(crate) video: Track,
     pub(crate) audio: Track,
+    /// The stream's video rendition this viewer gets (0: its H264; see
+    /// [`Offer::videos`]).
+    pub(crate) rendition: u8,
     pub(crate) etag: ETag,
     /// The offer as received, less what a restart does not need (`sdp::compact_offer`), kept
     /// to re-accept it with new credentials on ICE restart.
@@ -189,6 +192,9 @@ pub(crate) struct Offer<'a> {
     pub(crate) summary: &'a OfferSummary,
     /// The H264 profile the stream carries: decides which offered payload type the viewer gets.
     pub(crate) profile: H264Profile,
+    /// The codecs of the stream's video renditions, its H264 first: the viewer gets the first
+    /// its offer can receive.
+    pub(crate) videos: &'a [VideoCodec],
 }
 
 /// A viewer's str0m peer that accepted its offer: ICE-lite, RTP mode, H264 and Opus, our DTLS
@@ -202,6 +208,8 @@ pub(crate) struct Answered {
     local_ufrag: String,
     video: (Mid, Ssrc),
     audio: (Mid, Ssrc),
+    /// The stream's video rendition chosen for the viewer ([`Offer::videos`]).
+    pub(crate) rendition: u8,
     /// The offered payload types chosen for the viewer.
     pub(crate) video_pt: u8,
     pub(crate) audio_pt: u8,
@@ -240,7 +248,8 @@ impl Answered {
             .set_ice_lite(true)
             .set_rtp_mode(true)
             .clear_codecs()
-            .enable_h264(true)
+            .enable_h264(offer.videos.contains(&VideoCodec::H264))
+            .enable_vp8(offer.videos.contains(&VideoCodec::Vp8))
             .enable_opus(true, false)
             .set_local_ice_credentials(creds)
             .set_crypto_provider(dtls.0.clone())
@@ -274,15 +283,15 @@ impl Answered {
                 .unwrap_or_default()
         };
         let (vpts, apts) = (usable(&rtc, video_mid), usable(&rtc, audio_mid));
-        let h264: Vec<_> =
-            summary.h264.iter().copied().filter(|h| vpts.contains(&Pt::from(h.pt))).collect();
-        let video_pt = sdp::choose_h264(&h264, offer.profile);
+        let video = sdp::choose_video(summary, offer.videos, offer.profile, |pt| {
+            vpts.contains(&Pt::from(pt))
+        });
         let audio_pt = summary.opus.iter().copied().find(|pt| apts.contains(&Pt::from(*pt)));
-        let (Some(video_pt), Some(audio_pt)) = (video_pt, audio_pt) else {
-            return Err(Reject::CodecMismatch {
-                h264: video_pt.is_none(),
-                opus: audio_pt.is_none(),
-            });
+        let Some(audio_pt) = audio_pt else {
+            return Err(Reject::CodecMismatch { h264: false, opus: true });
+        };
+        let Some((rendition, video_pt)) = video else {
+            return Err(Reject::NoRendition { sends: sdp::sends(offer.videos) });
         };
         let mut api = rtc.direct_api();
         let video_ssrc = api.stream_tx_by_mid(video_mid, None).map(|t| t.ssrc());
@@ -325,6 +334,7 @@ impl Answered {
             local_ufrag,
             video: (video_mid, video_ssrc),
             audio: (audio_mid, audio_ssrc),
+            rendition,
             video_pt,
             audio_pt,
             compact_offer: sdp::compact_offer(
@@ -343,6 +353,7 @@ impl Answered {
             stream: seat.stream,
             rtc: self.rtc,
             state: PeerState::Connecting { deadline: seat.deadline },
+            rendition: self.rendition,
             video: Track::new(
                 self.video.0,
                 Pt::from(self.video_pt),
@@ -516,6 +527,9 @@ impl Peer {
         news: &mut Vec<PeerNews>,
     ) -> bool {
         if self.dead || matches!(self.state, PeerState::Connecting { .. }) {
+            return false;
+        }
+        if pkt.kind == MediaKind::Video && pkt.rendition != self.rendition {
             return false;
         }
         if pkt.kind == MediaKind::Video

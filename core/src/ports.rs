@@ -50,6 +50,28 @@ impl PortPair {
     pub fn audio_source(self) -> u16 {
         self.video.saturating_add(3)
     }
+
+    /// The ingest port of the stream's further video rendition `k` (0-based), `video + 4 + 2k`;
+    /// saturates like [`audio`](Self::audio).
+    #[must_use]
+    pub fn rendition(self, k: u8) -> u16 {
+        self.video.saturating_add(4 + 2 * u16::from(k))
+    }
+
+    /// The port FFmpeg sends rendition `k` from, `video + 5 + 2k`.
+    #[must_use]
+    pub fn rendition_source(self, k: u8) -> u16 {
+        self.video.saturating_add(5 + 2 * u16::from(k))
+    }
+
+    /// Every ingest port of a stream with `renditions` further video renditions: video, audio,
+    /// then each rendition's. A runtime binds all of them for an
+    /// [`Output::BindIngest`](crate::Output::BindIngest).
+    pub fn ingest(self, renditions: u8) -> impl Iterator<Item = u16> {
+        [self.video, self.audio()]
+            .into_iter()
+            .chain((0..renditions).map(move |k| self.rendition(k)))
+    }
 }
 
 impl fmt::Display for PortPair {
@@ -117,6 +139,13 @@ impl PortPool {
     /// Ports a stream holds in the core's pool: its ingest pair (video V, audio V+1) and the
     /// two ports its FFmpeg sends from (V+2, V+3; see [`PortPair::video_source`]).
     pub const STREAM_BLOCK: u16 = 4;
+
+    /// The ports a stream takes with at most `max_renditions` further video renditions:
+    /// [`STREAM_BLOCK`](Self::STREAM_BLOCK) and two per rendition.
+    #[must_use]
+    pub const fn block(max_renditions: u8) -> u16 {
+        Self::STREAM_BLOCK + 2 * max_renditions as u16
+    }
 
     /// Creates a pool whose pairs start every `stride` ports (at least 2): pair `k` is
     /// `start + stride·k` and `+ 1`, and the `stride - 2` ports after each pair belong to it too

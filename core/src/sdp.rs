@@ -4,7 +4,7 @@
 
 use sdp_types::{Fmtp, Media, RtpMap, Session};
 
-use crate::config::H264Profile;
+use crate::config::{H264Profile, VideoCodec};
 use crate::whep::Reject;
 
 /// Most media sections we look at before calling an offer unsupported.
@@ -38,6 +38,8 @@ pub struct OfferSummary {
     pub audio_mid: String,
     /// H264 payload types with packetization-mode 1, in offer order.
     pub h264: Vec<H264Offer>,
+    /// VP8 payload types, in offer order.
+    pub vp8: Vec<u8>,
     /// Opus payload types, in offer order.
     pub opus: Vec<u8>,
 }
@@ -47,8 +49,10 @@ pub struct OfferSummary {
 /// - not UTF-8, empty or unparsable: [`Reject::BadOffer`] (400);
 /// - more than one video or audio section, other media kinds, a `sendonly` or `inactive`
 ///   section, a section without `a=mid`: [`Reject::BadLayout`] (422);
-/// - no video section with H264 `packetization-mode=1`, or no audio section with Opus:
-///   [`Reject::CodecMismatch`] (406), naming what is missing.
+/// - no video section with H264 `packetization-mode=1` or VP8, or no audio section with
+///   Opus: [`Reject::CodecMismatch`] (406), naming what is missing. Whether the stream sends
+///   a video codec the offer has is the stream's to say (see [`choose_video`]): a stream
+///   that sends H264 alone refuses a VP8-only offer later, with its own 406.
 pub fn check_offer(body: &[u8]) -> Result<OfferSummary, Reject> {
     let text = std::str::from_utf8(body).map_err(|_| Reject::BadOffer("not UTF-8".into()))?;
     if text.trim().is_empty() {
@@ -101,12 +105,14 @@ fn check_session(session: &Session) -> Result<OfferSummary, Reject> {
     }
     check_payload_types(session)?;
     let h264 = video.as_ref().map(|(m, _)| h264_offers(m)).unwrap_or_default();
-    let opus = audio.as_ref().map(|(m, _)| opus_offers(m)).unwrap_or_default();
+    let vp8 = video.as_ref().map(|(m, _)| payload_types(m, "VP8", 90_000)).unwrap_or_default();
+    let opus = audio.as_ref().map(|(m, _)| payload_types(m, "opus", 48_000)).unwrap_or_default();
+    let no_video = h264.is_empty() && vp8.is_empty();
     match (video, audio) {
-        (Some((_, video_mid)), Some((_, audio_mid))) if !h264.is_empty() && !opus.is_empty() => {
-            Ok(OfferSummary { video_mid, audio_mid, h264, opus })
+        (Some((_, video_mid)), Some((_, audio_mid))) if !no_video && !opus.is_empty() => {
+            Ok(OfferSummary { video_mid, audio_mid, h264, vp8, opus })
         }
-        _ => Err(Reject::CodecMismatch { h264: h264.is_empty(), opus: opus.is_empty() }),
+        _ => Err(Reject::CodecMismatch { h264: no_video, opus: opus.is_empty() }),
     }
 }
 
@@ -192,12 +198,50 @@ fn h264_offers(m: &Media) -> Vec<H264Offer> {
         .collect()
 }
 
-fn opus_offers(m: &Media) -> Vec<u8> {
+/// The payload types of `encoding` at `clock_rate`, in offer order.
+fn payload_types(m: &Media, encoding: &str, clock_rate: u32) -> Vec<u8> {
     m.attributes_typed::<RtpMap>()
         .filter_map(Result::ok)
-        .filter(|r| r.encoding_name.eq_ignore_ascii_case("opus") && r.clock_rate == 48_000)
+        .filter(|r| r.encoding_name.eq_ignore_ascii_case(encoding) && r.clock_rate == clock_rate)
         .map(|r| r.payload_type)
         .collect()
+}
+
+/// What a stream's renditions send, for a 406: `H264 (packetization-mode=1) or VP8`.
+pub fn sends(videos: &[VideoCodec]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for codec in videos {
+        let name = match codec {
+            VideoCodec::H264 => "H264 (packetization-mode=1)",
+            VideoCodec::Vp8 => "VP8",
+        };
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names.join(" or ")
+}
+
+/// The first of a stream's video renditions (`videos`, in the stream's order: its H264 first)
+/// that the offer can receive, and the offered payload type it gets: for H264 the one
+/// [`choose_h264`] picks for `profile`, for VP8 the first offered. `usable` says whether
+/// str0m accepted an offered payload type.
+pub fn choose_video(
+    summary: &OfferSummary,
+    videos: &[VideoCodec],
+    profile: H264Profile,
+    usable: impl Fn(u8) -> bool,
+) -> Option<(u8, u8)> {
+    videos.iter().enumerate().find_map(|(k, codec)| {
+        let pt = match codec {
+            VideoCodec::H264 => {
+                let h264: Vec<_> = summary.h264.iter().copied().filter(|h| usable(h.pt)).collect();
+                choose_h264(&h264, profile)
+            }
+            VideoCodec::Vp8 => summary.vp8.iter().copied().find(|pt| usable(*pt)),
+        }?;
+        Some((u8::try_from(k).ok()?, pt))
+    })
 }
 
 /// The H264 profile a `profile-level-id` denotes (RFC 6184 §8.1, table 5), if we know it.
@@ -530,10 +574,9 @@ mod tests {
     #[test]
     fn codec_rule_names_what_is_missing() {
         assert!(check_offer(offer(H264, OPUS).as_bytes()).is_ok());
-        assert_eq!(
-            check_offer(offer(VP8, OPUS).as_bytes()),
-            Err(Reject::CodecMismatch { h264: true, opus: false })
-        );
+        // VP8 is a video codec a stream may send (a rendition): the stream decides.
+        let vp8 = check_offer(offer(VP8, OPUS).as_bytes()).expect("VP8 and Opus pass");
+        assert_eq!((vp8.h264.len(), vp8.vp8.as_slice()), (0, &[96u8][..]));
         assert_eq!(
             check_offer(offer(H264_PM0, OPUS).as_bytes()),
             Err(Reject::CodecMismatch { h264: true, opus: false })
@@ -548,6 +591,10 @@ mod tests {
         );
         assert_eq!(
             check_offer(offer(VP8, PCMU).as_bytes()),
+            Err(Reject::CodecMismatch { h264: false, opus: true })
+        );
+        assert_eq!(
+            check_offer(offer(H264_PM0, PCMU).as_bytes()),
             Err(Reject::CodecMismatch { h264: true, opus: true })
         );
     }
@@ -679,12 +726,12 @@ mod tests {
                 let _ = check_offer(&body);
             }
 
-            /// Any section soup of known pieces gives Ok exactly when there is one H264 pm1 video
-            /// and one Opus audio section, and otherwise the matching rejection.
+            /// Any section soup of known pieces gives Ok exactly when there is one H264 pm1 or
+            /// VP8 video and one Opus audio section, and otherwise the matching rejection.
             #[test]
             fn layouts(video in prop::sample::select(vec!["", VP8, H264_PM0, H264]), audio in prop::sample::select(vec!["", OPUS, PCMU])) {
                 let r = check_offer(offer(video, audio).as_bytes());
-                let (has_h264, has_opus) = (video == H264, audio == OPUS);
+                let (has_h264, has_opus) = (video == H264 || video == VP8, audio == OPUS);
                 if has_h264 && has_opus {
                     prop_assert!(r.is_ok());
                 } else if video.is_empty() && audio.is_empty() {

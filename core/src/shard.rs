@@ -303,6 +303,7 @@ impl SharedPacket {
             stream,
             packet: SourcePacket {
                 kind: str0m::media::MediaKind::Video,
+                rendition: 0,
                 seq,
                 restart: false,
                 timestamp: 0,

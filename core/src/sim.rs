@@ -109,6 +109,8 @@ pub struct Viewer {
     pub first_audio_seq: Option<u16>,
     /// Whether the first video packet received starts a keyframe.
     pub first_video_is_keyframe: Option<bool>,
+    /// The codec of the last video packet received.
+    pub video_codec: Option<Codec>,
     /// Highest video sequence number minus lowest plus one, minus packets received.
     pub video_seqs: BTreeSet<u64>,
     /// The last video RTP timestamp received.
@@ -157,6 +159,7 @@ pub struct Source {
     /// libx264 at 2 Mbit/s puts on the wire (`shared/notes/CLIENTS.md`).
     pub idr_fragments: usize,
     pub p_fragments: usize,
+    vp8_seq: [u16; 4],
 }
 
 impl Source {
@@ -175,6 +178,7 @@ impl Source {
             audio_sent: 0,
             idr_fragments: 24,
             p_fragments: 7,
+            vp8_seq: [5_000; 4],
         }
     }
 
@@ -236,6 +240,30 @@ impl Source {
             .collect()
     }
 
+    /// The packets of the frame [`video_frame`](Self::video_frame) last made, as a VP8
+    /// rendition `k` carries it (its own SSRC and sequence numbers): a key frame of 6 packets
+    /// with the H264 one, else 2 packets.
+    pub fn vp8_frame(&mut self, k: u8) -> Vec<Vec<u8>> {
+        let frame = self.frame.saturating_sub(1);
+        let key = frame.is_multiple_of(self.gop);
+        let n = if key { 6 } else { 2 };
+        let ts = self.last_video_ts();
+        let ssrc = self.ssrc ^ (0x100 + u32::from(k));
+        let seq = &mut self.vp8_seq[usize::from(k) % 4];
+        (0..n)
+            .map(|i| {
+                let mut d = Self::header(i + 1 == n, 97, *seq, ts, ssrc);
+                *seq = seq.wrapping_add(1);
+                // Descriptor: S and partition 0 on the first packet; then the VP8 header's
+                // inverse key-frame bit.
+                d.extend_from_slice(if i == 0 { &[0x10] } else { &[0x00] });
+                d.push(if key { 0x00 } else { 0x01 });
+                d.resize(d.len() + 900, k);
+                d
+            })
+            .collect()
+    }
+
     /// The next audio packet.
     pub fn audio_packet(&mut self) -> Vec<u8> {
         let mut d = Self::header(false, 111, self.audio_seq, self.audio_ts, self.ssrc ^ 1);
@@ -265,6 +293,8 @@ pub struct SimWorld {
     pub latency: Duration,
     /// Ingest pairs the fake runtime holds bound.
     pub bound: BTreeMap<StreamId, PortPair>,
+    /// Further video renditions whose ports it bound with each pair.
+    pub renditions: BTreeMap<StreamId, u8>,
     /// Ports whose bind fails.
     pub fail_bind: BTreeSet<u16>,
     /// Fake FFmpeg processes by stream.
@@ -319,6 +349,7 @@ impl SimWorld {
             net: VecDeque::new(),
             latency: Duration::from_millis(5),
             bound: BTreeMap::new(),
+            renditions: BTreeMap::new(),
             fail_bind: BTreeSet::new(),
             procs: BTreeMap::new(),
             exit_on_term: true,
@@ -372,10 +403,29 @@ impl SimWorld {
 
     /// [`SimWorld::join`] from a given address.
     pub fn join_from(&mut self, stream: &StreamId, addr: SocketAddr) -> (usize, WhepResponse) {
+        self.join_offering(stream, addr, &[Codec::H264])
+    }
+
+    /// [`SimWorld::join`] with a player that offers only the video codecs `video` (H264 and
+    /// VP8 are known), as Firefox without OpenH264 offers VP8 alone.
+    pub fn join_with(&mut self, stream: &StreamId, video: &[Codec]) -> (usize, WhepResponse) {
+        self.next_viewer += 1;
+        let n = self.next_viewer;
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, (n >> 8) as u8, n as u8)), 5000);
+        self.join_offering(stream, addr, video)
+    }
+
+    fn join_offering(
+        &mut self,
+        stream: &StreamId,
+        addr: SocketAddr,
+        video: &[Codec],
+    ) -> (usize, WhepResponse) {
         let mut rtc = Rtc::builder()
             .set_rtp_mode(true)
             .clear_codecs()
-            .enable_h264(true)
+            .enable_h264(video.contains(&Codec::H264))
+            .enable_vp8(video.contains(&Codec::Vp8))
             .enable_opus(true, false)
             .set_crypto_provider(crate::dtls::provider())
             .build(self.now);
@@ -406,6 +456,7 @@ impl SimWorld {
             first_video_seq: None,
             first_audio_seq: None,
             first_video_is_keyframe: None,
+            video_codec: None,
             video_seqs: BTreeSet::new(),
             last_video_ts: None,
             video_ts_regressions: 0,
@@ -606,18 +657,25 @@ impl SimWorld {
             let s = self.sources.get_mut(&id).unwrap();
             if s.next_video.is_none_or(|t| t <= now) {
                 for d in s.video_frame() {
-                    datagrams.push((ports.video, d));
+                    datagrams.push((ports.video, ports.video_source(), d));
                     s.video_sent += 1;
+                }
+                for k in 0..self.renditions.get(&id).copied().unwrap_or(0) {
+                    for d in s.vp8_frame(k) {
+                        datagrams.push((ports.rendition(k), ports.rendition_source(k), d));
+                    }
                 }
                 s.next_video = Some(s.next_video.unwrap_or(now) + Duration::from_micros(33_333));
             }
             if s.next_audio.is_none_or(|t| t <= now) {
-                datagrams.push((ports.audio(), s.audio_packet()));
+                datagrams.push((ports.audio(), ports.audio_source(), s.audio_packet()));
                 s.audio_sent += 1;
                 s.next_audio = Some(s.next_audio.unwrap_or(now) + Duration::from_millis(20));
             }
-            for (port, d) in datagrams {
-                self.core.handle_input(from_ffmpeg(port, &d), now);
+            for (port, from, d) in datagrams {
+                let source = SocketAddr::from(([127, 0, 0, 1], from));
+                let input = Input::Ingest { port, source, contents: &d, arrived: None };
+                self.core.handle_input(input, now);
                 self.drain();
             }
         }
@@ -707,13 +765,17 @@ impl SimWorld {
                             .iter()
                             .find(|c| c.pt() == p.header.payload_type)
                             .map(|c| c.spec().codec);
+                        let keyframe_start = |payload: &[u8]| match codec {
+                            Some(Codec::Vp8) => crate::rtp::vp8_keyframe_start(payload),
+                            _ => crate::rtp::classify_h264(payload).is_keyframe_start(),
+                        };
                         match codec {
-                            Some(Codec::H264) => {
+                            Some(Codec::H264 | Codec::Vp8) => {
                                 v.video_packets += 1;
+                                v.video_codec = codec;
                                 v.first_video_seq.get_or_insert(p.header.sequence_number);
-                                v.first_video_is_keyframe.get_or_insert_with(|| {
-                                    crate::rtp::classify_h264(&p.payload).is_keyframe_start()
-                                });
+                                v.first_video_is_keyframe
+                                    .get_or_insert_with(|| keyframe_start(&p.payload));
                                 v.video_seqs.insert(*p.seq_no);
                                 let ts = p.header.timestamp;
                                 if v.last_video_ts.is_some_and(|l| (ts.wrapping_sub(l) as i32) < 0)
@@ -728,8 +790,7 @@ impl SimWorld {
                                         seq: *p.seq_no,
                                         timestamp: ts,
                                         bytes: p.payload.len(),
-                                        keyframe_start: crate::rtp::classify_h264(&p.payload)
-                                            .is_keyframe_start(),
+                                        keyframe_start: keyframe_start(&p.payload),
                                     });
                                 }
                             }
@@ -772,7 +833,7 @@ impl SimWorld {
                         data: t.contents,
                     });
                 }
-                Output::BindIngest { stream, ports } => {
+                Output::BindIngest { stream, ports, renditions } => {
                     let taken = self
                         .bound
                         .values()
@@ -785,6 +846,7 @@ impl SimWorld {
                         self.core.handle_input(Input::BindFailed { stream, ports, error }, now);
                     } else {
                         self.bound.insert(stream.clone(), ports);
+                        self.renditions.insert(stream.clone(), renditions);
                         self.core.handle_input(Input::IngestBound { stream, ports }, now);
                     }
                 }

@@ -4,7 +4,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::config::{Feed, ProcessConfig, StreamConfig};
+use crate::config::{Feed, ProcessConfig, StreamConfig, VideoCodec};
 use crate::gop::GopCache;
 use crate::ids::{SessionId, StreamId};
 use crate::ports::PortPair;
@@ -47,6 +47,23 @@ pub(crate) enum Process {
 /// takes its place (an application's FFmpeg restarted from a new port).
 pub(crate) const SENDER_IDLE: Duration = Duration::from_secs(2);
 
+/// What an ingest port carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leg {
+    /// Video rendition `k` (0: the stream's own H264).
+    Video(u8),
+    Audio,
+}
+
+/// One video rendition's ingest: its codec, source and GOP cache.
+#[derive(Debug)]
+pub(crate) struct VideoIn {
+    pub(crate) codec: VideoCodec,
+    pub(crate) source: Source,
+    /// Video since the last keyframe, for new viewers and keyframe requests.
+    pub(crate) gop: GopCache,
+}
+
 /// Per-source (video or audio) ingest state.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Source {
@@ -80,10 +97,10 @@ pub(crate) struct Stream {
     /// Changed only through [`set_state`](Self::set_state), which tells the follower shards.
     state: StreamState,
     pub(crate) viewers: BTreeSet<SessionId>,
-    pub(crate) video: Source,
+    /// The video renditions, the stream's own H264 first, then
+    /// [`EgressConfig::renditions`](crate::ffmpeg::EgressConfig::renditions) in order.
+    pub(crate) videos: Vec<VideoIn>,
     pub(crate) audio: Source,
-    /// Video since the last keyframe, for new viewers.
-    pub(crate) gop: GopCache,
     /// When RTP last arrived (stale detection).
     pub(crate) last_rtp: Option<Instant>,
     /// Consecutive failed runs of the supervised process (restart backoff).
@@ -96,20 +113,28 @@ pub(crate) struct Stream {
 
 impl Stream {
     pub(crate) fn new(id: StreamId, config: StreamConfig) -> Self {
+        let videos = std::iter::once(VideoCodec::H264)
+            .chain(config.egress.renditions.iter().map(|r| r.codec))
+            .map(|codec| VideoIn { codec, source: Source::default(), gop: GopCache::default() })
+            .collect();
         Self {
             id,
             config,
             state: StreamState::Stopped,
             viewers: BTreeSet::new(),
-            video: Source::default(),
+            videos,
             audio: Source::default(),
-            gop: GopCache::default(),
             last_rtp: None,
             failures: 0,
             restarts: 0,
             pid: None,
             scheduled: None,
         }
+    }
+
+    /// Further video renditions besides the stream's own H264 (each with its ingest port).
+    pub(crate) fn renditions(&self) -> u8 {
+        u8::try_from(self.videos.len().saturating_sub(1)).unwrap_or(u8::MAX)
     }
 
     pub(crate) fn state(&self) -> &StreamState {

@@ -162,12 +162,19 @@ pub enum Reject {
     PayloadTooLarge,
     /// Empty or unparsable offer, or one str0m cannot answer (400).
     BadOffer(String),
-    /// The offer lacks H264 with packetization-mode 1, or Opus (406, the seed's rule).
+    /// The offer lacks a video codec we send (H264 with packetization-mode 1, or VP8), or
+    /// Opus (406, the seed's rule).
     CodecMismatch {
-        /// No usable H264.
+        /// No usable video codec.
         h264: bool,
         /// No Opus.
         opus: bool,
+    },
+    /// The offer has none of the video codecs this stream's renditions are in (406); names
+    /// them, e.g. `H264 (packetization-mode=1) or VP8`.
+    NoRendition {
+        /// What the stream sends.
+        sends: String,
     },
     /// The offer's media layout is not one video and one audio section we can send (422).
     BadLayout(String),
@@ -227,7 +234,7 @@ impl Reject {
             Self::BadOffer(_) | Self::BadFragment(_) | Self::RestartFailed(_) => {
                 StatusCode::BadRequest
             }
-            Self::CodecMismatch { .. } => StatusCode::NotAcceptable,
+            Self::CodecMismatch { .. } | Self::NoRendition { .. } => StatusCode::NotAcceptable,
             Self::BadLayout(_) | Self::TooManyCandidates { .. } => StatusCode::UnprocessableEntity,
             Self::PreconditionRequired => StatusCode::PreconditionRequired,
             Self::PreconditionFailed => StatusCode::PreconditionFailed,
@@ -265,7 +272,7 @@ impl Reject {
             Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::PayloadTooLarge => "payload_too_large",
             Self::BadOffer(_) => "bad_offer",
-            Self::CodecMismatch { .. } => "codec_mismatch",
+            Self::CodecMismatch { .. } | Self::NoRendition { .. } => "codec_mismatch",
             Self::BadLayout(_) => "bad_layout",
             Self::BadFragment(_) => "bad_fragment",
             Self::PreconditionRequired => "precondition_required",
@@ -317,11 +324,14 @@ impl fmt::Display for Reject {
             Self::BadOffer(why) => write!(f, "webrtc: invalid offer: {why}"),
             Self::CodecMismatch { h264, opus } => {
                 let missing = match (h264, opus) {
-                    (true, true) => "H264 (packetization-mode=1) and Opus",
-                    (true, false) => "H264 (packetization-mode=1)",
+                    (true, true) => "H264 (packetization-mode=1) or VP8, and Opus",
+                    (true, false) => "H264 (packetization-mode=1) or VP8",
                     _ => "Opus",
                 };
-                write!(f, "webrtc: offer must include H264 and Opus; missing {missing}")
+                write!(f, "webrtc: offer must include H264 or VP8, and Opus; missing {missing}")
+            }
+            Self::NoRendition { sends } => {
+                write!(f, "webrtc: offer has no video codec this stream sends; missing {sends}")
             }
             Self::BadLayout(why) => write!(f, "webrtc: unsupported media layout: {why}"),
             Self::BadFragment(why) => write!(f, "webrtc: invalid sdpfrag: {why}"),

@@ -253,7 +253,7 @@ impl Sut {
         while let Some(out) = self.core.poll_output() {
             match out {
                 Output::Transmit(_) => {}
-                Output::BindIngest { stream, ports } => {
+                Output::BindIngest { stream, ports, .. } => {
                     let taken = self
                         .bound
                         .values()
@@ -364,7 +364,8 @@ fn event_kind(e: &Event) -> &'static str {
 }
 
 fn ingest_ports(pairs: u16) -> RangeInclusive<u16> {
-    40_000..=40_000 + whep_core::ports::PortPool::STREAM_BLOCK * pairs - 1
+    let block = whep_core::ports::PortPool::block(Config::default().max_renditions);
+    40_000..=40_000 + block * pairs - 1
 }
 
 /// A P-frame RTP packet as FFmpeg sends it.

@@ -4,9 +4,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use str0m::format::Codec;
+use whep_core::ffmpeg::Rendition;
 use whep_core::sim::{self, Arrival, SimWorld};
 use whep_core::whep::Method;
-use whep_core::{CloseReason, Event, PrimePacing, StreamConfig, StreamId, StreamStatus};
+use whep_core::{
+    CloseReason, Event, PrimePacing, StreamConfig, StreamId, StreamStatus, VideoCodec,
+};
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -651,7 +655,8 @@ fn bind_failure_moves_to_another_pair() {
     let mut w = SimWorld::new(sim::config());
     w.fail_bind.extend([40_000, 40_003]);
     let demo = w.add_stream("demo", StreamConfig::external(), 30);
-    assert_eq!(w.bound[&demo].video, 40_004);
+    let block = whep_core::ports::PortPool::block(w.core.config().max_renditions);
+    assert_eq!(w.bound[&demo].video, 40_000 + block);
     let (v, _) = w.join(&demo);
     w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 10);
 }
@@ -751,7 +756,9 @@ fn stream_management_errors() {
 #[test]
 fn port_exhaustion_is_an_error_not_a_panic() {
     let mut config = sim::config();
-    config.ingest_ports = 40_000..=40_007;
+    // Two streams' blocks.
+    let block = whep_core::ports::PortPool::block(config.max_renditions);
+    config.ingest_ports = 40_000..=40_000 + 2 * block - 1;
     let mut w = SimWorld::new(config);
     w.add_stream("a", StreamConfig::external(), 30);
     w.add_stream("b", StreamConfig::external(), 30);
@@ -1448,4 +1455,55 @@ fn a_replayed_check_from_another_address_does_not_move_the_media() {
     assert_eq!(w.core.metrics().path_moves, 0, "a replay moved the media");
     w.viewers[v].silent = false;
     assert_keeps_playing(&mut w, v);
+}
+
+/// An external stream with a VP8 rendition next to its H264.
+fn with_vp8_rendition(w: &mut SimWorld) -> StreamId {
+    let mut config = StreamConfig::external();
+    config.egress.renditions.push(Rendition::new(VideoCodec::Vp8, 800));
+    w.add_stream("demo", config, 30)
+}
+
+#[test]
+fn a_viewer_without_h264_gets_the_vp8_rendition_and_an_h264_viewer_keeps_h264() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = with_vp8_rendition(&mut w);
+    assert_eq!(w.renditions.get(&demo), Some(&1), "the rendition's port is bound");
+    let (vp8, r) = w.join_with(&demo, &[Codec::Vp8]);
+    assert_eq!(r.code(), 201, "{}", String::from_utf8_lossy(&r.body));
+    let answer = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(answer.contains("VP8/90000") && !answer.contains("H264"), "{answer}");
+    let (h264, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    w.drive_until(5 * SEC, |w| {
+        w.viewers[vp8].video_packets > 60 && w.viewers[h264].video_packets > 100
+    });
+    assert_eq!(w.viewers[vp8].video_codec, Some(Codec::Vp8));
+    assert_eq!(w.viewers[vp8].first_video_is_keyframe, Some(true), "VP8 starts at a key frame");
+    assert_eq!(w.viewers[h264].video_codec, Some(Codec::H264));
+    assert!(w.viewers[vp8].audio_packets > 10 && w.viewers[h264].audio_packets > 10);
+    assert_eq!(video_gaps(&w, vp8), 0);
+    // A late VP8 joiner starts at once from the rendition's own GOP cache.
+    w.run_for(SEC / 2);
+    let joined = w.now;
+    let (late, _) = w.join_with(&demo, &[Codec::Vp8]);
+    w.drive_until(5 * SEC, |w| w.viewers[late].video_packets > 0);
+    let first = w.viewers[late].first_video_at.expect("video");
+    assert!(first - joined < Duration::from_millis(300), "{:?}", first - joined);
+    assert_eq!(w.viewers[late].first_video_is_keyframe, Some(true));
+}
+
+#[test]
+fn an_offer_without_a_codec_of_the_stream_gets_406_naming_what_it_sends() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (_, r) = w.join_with(&demo, &[Codec::Vp8]);
+    assert_eq!(r.code(), 406);
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(body.contains("missing H264 (packetization-mode=1)"), "{body}");
+    let mut w = SimWorld::new(sim::config());
+    let mut config = StreamConfig::external();
+    config.egress.renditions = vec![Rendition::new(VideoCodec::Vp8, 800); 3];
+    let err = w.core.add_stream(StreamId::new("many").expect("id"), config);
+    assert!(err.is_err(), "more renditions than max_renditions");
 }

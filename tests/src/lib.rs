@@ -29,9 +29,10 @@ pub const ADMIN_TOKEN: &str = "e2e-admin";
 fn next_ingest_range() -> (u16, u16) {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let i = NEXT.fetch_add(1, Ordering::Relaxed);
-    let slot = u16::try_from(std::process::id() % 25).unwrap_or(0);
-    let base = 46_000 + slot * 400 + (i % 20) * 20;
-    (base, base + 19)
+    // 40 ports: five streams' blocks of 8 (two renditions each at most).
+    let slot = u16::try_from(std::process::id() % 12).unwrap_or(0);
+    let base = 46_000 + slot * 800 + (i % 20) * 40;
+    (base, base + 39)
 }
 
 /// A running server process.

@@ -185,6 +185,7 @@ fn run(settings: Settings, signals: SigSet) -> Result<(), String> {
         local,
         tx,
         ingest: HashMap::new(),
+        blocks: HashMap::new(),
         epoch: 0,
         procs: HashMap::new(),
         shutdown_deadline: None,
@@ -206,6 +207,8 @@ struct Runtime {
     tx: SyncSender<Msg>,
     /// Bound ingest sockets by port.
     ingest: HashMap<u16, IngestReader>,
+    /// The ingest ports bound for each pair (the pair and its renditions'), to release.
+    blocks: HashMap<PortPair, Vec<u16>>,
     epoch: u64,
     /// Running processes' pids by (stream, generation).
     procs: HashMap<(StreamId, u64), u32>,
@@ -321,8 +324,8 @@ impl Runtime {
                         self.core.record_copy_latency(read.elapsed(), 1);
                     }
                 }
-                Output::BindIngest { stream, ports } => {
-                    let input = match self.bind_ingest(ports) {
+                Output::BindIngest { stream, ports, renditions } => {
+                    let input = match self.bind_ingest(ports, renditions) {
                         Ok(()) => Input::IngestBound { stream, ports },
                         Err(e) => {
                             debug!(%stream, %ports, error = %e, "ingest bind failed");
@@ -333,7 +336,7 @@ impl Runtime {
                 }
                 Output::ReleaseIngest { stream, ports } => {
                     debug!(%stream, %ports, "releasing ingest ports");
-                    for port in [ports.video, ports.audio()] {
+                    for port in self.blocks.remove(&ports).unwrap_or_default() {
                         if let Some(reader) = self.ingest.remove(&port) {
                             reader.stop();
                         }
@@ -370,17 +373,19 @@ impl Runtime {
     }
 
     /// Binds both ports of the pair, or neither, with a reader thread on each.
-    fn bind_ingest(&mut self, ports: PortPair) -> io::Result<()> {
-        let video = self.start_reader(ports.video)?;
-        let audio = match self.start_reader(ports.audio()) {
-            Ok(audio) => audio,
-            Err(e) => {
-                video.stop();
-                return Err(e);
+    fn bind_ingest(&mut self, ports: PortPair, renditions: u8) -> io::Result<()> {
+        let mut readers = Vec::new();
+        for port in ports.ingest(renditions) {
+            match self.start_reader(port) {
+                Ok(reader) => readers.push((port, reader)),
+                Err(e) => {
+                    readers.into_iter().for_each(|(_, r)| r.stop());
+                    return Err(e);
+                }
             }
-        };
-        self.ingest.insert(ports.video, video);
-        self.ingest.insert(ports.audio(), audio);
+        }
+        self.blocks.insert(ports, readers.iter().map(|(p, _)| *p).collect());
+        self.ingest.extend(readers);
         Ok(())
     }
 

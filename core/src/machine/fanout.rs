@@ -7,10 +7,12 @@ use std::time::Instant;
 
 use str0m::media::MediaKind;
 
+use crate::config::VideoCodec;
 use crate::ids::{SessionId, StreamId};
 use crate::packet::SourcePacket;
 use crate::rtp::{self, Datagram};
 use crate::shard::{Mirror, SharedPacket};
+use crate::stream::Leg;
 use crate::{CloseReason, Output};
 
 use super::{Core, MAX_PENDING};
@@ -25,24 +27,32 @@ impl Core {
         now: Instant,
     ) {
         self.metrics.ingest_packets += 1;
-        let Some((id, kind)) = self.ingest.get(&port) else {
+        let Some((id, leg)) = self.ingest.get(&port) else {
             self.metrics.ingest_dropped += 1;
             return;
         };
-        let kind = *kind;
+        let leg = *leg;
         let Some(stream) = self.streams.get_mut(id) else {
             return;
         };
         let ports = stream.ports();
-        let expected = match (stream.supervised(), ports, kind) {
+        let expected = match (stream.supervised(), ports, leg) {
             (false, _, _) => None,
-            (true, Some(p), MediaKind::Video) => Some(p.video_source()),
-            (true, Some(p), MediaKind::Audio) => Some(p.audio_source()),
+            (true, Some(p), Leg::Video(0)) => Some(p.video_source()),
+            (true, Some(p), Leg::Video(k)) => Some(p.rendition_source(k - 1)),
+            (true, Some(p), Leg::Audio) => Some(p.audio_source()),
             (true, None, _) => Some(0),
         };
-        let source = match kind {
-            MediaKind::Video => &mut stream.video,
-            MediaKind::Audio => &mut stream.audio,
+        let (kind, rendition, codec) = match leg {
+            Leg::Video(k) => match stream.videos.get(usize::from(k)) {
+                Some(v) => (MediaKind::Video, k, Some(v.codec)),
+                None => return,
+            },
+            Leg::Audio => (MediaKind::Audio, 0, None),
+        };
+        let source = match leg {
+            Leg::Video(k) => &mut stream.videos[usize::from(k)].source,
+            Leg::Audio => &mut stream.audio,
         };
         if !source.admits(from, expected, now) {
             // Not the stream's own FFmpeg: another local process must not reach the viewers.
@@ -65,15 +75,19 @@ impl Core {
             self.metrics.ingest_dropped += 1;
             return;
         }
-        let source = match kind {
-            MediaKind::Video => &mut stream.video,
-            MediaKind::Audio => &mut stream.audio,
+        let source = match leg {
+            Leg::Video(k) => &mut stream.videos[usize::from(k)].source,
+            Leg::Audio => &mut stream.audio,
         };
         let ext = source.seq.extend(p.ssrc, p.sequence);
-        let keyframe_start =
-            kind == MediaKind::Video && rtp::classify_h264(p.payload).is_keyframe_start();
+        let keyframe_start = match codec {
+            Some(VideoCodec::H264) => rtp::classify_h264(p.payload).is_keyframe_start(),
+            Some(VideoCodec::Vp8) => rtp::vp8_keyframe_start(p.payload),
+            None => false,
+        };
         let pkt = SourcePacket {
             kind,
+            rendition,
             seq: ext.seq,
             restart: ext.restart,
             timestamp: p.timestamp,
@@ -182,8 +196,11 @@ impl Core {
         if let Some(stream) = self.streams.get_mut(&id) {
             for (_, pkt, at) in &f.packets[f.start..f.end] {
                 stream.last_rtp = Some(*at);
-                if pkt.kind == MediaKind::Video && self.config.gop_cache {
-                    stream.gop.push(pkt);
+                if pkt.kind == MediaKind::Video
+                    && self.config.gop_cache
+                    && let Some(v) = stream.videos.get_mut(usize::from(pkt.rendition))
+                {
+                    v.gop.push(pkt);
                 }
             }
             f.viewers.extend(stream.viewers.iter().copied());

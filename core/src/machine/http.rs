@@ -8,6 +8,7 @@ use str0m::change::SdpOffer;
 use str0m::{Candidate, IceCreds};
 use tracing::{debug, info};
 
+use crate::config::VideoCodec;
 use crate::ids::{SessionId, StreamId};
 use crate::peer::{Answered, Offer, Seat};
 use crate::ratelimit::Kind;
@@ -160,6 +161,13 @@ impl Core {
             return Err(Reject::UnsupportedMediaType { expected: CONTENT_TYPE_SDP });
         }
         let summary = sdp::check_offer(&req.body)?;
+        let profile = stream.config.profile;
+        let videos: Vec<VideoCodec> = stream.videos.iter().map(|v| v.codec).collect();
+        if sdp::choose_video(&summary, &videos, profile, |_| true).is_none() {
+            // With the offer's other faults and before str0m reads it: the viewer is told what
+            // this stream sends.
+            return Err(Reject::NoRendition { sends: sdp::sends(&videos) });
+        }
         sdp::check_bundle(&req.body)?;
         let cap = stream.config.max_viewers.unwrap_or(self.config.max_viewers_per_stream);
         let total_cap = self.config.max_viewers_total;
@@ -194,7 +202,6 @@ impl Core {
             // here costs next to nothing, and the viewers already served keep their share.
             return Err(Reject::Overloaded);
         }
-        let profile = stream.config.profile;
         // The policy accepted UTF-8 already.
         let offer_text = String::from_utf8_lossy(&req.body).into_owned();
         let offered_candidates =
@@ -207,7 +214,7 @@ impl Core {
 
         let local_ufrag = self.unique_ufrag();
         let answered = Answered::new(
-            Offer { text: &offer_text, summary: &summary, profile },
+            Offer { text: &offer_text, summary: &summary, profile, videos: &videos },
             IceCreds { ufrag: local_ufrag.clone(), pass: self.rng.ice_chars(24) },
             (&self.crypto, self.cert.as_ref()),
             &self.config,

@@ -52,7 +52,7 @@ impl Core {
                 .get(id)
                 .unwrap_or_else(|| panic!("ingest port {port} of unknown stream {id}"));
             assert!(
-                s.ports().is_some_and(|p| p.contains(*port)),
+                s.ports().is_some_and(|p| p.ingest(s.renditions()).any(|q| q == *port)),
                 "ingest port {port} not held by {id}"
             );
         }

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use str0m::config::{CryptoProvider, DtlsCert};
-use str0m::media::MediaKind;
 use tracing::{info, warn};
 
 use crate::config::{Config, Feed, StreamConfig};
@@ -32,7 +31,7 @@ use crate::peer::{Peer, PeerNews, PeerState};
 use crate::ports::PortPool;
 use crate::ratelimit::{Limiter, Unconnected};
 use crate::shard::{Mirror, ShardMember};
-use crate::stream::{Process, Stream, StreamState};
+use crate::stream::{Leg, Process, Stream, StreamState};
 use crate::{CloseReason, Input, Output, StreamInfo, TimerReason};
 
 /// How many adjacent pairs a stream tries before giving up (the seed's retry count).
@@ -86,7 +85,7 @@ pub struct Core {
     peers: SessionMap<Box<Peer>>,
     by_addr: HashMap<SocketAddr, SessionId>,
     by_ufrag: HashMap<String, SessionId>,
-    ingest: HashMap<u16, (StreamId, MediaKind)>,
+    ingest: HashMap<u16, (StreamId, Leg)>,
     ports: PortPool,
     timers: BTreeSet<(Instant, TimerKey)>,
     outputs: VecDeque<Output>,
@@ -123,7 +122,10 @@ impl Core {
         let cert = crypto.dtls_provider.generate_certificate();
         Self {
             rng: Rng::new(config.rng_seed),
-            ports: PortPool::with_stride(config.ingest_ports.clone(), PortPool::STREAM_BLOCK),
+            ports: PortPool::with_stride(
+                config.ingest_ports.clone(),
+                PortPool::block(config.max_renditions),
+            ),
             limiter: Limiter::new(config.rate_limits, now),
             unconnected: Unconnected::default(),
             config,

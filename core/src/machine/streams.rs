@@ -3,7 +3,6 @@
 
 use std::time::Instant;
 
-use str0m::media::MediaKind;
 use tracing::{debug, info, warn};
 
 use crate::config::{Feed, StreamConfig};
@@ -11,7 +10,7 @@ use crate::ffmpeg;
 use crate::ids::{SessionId, StreamId};
 use crate::ports::PortPair;
 use crate::shard::Mirror;
-use crate::stream::{Process, Stream, StreamState};
+use crate::stream::{Leg, Process, Stream, StreamState};
 use crate::{CloseReason, Event, Output, StreamError};
 
 use super::{Core, MAX_BIND_ATTEMPTS, TimerKey};
@@ -24,6 +23,13 @@ impl Core {
             return Err(StreamError::Exists);
         }
         config.egress.validate().map_err(StreamError::InvalidConfig)?;
+        let renditions = config.egress.renditions.len();
+        if renditions > usize::from(self.config.max_renditions) {
+            return Err(StreamError::InvalidConfig(format!(
+                "{renditions} renditions; at most {} (max_renditions)",
+                self.config.max_renditions
+            )));
+        }
         info!(stream = %id, "stream added");
         if self.mirrors {
             let add = Mirror::Add { stream: id.clone(), config: config.clone() };
@@ -68,12 +74,15 @@ impl Core {
     pub(super) fn bind(&mut self, id: &StreamId, ports: PortPair, attempt: u32, now: Instant) {
         if let Some(s) = self.streams.get_mut(id) {
             s.set_state(StreamState::Binding { ports, attempt }, self.mirrors, &mut self.outputs);
-            s.video = Default::default();
+            for v in &mut s.videos {
+                v.source = Default::default();
+            }
             s.audio = Default::default();
             s.last_rtp = None;
         }
         debug!(stream = %id, %ports, attempt, "binding ingest ports");
-        self.outputs.push_back(Output::BindIngest { stream: id.clone(), ports });
+        let renditions = self.streams.get(id).map_or(0, |s| s.renditions());
+        self.outputs.push_back(Output::BindIngest { stream: id.clone(), ports, renditions });
         self.reschedule_stream(id, now);
     }
 
@@ -176,8 +185,10 @@ impl Core {
     }
 
     pub(super) fn release(&mut self, id: &StreamId, ports: PortPair) {
-        self.ingest.remove(&ports.video);
-        self.ingest.remove(&ports.audio());
+        let renditions = self.streams.get(id).map_or(0, |s| s.renditions());
+        for port in ports.ingest(renditions) {
+            self.ingest.remove(&port);
+        }
         if self.ports.release(ports) {
             self.outputs.push_back(Output::ReleaseIngest { stream: id.clone(), ports });
         }
@@ -209,8 +220,11 @@ impl Core {
         if !matches!(*stream.state(), StreamState::Binding { ports: p, .. } if p == ports) {
             return;
         }
-        self.ingest.insert(ports.video, (id.clone(), MediaKind::Video));
-        self.ingest.insert(ports.audio(), (id.clone(), MediaKind::Audio));
+        self.ingest.insert(ports.video, (id.clone(), Leg::Video(0)));
+        self.ingest.insert(ports.audio(), (id.clone(), Leg::Audio));
+        for k in 0..stream.renditions() {
+            self.ingest.insert(ports.rendition(k), (id.clone(), Leg::Video(k + 1)));
+        }
         let egress = &stream.config.egress;
         let (process, args) = match &stream.config.feed {
             Feed::External => (Process::External, ffmpeg::build_args(egress, ports.video)),

@@ -111,16 +111,18 @@ impl Core {
             && st
                 .last_rtp
                 .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
-        if st.gop.packets.is_empty() || !live {
+        let Some(gop) = st.videos.get(usize::from(peer.rendition)).map(|v| &v.gop) else {
+            return;
+        };
+        if gop.packets.is_empty() || !live {
             return;
         }
         // News from these writes (a DTLS close, say) is picked up by the caller's next drain.
         let mut news = Vec::new();
         let pacing = self.config.prime_pacing.as_ref();
-        let Some(sent) =
-            peer.prime(st.gop.primed(), pacing, now, grace, &mut self.outputs, &mut news)
+        let Some(sent) = peer.prime(gop.primed(), pacing, now, grace, &mut self.outputs, &mut news)
         else {
-            debug!(session = %s, %stream, cached = st.gop.packets.len(), "cached GOP not used");
+            debug!(session = %s, %stream, cached = gop.packets.len(), "cached GOP not used");
             return;
         };
         self.metrics.packets_forwarded += sent.packets;
@@ -141,13 +143,15 @@ impl Core {
         let (Some(st), Some(peer)) = (self.streams.get(stream), self.peers.get_mut(&s)) else {
             return;
         };
-        if !st.gop.ends_a_frame() {
+        let Some(gop) = st.videos.get(usize::from(peer.rendition)).map(|v| &v.gop) else {
+            return;
+        };
+        if !gop.ends_a_frame() {
             return;
         }
         let mut news = Vec::new();
         let pacing = self.config.prime_pacing.as_ref();
-        let Some(sent) = peer.replay(&st.gop, pacing, now, grace, &mut self.outputs, &mut news)
-        else {
+        let Some(sent) = peer.replay(gop, pacing, now, grace, &mut self.outputs, &mut news) else {
             return;
         };
         self.metrics.packets_forwarded += sent.packets;

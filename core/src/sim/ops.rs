@@ -19,8 +19,8 @@ use crate::{Config, StreamConfig, StreamId, StreamStatus};
 pub const CAP_PER_STREAM: usize = 3;
 /// Total viewer cap of the world.
 pub const CAP_TOTAL: usize = 5;
-/// Ports of the world's ingest range (four pairs).
-pub const INGEST_PORTS: std::ops::RangeInclusive<u16> = 40_000..=40_015;
+/// Ports of the world's ingest range (four blocks).
+pub const INGEST_PORTS: std::ops::RangeInclusive<u16> = 40_000..=40_031;
 
 /// One operation. Viewer and stream arguments are taken modulo the number of viewers created
 /// so far and of streams, so every value is meaningful.
@@ -179,7 +179,7 @@ impl OpsWorld {
                 w.drain();
             }
             Op::Garbage(p, bytes) => {
-                let port = INGEST_PORTS.start() + u16::from(p % 16);
+                let port = INGEST_PORTS.start() + u16::from(p % 32);
                 self.world.ingest_raw(port, bytes);
                 self.world.datagram_raw(super::SERVER, bytes);
             }

@@ -1058,7 +1058,9 @@ impl<R: Runtime> Driver<R> {
             self.send_gathered().await;
             match output {
                 Output::Transmit(_) | Output::Mirror(_) => {}
-                Output::BindIngest { stream, ports } => self.bind_ingest(stream, ports),
+                Output::BindIngest { stream, ports, renditions } => {
+                    self.bind_ingest(stream, ports, renditions);
+                }
                 Output::ReleaseIngest { stream, ports } => {
                     debug!(%stream, video = ports.video, "ingest ports released");
                     self.ingest.retain(|(_, p, _)| *p != ports);
@@ -1109,12 +1111,13 @@ impl<R: Runtime> Driver<R> {
         self.send_gathered().await;
     }
 
-    fn bind_ingest(&mut self, stream: StreamId, ports: PortPair) {
+    fn bind_ingest(&mut self, stream: StreamId, ports: PortPair, renditions: u8) {
         let bind = |port: u16| self.runtime.bind_udp(SocketAddr::from(([127, 0, 0, 1], port)));
-        let input = match bind(ports.video).and_then(|v| Ok((v, bind(ports.audio())?))) {
-            Ok((video, audio)) => {
-                self.ingest.push((ports.video, ports, video));
-                self.ingest.push((ports.audio(), ports, audio));
+        let bound: io::Result<Vec<_>> =
+            ports.ingest(renditions).map(|p| bind(p).map(|s| (p, ports, s))).collect();
+        let input = match bound {
+            Ok(sockets) => {
+                self.ingest.extend(sockets);
                 Input::IngestBound { stream, ports }
             }
             Err(e) => Input::BindFailed { stream, ports, error: e.to_string() },
