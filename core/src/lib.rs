@@ -125,7 +125,7 @@ pub mod whep;
 pub mod sim;
 
 pub use config::{Config, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig, VideoCodec};
-pub use ffmpeg::EgressConfig;
+pub use ffmpeg::{EgressConfig, Rendition};
 pub use ids::{ETag, SessionId, StreamId};
 pub use machine::{Core, LOAD_SMOOTHING};
 pub use metrics::{LatencyHistogram, Metrics};
@@ -473,4 +473,17 @@ pub struct StreamInfo {
     pub connected_viewers: usize,
     /// Restarts of its FFmpeg.
     pub restarts: u64,
+    /// Its video renditions, its H264 first: the codec of each and the viewers it serves.
+    pub renditions: Vec<RenditionInfo>,
+}
+
+/// One of a stream's video renditions, as [`StreamInfo`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenditionInfo {
+    /// Its codec.
+    pub codec: VideoCodec,
+    /// Its target bitrate in kbit/s, where one is set.
+    pub bitrate_kbps: Option<u32>,
+    /// Viewers that get it, connected or not.
+    pub viewers: usize,
 }

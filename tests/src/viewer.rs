@@ -323,6 +323,7 @@ pub struct ViewerOptions {
     shared_cert: bool,
     recv_buffer: Option<usize>,
     retries: Arc<AtomicU64>,
+    vp8: bool,
 }
 
 impl ViewerOptions {
@@ -348,6 +349,13 @@ impl ViewerOptions {
     #[must_use]
     pub fn retry_429(mut self, give_up_after: Duration) -> Self {
         self.retry_429 = Some(give_up_after);
+        self
+    }
+
+    /// Offers VP8 as its only video codec (as Firefox without OpenH264 does), not H264.
+    #[must_use]
+    pub fn vp8_only(mut self, on: bool) -> Self {
+        self.vp8 = on;
         self
     }
 
@@ -510,7 +518,8 @@ impl Viewer {
         let mut config = RtcConfig::new()
             .set_rtp_mode(true)
             .clear_codecs()
-            .enable_h264(true)
+            .enable_h264(!options.vp8)
+            .enable_vp8(options.vp8)
             .enable_opus(true, false)
             // DTLS configuration validated once, not per viewer (~1 ms of CPU each).
             .set_crypto_provider(whep_core::dtls::provider());
@@ -593,6 +602,7 @@ impl Viewer {
             video_mid,
             kinds: HashMap::from([(video_mid, MediaKind::Video), (audio_mid, MediaKind::Audio)]),
             last_keyframe_ts: None,
+            vp8: options.vp8,
             disconnected_since: None,
             remote_closed: false,
             light: options.light.then(|| media_payload_types(&answer)),
@@ -806,6 +816,8 @@ struct Worker {
     /// Media kind of each m-line, from the local offer and any `Event::MediaAdded`.
     kinds: HashMap<Mid, MediaKind>,
     last_keyframe_ts: Option<u32>,
+    /// Video is VP8 ([`ViewerOptions::vp8_only`]), not H264.
+    vp8: bool,
     disconnected_since: Option<Instant>,
     remote_closed: bool,
     /// Light mode: the media kind of each H264 and Opus payload type of the answer.
@@ -1034,7 +1046,11 @@ impl Worker {
         stats.last_media_at = Some(now);
         match kind {
             MediaKind::Video => {
-                let keyframe = is_h264_keyframe(&packet.payload);
+                let keyframe = if self.vp8 {
+                    whep_core::rtp::vp8_keyframe_start(&packet.payload)
+                } else {
+                    is_h264_keyframe(&packet.payload)
+                };
                 stats.video_packets += 1;
                 stats.video_bytes += len;
                 stats.first_video_at.get_or_insert(now);
@@ -1070,7 +1086,7 @@ impl Worker {
         let pt = packet.header.payload_type;
         let codec = self.rtc.codec_config().find(|p| p.pt() == pt).map(|p| p.spec().codec);
         match codec {
-            Some(Codec::H264) => Some(MediaKind::Video),
+            Some(Codec::H264 | Codec::Vp8) => Some(MediaKind::Video),
             Some(Codec::Opus) => Some(MediaKind::Audio),
             _ => None,
         }

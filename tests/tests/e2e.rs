@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use whep_e2e::viewer::{Viewer, ViewerError};
+use whep_e2e::viewer::{Viewer, ViewerError, ViewerOptions};
 use whep_e2e::{Server, chromium, process_alive, wait_until};
 
 const CHROMIUM_OFFER: &str = include_str!("../../core/tests/data/chromium-156-offer.sdp");
@@ -315,6 +315,35 @@ fn missing_ffmpeg_is_a_clear_error(bin: &str) {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// A player without H264 (as Debian's Firefox, which has no OpenH264) gets the demo's VP8
+/// rendition, from a keyframe, with audio, next to an H264 viewer; the stream lists the
+/// rendition and its viewer.
+fn vp8_viewer_gets_the_vp8_rendition(bin: &str) {
+    let mut server = Server::start(bin, &[]);
+    running_pid(&server, "demo");
+    let options = ViewerOptions::default().vp8_only(true);
+    let vp8 = Viewer::connect_with(server.http, "/whep/demo", None, &options)
+        .unwrap_or_else(|e| panic!("VP8 viewer: {e}"));
+    let h264 = connect(&server, "demo");
+    assert_plays(&vp8, &mut server);
+    assert_plays(&h264, &mut server);
+    assert_eq!(vp8.stats().first_video_is_keyframe, Some(true), "VP8 starts at a key frame");
+    assert_eq!(
+        server.metric("whep_rendition_viewers{stream=\"demo\",rendition=\"1\",codec=\"VP8\"}"),
+        Some(1.0)
+    );
+    let demo = server.stream("demo");
+    let renditions = &demo["renditions"];
+    assert_eq!(renditions[0]["codec"], "H264", "{demo}");
+    assert_eq!(
+        (renditions[1]["codec"].as_str(), renditions[1]["viewers"].as_u64()),
+        (Some("VP8"), Some(1)),
+        "{demo}"
+    );
+    vp8.close();
+    h264.close();
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {
@@ -332,6 +361,10 @@ macro_rules! suite {
             #[test]
             fn http_error_paths() {
                 super::http_error_paths(bin());
+            }
+            #[test]
+            fn vp8_viewer_gets_the_vp8_rendition() {
+                super::vp8_viewer_gets_the_vp8_rendition(bin());
             }
             #[test]
             fn ffmpeg_kill_restarts() {

@@ -37,7 +37,7 @@ use whep_core::ffmpeg::EgressConfig;
 use whep_core::{
     Config, Core, StreamError, StreamId, StreamInfo, StreamStatus, WhepRequest, WhepResponse,
 };
-use whep_core::{H264Profile, StreamConfig};
+use whep_core::{H264Profile, Rendition, StreamConfig, VideoCodec};
 
 pub mod policy;
 
@@ -95,16 +95,51 @@ pub struct StreamSpec {
     pub max_viewers: Option<usize>,
     /// Start the stream when it is added (default true).
     pub autostart: Option<bool>,
+    /// Further video renditions FFmpeg encodes besides the H264 one, e.g. VP8 for players
+    /// without H264: `[{ codec = "vp8", kbps = 800 }]`.
+    pub renditions: Option<Vec<RenditionSpec>>,
+}
+
+/// A further video rendition of a [`StreamSpec`] (see [`whep_core::Rendition`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenditionSpec {
+    /// `vp8` or `h264`.
+    pub codec: String,
+    /// Target bitrate in kbit/s.
+    pub kbps: u32,
+    /// Picture height in pixels; the source's when absent.
+    #[serde(default)]
+    pub height: Option<u32>,
+}
+
+impl RenditionSpec {
+    /// A VP8 rendition at `kbps`.
+    pub fn vp8(kbps: u32) -> Self {
+        Self { codec: "vp8".into(), kbps, height: None }
+    }
+
+    fn to_rendition(&self) -> Result<Rendition, String> {
+        let codec = match self.codec.to_ascii_lowercase().as_str() {
+            "vp8" => VideoCodec::Vp8,
+            "h264" => VideoCodec::H264,
+            other => return Err(format!("rendition codec {other:?} is not one of vp8, h264")),
+        };
+        Ok(Rendition { codec, bitrate_kbps: self.kbps, height: self.height })
+    }
 }
 
 impl StreamSpec {
     /// The demo stream: a 640x360 test pattern at 30 fps with a 440 Hz tone and a keyframe
-    /// every 2 s (a new viewer still sees a picture at once, from the GOP cache).
+    /// every 2 s (a new viewer still sees a picture at once, from the GOP cache), in H264 at
+    /// 1.5 Mbit/s and in VP8 at 800 kbit/s for players without H264.
     pub fn demo() -> Self {
         Self {
             lavfi: Some("testsrc2=size=640x360:rate=30".into()),
             gop: Some(60),
             video_bitrate_kbps: Some(1500),
+            // Any browser plays it: players without H264 (Firefox without OpenH264) get VP8.
+            renditions: Some(vec![RenditionSpec::vp8(800)]),
             ..Self::default()
         }
     }
@@ -168,6 +203,9 @@ impl StreamSpec {
         }
         if let Some(map) = &self.audio_map {
             egress.audio_map.clone_from(map);
+        }
+        for r in self.renditions.iter().flatten() {
+            egress.renditions.push(r.to_rendition()?);
         }
         egress.validate()?;
         config.egress = egress;
@@ -316,6 +354,9 @@ pub fn merged_streams(core: &Core, followers: &[ShardView]) -> Vec<StreamInfo> {
             if let Some(other) = f.streams.iter().find(|o| o.id == s.id) {
                 s.viewers += other.viewers;
                 s.connected_viewers += other.connected_viewers;
+                for (mine, theirs) in s.renditions.iter_mut().zip(&other.renditions) {
+                    mine.viewers += theirs.viewers;
+                }
             }
         }
     }
@@ -520,6 +561,11 @@ fn info_json(s: &StreamInfo) -> serde_json::Value {
         "viewers": s.viewers,
         "connected_viewers": s.connected_viewers,
         "restarts": s.restarts,
+        "renditions": s.renditions.iter().map(|r| serde_json::json!({
+            "codec": r.codec.name(),
+            "bitrate_kbps": r.bitrate_kbps,
+            "viewers": r.viewers,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -675,6 +721,18 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
             prom_escape(s.id.as_str()),
             s.viewers
         );
+    }
+    head(&mut out, "rendition_viewers", "gauge", "Viewers per video rendition of a stream.");
+    for s in &streams {
+        for (k, r) in s.renditions.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "whep_rendition_viewers{{stream=\"{}\",rendition=\"{k}\",codec=\"{}\"}} {}",
+                prom_escape(s.id.as_str()),
+                r.codec,
+                r.viewers
+            );
+        }
     }
     head(&mut out, "stream_up", "gauge", "1 while the stream's ingest is running.");
     for s in &streams {

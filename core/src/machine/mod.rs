@@ -32,7 +32,7 @@ use crate::ports::PortPool;
 use crate::ratelimit::{Limiter, Unconnected};
 use crate::shard::{Mirror, ShardMember};
 use crate::stream::{Leg, Process, Stream, StreamState};
-use crate::{CloseReason, Input, Output, StreamInfo, TimerReason};
+use crate::{CloseReason, Input, Output, RenditionInfo, StreamInfo, TimerReason};
 
 /// How many adjacent pairs a stream tries before giving up (the seed's retry count).
 const MAX_BIND_ATTEMPTS: u32 = 10;
@@ -270,6 +270,25 @@ impl Core {
                 .filter(|v| self.peers.get(v).is_some_and(|p| p.state == PeerState::Connected))
                 .count(),
             restarts: s.restarts,
+            renditions: s
+                .videos
+                .iter()
+                .enumerate()
+                .map(|(k, v)| RenditionInfo {
+                    codec: v.codec,
+                    bitrate_kbps: match k {
+                        0 => s.config.egress.video_bitrate_kbps,
+                        _ => s.config.egress.renditions.get(k - 1).map(|r| r.bitrate_kbps),
+                    },
+                    viewers: s
+                        .viewers
+                        .iter()
+                        .filter(|v| {
+                            self.peers.get(v).is_some_and(|p| usize::from(p.rendition) == k)
+                        })
+                        .count(),
+                })
+                .collect(),
         }
     }
 
