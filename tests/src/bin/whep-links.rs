@@ -17,7 +17,10 @@
 //! clock starts just before the browser's launch).
 //!
 //! Columns: first frame (POST to first decoded frame, ms), freezes (Chromium's `freezeCount`,
-//! and `totalFreezesDuration` in s), average fps from the first frame on, NACKs and PLIs the
+//! and `totalFreezesDuration` in s), pauses (`pauseCount` and `totalPausesDuration`: Chromium
+//! counts a gap of 5 s or more between frames as a pause, not a freeze, and only once it has
+//! ended), the stall at the end (no frame decoded for that long when the run ended: a gap no
+//! counter has seen yet), average fps from the first frame on, NACKs and PLIs the
 //! browser sent, video packets lost (Chromium's `packetsLost`: sequence numbers never received,
 //! retransmissions included), retransmissions (RTX packets) the relay delivered to the browser,
 //! and the relay's drops toward the viewer. A run that did not end with PASS shows `FAIL`.
@@ -104,9 +107,9 @@ fn main() {
         rows.push((profile, outcomes));
     }
     println!(
-        "| link | first frame (ms) | freezes | freeze total (s) | fps | NACKs | PLIs | lost | RTX to viewer | relay drops down | result |"
+        "| link | first frame (ms) | freezes | freeze total (s) | pauses (total s) | stall at end (s) | fps | NACKs | PLIs | lost | RTX to viewer | relay drops down | result |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (profile, o) in &rows {
         let mut name = profile.name.to_owned();
         if profile.late_join {
@@ -115,10 +118,16 @@ fn main() {
             name = format!("{name} (joined at {phases} ms of 2000)");
         }
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             cell(o, |o| num(o, "firstFrameMs", 1.0, 0)),
             cell(o, |o| num(o, "freezeCount", 1.0, 0)),
             cell(o, |o| num(o, "totalFreezesDurationMs", 0.001, 1)),
+            cell(o, |o| format!(
+                "{} ({})",
+                num(o, "pauseCount", 1.0, 0),
+                num(o, "totalPausesDurationMs", 0.001, 1)
+            )),
+            cell(o, |o| num(o, "stallMs", 0.001, 1)),
             cell(o, |o| num(o, "avgFps", 1.0, 1)),
             cell(o, |o| num(o, "nackCount", 1.0, 0)),
             cell(o, |o| num(o, "pliCount", 1.0, 0)),
