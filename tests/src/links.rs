@@ -92,6 +92,10 @@ pub struct Outcome {
     pub launch_to_ice: Option<Duration>,
     /// For a late join: how far into the GOP the first ICE check came.
     pub join_phase: Option<Duration>,
+    /// UDP datagrams dropped for full receive buffers during the run, outside the emulated
+    /// link: (on the host: relay, server, FFmpeg and whatever else runs; in the namespace:
+    /// the browser).
+    pub rcvbuf_drops: (Option<u64>, Option<u64>),
 }
 
 impl Outcome {
@@ -203,6 +207,11 @@ pub fn run(
         thread::sleep(launch - Instant::now());
         probe = Some((viewer, period));
     }
+    let host_drops = || {
+        let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+        crate::netns::udp_rcvbuf_errors(&snmp)
+    };
+    let drops_before = (host_drops(), ns.udp_rcvbuf_errors());
     relay.start(server.udp, link).expect("relay start");
     let url = format!(
         "http://{}/?stream=demo&test=1&frames=30&duration={}&progress=1",
@@ -217,6 +226,11 @@ pub fn run(
         page
     });
     let stats = relay.stats();
+    let (host_after, ns_after) = (host_drops(), ns.udp_rcvbuf_errors());
+    let rcvbuf_drops = (
+        host_after.zip(drops_before.0).map(|(a, b)| a.saturating_sub(b)),
+        ns_after.zip(drops_before.1).map(|(a, b)| a.saturating_sub(b)),
+    );
     let launch_to_ice = stats.first_up_at.map(|t| t.saturating_duration_since(page.started));
     let join_phase = probe.as_ref().and_then(|(viewer, period)| {
         let first = stats.first_up_at?;
@@ -241,5 +255,6 @@ pub fn run(
         launched: page.started,
         launch_to_ice,
         join_phase,
+        rcvbuf_drops,
     }
 }

@@ -74,6 +74,15 @@ fn subnet_in_use(host: Ipv4Addr) -> bool {
     })
 }
 
+/// `RcvbufErrors` from the `Udp:` lines of a `/proc/net/snmp` text (this process's namespace
+/// when read from `/proc/net/snmp` directly: the relay's and the server's sockets).
+pub fn udp_rcvbuf_errors(snmp: &str) -> Option<u64> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let i = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
 /// Deletes namespaces of this module whose creating process is gone.
 fn sweep_stale() {
     for name in list() {
@@ -166,6 +175,13 @@ impl Netns {
         self.command(program).args(args).stdin(Stdio::null()).output()
     }
 
+    /// UDP datagrams the namespace's sockets dropped for a full receive buffer so far
+    /// (`RcvbufErrors` of its `/proc/net/snmp`): losses outside the emulated link.
+    pub fn udp_rcvbuf_errors(&self) -> Option<u64> {
+        let out = self.run("cat", &["/proc/net/snmp"]).ok()?;
+        udp_rcvbuf_errors(&String::from_utf8_lossy(&out.stdout))
+    }
+
     /// Pids of the processes running inside.
     pub fn pids(&self) -> Vec<i32> {
         ip(&["netns", "pids", &self.name])
@@ -197,6 +213,15 @@ impl Drop for Netns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_udp_receive_buffer_drops() {
+        let snmp = "Ip: Forwarding\nIp: 1\nUdp: InDatagrams NoPorts InErrors OutDatagrams \
+                    RcvbufErrors SndbufErrors\nUdp: 10 0 7 12 7 0\nUdpLite: InDatagrams\n\
+                    UdpLite: 0\n";
+        assert_eq!(udp_rcvbuf_errors(snmp), Some(7));
+        assert_eq!(udp_rcvbuf_errors("Ip: 1\n"), None);
+    }
 
     #[test]
     fn creates_reaches_and_removes() {

@@ -23,7 +23,10 @@
 //! counter has seen yet), average fps from the first frame on, NACKs and PLIs the
 //! browser sent, video packets lost (Chromium's `packetsLost`: sequence numbers never received,
 //! retransmissions included), retransmissions (RTX packets) the relay delivered to the browser,
-//! and the relay's drops toward the viewer. A run that did not end with PASS shows `FAIL`.
+//! the relay's drops toward the viewer, and datagrams dropped by full UDP receive buffers
+//! during the run, outside the emulated link (`RcvbufErrors`: on the host, where the relay,
+//! the server, FFmpeg and everything else on the machine count; and in the browser's
+//! namespace). A run that did not end with PASS shows `FAIL`.
 //! fps counts from the first decoded frame, so the cached GOP's burst at the start adds a
 //! little.
 #![allow(clippy::print_stdout)]
@@ -107,9 +110,9 @@ fn main() {
         rows.push((profile, outcomes));
     }
     println!(
-        "| link | first frame (ms) | freezes | freeze total (s) | pauses (total s) | stall at end (s) | fps | NACKs | PLIs | lost | RTX to viewer | relay drops down | result |"
+        "| link | first frame (ms) | freezes | freeze total (s) | pauses (total s) | stall at end (s) | fps | NACKs | PLIs | lost | RTX to viewer | relay drops down | UDP buffer drops host / browser | result |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (profile, o) in &rows {
         let mut name = profile.name.to_owned();
         if profile.late_join {
@@ -118,7 +121,7 @@ fn main() {
             name = format!("{name} (joined at {phases} ms of 2000)");
         }
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             cell(o, |o| num(o, "firstFrameMs", 1.0, 0)),
             cell(o, |o| num(o, "freezeCount", 1.0, 0)),
             cell(o, |o| num(o, "totalFreezesDurationMs", 0.001, 1)),
@@ -134,6 +137,10 @@ fn main() {
             cell(o, |o| num(o, "packetsLost", 1.0, 0)),
             cell(o, |o| o.rtx_delivered().map_or("?".into(), |n| n.to_string())),
             cell(o, |o| o.relay.down.dropped().to_string()),
+            cell(o, |o| {
+                let n = |v: Option<u64>| v.map_or("?".into(), |v| v.to_string());
+                format!("{}+{}", n(o.rcvbuf_drops.0), n(o.rcvbuf_drops.1))
+            }),
             cell(o, |o| if o.passed() { "PASS".into() } else { "FAIL".into() }),
         );
     }
