@@ -9,26 +9,26 @@
 //! ```
 //!
 //! Needs root (network namespaces, a veth pair from 10.77.0.0/16; everything is removed after),
-//! `/usr/bin/chromium` (or `CHROMIUM`) and FFmpeg. The server is `whepd-tokio` next to this
-//! binary unless `--server` says otherwise. The profiles are in `whep_e2e::links::profiles`:
-//! clean; 1 % and 5 % loss with a 50 ms round trip; 1 and 3 Mbit/s caps (100 ms buffer; the
-//! 3 Mbit/s one joins about 1.5 s into the 2 s GOP, so that the cached GOP sent first is
-//! large); a 150 ms round trip; a 5 s outage at 10 s; a NAT rebinding at 10 s (the relay's
-//! clock starts just before the browser's launch).
+//! `/usr/bin/chromium` (or `CHROMIUM`) and FFmpeg. The server is `whepd-tokio` next to this binary
+//! unless `--server` says otherwise. The profiles are in `whep_e2e::links::profiles`: clean; 1 %
+//! and 5 % loss with a 50 ms round trip; 1 and 3 Mbit/s caps (100 ms buffer; the 3 Mbit/s one joins
+//! about 1.5 s into the 2 s GOP, so that the cached GOP sent first is large; the aim is
+//! approximate, as the browser's start-up time varies, and the table shows the phase each run
+//! achieved); a 150 ms round trip; a 5 s outage at 10 s; a NAT rebinding at 10 s (the relay's clock
+//! starts just before the browser's launch).
 //!
-//! Columns: first frame (POST to first decoded frame, ms), freezes (Chromium's `freezeCount`,
-//! and `totalFreezesDuration` in s), pauses (`pauseCount` and `totalPausesDuration`: Chromium
-//! counts a gap of 5 s or more between frames as a pause, not a freeze, and only once it has
-//! ended), the stall at the end (no frame decoded for that long when the run ended: a gap no
-//! counter has seen yet), average fps from the first frame on, NACKs and PLIs the
-//! browser sent, video packets lost (Chromium's `packetsLost`: sequence numbers never received,
-//! retransmissions included), retransmissions (RTX packets) the relay delivered to the browser,
-//! the relay's drops toward the viewer, and datagrams dropped by full UDP receive buffers
-//! during the run, outside the emulated link (`RcvbufErrors`: on the host, where the relay,
-//! the server, FFmpeg and everything else on the machine count; and in the browser's
-//! namespace). A run that did not end with PASS shows `FAIL`.
-//! fps counts from the first decoded frame, so the cached GOP's burst at the start adds a
-//! little.
+//! Columns: first frame (POST to first decoded frame, ms), freezes (Chromium's `freezeCount`, and
+//! `totalFreezesDuration` in s), pauses (`pauseCount` and `totalPausesDuration`: Chromium counts a
+//! gap of 5 s or more between frames as a pause, not a freeze, and only once it has ended), the
+//! stall at the end (no frame decoded for that long when the run ended: a gap no counter has seen
+//! yet), average fps from the first frame on, NACKs and PLIs the browser sent, video packets lost
+//! (Chromium's `packetsLost`: originals that never came, even when a retransmission repaired them),
+//! retransmissions (RTX packets) the relay delivered to the browser, the relay's drops toward the
+//! viewer, and datagrams dropped by full UDP receive buffers during the run, outside the emulated
+//! link (`RcvbufErrors`: on the host, where the relay, the server, FFmpeg and everything else on
+//! the machine count, so on a shared machine it is only a hint; and in the browser's namespace). A
+//! run that did not end with PASS shows `FAIL`. fps counts from the first decoded frame, so the
+//! cached GOP's burst at the start adds a little.
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
