@@ -130,10 +130,15 @@ fn http_error_paths(bin: &str) {
     let r = post("/whep/nope", &[SDP], CHROMIUM_OFFER.as_bytes());
     assert_eq!((r.status, r.text().contains("stream not found")), (404, true), "{}", r.text());
     assert_eq!(post("/whep/demo", &[SDP], b"hello").status, 400);
-    let vp8_only =
-        CHROMIUM_OFFER.lines().filter(|l| !l.contains("H264")).collect::<Vec<_>>().join("\r\n");
-    let r = post("/whep/demo", &[SDP], vp8_only.as_bytes());
-    assert_eq!(r.status, 406, "VP8-only offer: {}", r.text());
+    // No video codec we send (the demo has H264 and VP8): 406, naming what is missing.
+    let other_codecs = CHROMIUM_OFFER
+        .lines()
+        .filter(|l| !["H264", "VP8"].iter().any(|c| l.contains(c)))
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    let r = post("/whep/demo", &[SDP], other_codecs.as_bytes());
+    assert_eq!(r.status, 406, "VP9/AV1-only offer: {}", r.text());
+    assert!(r.text().contains("missing H264 (packetization-mode=1) or VP8"), "{}", r.text());
     let r = post("/whep/demo", &[("Content-Type", "text/plain")], CHROMIUM_OFFER.as_bytes());
     assert_eq!(r.status, 415, "{}", r.text());
     let huge = vec![b'a'; 200 * 1024];
