@@ -1560,3 +1560,19 @@ fn a_viewer_without_a_second_rung_stays_put_whatever_it_loses() {
     w.run_for(6 * SEC);
     assert_eq!(w.core.metrics().rendition_switches, 0, "VP8 is not a rung of the H264 ladder");
 }
+
+#[test]
+fn after_a_path_move_the_picture_restarts_from_the_gop_cache() {
+    let (mut w, _, v) = playing(10);
+    w.viewers[v].record = true;
+    let old = w.viewers[v].addr;
+    w.viewers[v].nat = Some(SocketAddr::new(old.ip(), old.port() + 1000));
+    w.drive_until(20 * SEC, |w| w.core.metrics().path_moves == 1);
+    let moved = w.now;
+    w.drive_until(SEC, |w| w.core.metrics().cached_keyframes >= 1);
+    assert_eq!(w.core.metrics().cached_keyframes, 1, "no keyframe from the cache after the move");
+    w.run_for(SEC / 2);
+    let first = w.viewers[v].arrivals.iter().find(|a| a.at >= moved && a.keyframe_start);
+    let n = w.viewers[v].arrivals.iter().filter(|a| a.at >= moved).count();
+    assert!(first.is_some_and(|a| a.at - moved < Duration::from_millis(100)), "{first:?} {n}");
+}

@@ -279,6 +279,11 @@ impl Core {
                 // old path for a while: the NAT gave it a new port.
                 let old = path.sending_to;
                 if peer.move_path(source, destination, now, grace, &mut self.outputs, &mut news) {
+                    // What went to the dead address is lost: start the picture again from the
+                    // GOP cache at once rather than after the viewer's NACKs and PLI.
+                    if self.config.gop_cache && self.config.cached_keyframe_interval.is_some() {
+                        peer.keyframe_wanted = true;
+                    }
                     self.metrics.path_moves += 1;
                     info!(%session, ?old, new = %source, "viewer's address changed; media follows");
                 }
