@@ -1,10 +1,11 @@
 //! End-to-end harness: runs a real server binary (any runtime's `whepd`) as a child process on
 //! loopback ports, with real FFmpeg, and talks to it over real HTTP and UDP with [`viewer`]s
-//! (str0m) or a headless Chromium ([`chromium`]).
+//! (str0m), a headless Chromium ([`chromium`]) or a headless Firefox ESR ([`firefox`]).
 //!
 //! The suite in `tests/e2e.rs` is written once against [`Server`] and instantiated per runtime
 //! binary.
 
+pub mod firefox;
 pub mod http;
 pub mod relay;
 pub mod viewer;
@@ -57,10 +58,22 @@ impl Server {
     ///
     /// When it does not come up within 20 s (the panic carries its output).
     pub fn start(binary: &str, extra: &[&str]) -> Self {
+        Self::start_on(binary, "127.0.0.1:0", extra)
+    }
+
+    /// As [`Server::start`], with the WebRTC UDP socket on `udp` (e.g. `0.0.0.0:0`, which
+    /// advertises loopback and the default route's address: Firefox gathers no loopback
+    /// candidate of its own, even with `media.peerconnection.ice.loopback`, and pairs none with
+    /// a loopback-only server).
+    ///
+    /// # Panics
+    ///
+    /// When it does not come up within 20 s (the panic carries its output).
+    pub fn start_on(binary: &str, udp: &str, extra: &[&str]) -> Self {
         let ingest = next_ingest_range();
         let range = format!("{}-{}", ingest.0, ingest.1);
         let mut cmd = Command::new(binary);
-        cmd.args(["--http", "127.0.0.1:0", "--udp", "127.0.0.1:0", "--admin-token", ADMIN_TOKEN])
+        cmd.args(["--http", "127.0.0.1:0", "--udp", udp, "--admin-token", ADMIN_TOKEN])
             .args(["--ingest-ports", &range])
             .args(extra)
             .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()))

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use whep_e2e::viewer::{Viewer, ViewerError, ViewerOptions};
-use whep_e2e::{Server, chromium, process_alive, wait_until};
+use whep_e2e::{Server, chromium, firefox, process_alive, wait_until};
 
 const CHROMIUM_OFFER: &str = include_str!("../../core/tests/data/chromium-156-offer.sdp");
 const SDP: (&str, &str) = ("Content-Type", "application/sdp");
@@ -80,6 +80,35 @@ fn chromium_plays_demo(bin: &str) {
          the first frame on screen), browser start to PASS {} ms",
         chromium::field(&verdict, "firstFrameMs").unwrap_or("?"),
         chromium::field(&verdict, "firstPresentedMs").unwrap_or("?"),
+        started.elapsed().as_millis()
+    );
+    assert_eq!(server.metric("whep_viewers_joined_total"), Some(1.0));
+}
+
+/// Debian's Firefox ESR (no OpenH264: it offers VP8, VP9 and AV1) opens the player page, gets
+/// the demo's VP8 rendition, decodes 30 frames and receives audio. The server's UDP socket is on
+/// every address: Firefox gathers no loopback candidate (see [`Server::start_on`]).
+fn firefox_plays_demo(bin: &str) {
+    let mut server = Server::start_on(bin, "0.0.0.0:0", &[]);
+    let url = format!("http://{}/?stream=demo&test=1&frames=30&timeout=30", server.http);
+    let started = Instant::now();
+    let verdict = firefox::run_page(&url, Duration::from_secs(45))
+        .unwrap_or_else(|e| panic!("{e}\nserver output:\n{}", server.output()));
+    assert!(verdict.contains("[WHEP] PASS"), "{verdict}\nserver output:\n{}", server.output());
+    let frames: u64 =
+        firefox::field(&verdict, "framesDecoded").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let audio: u64 =
+        firefox::field(&verdict, "audioPackets").and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(frames >= 30 && audio > 0, "{verdict}");
+    let codec = firefox::field(&verdict, "codec").map(str::to_ascii_lowercase);
+    assert_eq!(codec.as_deref(), Some("video/vp8"), "not the VP8 rendition: {verdict}");
+    let ms = firefox::field(&verdict, "firstFrameMs").and_then(|v| v.parse::<u64>().ok());
+    assert!(ms.is_some_and(|ms| ms > 0), "firstFrameMs missing: {verdict}");
+    eprintln!(
+        "firefox: firstFrameMs={} (POST to first decoded frame), codec={}, browser start to \
+         PASS {} ms",
+        firefox::field(&verdict, "firstFrameMs").unwrap_or("?"),
+        firefox::field(&verdict, "codec").unwrap_or("?"),
         started.elapsed().as_millis()
     );
     assert_eq!(server.metric("whep_viewers_joined_total"), Some(1.0));
@@ -353,6 +382,10 @@ macro_rules! suite {
             #[test]
             fn chromium_plays_demo() {
                 super::chromium_plays_demo(bin());
+            }
+            #[test]
+            fn firefox_plays_demo() {
+                super::firefox_plays_demo(bin());
             }
             #[test]
             fn concurrent_viewers_and_cap() {
