@@ -2,7 +2,7 @@
 # Time to the first frame in headless Chromium and/or headless Firefox ESR, joining a running
 # whepd's demo stream N times at random points of its GOP: POST to the first decoded frame (the
 # player page's `firstFrameMs`, stats polled every 10 ms) and, in Chromium, to the first frame on
-# screen (`firstPresentedMs`, requestVideoFrameCallback; Firefox has none). Chromium gets the
+# screen (`firstPresentedMs`, requestVideoFrameCallback). Chromium gets the
 # H264 rendition, Debian's Firefox (no OpenH264) the VP8 one. With `--browser both` each run
 # starts Chromium, then Firefox, so that both see the same machine load.
 #
@@ -89,7 +89,7 @@ for i in $(seq 1 "$n"); do
         verdict=$("${b}_verdict" "$i")
         d=$(sed -nE 's/.*firstFrameMs=([0-9]+).*/\1/p' <<<"$verdict")
         p=$(sed -nE 's/.*firstPresentedMs=([0-9?]+).*/\1/p' <<<"$verdict")
-        c=$(sed -nE 's/.*codec=([^ ]+).*/\1/p' <<<"$verdict")
+        c=$(sed -nE 's/.*codec=([^ ,]+).*/\1/p' <<<"$verdict")
         echo "run $i $b: decoded ${d:-?} ms, on screen ${p:-?} ms, codec ${c:-?}"
         [[ -n $d ]] && decoded[$b]+="$d "
         [[ $p =~ ^[0-9]+$ ]] && presented[$b]+="$p "

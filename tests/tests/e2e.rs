@@ -68,6 +68,7 @@ fn chromium_plays_demo(bin: &str) {
     // frame is composited).
     // The page offers H264 with its retransmission format, so a lost packet can be resent.
     assert_eq!(chromium::field(&verdict, "rtx"), Some("1"), "no RTX negotiated: {verdict}");
+    assert_eq!(chromium::field(&verdict, "codec"), Some("video/H264"), "{verdict}");
     let ms = chromium::field(&verdict, "firstFrameMs").and_then(|v| v.parse::<u64>().ok());
     assert!(ms.is_some_and(|ms| ms > 0), "firstFrameMs missing: {verdict}");
     tracing::info!(
@@ -102,6 +103,8 @@ fn firefox_plays_demo(bin: &str) {
     assert!(frames >= 30 && audio > 0, "{verdict}");
     let codec = firefox::field(&verdict, "codec").map(str::to_ascii_lowercase);
     assert_eq!(codec.as_deref(), Some("video/vp8"), "not the VP8 rendition: {verdict}");
+    // The page offers VP8 with its retransmission format when the browser has no H264.
+    assert_eq!(firefox::field(&verdict, "rtx"), Some("1"), "no RTX negotiated: {verdict}");
     let ms = firefox::field(&verdict, "firstFrameMs").and_then(|v| v.parse::<u64>().ok());
     assert!(ms.is_some_and(|ms| ms > 0), "firstFrameMs missing: {verdict}");
     eprintln!(
