@@ -35,6 +35,8 @@ pub struct Metrics {
     pub early_nominations: u64,
     /// Viewers whose media moved to a new address of theirs (a NAT rebinding).
     pub path_moves: u64,
+    /// Viewers moved between renditions of their codec (a bitrate ladder's rungs).
+    pub rendition_switches: u64,
     /// Viewers started with the cached GOP instead of waiting for the next keyframe.
     pub gop_primes: u64,
     /// Paced primes whose backlog outgrew [`PrimePacing::max_pending`](crate::PrimePacing)
@@ -106,6 +108,7 @@ impl Metrics {
             cached_keyframes,
             early_nominations,
             path_moves,
+            rendition_switches,
             gop_primes,
             prime_backlogs_dropped,
             packets_retransmitted,
@@ -136,6 +139,7 @@ impl Metrics {
         self.cached_keyframes += cached_keyframes;
         self.early_nominations += early_nominations;
         self.path_moves += path_moves;
+        self.rendition_switches += rendition_switches;
         self.gop_primes += gop_primes;
         self.prime_backlogs_dropped += prime_backlogs_dropped;
         self.packets_retransmitted += packets_retransmitted;

@@ -26,6 +26,9 @@ use crate::sdp::{self, OfferSummary};
 use crate::whep::Reject;
 use crate::{Output, Transmit};
 
+/// A frame's length at 90 kHz and 30 fps: how far a rendition switch moves the timestamp.
+const FRAME_TICKS: u32 = 3000;
+
 /// Most live packets written to a viewer before its str0m output is drained.
 pub(crate) const MAX_UNFLUSHED: u16 = 16;
 
@@ -54,8 +57,11 @@ pub(crate) struct Track {
     next_out: u64,
     /// Video held back while the cached GOP is paced out ([`Peer::prime`]); `None` otherwise.
     backlog: Option<Box<Backlog>>,
-    /// The RTP timestamp of the last packet written.
+    /// The RTP timestamp of the last packet written (after `ts_offset`).
     last_ts: Option<u32>,
+    /// Added to source timestamps: 0 until the viewer switches renditions, whose RTP clocks
+    /// have unrelated origins (each FFmpeg RTP muxer picks its own).
+    ts_offset: u32,
 }
 
 impl Track {
@@ -69,6 +75,7 @@ impl Track {
             next_out: u64::from(first_seq & 0x7fff),
             backlog: None,
             last_ts: None,
+            ts_offset: 0,
         }
     }
 
@@ -93,7 +100,7 @@ impl Track {
 }
 
 /// Things a peer tells the core after a mutation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum PeerNews {
     Connected,
     KeyframeRequest,
@@ -109,6 +116,14 @@ pub(crate) enum PeerNews {
     /// The viewer's retransmissions exceeded their share: its retransmission cache is off
     /// for a while.
     ResendsSuspended,
+    /// A receiver report of its video: the fraction lost since the last one.
+    Report {
+        lost: f32,
+    },
+    /// It moved to another rendition (at that rendition's keyframe).
+    Switched {
+        to: u8,
+    },
 }
 
 /// A viewer's video retransmission settings: str0m's cache and the core's budget.
@@ -143,6 +158,8 @@ pub(crate) struct Peer {
     /// The stream's video rendition this viewer gets (0: its H264; see
     /// [`Offer::videos`]).
     pub(crate) rendition: u8,
+    /// Moves between renditions of its codec from what its receiver reports say.
+    pub(crate) ladder: Ladder,
     pub(crate) etag: ETag,
     /// The offer as received, less what a restart does not need (`sdp::compact_offer`), kept
     /// to re-accept it with new credentials on ICE restart.
@@ -185,6 +202,59 @@ pub(crate) struct Peer {
     pub(crate) path: Path,
 }
 
+/// A viewer's place on its stream's bitrate ladder (renditions of one codec): the rendition it
+/// moves to at that rendition's next keyframe, and the loss its receiver reports state.
+#[derive(Debug, Default)]
+pub(crate) struct Ladder {
+    /// Switch to this rendition at its next keyframe.
+    pub(crate) target: Option<u8>,
+    /// Consecutive reports with loss at or above [`LOSS_DOWN`].
+    lossy: u8,
+    /// Since when the reports say (nearly) no loss.
+    clean_since: Option<Instant>,
+}
+
+/// Fraction lost in a receiver report that, twice in a row, moves a viewer down a rung.
+pub(crate) const LOSS_DOWN: f32 = 0.08;
+/// Fraction lost below which a viewer counts as clean.
+pub(crate) const LOSS_CLEAN: f32 = 0.02;
+/// How long a viewer must be clean before it moves up a rung.
+pub(crate) const CLEAN_UP: Duration = Duration::from_secs(10);
+
+/// Which way a viewer should move on its ladder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    Down,
+    Up,
+}
+
+impl Ladder {
+    /// Notes a receiver report's fraction `lost` at `now`; returns a move once the evidence
+    /// is enough: down after two lossy reports, up after [`CLEAN_UP`] of clean ones.
+    pub(crate) fn on_report(&mut self, lost: f32, now: Instant) -> Option<Step> {
+        if lost >= LOSS_DOWN {
+            self.clean_since = None;
+            self.lossy = self.lossy.saturating_add(1);
+            if self.lossy >= 2 {
+                self.lossy = 0;
+                return Some(Step::Down);
+            }
+            return None;
+        }
+        self.lossy = 0;
+        if lost >= LOSS_CLEAN {
+            self.clean_since = None;
+            return None;
+        }
+        let since = *self.clean_since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= CLEAN_UP {
+            self.clean_since = Some(now);
+            return Some(Step::Up);
+        }
+        None
+    }
+}
+
 /// A viewer's offer, checked ([`sdp::check_offer`]).
 #[derive(Debug)]
 pub(crate) struct Offer<'a> {
@@ -195,6 +265,9 @@ pub(crate) struct Offer<'a> {
     /// The codecs of the stream's video renditions, its H264 first: the viewer gets the first
     /// its offer can receive.
     pub(crate) videos: &'a [VideoCodec],
+    /// The stream has more than one rendition of the codec this viewer will get: its receiver
+    /// reports are collected (str0m's stats, each second) to move it between them.
+    pub(crate) ladder: bool,
 }
 
 /// A viewer's str0m peer that accepted its offer: ICE-lite, RTP mode, H264 and Opus, our DTLS
@@ -255,7 +328,8 @@ impl Answered {
             .set_crypto_provider(dtls.0.clone())
             .set_extension_map(rtp_extensions())
             .set_send_buffer_video(config.rtx_cache_packets)
-            .set_send_buffer_audio(64);
+            .set_send_buffer_audio(64)
+            .set_stats_interval(offer.ladder.then_some(Duration::from_secs(1)));
         if let Some(cert) = dtls.1 {
             cfg = cfg.set_dtls_cert(cert.clone());
         }
@@ -354,6 +428,7 @@ impl Answered {
             rtc: self.rtc,
             state: PeerState::Connecting { deadline: seat.deadline },
             rendition: self.rendition,
+            ladder: Ladder::default(),
             video: Track::new(
                 self.video.0,
                 Pt::from(self.video_pt),
@@ -502,6 +577,11 @@ impl Peer {
                     _ => {}
                 }
             }
+            RtcEvent::MediaEgressStats(s) if s.mid == self.video.mid => {
+                if let Some(lost) = s.loss {
+                    news.push(PeerNews::Report { lost });
+                }
+            }
             RtcEvent::KeyframeRequest(_) => {
                 self.keyframe_requests += 1;
                 news.push(PeerNews::KeyframeRequest);
@@ -530,7 +610,11 @@ impl Peer {
             return false;
         }
         if pkt.kind == MediaKind::Video && pkt.rendition != self.rendition {
-            return false;
+            if self.ladder.target != Some(pkt.rendition) || !pkt.keyframe_start {
+                return false;
+            }
+            self.switch_to(pkt);
+            news.push(PeerNews::Switched { to: pkt.rendition });
         }
         if pkt.kind == MediaKind::Video
             && let Some(backlog) = &mut self.video.backlog
@@ -623,6 +707,8 @@ impl Peer {
         }
         let after = self.video.last_ts?;
         self.keyframe_wanted = false;
+        // In the source's clock: `write_rtp` adds the offset back.
+        let after = after.wrapping_sub(self.video.ts_offset);
         self.send_gop(gop.replayed(after), pacing, now, grace, out, news)
     }
 
@@ -726,6 +812,21 @@ impl Peer {
         true
     }
 
+    /// Moves the viewer to the rendition `pkt` (a keyframe start) belongs to: its video
+    /// starts again at this keyframe, sequence numbers continuing, and the new rendition's RTP
+    /// clock is rebased to go on one frame after the last timestamp sent.
+    fn switch_to(&mut self, pkt: &SourcePacket) {
+        debug!(session = %self.session, from = self.rendition, to = pkt.rendition, "rendition switch");
+        self.rendition = pkt.rendition;
+        self.ladder.target = None;
+        self.video.offset = None;
+        self.video.backlog = None;
+        self.video.ts_offset = match self.video.last_ts {
+            Some(last) => last.wrapping_add(FRAME_TICKS).wrapping_sub(pkt.timestamp),
+            None => 0,
+        };
+    }
+
     /// Hands `pkt` to str0m for this viewer, mapped to its sequence numbers.
     fn write_rtp(&mut self, pkt: &SourcePacket, now: Instant) -> bool {
         let track = match pkt.kind {
@@ -735,7 +836,8 @@ impl Peer {
         let Some(seq) = track.map(pkt) else {
             return false;
         };
-        track.last_ts = Some(pkt.timestamp);
+        let timestamp = pkt.timestamp.wrapping_add(track.ts_offset);
+        track.last_ts = Some(timestamp);
         if pkt.keyframe_start {
             // A keyframe goes out anyway.
             self.keyframe_wanted = false;
@@ -746,7 +848,7 @@ impl Peer {
             return false;
         };
         tx.write_rtp(
-            RtpWrite::new(pt, SeqNo::from(seq), pkt.timestamp, now, pkt.payload.clone())
+            RtpWrite::new(pt, SeqNo::from(seq), timestamp, now, pkt.payload.clone())
                 .marker(pkt.marker)
                 .nackable(nackable),
         );
@@ -852,5 +954,29 @@ impl Peer {
         if self.rtc.is_alive() {
             self.rtc.disconnect();
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests pick a real starting instant
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ladder_moves_down_after_two_lossy_reports_and_up_after_ten_clean_seconds() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut l = Ladder::default();
+        assert_eq!(l.on_report(0.2, t0), None, "one lossy report is not enough");
+        assert_eq!(l.on_report(0.01, t0 + s), None, "a clean one in between starts again");
+        assert_eq!(l.on_report(0.2, t0 + 2 * s), None);
+        assert_eq!(l.on_report(0.1, t0 + 3 * s), Some(Step::Down));
+        // Clean from 4 s; a middling report (between the thresholds) restarts the clean time.
+        assert_eq!(l.on_report(0.0, t0 + 4 * s), None);
+        assert_eq!(l.on_report(0.05, t0 + 8 * s), None);
+        assert_eq!(l.on_report(0.0, t0 + 9 * s), None);
+        assert_eq!(l.on_report(0.0, t0 + 18 * s), None);
+        assert_eq!(l.on_report(0.0, t0 + 19 * s), Some(Step::Up));
+        assert_eq!(l.on_report(0.0, t0 + 20 * s), None, "the next rung waits ten more seconds");
     }
 }

@@ -21,7 +21,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event as RtcEvent, Input as RtcInput, Output as RtcOutput, Rtc};
 
 use crate::whep::{Method, WhepRequest, WhepResponse};
-use crate::{Config, Core, Event, Input, Output, PortPair, StreamConfig, StreamId};
+use crate::{Config, Core, Event, Input, Output, PortPair, StreamConfig, StreamId, VideoCodec};
 
 pub mod ops;
 
@@ -259,6 +259,40 @@ impl Source {
                 d.extend_from_slice(if i == 0 { &[0x10] } else { &[0x00] });
                 d.push(if key { 0x00 } else { 0x01 });
                 d.resize(d.len() + 900, k);
+                d
+            })
+            .collect()
+    }
+
+    /// The frame [`video_frame`](Self::video_frame) last made as an H264 rendition `k`
+    /// carries it at a lower bitrate: its own SSRC, sequence numbers and RTP clock origin, the
+    /// keyframe with the H264 one, 8 and 2 fragments of 1100 bytes (the payload's fill byte
+    /// is `0xA0 + k`, to tell renditions apart).
+    pub fn h264_rendition_frame(&mut self, k: u8) -> Vec<Vec<u8>> {
+        let frame = self.frame.saturating_sub(1);
+        let key = frame.is_multiple_of(self.gop);
+        let ts = self.last_video_ts().wrapping_add(1_000_000 * (u32::from(k) + 1));
+        let ssrc = self.ssrc ^ (0x200 + u32::from(k));
+        let mut payloads: Vec<(bool, Vec<u8>)> = Vec::new();
+        if key {
+            let sps = [0x67, 0x42, 0xc0, 0x1e, 0xda, 0x02, 0x80, 0xbf, 0xe5, 0x84];
+            let mut stap = vec![24];
+            stap.extend_from_slice(&(sps.len() as u16).to_be_bytes());
+            stap.extend_from_slice(&sps);
+            payloads.push((false, stap));
+        }
+        let fragments = Self::fu_a(if key { 0x65 } else { 0x41 }, if key { 8 } else { 2 });
+        payloads.extend(fragments.into_iter().map(|(m, mut p)| {
+            p[2..].fill(0xa0 + k);
+            (m, p)
+        }));
+        let seq = &mut self.vp8_seq[usize::from(k) % 4];
+        payloads
+            .into_iter()
+            .map(|(m, p)| {
+                let mut d = Self::header(m, 96, *seq, ts, ssrc);
+                *seq = seq.wrapping_add(1);
+                d.extend_from_slice(&p);
                 d
             })
             .collect()
@@ -660,8 +694,18 @@ impl SimWorld {
                     datagrams.push((ports.video, ports.video_source(), d));
                     s.video_sent += 1;
                 }
-                for k in 0..self.renditions.get(&id).copied().unwrap_or(0) {
-                    for d in s.vp8_frame(k) {
+                let codecs: Vec<VideoCodec> = self
+                    .core
+                    .stream(&id)
+                    .map(|i| i.renditions.iter().skip(1).map(|r| r.codec).collect())
+                    .unwrap_or_default();
+                for (k, codec) in codecs.into_iter().enumerate() {
+                    let k = u8::try_from(k).unwrap_or(u8::MAX);
+                    let frame = match codec {
+                        VideoCodec::Vp8 => s.vp8_frame(k),
+                        VideoCodec::H264 => s.h264_rendition_frame(k),
+                    };
+                    for d in frame {
                         datagrams.push((ports.rendition(k), ports.rendition_source(k), d));
                     }
                 }

@@ -1507,3 +1507,56 @@ fn an_offer_without_a_codec_of_the_stream_gets_406_naming_what_it_sends() {
     let err = w.core.add_stream(StreamId::new("many").expect("id"), config);
     assert!(err.is_err(), "more renditions than max_renditions");
 }
+
+#[test]
+fn a_lossy_viewer_moves_down_the_ladder_at_a_keyframe_and_back_up_when_clean() {
+    let mut w = SimWorld::new(sim::config());
+    let mut config = StreamConfig::external();
+    config.egress.video_bitrate_kbps = Some(1500);
+    config.egress.renditions.push(Rendition::new(VideoCodec::H264, 400));
+    let demo = w.add_stream("demo", config, 30);
+    let (v, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    w.viewers[v].record = true;
+    let on =
+        |w: &SimWorld, k: usize| w.core.stream(&demo).map(|s| s.renditions[k].viewers) == Some(1);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 100);
+    assert!(on(&w, 0), "starts on the top rung");
+    // A fifth of what the server sends is lost: the receiver reports say so.
+    w.loss_every = 5;
+    w.drive_until(8 * SEC, |w| w.core.metrics().rendition_switches >= 1);
+    assert_eq!(w.core.metrics().rendition_switches, 1, "moved down");
+    assert!(on(&w, 1), "on the 400 kbit/s rung");
+    // Clean again: back up after ten clean seconds.
+    w.loss_every = 0;
+    w.drive_until(20 * SEC, |w| w.core.metrics().rendition_switches >= 2);
+    assert!(on(&w, 0), "back on the top rung");
+    assert_keeps_playing(&mut w, v);
+    // The renditions' RTP clocks have other origins, rebased at each switch: every new packet
+    // (not a retransmission, which keeps its sequence number) has a timestamp at least as late
+    // as all before it.
+    let (mut seq, mut ts) = (None::<u64>, None::<u32>);
+    for a in &w.viewers[v].arrivals {
+        if seq.is_some_and(|s| a.seq <= s) {
+            continue; // repaired
+        }
+        if let Some(t) = ts {
+            let d = a.timestamp.wrapping_sub(t) as i32;
+            assert!(d >= 0, "{a:?} after timestamp {t}");
+        }
+        (seq, ts) = (Some(a.seq), Some(a.timestamp));
+    }
+}
+
+#[test]
+fn a_viewer_without_a_second_rung_stays_put_whatever_it_loses() {
+    let mut w = SimWorld::new(sim::config());
+    let mut config = StreamConfig::external();
+    config.egress.renditions.push(Rendition::new(VideoCodec::Vp8, 400));
+    let demo = w.add_stream("demo", config, 30);
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 100);
+    w.loss_every = 5;
+    w.run_for(6 * SEC);
+    assert_eq!(w.core.metrics().rendition_switches, 0, "VP8 is not a rung of the H264 ladder");
+}

@@ -74,6 +74,21 @@ user_pref("toolkit.startup.max_resumed_crashes", -1);
 ///
 /// When Firefox is not installed (the test command installs it).
 pub fn run_page(url: &str, timeout: Duration) -> Result<String, String> {
+    run_page_in(None, url, timeout)
+}
+
+/// [`run_page`] with Firefox inside the network namespace `netns` (see [`crate::netns`]) when
+/// given: Firefox gathers no loopback candidates, so a test serves it on a namespace's
+/// host-side veth address rather than on the machine's own addresses.
+///
+/// # Errors
+///
+/// As [`run_page`].
+///
+/// # Panics
+///
+/// When Firefox is not installed (the test command installs it).
+pub fn run_page_in(netns: Option<&str>, url: &str, timeout: Duration) -> Result<String, String> {
     let bin = binary();
     assert!(
         Path::new(&bin).exists(),
@@ -91,7 +106,15 @@ pub fn run_page(url: &str, timeout: Duration) -> Result<String, String> {
     std::fs::create_dir_all(&profile).map_err(|e| format!("profile {}: {e}", profile.display()))?;
     std::fs::write(profile.join("user.js"), USER_JS)
         .map_err(|e| format!("user.js in {}: {e}", profile.display()))?;
-    let spawned = Command::new(&bin)
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, &bin]);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    let spawned = cmd
         // Its own process group: Firefox starts content, socket and GPU processes, and all of
         // them must go when the test is done.
         .process_group(0)

@@ -7,6 +7,8 @@
 
 pub mod firefox;
 pub mod http;
+pub mod links;
+pub mod netns;
 pub mod relay;
 pub mod viewer;
 
@@ -61,19 +63,28 @@ impl Server {
         Self::start_on(binary, "127.0.0.1:0", extra)
     }
 
-    /// As [`Server::start`], with the WebRTC UDP socket on `udp` (e.g. `0.0.0.0:0`, which
-    /// advertises loopback and the default route's address: Firefox gathers no loopback
-    /// candidate of its own, even with `media.peerconnection.ice.loopback`, and pairs none with
-    /// a loopback-only server).
+    /// [`start`](Self::start) with HTTP on `http` (e.g. a veth address a viewer in a network
+    /// namespace reaches; WebRTC UDP stays on loopback).
     ///
     /// # Panics
     ///
     /// When it does not come up within 20 s (the panic carries its output).
-    pub fn start_on(binary: &str, udp: &str, extra: &[&str]) -> Self {
+    pub fn start_on(binary: &str, http: &str, extra: &[&str]) -> Self {
+        Self::start_with(binary, http, "127.0.0.1:0", extra)
+    }
+
+    /// [`start`](Self::start) with HTTP on `http` and the WebRTC UDP socket on `udp`: both on
+    /// a namespace's host-side veth address, for a browser in that namespace that gathers no
+    /// loopback candidate (Firefox, even with `media.peerconnection.ice.loopback`).
+    ///
+    /// # Panics
+    ///
+    /// When it does not come up within 20 s (the panic carries its output).
+    pub fn start_with(binary: &str, http: &str, udp: &str, extra: &[&str]) -> Self {
         let ingest = next_ingest_range();
         let range = format!("{}-{}", ingest.0, ingest.1);
         let mut cmd = Command::new(binary);
-        cmd.args(["--http", "127.0.0.1:0", "--udp", udp, "--admin-token", ADMIN_TOKEN])
+        cmd.args(["--http", http, "--udp", udp, "--admin-token", ADMIN_TOKEN])
             .args(["--ingest-ports", &range])
             .args(extra)
             .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()))
@@ -398,6 +409,28 @@ pub mod chromium {
     ///
     /// When Chromium is not installed (the test command installs it).
     pub fn run_page(url: &str, timeout: Duration) -> Result<String, String> {
+        run_page_in(None, url, timeout).verdict
+    }
+
+    /// What a page run gave: the verdict, and the page's other `[WHEP]` lines (e.g. the
+    /// `[WHEP] PROGRESS` lines of `progress=1`) with when they came.
+    #[derive(Debug)]
+    pub struct PageRun {
+        /// The `[WHEP] PASS`/`FAIL` line, or the browser's output when none came in time.
+        pub verdict: Result<String, String>,
+        /// Other `[WHEP]` console lines, in order, with their arrival time.
+        pub lines: Vec<(Instant, String)>,
+        /// When the browser was started.
+        pub started: Instant,
+    }
+
+    /// [`run_page`], with the browser inside the network namespace `netns` (by name, see
+    /// [`crate::netns`]) when given.
+    ///
+    /// # Panics
+    ///
+    /// When Chromium is not installed (the test command installs it).
+    pub fn run_page_in(netns: Option<&str>, url: &str, timeout: Duration) -> PageRun {
         let bin = binary();
         assert!(
             Path::new(&bin).exists(),
@@ -413,7 +446,16 @@ pub mod chromium {
         ));
         // Left by an earlier process with the same pid.
         let _ = std::fs::remove_dir_all(&profile);
-        let mut child = Command::new(&bin)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, &bin]);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let started = Instant::now();
+        let child = cmd
             // Its own process group: /usr/bin/chromium is a script, and the browser it starts
             // (with its helpers) must go when the test is done.
             .process_group(0)
@@ -438,8 +480,14 @@ pub mod chromium {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start {bin}: {e}"))?;
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let verdict = Err(format!("cannot start {bin}: {e}"));
+                return PageRun { verdict, lines: Vec::new(), started };
+            }
+        };
         let (tx, rx) = mpsc::channel();
         if let Some(stderr) = child.stderr.take() {
             thread::spawn(move || {
@@ -452,6 +500,7 @@ pub mod chromium {
         }
         let deadline = Instant::now() + timeout;
         let mut seen = Vec::new();
+        let mut lines = Vec::new();
         let result = loop {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 break Err(format!("no verdict within {timeout:?}:\n{}", seen.join("\n")));
@@ -460,7 +509,13 @@ pub mod chromium {
                 Ok(line) if line.contains("[WHEP] PASS") || line.contains("[WHEP] FAIL") => {
                     break Ok(line);
                 }
-                Ok(line) => seen.push(line),
+                Ok(line) => {
+                    if let Some(i) = line.find("[WHEP] ") {
+                        let text = line[i..].split("\", source:").next().unwrap_or("");
+                        lines.push((Instant::now(), text.to_owned()));
+                    }
+                    seen.push(line);
+                }
                 Err(_) => {
                     break Err(format!("no verdict within {timeout:?}:\n{}", seen.join("\n")));
                 }
@@ -472,12 +527,23 @@ pub mod chromium {
         let _ = child.kill();
         let _ = child.wait();
         let _ = std::fs::remove_dir_all(&profile);
-        result
+        PageRun { verdict: result, lines, started }
     }
 
     /// The value of `key=` in a verdict line.
     pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-        let start = line.find(&format!("{key}="))? + key.len() + 1;
+        let pat = format!("{key}=");
+        // Only whole keys: `framesDecoded=` is not found in `keyFramesDecoded=`.
+        let start = line
+            .match_indices(&pat)
+            .map(|(i, _)| i)
+            .find(|&i| line[..i].chars().next_back().is_none_or(|c| c == ' ' || c == '"'))?
+            + pat.len();
         line[start..].split([' ', '"', ',']).next()
+    }
+
+    /// `field` parsed as a number (`?`, a missing field and garbage give `None`).
+    pub fn number(line: &str, key: &str) -> Option<f64> {
+        field(line, key)?.parse().ok()
     }
 }

@@ -775,10 +775,12 @@ fn ingest_spoofing(bin: &str) {
 /// answer, and then it has the whole connect timeout for DTLS.
 fn long_round_trip_connects(bin: &str) {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let mut relay = whep_e2e::relay::DelayRelay::bind().expect("relay");
+    let mut relay = whep_e2e::relay::Relay::bind_loopback().expect("relay");
     let front = relay.front().to_string();
     let server = external_server(bin, &["--candidate", &front]);
-    relay.start(server.udp, Duration::from_millis(150)).expect("relay start");
+    relay
+        .start(server.udp, whep_e2e::relay::Link::delay(Duration::from_millis(150)))
+        .expect("relay start");
     let video = video_port(&server, "ext");
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use whep_e2e::netns::Netns;
 use whep_e2e::viewer::{Viewer, ViewerError, ViewerOptions};
 use whep_e2e::{Server, chromium, firefox, process_alive, wait_until};
 
@@ -90,10 +91,14 @@ fn chromium_plays_demo(bin: &str) {
 /// the demo's VP8 rendition, decodes 30 frames and receives audio. The server's UDP socket is on
 /// every address: Firefox gathers no loopback candidate (see [`Server::start_on`]).
 fn firefox_plays_demo(bin: &str) {
-    let mut server = Server::start_on(bin, "0.0.0.0:0", &[]);
+    // Firefox gathers no loopback candidate: it runs in a namespace, the server on the
+    // namespace's host-side veth address (HTTP and WebRTC), so traffic stays on the veth pair.
+    let ns = Netns::create().expect("network namespace (needs root)");
+    let host = ns.host.to_string();
+    let mut server = Server::start_with(bin, &format!("{host}:0"), &format!("{host}:0"), &[]);
     let url = format!("http://{}/?stream=demo&test=1&frames=30&timeout=30", server.http);
     let started = Instant::now();
-    let verdict = firefox::run_page(&url, Duration::from_secs(45))
+    let verdict = firefox::run_page_in(Some(ns.name()), &url, Duration::from_secs(45))
         .unwrap_or_else(|e| panic!("{e}\nserver output:\n{}", server.output()));
     assert!(verdict.contains("[WHEP] PASS"), "{verdict}\nserver output:\n{}", server.output());
     let frames: u64 =
@@ -162,10 +167,15 @@ fn http_error_paths(bin: &str) {
     let r = post("/whep/nope", &[SDP], CHROMIUM_OFFER.as_bytes());
     assert_eq!((r.status, r.text().contains("stream not found")), (404, true), "{}", r.text());
     assert_eq!(post("/whep/demo", &[SDP], b"hello").status, 400);
-    let vp8_only =
-        CHROMIUM_OFFER.lines().filter(|l| !l.contains("H264")).collect::<Vec<_>>().join("\r\n");
-    let r = post("/whep/demo", &[SDP], vp8_only.as_bytes());
-    assert_eq!(r.status, 406, "VP8-only offer: {}", r.text());
+    // No video codec we send (the demo has H264 and VP8): 406, naming what is missing.
+    let other_codecs = CHROMIUM_OFFER
+        .lines()
+        .filter(|l| !["H264", "VP8"].iter().any(|c| l.contains(c)))
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    let r = post("/whep/demo", &[SDP], other_codecs.as_bytes());
+    assert_eq!(r.status, 406, "VP9/AV1-only offer: {}", r.text());
+    assert!(r.text().contains("missing H264 (packetization-mode=1) or VP8"), "{}", r.text());
     let r = post("/whep/demo", &[("Content-Type", "text/plain")], CHROMIUM_OFFER.as_bytes());
     assert_eq!(r.status, 415, "{}", r.text());
     let huge = vec![b'a'; 200 * 1024];

@@ -664,6 +664,11 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
             m.early_nominations,
         ),
         ("path_moves_total", "Viewers whose media followed their new address.", m.path_moves),
+        (
+            "rendition_switches_total",
+            "Viewers moved between renditions of their codec.",
+            m.rendition_switches,
+        ),
         ("gop_primes_total", "Viewers started with the cached GOP.", m.gop_primes),
         (
             "prime_backlogs_dropped_total",

@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use crate::ids::{SessionId, StreamId};
 use crate::path;
-use crate::peer::{PeerNews, PeerState};
+use crate::peer::{PeerNews, PeerState, Step};
 use crate::stream::StreamState;
 use crate::{CloseReason, Event, Output};
 
@@ -88,6 +88,11 @@ impl Core {
                     self.metrics.bytes_retransmitted += bytes;
                     self.metrics.retransmissions_dropped += dropped;
                 }
+                PeerNews::Report { lost } => self.climb(s, &stream, lost, now),
+                PeerNews::Switched { to } => {
+                    self.metrics.rendition_switches += 1;
+                    debug!(session = %s, %stream, to, "viewer moved to another rendition");
+                }
                 PeerNews::ResendsSuspended => {
                     self.metrics.retransmission_suspensions += 1;
                     debug!(session = %s, %stream, "viewer's retransmissions over its share: off for a second");
@@ -133,6 +138,36 @@ impl Core {
             "viewer primed with the cached GOP"
         );
         // The caller reschedules the peer, now with the backlog's next release.
+    }
+
+    /// Moves a viewer along its stream's renditions of its codec (by bitrate) from a receiver
+    /// report's fraction `lost`: one rung down after two lossy reports, one up after ten clean
+    /// seconds ([`Ladder::on_report`]); the switch itself happens at the target's keyframe.
+    fn climb(&mut self, s: SessionId, stream: &StreamId, lost: f32, now: Instant) {
+        let (Some(st), Some(peer)) = (self.streams.get(stream), self.peers.get_mut(&s)) else {
+            return;
+        };
+        let Some(step) = peer.ladder.on_report(lost, now) else {
+            return;
+        };
+        let Some(codec) = st.videos.get(usize::from(peer.rendition)).map(|v| v.codec) else {
+            return;
+        };
+        let egress = &st.config.egress;
+        let kbps = |k: usize| match k {
+            0 => egress.video_bitrate_kbps.unwrap_or(u32::MAX),
+            _ => egress.renditions.get(k - 1).map_or(0, |r| r.bitrate_kbps),
+        };
+        let mine = kbps(usize::from(peer.rendition));
+        let rungs = st.videos.iter().enumerate().filter(|(_, v)| v.codec == codec);
+        let next = match step {
+            Step::Down => rungs.filter(|(k, _)| kbps(*k) < mine).max_by_key(|(k, _)| kbps(*k)),
+            Step::Up => rungs.filter(|(k, _)| kbps(*k) > mine).min_by_key(|(k, _)| kbps(*k)),
+        };
+        if let Some((k, _)) = next {
+            debug!(session = %s, %stream, ?step, lost, to = k, "rendition switch asked");
+            peer.ladder.target = u8::try_from(k).ok();
+        }
     }
 
     /// Answers a viewer's keyframe request ([`Peer::want_keyframe`]) with the stream's cached

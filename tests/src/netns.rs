@@ -1,0 +1,249 @@
+//! A throw-away network namespace for a viewer, joined to the host by a veth pair: the viewer
+//! (headless Chromium) runs inside, off loopback, and reaches the host only through the pair.
+//!
+//! [`Netns::create`] makes a uniquely named namespace (`whep-e2e-PID-N`), a veth pair with a
+//! private /30 from 10.77.0.0/16 (the host end `.1`, the namespace end `.2`, unique per
+//! namespace so that tests run in parallel), and brings `lo` and both ends up. Dropping the
+//! guard (also while a panic unwinds) kills what still runs inside and deletes the pair and
+//! the namespace. Namespaces left by a process that died without unwinding (SIGKILL) are
+//! removed by the next [`Netns::create`] when their pid is gone.
+//!
+//! Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and `ip` from iproute2; no iptables.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const PREFIX: &str = "whep-e2e-";
+
+/// A network namespace with a veth pair to the host; removed on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    host_if: String,
+    /// The host end's address (bind what the viewer must reach here).
+    pub host: Ipv4Addr,
+    /// The namespace end's address (the viewer's).
+    pub peer: Ipv4Addr,
+}
+
+/// Runs `ip ARGS` and fails with its stderr when it does.
+fn ip(args: &[&str]) -> io::Result<Output> {
+    let out = Command::new("ip").args(args).stdin(Stdio::null()).output()?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Names of the namespaces that exist (`ip netns list`).
+pub fn list() -> Vec<String> {
+    ip(&["netns", "list"])
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Names of the network interfaces of this (the host's) namespace.
+pub fn host_interfaces() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Whether a private /30 is already on an interface of the host.
+fn subnet_in_use(host: Ipv4Addr) -> bool {
+    let Ok(out) = ip(&["-4", "-o", "addr", "show"]) else { return false };
+    let [a, b, c, d] = host.octets();
+    let net = format!(" {a}.{b}.{c}.");
+    String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+        l.split(net.as_str())
+            .nth(1)
+            .and_then(|rest| rest.split('/').next()?.parse::<u8>().ok())
+            .is_some_and(|last| last & !3 == d & !3)
+    })
+}
+
+/// `RcvbufErrors` from the `Udp:` lines of a `/proc/net/snmp` text (this process's namespace
+/// when read from `/proc/net/snmp` directly: the relay's and the server's sockets).
+pub fn udp_rcvbuf_errors(snmp: &str) -> Option<u64> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let i = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
+/// Deletes namespaces of this module whose creating process is gone.
+fn sweep_stale() {
+    for name in list() {
+        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !crate::process_alive(pid) {
+            let _ = ip(&["netns", "del", &name]);
+        }
+    }
+}
+
+impl Netns {
+    /// Creates the namespace and its veth pair, both ends up, and `lo` inside up.
+    ///
+    /// # Errors
+    ///
+    /// When `ip` fails (not root, no netns support); whatever was made is removed again.
+    pub fn create() -> io::Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        sweep_stale();
+        let pid = std::process::id();
+        for _ in 0..64 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            // 14 bits of /30 subnets in 10.77.0.0/16, spread by pid so that processes differ.
+            let slot = (pid.wrapping_mul(97).wrapping_add(n.wrapping_mul(7919))) & 0x3fff;
+            let (c, d) = ((slot >> 6) as u8, ((slot & 63) << 2) as u8);
+            let host = Ipv4Addr::new(10, 77, c, d + 1);
+            let peer = Ipv4Addr::new(10, 77, c, d + 2);
+            let name = format!("{PREFIX}{pid}-{n}");
+            // Interface names have at most 15 bytes; the pid (up to 7 digits) and n keep these
+            // unique per process and namespace.
+            let host_if = format!("wh{pid}x{n}h");
+            let peer_if = format!("wh{pid}x{n}p");
+            if host_if.len() > 15 || subnet_in_use(host) || host_interfaces().contains(&host_if) {
+                continue;
+            }
+            if ip(&["netns", "add", &name]).is_err() {
+                continue; // taken (or no permission: the next attempt says which)
+            }
+            let ns = Self { name, host_if, host, peer };
+            // From here on, dropping `ns` removes what was made.
+            ns.setup(&peer_if)?;
+            return Ok(ns);
+        }
+        // One last plain attempt to surface the real error.
+        ip(&["netns", "add", &format!("{PREFIX}{pid}-probe")]).map(|_| {
+            let _ = ip(&["netns", "del", &format!("{PREFIX}{pid}-probe")]);
+        })?;
+        Err(io::Error::other("no free namespace name or 10.77.0.0/16 subnet"))
+    }
+
+    fn setup(&self, peer_if: &str) -> io::Result<()> {
+        let (name, host_if) = (self.name.as_str(), self.host_if.as_str());
+        let host_cidr = format!("{}/30", self.host);
+        let peer_cidr = format!("{}/30", self.peer);
+        ip(&["link", "add", host_if, "type", "veth", "peer", "name", peer_if, "netns", name])?;
+        ip(&["addr", "add", &host_cidr, "dev", host_if])?;
+        ip(&["link", "set", host_if, "up"])?;
+        ip(&["-n", name, "addr", "add", &peer_cidr, "dev", peer_if])?;
+        ip(&["-n", name, "link", "set", peer_if, "up"])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// The namespace's name (for `ip netns exec`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The host end's interface name.
+    pub fn host_interface(&self) -> &str {
+        &self.host_if
+    }
+
+    /// A command that runs `program` inside the namespace (`ip netns exec NAME program`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// Runs `program args` inside the namespace to completion.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be started.
+    pub fn run(&self, program: &str, args: &[&str]) -> io::Result<Output> {
+        self.command(program).args(args).stdin(Stdio::null()).output()
+    }
+
+    /// UDP datagrams the namespace's sockets dropped for a full receive buffer so far
+    /// (`RcvbufErrors` of its `/proc/net/snmp`): losses outside the emulated link.
+    pub fn udp_rcvbuf_errors(&self) -> Option<u64> {
+        let out = self.run("cat", &["/proc/net/snmp"]).ok()?;
+        udp_rcvbuf_errors(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Pids of the processes running inside.
+    pub fn pids(&self) -> Vec<i32> {
+        ip(&["netns", "pids", &self.name])
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // What the tests started inside (a browser whose test panicked) goes with it.
+        for pid in self.pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        // Deleting one end of a veth pair deletes both.
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_udp_receive_buffer_drops() {
+        let snmp = "Ip: Forwarding\nIp: 1\nUdp: InDatagrams NoPorts InErrors OutDatagrams \
+                    RcvbufErrors SndbufErrors\nUdp: 10 0 7 12 7 0\nUdpLite: InDatagrams\n\
+                    UdpLite: 0\n";
+        assert_eq!(udp_rcvbuf_errors(snmp), Some(7));
+        assert_eq!(udp_rcvbuf_errors("Ip: 1\n"), None);
+    }
+
+    #[test]
+    fn creates_reaches_and_removes() {
+        let (name, host_if) = {
+            let ns = Netns::create().expect("netns (needs root)");
+            let other = Netns::create().expect("a second one");
+            assert_ne!(ns.host, other.host);
+            assert!(list().contains(&ns.name().to_owned()));
+            assert!(host_interfaces().contains(&ns.host_interface().to_owned()));
+            // A datagram from inside reaches a socket on the host end.
+            let sock = std::net::UdpSocket::bind((ns.host, 0)).expect("bind on the host end");
+            sock.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+            let to = sock.local_addr().expect("addr");
+            let script = format!("echo hello >/dev/udp/{}/{}", to.ip(), to.port());
+            let out = ns.run("bash", &["-c", &script]).expect("bash in the namespace");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let mut buf = [0u8; 16];
+            let (n, from) = sock.recv_from(&mut buf).expect("datagram from the namespace");
+            assert_eq!((&buf[..n], from.ip()), (&b"hello\n"[..], std::net::IpAddr::V4(ns.peer)));
+            (ns.name().to_owned(), ns.host_interface().to_owned())
+        };
+        assert!(!list().contains(&name), "{name} left behind");
+        assert!(!host_interfaces().contains(&host_if), "{host_if} left behind");
+    }
+}
