@@ -1,39 +1,99 @@
 #!/usr/bin/env bash
-# Time to the first frame in headless Chromium, joining a running whepd's demo stream N times
-# at random points of its GOP: POST to the first decoded frame (the player page's
-# `firstFrameMs`, stats polled every 10 ms) and to the first frame on screen
-# (`firstPresentedMs`, requestVideoFrameCallback).
+# Time to the first frame in headless Chromium and/or headless Firefox ESR, joining a running
+# whepd's demo stream N times at random points of its GOP: POST to the first decoded frame (the
+# player page's `firstFrameMs`, stats polled every 10 ms) and, in Chromium, to the first frame on
+# screen (`firstPresentedMs`, requestVideoFrameCallback). Chromium gets the
+# H264 rendition, Debian's Firefox (no OpenH264) the VP8 one. With `--browser both` each run
+# starts Chromium, then Firefox, so that both see the same machine load.
 #
-#   bash scripts/first-frame.sh [N] [whepd flags...]     # e.g. 10, or 6 --no-gop-cache
+#   bash scripts/first-frame.sh [--browser chromium|firefox|both] [N] [whepd flags...]
+#   # e.g. 10, or 6 --no-gop-cache, or --browser both 5
 #
-# Needs the release binaries (cargo build --release -p whep-e2e --bins) and chromium.
+# Needs the release binaries (cargo build --release -p whep-e2e --bins; WHEPD=path picks another
+# whepd) and chromium / firefox-esr.
 set -euo pipefail
+browsers=chromium
+if [[ ${1:-} == --browser ]]; then
+    case ${2:-} in
+    chromium | firefox) browsers=$2 ;;
+    both) browsers="chromium firefox" ;;
+    *) echo "--browser chromium|firefox|both" >&2; exit 2 ;;
+    esac
+    shift 2
+fi
 n=${1:-10}
 shift || true
-target=${CARGO_TARGET_DIR:-$HOME/.cache/whep-target}/release
-chromium=$(command -v chromium || command -v chromium-browser)
+whepd=${WHEPD:-${CARGO_TARGET_DIR:-$HOME/.cache/whep-target}/release/whepd-tokio}
 work=$(mktemp -d)
 port=$((18000 + RANDOM % 1000))
-"$target/whepd-tokio" --http "127.0.0.1:$port" "$@" >"$work/server.log" 2>&1 &
+"$whepd" --http "127.0.0.1:$port" "$@" >"$work/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; rm -rf "$work"' EXIT
 sleep 3
-decoded=() presented=()
-for i in $(seq 1 "$n"); do
-    sleep "$((RANDOM % 2)).$((RANDOM % 10))" # somewhere in the 2 s GOP
-    verdict=$(timeout 40 setsid "$chromium" --headless --no-sandbox --disable-gpu --disable-quic \
+url="http://127.0.0.1:$port/?stream=demo&test=1&frames=30&timeout=30"
+
+# Runs a browser command in a session of its own until the page prints its verdict (40 s at
+# most), kills the whole session and prints the verdict line.
+verdict_of() {
+    local log=$work/browser.log
+    setsid "$@" >"$log" 2>&1 </dev/null &
+    local pid=$!
+    for _ in $(seq 400); do
+        grep -q '\[WHEP\] \(PASS\|FAIL\)' "$log" && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    grep -m1 -o '\[WHEP\] \(PASS\|FAIL\).*' "$log" | tr -d '"' || true
+}
+
+chromium_verdict() {
+    local chromium
+    chromium=$(command -v chromium || command -v chromium-browser)
+    verdict_of "$chromium" --headless --no-sandbox --disable-gpu --disable-quic \
         --no-first-run --disable-background-networking --disable-component-update --disable-sync \
         --autoplay-policy=no-user-gesture-required --allow-loopback-in-peer-connection \
         --disable-features=WebRtcHideLocalIpsWithMdns --enable-logging=stderr --v=0 \
-        --user-data-dir="$work/profile-$i" \
-        "http://127.0.0.1:$port/?stream=demo&test=1&frames=30&timeout=30" 2>&1 |
-        grep -m1 -o 'PASS.*firstPresentedMs=[0-9?]*' || true)
-    pkill -f "user-data-dir=$work/profile-$i" 2>/dev/null || true
-    d=$(sed -nE 's/.*firstFrameMs=([0-9]+).*/\1/p' <<<"$verdict")
-    p=$(sed -nE 's/.*firstPresentedMs=([0-9?]+).*/\1/p' <<<"$verdict")
-    echo "run $i: decoded ${d:-?} ms, on screen ${p:-?} ms"
-    [[ -n $d ]] && decoded+=("$d")
-    [[ $p =~ ^[0-9]+$ ]] && presented+=("$p")
+        --user-data-dir="$work/chromium-$1" "$url"
+}
+
+firefox_verdict() {
+    local profile=$work/firefox-$1
+    mkdir -p "$profile"
+    # As tests/src/firefox.rs: loopback ICE, autoplay, the console on stdout, quiet offline.
+    cat >"$profile/user.js" <<'EOF'
+user_pref("media.peerconnection.ice.loopback", true);
+user_pref("media.peerconnection.ice.obfuscate_host_addresses", false);
+user_pref("media.autoplay.default", 0);
+user_pref("media.autoplay.blocking_policy", 0);
+user_pref("devtools.console.stdout.content", true);
+user_pref("browser.shell.checkDefaultBrowser", false);
+user_pref("browser.startup.homepage_override.mstone", "ignore");
+user_pref("datareporting.policy.dataSubmissionEnabled", false);
+user_pref("toolkit.telemetry.reportingpolicy.firstRun", false);
+user_pref("app.update.auto", false);
+user_pref("app.normandy.enabled", false);
+user_pref("browser.safebrowsing.update.enabled", false);
+user_pref("network.captive-portal-service.enabled", false);
+user_pref("network.connectivity-service.enabled", false);
+EOF
+    MOZ_CRASHREPORTER_DISABLE=1 verdict_of "${FIREFOX:-firefox-esr}" --headless --no-remote \
+        --profile "$profile" "$url"
+}
+
+declare -A decoded presented
+for i in $(seq 1 "$n"); do
+    for b in $browsers; do
+        sleep "$((RANDOM % 2)).$((RANDOM % 10))" # somewhere in the 2 s GOP
+        verdict=$("${b}_verdict" "$i")
+        d=$(sed -nE 's/.*firstFrameMs=([0-9]+).*/\1/p' <<<"$verdict")
+        p=$(sed -nE 's/.*firstPresentedMs=([0-9?]+).*/\1/p' <<<"$verdict")
+        c=$(sed -nE 's/.*codec=([^ ,]+).*/\1/p' <<<"$verdict")
+        echo "run $i $b: decoded ${d:-?} ms, on screen ${p:-?} ms, codec ${c:-?}"
+        [[ -n $d ]] && decoded[$b]+="$d "
+        [[ $p =~ ^[0-9]+$ ]] && presented[$b]+="$p "
+    done
 done
 summary() {
     local name=$1; shift
@@ -41,5 +101,7 @@ summary() {
     sorted=($(printf '%s\n' "$@" | sort -n))
     echo "$name: ${#sorted[@]} runs, min ${sorted[0]} ms, median ${sorted[$((${#sorted[@]} / 2))]} ms, max ${sorted[-1]} ms"
 }
-summary "POST to first decoded frame" "${decoded[@]}"
-summary "POST to first frame on screen" "${presented[@]}"
+for b in $browsers; do
+    summary "$b: POST to first decoded frame" ${decoded[$b]:-}
+    summary "$b: POST to first frame on screen" ${presented[$b]:-}
+done

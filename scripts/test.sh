@@ -3,13 +3,13 @@
 #
 #   bash scripts/test.sh
 #
-# It installs what the tests need when it is missing (FFmpeg and Chromium from Debian's packages,
-# with apt-get as root or through sudo), then: rustfmt check, the core's purity check (no async
-# runtime, socket or process crate in whep-core's normal dependencies), clippy with warnings
-# denied, rustdoc with warnings denied, and every test (unit, simulation, property, doc, and the
-# end-to-end suite with real FFmpeg, real sockets, str0m viewers and headless Chromium), and
-# finally every fuzz target for a short bounded time (cargo-fuzz on stable via RUSTC_BOOTSTRAP=1,
-# see scripts/fuzz.sh).
+# It installs what the tests need when it is missing (FFmpeg, Chromium and Firefox ESR from
+# Debian's packages, with apt-get as root or through sudo), then: rustfmt check, the core's
+# purity check (no async runtime, socket or process crate in whep-core's normal dependencies),
+# clippy with warnings denied, rustdoc with warnings denied, and every test (unit, simulation,
+# property, doc, and the end-to-end suite with real FFmpeg, real sockets, str0m viewers, headless
+# Chromium and headless Firefox), and finally every fuzz target for a short bounded time
+# (cargo-fuzz on stable via RUSTC_BOOTSTRAP=1, see scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/whep-target}"
@@ -20,6 +20,7 @@ step "system packages the end-to-end tests need"
 missing=()
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || missing+=(chromium)
+[ -x "${FIREFOX:-/usr/bin/firefox-esr}" ] || missing+=(firefox-esr)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing: ${missing[*]}"
     sudo=""
@@ -30,6 +31,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 ffmpeg -hide_banner -version | head -n 1
 "${CHROMIUM:-/usr/bin/chromium}" --version 2>/dev/null | head -n 1 || true
+"${FIREFOX:-/usr/bin/firefox-esr}" --version 2>/dev/null | head -n 1 || true
 
 step "rustfmt"
 cargo fmt --all -- --check

@@ -1,10 +1,11 @@
 //! End-to-end harness: runs a real server binary (any runtime's `whepd`) as a child process on
 //! loopback ports, with real FFmpeg, and talks to it over real HTTP and UDP with [`viewer`]s
-//! (str0m) or a headless Chromium ([`chromium`]).
+//! (str0m), a headless Chromium ([`chromium`]) or a headless Firefox ESR ([`firefox`]).
 //!
 //! The suite in `tests/e2e.rs` is written once against [`Server`] and instantiated per runtime
 //! binary.
 
+pub mod firefox;
 pub mod http;
 pub mod links;
 pub mod netns;
@@ -69,10 +70,21 @@ impl Server {
     ///
     /// When it does not come up within 20 s (the panic carries its output).
     pub fn start_on(binary: &str, http: &str, extra: &[&str]) -> Self {
+        Self::start_with(binary, http, "127.0.0.1:0", extra)
+    }
+
+    /// [`start`](Self::start) with HTTP on `http` and the WebRTC UDP socket on `udp`: both on
+    /// a namespace's host-side veth address, for a browser in that namespace that gathers no
+    /// loopback candidate (Firefox, even with `media.peerconnection.ice.loopback`).
+    ///
+    /// # Panics
+    ///
+    /// When it does not come up within 20 s (the panic carries its output).
+    pub fn start_with(binary: &str, http: &str, udp: &str, extra: &[&str]) -> Self {
         let ingest = next_ingest_range();
         let range = format!("{}-{}", ingest.0, ingest.1);
         let mut cmd = Command::new(binary);
-        cmd.args(["--http", http, "--udp", "127.0.0.1:0", "--admin-token", ADMIN_TOKEN])
+        cmd.args(["--http", http, "--udp", udp, "--admin-token", ADMIN_TOKEN])
             .args(["--ingest-ports", &range])
             .args(extra)
             .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()))

@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use whep_e2e::netns::Netns;
 use whep_e2e::viewer::{Viewer, ViewerError, ViewerOptions};
-use whep_e2e::{Server, chromium, process_alive, wait_until};
+use whep_e2e::{Server, chromium, firefox, process_alive, wait_until};
 
 const CHROMIUM_OFFER: &str = include_str!("../../core/tests/data/chromium-156-offer.sdp");
 const SDP: (&str, &str) = ("Content-Type", "application/sdp");
@@ -68,6 +69,7 @@ fn chromium_plays_demo(bin: &str) {
     // frame is composited).
     // The page offers H264 with its retransmission format, so a lost packet can be resent.
     assert_eq!(chromium::field(&verdict, "rtx"), Some("1"), "no RTX negotiated: {verdict}");
+    assert_eq!(chromium::field(&verdict, "codec"), Some("video/H264"), "{verdict}");
     let ms = chromium::field(&verdict, "firstFrameMs").and_then(|v| v.parse::<u64>().ok());
     assert!(ms.is_some_and(|ms| ms > 0), "firstFrameMs missing: {verdict}");
     tracing::info!(
@@ -80,6 +82,41 @@ fn chromium_plays_demo(bin: &str) {
          the first frame on screen), browser start to PASS {} ms",
         chromium::field(&verdict, "firstFrameMs").unwrap_or("?"),
         chromium::field(&verdict, "firstPresentedMs").unwrap_or("?"),
+        started.elapsed().as_millis()
+    );
+    assert_eq!(server.metric("whep_viewers_joined_total"), Some(1.0));
+}
+
+/// Debian's Firefox ESR (no OpenH264: it offers VP8, VP9 and AV1) opens the player page, gets
+/// the demo's VP8 rendition, decodes 30 frames and receives audio. The server's UDP socket is on
+/// every address: Firefox gathers no loopback candidate (see [`Server::start_on`]).
+fn firefox_plays_demo(bin: &str) {
+    // Firefox gathers no loopback candidate: it runs in a namespace, the server on the
+    // namespace's host-side veth address (HTTP and WebRTC), so traffic stays on the veth pair.
+    let ns = Netns::create().expect("network namespace (needs root)");
+    let host = ns.host.to_string();
+    let mut server = Server::start_with(bin, &format!("{host}:0"), &format!("{host}:0"), &[]);
+    let url = format!("http://{}/?stream=demo&test=1&frames=30&timeout=30", server.http);
+    let started = Instant::now();
+    let verdict = firefox::run_page_in(Some(ns.name()), &url, Duration::from_secs(45))
+        .unwrap_or_else(|e| panic!("{e}\nserver output:\n{}", server.output()));
+    assert!(verdict.contains("[WHEP] PASS"), "{verdict}\nserver output:\n{}", server.output());
+    let frames: u64 =
+        firefox::field(&verdict, "framesDecoded").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let audio: u64 =
+        firefox::field(&verdict, "audioPackets").and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(frames >= 30 && audio > 0, "{verdict}");
+    let codec = firefox::field(&verdict, "codec").map(str::to_ascii_lowercase);
+    assert_eq!(codec.as_deref(), Some("video/vp8"), "not the VP8 rendition: {verdict}");
+    // The page offers VP8 with its retransmission format when the browser has no H264.
+    assert_eq!(firefox::field(&verdict, "rtx"), Some("1"), "no RTX negotiated: {verdict}");
+    let ms = firefox::field(&verdict, "firstFrameMs").and_then(|v| v.parse::<u64>().ok());
+    assert!(ms.is_some_and(|ms| ms > 0), "firstFrameMs missing: {verdict}");
+    eprintln!(
+        "firefox: firstFrameMs={} (POST to first decoded frame), codec={}, browser start to \
+         PASS {} ms",
+        firefox::field(&verdict, "firstFrameMs").unwrap_or("?"),
+        firefox::field(&verdict, "codec").unwrap_or("?"),
         started.elapsed().as_millis()
     );
     assert_eq!(server.metric("whep_viewers_joined_total"), Some(1.0));
@@ -358,6 +395,10 @@ macro_rules! suite {
             #[test]
             fn chromium_plays_demo() {
                 super::chromium_plays_demo(bin());
+            }
+            #[test]
+            fn firefox_plays_demo() {
+                super::firefox_plays_demo(bin());
             }
             #[test]
             fn concurrent_viewers_and_cap() {
