@@ -37,6 +37,8 @@ pub struct Metrics {
     pub path_moves: u64,
     /// Viewers moved between renditions of their codec (a bitrate ladder's rungs).
     pub rendition_switches: u64,
+    /// Times a lossy viewer with no lower rung was put on keyframes only.
+    pub keyframes_only: u64,
     /// Viewers started with the cached GOP instead of waiting for the next keyframe.
     pub gop_primes: u64,
     /// Paced primes whose backlog outgrew [`PrimePacing::max_pending`](crate::PrimePacing)
@@ -109,6 +111,7 @@ impl Metrics {
             early_nominations,
             path_moves,
             rendition_switches,
+            keyframes_only,
             gop_primes,
             prime_backlogs_dropped,
             packets_retransmitted,
@@ -140,6 +143,7 @@ impl Metrics {
         self.early_nominations += early_nominations;
         self.path_moves += path_moves;
         self.rendition_switches += rendition_switches;
+        self.keyframes_only += keyframes_only;
         self.gop_primes += gop_primes;
         self.prime_backlogs_dropped += prime_backlogs_dropped;
         self.packets_retransmitted += packets_retransmitted;

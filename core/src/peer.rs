@@ -212,6 +212,14 @@ pub(crate) struct Ladder {
     lossy: u8,
     /// Since when the reports say (nearly) no loss.
     clean_since: Option<Instant>,
+    /// Lossy with no lower rung: the viewer gets the keyframes alone (a picture every GOP
+    /// rather than none), until it is clean again.
+    pub(crate) keyframes_only: bool,
+    /// Clean again: full video resumes at the next keyframe (P frames now would refer to
+    /// frames it never got).
+    pub(crate) resume_at_keyframe: bool,
+    /// The timestamp of the keyframe being passed in keyframes-only mode.
+    keyframe_ts: Option<u32>,
 }
 
 /// Fraction lost in a receiver report that, twice in a row, moves a viewer down a rung.
@@ -265,9 +273,6 @@ pub(crate) struct Offer<'a> {
     /// The codecs of the stream's video renditions, its H264 first: the viewer gets the first
     /// its offer can receive.
     pub(crate) videos: &'a [VideoCodec],
-    /// The stream has more than one rendition of the codec this viewer will get: its receiver
-    /// reports are collected (str0m's stats, each second) to move it between them.
-    pub(crate) ladder: bool,
 }
 
 /// A viewer's str0m peer that accepted its offer: ICE-lite, RTP mode, H264 and Opus, our DTLS
@@ -329,7 +334,9 @@ impl Answered {
             .set_extension_map(rtp_extensions())
             .set_send_buffer_video(config.rtx_cache_packets)
             .set_send_buffer_audio(64)
-            .set_stats_interval(offer.ladder.then_some(Duration::from_secs(1)));
+            // Receiver reports move the viewer along a ladder, or to keyframes only without
+            // one (see `Ladder`).
+            .set_stats_interval(Some(Duration::from_secs(1)));
         if let Some(cert) = dtls.1 {
             cfg = cfg.set_dtls_cert(cert.clone());
         }
@@ -617,6 +624,12 @@ impl Peer {
             news.push(PeerNews::Switched { to: pkt.rendition });
         }
         if pkt.kind == MediaKind::Video
+            && self.ladder.keyframes_only
+            && !self.keyframe_only_passes(pkt)
+        {
+            return false;
+        }
+        if pkt.kind == MediaKind::Video
             && let Some(backlog) = &mut self.video.backlog
         {
             match backlog.push(pkt) {
@@ -810,6 +823,27 @@ impl Peer {
         }
         self.timeout(now, grace, out, news);
         true
+    }
+
+    /// In keyframes-only mode, whether a video packet goes out: the packets of keyframes do
+    /// (a new keyframe restarts the track, so sequence numbers stay contiguous over the
+    /// frames left out), the rest do not. A new keyframe also ends the mode when the viewer
+    /// was found clean again.
+    fn keyframe_only_passes(&mut self, pkt: &SourcePacket) -> bool {
+        let l = &mut self.ladder;
+        if pkt.keyframe_start && l.keyframe_ts != Some(pkt.timestamp) {
+            l.keyframe_ts = Some(pkt.timestamp);
+            if l.resume_at_keyframe {
+                l.keyframes_only = false;
+                l.resume_at_keyframe = false;
+                l.keyframe_ts = None;
+            }
+            if self.video.backlog.is_none() {
+                self.video.offset = None;
+            }
+            return true;
+        }
+        l.keyframe_ts == Some(pkt.timestamp)
     }
 
     /// Moves the viewer to the rendition `pkt` (a keyframe start) belongs to: its video

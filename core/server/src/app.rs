@@ -669,6 +669,11 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
             "Viewers moved between renditions of their codec.",
             m.rendition_switches,
         ),
+        (
+            "keyframes_only_total",
+            "Lossy viewers without a lower rendition put on keyframes only.",
+            m.keyframes_only,
+        ),
         ("gop_primes_total", "Viewers started with the cached GOP.", m.gop_primes),
         (
             "prime_backlogs_dropped_total",

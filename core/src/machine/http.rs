@@ -163,13 +163,11 @@ impl Core {
         let summary = sdp::check_offer(&req.body)?;
         let profile = stream.config.profile;
         let videos: Vec<VideoCodec> = stream.videos.iter().map(|v| v.codec).collect();
-        let Some((likely, _)) = sdp::choose_video(&summary, &videos, profile, |_| true) else {
+        if sdp::choose_video(&summary, &videos, profile, |_| true).is_none() {
             // With the offer's other faults and before str0m reads it: the viewer is told what
             // this stream sends.
             return Err(Reject::NoRendition { sends: sdp::sends(&videos) });
-        };
-        let codec = videos.get(usize::from(likely)).copied();
-        let ladder = videos.iter().filter(|c| Some(**c) == codec).count() > 1;
+        }
         sdp::check_bundle(&req.body)?;
         let cap = stream.config.max_viewers.unwrap_or(self.config.max_viewers_per_stream);
         let total_cap = self.config.max_viewers_total;
@@ -216,7 +214,7 @@ impl Core {
 
         let local_ufrag = self.unique_ufrag();
         let answered = Answered::new(
-            Offer { text: &offer_text, summary: &summary, profile, videos: &videos, ladder },
+            Offer { text: &offer_text, summary: &summary, profile, videos: &videos },
             IceCreds { ufrag: local_ufrag.clone(), pass: self.rng.ice_chars(24) },
             (&self.crypto, self.cert.as_ref()),
             &self.config,

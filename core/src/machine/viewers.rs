@@ -164,9 +164,24 @@ impl Core {
             Step::Down => rungs.filter(|(k, _)| kbps(*k) < mine).max_by_key(|(k, _)| kbps(*k)),
             Step::Up => rungs.filter(|(k, _)| kbps(*k) > mine).min_by_key(|(k, _)| kbps(*k)),
         };
-        if let Some((k, _)) = next {
-            debug!(session = %s, %stream, ?step, lost, to = k, "rendition switch asked");
-            peer.ladder.target = u8::try_from(k).ok();
+        let l = &mut peer.ladder;
+        match (step, next) {
+            // Clean again after keyframes only: full video from the next keyframe first.
+            (Step::Up, _) if l.keyframes_only => {
+                l.resume_at_keyframe = true;
+                debug!(session = %s, %stream, lost, "viewer clean again: full video at the next keyframe");
+            }
+            (_, Some((k, _))) => {
+                debug!(session = %s, %stream, ?step, lost, to = k, "rendition switch asked");
+                l.target = u8::try_from(k).ok();
+            }
+            (Step::Down, None) if !l.keyframes_only => {
+                l.keyframes_only = true;
+                l.resume_at_keyframe = false;
+                self.metrics.keyframes_only += 1;
+                debug!(session = %s, %stream, lost, "no lower rung: keyframes only");
+            }
+            _ => {}
         }
     }
 
