@@ -9,8 +9,10 @@
 #   bash scripts/first-frame.sh [--browser chromium|firefox|both] [N] [whepd flags...]
 #   # e.g. 10, or 6 --no-gop-cache, or --browser both 5
 #
-# Needs the release binaries (cargo build --release -p whep-e2e --bins; WHEPD=path picks another
-# whepd) and chromium / firefox-esr.
+# Needs root, the release binaries (cargo build --release -p whep-e2e --bins; WHEPD=path picks
+# another whepd) and chromium / firefox-esr. The browsers run in a network namespace the script
+# makes (a veth pair in 10.78.0.0/16) and removes, the server on its host-side address: Firefox
+# gathers no loopback candidate, and traffic stays on the pair.
 set -euo pipefail
 browsers=chromium
 if [[ ${1:-} == --browser ]]; then
@@ -26,11 +28,21 @@ shift || true
 whepd=${WHEPD:-${CARGO_TARGET_DIR:-$HOME/.cache/whep-target}/release/whepd-tokio}
 work=$(mktemp -d)
 port=$((18000 + RANDOM % 1000))
-"$whepd" --http "127.0.0.1:$port" "$@" >"$work/server.log" 2>&1 &
+ns=wff-$$
+server=
+net=10.78.$(($$ % 250))
+ip netns add "$ns"
+trap 'kill $server 2>/dev/null; ip netns del "$ns" 2>/dev/null; rm -rf "$work"' EXIT
+ip link add "wffh$$" type veth peer name "wffp$$" netns "$ns"
+ip addr add "$net.1/30" dev "wffh$$"
+ip link set "wffh$$" up
+ip -n "$ns" addr add "$net.2/30" dev "wffp$$"
+ip -n "$ns" link set "wffp$$" up
+ip -n "$ns" link set lo up
+"$whepd" --http "$net.1:$port" --udp "$net.1:0" "$@" >"$work/server.log" 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null; rm -rf "$work"' EXIT
 sleep 3
-url="http://127.0.0.1:$port/?stream=demo&test=1&frames=30&timeout=30"
+url="http://$net.1:$port/?stream=demo&test=1&frames=30&timeout=30"
 
 # Runs a browser command in a session of its own until the page prints its verdict (40 s at
 # most), kills the whole session and prints the verdict line.
@@ -51,7 +63,7 @@ verdict_of() {
 chromium_verdict() {
     local chromium
     chromium=$(command -v chromium || command -v chromium-browser)
-    verdict_of "$chromium" --headless --no-sandbox --disable-gpu --disable-quic \
+    verdict_of ip netns exec "$ns" "$chromium" --headless --no-sandbox --disable-gpu --disable-quic \
         --no-first-run --disable-background-networking --disable-component-update --disable-sync \
         --autoplay-policy=no-user-gesture-required --allow-loopback-in-peer-connection \
         --disable-features=WebRtcHideLocalIpsWithMdns --enable-logging=stderr --v=0 \
@@ -78,7 +90,8 @@ user_pref("browser.safebrowsing.update.enabled", false);
 user_pref("network.captive-portal-service.enabled", false);
 user_pref("network.connectivity-service.enabled", false);
 EOF
-    MOZ_CRASHREPORTER_DISABLE=1 verdict_of "${FIREFOX:-firefox-esr}" --headless --no-remote \
+    MOZ_CRASHREPORTER_DISABLE=1 verdict_of ip netns exec "$ns" "${FIREFOX:-firefox-esr}" \
+        --headless --no-remote \
         --profile "$profile" "$url"
 }
 
