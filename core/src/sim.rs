@@ -429,10 +429,7 @@ impl SimWorld {
     /// Creates a viewer, POSTs its offer and applies the answer. Returns its index and the
     /// response.
     pub fn join(&mut self, stream: &StreamId) -> (usize, WhepResponse) {
-        self.next_viewer += 1;
-        let n = self.next_viewer;
-        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, (n >> 8) as u8, n as u8)), 5000);
-        self.join_from(stream, addr)
+        self.join_with(stream, &[Codec::H264])
     }
 
     /// [`SimWorld::join`] from a given address.

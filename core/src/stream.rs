@@ -132,6 +132,21 @@ impl Stream {
         }
     }
 
+    /// The target bitrate of video rendition `k` (0: the stream's H264, whose bitrate is set
+    /// only when it is transcoded), in kbit/s.
+    pub(crate) fn rendition_kbps(&self, k: usize) -> Option<u32> {
+        let egress = &self.config.egress;
+        match k {
+            0 => egress.video_bitrate_kbps,
+            _ => egress.renditions.get(k - 1).map(|r| r.bitrate_kbps),
+        }
+    }
+
+    /// Video rendition `k`'s GOP cache.
+    pub(crate) fn gop(&self, k: u8) -> Option<&GopCache> {
+        self.videos.get(usize::from(k)).map(|v| &v.gop)
+    }
+
     /// Further video renditions besides the stream's own H264 (each with its ingest port).
     pub(crate) fn renditions(&self) -> u8 {
         u8::try_from(self.videos.len().saturating_sub(1)).unwrap_or(u8::MAX)

@@ -6,13 +6,11 @@
 //! `console.log("x")` is printed as `console.log: "x"`), and keeps the browser quiet offline
 //! (no telemetry, updates, safe browsing or first-run pages).
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
@@ -134,24 +132,7 @@ pub fn run_page_in(netns: Option<&str>, url: &str, timeout: Duration) -> Result<
             return Err(format!("cannot start {bin}: {e}"));
         }
     };
-    let (tx, rx) = mpsc::channel();
-    for pipe in [
-        child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    drop(tx);
+    let rx = crate::output_lines(&mut child);
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
     let result = loop {

@@ -52,6 +52,29 @@ pub struct Server {
     lines: Vec<String>,
 }
 
+/// The lines `child` writes to its piped stdout and stderr, as they come (a reader thread per
+/// pipe; the channel closes when both end).
+pub(crate) fn output_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    for pipe in [
+        child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    rx
+}
+
 impl Server {
     /// Starts `binary` on ephemeral loopback ports with the admin token, a private ingest port
     /// range and `extra` arguments, and waits until it listens.
@@ -93,23 +116,7 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {binary}: {e}"));
-        let (tx, log) = mpsc::channel();
-        for pipe in [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let tx = tx.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
+        let log = output_lines(&mut child);
         let mut server = Self {
             child: Some(child),
             http: SocketAddr::from(([0, 0, 0, 0], 0)),

@@ -150,9 +150,10 @@ impl Core {
                     }
                 }
                 peer.flush(now, grace, &mut self.outputs, &mut news);
-                let dead = peer.dead;
+                let (dead, keyframe_wanted) = (peer.dead, peer.keyframe_wanted);
                 self.apply_news(s, &mut news, now);
-                if !dead && self.peers.get(&s).is_some_and(|p| p.keyframe_wanted) {
+                // A request that came with this batch's news is answered after the next one.
+                if !dead && keyframe_wanted {
                     let stream = f.packets[f.start].0.clone();
                     self.replay_gop(s, &stream, now);
                 }

@@ -276,10 +276,7 @@ impl Core {
                 .enumerate()
                 .map(|(k, v)| RenditionInfo {
                     codec: v.codec,
-                    bitrate_kbps: match k {
-                        0 => s.config.egress.video_bitrate_kbps,
-                        _ => s.config.egress.renditions.get(k - 1).map(|r| r.bitrate_kbps),
-                    },
+                    bitrate_kbps: s.rendition_kbps(k),
                     viewers: s
                         .viewers
                         .iter()

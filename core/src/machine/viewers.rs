@@ -116,7 +116,7 @@ impl Core {
             && st
                 .last_rtp
                 .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
-        let Some(gop) = st.videos.get(usize::from(peer.rendition)).map(|v| &v.gop) else {
+        let Some(gop) = st.gop(peer.rendition) else {
             return;
         };
         if gop.packets.is_empty() || !live {
@@ -153,11 +153,8 @@ impl Core {
         let Some(codec) = st.videos.get(usize::from(peer.rendition)).map(|v| v.codec) else {
             return;
         };
-        let egress = &st.config.egress;
-        let kbps = |k: usize| match k {
-            0 => egress.video_bitrate_kbps.unwrap_or(u32::MAX),
-            _ => egress.renditions.get(k - 1).map_or(0, |r| r.bitrate_kbps),
-        };
+        // A copied H264 has no bitrate set: it is the top rung.
+        let kbps = |k: usize| st.rendition_kbps(k).unwrap_or(u32::MAX);
         let mine = kbps(usize::from(peer.rendition));
         let rungs = st.videos.iter().enumerate().filter(|(_, v)| v.codec == codec);
         let next = match step {
@@ -193,7 +190,7 @@ impl Core {
         let (Some(st), Some(peer)) = (self.streams.get(stream), self.peers.get_mut(&s)) else {
             return;
         };
-        let Some(gop) = st.videos.get(usize::from(peer.rendition)).map(|v| &v.gop) else {
+        let Some(gop) = st.gop(peer.rendition) else {
             return;
         };
         if !gop.ends_a_frame() {
