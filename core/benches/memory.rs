@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use whep_core::sim::{SimWorld, Source};
-use whep_core::{Config, Core, PortPair, RateLimits, StreamConfig};
+use whep_core::{Core, CoreConfig, PortPair, RateLimits, StreamConfig};
 
 mod counting;
 use counting::{ALLOCS, LIVE};
@@ -63,7 +63,7 @@ fn main() {
         std::mem::forget(core);
         std::process::exit(0);
     }
-    let default = Config::default();
+    let default = CoreConfig::default();
     let (d_packets, d_age, d_cap) =
         (default.rtx_cache_packets, default.rtx_cache_age, default.rtx_ratio_cap);
     println!(
@@ -109,7 +109,7 @@ fn main() {
     let nobody = joined(config.clone(), 0);
     let chromium = joined_chromium(config.clone(), n).per_viewer(nobody, n);
     let joined = joined(config.clone(), n).per_viewer(nobody, n);
-    show("answered, not connected (Rtc, ICE agent, DTLS state, Peer)", joined);
+    show("answered, not connected (Rtc, ICE agent, DTLS state, Viewer)", joined);
     show("  the same answering Chromium 156's offer (not str0m's)", chromium);
     let mut bare = config.clone();
     bare.rtx_cache_age = Duration::ZERO;
@@ -131,15 +131,15 @@ fn main() {
     );
     show("total", full);
     println!(
-        "  (a viewer's `Peer` struct, str0m `Rtc` inline, is {} bytes)",
-        whep_core::sim::peer_struct_size()
+        "  (a viewer's `Viewer` struct, str0m `Rtc` inline, is {} bytes)",
+        whep_core::sim::viewer_struct_size()
     );
 }
 
 /// Starts a stream, lets it run 1.5 s (so a GOP is cached and every viewer is started with a
 /// burst of it, as a real viewer joining mid-GOP is), connects `n` viewers, streams 5 s more,
 /// and returns the core alone with the heap it holds.
-fn streamed(mut config: Config, n: usize) -> (Heap, Core, Instant, PortPair) {
+fn streamed(mut config: CoreConfig, n: usize) -> (Heap, Core, Instant, PortPair) {
     config.max_viewers_per_stream = n;
     config.max_viewers_total = n;
     config.rate_limits = RateLimits::unlimited();
@@ -161,7 +161,7 @@ fn streamed(mut config: Config, n: usize) -> (Heap, Core, Instant, PortPair) {
 }
 
 /// Heap per viewer (Rust, malloc) of `streamed` with `n` viewers over none.
-fn per_viewer(config: Config, n: usize) -> (f64, Option<f64>) {
+fn per_viewer(config: CoreConfig, n: usize) -> (f64, Option<f64>) {
     let (fixed, core, _, _) = streamed(config.clone(), 0);
     drop(core);
     let (heap, core, _, _) = streamed(config, n);
@@ -170,7 +170,7 @@ fn per_viewer(config: Config, n: usize) -> (f64, Option<f64>) {
 }
 
 /// Answers `n` viewers' offers without letting them connect; returns the core's heap.
-fn joined(mut config: Config, n: usize) -> Heap {
+fn joined(mut config: CoreConfig, n: usize) -> Heap {
     config.max_viewers_per_stream = n;
     config.max_viewers_total = n;
     config.rate_limits = RateLimits::unlimited();
@@ -189,7 +189,7 @@ fn joined(mut config: Config, n: usize) -> Heap {
 }
 
 /// Answers Chromium 156's offer (`core/tests/data`) `n` times; returns the core's heap.
-fn joined_chromium(mut config: Config, n: usize) -> Heap {
+fn joined_chromium(mut config: CoreConfig, n: usize) -> Heap {
     const OFFER: &str = include_str!("../tests/data/chromium-156-offer.sdp");
     config.max_viewers_per_stream = n;
     config.max_viewers_total = n;

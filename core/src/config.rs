@@ -10,7 +10,7 @@ use crate::ratelimit::RateLimits;
 
 /// Configuration of a [`Core`](crate::Core). Every field has a sensible default.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub struct CoreConfig {
     /// Seed of the CSPRNG (ChaCha20) that draws session ids, ETags and ICE credentials.
     ///
     /// The runtime fills it from the operating system's entropy; tests fix it.
@@ -98,7 +98,7 @@ pub struct Config {
     /// Zero turns retransmission off.
     pub rtx_cache_age: Duration,
     /// Video packets kept for retransmission while a viewer is started from the GOP cache
-    /// ([`Config::gop_cache`]), until [`rtx_cache_age`](Self::rtx_cache_age) after its last
+    /// ([`CoreConfig::gop_cache`]), until [`rtx_cache_age`](Self::rtx_cache_age) after its last
     /// cached packet went out; then back to `rtx_cache_packets`. The cached GOP goes out
     /// faster than live (8 Mbit/s by default), so 64 packets would be gone within ~80 ms: a
     /// fragment of the starting keyframe lost on a path with a longer round trip could not be
@@ -122,11 +122,11 @@ pub struct Config {
     /// 1 MiB). See [`PrimePacing`].
     pub prime_pacing: Option<PrimePacing>,
     /// A viewer's keyframe request (PLI or FIR) is answered from the GOP cache
-    /// ([`Config::gop_cache`]) at most once per this interval: FFmpeg cannot make a keyframe on
+    /// ([`CoreConfig::gop_cache`]) at most once per this interval: FFmpeg cannot make a keyframe on
     /// request, so the viewer gets the cached keyframe and the frames since, again, at the end
     /// of the frame being received, with its sequence numbers continuing and the frames' RTP
     /// timestamps placed before the next live frame's, paced like a join
-    /// ([`Config::prime_pacing`]). A lost keyframe then costs about a round trip instead of
+    /// ([`CoreConfig::prime_pacing`]). A lost keyframe then costs about a round trip instead of
     /// the rest of the GOP. Each answer costs up to the cached GOP's bytes (half a GOP on
     /// average); requests within the interval are counted and left unanswered (the viewer
     /// repeats them). `None`: requests are only counted, as before.
@@ -143,7 +143,7 @@ pub struct Config {
     pub process: ProcessConfig,
 }
 
-impl Default for Config {
+impl Default for CoreConfig {
     fn default() -> Self {
         Self {
             rng_seed: [0; 32],
@@ -181,7 +181,7 @@ impl Default for Config {
     }
 }
 
-impl Config {
+impl CoreConfig {
     /// The host candidate a datagram from `source` was most likely sent to, for a runtime whose
     /// viewer socket is bound to a wildcard address and cannot read the destination of each
     /// datagram (`IP_PKTINFO`): a candidate with the source's own IP (a viewer on this host),
@@ -331,7 +331,7 @@ pub struct StreamConfig {
     pub egress: EgressConfig,
     /// The H264 profile the stream carries.
     pub profile: H264Profile,
-    /// Per-stream viewer cap; `None` uses [`Config::max_viewers_per_stream`].
+    /// Per-stream viewer cap; `None` uses [`CoreConfig::max_viewers_per_stream`].
     pub max_viewers: Option<usize>,
 }
 
@@ -363,19 +363,19 @@ mod tests {
 
     #[test]
     fn candidate_for_prefers_same_ip_then_scope_then_family() {
-        let cfg = Config {
+        let cfg = CoreConfig {
             host_candidates: vec![
                 "127.0.0.1:3478".parse().expect("addr"),
                 "192.0.2.7:3478".parse().expect("addr"),
                 "[2001:db8::7]:3478".parse().expect("addr"),
             ],
-            ..Config::default()
+            ..CoreConfig::default()
         };
         let pick = |s: &str| cfg.candidate_for(s.parse().expect("addr")).map(|a| a.to_string());
         assert_eq!(pick("127.0.0.1:5000").as_deref(), Some("127.0.0.1:3478"));
         assert_eq!(pick("192.0.2.7:5000").as_deref(), Some("192.0.2.7:3478"));
         assert_eq!(pick("198.51.100.1:5000").as_deref(), Some("192.0.2.7:3478"));
         assert_eq!(pick("[2001:db8::9]:5000").as_deref(), Some("[2001:db8::7]:3478"));
-        assert_eq!(Config::default().candidate_for("127.0.0.1:1".parse().expect("addr")), None);
+        assert_eq!(CoreConfig::default().candidate_for("127.0.0.1:1".parse().expect("addr")), None);
     }
 }

@@ -87,7 +87,7 @@ pub struct EgressConfig {
     /// The Opus bitrate in kbit/s when transcoding; default 96. Ignored in copy mode.
     pub audio_bitrate_kbps: u32,
     /// Further video renditions, each an output leg of its own after the audio leg; default
-    /// none. At most [`Config::max_renditions`](crate::Config::max_renditions).
+    /// none. At most [`CoreConfig::max_renditions`](crate::CoreConfig::max_renditions).
     pub renditions: Vec<Rendition>,
 }
 

@@ -115,7 +115,7 @@ pub fn with_world<T: 'static, R>(
 }
 
 /// A simulated world of `config` without rate limits, with a started external stream `demo`.
-pub fn demo_world(mut config: crate::Config) -> (SimWorld, StreamId) {
+pub fn demo_world(mut config: crate::CoreConfig) -> (SimWorld, StreamId) {
     // A world serves many inputs at one virtual instant: rate limits (tested on their own)
     // would refuse them after the first burst.
     config.rate_limits = crate::RateLimits::unlimited();

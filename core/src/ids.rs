@@ -60,7 +60,7 @@ impl SessionId {
 
 /// A map keyed by [`SessionId`] that hashes an id by taking 64 of its random bits. Session
 /// ids are drawn by the server from a CSPRNG, so nobody can choose colliding keys and a keyed
-/// hash (SipHash, the std default) buys nothing; the fan-out looks a peer up per viewer-packet.
+/// hash (SipHash, the std default) buys nothing; the fan-out looks a viewer up per packet copy.
 pub(crate) type SessionMap<V> = HashMap<SessionId, V, BuildHasherDefault<SessionHasher>>;
 
 /// See [`SessionMap`].
@@ -109,7 +109,7 @@ impl ETag {
     }
 }
 
-/// The core's only source of randomness: ChaCha20 seeded from [`Config`](crate::Config).
+/// The core's only source of randomness: ChaCha20 seeded from [`CoreConfig`](crate::CoreConfig).
 #[derive(Debug)]
 pub(crate) struct Rng(ChaCha20Rng);
 

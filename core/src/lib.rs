@@ -1,4 +1,4 @@
-//! A sans-IO WHEP egress core: WHEP sessions, SDP codec policy, port accounting, stream and peer
+//! A sans-IO WHEP egress core: WHEP sessions, SDP codec policy, port accounting, stream and viewer
 //! lifecycle, and RTP fan-out over [str0m](https://docs.rs/str0m), as a deterministic state
 //! machine.
 //!
@@ -11,6 +11,24 @@
 //! crate re-implements: its routes, error statuses, per-stream cap, teardown order (viewers
 //! first, then FFmpeg, then the ports) and FFmpeg output legs are kept where they say so, and
 //! the differences are named there.
+//!
+//! # Words
+//!
+//! - A **stream** is one source of media: a supervised FFmpeg process (or an external feed)
+//!   and its ingest ports ([`StreamId`], [`StreamConfig`]).
+//! - A **viewer** is one watching player as the core keeps it (`viewer::Viewer`): its
+//!   negotiated tracks, path, timers and counters. It is named by the [`SessionId`] of its
+//!   **WHEP session**, the HTTP resource at `Location` that PATCH and DELETE address; "session"
+//!   means that resource and its id, nothing else.
+//! - A **peer** is only str0m's `Rtc` inside a viewer (its ICE-lite agent, DTLS and SRTP).
+//! - [`Core`] is the state machine. The server shell (`whep-server`) drives it from a
+//!   `Driver` task behind a cloneable `Engine` handle; each runtime crate's `Whep` is that
+//!   handle plus its HTTP server.
+//! - Configuration: [`CoreConfig`] (the state machine), [`ProcessConfig`] (how FFmpeg is
+//!   supervised), [`StreamConfig`] (one stream) with its [`EgressConfig`] (the FFmpeg WebRTC
+//!   output legs); in `whep-server`, `RoutesConfig` (application routes), `ServerConfig`
+//!   (everything an engine needs to start), `StreamSpec` (a stream as written in a file or
+//!   posted to the admin API) and `cli::Launch` (what `whepd`'s command line resolves to).
 //!
 //! # What this crate does not do
 //!
@@ -39,7 +57,7 @@
 //!
 //! # Run loop
 //!
-//! 1. Create a [`Core`] with a [`Config`] (host candidates, port range, caps, a random seed).
+//! 1. Create a [`Core`] with a [`CoreConfig`] (host candidates, port range, caps, a random seed).
 //! 2. Register streams with [`Core::add_stream`] and start them with [`Core::start_stream`].
 //! 3. Feed inputs as they happen, each with the current `now`:
 //!    [`Core::handle_http`] for a WHEP request (it returns the response at once),
@@ -52,9 +70,9 @@
 //!
 //! ```no_run
 //! use std::time::Instant;
-//! use whep_core::{Config, Core, Input, Output, StreamConfig, StreamId};
+//! use whep_core::{CoreConfig, Core, Input, Output, StreamConfig, StreamId};
 //!
-//! let mut config = Config::default();
+//! let mut config = CoreConfig::default();
 //! config.host_candidates = vec!["192.0.2.10:3478".parse().unwrap()];
 //! let mut core = Core::new(config, Instant::now());
 //! let demo = StreamId::new("demo").unwrap();
@@ -86,7 +104,7 @@
 //! # Randomness
 //!
 //! Session ids, ETags and ICE credentials come from ChaCha20 seeded with
-//! [`Config::rng_seed`] (128 random bits per session id). str0m draws DTLS keys and SSRCs from
+//! [`CoreConfig::rng_seed`] (128 random bits per session id). str0m draws DTLS keys and SSRCs from
 //! its own generators, so two runs with one seed agree on ids but not on bytes on the wire.
 
 #![warn(missing_docs)]
@@ -110,7 +128,6 @@ mod metrics;
 mod pacer;
 mod packet;
 mod path;
-mod peer;
 pub mod ports;
 pub mod ratelimit;
 mod resend;
@@ -119,12 +136,15 @@ pub mod sdp;
 pub mod sdpfrag;
 pub mod shard;
 mod stream;
+mod viewer;
 pub mod whep;
 
 #[cfg(feature = "sim")]
 pub mod sim;
 
-pub use config::{Config, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig, VideoCodec};
+pub use config::{
+    CoreConfig, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig, VideoCodec,
+};
 pub use ffmpeg::{EgressConfig, Rendition};
 pub use ids::{ETag, SessionId, StreamId};
 pub use machine::{Core, LOAD_SMOOTHING};
@@ -141,7 +161,7 @@ pub enum Input<'a> {
     Datagram {
         /// The sender.
         source: SocketAddr,
-        /// The local address it arrived on: one of [`Config::host_candidates`] (a socket bound
+        /// The local address it arrived on: one of [`CoreConfig::host_candidates`] (a socket bound
         /// to a wildcard address passes the advertised candidate).
         destination: SocketAddr,
         /// The datagram.
@@ -282,9 +302,9 @@ pub enum Output {
 pub enum CloseReason {
     /// The viewer sent DELETE.
     Deleted,
-    /// ICE and DTLS did not complete within [`Config::connect_timeout`].
+    /// ICE and DTLS did not complete within [`CoreConfig::connect_timeout`].
     ConnectTimeout,
-    /// No datagram from the viewer within [`Config::inactivity_timeout`].
+    /// No datagram from the viewer within [`CoreConfig::inactivity_timeout`].
     Inactive,
     /// The ICE agent lost the viewer and it did not recover within the grace period.
     IceDisconnected,
@@ -377,7 +397,7 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimerReason {
     /// A viewer: str0m's timers, connect deadline, inactivity, disconnect grace.
-    Peer,
+    Viewer,
     /// A stream: restart backoff, stale detection, stop escalation.
     Stream,
 }

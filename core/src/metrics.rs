@@ -21,15 +21,15 @@ pub struct Metrics {
     /// Viewers that never connected or whose ICE agent lost them.
     pub ice_failures: u64,
     /// Of those, viewers closed because they sent no ICE check within
-    /// [`Config::first_check_timeout`](crate::Config::first_check_timeout).
+    /// [`CoreConfig::first_check_timeout`](crate::CoreConfig::first_check_timeout).
     pub unchecked_sessions: u64,
     /// ICE checks dropped because their session already had
-    /// [`Config::max_viewer_addresses`](crate::Config::max_viewer_addresses) source addresses.
+    /// [`CoreConfig::max_viewer_addresses`](crate::CoreConfig::max_viewer_addresses) source addresses.
     pub addresses_refused: u64,
     /// Keyframe requests (PLI/FIR) received from viewers; FFmpeg cannot honour them.
     pub keyframe_requests: u64,
     /// Keyframe requests answered from the GOP cache
-    /// ([`Config::cached_keyframe_interval`](crate::Config::cached_keyframe_interval)).
+    /// ([`CoreConfig::cached_keyframe_interval`](crate::CoreConfig::cached_keyframe_interval)).
     pub cached_keyframes: u64,
     /// Viewers whose first DTLS nominated the pair it came on (see `crate::path`).
     pub early_nominations: u64,
@@ -49,7 +49,7 @@ pub struct Metrics {
     /// Datagram bytes of those retransmissions.
     pub bytes_retransmitted: u64,
     /// Retransmissions dropped because they exceeded a viewer's share
-    /// ([`Config::rtx_ratio_cap`](crate::Config::rtx_ratio_cap)).
+    /// ([`CoreConfig::rtx_ratio_cap`](crate::CoreConfig::rtx_ratio_cap)).
     pub retransmissions_dropped: u64,
     /// Times a viewer's retransmissions were turned off for exceeding that share.
     pub retransmission_suspensions: u64,

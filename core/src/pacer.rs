@@ -1,5 +1,5 @@
 //! The backlog of a viewer being primed with the cached GOP: video held back and released
-//! through a token bucket ([`PrimePacing`]). Pure bookkeeping, no str0m: the peer writes what
+//! through a token bucket ([`PrimePacing`]). Pure bookkeeping, no str0m: the viewer writes what
 //! [`Backlog::release`] hands out and the core wakes it at [`Backlog::next_release`].
 
 use std::collections::VecDeque;
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::packet::SourcePacket;
 
-/// Pacing of the cached GOP to a viewer that just connected (see [`Config::gop_cache`](crate::Config::gop_cache)).
+/// Pacing of the cached GOP to a viewer that just connected (see [`CoreConfig::gop_cache`](crate::CoreConfig::gop_cache)).
 ///
 /// The keyframe that starts the cache (SPS, PPS, IDR: every packet with the first timestamp)
 /// leaves at once, as a live keyframe does, so the first picture is not delayed. The rest of
@@ -21,7 +21,7 @@ use crate::packet::SourcePacket;
 /// right after a keyframe. The rate must exceed the stream's own, or the backlog never drains:
 /// it then reaches [`max_pending`](Self::max_pending), is dropped, and that viewer's video
 /// restarts at the next live keyframe. With the defaults, `burst + rate × RTT` stays within
-/// the retransmission cache ([`Config::rtx_cache_packets`](crate::Config::rtx_cache_packets), 256 packets of about 1.1 kB) for
+/// the retransmission cache ([`CoreConfig::rtx_cache_packets`](crate::CoreConfig::rtx_cache_packets), 256 packets of about 1.1 kB) for
 /// round trips up to about 200 ms, so a lost fragment of the keyframe can still be resent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrimePacing {

@@ -78,7 +78,7 @@ impl FromStr for RateSetting {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateSetting(pub Option<Rate>);
 
-/// The limits [`Config::rate_limits`](crate::Config::rate_limits) sets. `None` disables one.
+/// The limits [`CoreConfig::rate_limits`](crate::CoreConfig::rate_limits) sets. `None` disables one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimits {
     /// POSTs (new sessions) per client address.

@@ -7,7 +7,7 @@
 //! the same from the datagrams str0m hands out, with a few counters: the video and
 //! retransmission (RTX) SSRCs are in the clear in an SRTP packet's header. When the
 //! retransmitted share of the last half second to second exceeds the cap, the over-budget
-//! datagram is dropped and the peer turns its retransmission cache off until the window has
+//! datagram is dropped and the viewer turns its retransmission cache off until the window has
 //! rolled past the burst, so that further NACKs cost nothing, not even the encryption.
 
 use std::time::{Duration, Instant};
@@ -35,7 +35,7 @@ pub(crate) enum Verdict {
     /// Not a retransmission, or one within the budget.
     Send,
     /// A retransmission over the budget: drop it. `suspend` is set on the first one, when the
-    /// peer should turn its retransmission cache off.
+    /// viewer should turn its retransmission cache off.
     Drop { suspend: bool },
 }
 
@@ -108,7 +108,7 @@ impl ResendBudget {
         Verdict::Send
     }
 
-    /// Whether a suspension ended at `now`: the peer turns its retransmission cache back on.
+    /// Whether a suspension ended at `now`: the viewer turns its retransmission cache back on.
     pub(crate) fn resume(&mut self, now: Instant) -> bool {
         match self.suspended_until {
             Some(t) if now >= t => {

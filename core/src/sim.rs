@@ -21,25 +21,25 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event as RtcEvent, Input as RtcInput, Output as RtcOutput, Rtc};
 
 use crate::whep::{Method, WhepRequest, WhepResponse};
-use crate::{Config, Core, Event, Input, Output, PortPair, StreamConfig, StreamId, VideoCodec};
+use crate::{Core, CoreConfig, Event, Input, Output, PortPair, StreamConfig, StreamId, VideoCodec};
 
 pub mod ops;
 
 /// The address of the core's viewer socket in the simulation.
 pub const SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 3478);
 
-/// Bytes of a viewer's `Peer` struct (its str0m `Rtc` inline), for the memory benchmark.
-pub fn peer_struct_size() -> usize {
-    size_of::<crate::peer::Peer>()
+/// Bytes of a viewer's `Viewer` struct (its str0m `Rtc` inline), for the memory benchmark.
+pub fn viewer_struct_size() -> usize {
+    size_of::<crate::viewer::Viewer>()
 }
 
 /// A config suitable for simulations: the [`SERVER`] candidate and a fixed seed.
-pub fn config() -> Config {
-    Config {
+pub fn config() -> CoreConfig {
+    CoreConfig {
         host_candidates: vec![SERVER],
         rng_seed: [42; 32],
         ingest_ports: 40_000..=40_099,
-        ..Config::default()
+        ..CoreConfig::default()
     }
 }
 
@@ -362,14 +362,14 @@ pub struct SimWorld {
 
 impl SimWorld {
     /// A world around a core built from `config`.
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: CoreConfig) -> Self {
         Self::with_core(|start| Core::new(config, start))
     }
 
     /// A world around shard `member.index` of a sharded server. Its
     /// [`set`](crate::shard::ShardMember::set) is what the shards share: the server's
     /// (`whep_server::shard::ShardSet`), or any [`SharedSeats`](crate::shard::SharedSeats).
-    pub fn in_shard(config: Config, member: crate::shard::ShardMember) -> Self {
+    pub fn in_shard(config: CoreConfig, member: crate::shard::ShardMember) -> Self {
         Self::with_core(|start| Core::new(config, start).in_shard(member))
     }
 
@@ -956,7 +956,7 @@ impl SimWorld {
 
     /// As [`SimWorld::with_connected_viewers`], from a given config (caps are raised to `n`).
     pub fn with_connected_viewers_config(
-        mut config: Config,
+        mut config: CoreConfig,
         n: usize,
     ) -> (Self, StreamId, PortPair) {
         config.max_viewers_per_stream = n;

@@ -34,11 +34,11 @@ pub struct WhepRequest {
     /// Header fields in arrival order; names compare case-insensitively.
     pub headers: Vec<(String, String)>,
     /// The body. A runtime may stop reading after
-    /// [`Config::max_body_bytes`](crate::Config::max_body_bytes) + 1 bytes: anything longer is
+    /// [`CoreConfig::max_body_bytes`](crate::CoreConfig::max_body_bytes) + 1 bytes: anything longer is
     /// answered with 413 regardless of what follows.
     pub body: Vec<u8>,
     /// The client's address, when the runtime knows it: the key of the per-client rate limits
-    /// ([`Config::rate_limits`](crate::Config::rate_limits)). Without it only the global
+    /// ([`CoreConfig::rate_limits`](crate::CoreConfig::rate_limits)). Without it only the global
     /// limit applies.
     pub client: Option<IpAddr>,
 }
@@ -197,25 +197,25 @@ pub enum Reject {
     /// The server has no host candidate to offer (503).
     NoCandidates,
     /// The server is too busy to take another viewer without hurting those it has (503,
-    /// see [`Config::max_load`](crate::Config::max_load)).
+    /// see [`CoreConfig::max_load`](crate::CoreConfig::max_load)).
     Overloaded,
     /// An ICE restart the WebRTC stack refused; the session is kept (400).
     RestartFailed(String),
     /// The offer, or a PATCH on top of what the session holds, carries more ICE candidates than
-    /// [`Config::max_remote_candidates`](crate::Config::max_remote_candidates) (422).
+    /// [`CoreConfig::max_remote_candidates`](crate::CoreConfig::max_remote_candidates) (422).
     TooManyCandidates {
         /// The limit.
         cap: usize,
     },
     /// The client address already holds
-    /// [`Config::max_unconnected_per_client`](crate::Config::max_unconnected_per_client)
+    /// [`CoreConfig::max_unconnected_per_client`](crate::CoreConfig::max_unconnected_per_client)
     /// sessions that have not connected (429).
     TooManyUnconnected {
         /// The limit.
         cap: usize,
     },
     /// The client, or all clients together, sent more requests than
-    /// [`Config::rate_limits`](crate::Config::rate_limits) allows (429).
+    /// [`CoreConfig::rate_limits`](crate::CoreConfig::rate_limits) allows (429).
     RateLimited {
         /// How long until the request would be admitted.
         retry_after: Duration,

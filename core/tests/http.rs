@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use whep_core::sim::{self, SimWorld};
 use whep_core::whep::Method;
-use whep_core::{Config, IceServer, StreamConfig, StreamId, WhepRequest, WhepResponse};
+use whep_core::{CoreConfig, IceServer, StreamConfig, StreamId, WhepRequest, WhepResponse};
 
 const CHROMIUM_OFFER: &str = include_str!("data/chromium-156-offer.sdp");
 
-fn world(config: Config) -> (SimWorld, StreamId) {
+fn world(config: CoreConfig) -> (SimWorld, StreamId) {
     let mut w = SimWorld::new(config);
     let demo = w.add_stream("demo", StreamConfig::external(), 30);
     (w, demo)

@@ -53,7 +53,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestError, TestRunner, contextualize_config};
 use whep_core::whep::Method;
 use whep_core::{
-    Config, Core, Event, Input, Output, PortPair, ProcessConfig, RateLimits, StreamConfig,
+    Core, CoreConfig, Event, Input, Output, PortPair, ProcessConfig, RateLimits, StreamConfig,
     StreamError, StreamId, WhepRequest,
 };
 
@@ -205,7 +205,7 @@ struct Sut {
 impl Sut {
     fn new(pairs: u16) -> Self {
         let t0 = Instant::now();
-        let config = Config {
+        let config = CoreConfig {
             host_candidates: vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 3478)],
             rng_seed: [7; 32],
             ingest_ports: ingest_ports(pairs),
@@ -225,7 +225,7 @@ impl Sut {
                 stop_grace: STOP_GRACE,
                 ..ProcessConfig::default()
             },
-            ..Config::default()
+            ..CoreConfig::default()
         };
         Self {
             core: Core::new(config, t0),
@@ -364,7 +364,7 @@ fn event_kind(e: &Event) -> &'static str {
 }
 
 fn ingest_ports(pairs: u16) -> RangeInclusive<u16> {
-    let block = whep_core::ports::PortPool::block(Config::default().max_renditions);
+    let block = whep_core::ports::PortPool::block(CoreConfig::default().max_renditions);
     40_000..=40_000 + block * pairs - 1
 }
 

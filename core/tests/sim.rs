@@ -461,14 +461,14 @@ fn primed_viewer_gaps(prime_cache: usize) -> (u64, u64) {
 fn lost_fragments_of_a_primed_keyframe_are_retransmitted() {
     // The steady 64-packet cache: the paced GOP pushes the keyframe out within ~40 ms, before
     // the NACKs come back.
-    let (gaps, resent) = primed_viewer_gaps(whep_core::Config::default().rtx_cache_packets);
+    let (gaps, resent) = primed_viewer_gaps(whep_core::CoreConfig::default().rtx_cache_packets);
     assert!(gaps >= 5, "{gaps} packets missing: the test loses too little");
     assert_eq!(resent, 0, "a small cache still had them");
     // The prime's cache has every one of them. (The simulated player, a str0m receiver, still
     // misses 3 of the 9 although they were retransmitted after the loss had ended: its own
     // limits, not investigated further.)
     let (primed_gaps, resent) =
-        primed_viewer_gaps(whep_core::Config::default().rtx_cache_prime_packets);
+        primed_viewer_gaps(whep_core::CoreConfig::default().rtx_cache_prime_packets);
     assert!(resent >= gaps, "{resent} retransmitted for {gaps} lost");
     assert!(primed_gaps < gaps / 2, "{primed_gaps} of {gaps} still missing");
 }
@@ -1316,7 +1316,7 @@ fn the_answer_lists_only_what_is_sent_and_what_was_offered() {
 
 /// A world with a 2 s GOP (60 frames) and `config`, and a recording viewer that plays live
 /// 0.7 s into a GOP (the next keyframe from FFmpeg is 1.3 s away).
-fn playing_mid_gop(config: whep_core::Config) -> (SimWorld, usize) {
+fn playing_mid_gop(config: whep_core::CoreConfig) -> (SimWorld, usize) {
     let mut w = SimWorld::new(config);
     let demo = w.add_stream("demo", StreamConfig::external(), 60);
     let (v, r) = w.join(&demo);

@@ -8,14 +8,14 @@
 use std::process::ExitCode;
 
 use tracing::{error, info};
-use whep_server::cli::{self, CliError, Settings};
+use whep_server::cli::{self, CliError, Launch};
 
 use crate::Whep;
 
 /// Runs `whepd` with the process's arguments until Ctrl-C or SIGTERM.
 pub fn main() -> ExitCode {
     cli::init_logging();
-    let settings = match cli::parse(std::env::args_os(), |p| std::fs::read_to_string(p)) {
+    let launch = match cli::parse(std::env::args_os(), |p| std::fs::read_to_string(p)) {
         Ok(s) => s,
         Err(CliError::Clap(e)) => e.exit(),
         Err(CliError::Invalid(e)) => {
@@ -30,7 +30,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(settings)) {
+    match runtime.block_on(run(launch)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -39,9 +39,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(settings: Settings) -> Result<(), String> {
-    crate::check_program(&settings.core.process.program, !settings.streams.is_empty())?;
-    let (server, http_addr, streams) = settings.into_server();
+async fn run(launch: Launch) -> Result<(), String> {
+    crate::check_program(&launch.server.core.process.program, !launch.streams.is_empty())?;
+    let Launch { server, http: http_addr, streams } = launch;
     let udp = server.udp_bind;
     let whep =
         Whep::start(server).map_err(|e| format!("cannot bind the WebRTC UDP socket {udp}: {e}"))?;

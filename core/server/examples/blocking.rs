@@ -56,8 +56,8 @@ use nix::sys::signal::{SigSet, Signal};
 use tracing::{debug, error, info, warn};
 use whep_core::whep::{Method, StatusCode};
 use whep_core::{Core, Input, Output, PortPair, StreamId, WhepRequest, WhepResponse};
-use whep_server::app::AppConfig;
-use whep_server::cli::{self, CliError, Settings};
+use whep_server::app::RoutesConfig;
+use whep_server::cli::{self, CliError, Launch};
 
 /// Largest datagram read; a longer one is truncated and then dropped by the core as malformed.
 const MAX_DATAGRAM: usize = 2048;
@@ -93,7 +93,7 @@ enum Msg {
 
 fn main() -> ExitCode {
     cli::init_logging();
-    let settings = match cli::parse(std::env::args_os(), |p| std::fs::read_to_string(p)) {
+    let launch = match cli::parse(std::env::args_os(), |p| std::fs::read_to_string(p)) {
         Ok(s) => s,
         Err(CliError::Clap(e)) => e.exit(),
         Err(CliError::Invalid(e)) => {
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
         }
     };
     if let Err(e) =
-        whep_server::check_program(&settings.core.process.program, !settings.streams.is_empty())
+        whep_server::check_program(&launch.server.core.process.program, !launch.streams.is_empty())
     {
         error!("{e}");
         return ExitCode::FAILURE;
@@ -116,7 +116,7 @@ fn main() -> ExitCode {
         error!("cannot block SIGTERM and SIGINT: {e}");
         return ExitCode::FAILURE;
     }
-    match run(settings, signals) {
+    match run(launch, signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -125,26 +125,28 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(settings: Settings, signals: SigSet) -> Result<(), String> {
-    if settings.shards > 1 {
+fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
+    if launch.server.shards > 1 {
         return Err(
             "whepd-blocking runs one loop: --shards needs whepd (tokio) or whepd-smol".into()
         );
     }
-    let mut config = settings.core;
+    let mut config = launch.server.core;
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut config.rng_seed))
         .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
-    let (socket, local) = UdpSocket::bind(settings.udp)
+    let (socket, local) = UdpSocket::bind(launch.server.udp_bind)
         .and_then(|s| s.local_addr().map(|a| (s, a)))
-        .map_err(|e| format!("cannot bind the WebRTC UDP socket {}: {e}", settings.udp))?;
+        .map_err(|e| {
+            format!("cannot bind the WebRTC UDP socket {}: {e}", launch.server.udp_bind)
+        })?;
     if config.host_candidates.is_empty() {
         config.host_candidates = default_candidates(local);
     }
     info!(udp = %local, candidates = ?config.host_candidates, "viewer socket bound");
-    let (listener, http) = TcpListener::bind(settings.http)
+    let (listener, http) = TcpListener::bind(launch.http)
         .and_then(|l| l.local_addr().map(|a| (l, a)))
-        .map_err(|e| format!("cannot listen on {}: {e}", settings.http))?;
+        .map_err(|e| format!("cannot listen on {}: {e}", launch.http))?;
 
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     let signal_tx = tx.clone();
@@ -167,7 +169,7 @@ fn run(settings: Settings, signals: SigSet) -> Result<(), String> {
     // The lines people and scripts starting whepd look for. `writeln!`, not `println!`: a
     // closed stdout is worth no panic.
     let _ = writeln!(io::stdout(), "{}", cli::listening_line(http, local));
-    for (name, spec) in settings.streams {
+    for (name, spec) in launch.streams {
         let fail = |e: &dyn std::fmt::Display| format!("stream {name:?}: {e}");
         let id = StreamId::new(name.as_str()).ok_or_else(|| fail(&"invalid id"))?;
         core.add_stream(id.clone(), spec.to_config().map_err(|e| fail(&e))?)
@@ -180,7 +182,7 @@ fn run(settings: Settings, signals: SigSet) -> Result<(), String> {
     }
     let mut runtime = Runtime {
         core,
-        app: settings.app,
+        routes: launch.server.routes,
         socket,
         local,
         tx,
@@ -199,7 +201,7 @@ fn run(settings: Settings, signals: SigSet) -> Result<(), String> {
 /// The main thread's state: the core, and handles of the IO it ordered.
 struct Runtime {
     core: Core,
-    app: AppConfig,
+    routes: RoutesConfig,
     /// The viewer socket; the `viewer-udp` thread reads a clone.
     socket: UdpSocket,
     local: SocketAddr,
@@ -276,7 +278,7 @@ impl Runtime {
             Msg::Http { req, reply } => {
                 // The player page, /metrics, the admin API, and WHEP via `Core::handle_http`.
                 let started = Instant::now();
-                let resp = whep_server::app::handle(&mut self.core, &self.app, req, now);
+                let resp = whep_server::app::handle(&mut self.core, &self.routes, req, now);
                 // Answering requests is not forwarding load (see `Core::set_load`).
                 self.http_time += started.elapsed();
                 let _ = reply.send(resp); // the client may have gone; nothing to do

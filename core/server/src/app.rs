@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use whep_core::ffmpeg::EgressConfig;
 use whep_core::{
-    Config, Core, StreamError, StreamId, StreamInfo, StreamStatus, WhepRequest, WhepResponse,
+    Core, CoreConfig, StreamError, StreamId, StreamInfo, StreamStatus, WhepRequest, WhepResponse,
 };
 use whep_core::{H264Profile, Rendition, StreamConfig, VideoCodec};
 
@@ -46,9 +46,9 @@ pub use policy::{AdminPolicy, FILE_FORMATS, Refused, URL_PROTOCOLS, URL_SCHEMES,
 /// The player page, with `__WHEP_PREFIX__` still in it; [`handle`] fills it in.
 pub const PLAYER_HTML: &str = include_str!("../assets/player.html");
 
-/// Settings of the application routes that are not part of the core's [`Config`].
+/// Settings of the application routes that are not part of the core's [`CoreConfig`].
 #[derive(Debug, Clone, Default)]
-pub struct AppConfig {
+pub struct RoutesConfig {
     /// Bearer token of the admin API. `None` disables the admin API (403).
     pub admin_token: Option<String>,
     /// What streams added over the admin API may make FFmpeg do.
@@ -232,12 +232,12 @@ impl StreamSpec {
 /// `whep_smol::Whep::start`).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// The core's configuration. An all-zero [`Config::rng_seed`] is replaced by one from the
-    /// operating system. With no [`Config::host_candidates`], the viewer socket's own address is
+    /// The core's configuration. An all-zero [`CoreConfig::rng_seed`] is replaced by one from the
+    /// operating system. With no [`CoreConfig::host_candidates`], the viewer socket's own address is
     /// advertised (or `127.0.0.1` and the default-route address when bound to a wildcard).
-    pub core: Config,
+    pub core: CoreConfig,
     /// Settings of the application routes (admin token).
-    pub app: AppConfig,
+    pub routes: RoutesConfig,
     /// Where the shared viewer socket binds.
     pub udp_bind: SocketAddr,
     /// How long the engine's shutdown waits for FFmpeg processes to exit after viewers are closed
@@ -258,8 +258,8 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            core: Config::default(),
-            app: AppConfig::default(),
+            core: CoreConfig::default(),
+            routes: RoutesConfig::default(),
             udp_bind: SocketAddr::from(([0, 0, 0, 0], 3478)),
             shutdown_timeout: Duration::from_secs(10),
             udp_gso: true,
@@ -373,15 +373,20 @@ pub fn shows_totals(req: &WhepRequest) -> bool {
 
 /// Answers one request to the application routes (see the [module docs](self)); anything under
 /// the WHEP prefix or unknown goes to [`Core::handle_http`].
-pub fn handle(core: &mut Core, app: &AppConfig, req: WhepRequest, now: Instant) -> WhepResponse {
-    handle_sharded(core, app, req, now, &[])
+pub fn handle(
+    core: &mut Core,
+    routes: &RoutesConfig,
+    req: WhepRequest,
+    now: Instant,
+) -> WhepResponse {
+    handle_sharded(core, routes, req, now, &[])
 }
 
 /// [`handle`] on the leader of a sharded server: listings and `/metrics` count the viewers,
 /// counters and loads of the `followers` too.
 pub fn handle_sharded(
     core: &mut Core,
-    app: &AppConfig,
+    routes: &RoutesConfig,
     req: WhepRequest,
     now: Instant,
     followers: &[ShardView],
@@ -421,7 +426,7 @@ pub fn handle_sharded(
             ("streams", json(StatusCode::Ok, &serde_json::Value::Array(list)))
         }
         p if p == "/api/streams" || p.starts_with("/api/streams/") => {
-            ("admin", admin(core, app, &req, &p["/api/streams".len()..], now, followers))
+            ("admin", admin(core, routes, &req, &p["/api/streams".len()..], now, followers))
         }
         "/" | "/index.html" | "/healthz" | "/metrics" | "/streams" => (
             "other",
@@ -453,13 +458,13 @@ pub fn plain_host(req: &WhepRequest) -> bool {
 
 fn admin(
     core: &mut Core,
-    app: &AppConfig,
+    routes: &RoutesConfig,
     req: &WhepRequest,
     rest: &str,
     now: Instant,
     followers: &[ShardView],
 ) -> WhepResponse {
-    let Some(token) = &app.admin_token else {
+    let Some(token) = &routes.admin_token else {
         return error(StatusCode::Forbidden, "admin API disabled: configure an admin token");
     };
     // A client whose failures used up its budget is refused before its token is compared,
@@ -508,7 +513,7 @@ fn admin(
             let Some(id) = StreamId::new(id) else {
                 return error(StatusCode::BadRequest, "bad stream id");
             };
-            let config = match app.policy.stream_config(&spec) {
+            let config = match routes.policy.stream_config(&spec) {
                 Ok(c) => c,
                 Err(Refused::Forbidden(why)) => return error(StatusCode::Forbidden, &why),
                 Err(Refused::Invalid(e)) => {
@@ -847,10 +852,10 @@ mod tests {
     #[allow(clippy::disallowed_methods)] // a real starting instant
     fn admin_posts_are_held_to_the_policy() {
         let now = Instant::now();
-        let mut core = Core::new(Config::default(), now);
-        let app = AppConfig { admin_token: Some("t".into()), ..AppConfig::default() };
+        let mut core = Core::new(CoreConfig::default(), now);
+        let routes = RoutesConfig { admin_token: Some("t".into()), ..RoutesConfig::default() };
         let post = |core: &mut Core, spec: &str| {
-            handle(core, &app, admin_req(Method::Post, "/api/streams", "t", spec), now)
+            handle(core, &routes, admin_req(Method::Post, "/api/streams", "t", spec), now)
         };
         for (spec, status, needle) in [
             (r#"{"id":"a","url":"file:/etc/shadow"}"#, 403, "only network protocols"),
@@ -874,8 +879,8 @@ mod tests {
     #[allow(clippy::disallowed_methods)] // a real starting instant
     fn admin_location_is_percent_encoded() {
         let now = Instant::now();
-        let mut core = Core::new(Config::default(), now);
-        let app = AppConfig { admin_token: Some("t".into()), ..AppConfig::default() };
+        let mut core = Core::new(CoreConfig::default(), now);
+        let routes = RoutesConfig { admin_token: Some("t".into()), ..RoutesConfig::default() };
         for (id, want) in [
             ("a b", "/api/streams/a%20b"),
             ("a/b", "/api/streams/a%2Fb"),
@@ -883,11 +888,11 @@ mod tests {
         ] {
             let spec = serde_json::json!({"id": id, "external": true, "autostart": false});
             let req = admin_req(Method::Post, "/api/streams", "t", &spec.to_string());
-            let r = handle(&mut core, &app, req, now);
+            let r = handle(&mut core, &routes, req, now);
             assert_eq!(r.code(), 201, "{id}: {}", body(&r));
             let location = r.header("location").unwrap_or_default().to_owned();
             assert_eq!(location, want);
-            let r = handle(&mut core, &app, admin_req(Method::Get, &location, "t", ""), now);
+            let r = handle(&mut core, &routes, admin_req(Method::Get, &location, "t", ""), now);
             let got: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
             assert_eq!(got["id"], id, "GET {location}: {}", body(&r));
         }
@@ -897,12 +902,12 @@ mod tests {
     #[allow(clippy::disallowed_methods)] // a real starting instant
     fn admin_authentication_failures_are_rate_limited() {
         let t0 = Instant::now();
-        let mut config = Config::default();
+        let mut config = CoreConfig::default();
         config.rate_limits.requests_per_client = Some(whep_core::Rate::new(2, 4));
         let mut core = Core::new(config, t0);
-        let app = AppConfig { admin_token: Some("t".into()), ..AppConfig::default() };
+        let routes = RoutesConfig { admin_token: Some("t".into()), ..RoutesConfig::default() };
         let get = |core: &mut Core, token: &str, t: Instant| {
-            handle(core, &app, admin_req(Method::Get, "/api/streams", token, ""), t)
+            handle(core, &routes, admin_req(Method::Get, "/api/streams", token, ""), t)
         };
         // The right token spends nothing.
         for _ in 0..10 {
@@ -920,7 +925,7 @@ mod tests {
         assert_eq!(core.metrics().rejections.get("admin_rate_limited"), Some(&2));
         // Another client is not affected; the budget refills at the request rate.
         let other = admin_req(Method::Get, "/api/streams", "t", "").with_client([192, 0, 2, 2]);
-        assert_eq!(handle(&mut core, &app, other, t0).code(), 200);
+        assert_eq!(handle(&mut core, &routes, other, t0).code(), 200);
         assert_eq!(get(&mut core, "t", t0 + Duration::from_millis(500)).code(), 200);
     }
 

@@ -1,5 +1,5 @@
 //! `whepd`'s command line and configuration file, shared by every runtime's binary: flags
-//! (clap) over a TOML file over defaults, turned into [`Settings`]. No IO: the file is read
+//! (clap) over a TOML file over defaults, turned into [`Launch`]. No IO: the file is read
 //! through a closure the runtime passes.
 //!
 //! The lines a runtime prints on stdout for people and scripts are here too
@@ -13,9 +13,9 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::app::{AdminPolicy, AppConfig, StreamSpec};
+use crate::app::{AdminPolicy, RoutesConfig, ServerConfig, StreamSpec};
 use whep_core::ratelimit::{Rate, RateLimits, RateSetting};
-use whep_core::{Config, IceServer, PrimePacing};
+use whep_core::{CoreConfig, IceServer, PrimePacing};
 
 /// A WHEP egress server: FFmpeg in, browsers out.
 #[derive(Debug, Parser)]
@@ -166,26 +166,19 @@ struct IceServerFile {
     credential: Option<String>,
 }
 
-/// What the command line and the configuration file say, ready for a runtime to start.
+/// What the command line and the configuration file say, ready for a runtime to start: the
+/// engine's configuration, the HTTP address and the streams to add at start.
 #[derive(Debug, Clone)]
-pub struct Settings {
-    /// The core's configuration.
-    pub core: Config,
-    /// The application routes' configuration.
-    pub app: AppConfig,
+pub struct Launch {
+    /// The engine's configuration (core, routes, viewer socket, shards).
+    pub server: ServerConfig,
     /// HTTP listen address.
     pub http: SocketAddr,
-    /// WebRTC UDP address.
-    pub udp: SocketAddr,
     /// The streams to add at start, in order.
     pub streams: Vec<(String, StreamSpec)>,
-    /// See [`ServerConfig::udp_gso`](crate::app::ServerConfig::udp_gso).
-    pub udp_gso: bool,
-    /// See [`ServerConfig::shards`](crate::app::ServerConfig::shards).
-    pub shards: usize,
 }
 
-/// Why the command line was not turned into [`Settings`].
+/// Why the command line was not turned into [`Launch`].
 #[derive(Debug)]
 pub enum CliError {
     /// clap's own outcome: `--help`, `--version` or a usage error. Call `exit()` on it.
@@ -210,7 +203,7 @@ impl std::error::Error for CliError {}
 pub fn parse<I, T>(
     args: I,
     read_file: impl FnOnce(&Path) -> std::io::Result<String>,
-) -> Result<Settings, CliError>
+) -> Result<Launch, CliError>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -222,7 +215,7 @@ where
 fn settings(
     cli: Cli,
     read_file: impl FnOnce(&Path) -> std::io::Result<String>,
-) -> Result<Settings, String> {
+) -> Result<Launch, String> {
     let file: FileConfig = match &cli.config {
         Some(path) => {
             let text =
@@ -231,7 +224,7 @@ fn settings(
         }
         None => FileConfig::default(),
     };
-    let mut core = Config::default();
+    let mut core = CoreConfig::default();
     if !cli.candidates.is_empty() {
         core.host_candidates = cli.candidates;
     } else {
@@ -357,14 +350,20 @@ fn settings(
         media_dirs,
         raw_ffmpeg: cli.admin_raw_ffmpeg || file.admin_raw_ffmpeg.unwrap_or(false),
     };
-    Ok(Settings {
-        core,
-        app: AppConfig { admin_token: cli.admin_token.or(file.admin_token), policy },
-        udp: cli.udp.or(file.udp).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478))),
+    Ok(Launch {
+        server: ServerConfig {
+            core,
+            routes: RoutesConfig { admin_token: cli.admin_token.or(file.admin_token), policy },
+            udp_bind: cli
+                .udp
+                .or(file.udp)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478))),
+            udp_gso: !cli.no_gso,
+            shards,
+            ..ServerConfig::default()
+        },
         http: cli.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
         streams,
-        udp_gso: !cli.no_gso,
-        shards,
     })
 }
 
@@ -424,22 +423,6 @@ pub fn init_logging() {
         .init();
 }
 
-impl Settings {
-    /// The engine's configuration (viewer socket on [`Settings::udp`]), the HTTP address and
-    /// the streams.
-    pub fn into_server(self) -> (crate::app::ServerConfig, SocketAddr, Vec<(String, StreamSpec)>) {
-        let server = crate::app::ServerConfig {
-            core: self.core,
-            app: self.app,
-            udp_bind: self.udp,
-            udp_gso: self.udp_gso,
-            shards: self.shards,
-            ..crate::app::ServerConfig::default()
-        };
-        (server, self.http, self.streams)
-    }
-}
-
 /// The message for a failed spawn of `program`, naming the fix when it is missing.
 pub fn spawn_error(program: &str, e: &std::io::Error) -> String {
     match e.kind() {
@@ -461,11 +444,11 @@ pub fn missing_ffmpeg(program: &str) -> String {
 mod tests {
     use super::*;
 
-    fn setup_from(args: &[&str]) -> Result<Settings, String> {
+    fn setup_from(args: &[&str]) -> Result<Launch, String> {
         setup_with(args, "")
     }
 
-    fn setup_with(args: &[&str], file: &str) -> Result<Settings, String> {
+    fn setup_with(args: &[&str], file: &str) -> Result<Launch, String> {
         let file = file.to_owned();
         let read = move |p: &Path| {
             if p.starts_with("/nonexistent") {
@@ -483,7 +466,7 @@ mod tests {
         assert_eq!(s.streams.len(), 1);
         assert_eq!(s.streams[0].0, "demo");
         assert_eq!(s.http, SocketAddr::from(([0, 0, 0, 0], 8080)));
-        assert!(s.app.admin_token.is_none());
+        assert!(s.server.routes.admin_token.is_none());
         assert!(setup_from(&["--no-demo"]).expect("valid").streams.is_empty());
     }
 
@@ -504,11 +487,11 @@ max_viewers = 2
         let s = setup_with(&["--config", "w.toml", "--max-viewers", "5", "--token", "b"], file)
             .expect("valid");
         assert_eq!(s.http, "127.0.0.1:9000".parse().expect("addr"));
-        assert_eq!(s.core.max_viewers_per_stream, 5);
-        assert_eq!(s.core.bearer_tokens, vec!["b".to_owned()]);
-        assert_eq!(s.core.whep_prefix, "/api/v3/whep");
-        assert_eq!(s.core.ice_servers.len(), 1);
-        assert_eq!(s.app.admin_token.as_deref(), Some("file"));
+        assert_eq!(s.server.core.max_viewers_per_stream, 5);
+        assert_eq!(s.server.core.bearer_tokens, vec!["b".to_owned()]);
+        assert_eq!(s.server.core.whep_prefix, "/api/v3/whep");
+        assert_eq!(s.server.core.ice_servers.len(), 1);
+        assert_eq!(s.server.routes.admin_token.as_deref(), Some("file"));
         assert_eq!(s.streams.len(), 1, "a configured stream replaces the demo");
         assert_eq!(s.streams[0].1.max_viewers, Some(2));
         let err = setup_with(&["--config", "w.toml"], "htp = 1").expect_err("unknown key");
@@ -522,10 +505,10 @@ max_viewers = 2
 
     #[test]
     fn max_load_from_flag_and_file() {
-        assert_eq!(setup_from(&[]).expect("valid").core.max_load, 0.9);
-        assert_eq!(setup_from(&["--max-load", "0.75"]).expect("valid").core.max_load, 0.75);
+        assert_eq!(setup_from(&[]).expect("valid").server.core.max_load, 0.9);
+        assert_eq!(setup_from(&["--max-load", "0.75"]).expect("valid").server.core.max_load, 0.75);
         let s = setup_with(&["--config", "w.toml"], "max_load = 1.0\n").expect("valid");
-        assert_eq!(s.core.max_load, 1.0);
+        assert_eq!(s.server.core.max_load, 1.0);
         let err = setup_from(&["--max-load", "2"]).expect_err("out of range");
         assert!(err.contains("between 0.1 and 1"), "{err}");
     }
@@ -533,11 +516,11 @@ max_viewers = 2
     #[test]
     fn rate_limits_from_flags_and_file() {
         let s = setup_from(&[]).expect("valid");
-        assert_eq!(s.core.rate_limits, RateLimits::default());
+        assert_eq!(s.server.core.rate_limits, RateLimits::default());
         let file = "post_rate = \"2:4\"\nrequest_rate = \"off\"\npost_rate_global = \"9\"\n";
         let s = setup_with(&["--config", "w.toml", "--post-rate-global", "0"], file).expect("ok");
         assert_eq!(
-            s.core.rate_limits,
+            s.server.core.rate_limits,
             RateLimits {
                 post_per_client: Some(Rate::new(2, 4)),
                 post_global: None,
@@ -553,30 +536,33 @@ max_viewers = 2
     #[test]
     fn prime_pacing_from_flags_and_file() {
         let s = setup_from(&[]).expect("valid");
-        assert_eq!(s.core.prime_pacing, Some(PrimePacing::default()));
+        assert_eq!(s.server.core.prime_pacing, Some(PrimePacing::default()));
         let file = "prime_kbps = 4000\nprime_burst_kib = 32\nprime_max_pending = 1500\n";
         let s = setup_with(&["--config", "w.toml"], file).expect("ok");
         assert_eq!(
-            s.core.prime_pacing,
+            s.server.core.prime_pacing,
             Some(PrimePacing { rate: 500_000, burst: 32 * 1024, max_pending: 1500 })
         );
         let s = setup_with(&["--config", "w.toml", "--prime-kbps", "16000"], file).expect("ok");
-        assert_eq!(s.core.prime_pacing.map(|p| (p.rate, p.burst)), Some((2_000_000, 32 * 1024)));
-        assert_eq!(setup_from(&["--prime-kbps", "0"]).expect("ok").core.prime_pacing, None);
+        assert_eq!(
+            s.server.core.prime_pacing.map(|p| (p.rate, p.burst)),
+            Some((2_000_000, 32 * 1024))
+        );
+        assert_eq!(setup_from(&["--prime-kbps", "0"]).expect("ok").server.core.prime_pacing, None);
         let s = setup_from(&["--cached-keyframe-ms", "0"]).expect("ok");
-        assert_eq!(s.core.cached_keyframe_interval, None);
+        assert_eq!(s.server.core.cached_keyframe_interval, None);
         let s = setup_with(&["--config", "w.toml"], "cached_keyframe_ms = 250\n").expect("ok");
-        assert_eq!(s.core.cached_keyframe_interval, Some(Duration::from_millis(250)));
+        assert_eq!(s.server.core.cached_keyframe_interval, Some(Duration::from_millis(250)));
     }
 
     #[test]
     fn admin_policy_from_flags_and_file() {
         let s = setup_from(&[]).expect("valid");
-        assert_eq!(s.app.policy, AdminPolicy::default());
+        assert_eq!(s.server.routes.policy, AdminPolicy::default());
         let file = "media_dirs = [\"/srv/a\"]\nadmin_raw_ffmpeg = true\n";
         let s = setup_with(&["--config", "w.toml"], file).expect("valid");
         assert_eq!(
-            s.app.policy,
+            s.server.routes.policy,
             AdminPolicy { media_dirs: vec!["/srv/a".into()], raw_ffmpeg: true }
         );
         let s = setup_with(
@@ -584,8 +570,10 @@ max_viewers = 2
             file,
         )
         .expect("valid");
-        assert_eq!(s.app.policy.media_dirs, ["/m/1", "/m/2/"]);
-        assert!(setup_from(&["--admin-raw-ffmpeg"]).expect("valid").app.policy.raw_ffmpeg);
+        assert_eq!(s.server.routes.policy.media_dirs, ["/m/1", "/m/2/"]);
+        assert!(
+            setup_from(&["--admin-raw-ffmpeg"]).expect("valid").server.routes.policy.raw_ffmpeg
+        );
         let err = setup_from(&["--media-dir", "media"]).expect_err("relative");
         assert!(err.contains("absolute"), "{err}");
         let err = setup_from(&["--media-dir", "/srv/../etc"]).expect_err("dot-dot");

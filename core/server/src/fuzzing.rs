@@ -17,7 +17,7 @@ pub use whep_core::fuzzing::{Target, decode_ops, ingest, offer, ops, sdpfrag, vi
 use whep_core::sim::{self, SimWorld};
 use whep_core::whep::Method;
 
-use crate::app::{self, AppConfig};
+use crate::app::{self, RoutesConfig};
 
 /// Every target by name, as `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/` call it.
 pub const TARGETS: &[(&str, Target)] = &[
@@ -35,7 +35,7 @@ struct RequestWorld {
     session: Option<(String, String)>,
     /// A request that may have changed the core's state ran; the next input needs a new world.
     dirty: bool,
-    app: AppConfig,
+    routes: RoutesConfig,
 }
 
 impl RequestWorld {
@@ -43,8 +43,9 @@ impl RequestWorld {
         let mut config = sim::config();
         config.strict_if_match = true;
         let (w, _) = demo_world(config);
-        let app = AppConfig { admin_token: Some(ADMIN_TOKEN.to_owned()), ..AppConfig::default() };
-        Self { w, session: None, dirty: false, app }
+        let routes =
+            RoutesConfig { admin_token: Some(ADMIN_TOKEN.to_owned()), ..RoutesConfig::default() };
+        Self { w, session: None, dirty: false, routes }
     }
 
     /// The session's id and ETag, created on first use (str0m answering an offer is the
@@ -71,7 +72,7 @@ thread_local! {
 /// routes of [`Core::handle_http`](whep_core::Core::handle_http)).
 ///
 /// The core has a running external stream `demo` and enforces `If-Match` on PATCH
-/// ([`Config::strict_if_match`](whep_core::Config::strict_if_match)). When the target contains
+/// ([`CoreConfig::strict_if_match`](whep_core::CoreConfig::strict_if_match)). When the target contains
 /// [`SESSION_PLACEHOLDER`] or a header value [`ETAG_PLACEHOLDER`], the stream also has one
 /// session (created from [`CHROMIUM_OFFER`], not connected), whose id and ETag replace them:
 /// `/whep/demo/SESSION` with `If-Match: ETAG` reaches PATCH (trickle and ICE restart), DELETE
@@ -102,7 +103,7 @@ pub fn whep_request(data: &[u8]) {
             }
             rw.dirty = matches!(req.method, Method::Post | Method::Patch | Method::Delete);
             let w = &mut rw.w;
-            let resp = app::handle(&mut w.core, &rw.app, req, w.now);
+            let resp = app::handle(&mut w.core, &rw.routes, req, w.now);
             w.drain();
             assert!(
                 resp.header("access-control-allow-origin").is_some(),

@@ -141,16 +141,16 @@ impl Core {
             let next = f.viewers.get(f.next).copied();
             f.next += 1;
             if let Some(s) = next
-                && let Some(peer) = self.peers.get_mut(&s)
+                && let Some(viewer) = self.viewers.get_mut(&s)
             {
                 for (_, pkt, at) in &f.packets[f.start..f.end] {
-                    if peer.write_media(pkt, *at, grace, &mut self.outputs, &mut news) {
+                    if viewer.write_media(pkt, *at, grace, &mut self.outputs, &mut news) {
                         self.metrics.packets_forwarded += 1;
                         self.metrics.bytes_forwarded += pkt.payload.len() as u64;
                     }
                 }
-                peer.flush(now, grace, &mut self.outputs, &mut news);
-                let (dead, keyframe_wanted) = (peer.dead, peer.keyframe_wanted);
+                viewer.flush(now, grace, &mut self.outputs, &mut news);
+                let (dead, keyframe_wanted) = (viewer.dead, viewer.keyframe_wanted);
                 self.apply_news(s, &mut news, now);
                 // A request that came with this batch's news is answered after the next one.
                 if !dead && keyframe_wanted {
@@ -158,9 +158,9 @@ impl Core {
                     self.replay_gop(s, &stream, now);
                 }
                 if dead {
-                    self.remove_peer(s, CloseReason::RemoteClosed, now);
+                    self.remove_viewer(s, CloseReason::RemoteClosed, now);
                 } else {
-                    self.reschedule_peer(s, now);
+                    self.reschedule_viewer(s, now);
                 }
             }
             self.fanning = Some(f);

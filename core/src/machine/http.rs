@@ -10,11 +10,11 @@ use tracing::{debug, info};
 
 use crate::config::VideoCodec;
 use crate::ids::{SessionId, StreamId};
-use crate::peer::{Answered, Offer, Seat};
 use crate::ratelimit::Kind;
 use crate::sdp;
 use crate::sdpfrag::{self, SdpFrag};
 use crate::stream::Stream;
+use crate::viewer::{Answered, Offer, Seat};
 use crate::whep::{
     self, ALLOW_HEADERS, ALLOW_METHODS, CONTENT_TYPE_SDP, CONTENT_TYPE_SDPFRAG, EXPOSE_HEADERS,
     Method, Reject, Route, StatusCode, WhepRequest, WhepResponse,
@@ -173,7 +173,7 @@ impl Core {
         let total_cap = self.config.max_viewers_total;
         let (here, total) = match &self.shard {
             Some(m) => (m.set.stream_viewers(id), m.set.viewers()),
-            None => (stream.viewers.len(), self.peers.len()),
+            None => (stream.viewers.len(), self.viewers.len()),
         };
         if here >= cap {
             self.metrics.cap_rejections += 1;
@@ -245,7 +245,7 @@ impl Core {
         }
         let session = self.unique_session();
         let etag = self.rng.etag();
-        let (mut peer, answer) = answered.into_peer(Seat {
+        let (mut viewer, answer) = answered.into_viewer(Seat {
             session,
             stream: id.clone(),
             etag,
@@ -257,14 +257,14 @@ impl Core {
             now,
         });
         let mut news = std::mem::take(&mut self.news);
-        peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
+        viewer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
         self.news = news;
-        self.peers.insert(session, Box::new(peer));
+        self.viewers.insert(session, Box::new(viewer));
         self.by_ufrag.insert(local_ufrag, session);
         if let Some(s) = self.streams.get_mut(id) {
             s.viewers.insert(session);
         }
-        self.reschedule_peer(session, now);
+        self.reschedule_viewer(session, now);
         self.metrics.viewers_joined += 1;
         info!(%session, stream = %id, video_pt, audio_pt, "viewer joined");
         self.outputs.push_back(Output::Event(Event::ViewerJoined { stream: id.clone(), session }));
@@ -284,7 +284,7 @@ impl Core {
         loop {
             let shard = self.shard.as_ref().map_or(0, |m| m.index);
             let s = self.rng.session_id(shard);
-            if !self.peers.contains_key(&s) {
+            if !self.viewers.contains_key(&s) {
                 return s;
             }
         }
@@ -307,10 +307,10 @@ impl Core {
         now: Instant,
     ) -> Result<WhepResponse, Reject> {
         const ALLOW: &str = "GET, HEAD, OPTIONS, PATCH, DELETE";
-        let known = session.filter(|s| self.peers.get(s).is_some_and(|p| &p.stream == id));
+        let known = session.filter(|s| self.viewers.get(s).is_some_and(|p| &p.stream == id));
         match (req.method, known) {
             (Method::Delete, Some(s)) => {
-                self.remove_peer(s, CloseReason::Deleted, now);
+                self.remove_viewer(s, CloseReason::Deleted, now);
                 Ok(WhepResponse::new(StatusCode::NoContent))
             }
             // Idempotent, as the seed: deleting what is not there succeeds.
@@ -334,13 +334,13 @@ impl Core {
         if req.media_type().as_deref() != Some(CONTENT_TYPE_SDPFRAG) {
             return Err(Reject::UnsupportedMediaType { expected: CONTENT_TYPE_SDPFRAG });
         }
-        let Some(peer) = self.peers.get(&s) else {
+        let Some(viewer) = self.viewers.get(&s) else {
             return Err(Reject::SessionNotFound);
         };
         if self.config.strict_if_match {
             match req.header("if-match") {
                 None => return Err(Reject::PreconditionRequired),
-                Some(v) if !peer.etag.matches(v) => return Err(Reject::PreconditionFailed),
+                Some(v) if !viewer.etag.matches(v) => return Err(Reject::PreconditionFailed),
                 Some(_) => {}
             }
         }
@@ -348,14 +348,14 @@ impl Core {
         let restart = match (&frag.ice_ufrag, &frag.ice_pwd) {
             (Some(u), Some(p)) => {
                 (u.as_str(), p.as_str())
-                    != (peer.remote_creds.0.as_str(), peer.remote_creds.1.as_str())
+                    != (viewer.remote_creds.0.as_str(), viewer.remote_creds.1.as_str())
             }
             _ => false,
         };
         // The whole PATCH or nothing of it; more candidates than a session may hold in all are
         // refused before any is parsed, so no request costs more than the bound.
         let cap = self.config.max_remote_candidates;
-        let held = if restart { 0 } else { peer.remote_candidates };
+        let held = if restart { 0 } else { viewer.remote_candidates };
         if frag.candidates.len() > cap {
             return Err(Reject::TooManyCandidates { cap });
         }
@@ -373,22 +373,22 @@ impl Core {
         } else {
             WhepResponse::new(StatusCode::NoContent)
         };
-        let Some(peer) = self.peers.get_mut(&s) else {
+        let Some(viewer) = self.viewers.get_mut(&s) else {
             return Ok(resp);
         };
         let added = candidates.len();
         let mut news = std::mem::take(&mut self.news);
         let grace = self.config.disconnect_grace;
         for c in candidates {
-            peer.rtc.add_remote_candidate(c);
-            peer.drain(now, grace, &mut self.outputs, &mut news);
+            viewer.rtc.add_remote_candidate(c);
+            viewer.drain(now, grace, &mut self.outputs, &mut news);
         }
-        peer.remote_candidates += added;
+        viewer.remote_candidates += added;
         debug!(session = %s, restart, added, "patch");
-        peer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
+        viewer.timeout(now, self.config.disconnect_grace, &mut self.outputs, &mut news);
         self.apply_news(s, &mut news, now);
         self.news = news;
-        self.reschedule_peer(s, now);
+        self.reschedule_viewer(s, now);
         Ok(resp)
     }
 
@@ -401,24 +401,24 @@ impl Core {
             return Err(Reject::BadFragment("restart without credentials".into()));
         };
         let etag = self.rng.etag();
-        let Some(peer) = self.peers.get_mut(&s) else {
+        let Some(viewer) = self.viewers.get_mut(&s) else {
             return Err(Reject::SessionNotFound);
         };
-        let offer_text = sdp::restart_offer(&peer.offer, ufrag, pwd);
+        let offer_text = sdp::restart_offer(&viewer.offer, ufrag, pwd);
         let offer = SdpOffer::from_sdp_string(&offer_text)
             .map_err(|e| Reject::RestartFailed(e.to_string()))?;
-        let answer = peer
+        let answer = viewer
             .rtc
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| Reject::RestartFailed(e.to_string()))?;
         // Whatever this reports is applied by the caller with the rest of the PATCH's news.
-        peer.drain(self.now, self.config.disconnect_grace, &mut self.outputs, &mut self.news);
-        let local = peer.rtc.direct_api().local_ice_credentials();
-        peer.offer = offer_text;
-        peer.remote_creds = (ufrag.clone(), pwd.clone());
-        peer.etag = etag;
-        let old = std::mem::replace(&mut peer.local_ufrag, local.ufrag.clone());
+        viewer.drain(self.now, self.config.disconnect_grace, &mut self.outputs, &mut self.news);
+        let local = viewer.rtc.direct_api().local_ice_credentials();
+        viewer.offer = offer_text;
+        viewer.remote_creds = (ufrag.clone(), pwd.clone());
+        viewer.etag = etag;
+        let old = std::mem::replace(&mut viewer.local_ufrag, local.ufrag.clone());
         let answer = answer.to_sdp_string();
         let candidates: Vec<String> = answer
             .lines()
@@ -426,7 +426,7 @@ impl Core {
             .filter(|l| l.starts_with("candidate:"))
             .map(str::to_owned)
             .collect();
-        let mids = [peer.video.mid.to_string(), peer.audio.mid.to_string()];
+        let mids = [viewer.video.mid.to_string(), viewer.audio.mid.to_string()];
         let first_kind =
             if answer.find("m=audio") < answer.find("m=video") { "audio" } else { "video" };
         let (first, second) =
@@ -436,9 +436,9 @@ impl Core {
         }
         // str0m forgot the old generation's candidates and pairs: so do the demultiplexer and
         // the limits. The new generation's checks (by ufrag) bring the addresses back.
-        peer.remote_candidates = 0;
-        peer.path.restart();
-        for a in peer.addrs.drain(..) {
+        viewer.remote_candidates = 0;
+        viewer.path.restart();
+        for a in viewer.addrs.drain(..) {
             if self.by_addr.get(&a) == Some(&s) {
                 self.by_addr.remove(&a);
             }

@@ -1,7 +1,7 @@
 //! The core's bookkeeping checked whole, after every step in tests and the simulation.
 
-use crate::peer::PeerState;
 use crate::stream::{Stream, StreamState};
+use crate::viewer::ViewerState;
 
 use super::{Core, MAX_PENDING, TimerKey};
 
@@ -18,7 +18,7 @@ impl Core {
             assert_eq!(&s.id, id, "stream keyed by its id");
             for v in &s.viewers {
                 let p = self
-                    .peers
+                    .viewers
                     .get(v)
                     .unwrap_or_else(|| panic!("stream {id} lists unknown viewer {v}"));
                 assert_eq!(&p.stream, id, "viewer {v} indexed under the wrong stream");
@@ -42,8 +42,8 @@ impl Core {
                 );
             }
         }
-        assert_eq!(indexed, self.peers.len(), "every peer is indexed under exactly one stream");
-        assert!(self.peers.len() <= self.config.max_viewers_total, "over the total cap");
+        assert_eq!(indexed, self.viewers.len(), "every viewer is indexed under exactly one stream");
+        assert!(self.viewers.len() <= self.config.max_viewers_total, "over the total cap");
         let held = self.streams.values().filter_map(Stream::ports).count();
         assert_eq!(held, self.ports.in_use(), "allocated pairs are exactly those streams hold");
         for (port, (id, _)) in &self.ingest {
@@ -58,42 +58,46 @@ impl Core {
         }
         for (a, s) in &self.by_addr {
             let p = self
-                .peers
+                .viewers
                 .get(s)
                 .unwrap_or_else(|| panic!("address {a} maps to unknown session {s}"));
             assert!(p.addrs.contains(a), "address index of {s} out of sync");
         }
         for (u, s) in &self.by_ufrag {
             let p =
-                self.peers.get(s).unwrap_or_else(|| panic!("ufrag maps to unknown session {s}"));
+                self.viewers.get(s).unwrap_or_else(|| panic!("ufrag maps to unknown session {s}"));
             assert_eq!(&p.local_ufrag, u, "ufrag index of {s} out of sync");
         }
-        for (s, p) in &self.peers {
+        for (s, p) in &self.viewers {
             assert_eq!(
                 self.by_ufrag.get(&p.local_ufrag),
                 Some(s),
-                "peer {s} not in the ufrag index"
+                "viewer {s} not in the ufrag index"
             );
             let cap = self.config.prime_pacing.map_or(0, |p| p.max_pending);
-            assert!(p.video.backlog() <= cap, "peer {s} holds {} packets back", p.video.backlog());
+            assert!(
+                p.video.backlog() <= cap,
+                "viewer {s} holds {} packets back",
+                p.video.backlog()
+            );
             assert_eq!(p.audio.backlog(), 0, "audio is never held back");
-            let t = p.scheduled.unwrap_or_else(|| panic!("peer {s} has no timer"));
-            assert!(self.timers.contains(&(t, TimerKey::Peer(*s))), "peer {s} timer missing");
-            assert!(p.addrs.len() <= self.config.max_viewer_addresses, "peer {s} addresses");
+            let t = p.scheduled.unwrap_or_else(|| panic!("viewer {s} has no timer"));
+            assert!(self.timers.contains(&(t, TimerKey::Viewer(*s))), "viewer {s} timer missing");
+            assert!(p.addrs.len() <= self.config.max_viewer_addresses, "viewer {s} addresses");
             assert!(
                 p.remote_candidates <= self.config.max_remote_candidates,
-                "peer {s} candidates"
+                "viewer {s} candidates"
             );
             assert!(
-                p.unconnected_client.is_none() || matches!(p.state, PeerState::Connecting { .. }),
-                "peer {s} connected but still counted as connecting"
+                p.unconnected_client.is_none() || matches!(p.state, ViewerState::Connecting { .. }),
+                "viewer {s} connected but still counted as connecting"
             );
         }
         if self.shard.is_none() {
-            let counted = self.peers.values().filter(|p| p.unconnected_client.is_some()).count();
+            let counted = self.viewers.values().filter(|p| p.unconnected_client.is_some()).count();
             assert_eq!(self.unconnected.total(), counted, "unconnected sessions per client");
         }
-        let scheduled = self.peers.values().filter(|p| p.scheduled.is_some()).count()
+        let scheduled = self.viewers.values().filter(|p| p.scheduled.is_some()).count()
             + self.streams.values().filter(|s| s.scheduled.is_some()).count();
         assert_eq!(scheduled, self.timers.len(), "no stray timer entries");
     }

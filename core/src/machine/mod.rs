@@ -23,15 +23,15 @@ use std::time::{Duration, Instant};
 use str0m::config::{CryptoProvider, DtlsCert};
 use tracing::{info, warn};
 
-use crate::config::{Config, Feed, StreamConfig};
+use crate::config::{CoreConfig, Feed, StreamConfig};
 use crate::ids::{Rng, SessionId, SessionMap, StreamId};
 use crate::metrics::Metrics;
 use crate::packet::SourcePacket;
-use crate::peer::{Peer, PeerNews, PeerState};
 use crate::ports::PortPool;
 use crate::ratelimit::{Limiter, Unconnected};
 use crate::shard::{Mirror, ShardMember};
 use crate::stream::{Leg, Process, Stream, StreamState};
+use crate::viewer::{Viewer, ViewerNews, ViewerState};
 use crate::{CloseReason, Input, Output, RenditionInfo, StreamInfo, TimerReason};
 
 /// How many adjacent pairs a stream tries before giving up (the seed's retry count).
@@ -52,7 +52,7 @@ pub const LOAD_SMOOTHING: f64 = 0.3;
 /// What a timer entry belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerKey {
-    Peer(SessionId),
+    Viewer(SessionId),
     Stream(StreamId),
 }
 
@@ -77,12 +77,12 @@ enum TimerKey {
 ///   panics on bytes from the network or from FFmpeg.
 #[derive(Debug)]
 pub struct Core {
-    config: Config,
+    config: CoreConfig,
     rng: Rng,
     crypto: Arc<CryptoProvider>,
     cert: Option<DtlsCert>,
     streams: BTreeMap<StreamId, Stream>,
-    peers: SessionMap<Box<Peer>>,
+    viewers: SessionMap<Box<Viewer>>,
     by_addr: HashMap<SocketAddr, SessionId>,
     by_ufrag: HashMap<String, SessionId>,
     ingest: HashMap<u16, (StreamId, Leg)>,
@@ -111,13 +111,13 @@ pub struct Core {
     /// The batch being written, viewer by viewer, as outputs are taken.
     fanning: Option<fanout::Fanning>,
     /// Reused buffers, so the packet path does not allocate for bookkeeping.
-    news: Vec<PeerNews>,
+    news: Vec<ViewerNews>,
     scratch: Vec<SessionId>,
 }
 
 impl Core {
     /// Creates a core. `now` is the earliest instant it will see.
-    pub fn new(config: Config, now: Instant) -> Self {
+    pub fn new(config: CoreConfig, now: Instant) -> Self {
         let crypto = crate::dtls::provider();
         let cert = crypto.dtls_provider.generate_certificate();
         Self {
@@ -132,7 +132,7 @@ impl Core {
             crypto,
             cert,
             streams: BTreeMap::new(),
-            peers: SessionMap::default(),
+            viewers: SessionMap::default(),
             by_addr: HashMap::new(),
             by_ufrag: HashMap::new(),
             ingest: HashMap::new(),
@@ -163,7 +163,7 @@ impl Core {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &CoreConfig {
         &self.config
     }
 
@@ -197,7 +197,7 @@ impl Core {
     /// measures it; call it every ~250 ms). The core smooths the samples
     /// ([`LOAD_SMOOTHING`]: about the last second at that rate), so that the burst of a
     /// keyframe, one interval in eight with a 2 s GOP, does not close admission by itself. At
-    /// [`Config::max_load`] or more, new viewers are refused with 503 ([`Reject::Overloaded`](crate::whep::Reject::Overloaded))
+    /// [`CoreConfig::max_load`] or more, new viewers are refused with 503 ([`Reject::Overloaded`](crate::whep::Reject::Overloaded))
     /// until the load falls below 85 % of it.
     pub fn set_load(&mut self, sample: f64) {
         let sample = if sample.is_finite() { sample.clamp(0.0, 1.0) } else { 0.0 };
@@ -231,13 +231,13 @@ impl Core {
 
     /// Number of viewers (WHEP sessions) in total.
     pub fn viewer_count(&self) -> usize {
-        self.peers.len()
+        self.viewers.len()
     }
 
     /// Video packets held back for viewers being primed at a paced rate, in total (each
     /// viewer's share is bounded by [`PrimePacing::max_pending`](crate::PrimePacing)).
     pub fn prime_backlog(&self) -> usize {
-        self.peers.values().map(|p| p.video.backlog()).sum()
+        self.viewers.values().map(|p| p.video.backlog()).sum()
     }
 
     /// Number of ingest port pairs held by streams.
@@ -267,7 +267,7 @@ impl Core {
             connected_viewers: s
                 .viewers
                 .iter()
-                .filter(|v| self.peers.get(v).is_some_and(|p| p.state == PeerState::Connected))
+                .filter(|v| self.viewers.get(v).is_some_and(|p| p.state == ViewerState::Connected))
                 .count(),
             restarts: s.restarts,
             renditions: s
@@ -281,7 +281,7 @@ impl Core {
                         .viewers
                         .iter()
                         .filter(|v| {
-                            self.peers.get(v).is_some_and(|p| usize::from(p.rendition) == k)
+                            self.viewers.get(v).is_some_and(|p| usize::from(p.rendition) == k)
                         })
                         .count(),
                 })
@@ -305,7 +305,7 @@ impl Core {
     pub fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
         self.timers.first().map(|(t, k)| {
             let why = match k {
-                TimerKey::Peer(_) => TimerReason::Peer,
+                TimerKey::Viewer(_) => TimerReason::Viewer,
                 TimerKey::Stream(_) => TimerReason::Stream,
             };
             (*t, why)
@@ -412,11 +412,11 @@ impl Core {
             }
             self.timers.remove(&(t, key.clone()));
             match key {
-                TimerKey::Peer(s) => {
-                    if let Some(p) = self.peers.get_mut(&s) {
+                TimerKey::Viewer(s) => {
+                    if let Some(p) = self.viewers.get_mut(&s) {
                         p.scheduled = None;
                     }
-                    self.peer_timeout(s, now);
+                    self.viewer_timeout(s, now);
                 }
                 TimerKey::Stream(id) => {
                     if let Some(st) = self.streams.get_mut(&id) {

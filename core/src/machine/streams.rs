@@ -118,15 +118,15 @@ impl Core {
         for id in ids {
             self.teardown(&id, false, CloseReason::Shutdown, now);
         }
-        let rest: Vec<SessionId> = self.peers.keys().copied().collect();
+        let rest: Vec<SessionId> = self.viewers.keys().copied().collect();
         for s in rest {
-            self.remove_peer(s, CloseReason::Shutdown, now);
+            self.remove_viewer(s, CloseReason::Shutdown, now);
         }
     }
 
     /// True when no viewer, port or process is held.
     pub fn is_idle(&self) -> bool {
-        self.peers.is_empty()
+        self.viewers.is_empty()
             && self.ports.in_use() == 0
             && self.streams.values().all(|s| matches!(s.state(), StreamState::Stopped))
     }
@@ -180,7 +180,7 @@ impl Core {
         let viewers: Vec<SessionId> =
             self.streams.get(id).map(|s| s.viewers.iter().copied().collect()).unwrap_or_default();
         for v in viewers {
-            self.remove_peer(v, why, now);
+            self.remove_viewer(v, why, now);
         }
     }
 

@@ -10,55 +10,57 @@ use tracing::{debug, info, warn};
 
 use crate::ids::{SessionId, StreamId};
 use crate::path;
-use crate::peer::{PeerNews, PeerState, Step};
 use crate::stream::StreamState;
+use crate::viewer::{Step, ViewerNews, ViewerState};
 use crate::{CloseReason, Event, Output};
 
 use super::{Core, TimerKey};
 
 impl Core {
-    pub(super) fn peer_timeout(&mut self, s: SessionId, now: Instant) {
+    pub(super) fn viewer_timeout(&mut self, s: SessionId, now: Instant) {
         let grace = self.config.disconnect_grace;
         let inactivity = self.config.inactivity_timeout;
-        let Some(peer) = self.peers.get_mut(&s) else {
+        let Some(viewer) = self.viewers.get_mut(&s) else {
             return;
         };
         let mut news = std::mem::take(&mut self.news);
-        peer.timeout(now, grace, &mut self.outputs, &mut news);
-        let sent = peer.pace(now, grace, &mut self.outputs, &mut news);
+        viewer.timeout(now, grace, &mut self.outputs, &mut news);
+        let sent = viewer.pace(now, grace, &mut self.outputs, &mut news);
         self.metrics.packets_forwarded += sent.packets;
         self.metrics.bytes_forwarded += sent.bytes;
-        let reason = match peer.state {
-            _ if peer.dead => Some(CloseReason::RemoteClosed),
-            PeerState::Connecting { deadline } if deadline <= now => {
-                if !peer.checked {
+        let reason = match viewer.state {
+            _ if viewer.dead => Some(CloseReason::RemoteClosed),
+            ViewerState::Connecting { deadline } if deadline <= now => {
+                if !viewer.checked {
                     self.metrics.unchecked_sessions += 1;
                     debug!(session = %s, "no ICE check arrived; closing the session");
                 }
                 Some(CloseReason::ConnectTimeout)
             }
-            PeerState::Disconnected { deadline } if deadline <= now => {
+            ViewerState::Disconnected { deadline } if deadline <= now => {
                 Some(CloseReason::IceDisconnected)
             }
-            PeerState::Connected if peer.last_rx + inactivity <= now => Some(CloseReason::Inactive),
+            ViewerState::Connected if viewer.last_rx + inactivity <= now => {
+                Some(CloseReason::Inactive)
+            }
             _ => None,
         };
         self.apply_news(s, &mut news, now);
         self.news = news;
         match reason {
-            Some(r) => self.remove_peer(s, r, now),
-            None => self.reschedule_peer(s, now),
+            Some(r) => self.remove_viewer(s, r, now),
+            None => self.reschedule_viewer(s, now),
         }
     }
 
-    pub(super) fn apply_news(&mut self, s: SessionId, news: &mut Vec<PeerNews>, now: Instant) {
+    pub(super) fn apply_news(&mut self, s: SessionId, news: &mut Vec<ViewerNews>, now: Instant) {
         for n in news.drain(..) {
-            let Some(peer) = self.peers.get(&s) else {
+            let Some(viewer) = self.viewers.get(&s) else {
                 continue;
             };
-            let stream = peer.stream.clone();
+            let stream = viewer.stream.clone();
             match n {
-                PeerNews::Connected => {
+                ViewerNews::Connected => {
                     info!(session = %s, %stream, "viewer connected");
                     self.release_unconnected(s);
                     self.metrics.viewers_connected += 1;
@@ -68,32 +70,32 @@ impl Core {
                     }));
                     self.prime(s, &stream, now);
                 }
-                PeerNews::KeyframeRequest => {
+                ViewerNews::KeyframeRequest => {
                     self.metrics.keyframe_requests += 1;
                     if let Some(interval) = self.config.cached_keyframe_interval
                         && self.config.gop_cache
-                        && let Some(peer) = self.peers.get_mut(&s)
+                        && let Some(viewer) = self.viewers.get_mut(&s)
                     {
-                        peer.want_keyframe(now, interval);
+                        viewer.want_keyframe(now, interval);
                     }
                     self.outputs
                         .push_back(Output::Event(Event::KeyframeRequested { stream, session: s }));
                 }
-                PeerNews::BacklogDropped => {
+                ViewerNews::BacklogDropped => {
                     self.metrics.prime_backlogs_dropped += 1;
                     warn!(session = %s, %stream, "viewer fell behind the paced GOP; video restarts at the next keyframe");
                 }
-                PeerNews::Resent { packets, bytes, dropped } => {
+                ViewerNews::Resent { packets, bytes, dropped } => {
                     self.metrics.packets_retransmitted += packets;
                     self.metrics.bytes_retransmitted += bytes;
                     self.metrics.retransmissions_dropped += dropped;
                 }
-                PeerNews::Report { lost } => self.climb(s, &stream, lost, now),
-                PeerNews::Switched { to } => {
+                ViewerNews::Report { lost } => self.climb(s, &stream, lost, now),
+                ViewerNews::Switched { to } => {
                     self.metrics.rendition_switches += 1;
                     debug!(session = %s, %stream, to, "viewer moved to another rendition");
                 }
-                PeerNews::ResendsSuspended => {
+                ViewerNews::ResendsSuspended => {
                     self.metrics.retransmission_suspensions += 1;
                     debug!(session = %s, %stream, "viewer's retransmissions over its share: off for a second");
                 }
@@ -103,10 +105,10 @@ impl Core {
 
     /// Starts a viewer that just connected with the stream's cached GOP, so that its first
     /// picture does not wait for FFmpeg's next keyframe: the keyframe at once, the rest paced
-    /// by [`Config::prime_pacing`] from the peer's timer ([`Peer::pace`]).
+    /// by [`CoreConfig::prime_pacing`] from the viewer's timer ([`Viewer::pace`]).
     pub(super) fn prime(&mut self, s: SessionId, stream: &StreamId, now: Instant) {
         let grace = self.config.disconnect_grace;
-        let (Some(st), Some(peer)) = (self.streams.get(stream), self.peers.get_mut(&s)) else {
+        let (Some(st), Some(viewer)) = (self.streams.get(stream), self.viewers.get_mut(&s)) else {
             return;
         };
         // Only a cache of the source that is sending now: after a stop or an FFmpeg exit the
@@ -116,7 +118,7 @@ impl Core {
             && st
                 .last_rtp
                 .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
-        let Some(gop) = st.gop(peer.rendition) else {
+        let Some(gop) = st.gop(viewer.rendition) else {
             return;
         };
         if gop.packets.is_empty() || !live {
@@ -125,7 +127,8 @@ impl Core {
         // News from these writes (a DTLS close, say) is picked up by the caller's next drain.
         let mut news = Vec::new();
         let pacing = self.config.prime_pacing.as_ref();
-        let Some(sent) = peer.prime(gop.primed(), pacing, now, grace, &mut self.outputs, &mut news)
+        let Some(sent) =
+            viewer.prime(gop.primed(), pacing, now, grace, &mut self.outputs, &mut news)
         else {
             debug!(session = %s, %stream, cached = gop.packets.len(), "cached GOP not used");
             return;
@@ -134,34 +137,34 @@ impl Core {
         self.metrics.bytes_forwarded += sent.bytes;
         self.metrics.gop_primes += 1;
         debug!(
-            session = %s, %stream, packets = sent.packets, held = peer.video.backlog(),
+            session = %s, %stream, packets = sent.packets, held = viewer.video.backlog(),
             "viewer primed with the cached GOP"
         );
-        // The caller reschedules the peer, now with the backlog's next release.
+        // The caller reschedules the viewer, now with the backlog's next release.
     }
 
     /// Moves a viewer along its stream's renditions of its codec (by bitrate) from a receiver
     /// report's fraction `lost`: one rung down after two lossy reports, one up after ten clean
     /// seconds ([`Ladder::on_report`]); the switch itself happens at the target's keyframe.
     fn climb(&mut self, s: SessionId, stream: &StreamId, lost: f32, now: Instant) {
-        let (Some(st), Some(peer)) = (self.streams.get(stream), self.peers.get_mut(&s)) else {
+        let (Some(st), Some(viewer)) = (self.streams.get(stream), self.viewers.get_mut(&s)) else {
             return;
         };
-        let Some(step) = peer.ladder.on_report(lost, now) else {
+        let Some(step) = viewer.ladder.on_report(lost, now) else {
             return;
         };
-        let Some(codec) = st.videos.get(usize::from(peer.rendition)).map(|v| v.codec) else {
+        let Some(codec) = st.videos.get(usize::from(viewer.rendition)).map(|v| v.codec) else {
             return;
         };
         // A copied H264 has no bitrate set: it is the top rung.
         let kbps = |k: usize| st.rendition_kbps(k).unwrap_or(u32::MAX);
-        let mine = kbps(usize::from(peer.rendition));
+        let mine = kbps(usize::from(viewer.rendition));
         let rungs = st.videos.iter().enumerate().filter(|(_, v)| v.codec == codec);
         let next = match step {
             Step::Down => rungs.filter(|(k, _)| kbps(*k) < mine).max_by_key(|(k, _)| kbps(*k)),
             Step::Up => rungs.filter(|(k, _)| kbps(*k) > mine).min_by_key(|(k, _)| kbps(*k)),
         };
-        let l = &mut peer.ladder;
+        let l = &mut viewer.ladder;
         match (step, next) {
             // Clean again after keyframes only: full video from the next keyframe first.
             (Step::Up, _) if l.keyframes_only => {
@@ -182,15 +185,15 @@ impl Core {
         }
     }
 
-    /// Answers a viewer's keyframe request ([`Peer::want_keyframe`]) with the stream's cached
+    /// Answers a viewer's keyframe request ([`Viewer::want_keyframe`]) with the stream's cached
     /// GOP again, once the cache ends with a whole frame (the fan-out calls this after every
     /// batch it wrote to a viewer that wants one; a frame cut in two would be lost twice).
     pub(super) fn replay_gop(&mut self, s: SessionId, stream: &StreamId, now: Instant) {
         let grace = self.config.disconnect_grace;
-        let (Some(st), Some(peer)) = (self.streams.get(stream), self.peers.get_mut(&s)) else {
+        let (Some(st), Some(viewer)) = (self.streams.get(stream), self.viewers.get_mut(&s)) else {
             return;
         };
-        let Some(gop) = st.gop(peer.rendition) else {
+        let Some(gop) = st.gop(viewer.rendition) else {
             return;
         };
         if !gop.ends_a_frame() {
@@ -198,14 +201,15 @@ impl Core {
         }
         let mut news = Vec::new();
         let pacing = self.config.prime_pacing.as_ref();
-        let Some(sent) = peer.replay(gop, pacing, now, grace, &mut self.outputs, &mut news) else {
+        let Some(sent) = viewer.replay(gop, pacing, now, grace, &mut self.outputs, &mut news)
+        else {
             return;
         };
         self.metrics.packets_forwarded += sent.packets;
         self.metrics.bytes_forwarded += sent.bytes;
         self.metrics.cached_keyframes += 1;
         debug!(
-            session = %s, %stream, packets = sent.packets, held = peer.video.backlog(),
+            session = %s, %stream, packets = sent.packets, held = viewer.video.backlog(),
             "keyframe request answered with the cached GOP"
         );
     }
@@ -232,56 +236,56 @@ impl Core {
         // a TURN relay handed out again). The address then belongs to the new session.
         let by_ufrag = stun_local_ufrag(contents)
             .and_then(|ufrag| self.by_ufrag.get(ufrag).copied())
-            .filter(|s| self.peers.get(s).is_some_and(|p| p.rtc.accepts(&input)));
+            .filter(|s| self.viewers.get(s).is_some_and(|p| p.rtc.accepts(&input)));
         let Some(session) = by_ufrag.or(known) else {
             self.metrics.datagrams_dropped += 1;
             return;
         };
         let grace = self.config.disconnect_grace;
-        let Some(peer) = self.peers.get_mut(&session) else {
+        let Some(viewer) = self.viewers.get_mut(&session) else {
             return;
         };
         if known != Some(session) {
-            if !peer.addrs.contains(&source) {
-                if peer.addrs.len() >= self.config.max_viewer_addresses {
+            if !viewer.addrs.contains(&source) {
+                if viewer.addrs.len() >= self.config.max_viewer_addresses {
                     // Each address would be a demultiplexing entry here and a candidate in
                     // str0m: a viewer with its credentials could spoof thousands.
                     self.metrics.addresses_refused += 1;
                     self.metrics.datagrams_dropped += 1;
                     return;
                 }
-                peer.addrs.push(source);
+                viewer.addrs.push(source);
             }
             self.by_addr.insert(source, session);
-            if !peer.checked {
+            if !viewer.checked {
                 // The first check: the viewer is reachable, so it gets the whole connect
                 // timeout for the rest (DTLS) instead of the first check's.
-                peer.checked = true;
-                if let PeerState::Connecting { deadline } = &mut peer.state {
-                    *deadline = peer.joined + self.config.connect_timeout;
+                viewer.checked = true;
+                if let ViewerState::Connecting { deadline } = &mut viewer.state {
+                    *deadline = viewer.joined + self.config.connect_timeout;
                 }
             }
         }
-        peer.last_rx = now;
+        viewer.last_rx = now;
         // A check whose integrity str0m verified (routed by its username) with a transaction
         // id not seen before: the viewer's own, not a replay (see `crate::path`).
         let fresh_check = by_ufrag == Some(session)
-            && path::binding_request_tid(contents).is_some_and(|t| peer.path.fresh_check(t));
+            && path::binding_request_tid(contents).is_some_and(|t| viewer.path.fresh_check(t));
         let mut news = std::mem::take(&mut self.news);
-        if let Err(e) = peer.rtc.handle_input(input) {
+        if let Err(e) = viewer.rtc.handle_input(input) {
             debug!(%session, error = %e, "datagram rejected");
         }
-        peer.drain(now, grace, &mut self.outputs, &mut news);
-        let path = &mut peer.path;
+        viewer.drain(now, grace, &mut self.outputs, &mut news);
+        let path = &mut viewer.path;
         if path.sending_to.is_none()
             && !path.nominated_for_dtls
             && path::is_dtls(contents)
-            && peer.addrs.contains(&source)
+            && viewer.addrs.contains(&source)
         {
             // The viewer sends DTLS on the pair it selected: answer there now, not once its
             // nomination comes (a second later at 150 ms RTT).
             path.nominated_for_dtls = true;
-            if peer.nominate(source, destination, now, grace, &mut self.outputs, &mut news) {
+            if viewer.nominate(source, destination, now, grace, &mut self.outputs, &mut news) {
                 self.metrics.early_nominations += 1;
                 debug!(%session, %source, "nominated the pair the viewer's DTLS came on");
             }
@@ -290,11 +294,11 @@ impl Core {
                 // Its checks and now its own traffic come from here, and nothing from the
                 // old path for a while: the NAT gave it a new port.
                 let old = path.sending_to;
-                if peer.move_path(source, destination, now, grace, &mut self.outputs, &mut news) {
+                if viewer.move_path(source, destination, now, grace, &mut self.outputs, &mut news) {
                     // What went to the dead address is lost: start the picture again from the
                     // GOP cache at once rather than after the viewer's NACKs and PLI.
                     if self.config.gop_cache && self.config.cached_keyframe_interval.is_some() {
-                        peer.keyframe_wanted = true;
+                        viewer.keyframe_wanted = true;
                     }
                     self.metrics.path_moves += 1;
                     info!(%session, ?old, new = %source, "viewer's address changed; media follows");
@@ -303,47 +307,47 @@ impl Core {
                 path.candidate = Some(source);
             }
         }
-        peer.path.heard(source, now);
-        let dead = peer.dead;
+        viewer.path.heard(source, now);
+        let dead = viewer.dead;
         self.apply_news(session, &mut news, now);
         self.news = news;
         if dead {
-            self.remove_peer(session, CloseReason::RemoteClosed, now);
+            self.remove_viewer(session, CloseReason::RemoteClosed, now);
         } else {
-            self.reschedule_peer(session, now);
+            self.reschedule_viewer(session, now);
         }
     }
 
-    pub(super) fn remove_peer(&mut self, s: SessionId, reason: CloseReason, now: Instant) {
+    pub(super) fn remove_viewer(&mut self, s: SessionId, reason: CloseReason, now: Instant) {
         self.release_unconnected(s);
-        let Some(mut peer) = self.peers.remove(&s) else {
+        let Some(mut viewer) = self.viewers.remove(&s) else {
             return;
         };
-        peer.close(now, &mut self.outputs);
-        if let Some(t) = peer.scheduled {
-            self.timers.remove(&(t, TimerKey::Peer(s)));
+        viewer.close(now, &mut self.outputs);
+        if let Some(t) = viewer.scheduled {
+            self.timers.remove(&(t, TimerKey::Viewer(s)));
         }
-        for a in &peer.addrs {
+        for a in &viewer.addrs {
             if self.by_addr.get(a) == Some(&s) {
                 self.by_addr.remove(a);
             }
         }
-        if self.by_ufrag.get(&peer.local_ufrag) == Some(&s) {
-            self.by_ufrag.remove(&peer.local_ufrag);
+        if self.by_ufrag.get(&viewer.local_ufrag) == Some(&s) {
+            self.by_ufrag.remove(&viewer.local_ufrag);
         }
-        if let Some(stream) = self.streams.get_mut(&peer.stream) {
+        if let Some(stream) = self.streams.get_mut(&viewer.stream) {
             stream.viewers.remove(&s);
         }
         if let Some(m) = &self.shard {
-            m.set.release_seat(m.index, &peer.stream);
+            m.set.release_seat(m.index, &viewer.stream);
         }
         if matches!(reason, CloseReason::IceDisconnected | CloseReason::ConnectTimeout) {
             self.metrics.ice_failures += 1;
         }
         self.metrics.viewers_left += 1;
-        info!(session = %s, stream = %peer.stream, ?reason, "viewer left");
+        info!(session = %s, stream = %viewer.stream, ?reason, "viewer left");
         self.outputs.push_back(Output::Event(Event::ViewerLeft {
-            stream: peer.stream,
+            stream: viewer.stream,
             session: s,
             reason,
         }));
@@ -351,7 +355,8 @@ impl Core {
 
     /// Stops counting `s` against its client's unconnected sessions (it connected, or goes).
     pub(super) fn release_unconnected(&mut self, s: SessionId) {
-        let Some(client) = self.peers.get_mut(&s).and_then(|p| p.unconnected_client.take()) else {
+        let Some(client) = self.viewers.get_mut(&s).and_then(|p| p.unconnected_client.take())
+        else {
             return;
         };
         match &self.shard {
@@ -360,21 +365,21 @@ impl Core {
         }
     }
 
-    pub(super) fn reschedule_peer(&mut self, s: SessionId, now: Instant) {
+    pub(super) fn reschedule_viewer(&mut self, s: SessionId, now: Instant) {
         let inactivity = self.config.inactivity_timeout;
-        let Some(peer) = self.peers.get_mut(&s) else {
+        let Some(viewer) = self.viewers.get_mut(&s) else {
             return;
         };
         // str0m may ask for a timeout at `now` right after a write; the core's own
         // handle_timeout runs it, so never schedule in the past (no busy loop).
-        let at = peer.deadline(inactivity).max(now);
-        if peer.scheduled == Some(at) {
+        let at = viewer.deadline(inactivity).max(now);
+        if viewer.scheduled == Some(at) {
             return;
         }
-        if let Some(old) = peer.scheduled.replace(at) {
-            self.timers.remove(&(old, TimerKey::Peer(s)));
+        if let Some(old) = viewer.scheduled.replace(at) {
+            self.timers.remove(&(old, TimerKey::Viewer(s)));
         }
-        self.timers.insert((at, TimerKey::Peer(s)));
+        self.timers.insert((at, TimerKey::Viewer(s)));
     }
 }
 

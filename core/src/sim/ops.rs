@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::{SimWorld, config};
 use crate::whep::Method;
-use crate::{Config, StreamConfig, StreamId, StreamStatus};
+use crate::{CoreConfig, StreamConfig, StreamId, StreamStatus};
 
 /// Per-stream viewer cap of the world.
 pub const CAP_PER_STREAM: usize = 3;
@@ -77,7 +77,7 @@ impl OpsWorld {
 
     /// As [`OpsWorld::new`], with `edit` applied to the simulation's config (timeouts, say);
     /// caps and ports are the model's and must stay.
-    pub fn with_config(edit: impl FnOnce(&mut Config)) -> Self {
+    pub fn with_config(edit: impl FnOnce(&mut CoreConfig)) -> Self {
         let mut config = config();
         config.max_viewers_per_stream = CAP_PER_STREAM;
         config.max_viewers_total = CAP_TOTAL;

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{debug, info, warn};
 
-use crate::app::{AddError, AppConfig, ServerConfig, ShardView, StreamSpec};
+use crate::app::{AddError, RoutesConfig, ServerConfig, ShardView, StreamSpec};
 use crate::shard::ShardSet;
 use whep_core::shard::{MAX_SHARDS, Mirror, ShardMember};
 use whep_core::{
@@ -236,7 +236,7 @@ struct Exited {
     code: Option<i32>,
 }
 
-type Job = Box<dyn FnOnce(&mut Core, &AppConfig, Instant, &mut ShutdownFlag) + Send>;
+type Job = Box<dyn FnOnce(&mut Core, &RoutesConfig, Instant, &mut ShutdownFlag) + Send>;
 
 /// Set by [`Engine::shutdown`]'s job.
 #[derive(Debug, Default)]
@@ -340,7 +340,7 @@ impl Drop for SetOnDrop {
 impl<R: Runtime> Engine<R> {
     /// Binds the viewer socket and starts the engine task on `runtime`.
     ///
-    /// An all-zero [`Config::rng_seed`](whep_core::Config::rng_seed) must be filled by the caller
+    /// An all-zero [`CoreConfig::rng_seed`](whep_core::CoreConfig::rng_seed) must be filled by the caller
     /// from the operating system first. With no host candidates, `default_route` (the address
     /// the kernel picks towards the Internet, if known) feeds
     /// [`default_candidates`](crate::app::default_candidates).
@@ -397,7 +397,7 @@ impl<R: Runtime> Engine<R> {
                         .in_shard(ShardMember { index: index as u8, set: set.clone() }),
                     None => Core::new(core, now),
                 },
-                app: config.app.clone(),
+                routes: config.routes.clone(),
                 runtime: Arc::clone(&runtime),
                 local: udp_addr,
                 socket,
@@ -452,7 +452,7 @@ impl<R: Runtime> Engine<R> {
         self.inner.shards.len()
     }
 
-    /// Largest accepted request body ([`Config::max_body_bytes`](whep_core::Config::max_body_bytes)).
+    /// Largest accepted request body ([`CoreConfig::max_body_bytes`](whep_core::CoreConfig::max_body_bytes)).
     pub fn max_body(&self) -> usize {
         self.inner.max_body
     }
@@ -464,7 +464,7 @@ impl<R: Runtime> Engine<R> {
     /// [`with_shard`](Self::with_shard) for the others.
     pub async fn with_core<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Core, &AppConfig, Instant) -> T + Send + 'static,
+        f: impl FnOnce(&mut Core, &RoutesConfig, Instant) -> T + Send + 'static,
     ) -> Option<T> {
         self.with_shard(0, f).await
     }
@@ -473,11 +473,11 @@ impl<R: Runtime> Engine<R> {
     pub async fn with_shard<T: Send + 'static>(
         &self,
         index: usize,
-        f: impl FnOnce(&mut Core, &AppConfig, Instant) -> T + Send + 'static,
+        f: impl FnOnce(&mut Core, &RoutesConfig, Instant) -> T + Send + 'static,
     ) -> Option<T> {
         let (tx, rx) = chan::channel(Some(1));
-        let job: Job = Box::new(move |core, app, now, _| {
-            let _ = tx.send(f(core, app, now));
+        let job: Job = Box::new(move |core, routes, now, _| {
+            let _ = tx.send(f(core, routes, now));
         });
         self.inner.shards.get(index)?.jobs.send(job).ok()?;
         rx.recv().await
@@ -567,13 +567,13 @@ impl<R: Runtime> Engine<R> {
         if shard == 0 && self.inner.shards.len() > 1 && crate::app::shows_totals(&req) {
             let views = self.follower_views().await;
             return self
-                .with_core(move |core, app, now| {
-                    crate::app::handle_sharded(core, app, req, now, &views)
+                .with_core(move |core, routes, now| {
+                    crate::app::handle_sharded(core, routes, req, now, &views)
                 })
                 .await
                 .unwrap_or_else(crate::app::unavailable);
         }
-        self.with_shard(shard, move |core, app, now| crate::app::handle(core, app, req, now))
+        self.with_shard(shard, move |core, routes, now| crate::app::handle(core, routes, req, now))
             .await
             .unwrap_or_else(crate::app::unavailable)
     }
@@ -687,7 +687,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 struct Driver<R: Runtime> {
     core: Core,
-    app: AppConfig,
+    routes: RoutesConfig,
     runtime: Arc<R>,
     socket: R::UdpSocket,
     local: SocketAddr,
@@ -791,7 +791,7 @@ impl<R: Runtime> Driver<R> {
                 Wake::Job(Some(job)) => {
                     let mut flag = ShutdownFlag::default();
                     let started = self.runtime.now();
-                    job(&mut self.core, &self.app, started, &mut flag);
+                    job(&mut self.core, &self.routes, started, &mut flag);
                     // Answering requests is not forwarding load: a burst of setups (bounded by
                     // the rate limits) must not close admission by itself.
                     load.exclude(self.runtime.now().saturating_duration_since(started));

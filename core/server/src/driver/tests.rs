@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use super::{Engine, ProcessExit, Runtime, Timer, UdpSocket};
 use crate::app::{ServerConfig, StreamSpec};
 use whep_core::whep::{Method, WhepRequest};
-use whep_core::{Config, StreamId};
+use whep_core::{CoreConfig, StreamId};
 
 const WAIT: Duration = Duration::from_secs(10);
 const OFFER: &str = include_str!("../../../tests/data/chromium-156-offer.sdp");
@@ -305,7 +305,7 @@ fn engine(runtime: &FakeRuntime) -> Engine<FakeRuntime> {
         udp_gso: true,
         ..ServerConfig::default()
     };
-    config.core = Config { rng_seed: [7; 32], ingest_ports: 40_000..=40_099, ..config.core };
+    config.core = CoreConfig { rng_seed: [7; 32], ingest_ports: 40_000..=40_099, ..config.core };
     config.core.process.restart_backoff_initial = Duration::from_millis(300);
     Engine::start(runtime.clone(), config, None).unwrap()
 }

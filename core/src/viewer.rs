@@ -14,7 +14,7 @@ use str0m::{Candidate, IceCreds};
 use str0m::{Event as RtcEvent, IceConnectionState, Input as RtcInput, Output as RtcOutput, Rtc};
 use tracing::{debug, trace, warn};
 
-use crate::config::{Config, H264Profile, VideoCodec};
+use crate::config::{CoreConfig, H264Profile, VideoCodec};
 use crate::gop::GopCache;
 use crate::ids::{ETag, SessionId, StreamId};
 use crate::pacer::PrimePacing;
@@ -34,7 +34,7 @@ pub(crate) const MAX_UNFLUSHED: u16 = 16;
 
 /// Lifecycle of a viewer's WebRTC connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PeerState {
+pub(crate) enum ViewerState {
     /// Answer sent; waiting for ICE and DTLS until the deadline.
     Connecting { deadline: Instant },
     /// ICE, DTLS and SRTP are up; media flows.
@@ -55,7 +55,7 @@ pub(crate) struct Track {
     /// Next extended sequence number this viewer expects; starts below 2^15 so the first
     /// packet's SRTP rollover counter is 0 (str0m notes: a first seq ≥ 65536 fails silently).
     next_out: u64,
-    /// Video held back while the cached GOP is paced out ([`Peer::prime`]); `None` otherwise.
+    /// Video held back while the cached GOP is paced out ([`Viewer::prime`]); `None` otherwise.
     backlog: Option<Box<Backlog>>,
     /// The RTP timestamp of the last packet written (after `ts_offset`).
     last_ts: Option<u32>,
@@ -99,9 +99,9 @@ impl Track {
     }
 }
 
-/// Things a peer tells the core after a mutation.
+/// Things a viewer tells the core after a mutation.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum PeerNews {
+pub(crate) enum ViewerNews {
     Connected,
     KeyframeRequest,
     /// The backlog of a paced prime outgrew its cap and was dropped; video restarts at the
@@ -132,7 +132,7 @@ pub(crate) struct Resend {
     pub(crate) cache_packets: usize,
     pub(crate) cache_age: Duration,
     /// The cache's size while the viewer is started from the GOP cache
-    /// ([`Config::rtx_cache_prime_packets`](crate::Config::rtx_cache_prime_packets)).
+    /// ([`CoreConfig::rtx_cache_prime_packets`](crate::CoreConfig::rtx_cache_prime_packets)).
     pub(crate) prime_packets: usize,
     /// When the cache goes back to `cache_packets` after a prime.
     pub(crate) shrink_at: Option<Instant>,
@@ -148,11 +148,11 @@ pub(crate) struct Sent {
 
 /// One WHEP session.
 #[derive(Debug)]
-pub(crate) struct Peer {
+pub(crate) struct Viewer {
     pub(crate) session: SessionId,
     pub(crate) stream: StreamId,
     pub(crate) rtc: Rtc,
-    pub(crate) state: PeerState,
+    pub(crate) state: ViewerState,
     pub(crate) video: Track,
     pub(crate) audio: Track,
     /// The stream's video rendition this viewer gets (0: its H264; see
@@ -170,31 +170,31 @@ pub(crate) struct Peer {
     pub(crate) local_ufrag: String,
     pub(crate) last_rx: Instant,
     /// Source addresses learned for this viewer from its ICE checks in this ICE generation
-    /// (demux keys), at most [`Config::max_viewer_addresses`](crate::Config).
+    /// (demux keys), at most [`CoreConfig::max_viewer_addresses`](crate::CoreConfig).
     pub(crate) addrs: Vec<SocketAddr>,
     /// When the POST created this session.
     pub(crate) joined: Instant,
     /// An ICE check with this session's credentials has arrived.
     pub(crate) checked: bool,
     /// The client address this session is counted under while it has not connected
-    /// ([`Config::max_unconnected_per_client`](crate::Config)); taken when it connects or goes.
+    /// ([`CoreConfig::max_unconnected_per_client`](crate::CoreConfig)); taken when it connects or goes.
     pub(crate) unconnected_client: Option<IpAddr>,
     /// Remote ICE candidates given to str0m in this ICE generation (offer and PATCHes).
     pub(crate) remote_candidates: usize,
     pub(crate) keyframe_requests: u64,
     /// The viewer asked for a keyframe that the GOP cache will answer
-    /// ([`Config::cached_keyframe_interval`](crate::Config::cached_keyframe_interval)), at the
-    /// end of the frame being fanned out ([`Peer::replay`]).
+    /// ([`CoreConfig::cached_keyframe_interval`](crate::CoreConfig::cached_keyframe_interval)), at the
+    /// end of the frame being fanned out ([`Viewer::replay`]).
     pub(crate) keyframe_wanted: bool,
     /// When the viewer was last sent the cached GOP (its join, or an answer to a request).
     pub(crate) gop_sent_at: Option<Instant>,
     /// str0m's next timeout.
     pub(crate) rtc_deadline: Instant,
-    /// The entry this peer has in the core's timer set.
+    /// The entry this viewer has in the core's timer set.
     pub(crate) scheduled: Option<Instant>,
-    /// str0m said the viewer closed, or it errored: the core removes the peer.
+    /// str0m said the viewer closed, or it errored: the core removes the viewer.
     pub(crate) dead: bool,
-    /// Live packets written to str0m since its output was last drained ([`Peer::flush`]).
+    /// Live packets written to str0m since its output was last drained ([`Viewer::flush`]).
     pub(crate) unflushed: u16,
     /// Retransmission accounting and cap, when the viewer negotiated RTX.
     pub(crate) resend: Option<Box<Resend>>,
@@ -277,7 +277,7 @@ pub(crate) struct Offer<'a> {
 
 /// A viewer's str0m peer that accepted its offer: ICE-lite, RTP mode, H264 and Opus, our DTLS
 /// certificate and host candidates, a bounded retransmission cache. Built before the viewer
-/// takes a seat, so that an offer str0m refuses costs none; [`into_peer`](Self::into_peer)
+/// takes a seat, so that an offer str0m refuses costs none; [`into_viewer`](Self::into_viewer)
 /// then gives it its session.
 #[derive(Debug)]
 pub(crate) struct Answered {
@@ -295,7 +295,7 @@ pub(crate) struct Answered {
     resend: Option<Box<Resend>>,
 }
 
-/// What a viewer's session is when its [`Answered`] peer becomes a [`Peer`].
+/// What a viewer's session is when its [`Answered`] peer becomes a [`Viewer`].
 #[derive(Debug)]
 pub(crate) struct Seat {
     pub(crate) session: SessionId,
@@ -306,19 +306,19 @@ pub(crate) struct Seat {
     pub(crate) remote_creds: (String, String),
     pub(crate) unconnected_client: Option<IpAddr>,
     pub(crate) remote_candidates: usize,
-    /// When it is closed unless it sends an ICE check (see [`Peer::checked`]).
+    /// When it is closed unless it sends an ICE check (see [`Viewer::checked`]).
     pub(crate) deadline: Instant,
     pub(crate) now: Instant,
 }
 
 impl Answered {
-    /// Builds the peer and accepts `offer` with our ICE credentials `creds`; `dtls` is the
+    /// Builds the str0m peer and accepts `offer` with our ICE credentials `creds`; `dtls` is the
     /// crypto provider and the certificate every viewer shares.
     pub(crate) fn new(
         offer: Offer<'_>,
         creds: IceCreds,
         dtls: (&Arc<CryptoProvider>, Option<&DtlsCert>),
-        config: &Config,
+        config: &CoreConfig,
         now: Instant,
     ) -> Result<Self, Reject> {
         let local_ufrag = creds.ufrag.clone();
@@ -384,7 +384,7 @@ impl Answered {
         // a packet) dominates a viewer's memory, and an old retransmission is useless to a
         // low-latency player.
         // str0m's own ratio cap is off: it keeps an entry per packet sent in the last second;
-        // the peer's `ResendBudget` does the same job with a few counters.
+        // the viewer's `ResendBudget` does the same job with a few counters.
         let (packets, age) = (config.rtx_cache_packets, config.rtx_cache_age);
         let mut resend = None;
         if let Some(tx) = api.stream_tx(&video_ssrc) {
@@ -426,14 +426,14 @@ impl Answered {
         })
     }
 
-    /// The viewer's [`Peer`], connecting until `seat.deadline`, and the SDP answer to send.
-    pub(crate) fn into_peer(self, seat: Seat) -> (Peer, String) {
+    /// The viewer's [`Viewer`], connecting until `seat.deadline`, and the SDP answer to send.
+    pub(crate) fn into_viewer(self, seat: Seat) -> (Viewer, String) {
         let now = seat.now;
-        let peer = Peer {
+        let viewer = Viewer {
             session: seat.session,
             stream: seat.stream,
             rtc: self.rtc,
-            state: PeerState::Connecting { deadline: seat.deadline },
+            state: ViewerState::Connecting { deadline: seat.deadline },
             rendition: self.rendition,
             ladder: Ladder::default(),
             video: Track::new(
@@ -470,7 +470,7 @@ impl Answered {
             resend: self.resend,
             path: Path::default(),
         };
-        (peer, self.answer)
+        (viewer, self.answer)
     }
 }
 
@@ -487,12 +487,14 @@ fn rtp_extensions() -> ExtensionMap {
     exts
 }
 
-impl Peer {
-    /// The earliest instant at which this peer needs [`Peer::timeout`] (or [`Peer::pace`]).
+impl Viewer {
+    /// The earliest instant at which this viewer needs [`Viewer::timeout`] (or [`Viewer::pace`]).
     pub(crate) fn deadline(&self, inactivity: Duration) -> Instant {
         let own = match self.state {
-            PeerState::Connecting { deadline } | PeerState::Disconnected { deadline } => deadline,
-            PeerState::Connected => self.last_rx + inactivity,
+            ViewerState::Connecting { deadline } | ViewerState::Disconnected { deadline } => {
+                deadline
+            }
+            ViewerState::Connected => self.last_rx + inactivity,
         };
         let pace = self.video.backlog.as_ref().and_then(|b| b.next_release());
         let shrink = self.resend.as_ref().and_then(|r| r.shrink_at);
@@ -505,7 +507,7 @@ impl Peer {
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
-        news: &mut Vec<PeerNews>,
+        news: &mut Vec<ViewerNews>,
     ) {
         loop {
             match self.rtc.poll_output() {
@@ -519,7 +521,7 @@ impl Peer {
                     {
                         if suspend {
                             debug!(session = %self.session, "retransmissions over budget");
-                            news.push(PeerNews::ResendsSuspended);
+                            news.push(ViewerNews::ResendsSuspended);
                             self.set_rtx_cache(0, Duration::ZERO);
                         }
                         continue;
@@ -536,7 +538,7 @@ impl Peer {
                 }
                 Ok(RtcOutput::Event(e)) => self.on_event(e, now, grace, news),
                 Err(e) => {
-                    debug!(session = %self.session, error = %e, "peer failed");
+                    debug!(session = %self.session, error = %e, "viewer failed");
                     self.dead = true;
                     break;
                 }
@@ -549,7 +551,7 @@ impl Peer {
             && (r.budget.resent_packets | r.budget.dropped) != 0
         {
             let b = &mut r.budget;
-            news.push(PeerNews::Resent {
+            news.push(ViewerNews::Resent {
                 packets: std::mem::take(&mut b.resent_packets),
                 bytes: std::mem::take(&mut b.resent_bytes),
                 dropped: std::mem::take(&mut b.dropped),
@@ -565,33 +567,33 @@ impl Peer {
         }
     }
 
-    fn on_event(&mut self, e: RtcEvent, now: Instant, grace: Duration, news: &mut Vec<PeerNews>) {
+    fn on_event(&mut self, e: RtcEvent, now: Instant, grace: Duration, news: &mut Vec<ViewerNews>) {
         match e {
             RtcEvent::Connected => {
-                self.state = PeerState::Connected;
-                news.push(PeerNews::Connected);
+                self.state = ViewerState::Connected;
+                news.push(ViewerNews::Connected);
             }
             RtcEvent::IceConnectionStateChange(s) => {
                 trace!(session = %self.session, state = ?s, "ice state");
                 match (s, self.state) {
-                    (IceConnectionState::Disconnected, PeerState::Connected) => {
-                        self.state = PeerState::Disconnected { deadline: now + grace };
+                    (IceConnectionState::Disconnected, ViewerState::Connected) => {
+                        self.state = ViewerState::Disconnected { deadline: now + grace };
                     }
                     (
                         IceConnectionState::Connected | IceConnectionState::Completed,
-                        PeerState::Disconnected { .. },
-                    ) => self.state = PeerState::Connected,
+                        ViewerState::Disconnected { .. },
+                    ) => self.state = ViewerState::Connected,
                     _ => {}
                 }
             }
             RtcEvent::MediaEgressStats(s) if s.mid == self.video.mid => {
                 if let Some(lost) = s.loss {
-                    news.push(PeerNews::Report { lost });
+                    news.push(ViewerNews::Report { lost });
                 }
             }
             RtcEvent::KeyframeRequest(_) => {
                 self.keyframe_requests += 1;
-                news.push(PeerNews::KeyframeRequest);
+                news.push(ViewerNews::KeyframeRequest);
             }
             RtcEvent::Closed => self.dead = true,
             _ => {}
@@ -603,7 +605,7 @@ impl Peer {
     ///
     /// The packet is not released through str0m yet: the core drains a batch of writes with
     /// one [`flush`](Self::flush) (a frame's packets arrive together), which costs one str0m
-    /// timeout and output poll per batch instead of per packet. A peer flushes by itself every
+    /// timeout and output poll per batch instead of per packet. A viewer flushes by itself every
     /// [`MAX_UNFLUSHED`] packets, well within str0m's send queue.
     pub(crate) fn write_media(
         &mut self,
@@ -611,9 +613,9 @@ impl Peer {
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
-        news: &mut Vec<PeerNews>,
+        news: &mut Vec<ViewerNews>,
     ) -> bool {
-        if self.dead || matches!(self.state, PeerState::Connecting { .. }) {
+        if self.dead || matches!(self.state, ViewerState::Connecting { .. }) {
             return false;
         }
         if pkt.kind == MediaKind::Video && pkt.rendition != self.rendition {
@@ -621,7 +623,7 @@ impl Peer {
                 return false;
             }
             self.switch_to(pkt);
-            news.push(PeerNews::Switched { to: pkt.rendition });
+            news.push(ViewerNews::Switched { to: pkt.rendition });
         }
         if pkt.kind == MediaKind::Video
             && self.ladder.keyframes_only
@@ -641,7 +643,7 @@ impl Peer {
                     debug!(session = %self.session, dropped = backlog.len(), "prime backlog full");
                     self.video.backlog = None;
                     self.video.offset = None;
-                    news.push(PeerNews::BacklogDropped);
+                    news.push(ViewerNews::BacklogDropped);
                 }
             }
         }
@@ -661,7 +663,7 @@ impl Peer {
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
-        news: &mut Vec<PeerNews>,
+        news: &mut Vec<ViewerNews>,
     ) {
         if self.unflushed > 0 {
             self.timeout(now, grace, out, news);
@@ -680,9 +682,9 @@ impl Peer {
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
-        news: &mut Vec<PeerNews>,
+        news: &mut Vec<ViewerNews>,
     ) -> Option<Sent> {
-        if self.dead || matches!(self.state, PeerState::Connecting { .. }) {
+        if self.dead || matches!(self.state, ViewerState::Connecting { .. }) {
             return None;
         }
         if self.video.backlog.is_some() || self.video.offset.is_some() {
@@ -713,9 +715,9 @@ impl Peer {
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
-        news: &mut Vec<PeerNews>,
+        news: &mut Vec<ViewerNews>,
     ) -> Option<Sent> {
-        if self.dead || self.state != PeerState::Connected || self.video.backlog.is_some() {
+        if self.dead || self.state != ViewerState::Connected || self.video.backlog.is_some() {
             return None;
         }
         let after = self.video.last_ts?;
@@ -734,7 +736,7 @@ impl Peer {
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
-        news: &mut Vec<PeerNews>,
+        news: &mut Vec<ViewerNews>,
     ) -> Option<Sent> {
         let Some(pacing) = pacing else {
             self.video.offset = None;
@@ -761,7 +763,7 @@ impl Peer {
     }
 
     /// Makes room in the retransmission cache for a GOP sent faster than live (see
-    /// [`Config::rtx_cache_prime_packets`](crate::Config::rtx_cache_prime_packets)). The GOP
+    /// [`CoreConfig::rtx_cache_prime_packets`](crate::CoreConfig::rtx_cache_prime_packets)). The GOP
     /// starts the viewer's video anew, so replacing the cache loses nothing it still needs.
     fn grow_rtx_cache_for_prime(&mut self) {
         let Some(r) = &mut self.resend else { return };
@@ -790,7 +792,7 @@ impl Peer {
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
-        news: &mut Vec<PeerNews>,
+        news: &mut Vec<ViewerNews>,
     ) -> Sent {
         let mut sent = Sent::default();
         while !self.dead
@@ -816,7 +818,7 @@ impl Peer {
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
-        news: &mut Vec<PeerNews>,
+        news: &mut Vec<ViewerNews>,
     ) -> bool {
         if !self.write_rtp(pkt, now) {
             return false;
@@ -895,7 +897,7 @@ impl Peer {
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
-        news: &mut Vec<PeerNews>,
+        news: &mut Vec<ViewerNews>,
     ) {
         // Releases whatever was written, so nothing is left to flush.
         self.unflushed = 0;
@@ -927,7 +929,7 @@ impl Peer {
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
-        news: &mut Vec<PeerNews>,
+        news: &mut Vec<ViewerNews>,
     ) -> bool {
         let local = self.rtc.direct_api().local_ice_credentials();
         let username = format!("{}:{}", local.ufrag, self.remote_creds.0);
@@ -965,7 +967,7 @@ impl Peer {
         now: Instant,
         grace: Duration,
         out: &mut VecDeque<Output>,
-        news: &mut Vec<PeerNews>,
+        news: &mut Vec<ViewerNews>,
     ) -> bool {
         if let Some(old) = self.path.sending_to {
             let mut api = self.rtc.direct_api();
