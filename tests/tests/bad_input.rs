@@ -857,5 +857,5 @@ macro_rules! suite {
 }
 
 suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol"));
+suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
 suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));

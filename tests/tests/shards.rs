@@ -201,7 +201,7 @@ macro_rules! suite {
 }
 
 suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol"));
+suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
 
 #[test]
 fn blocking_refuses_shards() {

@@ -950,7 +950,7 @@ fn soak_long_tokio() {
 #[test]
 #[ignore = "minutes (WHEP_SOAK_SECS, default 600): cargo test --release --test soak -- --ignored"]
 fn soak_long_smol() {
-    soak(env!("CARGO_BIN_EXE_whepd-smol"), &long_plan("long-smol"));
+    soak(env!("CARGO_BIN_EXE_whepd-smol-e2e"), &long_plan("long-smol"));
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Embedding whep-tokio in an existing tokio + hyper service.
 //!
 //! ```sh
-//! cargo run -p whep-tokio --example embed
+//! cargo run -p whep-tokio --example embed_tokio
 //! ```
 //!
 //! It starts the engine on the application's runtime, adds the demo stream (an FFmpeg test

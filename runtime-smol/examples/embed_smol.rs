@@ -1,7 +1,7 @@
 //! Embedding whep-smol in an application with its own executor and its own http-types server.
 //!
 //! ```sh
-//! cargo run -p whep-smol --example embed
+//! cargo run -p whep-smol --example embed_smol
 //! ```
 //!
 //! The application owns a `smol::Executor` (run on two threads), starts the engine on it, adds

@@ -1,6 +1,0 @@
-//! `whepd` on smol, built inside the end-to-end crate so that the suite can run it
-//! (`CARGO_BIN_EXE_whepd-smol`). Identical to the `whepd-smol` binary of `whep-smol`.
-
-fn main() -> std::process::ExitCode {
-    whep_smol::cli::main()
-}
