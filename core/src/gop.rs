@@ -12,6 +12,8 @@ pub(crate) struct GopCache {
     bytes: usize,
     /// RTP timestamp of the keyframe being cached; `None` until one starts.
     keyframe_ts: Option<u32>,
+    /// The payload rate of the last whole GOP, in bytes per second of its RTP clock.
+    rate: Option<u64>,
 }
 
 impl GopCache {
@@ -23,8 +25,16 @@ impl GopCache {
     pub(crate) fn push(&mut self, pkt: &SourcePacket) {
         if pkt.restart {
             self.clear();
+            self.rate = None;
         }
         if pkt.keyframe_start && self.keyframe_ts != Some(pkt.timestamp) {
+            if let Some(start) = self.keyframe_ts {
+                // A whole GOP: its bytes over its length on the 90 kHz clock.
+                let ticks = u64::from(pkt.timestamp.wrapping_sub(start));
+                if ticks > 0 && ticks < 90_000 * 60 {
+                    self.rate = Some(self.bytes as u64 * 90_000 / ticks);
+                }
+            }
             self.clear();
             self.keyframe_ts = Some(pkt.timestamp);
         }
@@ -36,6 +46,7 @@ impl GopCache {
         {
             // Too long a GOP: nothing until the next keyframe.
             self.clear();
+            self.rate = None;
             return;
         }
         self.bytes += pkt.payload.len();
@@ -46,6 +57,12 @@ impl GopCache {
         self.packets.clear();
         self.bytes = 0;
         self.keyframe_ts = None;
+    }
+
+    /// The payload rate of the last whole GOP cached, in bytes per second (`None` before one,
+    /// after a source restart, or for a GOP too long to cache).
+    pub(crate) fn rate(&self) -> Option<u64> {
+        self.rate
     }
 
     /// Frames cached (distinct RTP timestamps).

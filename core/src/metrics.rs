@@ -39,10 +39,12 @@ pub struct Metrics {
     pub rendition_switches: u64,
     /// Times a lossy viewer with no lower rung was put on keyframes only.
     pub keyframes_only: u64,
+    /// Viewers whose video was paced once their receiver reports showed loss.
+    pub paced_viewers: u64,
     /// Viewers started with the cached GOP instead of waiting for the next keyframe.
     pub gop_primes: u64,
-    /// Paced primes whose backlog outgrew [`PrimePacing::max_pending`](crate::PrimePacing)
-    /// (the viewer fell behind live) and was dropped.
+    /// Paced backlogs (a prime's, or a paced viewer's live video) that outgrew their cap (the
+    /// viewer fell behind live) and were dropped.
     pub prime_backlogs_dropped: u64,
     /// Video packets str0m retransmitted to viewers that NACKed them.
     pub packets_retransmitted: u64,
@@ -112,6 +114,7 @@ impl Metrics {
             path_moves,
             rendition_switches,
             keyframes_only,
+            paced_viewers,
             gop_primes,
             prime_backlogs_dropped,
             packets_retransmitted,
@@ -144,6 +147,7 @@ impl Metrics {
         self.path_moves += path_moves;
         self.rendition_switches += rendition_switches;
         self.keyframes_only += keyframes_only;
+        self.paced_viewers += paced_viewers;
         self.gop_primes += gop_primes;
         self.prime_backlogs_dropped += prime_backlogs_dropped;
         self.packets_retransmitted += packets_retransmitted;

@@ -44,6 +44,35 @@ impl Default for PrimePacing {
     }
 }
 
+/// A viewer's live pacing, once its receiver reports showed loss: all of its video leaves
+/// through a token bucket of [`rate`](Self::rate), a burst of [`LIVE_BURST`] deep, so that a
+/// keyframe does not overflow a slow link's queue in one burst (a 1 Mbit/s link with 100 ms of
+/// buffer holds 12.5 kB; a keyframe is often several times that). At most [`LIVE_QUEUE`] of
+/// video at that rate waits; beyond it the queue is dropped and the viewer's video restarts at
+/// the next keyframe (it is then moved down a rung by its next reports, or gets keyframes only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LivePacing {
+    /// Bytes per second (RTP payload).
+    pub(crate) rate: u64,
+}
+
+/// Depth of a viewer's live pacing bucket, in time at its rate: a P frame or two leave at
+/// once, a keyframe is spread.
+pub(crate) const LIVE_BURST: Duration = Duration::from_millis(20);
+
+/// Most video a live-paced viewer's queue holds beyond what it started with, in time at its rate.
+pub(crate) const LIVE_QUEUE: Duration = Duration::from_secs(1);
+
+impl LivePacing {
+    fn burst(self) -> u64 {
+        ((self.rate as f64 * LIVE_BURST.as_secs_f64()) as u64).max(crate::rtp::MAX_PAYLOAD as u64)
+    }
+
+    fn queue_bytes(self) -> usize {
+        (self.rate as f64 * LIVE_QUEUE.as_secs_f64()) as usize
+    }
+}
+
 /// Shortest wait between two releases: the bucket is drained in steps of at least this much
 /// budget, a few packets each, rather than with one wake-up per packet.
 const TICK: Duration = Duration::from_millis(5);
@@ -63,6 +92,10 @@ pub(crate) struct Backlog {
     tokens: f64,
     refilled: Instant,
     cap: usize,
+    /// Payload bytes queued, and the most that may be ([`LivePacing`]; unbounded for a prime,
+    /// whose cap is `cap` packets).
+    bytes: usize,
+    cap_bytes: usize,
 }
 
 /// What became of a packet offered to [`Backlog::push`].
@@ -91,6 +124,7 @@ impl Backlog {
         // A zero rate would never drain; the bucket must hold the largest packet.
         let rate = pacing.rate.max(1) as f64;
         let burst = pacing.burst.max(crate::rtp::MAX_PAYLOAD as u64) as f64;
+        let bytes = queue.iter().map(|p| p.payload.len()).sum();
         Some(Self {
             queue,
             lead,
@@ -99,7 +133,36 @@ impl Backlog {
             tokens: burst,
             refilled: now,
             cap: pacing.max_pending,
+            bytes,
+            cap_bytes: usize::MAX,
         })
+    }
+
+    /// A backlog of a live-paced viewer holding `packets` (a GOP sent again, or nothing), no
+    /// packet exempt from the budget, live video queueing behind them up to [`LIVE_QUEUE`]
+    /// more. `None` if they are more than `max_pending` packets.
+    pub(crate) fn paced(
+        packets: impl IntoIterator<Item = SourcePacket>,
+        pacing: LivePacing,
+        max_pending: usize,
+        now: Instant,
+    ) -> Option<Self> {
+        let mut b = Self::new(
+            packets,
+            &PrimePacing { rate: pacing.rate, burst: pacing.burst(), max_pending },
+            now,
+        )?;
+        b.lead = 0;
+        b.cap_bytes = b.bytes + pacing.queue_bytes();
+        Some(b)
+    }
+
+    /// Paces at `pacing` from now on, with what is queued.
+    pub(crate) fn repace(&mut self, pacing: LivePacing) {
+        self.rate = pacing.rate.max(1) as f64;
+        self.burst = pacing.burst() as f64;
+        self.tokens = self.tokens.min(self.burst);
+        self.cap_bytes = self.bytes + pacing.queue_bytes();
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -110,11 +173,22 @@ impl Backlog {
         self.queue.is_empty()
     }
 
+    /// Drops what is queued, keeping the bucket.
+    pub(crate) fn clear(&mut self) {
+        self.queue.clear();
+        self.lead = 0;
+        self.bytes = 0;
+        if self.cap_bytes != usize::MAX {
+            self.cap_bytes = self.bytes_per_queue();
+        }
+    }
+
     /// Queues a live packet behind the backlog, unless it is full.
     pub(crate) fn push(&mut self, pkt: &SourcePacket) -> Push {
-        if self.queue.len() >= self.cap {
+        if self.queue.len() >= self.cap || self.bytes + pkt.payload.len() > self.cap_bytes {
             return Push::Full;
         }
+        self.bytes += pkt.payload.len();
         self.queue.push_back(pkt.clone());
         Push::Queued
     }
@@ -128,7 +202,13 @@ impl Backlog {
         }
         self.lead = self.lead.saturating_sub(1);
         self.tokens -= len;
-        self.queue.pop_front()
+        let pkt = self.queue.pop_front()?;
+        self.bytes -= pkt.payload.len();
+        // The queue is below its cap again once drained: repaced room is measured from here.
+        if self.queue.is_empty() && self.cap_bytes != usize::MAX {
+            self.cap_bytes = self.cap_bytes.min(self.bytes_per_queue());
+        }
+        Some(pkt)
     }
 
     /// When [`release`](Self::release) next hands out packets: once the budget covers the head
@@ -141,6 +221,11 @@ impl Backlog {
         let need = head.max((self.rate * TICK.as_secs_f64()).min(self.burst));
         let wait = ((need - self.tokens).max(0.0) / self.rate * 1e6).ceil() as u64;
         Some(self.refilled + Duration::from_micros(wait).max(TICK))
+    }
+
+    /// [`LIVE_QUEUE`] at the current rate.
+    fn bytes_per_queue(&self) -> usize {
+        (self.rate * LIVE_QUEUE.as_secs_f64()) as usize
     }
 
     fn refill(&mut self, now: Instant) {
@@ -243,5 +328,45 @@ mod tests {
         assert_eq!(b.push(&pkt(4, 3000, 100)), Push::Full);
         assert_eq!(b.len(), 4);
         assert!(Backlog::new((0..5).map(|i| pkt(i, 0, 100)), &pacing(1000, 2000, 4), t0).is_none());
+    }
+
+    #[test]
+    fn live_pacing_spreads_a_keyframe_and_caps_the_queue_in_time() {
+        let t0 = Instant::now();
+        let live = LivePacing { rate: 100_000 };
+        let mut b = Backlog::paced([], live, 1000, t0).expect("empty fits");
+        // A 22 kB keyframe: 2 kB (the 20 ms burst) at once, the rest at 100 kB/s.
+        for i in 0..20 {
+            assert_eq!(b.push(&pkt(i, 0, 1100)), Push::Queued);
+        }
+        assert_eq!(drain(&mut b, t0), 1100, "the burst, no more");
+        let next = b.next_release().expect("more");
+        assert!(next - t0 >= Duration::from_millis(5), "{:?}", next - t0);
+        let mut now = t0;
+        while let Some(next) = b.next_release() {
+            now = next;
+            drain(&mut b, now);
+        }
+        let took = now - t0;
+        assert!(
+            took >= Duration::from_millis(180) && took <= Duration::from_millis(215),
+            "{took:?}"
+        );
+        // At most a second of video at the rate waits: 100 kB, then the queue is full.
+        let mut queued = 0;
+        while b.push(&pkt(100 + queued, 3000, 1000)) == Push::Queued {
+            queued += 1;
+        }
+        assert_eq!(queued, 100);
+        // A new rate keeps what waits and lets a second at that rate join it.
+        b.repace(LivePacing { rate: 50_000 });
+        let mut more = 0;
+        while b.push(&pkt(1000 + more, 6000, 1000)) == Push::Queued {
+            more += 1;
+        }
+        assert_eq!(more, 50);
+        b.clear();
+        assert!(b.is_empty());
+        assert_eq!(b.push(&pkt(2000, 9000, 1000)), Push::Queued);
     }
 }

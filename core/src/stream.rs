@@ -142,6 +142,14 @@ impl Stream {
         }
     }
 
+    /// What video rendition `k` sends, in payload bytes per second: its last GOP's rate as
+    /// measured, or its target bitrate when that is higher (or nothing is measured yet).
+    pub(crate) fn rendition_rate(&self, k: usize) -> Option<u64> {
+        let measured = self.videos.get(k).and_then(|v| v.gop.rate());
+        let target = self.rendition_kbps(k).map(|kbps| u64::from(kbps) * 125);
+        measured.max(target)
+    }
+
     /// Video rendition `k`'s GOP cache.
     pub(crate) fn gop(&self, k: u8) -> Option<&GopCache> {
         self.videos.get(usize::from(k)).map(|v| &v.gop)

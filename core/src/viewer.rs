@@ -17,8 +17,7 @@ use tracing::{debug, trace, warn};
 use crate::config::{CoreConfig, H264Profile, VideoCodec};
 use crate::gop::GopCache;
 use crate::ids::{ETag, SessionId, StreamId};
-use crate::pacer::PrimePacing;
-use crate::pacer::{Backlog, Push};
+use crate::pacer::{Backlog, LivePacing, PrimePacing, Push};
 use crate::packet::SourcePacket;
 use crate::path::{self, Path};
 use crate::resend::{ResendBudget, Verdict};
@@ -136,14 +135,23 @@ pub(crate) struct Resend {
     pub(crate) prime_packets: usize,
     /// When the cache goes back to `cache_packets` after a prime.
     pub(crate) shrink_at: Option<Instant>,
+    /// The cache is at `prime_packets` for a GOP sent faster than live.
+    pub(crate) grown: bool,
     pub(crate) budget: ResendBudget,
 }
 
-/// What a paced write put on the wire.
+/// What a write put on the wire.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Sent {
     pub(crate) packets: u64,
     pub(crate) bytes: u64,
+}
+
+impl std::ops::AddAssign for Sent {
+    fn add_assign(&mut self, other: Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
 }
 
 /// One WHEP session.
@@ -200,6 +208,9 @@ pub(crate) struct Viewer {
     pub(crate) resend: Option<Box<Resend>>,
     /// Where its media goes, and the checks that may move it ([`crate::path`]).
     pub(crate) path: Path,
+    /// Its video is paced ([`LivePacing`]) since its reports showed loss, holding back at
+    /// most this many packets; `None` while they have not.
+    pub(crate) pacing: Option<(LivePacing, usize)>,
 }
 
 /// A viewer's place on its stream's bitrate ladder (renditions of one codec): the rendition it
@@ -396,6 +407,7 @@ impl Answered {
                     cache_age: age,
                     prime_packets: config.rtx_cache_prime_packets,
                     shrink_at: None,
+                    grown: false,
                     budget,
                 }));
             }
@@ -469,6 +481,7 @@ impl Answered {
             unflushed: 0,
             resend: self.resend,
             path: Path::default(),
+            pacing: None,
         };
         (viewer, self.answer)
     }
@@ -601,9 +614,10 @@ impl Viewer {
     }
 
     /// Writes one live source packet to this viewer (if connected and the track has started),
-    /// or queues it behind a paced prime's backlog. Returns whether a packet was written.
+    /// or queues it behind its paced backlog (a prime, or its live pacing), releasing what that
+    /// backlog's budget allows. Returns what was written.
     ///
-    /// The packet is not released through str0m yet: the core drains a batch of writes with
+    /// The packets are not released through str0m yet: the core drains a batch of writes with
     /// one [`flush`](Self::flush) (a frame's packets arrive together), which costs one str0m
     /// timeout and output poll per batch instead of per packet. A viewer flushes by itself every
     /// [`MAX_UNFLUSHED`] packets, well within str0m's send queue.
@@ -614,47 +628,107 @@ impl Viewer {
         grace: Duration,
         out: &mut VecDeque<Output>,
         news: &mut Vec<ViewerNews>,
-    ) -> bool {
+    ) -> Sent {
         if self.dead || matches!(self.state, ViewerState::Connecting { .. }) {
-            return false;
+            return Sent::default();
         }
-        if pkt.kind == MediaKind::Video && pkt.rendition != self.rendition {
+        if pkt.kind == MediaKind::Audio {
+            return self.write_batched(pkt, now, grace, out, news);
+        }
+        if pkt.rendition != self.rendition {
             if self.ladder.target != Some(pkt.rendition) || !pkt.keyframe_start {
-                return false;
+                return Sent::default();
             }
             self.switch_to(pkt);
             news.push(ViewerNews::Switched { to: pkt.rendition });
         }
-        if pkt.kind == MediaKind::Video
-            && self.ladder.keyframes_only
-            && !self.keyframe_only_passes(pkt)
-        {
-            return false;
-        }
-        if pkt.kind == MediaKind::Video
-            && let Some(backlog) = &mut self.video.backlog
-        {
-            match backlog.push(pkt) {
-                Push::Queued => return false,
-                Push::Full => {
-                    // Behind by more than the cap allows: give up on the backlog rather than
-                    // grow it, and restart the video at the next keyframe (sequence numbers
-                    // stay contiguous, see `Track::map`).
-                    debug!(session = %self.session, dropped = backlog.len(), "prime backlog full");
-                    self.video.backlog = None;
-                    self.video.offset = None;
-                    news.push(ViewerNews::BacklogDropped);
-                }
+        let mut restart = false;
+        if self.ladder.keyframes_only {
+            match self.keyframe_only_passes(pkt) {
+                Some(r) => restart = r,
+                None => return Sent::default(),
             }
         }
+        if self.video.backlog.is_none()
+            && let Some((pacing, max_pending)) = self.pacing
+        {
+            self.video.backlog = Backlog::paced([], pacing, max_pending, now).map(Box::new);
+        }
+        let Some(backlog) = &mut self.video.backlog else {
+            if restart {
+                self.video.offset = None;
+            }
+            return self.write_batched(pkt, now, grace, out, news);
+        };
+        // A keyframe that restarts the track does so when it leaves the queue, after what is
+        // queued before it.
+        let restarted;
+        let pkt = if restart {
+            restarted = SourcePacket { restart: true, ..pkt.clone() };
+            &restarted
+        } else {
+            pkt
+        };
+        match backlog.push(pkt) {
+            Push::Queued => {}
+            Push::Full => {
+                // Behind by more than the cap allows: give up on the backlog rather than grow
+                // it, and restart the video at the next keyframe (sequence numbers stay
+                // contiguous, see `Track::map`).
+                debug!(session = %self.session, dropped = backlog.len(), "paced backlog full");
+                self.video.backlog = None;
+                self.video.offset = None;
+                news.push(ViewerNews::BacklogDropped);
+                let Some((pacing, max_pending)) = self.pacing else {
+                    return self.write_batched(pkt, now, grace, out, news);
+                };
+                // Live pacing goes on from this packet (it leaves if it starts a keyframe).
+                self.video.backlog =
+                    Backlog::paced([pkt.clone()], pacing, max_pending, now).map(Box::new);
+            }
+        }
+        let mut sent = Sent::default();
+        while let Some(p) = self.video.backlog.as_mut().and_then(|b| b.release(now)) {
+            sent += self.write_batched(&p, now, grace, out, news);
+        }
+        self.settle_backlog(now);
+        sent
+    }
+
+    /// Writes `pkt` through str0m, flushing every [`MAX_UNFLUSHED`] packets.
+    fn write_batched(
+        &mut self,
+        pkt: &SourcePacket,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<ViewerNews>,
+    ) -> Sent {
         if !self.write_rtp(pkt, now) {
-            return false;
+            return Sent::default();
         }
         self.unflushed += 1;
         if self.unflushed >= MAX_UNFLUSHED {
             self.flush(now, grace, out, news);
         }
-        true
+        Sent { packets: 1, bytes: pkt.payload.len() as u64 }
+    }
+
+    /// Drops the video held back for this viewer; its video restarts at the next keyframe.
+    pub(crate) fn restart_video(&mut self) {
+        if let Some(b) = &mut self.video.backlog {
+            b.clear();
+        }
+        self.video.offset = None;
+    }
+
+    /// Paces this viewer's video at `pacing` from now on (see [`LivePacing`]), holding back at
+    /// most `max_pending` packets.
+    pub(crate) fn pace_at(&mut self, pacing: LivePacing, max_pending: usize) {
+        self.pacing = Some((pacing, max_pending));
+        if let Some(b) = &mut self.video.backlog {
+            b.repace(pacing);
+        }
     }
 
     /// Releases what [`write_media`](Self::write_media) wrote through str0m, if anything.
@@ -717,7 +791,9 @@ impl Viewer {
         out: &mut VecDeque<Output>,
         news: &mut Vec<ViewerNews>,
     ) -> Option<Sent> {
-        if self.dead || self.state != ViewerState::Connected || self.video.backlog.is_some() {
+        // A prime still going out is not replaced; a live-paced viewer's queue is.
+        let priming = self.video.backlog.is_some() && self.pacing.is_none();
+        if self.dead || self.state != ViewerState::Connected || priming {
             return None;
         }
         let after = self.video.last_ts?;
@@ -738,21 +814,24 @@ impl Viewer {
         out: &mut VecDeque<Output>,
         news: &mut Vec<ViewerNews>,
     ) -> Option<Sent> {
-        let Some(pacing) = pacing else {
-            self.video.offset = None;
-            self.gop_sent_at = Some(now);
-            self.grow_rtx_cache_for_prime();
-            let mut sent = Sent::default();
-            for pkt in packets {
-                if self.write_now(&pkt, now, grace, out, news) {
-                    sent.packets += 1;
-                    sent.bytes += pkt.payload.len() as u64;
+        let backlog = match (self.pacing, pacing) {
+            // A paced viewer gets the GOP at its own pace, the keyframe included; what was
+            // queued is in the GOP too.
+            (Some((live, max_pending)), _) => Backlog::paced(packets, live, max_pending, now)?,
+            (None, Some(pacing)) => Backlog::new(packets, pacing, now)?,
+            (None, None) => {
+                self.video.offset = None;
+                self.gop_sent_at = Some(now);
+                self.grow_rtx_cache_for_prime();
+                let mut sent = Sent::default();
+                for pkt in packets {
+                    sent += self.write_batched(&pkt, now, grace, out, news);
                 }
+                self.flush(now, grace, out, news);
+                self.prime_done(now);
+                return (sent.packets > 0).then_some(sent);
             }
-            self.prime_done(now);
-            return (sent.packets > 0).then_some(sent);
         };
-        let backlog = Backlog::new(packets, pacing, now)?;
         // The track starts again at the GOP's keyframe (`Track::map`), sequence numbers
         // continuing.
         self.video.offset = None;
@@ -772,6 +851,7 @@ impl Viewer {
         }
         let (packets, age) = (r.prime_packets, r.cache_age);
         r.shrink_at = None;
+        r.grown = true;
         self.set_rtx_cache(packets, age);
     }
 
@@ -779,7 +859,8 @@ impl Viewer {
     /// asked for.
     fn prime_done(&mut self, now: Instant) {
         if let Some(r) = &mut self.resend
-            && r.prime_packets > r.cache_packets
+            && r.grown
+            && r.shrink_at.is_none()
         {
             r.shrink_at = Some(now + r.cache_age);
         }
@@ -798,40 +879,30 @@ impl Viewer {
         while !self.dead
             && let Some(pkt) = self.video.backlog.as_mut().and_then(|b| b.release(now))
         {
-            if self.write_now(&pkt, now, grace, out, news) {
-                sent.packets += 1;
-                sent.bytes += pkt.payload.len() as u64;
-            }
+            sent += self.write_batched(&pkt, now, grace, out, news);
         }
-        if self.video.backlog.as_ref().is_some_and(|b| b.is_empty()) {
-            self.video.backlog = None;
-            self.prime_done(now);
-            trace!(session = %self.session, "prime backlog drained");
-        }
+        self.flush(now, grace, out, news);
+        self.settle_backlog(now);
         sent
     }
 
-    /// Writes `pkt` and releases it (and anything written before it) through str0m.
-    fn write_now(
-        &mut self,
-        pkt: &SourcePacket,
-        now: Instant,
-        grace: Duration,
-        out: &mut VecDeque<Output>,
-        news: &mut Vec<ViewerNews>,
-    ) -> bool {
-        if !self.write_rtp(pkt, now) {
-            return false;
+    /// Forgets a drained prime backlog (live video then goes straight through); a live-paced
+    /// viewer keeps its backlog, with its bucket.
+    fn settle_backlog(&mut self, now: Instant) {
+        if self.video.backlog.as_ref().is_some_and(|b| b.is_empty()) {
+            if self.pacing.is_none() {
+                self.video.backlog = None;
+            }
+            self.prime_done(now);
+            trace!(session = %self.session, "paced backlog drained");
         }
-        self.timeout(now, grace, out, news);
-        true
     }
 
-    /// In keyframes-only mode, whether a video packet goes out: the packets of keyframes do
-    /// (a new keyframe restarts the track, so sequence numbers stay contiguous over the
-    /// frames left out), the rest do not. A new keyframe also ends the mode when the viewer
-    /// was found clean again.
-    fn keyframe_only_passes(&mut self, pkt: &SourcePacket) -> bool {
+    /// In keyframes-only mode, whether a video packet goes out (`Some`) and whether it
+    /// restarts the track (`Some(true)`): the packets of keyframes go out, each new keyframe
+    /// restarting the track so that sequence numbers stay contiguous over the frames left out;
+    /// the rest do not. A new keyframe also ends the mode when the viewer was found clean again.
+    fn keyframe_only_passes(&mut self, pkt: &SourcePacket) -> Option<bool> {
         let l = &mut self.ladder;
         if pkt.keyframe_start && l.keyframe_ts != Some(pkt.timestamp) {
             l.keyframe_ts = Some(pkt.timestamp);
@@ -840,12 +911,9 @@ impl Viewer {
                 l.resume_at_keyframe = false;
                 l.keyframe_ts = None;
             }
-            if self.video.backlog.is_none() {
-                self.video.offset = None;
-            }
-            return true;
+            return Some(true);
         }
-        l.keyframe_ts == Some(pkt.timestamp)
+        (l.keyframe_ts == Some(pkt.timestamp)).then_some(false)
     }
 
     /// Moves the viewer to the rendition `pkt` (a keyframe start) belongs to: its video
@@ -908,6 +976,7 @@ impl Viewer {
             let shrink = r.shrink_at.is_some_and(|t| now >= t);
             if resumed || shrink {
                 r.shrink_at = None;
+                r.grown = false;
                 let (packets, age) = (r.cache_packets, r.cache_age);
                 self.set_rtx_cache(packets, age);
             }

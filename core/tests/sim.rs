@@ -1609,3 +1609,57 @@ fn a_lossy_viewer_without_a_lower_rung_gets_keyframes_only_then_full_video_when_
     w.run_for(SEC);
     assert!(w.viewers[v].video_packets - before > 150, "full video did not resume");
 }
+
+#[test]
+fn a_lossy_viewers_video_is_paced_keyframes_spread_not_burst() {
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, _) = w.join(&demo);
+    w.viewers[v].record = true;
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 100);
+    // Two GOPs at line rate: a keyframe's packets arrive together.
+    w.run_for(2 * SEC);
+    let spread = |w: &SimWorld, from: Instant| -> Vec<(Duration, usize)> {
+        // Each keyframe after `from`: how long its packets took to arrive, and its bytes.
+        let a: Vec<&Arrival> = w.viewers[v].arrivals.iter().filter(|a| a.at >= from).collect();
+        let mut out = Vec::new();
+        let mut seen = None;
+        for (i, k) in a.iter().enumerate().filter(|(_, a)| a.keyframe_start) {
+            if seen.replace(k.timestamp) == Some(k.timestamp) {
+                continue; // the IDR after its SPS and PPS
+            }
+            let frame: Vec<&&Arrival> =
+                a[i..].iter().take_while(|x| x.timestamp == k.timestamp).collect();
+            if let Some(last) = frame.last() {
+                out.push((last.at - k.at, frame.iter().map(|x| x.bytes).sum()));
+            }
+        }
+        out
+    };
+    let start = w.now - 2 * SEC;
+    let bytes: usize =
+        w.viewers[v].arrivals.iter().filter(|a| a.at >= start).map(|a| a.bytes).sum();
+    let rate = bytes as f64 / 2.0;
+    let before = spread(&w, start);
+    assert!(before.iter().all(|(d, _)| *d < Duration::from_millis(5)), "{before:?}");
+    // Loss (enough that retransmissions do not hide it from the receiver reports): from then
+    // on the video is paced.
+    w.loss_every = 4;
+    w.drive_until(8 * SEC, |w| w.core.metrics().paced_viewers >= 1);
+    assert_eq!(w.core.metrics().paced_viewers, 1);
+    w.loss_every = 0;
+    // (What went out with the news of the loss was not paced yet.)
+    w.run_for(SEC / 10);
+    let paced_from = w.now;
+    w.run_for(6 * SEC);
+    let after = spread(&w, paced_from);
+    assert!(after.len() >= 2, "{after:?}");
+    // At twice the stream's rate, a keyframe of K bytes takes about K / (2 × rate), less the
+    // bucket's 20 ms.
+    for (d, k) in &after {
+        let expect = Duration::from_secs_f64((*k as f64 / (2.0 * rate) - 0.02).max(0.0) / 2.0);
+        assert!(*d >= expect, "keyframe of {k} B in {d:?} (rate {rate} B/s): {after:?}");
+    }
+    assert!(after.iter().any(|(d, _)| *d > Duration::from_millis(10)), "{after:?}");
+    assert_keeps_playing(&mut w, v);
+}

@@ -119,6 +119,11 @@ impl RenditionSpec {
         Self { codec: "vp8".into(), kbps, height: None }
     }
 
+    /// An H264 rendition at `kbps`, `height` pixels high: a lower rung of the stream's ladder.
+    pub fn h264(kbps: u32, height: u32) -> Self {
+        Self { codec: "h264".into(), kbps, height: Some(height) }
+    }
+
     fn to_rendition(&self) -> Result<Rendition, String> {
         let codec = match self.codec.to_ascii_lowercase().as_str() {
             "vp8" => VideoCodec::Vp8,
@@ -132,14 +137,16 @@ impl RenditionSpec {
 impl StreamSpec {
     /// The demo stream: a 640x360 test pattern at 30 fps with a 440 Hz tone and a keyframe
     /// every 2 s (a new viewer still sees a picture at once, from the GOP cache), in H264 at
-    /// 1.5 Mbit/s and in VP8 at 800 kbit/s for players without H264.
+    /// 1.5 Mbit/s, in VP8 at 800 kbit/s for players without H264, and in H264 at 400 kbit/s
+    /// and 240 lines, the lower rung for viewers whose link does not carry 1.5 Mbit/s.
     pub fn demo() -> Self {
         Self {
             lavfi: Some("testsrc2=size=640x360:rate=30".into()),
             gop: Some(60),
             video_bitrate_kbps: Some(1500),
             // Any browser plays it: players without H264 (Firefox without OpenH264) get VP8.
-            renditions: Some(vec![RenditionSpec::vp8(800)]),
+            // A slow link's viewer moves down to 400 kbit/s.
+            renditions: Some(vec![RenditionSpec::vp8(800), RenditionSpec::h264(400, 240)]),
             ..Self::default()
         }
     }
@@ -679,10 +686,15 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
             "Lossy viewers without a lower rendition put on keyframes only.",
             m.keyframes_only,
         ),
+        (
+            "paced_viewers_total",
+            "Viewers whose video is paced since their reports showed loss.",
+            m.paced_viewers,
+        ),
         ("gop_primes_total", "Viewers started with the cached GOP.", m.gop_primes),
         (
             "prime_backlogs_dropped_total",
-            "Paced GOP primes dropped for falling behind live.",
+            "Paced backlogs (GOP primes, paced live video) dropped for falling behind live.",
             m.prime_backlogs_dropped,
         ),
         (

@@ -144,10 +144,9 @@ impl Core {
                 && let Some(viewer) = self.viewers.get_mut(&s)
             {
                 for (_, pkt, at) in &f.packets[f.start..f.end] {
-                    if viewer.write_media(pkt, *at, grace, &mut self.outputs, &mut news) {
-                        self.metrics.packets_forwarded += 1;
-                        self.metrics.bytes_forwarded += pkt.payload.len() as u64;
-                    }
+                    let sent = viewer.write_media(pkt, *at, grace, &mut self.outputs, &mut news);
+                    self.metrics.packets_forwarded += sent.packets;
+                    self.metrics.bytes_forwarded += sent.bytes;
                 }
                 viewer.flush(now, grace, &mut self.outputs, &mut news);
                 let (dead, keyframe_wanted) = (viewer.dead, viewer.keyframe_wanted);

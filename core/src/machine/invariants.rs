@@ -74,7 +74,7 @@ impl Core {
                 Some(s),
                 "viewer {s} not in the ufrag index"
             );
-            let cap = self.config.prime_pacing.map_or(0, |p| p.max_pending);
+            let cap = super::viewers::max_held_packets(&self.config);
             assert!(
                 p.video.backlog() <= cap,
                 "viewer {s} holds {} packets back",

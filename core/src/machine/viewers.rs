@@ -9,12 +9,23 @@ use str0m::net::{DatagramRecv, Protocol, Receive};
 use tracing::{debug, info, warn};
 
 use crate::ids::{SessionId, StreamId};
+use crate::pacer::LivePacing;
 use crate::path;
 use crate::stream::StreamState;
-use crate::viewer::{Step, ViewerNews, ViewerState};
+use crate::viewer::{LOSS_CLEAN, Step, ViewerNews, ViewerState};
 use crate::{CloseReason, Event, Output};
 
 use super::{Core, TimerKey};
+
+/// A paced viewer's video leaves at this multiple of its rendition's rate: room for the
+/// rendition's own peaks and for catching up after a keyframe, and still below a link that
+/// only just carries the rendition twice over.
+pub(super) const PACE_FACTOR: f64 = 2.0;
+
+/// Most video packets a viewer holds back (a paced prime's or live pacing's queue).
+pub(super) fn max_held_packets(config: &crate::CoreConfig) -> usize {
+    config.prime_pacing.unwrap_or_default().max_pending
+}
 
 impl Core {
     pub(super) fn viewer_timeout(&mut self, s: SessionId, now: Instant) {
@@ -83,7 +94,7 @@ impl Core {
                 }
                 ViewerNews::BacklogDropped => {
                     self.metrics.prime_backlogs_dropped += 1;
-                    warn!(session = %s, %stream, "viewer fell behind the paced GOP; video restarts at the next keyframe");
+                    warn!(session = %s, %stream, "viewer fell behind its paced video; video restarts at the next keyframe");
                 }
                 ViewerNews::Resent { packets, bytes, dropped } => {
                     self.metrics.packets_retransmitted += packets;
@@ -94,6 +105,7 @@ impl Core {
                 ViewerNews::Switched { to } => {
                     self.metrics.rendition_switches += 1;
                     debug!(session = %s, %stream, to, "viewer moved to another rendition");
+                    self.repace(s, &stream);
                 }
                 ViewerNews::ResendsSuspended => {
                     self.metrics.retransmission_suspensions += 1;
@@ -147,6 +159,16 @@ impl Core {
     /// report's fraction `lost`: one rung down after two lossy reports, one up after ten clean
     /// seconds ([`Ladder::on_report`]); the switch itself happens at the target's keyframe.
     fn climb(&mut self, s: SessionId, stream: &StreamId, lost: f32, now: Instant) {
+        let Some(viewer) = self.viewers.get(&s) else {
+            return;
+        };
+        if lost >= LOSS_CLEAN && viewer.pacing.is_none() {
+            // Loss: from now on its video is spread at a pace its rendition needs, not sent in
+            // bursts as it comes (a keyframe at once overflows a slow link's queue).
+            self.metrics.paced_viewers += 1;
+            debug!(session = %s, %stream, lost, "viewer's video paced from now on");
+            self.repace(s, stream);
+        }
         let (Some(st), Some(viewer)) = (self.streams.get(stream), self.viewers.get_mut(&s)) else {
             return;
         };
@@ -178,11 +200,27 @@ impl Core {
             (Step::Down, None) if !l.keyframes_only => {
                 l.keyframes_only = true;
                 l.resume_at_keyframe = false;
+                // What is held back goes too: the next picture is a keyframe.
+                viewer.restart_video();
                 self.metrics.keyframes_only += 1;
                 debug!(session = %s, %stream, lost, "no lower rung: keyframes only");
             }
             _ => {}
         }
+    }
+
+    /// Sets the pace of a viewer's video ([`LivePacing`]) to [`PACE_FACTOR`] times what its
+    /// rendition sends; nothing while that is unknown (a copied stream before its first whole
+    /// GOP).
+    fn repace(&mut self, s: SessionId, stream: &StreamId) {
+        let (Some(st), Some(viewer)) = (self.streams.get(stream), self.viewers.get_mut(&s)) else {
+            return;
+        };
+        let Some(rate) = st.rendition_rate(usize::from(viewer.rendition)) else {
+            return;
+        };
+        let rate = (rate as f64 * PACE_FACTOR) as u64;
+        viewer.pace_at(LivePacing { rate }, max_held_packets(&self.config));
     }
 
     /// Answers a viewer's keyframe request ([`Viewer::want_keyframe`]) with the stream's cached
