@@ -106,6 +106,18 @@ impl GopCache {
         })
     }
 
+    /// The offset to add to [`primed`](Self::primed)'s timestamps so that they come after
+    /// `after` (a viewer's last timestamp, in another rendition's rebased clock): the first
+    /// primed frame a frame after it, and the live frames after the cache continuing from
+    /// there. For a viewer moved to this rendition with its cache.
+    pub(crate) fn offset_after(&self, after: u32) -> u32 {
+        let newest = self.packets.last().map_or(0, |p| p.timestamp);
+        after
+            .wrapping_add(DEFAULT_FRAME_TICKS)
+            .wrapping_add(self.frames() * PRIME_STEP)
+            .wrapping_sub(newest)
+    }
+
     /// Whether the cache ends with a whole frame (its last packet has the marker bit), so that
     /// [`replayed`](Self::replayed) cuts no frame in two.
     pub(crate) fn ends_a_frame(&self) -> bool {

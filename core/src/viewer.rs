@@ -231,6 +231,15 @@ pub(crate) struct Ladder {
     pub(crate) resume_at_keyframe: bool,
     /// The timestamp of the keyframe being passed in keyframes-only mode.
     keyframe_ts: Option<u32>,
+    /// When it last moved up: a lossy report within [`PROBE_WINDOW`] of that moves it back
+    /// down at once.
+    probed: Option<Instant>,
+    /// Reports until then describe the rendition it just left (they are in flight): ignored.
+    settle_until: Option<Instant>,
+    /// Moves up that were followed by loss in a row: each doubles the clean time the next
+    /// needs ([`CLEAN_UP`] up to [`CLEAN_UP_MAX`]), so that a link that only just fails to
+    /// carry the upper rung is not probed every ten seconds.
+    failed_probes: u8,
 }
 
 /// Fraction lost in a receiver report that, twice in a row, moves a viewer down a rung.
@@ -239,6 +248,10 @@ pub(crate) const LOSS_DOWN: f32 = 0.08;
 pub(crate) const LOSS_CLEAN: f32 = 0.02;
 /// How long a viewer must be clean before it moves up a rung.
 pub(crate) const CLEAN_UP: Duration = Duration::from_secs(10);
+/// The longest clean time a move up waits for, after failed ones.
+pub(crate) const CLEAN_UP_MAX: Duration = Duration::from_secs(160);
+/// How long after a move up a single lossy report moves the viewer back down.
+pub(crate) const PROBE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Which way a viewer should move on its ladder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,13 +262,26 @@ pub(crate) enum Step {
 
 impl Ladder {
     /// Notes a receiver report's fraction `lost` at `now`; returns a move once the evidence
-    /// is enough: down after two lossy reports, up after [`CLEAN_UP`] of clean ones.
+    /// is enough: down after two lossy reports (one, right after a move up), up after
+    /// [`CLEAN_UP`] of clean ones (longer after moves up that failed).
     pub(crate) fn on_report(&mut self, lost: f32, now: Instant) -> Option<Step> {
+        if self.settle_until.is_some_and(|t| now < t) {
+            return None;
+        }
+        let probing = self.probed.is_some_and(|t| now < t + PROBE_WINDOW);
+        if !probing && self.probed.take().is_some() {
+            // The move up held.
+            self.failed_probes = 0;
+        }
         if lost >= LOSS_DOWN {
             self.clean_since = None;
             self.lossy = self.lossy.saturating_add(1);
-            if self.lossy >= 2 {
+            if self.lossy >= 2 || probing {
                 self.lossy = 0;
+                if probing {
+                    self.probed = None;
+                    self.failed_probes = self.failed_probes.saturating_add(1);
+                }
                 return Some(Step::Down);
             }
             return None;
@@ -266,13 +292,28 @@ impl Ladder {
             return None;
         }
         let since = *self.clean_since.get_or_insert(now);
-        if now.saturating_duration_since(since) >= CLEAN_UP {
+        let hold = CLEAN_UP.saturating_mul(1 << self.failed_probes.min(4)).min(CLEAN_UP_MAX);
+        if now.saturating_duration_since(since) >= hold {
             self.clean_since = Some(now);
+            self.probed = Some(now);
             return Some(Step::Up);
         }
         None
     }
 }
+
+impl Ladder {
+    /// It just moved (to another rendition, or to keyframes only): the next [`SETTLE`] of
+    /// reports are not about where it is now.
+    pub(crate) fn settle(&mut self, now: Instant) {
+        self.settle_until = Some(now + SETTLE);
+        self.lossy = 0;
+    }
+}
+
+/// How long after a move a viewer's reports are ignored: one report interval, plus the time
+/// a slow link's queue takes to drain what was sent before.
+pub(crate) const SETTLE: Duration = Duration::from_millis(1500);
 
 /// A viewer's offer, checked ([`sdp::check_offer`]).
 #[derive(Debug)]
@@ -639,7 +680,7 @@ impl Viewer {
             if self.ladder.target != Some(pkt.rendition) || !pkt.keyframe_start {
                 return Sent::default();
             }
-            self.switch_to(pkt);
+            self.switch_to(pkt, now);
             news.push(ViewerNews::Switched { to: pkt.rendition });
         }
         let mut restart = false;
@@ -916,13 +957,48 @@ impl Viewer {
         (l.keyframe_ts == Some(pkt.timestamp)).then_some(false)
     }
 
+    /// Moves a paced viewer to rendition `k` at once with `gop`, that rendition's cache (the
+    /// keyframe first, at the viewer's pace), instead of at its next keyframe: a viewer moved
+    /// down for loss is not left with broken pictures for up to a GOP. The cached frames'
+    /// timestamps come after the last one the viewer was sent ([`GopCache::offset_after`]).
+    /// `None`, and nothing changed, when it cannot (not connected or paced, nothing sent yet,
+    /// or a cache beyond what it may hold back).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn switch_with_cache(
+        &mut self,
+        k: u8,
+        gop: &GopCache,
+        now: Instant,
+        grace: Duration,
+        out: &mut VecDeque<Output>,
+        news: &mut Vec<ViewerNews>,
+    ) -> Option<Sent> {
+        let (_, max_pending) = self.pacing?;
+        let last = self.video.last_ts?;
+        if self.dead
+            || self.state != ViewerState::Connected
+            || gop.packets.is_empty()
+            || gop.packets.len() > max_pending
+            || !gop.ends_a_frame()
+        {
+            return None;
+        }
+        debug!(session = %self.session, from = self.rendition, to = k, "rendition switch from the cache");
+        self.rendition = k;
+        self.ladder.target = None;
+        self.ladder.settle(now);
+        self.video.ts_offset = gop.offset_after(last);
+        self.send_gop(gop.primed(), None, now, grace, out, news)
+    }
+
     /// Moves the viewer to the rendition `pkt` (a keyframe start) belongs to: its video
     /// starts again at this keyframe, sequence numbers continuing, and the new rendition's RTP
     /// clock is rebased to go on one frame after the last timestamp sent.
-    fn switch_to(&mut self, pkt: &SourcePacket) {
+    fn switch_to(&mut self, pkt: &SourcePacket, now: Instant) {
         debug!(session = %self.session, from = self.rendition, to = pkt.rendition, "rendition switch");
         self.rendition = pkt.rendition;
         self.ladder.target = None;
+        self.ladder.settle(now);
         self.video.offset = None;
         self.video.backlog = None;
         self.video.ts_offset = match self.video.last_ts {
@@ -1083,5 +1159,30 @@ mod tests {
         assert_eq!(l.on_report(0.0, t0 + 18 * s), None);
         assert_eq!(l.on_report(0.0, t0 + 19 * s), Some(Step::Up));
         assert_eq!(l.on_report(0.0, t0 + 20 * s), None, "the next rung waits ten more seconds");
+    }
+
+    #[test]
+    fn a_move_up_followed_by_loss_goes_back_down_at_once_and_the_next_waits_twice_as_long() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut l = Ladder::default();
+        assert_eq!(l.on_report(0.0, t0), None);
+        assert_eq!(l.on_report(0.0, t0 + 10 * s), Some(Step::Up));
+        assert_eq!(l.on_report(0.3, t0 + 12 * s), Some(Step::Down), "one lossy report suffices");
+        // Clean again from 13 s: now 20 s, not 10, before the next move up.
+        assert_eq!(l.on_report(0.0, t0 + 13 * s), None);
+        assert_eq!(l.on_report(0.0, t0 + 23 * s), None);
+        assert_eq!(l.on_report(0.0, t0 + 33 * s), Some(Step::Up));
+        // Failed again: 40 s.
+        assert_eq!(l.on_report(0.2, t0 + 34 * s), Some(Step::Down));
+        assert_eq!(l.on_report(0.0, t0 + 35 * s), None);
+        assert_eq!(l.on_report(0.0, t0 + 74 * s), None);
+        assert_eq!(l.on_report(0.0, t0 + 75 * s), Some(Step::Up));
+        // This one holds past the window: loss then takes two reports again, and the next
+        // move up 10 s.
+        assert_eq!(l.on_report(0.2, t0 + 86 * s), None);
+        assert_eq!(l.on_report(0.2, t0 + 87 * s), Some(Step::Down));
+        assert_eq!(l.on_report(0.0, t0 + 88 * s), None);
+        assert_eq!(l.on_report(0.0, t0 + 98 * s), Some(Step::Up));
     }
 }

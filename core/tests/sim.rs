@@ -1663,3 +1663,32 @@ fn a_lossy_viewers_video_is_paced_keyframes_spread_not_burst() {
     assert!(after.iter().any(|(d, _)| *d > Duration::from_millis(10)), "{after:?}");
     assert_keeps_playing(&mut w, v);
 }
+
+#[test]
+fn a_move_down_starts_at_once_from_the_lower_rungs_cache_not_at_its_next_keyframe() {
+    let mut w = SimWorld::new(sim::config());
+    let mut config = StreamConfig::external();
+    config.egress.video_bitrate_kbps = Some(1500);
+    config.egress.renditions.push(Rendition::new(VideoCodec::H264, 400));
+    // Keyframes every 10 s: waiting for the next one would leave the viewer's picture broken
+    // for seconds.
+    let demo = w.add_stream("demo", config, 300);
+    let (v, _) = w.join(&demo);
+    w.viewers[v].record = true;
+    w.drive_until(8 * SEC, |w| w.viewers[v].video_packets > 100);
+    w.loss_every = 4;
+    let lossy = w.now;
+    w.drive_until(12 * SEC, |w| w.core.metrics().rendition_switches >= 1);
+    let switched = w.now;
+    // Two lossy reports, then the move: not the rest of the GOP.
+    assert!(switched - lossy < 4 * SEC, "moved {:?} after the loss began", switched - lossy);
+    w.loss_every = 0;
+    w.run_for(SEC / 2);
+    let keyframe = w.viewers[v].arrivals.iter().find(|a| a.at >= switched && a.keyframe_start);
+    assert!(
+        keyframe.is_some_and(|a| a.at - switched < Duration::from_millis(300)),
+        "no keyframe of the lower rung soon after the move: {keyframe:?}"
+    );
+    assert_eq!(w.core.stream(&demo).map(|s| s.renditions[1].viewers), Some(1));
+    assert_keeps_playing(&mut w, v);
+}

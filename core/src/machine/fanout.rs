@@ -200,6 +200,9 @@ impl Core {
                     && self.config.gop_cache
                     && let Some(v) = stream.videos.get_mut(usize::from(pkt.rendition))
                 {
+                    if pkt.keyframe_start {
+                        tracing::trace!(stream = %id, rendition = pkt.rendition, ts = pkt.timestamp, "keyframe in");
+                    }
                     v.gop.push(pkt);
                 }
             }

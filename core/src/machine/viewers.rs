@@ -155,9 +155,11 @@ impl Core {
         // The caller reschedules the viewer, now with the backlog's next release.
     }
 
-    /// Moves a viewer along its stream's renditions of its codec (by bitrate) from a receiver
-    /// report's fraction `lost`: one rung down after two lossy reports, one up after ten clean
-    /// seconds ([`Ladder::on_report`]); the switch itself happens at the target's keyframe.
+    /// Paces a viewer's video once a receiver report shows loss, and moves it along its
+    /// stream's renditions of its codec (by bitrate): one rung down after two lossy reports
+    /// (one right after a move up), one up after ten clean seconds, longer after moves up that
+    /// failed ([`Ladder::on_report`](crate::viewer::Ladder::on_report)); the switch itself
+    /// happens at the target's keyframe.
     fn climb(&mut self, s: SessionId, stream: &StreamId, lost: f32, now: Instant) {
         let Some(viewer) = self.viewers.get(&s) else {
             return;
@@ -195,11 +197,33 @@ impl Core {
             }
             (_, Some((k, _))) => {
                 debug!(session = %s, %stream, ?step, lost, to = k, "rendition switch asked");
-                l.target = u8::try_from(k).ok();
+                let Ok(k) = u8::try_from(k) else { return };
+                l.target = Some(k);
+                // Down: at once from the lower rung's cache, if it is of the running source;
+                // up (and otherwise) at the target's next keyframe.
+                let fresh = st
+                    .last_rtp
+                    .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+                if step == Step::Down
+                    && fresh
+                    && let Some(gop) = st.gop(k)
+                {
+                    let grace = self.config.disconnect_grace;
+                    let mut news = Vec::new();
+                    if let Some(sent) =
+                        viewer.switch_with_cache(k, gop, now, grace, &mut self.outputs, &mut news)
+                    {
+                        self.metrics.packets_forwarded += sent.packets;
+                        self.metrics.bytes_forwarded += sent.bytes;
+                        self.metrics.rendition_switches += 1;
+                        self.repace(s, stream);
+                    }
+                }
             }
             (Step::Down, None) if !l.keyframes_only => {
                 l.keyframes_only = true;
                 l.resume_at_keyframe = false;
+                l.settle(now);
                 // What is held back goes too: the next picture is a keyframe.
                 viewer.restart_video();
                 self.metrics.keyframes_only += 1;
