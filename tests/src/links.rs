@@ -67,11 +67,18 @@ pub struct RunOptions {
     /// For a late join: the expected time from the browser's launch to its first ICE check
     /// (measured by earlier runs, [`Outcome::launch_to_ice`]).
     pub launch_lead: Duration,
+    /// More query parameters for the player page (each `&key=value`), e.g. `&retry=1`.
+    pub page_params: String,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { duration_s: 10, late_join: false, launch_lead: Duration::from_millis(1200) }
+        Self {
+            duration_s: 10,
+            late_join: false,
+            launch_lead: Duration::from_millis(1200),
+            page_params: String::new(),
+        }
     }
 }
 
@@ -214,8 +221,8 @@ pub fn run(
     let drops_before = (host_drops(), ns.udp_rcvbuf_errors());
     relay.start(server.udp, link).expect("relay start");
     let url = format!(
-        "http://{}/?stream=demo&test=1&frames=30&duration={}&progress=1",
-        server.http, opts.duration_s
+        "http://{}/?stream=demo&test=1&frames=30&duration={}&progress=1{}",
+        server.http, opts.duration_s, opts.page_params
     );
     let timeout = Duration::from_secs(u64::from(opts.duration_s) + 40);
     let done = AtomicBool::new(false);

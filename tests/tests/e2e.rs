@@ -386,6 +386,40 @@ fn vp8_viewer_gets_the_vp8_rendition(bin: &str) {
     h264.close();
 }
 
+/// The player page recovers by itself: when FFmpeg dies its viewers' sessions are closed, and
+/// the page (retry=1) says so, starts a new session after its backoff and plays again; it passes
+/// only once a second session has decoded its frames (reconnects=1). The page is the same for
+/// every runtime, so one runtime is enough.
+#[test]
+fn chromium_page_reconnects_when_the_server_closes_its_session() {
+    let mut server = Server::start(env!("CARGO_BIN_EXE_whepd-tokio"), &[]);
+    let pid = running_pid(&server, "demo");
+    let url = format!(
+        "http://{}/?stream=demo&test=1&frames=30&timeout=60&retry=1&reconnects=1",
+        server.http
+    );
+    let page = std::thread::spawn(move || chromium::run_page(&url, Duration::from_secs(75)));
+    // The first session plays, then its stream's FFmpeg dies.
+    let playing = server.wait_stream("demo", PLAY_WITHIN, |s| s["viewers"].as_u64() == Some(1));
+    assert!(playing.is_ok(), "the page never joined: {playing:?}\n{}", server.output());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(whep_e2e::signal(pid, Signal::SIGKILL), "kill FFmpeg {pid}");
+    let verdict = page
+        .join()
+        .expect("page thread")
+        .unwrap_or_else(|e| panic!("{e}\nserver output:\n{}", server.output()));
+    assert!(verdict.contains("[WHEP] PASS"), "{verdict}\nserver output:\n{}", server.output());
+    let reconnects = chromium::number(&verdict, "reconnects").unwrap_or(0.0);
+    assert!(reconnects >= 1.0, "no reconnect: {verdict}");
+    eprintln!(
+        "reconnect: lastEnd={} reconnects={reconnects} firstFrameMs={} (of the new session)",
+        chromium::field(&verdict, "lastEnd").unwrap_or("?"),
+        chromium::field(&verdict, "firstFrameMs").unwrap_or("?"),
+    );
+    let joined = server.metric("whep_viewers_joined_total").unwrap_or(0.0);
+    assert!(joined >= 2.0, "one session only: {joined}");
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {

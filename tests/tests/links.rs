@@ -11,6 +11,7 @@ use whep_e2e::relay::{Impairment, Link, Relay};
 
 const BIN: &str = env!("CARGO_BIN_EXE_whepd-tokio");
 const MS: Duration = Duration::from_millis(1);
+const S: Duration = Duration::from_secs(1);
 
 fn describe(o: &Outcome) -> String {
     let lines: Vec<&str> = o.lines.iter().map(|(_, l)| l.as_str()).collect();
@@ -79,6 +80,30 @@ fn nat_rebinding_keeps_playing() {
     );
     // 30 fps for 5 s is 150; half of it allows for a slow machine and a short repair.
     assert!(frames >= 75.0, "{frames} frames in the 5 s after the rebinding: {}", describe(&o));
+}
+
+/// A 20 s outage: the server closes the silent session, and the
+/// player page (retry=1) ends its own after 10 s disconnected, says so, and plays again in a new
+/// session once the link is back; it passes only when the new session has decoded its frames.
+#[test]
+fn page_reconnects_after_an_outage_that_closed_its_session() {
+    let ns = Netns::create().expect("network namespace (needs root)");
+    let link = Link::symmetric(Impairment::none().outage(6 * S, 20 * S));
+    let opts = RunOptions {
+        duration_s: 35,
+        page_params: "&retry=1&reconnects=1".into(),
+        ..RunOptions::default()
+    };
+    let o = links::run(BIN, &ns, link, &opts, |_, _| {});
+    assert!(o.passed(), "{}", describe(&o));
+    let reconnects = o.num("reconnects").unwrap_or(0.0);
+    assert!(reconnects >= 1.0, "{}", describe(&o));
+    let said = o.lines.iter().any(|(_, l)| l.contains("[WHEP] RECONNECT"));
+    assert!(said, "the page did not say it reconnects: {}", describe(&o));
+    eprintln!(
+        "outage 20 s: reconnects={reconnects}, lastEnd={}",
+        whep_e2e::chromium::field(o.verdict.as_deref().unwrap_or(""), "lastEnd").unwrap_or("?")
+    );
 }
 
 /// The namespace guard removes its namespace and veth pair (`ip netns list` and the host's

@@ -52,6 +52,10 @@ struct Args {
     /// The server binary.
     #[arg(long)]
     server: Option<PathBuf>,
+    /// Let the player page reconnect (`retry=1`) as it does outside test mode; by default each
+    /// run measures one session.
+    #[arg(long)]
+    reconnect: bool,
     /// Print each run's verdict line and relay counters to stderr.
     #[arg(long)]
     verbose: bool,
@@ -86,6 +90,7 @@ fn main() {
                 duration_s: args.duration,
                 late_join: profile.late_join,
                 launch_lead: lead,
+                page_params: if args.reconnect { "&retry=1".into() } else { String::new() },
             };
             let link = profile.link.clone().seed(u64::from(run) + 1);
             let o = links::run(&server, &ns, link, &opts, |_, _| {});
