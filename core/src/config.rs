@@ -131,6 +131,14 @@ pub struct CoreConfig {
     /// average); requests within the interval are counted and left unanswered (the viewer
     /// repeats them). `None`: requests are only counted, as before.
     pub cached_keyframe_interval: Option<Duration>,
+    /// How long what a viewer's receiver reports taught about its path is kept after it left
+    /// (10 minutes by default; by the address its media went to, IPv6 by /64, at most 4096
+    /// paths): a viewer that was moved down the bitrate ladder or paced leaves its rung and pace,
+    /// and the next session from that address starts on that rung, paced, its first GOP
+    /// included, instead of at full rate into a link that cannot carry it (a player reconnecting,
+    /// a page reloaded). A viewer that played unpaced for 10 s or more clears it. `None` learns
+    /// nothing.
+    pub path_memory: Option<Duration>,
     /// Request rate limits per client address and global (429 with `Retry-After` beyond).
     pub rate_limits: RateLimits,
     /// Admission control: while the loop driving this core reports (through
@@ -174,6 +182,7 @@ impl Default for CoreConfig {
             gop_cache: true,
             prime_pacing: Some(PrimePacing::default()),
             cached_keyframe_interval: Some(Duration::from_secs(1)),
+            path_memory: Some(Duration::from_secs(600)),
             rate_limits: RateLimits::default(),
             max_load: 0.9,
             process: ProcessConfig::default(),

@@ -128,6 +128,7 @@ mod metrics;
 mod pacer;
 mod packet;
 mod path;
+mod pathbook;
 pub mod ports;
 pub mod ratelimit;
 mod resend;

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub keyframes_only: u64,
     /// Viewers whose video was paced once their receiver reports showed loss.
     pub paced_viewers: u64,
+    /// Viewers started on the rung and pace an earlier session from their address was left
+    /// on ([`CoreConfig::path_memory`](crate::CoreConfig::path_memory)).
+    pub known_path_starts: u64,
     /// Viewers started with the cached GOP instead of waiting for the next keyframe.
     pub gop_primes: u64,
     /// Paced backlogs (a prime's, or a paced viewer's live video) that outgrew their cap (the
@@ -115,6 +118,7 @@ impl Metrics {
             rendition_switches,
             keyframes_only,
             paced_viewers,
+            known_path_starts,
             gop_primes,
             prime_backlogs_dropped,
             packets_retransmitted,
@@ -148,6 +152,7 @@ impl Metrics {
         self.rendition_switches += rendition_switches;
         self.keyframes_only += keyframes_only;
         self.paced_viewers += paced_viewers;
+        self.known_path_starts += known_path_starts;
         self.gop_primes += gop_primes;
         self.prime_backlogs_dropped += prime_backlogs_dropped;
         self.packets_retransmitted += packets_retransmitted;

@@ -64,6 +64,11 @@ pub(crate) struct Track {
 }
 
 impl Track {
+    /// Whether anything was sent on this track yet.
+    pub(crate) fn started(&self) -> bool {
+        self.last_ts.is_some()
+    }
+
     pub(crate) fn new(mid: Mid, pt: Pt, ssrc: Ssrc, nackable: bool, first_seq: u16) -> Self {
         Self {
             mid,

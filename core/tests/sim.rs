@@ -1692,3 +1692,69 @@ fn a_move_down_starts_at_once_from_the_lower_rungs_cache_not_at_its_next_keyfram
     assert_eq!(w.core.stream(&demo).map(|s| s.renditions[1].viewers), Some(1));
     assert_keeps_playing(&mut w, v);
 }
+
+/// Bytes viewer `v` received within `window` of its first video packet.
+fn first_video_bytes(w: &SimWorld, v: usize, window: Duration) -> usize {
+    let a = &w.viewers[v].arrivals;
+    let Some(first) = a.first().map(|a| a.at) else { return 0 };
+    a.iter().filter(|a| a.at < first + window).map(|a| a.bytes).sum()
+}
+
+/// A viewer whose reports moved it down a rung leaves; the next session from its address (a
+/// reloaded page, a player reconnecting) starts on that rung, paced from its first packet (its
+/// GOP prime too), not at full rate into a link that could not carry it; another address
+/// starts on the top rung at the prime's usual pace.
+fn a_session_from_an_address_whose_last_moved_down(
+    memory: Option<Duration>,
+) -> (SimWorld, usize, usize, StreamId) {
+    let mut config = sim::config();
+    config.path_memory = memory;
+    let mut w = SimWorld::new(config);
+    let mut stream = StreamConfig::external();
+    stream.egress.video_bitrate_kbps = Some(1500);
+    stream.egress.renditions.push(Rendition::new(VideoCodec::H264, 400));
+    let demo = w.add_stream("demo", stream, 60);
+    let addr: SocketAddr = "10.9.0.1:5000".parse().expect("addr");
+    let (v, _) = w.join_from(&demo, addr);
+    w.drive_until(8 * SEC, |w| w.viewers[v].video_packets > 100);
+    w.loss_every = 4;
+    w.drive_until(12 * SEC, |w| w.core.metrics().rendition_switches >= 1);
+    w.loss_every = 0;
+    w.run_for(SEC);
+    assert_eq!(w.http(w.session_request(v, Method::Delete)).code(), 204);
+    // Into the next GOP, so that its cache holds a second of video.
+    w.run_for(SEC);
+    let (again, _) = w.join_from(&demo, "10.9.0.1:6000".parse().expect("addr"));
+    w.viewers[again].record = true;
+    let (other, _) = w.join(&demo);
+    w.viewers[other].record = true;
+    w.drive_until(5 * SEC, |w| {
+        w.viewers[again].video_packets > 0 && w.viewers[other].video_packets > 0
+    });
+    w.run_for(SEC);
+    (w, again, other, demo)
+}
+
+#[test]
+fn a_session_from_an_address_whose_last_moved_down_starts_on_that_rung_paced() {
+    let (mut w, again, other, demo) =
+        a_session_from_an_address_whose_last_moved_down(Some(Duration::from_secs(600)));
+    assert_eq!(w.core.metrics().known_path_starts, 1);
+    let viewers = |w: &SimWorld, k: usize| w.core.stream(&demo).map(|s| s.renditions[k].viewers);
+    assert_eq!((viewers(&w, 0), viewers(&w, 1)), (Some(1), Some(1)), "one on each rung");
+    let paced = first_video_bytes(&w, again, Duration::from_millis(200));
+    let unpaced = first_video_bytes(&w, other, Duration::from_millis(200));
+    eprintln!("first 200 ms: {paced} B paced on the known rung, {unpaced} B for a new address");
+    // 400 kbit/s paced at twice its rate: about 20 kB in 200 ms; the usual prime sends the
+    // keyframe and 64 KiB at once.
+    assert!(paced < 30_000 && paced * 2 < unpaced, "{paced} B in the first 200 ms, {unpaced} B");
+    assert_keeps_playing(&mut w, again);
+    assert_keeps_playing(&mut w, other);
+}
+
+#[test]
+fn without_path_memory_every_session_starts_on_the_top_rung() {
+    let (w, _, _, demo) = a_session_from_an_address_whose_last_moved_down(None);
+    assert_eq!(w.core.metrics().known_path_starts, 0);
+    assert_eq!(w.core.stream(&demo).map(|s| s.renditions[0].viewers), Some(2));
+}

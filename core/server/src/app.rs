@@ -691,6 +691,11 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
             "Viewers whose video is paced since their reports showed loss.",
             m.paced_viewers,
         ),
+        (
+            "known_path_starts_total",
+            "Viewers started on the rung and pace an earlier session from their address left.",
+            m.known_path_starts,
+        ),
         ("gop_primes_total", "Viewers started with the cached GOP.", m.gop_primes),
         (
             "prime_backlogs_dropped_total",

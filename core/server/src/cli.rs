@@ -88,6 +88,10 @@ pub struct Cli {
     /// many milliseconds per viewer; 0 = never (requests only counted) [default: 1000].
     #[arg(long, value_name = "MS")]
     cached_keyframe_ms: Option<u64>,
+    /// Remember for this many seconds the bitrate rung a paced viewer's path carried, and
+    /// start the next session from its address there, paced; 0 = learn nothing [default: 600].
+    #[arg(long, value_name = "SECS")]
+    path_memory_secs: Option<u64>,
     /// POSTs (new sessions) per second one client address may send, `RATE[:BURST]`; 0 = no
     /// limit [default: 5:20]. Beyond it: 429 with Retry-After.
     #[arg(long, value_name = "RATE[:BURST]")]
@@ -142,6 +146,7 @@ struct FileConfig {
     prime_burst_kib: Option<u64>,
     prime_max_pending: Option<usize>,
     cached_keyframe_ms: Option<u64>,
+    path_memory_secs: Option<u64>,
     post_rate: Option<String>,
     post_rate_global: Option<String>,
     request_rate: Option<String>,
@@ -278,6 +283,11 @@ fn settings(
         Some(0) => None,
         Some(ms) => Some(Duration::from_millis(ms)),
         None => core.cached_keyframe_interval,
+    };
+    core.path_memory = match cli.path_memory_secs.or(file.path_memory_secs) {
+        Some(0) => None,
+        Some(secs) => Some(Duration::from_secs(secs)),
+        None => core.path_memory,
     };
     let rate =
         |flag: Option<RateSetting>, file: Option<String>, default: Option<Rate>| match (flag, file)
@@ -553,6 +563,10 @@ max_viewers = 2
         assert_eq!(s.server.core.cached_keyframe_interval, None);
         let s = setup_with(&["--config", "w.toml"], "cached_keyframe_ms = 250\n").expect("ok");
         assert_eq!(s.server.core.cached_keyframe_interval, Some(Duration::from_millis(250)));
+        let s = setup_from(&["--path-memory-secs", "0"]).expect("ok");
+        assert_eq!(s.server.core.path_memory, None);
+        let s = setup_with(&["--config", "w.toml"], "path_memory_secs = 60\n").expect("ok");
+        assert_eq!(s.server.core.path_memory, Some(Duration::from_secs(60)));
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::config::{CoreConfig, Feed, StreamConfig};
 use crate::ids::{Rng, SessionId, SessionMap, StreamId};
 use crate::metrics::Metrics;
 use crate::packet::SourcePacket;
+use crate::pathbook::PathBook;
 use crate::ports::PortPool;
 use crate::ratelimit::{Limiter, Unconnected};
 use crate::shard::{Mirror, ShardMember};
@@ -94,6 +95,8 @@ pub struct Core {
     /// Sessions not connected yet per client address (a sharded server counts them in its
     /// [`SharedSeats`](crate::shard::SharedSeats) instead).
     unconnected: Unconnected,
+    /// What viewers' reports taught about their paths, for the next session from there.
+    paths: PathBook,
     /// This core's place in a sharded server ([`Core::in_shard`]); caps and rate limits are
     /// then counted in the shared [`SharedSeats`](crate::shard::SharedSeats).
     shard: Option<ShardMember>,
@@ -128,6 +131,7 @@ impl Core {
             ),
             limiter: Limiter::new(config.rate_limits, now),
             unconnected: Unconnected::default(),
+            paths: PathBook::default(),
             config,
             crypto,
             cert,

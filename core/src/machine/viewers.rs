@@ -12,6 +12,7 @@ use crate::ids::{SessionId, StreamId};
 use crate::pacer::LivePacing;
 use crate::path;
 use crate::stream::StreamState;
+use crate::viewer::Viewer;
 use crate::viewer::{LOSS_CLEAN, Step, ViewerNews, ViewerState};
 use crate::{CloseReason, Event, Output};
 
@@ -21,6 +22,15 @@ use super::{Core, TimerKey};
 /// rendition's own peaks and for catching up after a keyframe, and still below a link that
 /// only just carries the rendition twice over.
 pub(super) const PACE_FACTOR: f64 = 2.0;
+
+/// How long a viewer must have played unpaced for its path to count as carrying the full rate
+/// ([`PathBook::forget`](crate::pathbook::PathBook::forget)).
+const CLEAN_PLAY: Duration = Duration::from_secs(10);
+
+/// The address a viewer's media goes to (its nominated pair's remote end), or its first.
+fn media_ip(viewer: &Viewer) -> Option<std::net::IpAddr> {
+    viewer.path.sending_to.or_else(|| viewer.addrs.first().copied()).map(|a| a.ip())
+}
 
 /// Most video packets a viewer holds back (a paced prime's or live pacing's queue).
 pub(super) fn max_held_packets(config: &crate::CoreConfig) -> usize {
@@ -79,6 +89,7 @@ impl Core {
                         stream: stream.clone(),
                         session: s,
                     }));
+                    self.start_on_known_path(s, &stream, now);
                     self.prime(s, &stream, now);
                 }
                 ViewerNews::KeyframeRequest => {
@@ -153,6 +164,63 @@ impl Core {
             "viewer primed with the cached GOP"
         );
         // The caller reschedules the viewer, now with the backlog's next release.
+    }
+
+    /// Starts a viewer that just connected on what an earlier session from its address found
+    /// its path carries ([`CoreConfig::path_memory`](crate::CoreConfig::path_memory)): the
+    /// highest rung of its codec at or below that session's, paced from the start, so that its
+    /// GOP prime too leaves at that rung's pace rather than the configured 8 Mbit/s.
+    fn start_on_known_path(&mut self, s: SessionId, stream: &StreamId, now: Instant) {
+        let Some(memory) = self.config.path_memory else {
+            return;
+        };
+        let (Some(st), Some(viewer)) = (self.streams.get(stream), self.viewers.get_mut(&s)) else {
+            return;
+        };
+        let Some(known) = media_ip(viewer).and_then(|ip| self.paths.get(ip, memory, now)) else {
+            return;
+        };
+        if viewer.video.started() {
+            return; // video sent already (an ICE restart's reconnection)
+        }
+        let Some(codec) = st.videos.get(usize::from(viewer.rendition)).map(|v| v.codec) else {
+            return;
+        };
+        let kbps = |k: usize| st.rendition_kbps(k).unwrap_or(u32::MAX);
+        let rungs = || st.videos.iter().enumerate().filter(|(_, v)| v.codec == codec);
+        let fits = rungs().filter(|(k, _)| kbps(*k) <= known.kbps).max_by_key(|(k, _)| kbps(*k));
+        let Some(k) = fits.or_else(|| rungs().min_by_key(|(k, _)| kbps(*k))).map(|(k, _)| k) else {
+            return;
+        };
+        let Ok(k) = u8::try_from(k) else { return };
+        let from = viewer.rendition;
+        viewer.rendition = k;
+        viewer.ladder.settle(now);
+        self.metrics.known_path_starts += 1;
+        self.metrics.paced_viewers += 1;
+        debug!(session = %s, %stream, from, to = k, known_kbps = known.kbps, "viewer starts on its address's known rung, paced");
+        self.repace(s, stream);
+    }
+
+    /// Remembers what a leaving viewer's reports taught about its path, or that it played
+    /// unpaced for a while (the path carries the full rate).
+    fn learn_path(&mut self, viewer: &Viewer, now: Instant) {
+        let Some(memory) = self.config.path_memory else {
+            return;
+        };
+        let Some(ip) = media_ip(viewer) else {
+            return;
+        };
+        if viewer.pacing.is_some() {
+            let kbps = self.streams.get(&viewer.stream).map_or(u32::MAX, |st| {
+                st.rendition_kbps(usize::from(viewer.rendition)).unwrap_or(u32::MAX)
+            });
+            self.paths.learn(ip, kbps, memory, now);
+        } else if viewer.state == ViewerState::Connected
+            && now.saturating_duration_since(viewer.joined) >= CLEAN_PLAY
+        {
+            self.paths.forget(ip);
+        }
     }
 
     /// Paces a viewer's video once a receiver report shows loss, and moves it along its
@@ -385,6 +453,7 @@ impl Core {
         let Some(mut viewer) = self.viewers.remove(&s) else {
             return;
         };
+        self.learn_path(&viewer, now);
         viewer.close(now, &mut self.outputs);
         if let Some(t) = viewer.scheduled {
             self.timers.remove(&(t, TimerKey::Viewer(s)));
