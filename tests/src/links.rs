@@ -131,6 +131,24 @@ impl Outcome {
             .and_then(|(_, l)| chromium::number(l, key))
     }
 
+    /// From the first `PROGRESS` line at or after `t_ms` (milliseconds from the POST) to the
+    /// verdict: how much `key` grew, and over how many seconds. `None` if the run ended before.
+    pub fn growth_since(&self, t_ms: f64, key: &str) -> Option<(f64, f64)> {
+        let (t0, v0) = self
+            .lines
+            .iter()
+            .filter(|(_, l)| l.contains("[WHEP] PROGRESS"))
+            .filter_map(|(_, l)| Some((chromium::number(l, "t")?, chromium::number(l, key)?)))
+            .find(|(t, _)| *t >= t_ms)?;
+        let (t1, v1) = self
+            .lines
+            .iter()
+            .rfind(|(_, l)| l.contains("[WHEP] PROGRESS"))
+            .and_then(|(_, l)| Some((chromium::number(l, "t")?, chromium::number(l, key)?)))?;
+        let end = self.num(key).unwrap_or(v1);
+        (t1 > t0).then(|| (end - v0, (t1 - t0) / 1000.0))
+    }
+
     /// When the last `PROGRESS` line came.
     pub fn last_progress(&self) -> Option<Instant> {
         self.lines
