@@ -120,9 +120,12 @@ pub(crate) enum ViewerNews {
     /// The viewer's retransmissions exceeded their share: its retransmission cache is off
     /// for a while.
     ResendsSuspended,
-    /// A receiver report of its video: the fraction lost since the last one.
+    /// A receiver report of its video: the fraction lost since the last one, and the rate
+    /// its video was sent at meanwhile (bytes per second, retransmissions included; `None` for
+    /// the first).
     Report {
         lost: f32,
+        sent_rate: Option<u64>,
     },
     /// It moved to another rendition (at that rendition's keyframe).
     Switched {
@@ -245,7 +248,19 @@ pub(crate) struct Ladder {
     /// needs ([`CLEAN_UP`] up to [`CLEAN_UP_MAX`]), so that a link that only just fails to
     /// carry the upper rung is not probed every ten seconds.
     failed_probes: u8,
+    /// Video bytes sent to the viewer (str0m's count) at its last stats, and when.
+    sent: Option<(u64, Instant)>,
+    /// What the path delivered when it last lost heavily (bytes per second: the rate sent
+    /// then, less the fraction lost), and when: more than it carries. A move up to a rung
+    /// that needs more is not tried until [`CEILING_AGE`] has passed.
+    ceiling: Option<(u64, Instant)>,
 }
+
+/// How long a path's measured ceiling ([`Ladder::note_delivery`]) holds moves up back.
+pub(crate) const CEILING_AGE: Duration = Duration::from_secs(30);
+
+/// The share of a path's ceiling a rung may need for a move up to it to be tried.
+pub(crate) const CEILING_HEADROOM: f64 = 0.85;
 
 /// Fraction lost in a receiver report that, twice in a row, moves a viewer down a rung.
 pub(crate) const LOSS_DOWN: f32 = 0.08;
@@ -308,6 +323,32 @@ impl Ladder {
 }
 
 impl Ladder {
+    /// Notes what a report says the path delivered: under heavy loss (at or above
+    /// [`LOSS_DOWN`]), the rate sent less the fraction lost is about what the path carries.
+    pub(crate) fn note_delivery(&mut self, lost: f32, sent_rate: Option<u64>, now: Instant) {
+        if let Some(rate) = sent_rate.filter(|_| lost >= LOSS_DOWN) {
+            let delivered = (rate as f64 * f64::from(1.0 - lost.clamp(0.0, 1.0))) as u64;
+            self.ceiling = Some((delivered, now));
+        }
+    }
+
+    /// Whether a move up to a rung that needs `rate` bytes per second is held back by the
+    /// path's measured ceiling; if so the move up is dropped (not counted as a probe).
+    pub(crate) fn ceiling_blocks(&mut self, rate: u64, now: Instant) -> bool {
+        let Some((ceiling, at)) = self.ceiling else {
+            return false;
+        };
+        if now.saturating_duration_since(at) >= CEILING_AGE {
+            self.ceiling = None;
+            return false;
+        }
+        let blocks = rate as f64 > ceiling as f64 * CEILING_HEADROOM;
+        if blocks {
+            self.probed = None;
+        }
+        blocks
+    }
+
     /// It just moved (to another rendition, or to keyframes only): the next [`SETTLE`] of
     /// reports are not about where it is now.
     pub(crate) fn settle(&mut self, now: Instant) {
@@ -646,8 +687,13 @@ impl Viewer {
                 }
             }
             RtcEvent::MediaEgressStats(s) if s.mid == self.video.mid => {
+                let sent_rate =
+                    self.ladder.sent.replace((s.bytes, s.timestamp)).and_then(|(bytes, at)| {
+                        let secs = s.timestamp.saturating_duration_since(at).as_secs_f64();
+                        (secs > 0.0).then(|| (s.bytes.saturating_sub(bytes) as f64 / secs) as u64)
+                    });
                 if let Some(lost) = s.loss {
-                    news.push(ViewerNews::Report { lost });
+                    news.push(ViewerNews::Report { lost, sent_rate });
                 }
             }
             RtcEvent::KeyframeRequest(_) => {

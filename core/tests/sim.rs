@@ -1527,11 +1527,11 @@ fn a_lossy_viewer_moves_down_the_ladder_at_a_keyframe_and_back_up_when_clean() {
     w.drive_until(8 * SEC, |w| w.core.metrics().rendition_switches >= 1);
     assert_eq!(w.core.metrics().rendition_switches, 1, "moved down");
     assert!(on(&w, 1), "on the 400 kbit/s rung");
-    // Clean again: back up after ten clean seconds.
+    // Clean again: back up once the ceiling its loss measured has aged (30 s).
     w.loss_every = 0;
     // Reports in flight may still be lossy: one more step down puts it on keyframes only,
     // and the first clean step up then resumes full video before the next moves it up.
-    w.drive_until(40 * SEC, |w| w.core.metrics().rendition_switches >= 2);
+    w.drive_until(60 * SEC, |w| w.core.metrics().rendition_switches >= 2);
     assert!(on(&w, 0), "back on the top rung");
     assert_keeps_playing(&mut w, v);
     // The renditions' RTP clocks have other origins, rebased at each switch: every new packet
@@ -1757,4 +1757,32 @@ fn without_path_memory_every_session_starts_on_the_top_rung() {
     let (w, _, _, demo) = a_session_from_an_address_whose_last_moved_down(None);
     assert_eq!(w.core.metrics().known_path_starts, 0);
     assert_eq!(w.core.stream(&demo).map(|s| s.renditions[0].viewers), Some(2));
+}
+
+/// A viewer moved down because its path lost a quarter of what it was sent stays down while
+/// that measurement is fresh (a move up needs more than the path then delivered: it would only
+/// lose again, freezing the picture each time), and tries again once it has aged.
+#[test]
+fn after_heavy_loss_a_move_up_waits_until_the_paths_ceiling_has_aged() {
+    let mut w = SimWorld::new(sim::config());
+    let mut config = StreamConfig::external();
+    config.egress.video_bitrate_kbps = Some(1500);
+    config.egress.renditions.push(Rendition::new(VideoCodec::H264, 400));
+    let demo = w.add_stream("demo", config, 60);
+    let (v, _) = w.join(&demo);
+    w.drive_until(8 * SEC, |w| w.viewers[v].video_packets > 100);
+    w.loss_every = 4;
+    w.drive_until(12 * SEC, |w| w.core.metrics().rendition_switches >= 1);
+    w.loss_every = 0;
+    let down = w.now;
+    let on = |w: &SimWorld, k: usize| w.core.stream(&demo).map(|s| s.renditions[k].viewers);
+    assert_eq!(on(&w, 1), Some(1));
+    // Clean for 25 s: without the ceiling it would move up after 10 s.
+    w.run_for(25 * SEC);
+    assert_eq!(on(&w, 1), Some(1), "moved up into the path that lost");
+    assert_eq!(w.core.metrics().rendition_switches, 1);
+    w.drive_until(30 * SEC, |w| on(w, 0) == Some(1));
+    assert_eq!(on(&w, 0), Some(1), "never tried the upper rung again");
+    assert!(w.now - down >= Duration::from_secs(30), "up after {:?}", w.now - down);
+    assert_keeps_playing(&mut w, v);
 }

@@ -112,7 +112,9 @@ impl Core {
                     self.metrics.bytes_retransmitted += bytes;
                     self.metrics.retransmissions_dropped += dropped;
                 }
-                ViewerNews::Report { lost } => self.climb(s, &stream, lost, now),
+                ViewerNews::Report { lost, sent_rate } => {
+                    self.climb(s, &stream, lost, sent_rate, now);
+                }
                 ViewerNews::Switched { to } => {
                     self.metrics.rendition_switches += 1;
                     debug!(session = %s, %stream, to, "viewer moved to another rendition");
@@ -228,7 +230,14 @@ impl Core {
     /// (one right after a move up), one up after ten clean seconds, longer after moves up that
     /// failed ([`Ladder::on_report`](crate::viewer::Ladder::on_report)); the switch itself
     /// happens at the target's keyframe.
-    fn climb(&mut self, s: SessionId, stream: &StreamId, lost: f32, now: Instant) {
+    fn climb(
+        &mut self,
+        s: SessionId,
+        stream: &StreamId,
+        lost: f32,
+        sent_rate: Option<u64>,
+        now: Instant,
+    ) {
         let Some(viewer) = self.viewers.get(&s) else {
             return;
         };
@@ -242,6 +251,7 @@ impl Core {
         let (Some(st), Some(viewer)) = (self.streams.get(stream), self.viewers.get_mut(&s)) else {
             return;
         };
+        viewer.ladder.note_delivery(lost, sent_rate, now);
         let Some(step) = viewer.ladder.on_report(lost, now) else {
             return;
         };
@@ -257,6 +267,15 @@ impl Core {
             Step::Up => rungs.filter(|(k, _)| kbps(*k) > mine).min_by_key(|(k, _)| kbps(*k)),
         };
         let l = &mut viewer.ladder;
+        // Up only to a rung the path's last measured ceiling leaves room for: on a link that
+        // lost most of what it was sent, a move up would only lose again.
+        if let (Step::Up, Some((k, _))) = (step, next)
+            && let Some(rate) = st.rendition_rate(k)
+            && l.ceiling_blocks(rate, now)
+        {
+            debug!(session = %s, %stream, to = k, rate, "move up held back by the path's ceiling");
+            return;
+        }
         match (step, next) {
             // Clean again after keyframes only: full video from the next keyframe first.
             (Step::Up, _) if l.keyframes_only => {
