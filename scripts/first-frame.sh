@@ -154,5 +154,7 @@ summary() {
 for b in $browsers; do
     summary "$b: POST to first decoded frame" ${decoded[$b]:-}
     # Only the player page in Chromium reports when the frame reached the screen.
-    [[ $b == chromium ]] && summary "$b: POST to first frame on screen" ${presented[$b]:-}
+    if [[ $b == chromium ]]; then
+        summary "$b: POST to first frame on screen" ${presented[$b]:-}
+    fi
 done
