@@ -23,8 +23,8 @@ pub use crate::chromium::{field, number};
 /// A player and how it offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Player {
-    /// GStreamer webrtcbin with this bundle policy (`max-bundle` or `max-compat`), with an
-    /// ECDSA certificate for its DTLS.
+    /// GStreamer webrtcbin with this bundle policy (`max-bundle`, `max-compat` or `balanced`),
+    /// with an ECDSA certificate for its DTLS.
     Gst(&'static str),
     /// GStreamer webrtcbin (max-bundle) with the RSA-2048 certificate it makes itself, which
     /// the server's DTLS refuses.

@@ -1,7 +1,8 @@
 //! The interoperability matrix beyond the browsers (Chromium and Firefox are in `e2e.rs`):
 //! GStreamer's webrtcbin (Debian's 1.22, max-bundle and max-compat) and aiortc (PyPI, H264 and
 //! VP8-only offers) each decode 30 frames of the demo stream and some audio, against the tokio
-//! and the smol server. A GStreamer with its own RSA certificate fails, and the server says why.
+//! and the smol server. A GStreamer with its own RSA certificate fails, and the server says why;
+//! one with `bundle-policy=balanced` is told that BUNDLE is required.
 //!
 //! libnice (GStreamer's ICE) gathers no loopback candidate and pins its sockets to their
 //! interface, so every player runs in a network namespace with a veth pair
@@ -113,4 +114,19 @@ matrix!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
 #[test]
 fn gstreamer_rsa_certificate_is_refused_clearly() {
     rsa_certificate_is_refused_clearly(env!("CARGO_BIN_EXE_whepd-tokio"));
+}
+
+/// GStreamer with `bundle-policy=balanced` offers no BUNDLE group: the POST gets a 400 that
+/// says BUNDLE is required and which policies give it, and the player reports that reason.
+#[test]
+fn gstreamer_balanced_is_told_bundle_is_required() {
+    let (run, mut server, _ns) = play(env!("CARGO_BIN_EXE_whepd-tokio"), Player::Gst("balanced"));
+    let verdict = run.verdict.as_deref().unwrap_or_else(|e| panic!("{e}\n{}", run.output()));
+    assert!(verdict.starts_with("[WHEP] FAIL"), "{}", run.output());
+    assert!(
+        verdict.contains(": 400 ") && verdict.contains("BUNDLE is required"),
+        "{}\nserver output:\n{}",
+        run.output(),
+        server.output()
+    );
 }
