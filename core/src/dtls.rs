@@ -23,8 +23,9 @@ use str0m::crypto::{CryptoError, CryptoProvider};
 /// whose certificate is RSA (GStreamer 1.22's webrtcbin makes an RSA-2048 one) then sends an
 /// empty certificate list, dimpl answers with a fatal `handshake_failure` alert and fails with
 /// "no client certificate received"; a client that sends its RSA certificate anyway fails on
-/// the missing EC parameters. No published crate lets str0m 0.25 accept RSA client
-/// certificates (README, "Players").
+/// the missing EC parameters. The only DTLS backend of str0m 0.25 that resolves from crates.io
+/// (aws-lc-rs) is dimpl; see the README's "GStreamer's certificate" for how such a player plays
+/// and what RSA on the server would take.
 pub fn failure_hint(error: &str) -> Option<&'static str> {
     const RSA: &str = "the client's DTLS certificate is probably RSA, which this server's DTLS \
                        (dimpl 0.9 under str0m 0.25) does not accept; the client must use an \
