@@ -1,8 +1,8 @@
 //! The interoperability matrix beyond the browsers (Chromium and Firefox are in `e2e.rs`):
 //! GStreamer's webrtcbin (Debian's 1.22, max-bundle and max-compat) and aiortc (PyPI, H264 and
-//! VP8-only offers) each decode 30 frames of the demo stream and some audio, against the tokio
-//! and the smol server. A GStreamer with its own RSA certificate fails, and the server says why;
-//! one with `bundle-policy=balanced` is told that BUNDLE is required.
+//! VP8-only offers) each decode 30 frames of the demo stream and some audio, against the tokio,
+//! the smol and the blocking server. A GStreamer with its own RSA certificate fails, and the
+//! server says why; one with `bundle-policy=balanced` is told that BUNDLE is required.
 //!
 //! libnice (GStreamer's ICE) gathers no loopback candidate and pins its sockets to their
 //! interface, so every player runs in a network namespace with a veth pair
@@ -110,6 +110,7 @@ macro_rules! matrix {
 
 matrix!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
 matrix!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
+matrix!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
 
 #[test]
 fn gstreamer_rsa_certificate_is_refused_clearly() {
