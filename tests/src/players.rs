@@ -171,6 +171,7 @@ pub fn run(player: Player, netns: Option<&str>, url: &str, frames: u32, timeout:
     let spawned = cmd
         .process_group(0)
         .env("PYTHONUNBUFFERED", "1")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
