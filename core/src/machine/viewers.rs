@@ -425,7 +425,15 @@ impl Core {
             && path::binding_request_tid(contents).is_some_and(|t| viewer.path.fresh_check(t));
         let mut news = std::mem::take(&mut self.news);
         if let Err(e) = viewer.rtc.handle_input(input) {
-            debug!(%session, error = %e, "datagram rejected");
+            let error = e.to_string();
+            if let Some(hint) = crate::dtls::failure_hint(&error) {
+                // The handshake is over (dimpl sent a fatal alert): close the session now
+                // rather than at the connect timeout, and say why once.
+                warn!(%session, stream = %viewer.stream, %error, "DTLS handshake failed: {hint}");
+                viewer.dead = true;
+            } else {
+                debug!(%session, %error, "datagram rejected");
+            }
         }
         viewer.drain(now, grace, &mut self.outputs, &mut news);
         let path = &mut viewer.path;
