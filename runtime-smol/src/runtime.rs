@@ -170,7 +170,7 @@ impl TcpListener for SmolTcpListener {
             std::task::ready!(self.0.poll_readable(cx))?;
             match self.0.get_ref().accept() {
                 Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
+                    whep_server::ice_tcp_setup(&stream);
                     let stream = smol::Async::new(stream)?;
                     return Poll::Ready(Ok((Box::new(SmolTcpStream(stream)), peer)));
                 }

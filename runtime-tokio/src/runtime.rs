@@ -198,7 +198,7 @@ impl TcpListener for TokioTcpListener {
             Err(e) => return Poll::Ready(Err(e)),
         };
         listener.poll_accept(cx).map_ok(|(stream, peer)| {
-            let _ = stream.set_nodelay(true);
+            whep_server::ice_tcp_setup(&stream);
             (Box::new(TokioTcpStream(stream)) as Box<dyn TcpStream>, peer)
         })
     }

@@ -920,7 +920,7 @@ fn accept_ice_tcp(listener: &TcpListener, tx: &SyncSender<Msg>) {
         };
         next += 1;
         let conn = ConnId(next);
-        let _ = stream.set_nodelay(true);
+        whep_server::ice_tcp_setup(&stream);
         let (Ok(local), Ok(reader)) = (stream.local_addr(), stream.try_clone()) else {
             continue;
         };

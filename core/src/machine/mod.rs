@@ -350,7 +350,7 @@ impl Core {
             }
             Input::TcpOpened { conn, peer, local } => self.on_tcp_opened(conn, peer, local, now),
             Input::TcpData { conn, contents } => self.on_tcp_data(conn, contents, now),
-            Input::TcpDropped { conn, frames } => self.on_tcp_dropped(conn, frames, now),
+            Input::TcpDropped { conn, frames } => self.on_tcp_dropped(conn, frames),
             Input::TcpClosed { conn } => self.on_tcp_closed(conn),
             Input::IngestBound { stream, ports } => self.on_bound(&stream, ports, now),
             Input::BindFailed { stream, ports, error } => {

@@ -207,7 +207,7 @@ impl Core {
         true
     }
 
-    pub(super) fn on_tcp_dropped(&mut self, conn: ConnId, frames: u64, now: Instant) {
+    pub(super) fn on_tcp_dropped(&mut self, conn: ConnId, frames: u64) {
         self.metrics.tcp_frames_dropped += frames;
         let Some(s) = self.tcp.get(&conn).and_then(|c| c.session) else {
             return;
@@ -215,14 +215,10 @@ impl Core {
         let Some(viewer) = self.viewers.get_mut(&s) else {
             return;
         };
-        // Some of its video is lost for good: the next picture it gets is a keyframe, the
-        // cached GOP's when there is one (at most once per interval), else the next live one.
+        // Some of its video is lost for good: the next picture it gets is the next live
+        // keyframe. Not the cached GOP: a viewer that cannot take its stream would only have
+        // it encrypted again and dropped, at the expense of the others.
         viewer.restart_video();
-        if self.config.gop_cache
-            && let Some(interval) = self.config.cached_keyframe_interval
-        {
-            viewer.want_keyframe(now, interval);
-        }
         debug!(session = %s, %conn, frames, "TCP send queue full: frames dropped, video restarts at a keyframe");
     }
 
