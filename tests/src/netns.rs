@@ -192,18 +192,23 @@ impl Netns {
     pub fn drop_udp_to(&self, addr: std::net::IpAddr) -> io::Result<()> {
         let family = if addr.is_ipv4() { "ip" } else { "ip6" };
         let rules = format!(
-            "table inet whep_e2e {{ chain out {{ type filter hook output priority 0; policy accept; \
-             {family} daddr {addr} meta l4proto udp counter drop; }} }}"
+            "table inet whep_e2e {{\n chain out {{\n  type filter hook output priority 0; \
+             policy accept;\n  {family} daddr {addr} meta l4proto udp counter drop\n }}\n}}\n"
         );
-        let out = self.command("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().and_then(
-            |mut child| {
+        let out = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
                 use std::io::Write;
                 if let Some(mut stdin) = child.stdin.take() {
                     stdin.write_all(rules.as_bytes())?;
                 }
                 child.wait_with_output()
-            },
-        )?;
+            })?;
         if out.status.success() {
             Ok(())
         } else {

@@ -158,9 +158,9 @@ pub struct Stats {
     pub max_video_gap: Duration,
     /// Times more than 100 ms passed between two video packets' arrivals.
     pub video_gaps_over_100ms: u64,
-    /// Times more than 400 ms passed between two video packets' arrivals (a pause no load
+    /// Times more than a second passed between two video packets' arrivals (a pause no load
     /// on the machine explains; a blocked server loop would show here).
-    pub video_gaps_over_400ms: u64,
+    pub video_gaps_over_1s: u64,
 }
 
 impl Stats {
@@ -173,8 +173,8 @@ impl Stats {
             if gap > Duration::from_millis(100) {
                 self.video_gaps_over_100ms += 1;
             }
-            if gap > Duration::from_millis(400) {
-                self.video_gaps_over_400ms += 1;
+            if gap > Duration::from_secs(1) {
+                self.video_gaps_over_1s += 1;
             }
         }
         self.last_video_at = Some(now);
