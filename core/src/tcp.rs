@@ -175,11 +175,8 @@ pub fn encode(packet: &[u8]) -> Option<Vec<u8>> {
 /// at the keyframe the core sends after the drop is reported.
 #[derive(Debug)]
 pub struct SendQueue {
-    frames: VecDeque<Vec<u8>>,
-    /// Bytes of the first frame already written.
-    written: usize,
-    /// Bytes queued, not yet written.
-    bytes: usize,
+    /// The unwritten bytes of the queued frames, back to back: one write may carry many.
+    bytes: VecDeque<u8>,
     max: usize,
     /// It dropped a frame and has not drained to half its bound since.
     refusing: bool,
@@ -192,9 +189,7 @@ impl SendQueue {
     /// accepted into an empty queue).
     pub fn new(max_bytes: usize) -> Self {
         Self {
-            frames: VecDeque::new(),
-            written: 0,
-            bytes: 0,
+            bytes: VecDeque::new(),
             max: max_bytes,
             refusing: false,
             dropped: 0,
@@ -207,52 +202,43 @@ impl SendQueue {
         if frame.is_empty() {
             return true;
         }
-        if self.refusing && self.bytes > self.max / 2 {
+        let queued = self.bytes.len();
+        if self.refusing && queued > self.max / 2 {
             self.dropped += 1;
             self.dropped_bytes += frame.len() as u64;
             return false;
         }
         self.refusing = false;
-        if !self.frames.is_empty() && self.bytes + frame.len() > self.max {
+        if queued > 0 && queued + frame.len() > self.max {
             self.refusing = true;
             self.dropped += 1;
             self.dropped_bytes += frame.len() as u64;
             return false;
         }
-        self.bytes += frame.len();
-        self.frames.push_back(frame);
+        self.bytes.extend(frame);
         true
     }
 
-    /// The bytes to write next (the rest of the first frame); empty when nothing is queued.
+    /// The bytes to write next, as many as lie contiguous (often every queued frame); empty
+    /// when nothing is queued.
     pub fn front(&self) -> &[u8] {
-        self.frames.front().map_or(&[], |f| &f[self.written..])
+        self.bytes.as_slices().0
     }
 
     /// Notes that `n` bytes of [`front`](Self::front) were written.
-    pub fn advance(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(first) = self.frames.front() else { return };
-            let left = first.len() - self.written;
-            let step = n.min(left);
-            self.written += step;
-            self.bytes -= step;
-            n -= step;
-            if self.written == first.len() {
-                self.frames.pop_front();
-                self.written = 0;
-            }
-        }
+    pub fn advance(&mut self, n: usize) {
+        let n = n.min(self.bytes.len());
+        self.bytes.drain(..n);
     }
 
     /// Whether nothing is left to write.
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.bytes.is_empty()
     }
 
     /// Unwritten bytes.
     pub fn len(&self) -> usize {
-        self.bytes
+        self.bytes.len()
     }
 
     /// Frames dropped since the last call, and their bytes; resets the count.
@@ -315,13 +301,14 @@ mod tests {
         q.advance(3);
         assert_eq!(q.front(), &[1; 5]);
         assert!(q.push(vec![2; 4]), "5 + 4 fits in 10");
+        assert_eq!(q.len(), 9);
         assert!(!q.push(vec![3; 4]), "5 + 4 + 4 does not");
         assert!(!q.push(vec![5; 1]), "refused until drained to half, though it would fit");
         assert_eq!(q.len(), 9);
         assert_eq!(q.take_dropped(), (2, 5));
         assert_eq!(q.take_dropped(), (0, 0));
         q.advance(6);
-        assert_eq!(q.front(), &[2; 3]);
+        assert_eq!(q.len(), 3);
         assert!(q.push(vec![6; 2]), "3 left: below half, taken again");
         q.advance(5);
         assert!(q.is_empty());
