@@ -140,6 +140,73 @@ fn chromium_plays_over_tcp_without_udp(bin: &str) {
     );
 }
 
+/// Whether the server closed `s` within `within` (a read sees the end, or a reset).
+fn closed_by_server(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 512];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Bytes that are not RFC 4571 framing close the connection; connections beyond the limit
+/// (256) are closed at once and counted; connections the clients close are forgotten.
+fn tcp_garbage_and_floods_are_closed(bin: &str) {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let mut server = Server::start(bin, &[]);
+    let addr = server.udp; // the ICE-TCP listener shares the UDP socket's port number
+    let mut garbage = TcpStream::connect(addr).expect("ICE-TCP listener");
+    garbage.write_all(&[0xff, 0xff, 1, 2, 3, 4]).expect("write");
+    assert!(
+        closed_by_server(&mut garbage, Duration::from_secs(5)),
+        "garbage did not close the connection\n{}",
+        server.output()
+    );
+    assert_eq!(server.metric("whep_tcp_framing_errors_total"), Some(1.0));
+    let mut flood: Vec<TcpStream> =
+        (0..300).map(|_| TcpStream::connect(addr).expect("connect")).collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || server
+            .metric("whep_tcp_connections_refused_total")
+            .is_some_and(|n| n >= 44.0)),
+        "connections beyond the limit not refused: {:?}\n{}",
+        server.metric("whep_tcp_connections_refused_total"),
+        server.output()
+    );
+    assert_eq!(server.metric("whep_tcp_connections"), Some(256.0));
+    let closed = flood
+        .iter_mut()
+        .map(|s| closed_by_server(s, Duration::from_millis(20)))
+        .filter(|c| *c)
+        .count();
+    assert_eq!(closed, 44, "exactly the connections beyond the limit are closed");
+    drop(flood);
+    assert!(
+        wait_until(Duration::from_secs(10), || server.metric("whep_tcp_connections") == Some(0.0)),
+        "closed connections not forgotten: {:?}",
+        server.metric("whep_tcp_connections")
+    );
+    // And the server still serves a TCP viewer.
+    let v = tcp_viewer(&server, None);
+    assert!(v.wait_for(PLAY_WITHIN, |s| s.video_packets >= 50), "{:?}", v.stats());
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {
@@ -153,6 +220,10 @@ macro_rules! suite {
             #[test]
             fn stalled_tcp_reader_does_not_delay_udp_viewer() {
                 super::stalled_tcp_reader_does_not_delay_udp_viewer(bin());
+            }
+            #[test]
+            fn tcp_garbage_and_floods_are_closed() {
+                super::tcp_garbage_and_floods_are_closed(bin());
             }
             #[test]
             fn chromium_plays_over_tcp_without_udp() {
