@@ -198,6 +198,9 @@ pub(crate) struct Viewer {
     pub(crate) unconnected_client: Option<IpAddr>,
     /// Remote ICE candidates given to str0m in this ICE generation (offer and PATCHes).
     pub(crate) remote_candidates: usize,
+    /// The addresses of its relayed (TURN) candidates, from its offer and PATCHes: media sent
+    /// to one of them goes through a relay (for `/metrics`' split by transport).
+    pub(crate) relays: Vec<SocketAddr>,
     pub(crate) keyframe_requests: u64,
     /// The viewer asked for a keyframe that the GOP cache will answer
     /// ([`CoreConfig::cached_keyframe_interval`](crate::CoreConfig::cached_keyframe_interval)), at the
@@ -410,6 +413,7 @@ pub(crate) struct Seat {
     pub(crate) remote_creds: (String, String),
     pub(crate) unconnected_client: Option<IpAddr>,
     pub(crate) remote_candidates: usize,
+    pub(crate) relays: Vec<SocketAddr>,
     /// When it is closed unless it sends an ICE check (see [`Viewer::checked`]).
     pub(crate) deadline: Instant,
     pub(crate) now: Instant,
@@ -575,6 +579,7 @@ impl Answered {
             checked: false,
             unconnected_client: seat.unconnected_client,
             remote_candidates: seat.remote_candidates,
+            relays: seat.relays,
             keyframe_requests: 0,
             keyframe_wanted: false,
             gop_sent_at: None,

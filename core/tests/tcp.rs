@@ -180,3 +180,27 @@ fn a_viewer_that_leaves_has_its_connection_closed() {
     assert!(w.tcp_closed.contains(&conn));
     assert_eq!(w.core.tcp_connections(), 0);
 }
+
+#[test]
+fn a_viewer_whose_media_goes_to_its_relay_candidate_counts_as_relayed() {
+    let (mut w, demo) = world();
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 10);
+    let by = w.core.viewers_by_transport();
+    assert_eq!((by.udp, by.tcp, by.relayed), (1, 0, 0));
+    // The viewer announces that its address is a TURN relay's (as a player behind one does).
+    let addr = w.viewers[v].addr;
+    let frag = format!(
+        "a=candidate:7 1 udp 16777215 {ip} {port} typ relay raddr {ip} rport {port}\r\n",
+        ip = addr.ip(),
+        port = addr.port()
+    );
+    let r = w.http(
+        w.session_request(v, whep_core::whep::Method::Patch)
+            .with_header("Content-Type", "application/trickle-ice-sdpfrag")
+            .with_body(frag),
+    );
+    assert_eq!(r.code(), 204, "{}", String::from_utf8_lossy(&r.body));
+    let by = w.core.viewers_by_transport();
+    assert_eq!((by.udp, by.tcp, by.relayed), (0, 0, 1));
+}

@@ -826,16 +826,15 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
         "gauge",
         "Connected viewers by the transport of their media.",
     );
-    let (mut udp, mut tcp) = {
-        let c = core.viewers_by_transport();
-        (c.udp, c.tcp)
-    };
+    let mut by = core.viewers_by_transport();
     for f in followers {
-        udp += f.transport.udp;
-        tcp += f.transport.tcp;
+        by.udp += f.transport.udp;
+        by.tcp += f.transport.tcp;
+        by.relayed += f.transport.relayed;
     }
-    let _ = writeln!(out, "whep_viewers_transport{{transport=\"udp\"}} {udp}");
-    let _ = writeln!(out, "whep_viewers_transport{{transport=\"tcp\"}} {tcp}");
+    for (name, n) in [("udp", by.udp), ("tcp", by.tcp), ("relayed", by.relayed)] {
+        let _ = writeln!(out, "whep_viewers_transport{{transport=\"{name}\"}} {n}");
+    }
     head(&mut out, "tcp_connections", "gauge", "Open ICE-TCP connections.");
     let conns = core.tcp_connections() + followers.iter().map(|f| f.tcp_connections).sum::<usize>();
     let _ = writeln!(out, "whep_tcp_connections {conns}");

@@ -38,13 +38,17 @@ pub(super) struct TcpConn {
     pub(super) deadline: Option<Instant>,
 }
 
-/// How many connected viewers get their media over UDP and over TCP.
+/// How connected viewers get their media, as far as the server can tell.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TransportCounts {
-    /// Connected viewers whose DTLS and media go over UDP.
+    /// Connected viewers whose DTLS and media go over UDP straight to them.
     pub udp: usize,
     /// Connected viewers whose DTLS and media go over a TCP connection (ICE-TCP).
     pub tcp: usize,
+    /// Connected viewers whose media goes over UDP to the address of one of their relayed
+    /// (TURN) candidates, from their offer or a PATCH. A relay the viewer did not announce
+    /// (its checks only) counts as UDP.
+    pub relayed: usize,
 }
 
 impl Core {
@@ -59,6 +63,8 @@ impl Core {
         for v in self.viewers.values().filter(|v| v.state == ViewerState::Connected) {
             if v.media_tcp {
                 c.tcp += 1;
+            } else if v.path.sending_to.is_some_and(|a| v.relays.contains(&a)) {
+                c.relayed += 1;
             } else {
                 c.udp += 1;
             }
