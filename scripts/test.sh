@@ -21,6 +21,8 @@ missing=()
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || missing+=(chromium)
 [ -x "${FIREFOX:-/usr/bin/firefox-esr}" ] || missing+=(firefox-esr)
+# tests/tests/tcp.rs drops a namespace's UDP with an nftables rule (Netns::drop_udp_to).
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing: ${missing[*]}"
     sudo=""
