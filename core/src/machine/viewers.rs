@@ -445,7 +445,15 @@ impl Core {
             // The viewer sends DTLS on the pair it selected: answer there now, not once its
             // nomination comes (a second later at 150 ms RTT).
             path.nominated_for_dtls = true;
-            if viewer.nominate(source, destination, now, grace, &mut self.outputs, &mut news) {
+            if viewer.nominate(
+                Protocol::Udp,
+                source,
+                destination,
+                now,
+                grace,
+                &mut self.outputs,
+                &mut news,
+            ) {
                 self.metrics.early_nominations += 1;
                 debug!(%session, %source, "nominated the pair the viewer's DTLS came on");
             }
@@ -492,6 +500,9 @@ impl Core {
             if self.by_addr.get(a) == Some(&s) {
                 self.by_addr.remove(a);
             }
+        }
+        for (_, conn) in &viewer.tcp {
+            self.close_tcp(*conn);
         }
         if self.by_ufrag.get(&viewer.local_ufrag) == Some(&s) {
             self.by_ufrag.remove(&viewer.local_ufrag);
@@ -545,7 +556,7 @@ impl Core {
 }
 
 /// Our ICE username fragment from a STUN binding request's USERNAME (`ours:theirs`).
-fn stun_local_ufrag(b: &[u8]) -> Option<&str> {
+pub(super) fn stun_local_ufrag(b: &[u8]) -> Option<&str> {
     const MAGIC: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
     if b.len() < 20 || b[0] & 0xc0 != 0 || b.get(4..8)? != MAGIC {
         return None;
