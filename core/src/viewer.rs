@@ -265,6 +265,15 @@ pub(crate) struct Ladder {
     ceiling: Option<(u64, Instant)>,
 }
 
+/// Fraction lost in a report from which the loss is taken for the path's limit, not chance:
+/// a link that drops a fifth of what it is sent at random is unusable anyway, and one that
+/// loses it for want of capacity loses that much as soon as it is sent twice what it carries.
+pub(crate) const LOSS_HEAVY: f32 = 0.2;
+
+/// Share of a path's ceiling a paced viewer's video may take (the rest for audio,
+/// retransmissions and the rendition's peaks).
+pub(crate) const CEILING_PACE: f64 = 0.75;
+
 /// How long a path's measured ceiling ([`Ladder::note_delivery`]) holds moves up back.
 pub(crate) const CEILING_AGE: Duration = Duration::from_secs(30);
 
@@ -333,12 +342,30 @@ impl Ladder {
 
 impl Ladder {
     /// Notes what a report says the path delivered: under heavy loss (at or above
-    /// [`LOSS_DOWN`]), the rate sent less the fraction lost is about what the path carries.
+    /// [`LOSS_HEAVY`]), the rate sent less the fraction lost is about what the path carries.
+    /// The highest such measurement while fresh is kept (one taken while less was sent than
+    /// the path carries says too little); none is taken on keyframes only, where what is sent
+    /// is this server's choice, not the path's.
     pub(crate) fn note_delivery(&mut self, lost: f32, sent_rate: Option<u64>, now: Instant) {
-        if let Some(rate) = sent_rate.filter(|_| lost >= LOSS_DOWN) {
-            let delivered = (rate as f64 * f64::from(1.0 - lost.clamp(0.0, 1.0))) as u64;
-            self.ceiling = Some((delivered, now));
+        if self.keyframes_only {
+            return;
         }
+        if let Some(rate) = sent_rate.filter(|_| lost >= LOSS_HEAVY) {
+            let delivered = (rate as f64 * f64::from(1.0 - lost.clamp(0.0, 1.0))) as u64;
+            let fresh = self
+                .ceiling
+                .filter(|(_, at)| now.saturating_duration_since(*at) < CEILING_AGE)
+                .map_or(0, |(c, _)| c);
+            self.ceiling = Some((delivered.max(fresh), now));
+        }
+    }
+
+    /// The most a paced viewer's video may be sent at while the path's measured ceiling is
+    /// fresh ([`CEILING_PACE`] of it), in bytes per second.
+    pub(crate) fn pace_cap(&self, now: Instant) -> Option<u64> {
+        self.ceiling
+            .filter(|(_, at)| now.saturating_duration_since(*at) < CEILING_AGE)
+            .map(|(c, _)| (c as f64 * CEILING_PACE) as u64)
     }
 
     /// Whether a move up to a rung that needs `rate` bytes per second is held back by the
