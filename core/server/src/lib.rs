@@ -28,5 +28,6 @@ pub mod driver;
 pub mod fuzzing;
 pub mod os;
 pub mod shard;
+pub mod tls;
 
 pub use os::{SOCKET_BUFFER, check_program, command, default_route, signal, udp_state};

@@ -1,0 +1,215 @@
+//! HTTPS: the certificate and key the HTTP listener serves, loaded from PEM files into a rustls
+//! configuration (rustls on the aws-lc backend str0m already builds), in a cell that a reload
+//! swaps without touching connections already made.
+//!
+//! [`Tls`] is what the runtimes' `serve_tls` take. Each new connection reads the current
+//! configuration once, for its handshake; [`Tls::reload`] (whepd calls it on SIGHUP) re-reads
+//! the files and, when they are good, has every later connection use them. Connections already
+//! open, and every viewer (their media is UDP, not HTTP), are untouched. A bad file keeps the
+//! previous certificate and logs an error.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tracing::{error, info};
+
+/// The rustls version the runtimes serve with, for an application that builds its own
+/// [`rustls::ServerConfig`] for [`Tls::new`].
+pub use rustls;
+
+/// The certificate chain and private key files (PEM) of `--tls-cert` and `--tls-key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first (e.g. Let's Encrypt's `fullchain.pem`).
+    pub cert: PathBuf,
+    /// The leaf's private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) (e.g. `privkey.pem`).
+    pub key: PathBuf,
+}
+
+/// Why a certificate and key could not be loaded.
+#[derive(Debug)]
+pub enum TlsError {
+    /// The files hold no usable certificate chain or private key; the message says which file
+    /// and why.
+    Files(String),
+    /// rustls refused the pair: the key does not match the certificate, or its algorithm is
+    /// not supported.
+    Rustls(String),
+    /// [`Tls::reload`] on a configuration that was not loaded from files.
+    NoFiles,
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Files(msg) | Self::Rustls(msg) => f.write_str(msg),
+            Self::NoFiles => f.write_str("the TLS configuration was not loaded from files"),
+        }
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+/// The TLS configuration new connections are served with: a cheap handle, cloned into every
+/// listener; [`Tls::reload`] or [`Tls::set`] on any clone changes it for all.
+#[derive(Clone)]
+pub struct Tls {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    files: Option<TlsFiles>,
+    current: RwLock<Arc<rustls::ServerConfig>>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls").field("files", &self.inner.files).finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Loads `files` (logging which certificate is in use), to be re-read by [`Tls::reload`].
+    pub fn from_files(files: TlsFiles) -> Result<Self, TlsError> {
+        let config = server_config(&files)?;
+        let current = RwLock::new(Arc::new(config));
+        Ok(Self { inner: Arc::new(Inner { files: Some(files), current }) })
+    }
+
+    /// Serves an application's own rustls configuration (its ALPN list should offer
+    /// `http/1.1`, the only protocol served); [`Tls::set`] replaces it.
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
+        Self { inner: Arc::new(Inner { files: None, current: RwLock::new(config) }) }
+    }
+
+    /// The configuration for a connection being accepted now.
+    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.inner.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Serves `config` to every connection accepted from now on.
+    pub fn set(&self, config: Arc<rustls::ServerConfig>) {
+        *self.inner.current.write().unwrap_or_else(PoisonError::into_inner) = config;
+    }
+
+    /// The files this configuration was loaded from, if it was.
+    pub fn files(&self) -> Option<&TlsFiles> {
+        self.inner.files.as_ref()
+    }
+
+    /// Re-reads the certificate and key files: when they are good, connections accepted from
+    /// now on use them (logged at INFO); when not, the previous certificate stays and the
+    /// reason is logged at ERROR and returned.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let Some(files) = &self.inner.files else {
+            return Err(TlsError::NoFiles);
+        };
+        match server_config(files) {
+            Ok(config) => {
+                self.set(Arc::new(config));
+                Ok(())
+            }
+            Err(e) => {
+                error!(error = %e, "TLS certificate not reloaded, still serving the previous one");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Builds the rustls server configuration of `files`: HTTP/1.1 (ALPN `http/1.1`), TLS 1.2 and
+/// 1.3, aws-lc's safe defaults, no client certificates. rustls checks that the key belongs to
+/// the leaf certificate.
+pub fn server_config(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError> {
+    let certs = read_certs(&files.cert)?;
+    let key = read_key(&files.key)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(format!("TLS protocol versions: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs.clone(), key)
+        .map_err(|e| {
+            let why = match e {
+                rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                    "the private key does not belong to the certificate".to_owned()
+                }
+                e => e.to_string(),
+            };
+            TlsError::Rustls(format!(
+                "TLS certificate {} with key {}: {why}",
+                files.cert.display(),
+                files.key.display()
+            ))
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    info!(
+        cert = %files.cert.display(),
+        key = %files.key.display(),
+        chain = certs.len(),
+        leaf_bytes = certs.first().map_or(0, |c| c.len()),
+        "TLS certificate loaded"
+    );
+    Ok(config)
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bad = |e: &dyn fmt::Display| {
+        TlsError::Files(format!("TLS certificate file {}: {e}", path.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&e))?;
+    if certs.is_empty() {
+        return Err(bad(&"no CERTIFICATE in it"));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| TlsError::Files(format!("TLS key file {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn missing() -> TlsFiles {
+        TlsFiles { cert: "/nonexistent/cert.pem".into(), key: "/nonexistent/key.pem".into() }
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let e = Tls::from_files(missing()).expect_err("no files");
+        assert!(e.to_string().contains("/nonexistent/cert.pem"), "{e}");
+    }
+
+    #[test]
+    fn a_file_without_certificates_is_refused() {
+        let dir = std::env::temp_dir().join(format!("whep-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let cert = dir.join("cert.pem");
+        std::fs::write(&cert, "not a certificate\n").expect("write");
+        let files = TlsFiles { cert, key: dir.join("key.pem") };
+        let e = server_config(&files).expect_err("no certificate");
+        assert!(e.to_string().contains("no CERTIFICATE"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reload_without_files_is_an_error() {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
+        let tls = Tls::new(Arc::new(config));
+        assert!(matches!(tls.reload(), Err(TlsError::NoFiles)));
+    }
+}
