@@ -80,9 +80,9 @@ async fn run(launch: Launch, signals: nix::sys::signal::SigSet) -> Result<(), St
             match smol::unblock(move || signals.wait()).await {
                 Ok(nix::sys::signal::Signal::SIGHUP) => {
                     info!("SIGHUP: reloading the TLS certificate");
-                    if let Some(tls) = &reload {
-                        // The outcome is logged by `reload`.
-                        let _ = tls.reload();
+                    if let Some(tls) = reload.clone() {
+                        // File reads, off the executor; the outcome is logged by `reload`.
+                        let _ = smol::unblock(move || tls.reload()).await;
                     }
                 }
                 Ok(sig) => return info!("{sig}: shutting down"),

@@ -102,8 +102,9 @@ fn reload_on_sighup(tls: Tls) -> Result<(), String> {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             info!("SIGHUP: reloading the TLS certificate");
-            // The outcome is logged by `reload`.
-            let _ = tls.reload();
+            // File reads, off the runtime's threads; the outcome is logged by `reload`.
+            let tls = tls.clone();
+            let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
         }
     });
     Ok(())

@@ -146,14 +146,104 @@ pub fn server_config(files: &TlsFiles) -> Result<rustls::ServerConfig, TlsError>
             ))
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let leaf = certs.first().and_then(|c| LeafSummary::parse(c));
     info!(
         cert = %files.cert.display(),
         key = %files.key.display(),
         chain = certs.len(),
-        leaf_bytes = certs.first().map_or(0, |c| c.len()),
+        subject = leaf.as_ref().map_or("?", |l| l.common_name.as_str()),
+        not_after = leaf.as_ref().map_or("?", |l| l.not_after.as_str()),
         "TLS certificate loaded"
     );
     Ok(config)
+}
+
+/// What the log says of a leaf certificate: its subject's common name and when it expires.
+#[derive(Debug, PartialEq, Eq)]
+struct LeafSummary {
+    /// The subject's CN (empty when it has none).
+    common_name: String,
+    /// `notAfter` as `YYYY-MM-DD HH:MM:SS UTC`.
+    not_after: String,
+}
+
+impl LeafSummary {
+    /// Reads the subject CN and `notAfter` from an X.509 certificate (DER) that rustls
+    /// accepted: `Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    /// serial, signature, issuer, validity SEQUENCE { notBefore, notAfter }, subject, .. } .. }`.
+    /// `None` for anything else; only the log line depends on it.
+    fn parse(der: &[u8]) -> Option<Self> {
+        let (0x30, cert, _) = tlv(der)? else { return None };
+        let (0x30, tbs, _) = tlv(cert)? else { return None };
+        let (tag, _, mut rest) = tlv(tbs)?;
+        if tag == 0xa0 {
+            rest = tlv(rest)?.2; // the version came first; skip the serial number
+        }
+        let (_, _, rest) = tlv(rest)?; // signature algorithm
+        let (_, _, rest) = tlv(rest)?; // issuer
+        let (0x30, validity, rest) = tlv(rest)? else { return None };
+        let (0x30, subject, _) = tlv(rest)? else { return None };
+        let (_, _, validity) = tlv(validity)?; // notBefore
+        let (tag, not_after, _) = tlv(validity)?;
+        Some(Self { common_name: common_name(subject)?, not_after: time(tag, not_after)? })
+    }
+}
+
+/// One DER element of `input`: its tag, contents and what follows it.
+fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let (bytes, rest) = rest.split_at_checked(usize::from(first & 0x7f))?;
+        if bytes.is_empty() || bytes.len() > 4 {
+            return None;
+        }
+        (bytes.iter().fold(0, |len, &b| (len << 8) | usize::from(b)), rest)
+    };
+    let (contents, rest) = rest.split_at_checked(len)?;
+    Some((tag, contents, rest))
+}
+
+/// The CN of a `Name` (a SEQUENCE of SETs of `{ type OID, value }`); empty when none.
+fn common_name(mut name: &[u8]) -> Option<String> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    while !name.is_empty() {
+        let (_, set, rest) = tlv(name)?;
+        name = rest;
+        let (_, attribute, _) = tlv(set)?;
+        let (0x06, oid, value) = tlv(attribute)? else { return None };
+        if oid == CN {
+            return Some(String::from_utf8_lossy(tlv(value)?.1).into_owned());
+        }
+    }
+    Some(String::new())
+}
+
+/// A UTCTime (tag 23, `YYMMDDHHMMSSZ`, years 1950-2049) or GeneralizedTime (tag 24,
+/// `YYYYMMDDHHMMSSZ`) as `YYYY-MM-DD HH:MM:SS UTC`.
+fn time(tag: u8, value: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(value).ok()?;
+    let digits = text.strip_suffix('Z')?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let full = match (tag, digits.len()) {
+        (23, 12) => format!("{}{digits}", if digits < "50" { "20" } else { "19" }),
+        (24, 14) => digits.to_owned(),
+        _ => return None,
+    };
+    let f = |r: std::ops::Range<usize>| full.get(r);
+    Some(format!(
+        "{}-{}-{} {}:{}:{} UTC",
+        f(0..4)?,
+        f(4..6)?,
+        f(6..8)?,
+        f(8..10)?,
+        f(10..12)?,
+        f(12..14)?
+    ))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -199,6 +289,36 @@ mod tests {
         let e = server_config(&files).expect_err("no certificate");
         assert!(e.to_string().contains("no CERTIFICATE"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `openssl req -x509 -subj "/O=Example/CN=live.example.org" -days 3650` (P-256).
+    const CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBrjCCAVWgAwIBAgIUP+S4JCB2Dr8temq/5zhSXRrdzhwwCgYIKoZIzj0EAwIw
+LTEQMA4GA1UECgwHRXhhbXBsZTEZMBcGA1UEAwwQbGl2ZS5leGFtcGxlLm9yZzAe
+Fw0yNjEyMDMwNzA3MTZaFw0zNjExMzAwNzA3MTZaMC0xEDAOBgNVBAoMB0V4YW1w
+bGUxGTAXBgNVBAMMEGxpdmUuZXhhbXBsZS5vcmcwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAASCnu9lZIjRARdYyKB9HeOwCj6lxfKH4TVD7N0HoKwEYVE8uwHzKfLl
+s42t85/EvwCX6QViruPfSi0SGTDfjms9o1MwUTAdBgNVHQ4EFgQUn8dUI2jxKayB
+jvlgvtF0YIIJSfYwHwYDVR0jBBgwFoAUn8dUI2jxKayBjvlgvtF0YIIJSfYwDwYD
+VR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNHADBEAiAiIDuW2L/2rovAppQeTXGS
+uhPKWerqxTh5kD8/L0ejgwIgeg7XIMmSP5fmTI8IdrYUrebJN1rmTAM5Hf2Pu4/w
+I1c=
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn the_log_names_the_subject_and_expiry() {
+        let der = CertificateDer::from_pem_slice(CERT.as_bytes()).expect("PEM");
+        let leaf = LeafSummary::parse(&der).expect("parsed");
+        assert_eq!(leaf.common_name, "live.example.org");
+        assert_eq!(leaf.not_after, "2036-11-30 07:07:16 UTC");
+        // Truncated or garbled input is no summary, never a panic.
+        for cut in 0..der.len() {
+            let _ = LeafSummary::parse(&der[..cut]);
+        }
+        assert_eq!(LeafSummary::parse(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(time(23, b"991231235959Z").as_deref(), Some("1999-12-31 23:59:59 UTC"));
+        assert_eq!(time(24, b"20500101000000Z").as_deref(), Some("2050-01-01 00:00:00 UTC"));
     }
 
     #[test]
