@@ -75,6 +75,17 @@ async fn run(launch: Launch, signals: nix::sys::signal::SigSet) -> Result<(), St
         }
     }
     let reload = tls.clone();
+    if let Some(tls) = tls.clone() {
+        // Reloads the certificate when its files change (and SIGHUP below, at once).
+        smol::spawn(async move {
+            loop {
+                smol::Timer::after(whep_server::tls::WATCH_INTERVAL).await;
+                let tls = tls.clone();
+                let _ = smol::unblock(move || tls.reload_if_changed()).await;
+            }
+        })
+        .detach();
+    }
     let shutdown = async move {
         loop {
             match smol::unblock(move || signals.wait()).await {

@@ -94,17 +94,30 @@ fn scheme(line: String, tls: bool) -> String {
     if tls { cli::over_tls(&line) } else { line }
 }
 
-/// Re-reads the certificate on every SIGHUP, for connections accepted after it.
+/// Re-reads the certificate on every SIGHUP, and when its files change, for connections
+/// accepted after it.
 fn reload_on_sighup(tls: Tls) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())
         .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
     tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            info!("SIGHUP: reloading the TLS certificate");
-            // File reads, off the runtime's threads; the outcome is logged by `reload`.
+        let mut watch = tokio::time::interval(whep_server::tls::WATCH_INTERVAL);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
             let tls = tls.clone();
-            let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
+            // File reads, off the runtime's threads; the outcome is logged by `reload`.
+            tokio::select! {
+                hup = hup.recv() => {
+                    if hup.is_none() {
+                        return;
+                    }
+                    info!("SIGHUP: reloading the TLS certificate");
+                    let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
+                }
+                _ = watch.tick() => {
+                    let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
+                }
+            }
         }
     });
     Ok(())

@@ -6,11 +6,15 @@
 //! configuration once, for its handshake; [`Tls::reload`] (whepd calls it on SIGHUP) re-reads
 //! the files and, when they are good, has every later connection use them. Connections already
 //! open, and every viewer (their media is UDP, not HTTP), are untouched. A bad file keeps the
-//! previous certificate and logs an error.
+//! previous certificate and logs an error. [`Tls::reload_if_changed`], which whepd calls every
+//! [`WATCH_INTERVAL`], does the same once the files have changed and then stayed unchanged for
+//! one interval (so that a renewal caught half-written is not loaded).
 
 use std::fmt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -19,6 +23,10 @@ use tracing::{error, info};
 /// The rustls version the runtimes serve with, for an application that builds its own
 /// [`rustls::ServerConfig`] for [`Tls::new`].
 pub use rustls;
+
+/// How often whepd looks at the certificate and key files for a change
+/// ([`Tls::reload_if_changed`]).
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The certificate chain and private key files (PEM) of `--tls-cert` and `--tls-key`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +71,25 @@ pub struct Tls {
 struct Inner {
     files: Option<TlsFiles>,
     current: RwLock<Arc<rustls::ServerConfig>>,
+    stamps: Mutex<Stamps>,
+}
+
+/// What the files looked like (modification time, size, inode; `None` when unreadable), cert
+/// then key: when last loaded, and at the last look.
+#[derive(Debug, Default)]
+struct Stamps {
+    loaded: [Option<Stamp>; 2],
+    seen: [Option<Stamp>; 2],
+}
+
+type Stamp = (Option<std::time::SystemTime>, u64, u64);
+
+fn stamps(files: &TlsFiles) -> [Option<Stamp>; 2] {
+    [&files.cert, &files.key].map(|path| {
+        // Follows symbolic links: Let's Encrypt's `live/` names link to the current files.
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok(), meta.len(), meta.ino()))
+    })
 }
 
 impl fmt::Debug for Tls {
@@ -74,15 +101,18 @@ impl fmt::Debug for Tls {
 impl Tls {
     /// Loads `files` (logging which certificate is in use), to be re-read by [`Tls::reload`].
     pub fn from_files(files: TlsFiles) -> Result<Self, TlsError> {
+        let now = stamps(&files);
         let config = server_config(&files)?;
         let current = RwLock::new(Arc::new(config));
-        Ok(Self { inner: Arc::new(Inner { files: Some(files), current }) })
+        let stamps = Mutex::new(Stamps { loaded: now, seen: now });
+        Ok(Self { inner: Arc::new(Inner { files: Some(files), current, stamps }) })
     }
 
     /// Serves an application's own rustls configuration (its ALPN list should offer
     /// `http/1.1`, the only protocol served); [`Tls::set`] replaces it.
     pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
-        Self { inner: Arc::new(Inner { files: None, current: RwLock::new(config) }) }
+        let (current, stamps) = (RwLock::new(config), Mutex::default());
+        Self { inner: Arc::new(Inner { files: None, current, stamps }) }
     }
 
     /// The configuration for a connection being accepted now.
@@ -107,6 +137,9 @@ impl Tls {
         let Some(files) = &self.inner.files else {
             return Err(TlsError::NoFiles);
         };
+        let now = stamps(files);
+        *self.inner.stamps.lock().unwrap_or_else(PoisonError::into_inner) =
+            Stamps { loaded: now, seen: now };
         match server_config(files) {
             Ok(config) => {
                 self.set(Arc::new(config));
@@ -117,6 +150,27 @@ impl Tls {
                 Err(e)
             }
         }
+    }
+}
+
+impl Tls {
+    /// [`Tls::reload`] when the files changed (modification time, size or inode) since they
+    /// were last loaded and have not changed since the previous call; `None` when nothing was
+    /// done. Call it every [`WATCH_INTERVAL`] or so: a change is loaded one to two intervals
+    /// after it, and one whose files are still being written waits until they settle.
+    pub fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
+        let files = self.inner.files.as_ref()?;
+        let now = stamps(files);
+        {
+            let mut stamps = self.inner.stamps.lock().unwrap_or_else(PoisonError::into_inner);
+            let settled = now == stamps.seen;
+            stamps.seen = now;
+            if !settled || now == stamps.loaded {
+                return None;
+            }
+        }
+        info!(cert = %files.cert.display(), "TLS certificate files changed: reloading");
+        Some(self.reload())
     }
 }
 
@@ -322,14 +376,40 @@ I1c=
     }
 
     #[test]
-    fn reload_without_files_is_an_error() {
+    fn a_change_is_reloaded_once_settled() {
+        let dir = std::env::temp_dir().join(format!("whep-tls-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let files = TlsFiles { cert: dir.join("cert.pem"), key: dir.join("key.pem") };
+        std::fs::write(&files.cert, CERT).expect("write");
+        std::fs::write(&files.key, "key").expect("write");
+        let tls = Tls {
+            inner: Arc::new(Inner {
+                current: RwLock::new(Arc::new(unusable_config())),
+                stamps: Mutex::new(Stamps { loaded: stamps(&files), seen: stamps(&files) }),
+                files: Some(files.clone()),
+            }),
+        };
+        assert!(tls.reload_if_changed().is_none(), "nothing changed");
+        std::fs::write(&files.key, "another key").expect("write");
+        assert!(tls.reload_if_changed().is_none(), "not settled yet");
+        let tried = tls.reload_if_changed().expect("settled: reloaded");
+        assert!(tried.is_err(), "the key is no key");
+        assert!(tls.reload_if_changed().is_none(), "tried once per change");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn unusable_config() -> rustls::ServerConfig {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("versions")
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
-        let tls = Tls::new(Arc::new(config));
+            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()))
+    }
+
+    #[test]
+    fn reload_without_files_is_an_error() {
+        let tls = Tls::new(Arc::new(unusable_config()));
         assert!(matches!(tls.reload(), Err(TlsError::NoFiles)));
     }
 }
