@@ -1,26 +1,39 @@
 #!/usr/bin/env bash
-# Time to the first frame in headless Chromium and/or headless Firefox ESR, joining a running
-# whepd's demo stream N times at random points of its GOP: POST to the first decoded frame (the
-# player page's `firstFrameMs`, stats polled every 10 ms) and, in Chromium, to the first frame on
-# screen (`firstPresentedMs`, requestVideoFrameCallback). Chromium gets the
-# H264 rendition, Debian's Firefox (no OpenH264) the VP8 one. With `--browser both` each run
-# starts Chromium, then Firefox, so that both see the same machine load.
+# Time to the first frame in headless Chromium, headless Firefox ESR, GStreamer webrtcbin and/or
+# aiortc, joining a running whepd's demo stream N times at random points of its GOP: POST to the
+# first decoded frame (the player page's `firstFrameMs`, stats polled every 10 ms; the
+# `first_frame_ms` of tests/clients/gst_whep.py and aiortc_whep.py, counted when the decoder
+# hands out the frame) and, in Chromium, to the first frame on screen (`firstPresentedMs`,
+# requestVideoFrameCallback). Chromium, GStreamer and aiortc get the H264 rendition, Debian's
+# Firefox (no OpenH264) and aiortc-vp8 the VP8 one. With several players each run starts them
+# in turn, so that all see the same machine load.
 #
-#   bash scripts/first-frame.sh [--browser chromium|firefox|both] [N] [whepd flags...]
-#   # e.g. 10, or 6 --no-gop-cache, or --browser both 5
+#   bash scripts/first-frame.sh [--browser LIST] [N] [whepd flags...]
+#   # LIST: comma-separated chromium, firefox, gst-max-bundle, gst-max-compat, aiortc,
+#   # aiortc-vp8 (both = chromium,firefox); e.g. 10, or 6 --no-gop-cache, or --browser both 5,
+#   # or --browser gst-max-bundle,gst-max-compat,aiortc 5
 #
 # Needs root, the release binaries (cargo build --release -p whep-e2e --bins; WHEPD=path picks
-# another whepd) and chromium / firefox-esr. The browsers run in a network namespace the script
-# makes (a veth pair in 10.78.0.0/16) and removes, the server on its host-side address: Firefox
-# gathers no loopback candidate, and traffic stays on the pair.
+# another whepd), chromium / firefox-esr, Debian's GStreamer with python3-gi, and for aiortc the
+# virtual environment scripts/test.sh makes ($HOME/.cache/whep-venv, WHEP_VENV overrides). The
+# players run in a network namespace the script makes (a veth pair in 10.78.0.0/16) and
+# removes, the server on its host-side address: Firefox and libnice gather no loopback
+# candidate, and traffic stays on the pair.
 set -euo pipefail
 browsers=chromium
 if [[ ${1:-} == --browser ]]; then
-    case ${2:-} in
-    chromium | firefox) browsers=$2 ;;
-    both) browsers="chromium firefox" ;;
-    *) echo "--browser chromium|firefox|both" >&2; exit 2 ;;
-    esac
+    browsers=${2:-}
+    [[ $browsers == both ]] && browsers=chromium,firefox
+    browsers=${browsers//,/ }
+    for b in $browsers; do
+        case $b in
+        chromium | firefox | gst-max-bundle | gst-max-compat | aiortc | aiortc-vp8) ;;
+        *)
+            echo "--browser chromium|firefox|both|gst-max-bundle|gst-max-compat|aiortc|aiortc-vp8[,...]" >&2
+            exit 2
+            ;;
+        esac
+    done
     shift 2
 fi
 n=${1:-10}
@@ -95,12 +108,36 @@ EOF
         --profile "$profile" "$url"
 }
 
+clients=$(cd "$(dirname "$0")/../tests/clients" && pwd)
+venv=${WHEP_VENV:-$HOME/.cache/whep-venv}
+whep="http://$net.1:$port/whep/demo"
+
+# The Python players (tests/clients): they print a `[WHEP] PASS ... first_frame_ms=...` line.
+player_verdict() {
+    case $1 in
+    gst-*) verdict_of ip netns exec "$ns" /usr/bin/python3 "$clients/gst_whep.py" "$whep" \
+        --bundle "${1#gst-}" --timeout 30 ;;
+    aiortc) verdict_of ip netns exec "$ns" "$venv/bin/python" "$clients/aiortc_whep.py" "$whep" \
+        --codec h264 --timeout 30 ;;
+    aiortc-vp8) verdict_of ip netns exec "$ns" "$venv/bin/python" "$clients/aiortc_whep.py" \
+        "$whep" --codec vp8 --timeout 30 ;;
+    esac
+}
+
+verdict_for() {
+    case $1 in
+    chromium) chromium_verdict "$2" ;;
+    firefox) firefox_verdict "$2" ;;
+    *) player_verdict "$1" ;;
+    esac
+}
+
 declare -A decoded presented
 for i in $(seq 1 "$n"); do
     for b in $browsers; do
         sleep "$((RANDOM % 2)).$((RANDOM % 10))" # somewhere in the 2 s GOP
-        verdict=$("${b}_verdict" "$i")
-        d=$(sed -nE 's/.*firstFrameMs=([0-9]+).*/\1/p' <<<"$verdict")
+        verdict=$(verdict_for "$b" "$i")
+        d=$(sed -nE 's/.*(firstFrameMs|first_frame_ms)=([0-9]+).*/\2/p' <<<"$verdict")
         p=$(sed -nE 's/.*firstPresentedMs=([0-9?]+).*/\1/p' <<<"$verdict")
         c=$(sed -nE 's/.*codec=([^ ,]+).*/\1/p' <<<"$verdict")
         echo "run $i $b: decoded ${d:-?} ms, on screen ${p:-?} ms, codec ${c:-?}"
@@ -116,5 +153,8 @@ summary() {
 }
 for b in $browsers; do
     summary "$b: POST to first decoded frame" ${decoded[$b]:-}
-    summary "$b: POST to first frame on screen" ${presented[$b]:-}
+    # Only the player page in Chromium reports when the frame reached the screen.
+    if [[ $b == chromium ]]; then
+        summary "$b: POST to first frame on screen" ${presented[$b]:-}
+    fi
 done

@@ -3,13 +3,15 @@
 #
 #   bash scripts/test.sh
 #
-# It installs what the tests need when it is missing (FFmpeg, Chromium and Firefox ESR from
-# Debian's packages, with apt-get as root or through sudo), then: rustfmt check, the core's
-# purity check (no async runtime, socket or process crate in whep-core's normal dependencies),
-# clippy with warnings denied, rustdoc with warnings denied, and every test (unit, simulation,
-# property, doc, and the end-to-end suite with real FFmpeg, real sockets, str0m viewers, headless
-# Chromium and headless Firefox), and finally every fuzz target for a short bounded time
-# (cargo-fuzz on stable via RUSTC_BOOTSTRAP=1, see scripts/fuzz.sh).
+# It installs what the tests need when it is missing (FFmpeg, Chromium, Firefox ESR and
+# GStreamer with its Python bindings from Debian's packages, with apt-get as root or through
+# sudo; aiortc from PyPI in a virtual environment at $HOME/.cache/whep-venv), then: rustfmt
+# check, the core's purity check (no async runtime, socket or process crate in whep-core's normal
+# dependencies), clippy with warnings denied, rustdoc with warnings denied, and every test (unit,
+# simulation, property, doc, and the end-to-end suite with real FFmpeg, real sockets, str0m
+# viewers, headless Chromium and Firefox, GStreamer and aiortc players), and finally every fuzz
+# target for a short bounded time (cargo-fuzz on stable via RUSTC_BOOTSTRAP=1, see
+# scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/whep-target}"
@@ -21,6 +23,16 @@ missing=()
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || missing+=(chromium)
 [ -x "${FIREFOX:-/usr/bin/firefox-esr}" ] || missing+=(firefox-esr)
+# GStreamer's webrtcbin through Python GObject (tests/clients/gst_whep.py), openssl for its
+# ECDSA certificate, the venv module for aiortc, ip for the players' network namespaces.
+for p in gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+    gstreamer1.0-plugins-bad gstreamer1.0-nice gstreamer1.0-libav python3-gi \
+    gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0 openssl \
+    python3-venv iproute2; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+# tests/tests/tcp.rs drops a namespace's UDP with an nftables rule (Netns::drop_udp_to).
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing: ${missing[*]}"
     sudo=""
@@ -32,6 +44,16 @@ fi
 ffmpeg -hide_banner -version | head -n 1
 "${CHROMIUM:-/usr/bin/chromium}" --version 2>/dev/null | head -n 1 || true
 "${FIREFOX:-/usr/bin/firefox-esr}" --version 2>/dev/null | head -n 1 || true
+gst-launch-1.0 --version | sed -n 2p
+
+step "aiortc in a virtual environment (tests/clients/requirements.txt)"
+venv="${WHEP_VENV:-$HOME/.cache/whep-venv}"
+if ! cmp -s tests/clients/requirements.txt "$venv/.whep-requirements"; then
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r tests/clients/requirements.txt
+    cp tests/clients/requirements.txt "$venv/.whep-requirements"
+fi
+"$venv/bin/python" -c 'import aiortc; print("aiortc", aiortc.__version__)'
 
 step "rustfmt"
 cargo fmt --all -- --check

@@ -15,6 +15,28 @@ use str0m::crypto::dtls::{
 };
 use str0m::crypto::{CryptoError, CryptoProvider};
 
+/// What a DTLS failure most likely means for the player, when its error text (str0m's
+/// `RtcError` display, which carries dimpl's) names a known cause.
+///
+/// dimpl 0.9, str0m 0.25's DTLS, asks the client for an ECDSA certificate only (its
+/// CertificateRequest lists `ecdsa_sign` alone) and verifies only ECDSA signatures. A client
+/// whose certificate is RSA (GStreamer 1.22's webrtcbin makes an RSA-2048 one) then sends an
+/// empty certificate list, dimpl answers with a fatal `handshake_failure` alert and fails with
+/// "no client certificate received"; a client that sends its RSA certificate anyway fails on
+/// the missing EC parameters. The only DTLS backend of str0m 0.25 that resolves from crates.io
+/// (aws-lc-rs) is dimpl; see the README's "GStreamer's certificate" for how such a player plays
+/// and what RSA on the server would take.
+pub fn failure_hint(error: &str) -> Option<&'static str> {
+    const RSA: &str = "the client's DTLS certificate is probably RSA, which this server's DTLS \
+                       (dimpl 0.9 under str0m 0.25) does not accept; the client must use an \
+                       ECDSA (P-256) certificate";
+    let error = error.to_ascii_lowercase();
+    ["no client certificate received", "missing ec curve parameter", "invalid subject public key"]
+        .iter()
+        .any(|cause| error.contains(cause))
+        .then_some(RSA)
+}
+
 /// str0m's default crypto provider (aws-lc-rs) with [`CachedDtls`] for DTLS, one for the
 /// process: pass it to `RtcConfig::set_crypto_provider` for any str0m peer (the core's
 /// viewers, the simulation's and `whep-load`'s players).
@@ -133,6 +155,20 @@ impl DtlsInstance for Instance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_rsa_client_certificate_gets_a_hint() {
+        // str0m's text for dimpl's error when the client sent no (ECDSA) certificate.
+        let hint = failure_hint("DTLS error: certificate error: no client certificate received")
+            .expect("a hint");
+        assert!(hint.contains("RSA") && hint.contains("ECDSA"), "{hint}");
+        assert!(
+            failure_hint("DTLS error: crypto error: missing EC curve parameter in certificate")
+                .is_some()
+        );
+        assert_eq!(failure_hint("DTLS error: timeout: handshake"), None);
+        assert_eq!(failure_hint("DTLS error: unexpected message: UnexpectedEpoch"), None);
+    }
 
     #[test]
     fn the_config_is_built_once_per_mtu() {

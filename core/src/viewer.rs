@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use str0m::change::SdpOffer;
 use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::media::{MediaKind, Mid, Pt};
-use str0m::net::{DatagramRecv, Protocol, Receive};
+use str0m::net::{DatagramRecv, Protocol, Receive, TcpType};
 use str0m::rtp::{Extension, ExtensionMap, RtpWrite, SeqNo, Ssrc};
 use str0m::{Candidate, IceCreds};
 use str0m::{Event as RtcEvent, IceConnectionState, Input as RtcInput, Output as RtcOutput, Rtc};
@@ -22,8 +22,9 @@ use crate::packet::SourcePacket;
 use crate::path::{self, Path};
 use crate::resend::{ResendBudget, Verdict};
 use crate::sdp::{self, OfferSummary};
+use crate::tcp::{self, ConnId};
 use crate::whep::Reject;
-use crate::{Output, Transmit};
+use crate::{Output, Transmit, Transport};
 
 /// A frame's length at 90 kHz and 30 fps: how far a rendition switch moves the timestamp.
 const FRAME_TICKS: u32 = 3000;
@@ -120,9 +121,12 @@ pub(crate) enum ViewerNews {
     /// The viewer's retransmissions exceeded their share: its retransmission cache is off
     /// for a while.
     ResendsSuspended,
-    /// A receiver report of its video: the fraction lost since the last one.
+    /// A receiver report of its video: the fraction lost since the last one, and the rate
+    /// its video was sent at meanwhile (bytes per second, retransmissions included; `None` for
+    /// the first).
     Report {
         lost: f32,
+        sent_rate: Option<u64>,
     },
     /// It moved to another rendition (at that rendition's keyframe).
     Switched {
@@ -194,6 +198,9 @@ pub(crate) struct Viewer {
     pub(crate) unconnected_client: Option<IpAddr>,
     /// Remote ICE candidates given to str0m in this ICE generation (offer and PATCHes).
     pub(crate) remote_candidates: usize,
+    /// The addresses of its relayed (TURN) candidates, from its offer and PATCHes: media sent
+    /// to one of them goes through a relay (for `/metrics`' split by transport).
+    pub(crate) relays: Vec<SocketAddr>,
     pub(crate) keyframe_requests: u64,
     /// The viewer asked for a keyframe that the GOP cache will answer
     /// ([`CoreConfig::cached_keyframe_interval`](crate::CoreConfig::cached_keyframe_interval)), at the
@@ -216,6 +223,11 @@ pub(crate) struct Viewer {
     /// Its video is paced ([`LivePacing`]) since its reports showed loss, holding back at
     /// most this many packets; `None` while they have not.
     pub(crate) pacing: Option<(LivePacing, usize)>,
+    /// TCP connections bound to this viewer (ICE-TCP): the viewer's end of each, and the
+    /// runtime's name for it. At most [`CoreConfig::max_viewer_addresses`](crate::CoreConfig).
+    pub(crate) tcp: Vec<(SocketAddr, ConnId)>,
+    /// Its DTLS and media last went over TCP (for `/metrics`' split by transport).
+    pub(crate) media_tcp: bool,
 }
 
 /// A viewer's place on its stream's bitrate ladder (renditions of one codec): the rendition it
@@ -245,7 +257,19 @@ pub(crate) struct Ladder {
     /// needs ([`CLEAN_UP`] up to [`CLEAN_UP_MAX`]), so that a link that only just fails to
     /// carry the upper rung is not probed every ten seconds.
     failed_probes: u8,
+    /// Video bytes sent to the viewer (str0m's count) at its last stats, and when.
+    sent: Option<(u64, Instant)>,
+    /// What the path delivered when it last lost heavily (bytes per second: the rate sent
+    /// then, less the fraction lost), and when: more than it carries. A move up to a rung
+    /// that needs more is not tried until [`CEILING_AGE`] has passed.
+    ceiling: Option<(u64, Instant)>,
 }
+
+/// How long a path's measured ceiling ([`Ladder::note_delivery`]) holds moves up back.
+pub(crate) const CEILING_AGE: Duration = Duration::from_secs(30);
+
+/// The share of a path's ceiling a rung may need for a move up to it to be tried.
+pub(crate) const CEILING_HEADROOM: f64 = 0.85;
 
 /// Fraction lost in a receiver report that, twice in a row, moves a viewer down a rung.
 pub(crate) const LOSS_DOWN: f32 = 0.08;
@@ -308,6 +332,32 @@ impl Ladder {
 }
 
 impl Ladder {
+    /// Notes what a report says the path delivered: under heavy loss (at or above
+    /// [`LOSS_DOWN`]), the rate sent less the fraction lost is about what the path carries.
+    pub(crate) fn note_delivery(&mut self, lost: f32, sent_rate: Option<u64>, now: Instant) {
+        if let Some(rate) = sent_rate.filter(|_| lost >= LOSS_DOWN) {
+            let delivered = (rate as f64 * f64::from(1.0 - lost.clamp(0.0, 1.0))) as u64;
+            self.ceiling = Some((delivered, now));
+        }
+    }
+
+    /// Whether a move up to a rung that needs `rate` bytes per second is held back by the
+    /// path's measured ceiling; if so the move up is dropped (not counted as a probe).
+    pub(crate) fn ceiling_blocks(&mut self, rate: u64, now: Instant) -> bool {
+        let Some((ceiling, at)) = self.ceiling else {
+            return false;
+        };
+        if now.saturating_duration_since(at) >= CEILING_AGE {
+            self.ceiling = None;
+            return false;
+        }
+        let blocks = rate as f64 > ceiling as f64 * CEILING_HEADROOM;
+        if blocks {
+            self.probed = None;
+        }
+        blocks
+    }
+
     /// It just moved (to another rendition, or to keyframes only): the next [`SETTLE`] of
     /// reports are not about where it is now.
     pub(crate) fn settle(&mut self, now: Instant) {
@@ -363,6 +413,7 @@ pub(crate) struct Seat {
     pub(crate) remote_creds: (String, String),
     pub(crate) unconnected_client: Option<IpAddr>,
     pub(crate) remote_candidates: usize,
+    pub(crate) relays: Vec<SocketAddr>,
     /// When it is closed unless it sends an ICE check (see [`Viewer::checked`]).
     pub(crate) deadline: Instant,
     pub(crate) now: Instant,
@@ -404,6 +455,16 @@ impl Answered {
                     rtc.add_local_candidate(c);
                 }
                 Err(e) => warn!(%addr, error = %e, "unusable host candidate"),
+            }
+        }
+        // ICE-TCP: passive candidates (the viewer connects), with str0m's lower type
+        // preference for TCP host candidates (90 against UDP's 126): UDP wins where it works.
+        for addr in &config.tcp_candidates {
+            match Candidate::builder().tcp().host(*addr).tcptype(TcpType::Passive).build() {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => warn!(%addr, error = %e, "unusable TCP host candidate"),
             }
         }
         let sdp_offer =
@@ -518,6 +579,7 @@ impl Answered {
             checked: false,
             unconnected_client: seat.unconnected_client,
             remote_candidates: seat.remote_candidates,
+            relays: seat.relays,
             keyframe_requests: 0,
             keyframe_wanted: false,
             gop_sent_at: None,
@@ -528,6 +590,8 @@ impl Answered {
             resend: self.resend,
             path: Path::default(),
             pacing: None,
+            tcp: Vec::new(),
+            media_tcp: false,
         };
         (viewer, self.answer)
     }
@@ -575,6 +639,17 @@ impl Viewer {
                         continue;
                     }
                     self.path.on_transmit(t.destination, &t.contents);
+                    let transport = match t.proto {
+                        Protocol::Udp => Transport::Udp,
+                        _ => match self.tcp.iter().find(|(peer, _)| *peer == t.destination) {
+                            Some((_, conn)) => Transport::Tcp(*conn),
+                            // Its connection closed: nowhere to send.
+                            None => continue,
+                        },
+                    };
+                    if matches!(t.contents.first(), Some(20..=63 | 128..=191)) {
+                        self.media_tcp = transport != Transport::Udp;
+                    }
                     if let Some(r) = &mut self.resend
                         && let Verdict::Drop { suspend } = r.budget.on_transmit(&t.contents, now)
                     {
@@ -585,10 +660,18 @@ impl Viewer {
                         }
                         continue;
                     }
+                    let contents = match transport {
+                        Transport::Udp => t.contents.into(),
+                        Transport::Tcp(_) => match tcp::encode(&t.contents) {
+                            Some(framed) => framed,
+                            None => continue,
+                        },
+                    };
                     out.push_back(Output::Transmit(Transmit {
+                        transport,
                         source: t.source,
                         destination: t.destination,
-                        contents: t.contents.into(),
+                        contents,
                     }));
                 }
                 Ok(RtcOutput::Timeout(t)) => {
@@ -646,8 +729,13 @@ impl Viewer {
                 }
             }
             RtcEvent::MediaEgressStats(s) if s.mid == self.video.mid => {
+                let sent_rate =
+                    self.ladder.sent.replace((s.bytes, s.timestamp)).and_then(|(bytes, at)| {
+                        let secs = s.timestamp.saturating_duration_since(at).as_secs_f64();
+                        (secs > 0.0).then(|| (s.bytes.saturating_sub(bytes) as f64 / secs) as u64)
+                    });
                 if let Some(lost) = s.loss {
-                    news.push(ViewerNews::Report { lost });
+                    news.push(ViewerNews::Report { lost, sent_rate });
                 }
             }
             RtcEvent::KeyframeRequest(_) => {
@@ -1072,8 +1160,10 @@ impl Viewer {
     /// Nominates the pair the viewer's datagrams from `source` to our `destination` came on,
     /// with a USE-CANDIDATE check made with the session's credentials (see [`crate::path`]),
     /// and drains what follows (DTLS or media now on that path). False if str0m refused it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn nominate(
         &mut self,
+        proto: Protocol,
         source: SocketAddr,
         destination: SocketAddr,
         now: Instant,
@@ -1091,8 +1181,7 @@ impl Viewer {
         let Ok(contents) = DatagramRecv::try_from(&bytes[..]) else {
             return false;
         };
-        let input =
-            RtcInput::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
+        let input = RtcInput::Receive(now, Receive { proto, source, destination, contents });
         if !self.rtc.accepts(&input) {
             return false;
         }
@@ -1127,7 +1216,7 @@ impl Viewer {
         }
         self.path.candidate = None;
         self.path.heard_at = Some(now);
-        self.nominate(to, destination, now, grace, out, news)
+        self.nominate(Protocol::Udp, to, destination, now, grace, out, news)
     }
 
     /// Starts a graceful close (RTCP BYE, DTLS close_notify) and drains what it produces.

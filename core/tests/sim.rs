@@ -1527,11 +1527,11 @@ fn a_lossy_viewer_moves_down_the_ladder_at_a_keyframe_and_back_up_when_clean() {
     w.drive_until(8 * SEC, |w| w.core.metrics().rendition_switches >= 1);
     assert_eq!(w.core.metrics().rendition_switches, 1, "moved down");
     assert!(on(&w, 1), "on the 400 kbit/s rung");
-    // Clean again: back up after ten clean seconds.
+    // Clean again: back up once the ceiling its loss measured has aged (30 s).
     w.loss_every = 0;
     // Reports in flight may still be lossy: one more step down puts it on keyframes only,
     // and the first clean step up then resumes full video before the next moves it up.
-    w.drive_until(40 * SEC, |w| w.core.metrics().rendition_switches >= 2);
+    w.drive_until(60 * SEC, |w| w.core.metrics().rendition_switches >= 2);
     assert!(on(&w, 0), "back on the top rung");
     assert_keeps_playing(&mut w, v);
     // The renditions' RTP clocks have other origins, rebased at each switch: every new packet
@@ -1654,8 +1654,8 @@ fn a_lossy_viewers_video_is_paced_keyframes_spread_not_burst() {
     w.run_for(6 * SEC);
     let after = spread(&w, paced_from);
     assert!(after.len() >= 2, "{after:?}");
-    // At twice the stream's rate, a keyframe of K bytes takes about K / (2 × rate), less the
-    // bucket's 20 ms.
+    // At 1.5 times the stream's rate, a keyframe of K bytes takes about K / (1.5 × rate),
+    // less the bucket's 20 ms (asserted with room: at least half of that at twice the rate).
     for (d, k) in &after {
         let expect = Duration::from_secs_f64((*k as f64 / (2.0 * rate) - 0.02).max(0.0) / 2.0);
         assert!(*d >= expect, "keyframe of {k} B in {d:?} (rate {rate} B/s): {after:?}");
@@ -1745,7 +1745,7 @@ fn a_session_from_an_address_whose_last_moved_down_starts_on_that_rung_paced() {
     let paced = first_video_bytes(&w, again, Duration::from_millis(200));
     let unpaced = first_video_bytes(&w, other, Duration::from_millis(200));
     eprintln!("first 200 ms: {paced} B paced on the known rung, {unpaced} B for a new address");
-    // 400 kbit/s paced at twice its rate: about 20 kB in 200 ms; the usual prime sends the
+    // 400 kbit/s paced at 1.5 times its rate: about 15 kB in 200 ms; the usual prime sends the
     // keyframe and 64 KiB at once.
     assert!(paced < 30_000 && paced * 2 < unpaced, "{paced} B in the first 200 ms, {unpaced} B");
     assert_keeps_playing(&mut w, again);
@@ -1757,4 +1757,58 @@ fn without_path_memory_every_session_starts_on_the_top_rung() {
     let (w, _, _, demo) = a_session_from_an_address_whose_last_moved_down(None);
     assert_eq!(w.core.metrics().known_path_starts, 0);
     assert_eq!(w.core.stream(&demo).map(|s| s.renditions[0].viewers), Some(2));
+}
+
+/// A viewer moved down because its path lost a quarter of what it was sent stays down while
+/// that measurement is fresh (a move up needs more than the path then delivered: it would only
+/// lose again, freezing the picture each time), and tries again once it has aged.
+#[test]
+fn after_heavy_loss_a_move_up_waits_until_the_paths_ceiling_has_aged() {
+    let mut w = SimWorld::new(sim::config());
+    let mut config = StreamConfig::external();
+    config.egress.video_bitrate_kbps = Some(1500);
+    config.egress.renditions.push(Rendition::new(VideoCodec::H264, 400));
+    let demo = w.add_stream("demo", config, 60);
+    let (v, _) = w.join(&demo);
+    w.drive_until(8 * SEC, |w| w.viewers[v].video_packets > 100);
+    w.loss_every = 4;
+    w.drive_until(12 * SEC, |w| w.core.metrics().rendition_switches >= 1);
+    w.loss_every = 0;
+    let down = w.now;
+    let on = |w: &SimWorld, k: usize| w.core.stream(&demo).map(|s| s.renditions[k].viewers);
+    assert_eq!(on(&w, 1), Some(1));
+    // Clean for 25 s: without the ceiling it would move up after 10 s.
+    w.run_for(25 * SEC);
+    assert_eq!(on(&w, 1), Some(1), "moved up into the path that lost");
+    assert_eq!(w.core.metrics().rendition_switches, 1);
+    w.drive_until(30 * SEC, |w| on(w, 0) == Some(1));
+    assert_eq!(on(&w, 0), Some(1), "never tried the upper rung again");
+    assert!(w.now - down >= Duration::from_secs(30), "up after {:?}", w.now - down);
+    assert_keeps_playing(&mut w, v);
+}
+
+/// On the lowest rung and lossy still, a viewer gets keyframes only; clean again, it gets full
+/// video back at the next keyframe, even while the path's ceiling holds a move up back.
+#[test]
+fn keyframes_only_on_the_lowest_rung_ends_when_clean_whatever_the_ceiling() {
+    let mut w = SimWorld::new(sim::config());
+    let mut config = StreamConfig::external();
+    config.egress.video_bitrate_kbps = Some(1500);
+    config.egress.renditions.push(Rendition::new(VideoCodec::H264, 400));
+    let demo = w.add_stream("demo", config, 30);
+    let (v, _) = w.join(&demo);
+    w.drive_until(8 * SEC, |w| w.viewers[v].video_packets > 100);
+    w.loss_every = 3;
+    w.drive_until(20 * SEC, |w| w.core.metrics().keyframes_only >= 1);
+    assert_eq!(w.core.metrics().keyframes_only, 1, "keyframes only on the lowest rung");
+    w.loss_every = 0;
+    // Clean: full video again within the clean time and a GOP or two, long before the ceiling
+    // (30 s) lets it move up.
+    w.run_for(15 * SEC);
+    let before = w.viewers[v].video_packets;
+    w.run_for(SEC);
+    let per_second = w.viewers[v].video_packets - before;
+    assert!(per_second > 60, "still keyframes only: {per_second} packets in a second");
+    let on = |w: &SimWorld, k: usize| w.core.stream(&demo).map(|s| s.renditions[k].viewers);
+    assert_eq!(on(&w, 1), Some(1), "on the lower rung still");
 }

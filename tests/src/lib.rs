@@ -1,6 +1,7 @@
 //! End-to-end harness: runs a real server binary (any runtime's `whepd`) as a child process on
 //! loopback ports, with real FFmpeg, and talks to it over real HTTP and UDP with [`viewer`]s
-//! (str0m), a headless Chromium ([`chromium`]) or a headless Firefox ESR ([`firefox`]).
+//! (str0m), a headless Chromium ([`chromium`]), a headless Firefox ESR ([`firefox`]) or
+//! GStreamer and aiortc players ([`players`]).
 //!
 //! The suite in `tests/e2e.rs` is written once against [`Server`] and instantiated per runtime
 //! binary.
@@ -9,6 +10,7 @@ pub mod firefox;
 pub mod http;
 pub mod links;
 pub mod netns;
+pub mod players;
 pub mod relay;
 pub mod tls;
 pub mod viewer;

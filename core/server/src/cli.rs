@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::app::{AdminPolicy, RoutesConfig, ServerConfig, StreamSpec};
+use crate::app::{AdminPolicy, RoutesConfig, ServerConfig, StreamSpec, TcpListen};
 use crate::tls::TlsFiles;
 use whep_core::ratelimit::{Rate, RateLimits, RateSetting};
 use whep_core::{CoreConfig, IceServer, PrimePacing};
@@ -127,6 +127,17 @@ pub struct Cli {
     /// segmentation offload (GSO); for comparison and for NICs that mishandle GSO.
     #[arg(long)]
     no_gso: bool,
+    /// ICE-TCP listener for viewers that cannot use UDP (RFC 6544 passive candidates, advertised
+    /// below the UDP ones) [default: the UDP address, same port number].
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_tcp")]
+    tcp: Option<SocketAddr>,
+    /// No ICE-TCP listener: viewers need UDP.
+    #[arg(long)]
+    no_tcp: bool,
+    /// KiB a TCP viewer's send queue holds; beyond, whole frames are dropped and its video
+    /// restarts at a keyframe [default: 128].
+    #[arg(long, value_name = "KIB")]
+    tcp_queue_kib: Option<usize>,
 }
 
 /// The configuration file. Every field is optional.
@@ -137,6 +148,9 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     udp: Option<SocketAddr>,
+    /// `"off"`, or the listener's address.
+    tcp: Option<String>,
+    tcp_queue_kib: Option<usize>,
     candidates: Vec<SocketAddr>,
     ingest_ports: Option<String>,
     max_viewers_per_stream: Option<usize>,
@@ -372,8 +386,27 @@ fn settings(
         media_dirs,
         raw_ffmpeg: cli.admin_raw_ffmpeg || file.admin_raw_ffmpeg.unwrap_or(false),
     };
+    let tcp = if cli.no_tcp {
+        TcpListen::Off
+    } else if let Some(addr) = cli.tcp {
+        TcpListen::At(addr)
+    } else {
+        match file.tcp.as_deref().map(str::trim) {
+            None => TcpListen::SameAsUdp,
+            Some("off" | "false" | "no") => TcpListen::Off,
+            Some(a) => TcpListen::At(
+                a.parse().map_err(|_| format!("tcp = {a:?}: expected an address or \"off\""))?,
+            ),
+        }
+    };
+    let tcp_queue_kib = cli.tcp_queue_kib.or(file.tcp_queue_kib).unwrap_or(128);
+    if !(4..=65_536).contains(&tcp_queue_kib) {
+        return Err(format!("tcp_queue_kib {tcp_queue_kib}: expected 4 to 65536"));
+    }
     Ok(Launch {
         server: ServerConfig {
+            tcp,
+            tcp_queue_bytes: tcp_queue_kib * 1024,
             core,
             routes: RoutesConfig { admin_token: cli.admin_token.or(file.admin_token), policy },
             udp_bind: cli
@@ -496,6 +529,26 @@ mod tests {
             }
         };
         parse(std::iter::once("whepd").chain(args.iter().copied()), read).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn ice_tcp_is_on_next_to_udp_by_default_and_configurable() {
+        let s = setup_from(&[]).expect("valid");
+        assert_eq!(s.server.tcp, TcpListen::SameAsUdp);
+        assert_eq!(s.server.tcp_queue_bytes, 128 * 1024);
+        let s = setup_from(&["--no-tcp"]).expect("valid");
+        assert_eq!(s.server.tcp, TcpListen::Off);
+        let s = setup_from(&["--tcp", "0.0.0.0:443", "--tcp-queue-kib", "64"]).expect("valid");
+        assert_eq!(s.server.tcp, TcpListen::At(SocketAddr::from(([0, 0, 0, 0], 443))));
+        assert_eq!(s.server.tcp_queue_bytes, 64 * 1024);
+        let file = "tcp = \"off\"\ntcp_queue_kib = 256\n";
+        let s = setup_with(&["--config", "w.toml"], file).expect("valid");
+        assert_eq!((s.server.tcp, s.server.tcp_queue_bytes), (TcpListen::Off, 256 * 1024));
+        let s = setup_with(&["--config", "w.toml", "--tcp", "127.0.0.1:9"], file).expect("valid");
+        assert_eq!(s.server.tcp, TcpListen::At(SocketAddr::from(([127, 0, 0, 1], 9))));
+        assert!(setup_with(&["--config", "w.toml"], "tcp = \"nonsense\"").is_err());
+        assert!(setup_from(&["--tcp-queue-kib", "1"]).is_err());
+        assert!(setup_from(&["--tcp", "127.0.0.1:9", "--no-tcp"]).is_err());
     }
 
     #[test]

@@ -19,9 +19,10 @@ use crate::{CloseReason, Event, Output};
 use super::{Core, TimerKey};
 
 /// A paced viewer's video leaves at this multiple of its rendition's rate: room for the
-/// rendition's own peaks and for catching up after a keyframe, and still below a link that
-/// only just carries the rendition twice over.
-pub(super) const PACE_FACTOR: f64 = 2.0;
+/// rendition's own peaks and for catching up after a keyframe, and still leaving room for
+/// audio and retransmissions on a link that carries the rendition only twice over (at 2.0, a
+/// 400 kbit/s rung on a 1 Mbit/s link lost a fifth of its packets after keyframes).
+pub(super) const PACE_FACTOR: f64 = 1.5;
 
 /// How long a viewer must have played unpaced for its path to count as carrying the full rate
 /// ([`PathBook::forget`](crate::pathbook::PathBook::forget)).
@@ -112,7 +113,9 @@ impl Core {
                     self.metrics.bytes_retransmitted += bytes;
                     self.metrics.retransmissions_dropped += dropped;
                 }
-                ViewerNews::Report { lost } => self.climb(s, &stream, lost, now),
+                ViewerNews::Report { lost, sent_rate } => {
+                    self.climb(s, &stream, lost, sent_rate, now);
+                }
                 ViewerNews::Switched { to } => {
                     self.metrics.rendition_switches += 1;
                     debug!(session = %s, %stream, to, "viewer moved to another rendition");
@@ -228,7 +231,14 @@ impl Core {
     /// (one right after a move up), one up after ten clean seconds, longer after moves up that
     /// failed ([`Ladder::on_report`](crate::viewer::Ladder::on_report)); the switch itself
     /// happens at the target's keyframe.
-    fn climb(&mut self, s: SessionId, stream: &StreamId, lost: f32, now: Instant) {
+    fn climb(
+        &mut self,
+        s: SessionId,
+        stream: &StreamId,
+        lost: f32,
+        sent_rate: Option<u64>,
+        now: Instant,
+    ) {
         let Some(viewer) = self.viewers.get(&s) else {
             return;
         };
@@ -242,6 +252,7 @@ impl Core {
         let (Some(st), Some(viewer)) = (self.streams.get(stream), self.viewers.get_mut(&s)) else {
             return;
         };
+        viewer.ladder.note_delivery(lost, sent_rate, now);
         let Some(step) = viewer.ladder.on_report(lost, now) else {
             return;
         };
@@ -257,6 +268,17 @@ impl Core {
             Step::Up => rungs.filter(|(k, _)| kbps(*k) > mine).min_by_key(|(k, _)| kbps(*k)),
         };
         let l = &mut viewer.ladder;
+        // Up only to a rung the path's last measured ceiling leaves room for: on a link that
+        // lost most of what it was sent, a move up would only lose again.
+        // (Full video again after keyframes only is not a move up: always allowed.)
+        if let (Step::Up, Some((k, _))) = (step, next)
+            && !l.keyframes_only
+            && let Some(rate) = st.rendition_rate(k)
+            && l.ceiling_blocks(rate, now)
+        {
+            debug!(session = %s, %stream, to = k, rate, "move up held back by the path's ceiling");
+            return;
+        }
         match (step, next) {
             // Clean again after keyframes only: full video from the next keyframe first.
             (Step::Up, _) if l.keyframes_only => {
@@ -403,7 +425,15 @@ impl Core {
             && path::binding_request_tid(contents).is_some_and(|t| viewer.path.fresh_check(t));
         let mut news = std::mem::take(&mut self.news);
         if let Err(e) = viewer.rtc.handle_input(input) {
-            debug!(%session, error = %e, "datagram rejected");
+            let error = e.to_string();
+            if let Some(hint) = crate::dtls::failure_hint(&error) {
+                // The handshake is over (dimpl sent a fatal alert): close the session now
+                // rather than at the connect timeout, and say why once.
+                warn!(%session, stream = %viewer.stream, %error, "DTLS handshake failed: {hint}");
+                viewer.dead = true;
+            } else {
+                debug!(%session, %error, "datagram rejected");
+            }
         }
         viewer.drain(now, grace, &mut self.outputs, &mut news);
         let path = &mut viewer.path;
@@ -415,7 +445,15 @@ impl Core {
             // The viewer sends DTLS on the pair it selected: answer there now, not once its
             // nomination comes (a second later at 150 ms RTT).
             path.nominated_for_dtls = true;
-            if viewer.nominate(source, destination, now, grace, &mut self.outputs, &mut news) {
+            if viewer.nominate(
+                Protocol::Udp,
+                source,
+                destination,
+                now,
+                grace,
+                &mut self.outputs,
+                &mut news,
+            ) {
                 self.metrics.early_nominations += 1;
                 debug!(%session, %source, "nominated the pair the viewer's DTLS came on");
             }
@@ -462,6 +500,9 @@ impl Core {
             if self.by_addr.get(a) == Some(&s) {
                 self.by_addr.remove(a);
             }
+        }
+        for (_, conn) in &viewer.tcp {
+            self.close_tcp(*conn);
         }
         if self.by_ufrag.get(&viewer.local_ufrag) == Some(&s) {
             self.by_ufrag.remove(&viewer.local_ufrag);
@@ -515,7 +556,7 @@ impl Core {
 }
 
 /// Our ICE username fragment from a STUN binding request's USERNAME (`ours:theirs`).
-fn stun_local_ufrag(b: &[u8]) -> Option<&str> {
+pub(super) fn stun_local_ufrag(b: &[u8]) -> Option<&str> {
     const MAGIC: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
     if b.len() < 20 || b[0] & 0xc0 != 0 || b.get(4..8)? != MAGIC {
         return None;
