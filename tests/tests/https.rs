@@ -30,10 +30,18 @@ fn chromium_plays_over_https(bin: &str) {
     let mut server = start_tls(bin, &files, &ca);
     let health = server.request("GET", "/healthz", &[], b"");
     assert_eq!(health.status, 200, "GET /healthz over TLS: {}", health.text());
-    // Plain HTTP to the TLS port is no HTTP exchange.
-    let plain =
-        http::raw(server.http, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_secs(2));
-    assert!(plain.map_or(true, |r| r.status != 200), "plain HTTP served on the TLS port");
+    // Plain HTTP to the TLS port is no HTTP exchange, and each attempt's connection is closed.
+    let baseline = server.resources();
+    for _ in 0..20 {
+        let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        let plain = http::raw(server.http, request, Duration::from_secs(2));
+        assert!(plain.map_or(true, |r| r.status != 200), "plain HTTP served on the TLS port");
+    }
+    assert!(
+        whep_e2e::wait_until(Duration::from_secs(5), || server.resources().fds <= baseline.fds),
+        "failed handshakes left descriptors: {baseline:?} -> {:?}",
+        server.resources()
+    );
     let url = format!("https://{}/?stream=demo&test=1&frames=30&timeout=30", server.http);
     let flags = [format!("--ignore-certificate-errors-spki-list={}", files.spki_sha256())];
     let run = chromium::run_page_with(None, &url, Duration::from_secs(45), &flags);
