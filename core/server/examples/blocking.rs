@@ -140,6 +140,11 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
             "whepd-blocking runs one loop: --shards needs whepd (tokio) or whepd-smol".into()
         );
     }
+    if launch.tls.is_some() {
+        return Err(
+            "whepd-blocking serves plain HTTP: --tls-cert needs whepd (tokio) or whepd-smol".into(),
+        );
+    }
     let mut config = launch.server.core;
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut config.rng_seed))

@@ -14,6 +14,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::app::{AdminPolicy, RoutesConfig, ServerConfig, StreamSpec, TcpListen};
+use crate::tls::TlsFiles;
 use whep_core::ratelimit::{Rate, RateLimits, RateSetting};
 use whep_core::{CoreConfig, IceServer, PrimePacing};
 
@@ -27,6 +28,12 @@ pub struct Cli {
     /// HTTP listen address [default: 0.0.0.0:8080].
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// Serve HTTPS: the certificate chain (PEM, leaf first), re-read on SIGHUP; needs --tls-key.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert, re-read with it on SIGHUP.
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
     /// WebRTC UDP address shared by all viewers [default: 0.0.0.0:3478].
     #[arg(long)]
     udp: Option<SocketAddr>,
@@ -138,6 +145,8 @@ pub struct Cli {
 #[serde(default, deny_unknown_fields)]
 struct FileConfig {
     http: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     udp: Option<SocketAddr>,
     /// `"off"`, or the listener's address.
     tcp: Option<String>,
@@ -193,6 +202,8 @@ pub struct Launch {
     pub server: ServerConfig,
     /// HTTP listen address.
     pub http: SocketAddr,
+    /// The certificate and key to serve HTTPS with on it; `None` = plain HTTP.
+    pub tls: Option<TlsFiles>,
     /// The streams to add at start, in order.
     pub streams: Vec<(String, StreamSpec)>,
 }
@@ -366,6 +377,7 @@ fn settings(
     for (name, spec) in &streams {
         spec.to_config().map_err(|e| format!("stream {name:?}: {e}"))?;
     }
+    let tls = tls_files(cli.tls_cert.or(file.tls_cert), cli.tls_key.or(file.tls_key))?;
     let media_dirs = if cli.media_dirs.is_empty() { file.media_dirs } else { cli.media_dirs };
     for dir in &media_dirs {
         crate::app::check_media_dir(dir)?;
@@ -406,8 +418,18 @@ fn settings(
             ..ServerConfig::default()
         },
         http: cli.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+        tls,
         streams,
     })
+}
+
+fn tls_files(cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<TlsFiles>, String> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err("--tls-cert (tls_cert) needs --tls-key (tls_key)".into()),
+        (None, Some(_)) => Err("--tls-key (tls_key) needs --tls-cert (tls_cert)".into()),
+    }
 }
 
 fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
@@ -442,6 +464,12 @@ pub fn listening_line(http: SocketAddr, udp: SocketAddr) -> String {
 /// The line a server prints on stdout per stream it starts with.
 pub fn watch_line(http: SocketAddr, stream: &str) -> String {
     format!("whepd: watch {stream} at {}", player_url(http, stream))
+}
+
+/// `line` (one of [`listening_line`], [`watch_line`], [`player_url`]) for a listener that
+/// serves HTTPS: its first `http://` made `https://`.
+pub fn over_tls(line: &str) -> String {
+    line.replacen("http://", "https://", 1)
 }
 
 /// The player page URL of a stream.
@@ -662,6 +690,24 @@ max_viewers = 2
             watch_line(http, "cam:1"),
             "whepd: watch cam:1 at http://127.0.0.1:8080/?stream=cam%3A1"
         );
+    }
+
+    #[test]
+    fn tls_files_from_flags_and_file() {
+        assert_eq!(setup_from(&[]).expect("valid").tls, None);
+        let s = setup_from(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).expect("valid");
+        let files = TlsFiles { cert: "c.pem".into(), key: "k.pem".into() };
+        assert_eq!(s.tls.as_ref(), Some(&files));
+        let file = "tls_cert = \"/etc/c.pem\"\ntls_key = \"/etc/k.pem\"\n";
+        let s = setup_with(&["--config", "w.toml", "--tls-cert", "c.pem"], file).expect("ok");
+        let files = TlsFiles { cert: "c.pem".into(), key: "/etc/k.pem".into() };
+        assert_eq!(s.tls, Some(files), "a flag overrides the file");
+        let err = setup_from(&["--tls-cert", "c.pem"]).expect_err("no key");
+        assert!(err.contains("needs --tls-key"), "{err}");
+        let err = setup_with(&["--config", "w.toml"], "tls_key = \"k\"").expect_err("no cert");
+        assert!(err.contains("needs --tls-cert"), "{err}");
+        let line = over_tls(&watch_line("127.0.0.1:8443".parse().expect("addr"), "demo"));
+        assert_eq!(line, "whepd: watch demo at https://127.0.0.1:8443/?stream=demo");
     }
 
     #[test]
