@@ -332,7 +332,11 @@ fn settings(
     core.inactivity_timeout = file.inactivity_timeout_secs.map_or(core.inactivity_timeout, secs);
     core.process.stale_timeout = file.stale_timeout_secs.map_or(core.process.stale_timeout, secs);
     core.process.stop_grace = file.stop_grace_secs.map_or(core.process.stop_grace, secs);
-    core.crypto = cli.dtls.or(file.dtls).unwrap_or_default().crypto()?;
+    let dtls = cli.dtls.or(file.dtls).unwrap_or_default();
+    core.crypto = dtls.crypto()?;
+    if dtls == Dtls::Openssl {
+        tracing::info!(%dtls, "viewers' DTLS: OpenSSL's DTLS 1.2, RSA and ECDSA client certificates");
+    }
 
     let mut streams: Vec<(String, StreamSpec)> = file.streams.into_iter().collect();
     for s in &cli.streams {
