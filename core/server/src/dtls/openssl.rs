@@ -78,7 +78,7 @@ impl DtlsProvider for OpensslDtls {
         let endpoint = inner()
             .new_dtls(&cert, now, str0m_proto07::crypto::DtlsVersion::Dtls12, mtu)
             .map_err(|e| CryptoError::Other(format!("OpenSSL DTLS: {e}")))?;
-        Ok(Box::new(Endpoint { inner: endpoint, last_timeout: now }))
+        Ok(Box::new(Endpoint { inner: endpoint, last_timeout: now, failed: false }))
     }
 }
 
@@ -88,6 +88,11 @@ struct Endpoint {
     /// The last timeout the endpoint asked for: the answer to an output dimpl 0.9 has no
     /// counterpart of (dimpl 0.7's output enum is non-exhaustive; 0.7.6 has none such).
     last_timeout: Instant,
+    /// A datagram failed: the handshake (or the session) is over. `str0m-openssl` 0.6 leaves
+    /// its endpoint without a state after a failed handshake and panics on the next datagram
+    /// ("inner_mut on empty dtls state"), which str0m would hand it: from here on the adapter
+    /// refuses datagrams and data itself. Its queued alert still goes out.
+    failed: bool,
 }
 
 impl fmt::Debug for Endpoint {
@@ -102,7 +107,13 @@ impl DtlsInstance for Endpoint {
     }
 
     fn handle_packet(&mut self, packet: &[u8]) -> Result<(), DtlsImplError> {
-        self.inner.handle_packet(packet).map_err(error)
+        if self.failed {
+            return Err(DtlsImplError::ConnectionClosed);
+        }
+        self.inner.handle_packet(packet).map_err(|e| {
+            self.failed = true;
+            error(e)
+        })
     }
 
     fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
@@ -129,6 +140,9 @@ impl DtlsInstance for Endpoint {
     }
 
     fn send_application_data(&mut self, data: &[u8]) -> Result<usize, DtlsImplError> {
+        if self.failed {
+            return Err(DtlsImplError::ConnectionClosed);
+        }
         // 0.7's endpoint takes all of it (queued until the handshake is done) or fails.
         self.inner.send_application_data(data).map(|()| data.len()).map_err(error)
     }
@@ -143,11 +157,11 @@ impl DtlsInstance for Endpoint {
     }
 
     fn is_closing(&self) -> bool {
-        self.inner.is_closing()
+        self.failed || self.inner.is_closing()
     }
 
     fn is_closed(&self) -> bool {
-        self.inner.is_closed()
+        self.failed || self.inner.is_closed()
     }
 
     fn close(&mut self) -> Result<(), DtlsImplError> {
@@ -269,6 +283,42 @@ mod tests {
         drain(server.as_mut(), &mut s);
         assert_eq!(c.data, [b"to client".to_vec()]);
         assert_eq!(s.data, [b"to server".to_vec()]);
+    }
+
+    /// A DTLS record with a ClientHello whose body does not parse (session id longer than the
+    /// message), as a hostile player (it has ICE credentials: it made the session) could send.
+    fn broken_client_hello(seq: u8) -> Vec<u8> {
+        let mut body = vec![0xfe, 0xfd];
+        body.extend([7; 32]);
+        body.push(0xff);
+        let n = body.len() as u8;
+        let mut handshake = vec![1, 0, 0, n, 0, 0, 0, 0, 0, 0, 0, n];
+        handshake.extend(body);
+        let mut record = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, seq, 0, handshake.len() as u8];
+        record.extend(handshake);
+        record
+    }
+
+    /// OpenSSL's endpoint in `str0m-openssl` 0.6 is left without a state by a failed handshake
+    /// and panics on the next datagram; the adapter answers every later call itself, so that
+    /// one player cannot stop the server.
+    #[test]
+    fn datagrams_after_a_failed_handshake_are_refused_without_a_panic() {
+        #![allow(clippy::disallowed_methods)]
+        let now = Instant::now();
+        let cert = OpensslDtls.generate_certificate().expect("cert");
+        let mut server = OpensslDtls.new_dtls(&cert, now, DtlsVersion::Dtls12, None).expect("ok");
+        server.set_active(false);
+        let mut failed = false;
+        for seq in 0..4 {
+            failed |= server.handle_packet(&broken_client_hello(seq)).is_err();
+            drain(server.as_mut(), &mut Seen::default());
+            server.handle_timeout(now).ok();
+        }
+        assert!(failed, "a broken ClientHello is an error");
+        assert!(server.send_application_data(b"x").is_err());
+        assert!(server.is_closed(), "a failed endpoint is closed");
+        server.close().expect("closing a failed endpoint");
     }
 
     #[test]
