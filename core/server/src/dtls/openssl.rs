@@ -78,7 +78,13 @@ impl DtlsProvider for OpensslDtls {
         let endpoint = inner()
             .new_dtls(&cert, now, str0m_proto07::crypto::DtlsVersion::Dtls12, mtu)
             .map_err(|e| CryptoError::Other(format!("OpenSSL DTLS: {e}")))?;
-        Ok(Box::new(Endpoint { inner: endpoint, last_timeout: now, failed: false }))
+        Ok(Box::new(Endpoint {
+            inner: endpoint,
+            last_timeout: now,
+            started: false,
+            connected: false,
+            failed: false,
+        }))
     }
 }
 
@@ -88,6 +94,10 @@ struct Endpoint {
     /// The last timeout the endpoint asked for: the answer to an output dimpl 0.9 has no
     /// counterpart of (dimpl 0.7's output enum is non-exhaustive; 0.7.6 has none such).
     last_timeout: Instant,
+    /// Its role is set (`set_active`): str0m-openssl's endpoint cannot be driven before.
+    started: bool,
+    /// The handshake is done (the endpoint said `Connected`).
+    connected: bool,
     /// A datagram failed: the handshake (or the session) is over. `str0m-openssl` 0.6 leaves
     /// its endpoint without a state after a failed handshake and panics on the next datagram
     /// ("inner_mut on empty dtls state"), which str0m would hand it: from here on the adapter
@@ -104,6 +114,7 @@ impl fmt::Debug for Endpoint {
 impl DtlsInstance for Endpoint {
     fn set_active(&mut self, active: bool) {
         self.inner.set_active(active);
+        self.started = true;
     }
 
     fn handle_packet(&mut self, packet: &[u8]) -> Result<(), DtlsImplError> {
@@ -124,7 +135,10 @@ impl DtlsInstance for Endpoint {
                 self.last_timeout = t;
                 DtlsOutput::Timeout(t)
             }
-            old::DtlsOutput::Connected => DtlsOutput::Connected,
+            old::DtlsOutput::Connected => {
+                self.connected = true;
+                DtlsOutput::Connected
+            }
             old::DtlsOutput::PeerCert(der) => DtlsOutput::PeerCert(der),
             old::DtlsOutput::KeyingMaterial(km, profile) => {
                 DtlsOutput::KeyingMaterial(KeyingMaterial::new(&km), srtp_profile(profile))
@@ -136,6 +150,17 @@ impl DtlsInstance for Endpoint {
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), DtlsImplError> {
+        if self.started && !self.connected && !self.failed {
+            // str0m-openssl's timeout only reports "in 500 ms" while handshaking; OpenSSL sends
+            // a lost flight again only when it is next driven, and it is driven only by a
+            // datagram. An empty one drives it: OpenSSL finds no record, checks its own
+            // retransmission timer (1 s, doubling) and sends its last flight again when it
+            // expired. Without it a lost flight waits for the client's timer.
+            if let Err(e) = self.inner.handle_packet(&[]) {
+                self.failed = true;
+                return Err(error(e));
+            }
+        }
         self.inner.handle_timeout(now).map_err(error)
     }
 
@@ -201,6 +226,8 @@ fn error(e: old::DtlsImplError) -> DtlsImplError {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// What one endpoint reported while the two talked.
@@ -319,6 +346,53 @@ mod tests {
         assert!(server.send_application_data(b"x").is_err());
         assert!(server.is_closed(), "a failed endpoint is closed");
         server.close().expect("closing a failed endpoint");
+    }
+
+    /// The server's first flight is lost: the server sends it again on its own timer (OpenSSL's
+    /// first retransmission is a second later), without waiting for the client to repeat its
+    /// ClientHello.
+    #[test]
+    fn a_lost_server_flight_is_sent_again_on_the_timer() {
+        #![allow(clippy::disallowed_methods)]
+        let now = Instant::now();
+        let dimpl = whep_core::dtls::provider();
+        let client_cert = dimpl.dtls_provider.generate_certificate().expect("client cert");
+        let server_cert = OpensslDtls.generate_certificate().expect("server cert");
+        let mut client = dimpl
+            .dtls_provider
+            .new_dtls(&client_cert, now, DtlsVersion::Dtls12, None)
+            .expect("client");
+        client.set_active(true);
+        let mut server =
+            OpensslDtls.new_dtls(&server_cert, now, DtlsVersion::Dtls12, None).expect("server");
+        server.set_active(false);
+        client.handle_timeout(now).expect("client start");
+        let mut s = Seen::default();
+        for p in drain(client.as_mut(), &mut Seen::default()) {
+            server.handle_packet(&p).expect("ClientHello");
+        }
+        let lost = drain(server.as_mut(), &mut s);
+        assert!(!lost.is_empty(), "the server's first flight");
+        std::thread::sleep(Duration::from_millis(1100));
+        server.handle_timeout(Instant::now()).expect("timer");
+        let again = drain(server.as_mut(), &mut s);
+        assert!(!again.is_empty(), "nothing sent again after OpenSSL's retransmission timer");
+        // The flight sent again completes the handshake.
+        let mut c = Seen::default();
+        let mut to_client = again;
+        for _ in 0..20 {
+            for p in to_client.drain(..) {
+                client.handle_packet(&p).expect("client takes the server's flight");
+            }
+            for p in drain(client.as_mut(), &mut c) {
+                server.handle_packet(&p).expect("server takes the client's flight");
+            }
+            to_client = drain(server.as_mut(), &mut s);
+            if c.connected && s.connected {
+                break;
+            }
+        }
+        assert!(c.connected && s.connected, "client {} server {}", c.connected, s.connected);
     }
 
     #[test]
