@@ -164,10 +164,12 @@ fn gstreamer_balanced_is_told_bundle_is_required() {
 }
 
 /// `--dtls openssl`: stock GStreamer (RSA) plays on tokio and smol; Chromium, Firefox and aiortc
-/// (ECDSA certificates, DTLS 1.2 with OpenSSL as server) still play on tokio.
+/// (ECDSA certificates, DTLS 1.2 with OpenSSL as server) still play on tokio, str0m viewers on
+/// all three runtimes.
 mod openssl {
     use std::time::Instant;
 
+    use whep_e2e::viewer::Viewer;
     use whep_e2e::{chromium, firefox};
 
     use super::*;
@@ -204,6 +206,30 @@ mod openssl {
         );
         assert_eq!(server.metric("whep_viewers_joined_total"), Some(1.0));
         assert_openssl_without_failures(server);
+    }
+
+    /// str0m viewers (dimpl as DTLS client) play from every runtime's server, three at once.
+    #[test]
+    fn str0m_viewers_play_on_every_runtime() {
+        for bin in
+            [TOKIO, env!("CARGO_BIN_EXE_whepd-smol-e2e"), env!("CARGO_BIN_EXE_whepd-blocking")]
+        {
+            let mut server = Server::start(bin, OPENSSL);
+            let viewers: Vec<Viewer> = (0..3)
+                .map(|_| {
+                    Viewer::connect(server.http, "/whep/demo", None)
+                        .unwrap_or_else(|e| panic!("{bin}: viewer: {e}"))
+                })
+                .collect();
+            for v in &viewers {
+                let played = v.wait_for(Duration::from_secs(25), |s| {
+                    s.video_packets >= 100 && s.audio_packets >= 20
+                });
+                assert!(played, "{bin}: {:?}\n{}", v.stats(), server.output());
+            }
+            assert_eq!(server.metric("whep_viewers_joined_total"), Some(3.0));
+            assert_openssl_without_failures(&mut server);
+        }
     }
 
     #[test]
