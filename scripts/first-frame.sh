@@ -9,9 +9,11 @@
 # in turn, so that all see the same machine load.
 #
 #   bash scripts/first-frame.sh [--browser LIST] [N] [whepd flags...]
-#   # LIST: comma-separated chromium, firefox, gst-max-bundle, gst-max-compat, aiortc,
-#   # aiortc-vp8 (both = chromium,firefox); e.g. 10, or 6 --no-gop-cache, or --browser both 5,
-#   # or --browser gst-max-bundle,gst-max-compat,aiortc 5
+#   # LIST: comma-separated chromium, firefox, gst-max-bundle, gst-max-compat, gst-rsa,
+#   # aiortc, aiortc-vp8 (both = chromium,firefox); e.g. 10, or 6 --no-gop-cache, or
+#   # --browser both 5, or --browser gst-max-bundle,gst-max-compat,aiortc 5, or
+#   # --browser gst-rsa 5 --dtls openssl (stock GStreamer: max-bundle with its own RSA
+#   # certificate, which plays against --dtls openssl only)
 #
 # Needs root, the release binaries (cargo build --release -p whep-e2e --bins; WHEPD=path picks
 # another whepd), chromium / firefox-esr, Debian's GStreamer with python3-gi, and for aiortc the
@@ -27,9 +29,9 @@ if [[ ${1:-} == --browser ]]; then
     browsers=${browsers//,/ }
     for b in $browsers; do
         case $b in
-        chromium | firefox | gst-max-bundle | gst-max-compat | aiortc | aiortc-vp8) ;;
+        chromium | firefox | gst-max-bundle | gst-max-compat | gst-rsa | aiortc | aiortc-vp8) ;;
         *)
-            echo "--browser chromium|firefox|both|gst-max-bundle|gst-max-compat|aiortc|aiortc-vp8[,...]" >&2
+            echo "--browser chromium|firefox|both|gst-max-bundle|gst-max-compat|gst-rsa|aiortc|aiortc-vp8[,...]" >&2
             exit 2
             ;;
         esac
@@ -115,6 +117,8 @@ whep="http://$net.1:$port/whep/demo"
 # The Python players (tests/clients): they print a `[WHEP] PASS ... first_frame_ms=...` line.
 player_verdict() {
     case $1 in
+    gst-rsa) verdict_of ip netns exec "$ns" /usr/bin/python3 "$clients/gst_whep.py" "$whep" \
+        --bundle max-bundle --cert stock --timeout 30 ;;
     gst-*) verdict_of ip netns exec "$ns" /usr/bin/python3 "$clients/gst_whep.py" "$whep" \
         --bundle "${1#gst-}" --timeout 30 ;;
     aiortc) verdict_of ip netns exec "$ns" "$venv/bin/python" "$clients/aiortc_whep.py" "$whep" \

@@ -24,8 +24,10 @@ command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || missing+=(chromium)
 [ -x "${FIREFOX:-/usr/bin/firefox-esr}" ] || missing+=(firefox-esr)
 # GStreamer's webrtcbin through Python GObject (tests/clients/gst_whep.py), openssl for its
-# ECDSA certificate, the venv module for aiortc, ip for the players' network namespaces.
-for p in gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+# ECDSA certificate, the venv module for aiortc, ip for the players' network namespaces;
+# libssl-dev and pkg-config to build `--dtls openssl` (whep-server's openssl-dtls feature links
+# the system OpenSSL).
+for p in libssl-dev pkg-config gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
     gstreamer1.0-plugins-bad gstreamer1.0-nice gstreamer1.0-libav python3-gi \
     gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0 openssl \
     python3-venv iproute2; do

@@ -2,7 +2,10 @@
 
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 use std::time::Duration;
+
+use str0m::config::CryptoProvider;
 
 use crate::ffmpeg::EgressConfig;
 use crate::pacer::PrimePacing;
@@ -159,6 +162,14 @@ pub struct CoreConfig {
     pub max_load: f64,
     /// Supervision of FFmpeg processes the core spawns.
     pub process: ProcessConfig,
+    /// The cryptography of every viewer's str0m `Rtc`: its DTLS endpoint, SRTP, the STUN
+    /// HMAC and the certificate fingerprint, and the certificate the core makes at start
+    /// (`dtls_provider.generate_certificate`). [`dtls::provider`](crate::dtls::provider) by
+    /// default: aws-lc-rs with dimpl's DTLS, which accepts only ECDSA client certificates. An
+    /// embedder passes another to change the DTLS implementation without the core knowing it
+    /// (`whep-server`'s `openssl-dtls` feature: OpenSSL's DTLS 1.2, which also accepts RSA
+    /// client certificates; `whepd --dtls openssl`). Each shard's core may share one.
+    pub crypto: Arc<CryptoProvider>,
 }
 
 impl Default for CoreConfig {
@@ -199,6 +210,7 @@ impl Default for CoreConfig {
             rate_limits: RateLimits::default(),
             max_load: 0.9,
             process: ProcessConfig::default(),
+            crypto: crate::dtls::provider(),
         }
     }
 }

@@ -23,13 +23,15 @@ use str0m::crypto::{CryptoError, CryptoProvider};
 /// whose certificate is RSA (GStreamer 1.22's webrtcbin makes an RSA-2048 one) then sends an
 /// empty certificate list, dimpl answers with a fatal `handshake_failure` alert and fails with
 /// "no client certificate received"; a client that sends its RSA certificate anyway fails on
-/// the missing EC parameters. The only DTLS backend of str0m 0.25 that resolves from crates.io
-/// (aws-lc-rs) is dimpl; see the README's "GStreamer's certificate" for how such a player plays
-/// and what RSA on the server would take.
+/// the missing EC parameters. The fix is on the server: another DTLS implementation through
+/// [`CoreConfig::crypto`](crate::CoreConfig::crypto), such as OpenSSL's, which `whepd` runs with
+/// `--dtls openssl` (`whep-server`'s `openssl-dtls` feature); see the README's "GStreamer's
+/// certificate". The hint is for dimpl's errors and names that option.
 pub fn failure_hint(error: &str) -> Option<&'static str> {
     const RSA: &str = "the client's DTLS certificate is probably RSA, which this server's DTLS \
-                       (dimpl 0.9 under str0m 0.25) does not accept; the client must use an \
-                       ECDSA (P-256) certificate";
+                       (dimpl 0.9 under str0m 0.25) does not accept; run the server with \
+                       `--dtls openssl` (OpenSSL's DTLS accepts RSA and ECDSA), or give the \
+                       client an ECDSA (P-256) certificate";
     let error = error.to_ascii_lowercase();
     ["no client certificate received", "missing ec curve parameter", "invalid subject public key"]
         .iter()
@@ -162,6 +164,7 @@ mod tests {
         let hint = failure_hint("DTLS error: certificate error: no client certificate received")
             .expect("a hint");
         assert!(hint.contains("RSA") && hint.contains("ECDSA"), "{hint}");
+        assert!(hint.contains("--dtls openssl"), "the hint names the fix: {hint}");
         assert!(
             failure_hint("DTLS error: crypto error: missing EC curve parameter in certificate")
                 .is_some()

@@ -1816,3 +1816,59 @@ fn keyframes_only_on_the_lowest_rung_ends_when_clean_whatever_the_ceiling() {
     let on = |w: &SimWorld, k: usize| w.core.stream(&demo).map(|s| s.renditions[k].viewers);
     assert_eq!(on(&w, 1), Some(1), "on the lower rung still");
 }
+
+/// A DTLS provider that counts what a core asks of it and hands the work to the default one.
+#[derive(Debug)]
+struct CountingDtls {
+    certificates: std::sync::atomic::AtomicUsize,
+    endpoints: std::sync::atomic::AtomicUsize,
+}
+
+impl str0m::crypto::dtls::DtlsProvider for CountingDtls {
+    fn generate_certificate(&self) -> Option<str0m::crypto::dtls::DtlsCert> {
+        self.certificates.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        whep_core::dtls::provider().dtls_provider.generate_certificate()
+    }
+
+    fn new_dtls(
+        &self,
+        cert: &str0m::crypto::dtls::DtlsCert,
+        now: Instant,
+        version: str0m::crypto::dtls::DtlsVersion,
+        mtu: Option<usize>,
+    ) -> Result<Box<dyn str0m::crypto::dtls::DtlsInstance>, str0m::crypto::CryptoError> {
+        self.endpoints.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        whep_core::dtls::provider().dtls_provider.new_dtls(cert, now, version, mtu)
+    }
+}
+
+#[test]
+fn the_core_uses_the_crypto_provider_it_was_given() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    static COUNTING: CountingDtls =
+        CountingDtls { certificates: AtomicUsize::new(0), endpoints: AtomicUsize::new(0) };
+    let default = whep_core::dtls::provider();
+    let crypto = std::sync::Arc::new(str0m::crypto::CryptoProvider {
+        dtls_provider: &COUNTING,
+        ..(*default).clone()
+    });
+
+    // A core with the default provider never reaches this one.
+    let mut w = SimWorld::new(sim::config());
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, _) = w.join(&demo);
+    w.drive_until(5 * SEC, |w| w.viewers[v].connected);
+    assert_eq!((COUNTING.certificates.load(SeqCst), COUNTING.endpoints.load(SeqCst)), (0, 0));
+
+    // Given it, the core makes its certificate and every viewer's DTLS endpoint with it, and
+    // the viewers connect and play through it.
+    let mut w = SimWorld::new(whep_core::CoreConfig { crypto, ..sim::config() });
+    assert_eq!(COUNTING.certificates.load(SeqCst), 1, "the core's certificate");
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (a, ra) = w.join(&demo);
+    let (b, rb) = w.join(&demo);
+    assert_eq!((ra.code(), rb.code()), (201, 201));
+    w.drive_until(5 * SEC, |w| w.viewers[a].video_packets > 30 && w.viewers[b].video_packets > 30);
+    assert!(w.viewers[a].connected && w.viewers[b].connected);
+    assert_eq!(COUNTING.endpoints.load(SeqCst), 2, "one DTLS endpoint per viewer");
+}

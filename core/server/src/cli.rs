@@ -14,6 +14,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::app::{AdminPolicy, RoutesConfig, ServerConfig, StreamSpec, TcpListen};
+use crate::dtls::Dtls;
 use crate::tls::TlsFiles;
 use whep_core::ratelimit::{Rate, RateLimits, RateSetting};
 use whep_core::{CoreConfig, IceServer, PrimePacing};
@@ -138,6 +139,11 @@ pub struct Cli {
     /// restarts at a keyframe [default: 128].
     #[arg(long, value_name = "KIB")]
     tcp_queue_kib: Option<usize>,
+    /// The viewers' DTLS: `dimpl` (str0m's, ECDSA client certificates only) or `openssl`
+    /// (OpenSSL's DTLS 1.2, also RSA client certificates such as GStreamer's; needs the cargo
+    /// feature `openssl-dtls`, on in whepd's default build) [default: dimpl].
+    #[arg(long, value_name = "dimpl|openssl")]
+    dtls: Option<Dtls>,
 }
 
 /// The configuration file. Every field is optional.
@@ -183,6 +189,7 @@ struct FileConfig {
     inactivity_timeout_secs: Option<u64>,
     stale_timeout_secs: Option<u64>,
     stop_grace_secs: Option<u64>,
+    dtls: Option<Dtls>,
     streams: BTreeMap<String, StreamSpec>,
 }
 
@@ -350,6 +357,11 @@ fn settings(
     core.inactivity_timeout = file.inactivity_timeout_secs.map_or(core.inactivity_timeout, secs);
     core.process.stale_timeout = file.stale_timeout_secs.map_or(core.process.stale_timeout, secs);
     core.process.stop_grace = file.stop_grace_secs.map_or(core.process.stop_grace, secs);
+    let dtls = cli.dtls.or(file.dtls).unwrap_or_default();
+    core.crypto = dtls.crypto()?;
+    if dtls == Dtls::Openssl {
+        tracing::info!(%dtls, "viewers' DTLS: OpenSSL's DTLS 1.2, RSA and ECDSA client certificates");
+    }
 
     let mut streams: Vec<(String, StreamSpec)> = file.streams.into_iter().collect();
     for s in &cli.streams {
@@ -676,6 +688,36 @@ max_viewers = 2
         // Configured streams keep full power: raw args and lavfi need no opt-in there.
         let raw = "[streams.r]\nargs = [\"-f\", \"lavfi\", \"-i\", \"testsrc2\"]\n";
         assert!(setup_with(&["--config", "w.toml"], raw).is_ok());
+    }
+
+    #[test]
+    fn dtls_from_flag_and_file() {
+        let dimpl = whep_core::dtls::provider();
+        let s = setup_from(&[]).expect("valid");
+        assert!(std::sync::Arc::ptr_eq(&s.server.core.crypto, &dimpl), "dimpl by default");
+        let s = setup_from(&["--dtls", "dimpl"]).expect("valid");
+        assert!(std::sync::Arc::ptr_eq(&s.server.core.crypto, &dimpl));
+        let err = setup_from(&["--dtls", "rustls"]).expect_err("unknown");
+        assert!(err.contains("dimpl or openssl"), "{err}");
+        let err = setup_with(&["--config", "w.toml"], "dtls = \"boring\"\n").expect_err("bad");
+        assert!(err.contains("dimpl") && err.contains("openssl"), "{err}");
+        let openssl = setup_from(&["--dtls", "openssl"]);
+        let file = setup_with(&["--config", "w.toml"], "dtls = \"openssl\"\n");
+        let flag_over_file =
+            setup_with(&["--config", "w.toml", "--dtls", "dimpl"], "dtls = \"openssl\"\n")
+                .expect("valid");
+        assert!(std::sync::Arc::ptr_eq(&flag_over_file.server.core.crypto, &dimpl));
+        if Dtls::Openssl.available() {
+            for s in [openssl, file] {
+                let crypto = s.expect("valid").server.core.crypto;
+                assert!(format!("{:?}", crypto.dtls_provider).contains("OpensslDtls"));
+            }
+        } else {
+            for s in [openssl, file] {
+                let err = s.expect_err("not built");
+                assert!(err.contains("openssl-dtls"), "{err}");
+            }
+        }
     }
 
     #[test]

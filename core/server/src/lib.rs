@@ -9,6 +9,8 @@
 //! - [`app`]: the application routes every runtime serves (player page, `/metrics`, the admin
 //!   API) and the serialisable stream specification.
 //! - [`cli`]: `whepd`'s command line and configuration file, shared by every runtime's binary.
+//! - [`dtls`]: the viewers' DTLS implementation (`--dtls dimpl|openssl`): the core's default
+//!   dimpl, or OpenSSL's behind an adapter (feature `openssl-dtls`) for RSA client certificates.
 //! - [`shard`]: the seat book the shards of one server share ([`whep_core::shard::Book`]),
 //!   behind a mutex, kept out of the pure core.
 //! - [`os`] (re-exported here): the operating-system helpers: FFmpeg children ([`command`],
@@ -24,6 +26,7 @@
 pub mod app;
 pub mod cli;
 pub mod driver;
+pub mod dtls;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod os;

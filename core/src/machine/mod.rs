@@ -130,7 +130,7 @@ pub struct Core {
 impl Core {
     /// Creates a core. `now` is the earliest instant it will see.
     pub fn new(config: CoreConfig, now: Instant) -> Self {
-        let crypto = crate::dtls::provider();
+        let crypto = Arc::clone(&config.crypto);
         let cert = crypto.dtls_provider.generate_certificate();
         Self {
             rng: Rng::new(config.rng_seed),
