@@ -137,6 +137,7 @@ pub mod sdp;
 pub mod sdpfrag;
 pub mod shard;
 mod stream;
+pub mod turn;
 mod viewer;
 pub mod whep;
 
