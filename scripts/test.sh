@@ -25,10 +25,11 @@ command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 [ -x "${FIREFOX:-/usr/bin/firefox-esr}" ] || missing+=(firefox-esr)
 # GStreamer's webrtcbin through Python GObject (tests/clients/gst_whep.py), openssl for its
 # ECDSA certificate, the venv module for aiortc, ip for the players' network namespaces.
+# coturn: the TURN server of tests/tests/turn.rs.
 for p in gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
     gstreamer1.0-plugins-bad gstreamer1.0-nice gstreamer1.0-libav python3-gi \
     gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0 openssl \
-    python3-venv iproute2; do
+    python3-venv iproute2 coturn; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

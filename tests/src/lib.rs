@@ -12,6 +12,7 @@ pub mod links;
 pub mod netns;
 pub mod players;
 pub mod relay;
+pub mod turn;
 pub mod viewer;
 
 use std::io::{BufRead, BufReader};
