@@ -47,8 +47,9 @@ pub struct CoreConfig {
     pub ice_servers: Vec<IceServer>,
     /// How long the TURN credentials made for an [`IceServer`] with a
     /// [`secret`](IceServer::secret) stay valid after the request they answer (TURN REST,
-    /// [`crate::turn`]). A relayed viewer still playing when its credential expires loses its
-    /// relay at the next allocation refresh (coturn refuses it) and must start a new session.
+    /// [`crate::turn`]). Keep it above the viewing time expected: a TURN server that checks the
+    /// expiry on allocation refreshes too ends a relay whose credential has expired, and the
+    /// viewer must then start a new session.
     pub turn_credential_ttl: Duration,
     /// Enforce `If-Match` on PATCH: 428 when it is missing, 412 when it does not match.
     /// Off by default because common players send none.
