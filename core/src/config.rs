@@ -19,6 +19,16 @@ pub struct CoreConfig {
     /// as viewers reach it (the public address behind a 1:1 NAT). At least one is needed for a
     /// viewer to connect; the core rejects offers with 503 when the list is empty.
     pub host_candidates: Vec<SocketAddr>,
+    /// Passive TCP host candidates (ICE-TCP, RFC 6544) advertised in every answer next to the
+    /// UDP ones, with a lower priority so that UDP wins where it works: the address(es) of the
+    /// runtime's TCP listener as viewers reach it. Empty: no ICE over TCP.
+    pub tcp_candidates: Vec<SocketAddr>,
+    /// Most TCP connections open at once ([`Input::TcpOpened`](crate::Input::TcpOpened));
+    /// beyond, a new one is closed at once.
+    pub max_tcp_connections: usize,
+    /// A TCP connection whose first STUN check has not named a viewer after this long is
+    /// closed.
+    pub tcp_bind_timeout: Duration,
     /// Loopback ports from which each started stream takes a block of
     /// `4 + 2 × max_renditions`: its ingest pair (video V, audio V+1), the ports its FFmpeg
     /// sends from (V+2, V+3), and for each further video rendition `k` its ingest port and the
@@ -162,6 +172,9 @@ impl Default for CoreConfig {
         Self {
             rng_seed: [0; 32],
             host_candidates: Vec::new(),
+            tcp_candidates: Vec::new(),
+            max_tcp_connections: 256,
+            tcp_bind_timeout: Duration::from_secs(10),
             ingest_ports: 40_000..=40_999,
             max_renditions: 2,
             bind_quarantine: Duration::from_secs(30),
@@ -204,17 +217,30 @@ impl CoreConfig {
     /// else a loopback candidate for a loopback source, else the first candidate of the
     /// source's address family that is not loopback, else the first candidate.
     pub fn candidate_for(&self, source: SocketAddr) -> Option<SocketAddr> {
-        let c = &self.host_candidates;
-        c.iter()
-            .find(|c| c.ip() == source.ip())
-            .or_else(|| {
-                let lo = source.ip().is_loopback();
-                c.iter().find(|c| c.ip().is_loopback() == lo && c.is_ipv4() == source.is_ipv4())
-            })
-            .or_else(|| c.iter().find(|c| !c.ip().is_loopback() && c.is_ipv4() == source.is_ipv4()))
-            .or_else(|| c.first())
-            .copied()
+        pick_candidate(&self.host_candidates, source)
     }
+
+    /// The TCP candidate a connection from `peer` accepted at `local` was made to: `local`
+    /// itself when it is one, else as [`candidate_for`](Self::candidate_for) picks among
+    /// [`tcp_candidates`](Self::tcp_candidates). `None` when there are none.
+    pub fn tcp_candidate_for(&self, local: SocketAddr, peer: SocketAddr) -> Option<SocketAddr> {
+        if self.tcp_candidates.contains(&local) {
+            return Some(local);
+        }
+        pick_candidate(&self.tcp_candidates, peer)
+    }
+}
+
+fn pick_candidate(c: &[SocketAddr], source: SocketAddr) -> Option<SocketAddr> {
+    c.iter()
+        .find(|c| c.ip() == source.ip())
+        .or_else(|| {
+            let lo = source.ip().is_loopback();
+            c.iter().find(|c| c.ip().is_loopback() == lo && c.is_ipv4() == source.is_ipv4())
+        })
+        .or_else(|| c.iter().find(|c| !c.ip().is_loopback() && c.is_ipv4() == source.is_ipv4()))
+        .or_else(|| c.first())
+        .copied()
 }
 
 /// How the core supervises the FFmpeg processes it spawns.

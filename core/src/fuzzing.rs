@@ -44,6 +44,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("sdpfrag", sdpfrag),
     ("ingest", ingest),
     ("viewer_datagram", viewer_datagram),
+    ("tcp_stream", tcp_stream),
     ("ops", ops),
 ];
 
@@ -455,6 +456,98 @@ pub fn viewer_datagram(data: &[u8]) {
         m.w.datagram_raw(STRANGER, &data);
         m.w.datagram_raw(m.viewer, &data);
         m.w.run_for(MEDIA_STEP);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// tcp_stream
+// ---------------------------------------------------------------------------------------------
+
+/// A world with one viewer connected over ICE-TCP, and its connection.
+struct TcpWorld {
+    media: MediaWorld,
+    conn: crate::tcp::ConnId,
+}
+
+thread_local! {
+    static TCP: RefCell<Reused<TcpWorld>> = const { RefCell::new(Reused::new()) };
+}
+
+fn tcp_world() -> TcpWorld {
+    let config = crate::CoreConfig { tcp_candidates: vec![sim::SERVER], ..sim::config() };
+    let (mut w, stream) = demo_world(config);
+    let (v, r) = w.join_tcp(&stream, crate::tcp::DEFAULT_QUEUE_BYTES);
+    assert_eq!(r.code(), 201, "the simulated TCP viewer is accepted: {}", text(&r.body));
+    let answer = text(&r.body);
+    let stream_id = stream.clone();
+    w.drive_until(Duration::from_secs(30), |w| w.connected(&stream_id) == 1);
+    w.run_for(Duration::from_millis(500));
+    w.sources.remove(&stream);
+    let ports = w.bound[&stream];
+    let viewer_ufrag = w.viewers[v].rtc.direct_api().local_ice_credentials().ufrag.clone();
+    let username = format!("{}:{viewer_ufrag}", sdp_value(&answer, "a=ice-ufrag:"));
+    let server_pwd = sdp_value(&answer, "a=ice-pwd:");
+    let conn = w.viewers[v].tcp.as_ref().map(|t| t.conn).expect("a TCP viewer");
+    let media = MediaWorld { viewer: w.viewers[v].addr, w, stream, ports, username, server_pwd };
+    TcpWorld { media, conn }
+}
+
+fn tcp_usable(t: &TcpWorld) -> bool {
+    media_usable(&t.media) && !t.media.w.tcp_closed.contains(&t.conn)
+}
+
+/// A stranger's TCP address.
+const TCP_STRANGER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 98)), 5555);
+
+/// Bytes on an ICE-TCP connection: RFC 4571 frames of STUN, DTLS, SRTP, or garbage.
+///
+/// First the framing alone: the bytes cut at a point the first byte picks give the same frames
+/// as whole, and no frame is longer than the bound or empty. Each frame that is a STUN message
+/// with the USERNAME [`STUN_USERNAME_PLACEHOLDER`] is re-signed as in [`viewer_datagram`].
+/// Then, to a core whose one viewer is connected over TCP, the stream goes as
+/// [`Input::TcpData`](crate::Input::TcpData) on a new connection from a stranger, in the two
+/// pieces (the unbound path: framing, the username lookup, str0m's `accepts`, binding), and on
+/// the viewer's own connection (straight into its str0m over TCP); the stranger's connection
+/// is then closed and 20 ms of virtual time pass. A viewer or connection the input kills is
+/// replaced by a new world on the next call.
+///
+/// A crash means the framing contradicts itself, an invariant breaks (connections and their
+/// viewers out of step, a timer missing), or the core or str0m panics.
+pub fn tcp_stream(data: &[u8]) {
+    use crate::tcp::{FrameReader, MAX_FRAME, encode};
+    let cut = data.first().map_or(0, |b| usize::from(*b) % (data.len() + 1));
+    let (mut whole, mut split) = (Vec::new(), Vec::new());
+    let mut r = FrameReader::default();
+    let ok_whole = r.feed(data, |f| whole.push(f.to_vec())).is_ok();
+    let mut r = FrameReader::default();
+    let ok_split = r.feed(&data[..cut], |f| split.push(f.to_vec())).is_ok()
+        && r.feed(&data[cut..], |f| split.push(f.to_vec())).is_ok();
+    assert_eq!(ok_whole, ok_split, "a cut changes whether the stream is well framed");
+    assert_eq!(whole, split, "a cut changes the frames");
+    assert!(whole.iter().all(|f| !f.is_empty() && f.len() <= MAX_FRAME), "frame size");
+
+    with_world(&TCP, tcp_world, tcp_usable, |t| {
+        // The frames re-signed where they carry the placeholder; garbage after them as it came.
+        let mut stream = Vec::with_capacity(data.len());
+        let mut r = FrameReader::default();
+        let fed = r.feed(data, |f| {
+            let f = resign_stun(f, &t.media.username, &t.media.server_pwd)
+                .unwrap_or_else(|| f.to_vec());
+            stream.extend(encode(&f).unwrap_or_default());
+        });
+        if fed.is_err() || r.buffered() > 0 {
+            let done: usize = whole.iter().map(|f| f.len() + 2).sum();
+            stream.extend_from_slice(data.get(done..).unwrap_or_default());
+        }
+        let w = &mut t.media.w;
+        let stranger = w.tcp_open_raw(TCP_STRANGER);
+        let cut = cut.min(stream.len());
+        w.tcp_raw(stranger, &stream[..cut]);
+        w.tcp_raw(stranger, &stream[cut..]);
+        w.core.handle_input(crate::Input::TcpClosed { conn: stranger }, w.now);
+        w.drain();
+        w.tcp_raw(t.conn, &stream);
+        w.run_for(MEDIA_STEP);
     });
 }
 

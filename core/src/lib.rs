@@ -137,6 +137,7 @@ pub mod sdp;
 pub mod sdpfrag;
 pub mod shard;
 mod stream;
+pub mod tcp;
 pub mod turn;
 mod viewer;
 pub mod whep;
@@ -149,11 +150,12 @@ pub use config::{
 };
 pub use ffmpeg::{EgressConfig, Rendition};
 pub use ids::{ETag, SessionId, StreamId};
-pub use machine::{Core, LOAD_SMOOTHING};
+pub use machine::{Core, LOAD_SMOOTHING, TransportCounts};
 pub use metrics::{LatencyHistogram, Metrics};
 pub use pacer::PrimePacing;
 pub use ports::PortPair;
 pub use ratelimit::{Rate, RateLimits};
+pub use tcp::ConnId;
 pub use whep::{Reject, WhepRequest, WhepResponse};
 
 /// An input from the runtime.
@@ -183,6 +185,41 @@ pub enum Input<'a> {
         /// latency from ([`SharedPacket::read_at`](crate::shard::SharedPacket::read_at)).
         /// `None` means `now`.
         arrived: Option<std::time::Instant>,
+    },
+    /// The runtime accepted a connection on its TCP listener (ICE-TCP, see [`tcp`]). The core
+    /// answers [`Output::CloseTcp`] at once when it holds
+    /// [`CoreConfig::max_tcp_connections`] already, and later when its first STUN check names
+    /// no viewer within [`CoreConfig::tcp_bind_timeout`].
+    TcpOpened {
+        /// The runtime's name for it, unique while it is open.
+        conn: ConnId,
+        /// The viewer's end.
+        peer: SocketAddr,
+        /// Our end: one of [`CoreConfig::tcp_candidates`] (a listener bound to a wildcard
+        /// address passes the advertised candidate).
+        local: SocketAddr,
+    },
+    /// Bytes read from a connection, as they came: the core cuts them into RFC 4571 frames
+    /// (split anywhere is fine).
+    TcpData {
+        /// The connection.
+        conn: ConnId,
+        /// The bytes.
+        contents: &'a [u8],
+    },
+    /// The runtime dropped whole frames for this connection because its send queue was full
+    /// (the viewer does not read fast enough; see [`tcp::SendQueue`]): the viewer's video
+    /// restarts at a keyframe.
+    TcpDropped {
+        /// The connection.
+        conn: ConnId,
+        /// Frames dropped.
+        frames: u64,
+    },
+    /// A connection closed (by the viewer, an error, or after [`Output::CloseTcp`]).
+    TcpClosed {
+        /// The connection.
+        conn: ConnId,
     },
     /// Both ports of an [`Output::BindIngest`] are bound.
     IngestBound {
@@ -229,9 +266,21 @@ pub enum Input<'a> {
     },
 }
 
-/// A datagram to send from the shared viewer socket.
+/// How a [`Transmit`] leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// A datagram on the viewer socket.
+    Udp,
+    /// A frame on a TCP connection (ICE-TCP): the contents are framed already (RFC 4571,
+    /// [`tcp::encode`]); queue them whole in the connection's [`tcp::SendQueue`].
+    Tcp(ConnId),
+}
+
+/// A datagram to send from the shared viewer socket, or a frame for a TCP connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
+    /// UDP or which TCP connection.
+    pub transport: Transport,
     /// The local address to send from (one of the host candidates).
     pub source: SocketAddr,
     /// Where to send it.
@@ -244,8 +293,15 @@ pub struct Transmit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
 pub enum Output {
-    /// Send a datagram on the viewer socket.
+    /// Send a datagram on the viewer socket, or a frame on a TCP connection
+    /// ([`Transmit::transport`]).
     Transmit(Transmit),
+    /// Close a TCP connection (over the limit, never bound to a viewer, garbage, or its viewer
+    /// left), then report [`Input::TcpClosed`].
+    CloseTcp {
+        /// The connection.
+        conn: ConnId,
+    },
     /// Bind `127.0.0.1` on `ports.video`, `ports.audio()` and each further video rendition's
     /// port ([`PortPair::ingest`]) for the stream's RTP and report [`Input::IngestBound`] or
     /// [`Input::BindFailed`].
@@ -402,6 +458,8 @@ pub enum TimerReason {
     Viewer,
     /// A stream: restart backoff, stale detection, stop escalation.
     Stream,
+    /// A TCP connection not bound to a viewer yet ([`CoreConfig::tcp_bind_timeout`]).
+    Tcp,
 }
 
 /// Why a stream management call failed.

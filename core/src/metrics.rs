@@ -63,6 +63,20 @@ pub struct Metrics {
     /// Packets a sharded leader dropped for a follower shard that fell thousands of messages
     /// behind (its viewers restart video at the next keyframe).
     pub mirror_packets_dropped: u64,
+    /// TCP connections accepted for ICE-TCP.
+    pub tcp_accepted: u64,
+    /// TCP connections closed at once: over [`CoreConfig::max_tcp_connections`](crate::CoreConfig::max_tcp_connections), or no TCP candidate.
+    pub tcp_refused: u64,
+    /// TCP connections closed because no check named a viewer within
+    /// [`CoreConfig::tcp_bind_timeout`](crate::CoreConfig::tcp_bind_timeout).
+    pub tcp_unbound_closed: u64,
+    /// TCP connections closed for bytes that are not RFC 4571 framing.
+    pub tcp_framing_errors: u64,
+    /// RFC 4571 frames received.
+    pub tcp_frames_in: u64,
+    /// Frames dropped whole by the runtime for a viewer whose TCP send queue was full
+    /// ([`Input::TcpDropped`](crate::Input::TcpDropped)).
+    pub tcp_frames_dropped: u64,
     /// Datagrams from FFmpeg on ingest ports.
     pub ingest_packets: u64,
     /// RTCP from FFmpeg, dropped.
@@ -127,6 +141,12 @@ impl Metrics {
             retransmission_suspensions,
             process_restarts,
             mirror_packets_dropped,
+            tcp_accepted,
+            tcp_refused,
+            tcp_unbound_closed,
+            tcp_framing_errors,
+            tcp_frames_in,
+            tcp_frames_dropped,
             ingest_packets,
             ingest_rtcp,
             ingest_dropped,
@@ -161,6 +181,12 @@ impl Metrics {
         self.retransmission_suspensions += retransmission_suspensions;
         self.process_restarts += process_restarts;
         self.mirror_packets_dropped += mirror_packets_dropped;
+        self.tcp_accepted += tcp_accepted;
+        self.tcp_refused += tcp_refused;
+        self.tcp_unbound_closed += tcp_unbound_closed;
+        self.tcp_framing_errors += tcp_framing_errors;
+        self.tcp_frames_in += tcp_frames_in;
+        self.tcp_frames_dropped += tcp_frames_dropped;
         self.ingest_packets += ingest_packets;
         self.ingest_rtcp += ingest_rtcp;
         self.ingest_dropped += ingest_dropped;

@@ -2,6 +2,8 @@
 //! offers and answers. Parsing uses `sdp-types`, independent of str0m, so that the policy can be
 //! tested and fuzzed on its own.
 
+use std::net::SocketAddr;
+
 use sdp_types::{Fmtp, Media, RtpMap, Session};
 
 use crate::config::{H264Profile, VideoCodec};
@@ -477,9 +479,32 @@ pub(crate) fn ice_credentials(sdp: &str) -> Option<(String, String)> {
     Some((find("a=ice-ufrag:")?, find("a=ice-pwd:")?))
 }
 
+/// The addresses of the relayed (`typ relay`) candidates of an SDP offer or fragment.
+pub fn relay_addresses(sdp: &str) -> Vec<SocketAddr> {
+    sdp.lines()
+        .filter_map(|l| l.trim().strip_prefix("a=candidate:"))
+        .filter_map(|c| {
+            let f: Vec<&str> = c.split_whitespace().collect();
+            let relay = f.get(6) == Some(&"typ") && f.get(7) == Some(&"relay");
+            let ip = f.get(4)?.parse().ok()?;
+            let port = f.get(5)?.parse().ok()?;
+            relay.then_some(SocketAddr::new(ip, port))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_addresses_are_those_of_typ_relay_candidates() {
+        let o = "m=video 9 X 1\r\na=candidate:1 1 udp 2122 10.0.0.1 5000 typ host\r\n\
+                 a=candidate:2 1 udp 16777215 203.0.113.9 40000 typ relay raddr 10.0.0.1 rport 5000\r\n\
+                 a=candidate:3 1 udp 5 bad 1 typ relay\r\n";
+        let want: Vec<SocketAddr> = vec!["203.0.113.9:40000".parse().expect("addr")];
+        assert_eq!(relay_addresses(o), want);
+    }
 
     pub(crate) const CHROMIUM_OFFER: &str = include_str!("../tests/data/chromium-156-offer.sdp");
 

@@ -20,8 +20,11 @@ use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event as RtcEvent, Input as RtcInput, Output as RtcOutput, Rtc};
 
+use crate::tcp::{ConnId, FrameReader, SendQueue};
 use crate::whep::{Method, WhepRequest, WhepResponse};
-use crate::{Core, CoreConfig, Event, Input, Output, PortPair, StreamConfig, StreamId, VideoCodec};
+use crate::{
+    Core, CoreConfig, Event, Input, Output, PortPair, StreamConfig, StreamId, Transport, VideoCodec,
+};
 
 pub mod ops;
 
@@ -75,13 +78,31 @@ pub fn from_ffmpeg(port: u16, contents: &[u8]) -> Input<'_> {
     Input::Ingest { port, source: ffmpeg_source(port), contents, arrived: None }
 }
 
-/// A datagram in flight.
+/// A datagram in flight, or bytes on a TCP connection.
 #[derive(Debug, Clone)]
 struct Packet {
     at: Instant,
     from: SocketAddr,
     to: SocketAddr,
     data: Vec<u8>,
+    /// The TCP connection the bytes travel on (ICE-TCP); `None` for a UDP datagram.
+    tcp: Option<ConnId>,
+}
+
+/// A viewer's ICE-TCP connection to the server ([`SimWorld::join_tcp`]), with the send queue
+/// the runtime would hold for it.
+#[derive(Debug)]
+pub struct SimTcp {
+    pub conn: ConnId,
+    /// What the server has queued for the viewer (as the runtime's).
+    pub queue: SendQueue,
+    /// The viewer stopped reading: nothing leaves the queue.
+    pub stalled: bool,
+    /// The server closed the connection.
+    pub closed: bool,
+    /// Frames the queue dropped.
+    pub dropped: u64,
+    reader: FrameReader,
 }
 
 /// A simulated WHEP player: a str0m `Rtc` as the browser side.
@@ -125,6 +146,8 @@ pub struct Viewer {
     /// Record every video packet in [`Viewer::arrivals`] (off: benchmarks run many viewers).
     pub record: bool,
     pub arrivals: Vec<Arrival>,
+    /// Its ICE-TCP connection, for a viewer that has only a TCP candidate.
+    pub tcp: Option<SimTcp>,
 }
 
 /// One video packet as a viewer received it.
@@ -356,8 +379,11 @@ pub struct SimWorld {
     sent: u64,
     pub spawns: u64,
     pub kills: u64,
+    /// TCP connections the core closed ([`Output::CloseTcp`]).
+    pub tcp_closed: BTreeSet<ConnId>,
     next_pid: u32,
     next_viewer: u32,
+    next_conn: u64,
 }
 
 impl SimWorld {
@@ -398,8 +424,10 @@ impl SimWorld {
             sent: 0,
             spawns: 0,
             kills: 0,
+            tcp_closed: BTreeSet::new(),
             next_pid: 1000,
             next_viewer: 0,
+            next_conn: 0,
         }
     }
 
@@ -446,11 +474,59 @@ impl SimWorld {
         self.join_offering(stream, addr, video)
     }
 
+    /// [`SimWorld::join`] by a player that can only use TCP (its UDP is blocked): its one
+    /// candidate is TCP, and it opens a connection to the server's TCP candidate
+    /// ([`SERVER`], which the config must list in
+    /// [`CoreConfig::tcp_candidates`]) as soon as it has the answer. The server's frames for it
+    /// go through a [`SendQueue`] of `queue_bytes`, as in a runtime.
+    pub fn join_tcp(&mut self, stream: &StreamId, queue_bytes: usize) -> (usize, WhepResponse) {
+        self.next_viewer += 1;
+        let n = self.next_viewer;
+        let addr =
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, (n >> 8) as u8, n as u8)), 40_000);
+        self.next_conn += 1;
+        let conn = ConnId(self.next_conn);
+        let tcp = SimTcp {
+            conn,
+            queue: SendQueue::new(queue_bytes),
+            stalled: false,
+            closed: false,
+            dropped: 0,
+            reader: FrameReader::default(),
+        };
+        self.join_inner(stream, addr, &[Codec::H264], Some(tcp))
+    }
+
+    /// Opens a TCP connection from `peer` to the server that belongs to no viewer; returns its id.
+    pub fn tcp_open_raw(&mut self, peer: SocketAddr) -> ConnId {
+        self.next_conn += 1;
+        let conn = ConnId(self.next_conn);
+        self.core.handle_input(Input::TcpOpened { conn, peer, local: SERVER }, self.now);
+        self.drain();
+        conn
+    }
+
+    /// Feeds raw bytes on a TCP connection.
+    pub fn tcp_raw(&mut self, conn: ConnId, bytes: &[u8]) {
+        self.core.handle_input(Input::TcpData { conn, contents: bytes }, self.now);
+        self.drain();
+    }
+
     fn join_offering(
         &mut self,
         stream: &StreamId,
         addr: SocketAddr,
         video: &[Codec],
+    ) -> (usize, WhepResponse) {
+        self.join_inner(stream, addr, video, None)
+    }
+
+    fn join_inner(
+        &mut self,
+        stream: &StreamId,
+        addr: SocketAddr,
+        video: &[Codec],
+        tcp: Option<SimTcp>,
     ) -> (usize, WhepResponse) {
         let mut rtc = Rtc::builder()
             .set_rtp_mode(true)
@@ -460,7 +536,8 @@ impl SimWorld {
             .enable_opus(true, false)
             .set_crypto_provider(crate::dtls::provider())
             .build(self.now);
-        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        let proto = if tcp.is_some() { "tcp" } else { "udp" };
+        rtc.add_local_candidate(Candidate::host(addr, proto).unwrap());
         let mut api = rtc.sdp_api();
         let video_mid = api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
         api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
@@ -496,7 +573,15 @@ impl SimWorld {
             closed: false,
             record: false,
             arrivals: Vec::new(),
+            tcp,
         };
+        if let Some(t) = &v.tcp
+            && resp.code() == 201
+        {
+            let input = Input::TcpOpened { conn: t.conn, peer: addr, local: SERVER };
+            self.core.handle_input(input, self.now);
+            self.drain();
+        }
         if resp.code() == 201 {
             let answer =
                 SdpAnswer::from_sdp_string(std::str::from_utf8(&resp.body).unwrap()).unwrap();
@@ -746,6 +831,35 @@ impl SimWorld {
 
     fn deliver(&mut self, p: Packet) {
         let now = self.now;
+        if let Some(conn) = p.tcp {
+            if p.to == SERVER {
+                self.core.handle_input(Input::TcpData { conn, contents: &p.data }, now);
+                self.drain();
+                return;
+            }
+            let Some(i) = self.viewers.iter().position(|v| {
+                !v.closed && v.tcp.as_ref().is_some_and(|t| t.conn == conn && !t.closed)
+            }) else {
+                return;
+            };
+            let mut frames = Vec::new();
+            let v = &mut self.viewers[i];
+            if let Some(t) = &mut v.tcp
+                && t.reader.feed(&p.data, |f| frames.push(f.to_vec())).is_err()
+            {
+                t.closed = true;
+            }
+            let local = v.addr;
+            for f in frames {
+                let Ok(recv) = Receive::new(Protocol::Tcp, p.from, local, &f) else {
+                    continue;
+                };
+                // One frame at a time, each drained, as str0m wants its inputs.
+                let _ = self.viewers[i].rtc.handle_input(RtcInput::Receive(now, recv));
+                self.drain_viewer(i);
+            }
+            return;
+        }
         if p.to == SERVER {
             self.core.handle_input(
                 Input::Datagram { source: p.from, destination: p.to, contents: &p.data },
@@ -784,11 +898,20 @@ impl SimWorld {
                         if data.starts_with(&[0x00, 0x01]) {
                             self.last_check = Some(data.clone());
                         }
+                        let tcp = match (&v.tcp, t.proto) {
+                            (Some(c), Protocol::Tcp) if !c.closed => Some(c.conn),
+                            (Some(_), _) => continue,
+                            (None, _) => None,
+                        };
+                        if tcp.is_some() {
+                            data = crate::tcp::encode(&data).unwrap();
+                        }
                         self.net.push_back(Packet {
                             at: now + latency,
                             from: v.nat.unwrap_or(t.source),
                             to: t.destination,
                             data,
+                            tcp,
                         });
                     }
                 }
@@ -863,6 +986,10 @@ impl SimWorld {
             match out {
                 Output::Transmit(t) => {
                     self.sent += 1;
+                    if let Transport::Tcp(conn) = t.transport {
+                        self.queue_tcp(conn, t.contents);
+                        continue;
+                    }
                     if self.loss_every > 0 && self.sent.is_multiple_of(self.loss_every) {
                         self.lost += 1;
                         continue;
@@ -872,7 +999,20 @@ impl SimWorld {
                         from: t.source,
                         to: t.destination,
                         data: t.contents,
+                        tcp: None,
                     });
+                }
+                Output::CloseTcp { conn } => {
+                    self.tcp_closed.insert(conn);
+                    if let Some(t) = self
+                        .viewers
+                        .iter_mut()
+                        .filter_map(|v| v.tcp.as_mut())
+                        .find(|t| t.conn == conn)
+                    {
+                        t.closed = true;
+                    }
+                    self.core.handle_input(Input::TcpClosed { conn }, now);
                 }
                 Output::BindIngest { stream, ports, renditions } => {
                     let taken = self
@@ -935,7 +1075,44 @@ impl SimWorld {
                 Output::Mirror(m) => self.mirrors.push(m),
             }
         }
+        self.flush_tcp();
         self.core.check_invariants();
+    }
+
+    /// Queues a framed transmit in its connection's send queue, as a runtime does; a frame
+    /// that does not fit is reported dropped.
+    fn queue_tcp(&mut self, conn: ConnId, frame: Vec<u8>) {
+        let Some(t) = self
+            .viewers
+            .iter_mut()
+            .filter_map(|v| v.tcp.as_mut())
+            .find(|t| t.conn == conn && !t.closed)
+        else {
+            return;
+        };
+        if !t.queue.push(frame) {
+            let (frames, _) = t.queue.take_dropped();
+            t.dropped += frames;
+            self.core.handle_input(Input::TcpDropped { conn, frames }, self.now);
+        }
+    }
+
+    /// Puts what every TCP viewer that reads has queued on the wire.
+    fn flush_tcp(&mut self) {
+        let at = self.now + self.latency;
+        for v in &mut self.viewers {
+            let Some(t) = &mut v.tcp else { continue };
+            if t.stalled || t.closed || t.queue.is_empty() {
+                continue;
+            }
+            let mut data = Vec::with_capacity(t.queue.len());
+            while !t.queue.is_empty() {
+                let n = t.queue.front().len();
+                data.extend_from_slice(t.queue.front());
+                t.queue.advance(n);
+            }
+            self.net.push_back(Packet { at, from: SERVER, to: v.addr, data, tcp: Some(t.conn) });
+        }
     }
 
     /// Drops the core's pending outputs without executing them (benchmarks measure the core

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use str0m::change::SdpOffer;
 use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::media::{MediaKind, Mid, Pt};
-use str0m::net::{DatagramRecv, Protocol, Receive};
+use str0m::net::{DatagramRecv, Protocol, Receive, TcpType};
 use str0m::rtp::{Extension, ExtensionMap, RtpWrite, SeqNo, Ssrc};
 use str0m::{Candidate, IceCreds};
 use str0m::{Event as RtcEvent, IceConnectionState, Input as RtcInput, Output as RtcOutput, Rtc};
@@ -22,8 +22,9 @@ use crate::packet::SourcePacket;
 use crate::path::{self, Path};
 use crate::resend::{ResendBudget, Verdict};
 use crate::sdp::{self, OfferSummary};
+use crate::tcp::{self, ConnId};
 use crate::whep::Reject;
-use crate::{Output, Transmit};
+use crate::{Output, Transmit, Transport};
 
 /// A frame's length at 90 kHz and 30 fps: how far a rendition switch moves the timestamp.
 const FRAME_TICKS: u32 = 3000;
@@ -197,6 +198,9 @@ pub(crate) struct Viewer {
     pub(crate) unconnected_client: Option<IpAddr>,
     /// Remote ICE candidates given to str0m in this ICE generation (offer and PATCHes).
     pub(crate) remote_candidates: usize,
+    /// The addresses of its relayed (TURN) candidates, from its offer and PATCHes: media sent
+    /// to one of them goes through a relay (for `/metrics`' split by transport).
+    pub(crate) relays: Vec<SocketAddr>,
     pub(crate) keyframe_requests: u64,
     /// The viewer asked for a keyframe that the GOP cache will answer
     /// ([`CoreConfig::cached_keyframe_interval`](crate::CoreConfig::cached_keyframe_interval)), at the
@@ -219,6 +223,11 @@ pub(crate) struct Viewer {
     /// Its video is paced ([`LivePacing`]) since its reports showed loss, holding back at
     /// most this many packets; `None` while they have not.
     pub(crate) pacing: Option<(LivePacing, usize)>,
+    /// TCP connections bound to this viewer (ICE-TCP): the viewer's end of each, and the
+    /// runtime's name for it. At most [`CoreConfig::max_viewer_addresses`](crate::CoreConfig).
+    pub(crate) tcp: Vec<(SocketAddr, ConnId)>,
+    /// Its DTLS and media last went over TCP (for `/metrics`' split by transport).
+    pub(crate) media_tcp: bool,
 }
 
 /// A viewer's place on its stream's bitrate ladder (renditions of one codec): the rendition it
@@ -255,6 +264,15 @@ pub(crate) struct Ladder {
     /// that needs more is not tried until [`CEILING_AGE`] has passed.
     ceiling: Option<(u64, Instant)>,
 }
+
+/// Fraction lost in a report from which the loss is taken for the path's limit, not chance:
+/// a link that drops a fifth of what it is sent at random is unusable anyway, and one that
+/// loses it for want of capacity loses that much as soon as it is sent twice what it carries.
+pub(crate) const LOSS_HEAVY: f32 = 0.2;
+
+/// Share of a path's ceiling a paced viewer's video may take (the rest for audio,
+/// retransmissions and the rendition's peaks).
+pub(crate) const CEILING_PACE: f64 = 0.75;
 
 /// How long a path's measured ceiling ([`Ladder::note_delivery`]) holds moves up back.
 pub(crate) const CEILING_AGE: Duration = Duration::from_secs(30);
@@ -324,12 +342,30 @@ impl Ladder {
 
 impl Ladder {
     /// Notes what a report says the path delivered: under heavy loss (at or above
-    /// [`LOSS_DOWN`]), the rate sent less the fraction lost is about what the path carries.
+    /// [`LOSS_HEAVY`]), the rate sent less the fraction lost is about what the path carries.
+    /// The highest such measurement while fresh is kept (one taken while less was sent than
+    /// the path carries says too little); none is taken on keyframes only, where what is sent
+    /// is this server's choice, not the path's.
     pub(crate) fn note_delivery(&mut self, lost: f32, sent_rate: Option<u64>, now: Instant) {
-        if let Some(rate) = sent_rate.filter(|_| lost >= LOSS_DOWN) {
-            let delivered = (rate as f64 * f64::from(1.0 - lost.clamp(0.0, 1.0))) as u64;
-            self.ceiling = Some((delivered, now));
+        if self.keyframes_only {
+            return;
         }
+        if let Some(rate) = sent_rate.filter(|_| lost >= LOSS_HEAVY) {
+            let delivered = (rate as f64 * f64::from(1.0 - lost.clamp(0.0, 1.0))) as u64;
+            let fresh = self
+                .ceiling
+                .filter(|(_, at)| now.saturating_duration_since(*at) < CEILING_AGE)
+                .map_or(0, |(c, _)| c);
+            self.ceiling = Some((delivered.max(fresh), now));
+        }
+    }
+
+    /// The most a paced viewer's video may be sent at while the path's measured ceiling is
+    /// fresh ([`CEILING_PACE`] of it), in bytes per second.
+    pub(crate) fn pace_cap(&self, now: Instant) -> Option<u64> {
+        self.ceiling
+            .filter(|(_, at)| now.saturating_duration_since(*at) < CEILING_AGE)
+            .map(|(c, _)| (c as f64 * CEILING_PACE) as u64)
     }
 
     /// Whether a move up to a rung that needs `rate` bytes per second is held back by the
@@ -404,6 +440,7 @@ pub(crate) struct Seat {
     pub(crate) remote_creds: (String, String),
     pub(crate) unconnected_client: Option<IpAddr>,
     pub(crate) remote_candidates: usize,
+    pub(crate) relays: Vec<SocketAddr>,
     /// When it is closed unless it sends an ICE check (see [`Viewer::checked`]).
     pub(crate) deadline: Instant,
     pub(crate) now: Instant,
@@ -445,6 +482,16 @@ impl Answered {
                     rtc.add_local_candidate(c);
                 }
                 Err(e) => warn!(%addr, error = %e, "unusable host candidate"),
+            }
+        }
+        // ICE-TCP: passive candidates (the viewer connects), with str0m's lower type
+        // preference for TCP host candidates (90 against UDP's 126): UDP wins where it works.
+        for addr in &config.tcp_candidates {
+            match Candidate::builder().tcp().host(*addr).tcptype(TcpType::Passive).build() {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => warn!(%addr, error = %e, "unusable TCP host candidate"),
             }
         }
         let sdp_offer =
@@ -559,6 +606,7 @@ impl Answered {
             checked: false,
             unconnected_client: seat.unconnected_client,
             remote_candidates: seat.remote_candidates,
+            relays: seat.relays,
             keyframe_requests: 0,
             keyframe_wanted: false,
             gop_sent_at: None,
@@ -569,6 +617,8 @@ impl Answered {
             resend: self.resend,
             path: Path::default(),
             pacing: None,
+            tcp: Vec::new(),
+            media_tcp: false,
         };
         (viewer, self.answer)
     }
@@ -616,6 +666,17 @@ impl Viewer {
                         continue;
                     }
                     self.path.on_transmit(t.destination, &t.contents);
+                    let transport = match t.proto {
+                        Protocol::Udp => Transport::Udp,
+                        _ => match self.tcp.iter().find(|(peer, _)| *peer == t.destination) {
+                            Some((_, conn)) => Transport::Tcp(*conn),
+                            // Its connection closed: nowhere to send.
+                            None => continue,
+                        },
+                    };
+                    if matches!(t.contents.first(), Some(20..=63 | 128..=191)) {
+                        self.media_tcp = transport != Transport::Udp;
+                    }
                     if let Some(r) = &mut self.resend
                         && let Verdict::Drop { suspend } = r.budget.on_transmit(&t.contents, now)
                     {
@@ -626,10 +687,18 @@ impl Viewer {
                         }
                         continue;
                     }
+                    let contents = match transport {
+                        Transport::Udp => t.contents.into(),
+                        Transport::Tcp(_) => match tcp::encode(&t.contents) {
+                            Some(framed) => framed,
+                            None => continue,
+                        },
+                    };
                     out.push_back(Output::Transmit(Transmit {
+                        transport,
                         source: t.source,
                         destination: t.destination,
-                        contents: t.contents.into(),
+                        contents,
                     }));
                 }
                 Ok(RtcOutput::Timeout(t)) => {
@@ -1118,8 +1187,10 @@ impl Viewer {
     /// Nominates the pair the viewer's datagrams from `source` to our `destination` came on,
     /// with a USE-CANDIDATE check made with the session's credentials (see [`crate::path`]),
     /// and drains what follows (DTLS or media now on that path). False if str0m refused it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn nominate(
         &mut self,
+        proto: Protocol,
         source: SocketAddr,
         destination: SocketAddr,
         now: Instant,
@@ -1137,8 +1208,7 @@ impl Viewer {
         let Ok(contents) = DatagramRecv::try_from(&bytes[..]) else {
             return false;
         };
-        let input =
-            RtcInput::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
+        let input = RtcInput::Receive(now, Receive { proto, source, destination, contents });
         if !self.rtc.accepts(&input) {
             return false;
         }
@@ -1173,7 +1243,7 @@ impl Viewer {
         }
         self.path.candidate = None;
         self.path.heard_at = Some(now);
-        self.nominate(to, destination, now, grace, out, news)
+        self.nominate(Protocol::Udp, to, destination, now, grace, out, news)
     }
 
     /// Starts a graceful close (RTCP BYE, DTLS close_notify) and drains what it produces.

@@ -252,7 +252,7 @@ impl Sut {
     fn drain(&mut self) {
         while let Some(out) = self.core.poll_output() {
             match out {
-                Output::Transmit(_) => {}
+                Output::Transmit(_) | Output::CloseTcp { .. } => {}
                 Output::BindIngest { stream, ports, .. } => {
                     let taken = self
                         .bound

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use tracing::{error, info};
 use whep_server::cli::{self, CliError, Launch};
 
-use crate::Whep;
+use crate::{Tls, Whep};
 
 /// Runs `whepd` on smol with the process's arguments until Ctrl-C or SIGTERM.
 pub fn main() -> ExitCode {
@@ -19,9 +19,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // SIGTERM and SIGINT are blocked here, before any thread exists, so that every thread
-    // inherits the mask and only the waiter below receives them.
-    let signals = match shutdown_signals() {
+    // SIGTERM and SIGINT (and SIGHUP when serving HTTPS) are blocked here, before any thread
+    // exists, so that every thread inherits the mask and only the waiter below receives them.
+    let signals = match shutdown_signals(launch.tls.is_some()) {
         Ok(s) => s,
         Err(e) => {
             error!("cannot set up signal handling: {e}");
@@ -37,18 +37,22 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn shutdown_signals() -> nix::Result<nix::sys::signal::SigSet> {
+fn shutdown_signals(reload: bool) -> nix::Result<nix::sys::signal::SigSet> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
+    if reload {
+        set.add(Signal::SIGHUP);
+    }
     set.thread_block()?;
     Ok(set)
 }
 
 async fn run(launch: Launch, signals: nix::sys::signal::SigSet) -> Result<(), String> {
     crate::check_program(&launch.server.core.process.program, !launch.streams.is_empty())?;
-    let Launch { server, http: http_addr, streams } = launch;
+    let Launch { server, http: http_addr, tls, streams } = launch;
+    let tls = tls.map(Tls::from_files).transpose().map_err(|e| e.to_string())?;
     let udp = server.udp_bind;
     let whep =
         Whep::start(server).map_err(|e| format!("cannot bind the WebRTC UDP socket {udp}: {e}"))?;
@@ -59,23 +63,53 @@ async fn run(launch: Launch, signals: nix::sys::signal::SigSet) -> Result<(), St
     // The lines a person (or a test) starting whepd needs, on stdout so scripts can read them.
     #[allow(clippy::print_stdout)]
     {
-        println!("{}", cli::listening_line(http, whep.udp_addr()));
+        println!("{}", scheme(cli::listening_line(http, whep.udp_addr()), tls.is_some()));
     }
     for (name, spec) in streams {
         whep.add_stream(&name, spec).await.map_err(|e| format!("stream {name:?}: {e}"))?;
-        info!(stream = %name, url = %cli::player_url(http, &name), "stream added");
+        let url = scheme(cli::player_url(http, &name), tls.is_some());
+        info!(stream = %name, %url, "stream added");
         #[allow(clippy::print_stdout)]
         {
-            println!("{}", cli::watch_line(http, &name));
+            println!("{}", scheme(cli::watch_line(http, &name), tls.is_some()));
         }
     }
-    let shutdown = async {
-        match smol::unblock(move || signals.wait()).await {
-            Ok(sig) => info!("{sig}: shutting down"),
-            Err(e) => error!("waiting for signals failed: {e}; shutting down"),
+    let reload = tls.clone();
+    if let Some(tls) = tls.clone() {
+        // Reloads the certificate when its files change (and SIGHUP below, at once).
+        smol::spawn(async move {
+            loop {
+                smol::Timer::after(whep_server::tls::WATCH_INTERVAL).await;
+                let tls = tls.clone();
+                let _ = smol::unblock(move || tls.reload_if_changed()).await;
+            }
+        })
+        .detach();
+    }
+    let shutdown = async move {
+        loop {
+            match smol::unblock(move || signals.wait()).await {
+                Ok(nix::sys::signal::Signal::SIGHUP) => {
+                    info!("SIGHUP: reloading the TLS certificate");
+                    if let Some(tls) = reload.clone() {
+                        // File reads, off the executor; the outcome is logged by `reload`.
+                        let _ = smol::unblock(move || tls.reload()).await;
+                    }
+                }
+                Ok(sig) => return info!("{sig}: shutting down"),
+                Err(e) => return error!("waiting for signals failed: {e}; shutting down"),
+            }
         }
     };
-    whep.serve(listener, shutdown).await.map_err(|e| e.to_string())?;
+    match tls {
+        Some(tls) => whep.serve_tls(listener, tls, shutdown).await,
+        None => whep.serve(listener, shutdown).await,
+    }
+    .map_err(|e| e.to_string())?;
     whep.shutdown().await;
     Ok(())
+}
+
+fn scheme(line: String, tls: bool) -> String {
+    if tls { cli::over_tls(&line) } else { line }
 }

@@ -17,6 +17,7 @@ use http_types::{Request, Response, StatusCode};
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tracing::debug;
 use whep_core::{WhepRequest, WhepResponse};
+use whep_server::tls::Tls;
 
 use crate::Whep;
 
@@ -99,10 +100,13 @@ fn to_http_types(resp: WhepResponse) -> Response {
 /// are then finished gracefully. hyper does the framing (keep-alive, pipelining, chunked
 /// bodies; a transfer coding or `Content-Length` it cannot trust is refused with 400 and the
 /// connection closed). At most [`MAX_CONNECTIONS`] are served at once; a head must arrive
-/// within [`REQUEST_TIMEOUT`] and fit in [`MAX_HEAD`].
+/// within [`REQUEST_TIMEOUT`] and fit in [`MAX_HEAD`]. With `tls`, each connection is a TLS
+/// one whose handshake (with the configuration current when it was accepted) must end within
+/// [`REQUEST_TIMEOUT`].
 pub(crate) async fn serve(
     whep: Whep,
     listener: smol::net::TcpListener,
+    tls: Option<Tls>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     enum Next {
@@ -135,8 +139,23 @@ pub(crate) async fn serve(
             continue;
         }
         let (whep, active, stopped) = (whep.clone(), Arc::clone(&active), stopped.clone());
+        let acceptor = tls.as_ref().map(|tls| futures_rustls::TlsAcceptor::from(tls.config()));
         smol::spawn(async move {
-            connection(whep, stream, peer, stopped).await;
+            match acceptor {
+                None => connection(whep, stream, peer, stopped).await,
+                Some(acceptor) => {
+                    let handshake =
+                        smol::future::or(async { Some(acceptor.accept(stream).await) }, async {
+                            smol::Timer::after(REQUEST_TIMEOUT).await;
+                            None
+                        });
+                    match handshake.await {
+                        Some(Ok(stream)) => connection(whep, stream, peer, stopped).await,
+                        Some(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                        None => debug!(%peer, "TLS handshake too slow"),
+                    }
+                }
+            }
             active.fetch_sub(1, Ordering::AcqRel);
         })
         .detach();
@@ -145,12 +164,14 @@ pub(crate) async fn serve(
 
 /// Serves one connection's requests until it closes, or finishes the one in flight once the
 /// listener stops.
-async fn connection(
+async fn connection<S>(
     whep: Whep,
-    stream: smol::net::TcpStream,
+    stream: S,
     peer: SocketAddr,
     stopped: smol::channel::Receiver<()>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let whep = whep.clone();
         async move { Ok::<_, Infallible>(call_http(&whep, req, peer).await) }

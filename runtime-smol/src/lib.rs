@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 pub use whep_server::app::{AddError, ServerConfig};
 pub use whep_server::driver::{Engine, Subscription};
+pub use whep_server::tls::{Tls, TlsError, TlsFiles};
 
 mod http;
 mod runtime;
@@ -99,7 +100,20 @@ impl Whep {
         listener: smol::net::TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
-        http::serve(self.clone(), listener, shutdown).await
+        http::serve(self.clone(), listener, None, shutdown).await
+    }
+
+    /// Serves every application route over HTTPS (HTTP/1.1 over TLS, hyper's framing) on
+    /// `listener` until `shutdown` completes. Each connection is served with `tls`'s
+    /// configuration of the moment it is accepted: [`Tls::reload`] or [`Tls::set`] changes the
+    /// certificate for new connections without touching open ones or any viewer.
+    pub async fn serve_tls(
+        &self,
+        listener: smol::net::TcpListener,
+        tls: Tls,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
+        http::serve(self.clone(), listener, Some(tls), shutdown).await
     }
 }
 

@@ -15,7 +15,9 @@ use smol::io::{AsyncBufReadExt, BufReader};
 use smol::stream::StreamExt;
 use tracing::{debug, warn};
 use whep_core::StreamId;
-use whep_server::driver::{ProcessExit, Received, Runtime, Timer, UdpSocket};
+use whep_server::driver::{
+    ProcessExit, Received, Runtime, TcpListener, TcpStream, Timer, UdpSocket,
+};
 
 type Spawner = Arc<dyn Fn(Pin<Box<dyn Future<Output = ()> + Send>>) + Send + Sync>;
 
@@ -155,9 +157,73 @@ impl Timer for SmolTimer {
     }
 }
 
+/// An async-io TCP listener for ICE-TCP.
+#[derive(Debug)]
+struct SmolTcpListener(smol::Async<std::net::TcpListener>);
+
+impl TcpListener for SmolTcpListener {
+    fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(Box<dyn TcpStream>, SocketAddr)>> {
+        loop {
+            std::task::ready!(self.0.poll_readable(cx))?;
+            match self.0.get_ref().accept() {
+                Ok((stream, peer)) => {
+                    whep_server::ice_tcp_setup(&stream);
+                    let stream = smol::Async::new(stream)?;
+                    return Poll::Ready(Ok((Box::new(SmolTcpStream(stream)), peer)));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+}
+
+/// An accepted ICE-TCP connection on async-io.
+#[derive(Debug)]
+struct SmolTcpStream(smol::Async<std::net::TcpStream>);
+
+impl TcpStream for SmolTcpStream {
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        use std::io::Read;
+        loop {
+            std::task::ready!(self.0.poll_readable(cx))?;
+            match (&mut self.0.get_ref()).read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        use std::io::Write;
+        loop {
+            std::task::ready!(self.0.poll_writable(cx))?;
+            match (&mut self.0.get_ref()).write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+}
+
 impl Runtime for SmolRuntime {
     type UdpSocket = SmolUdp;
     type Timer = SmolTimer;
+
+    fn bind_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn TcpListener>> {
+        Ok(Box::new(SmolTcpListener(smol::Async::<std::net::TcpListener>::bind(addr)?)))
+    }
 
     fn bind_udp(&self, addr: SocketAddr) -> io::Result<SmolUdp> {
         let socket = smol::Async::<std::net::UdpSocket>::bind(addr)?;

@@ -10,7 +10,9 @@
 //! - `http://127.0.0.1:8081/`: the application's own hyper server, which answers `/hello` itself
 //!   and hands `/whep/...` to [`Whep::whep_service`] (the WHEP routes only);
 //! - `http://127.0.0.1:8080/`: the engine's own listener ([`Whep::serve`]) with the player page,
-//!   `/metrics` and the admin API; open `http://127.0.0.1:8080/?stream=demo`.
+//!   `/metrics` and the admin API; open `http://127.0.0.1:8080/?stream=demo`. With
+//!   `TLS_CERT` and `TLS_KEY` naming PEM files it serves HTTPS ([`Whep::serve_tls`]) and
+//!   reloads them when they change.
 //!
 //! Ctrl-C closes every viewer, stops FFmpeg and exits.
 
@@ -22,7 +24,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use whep_core::Event;
 use whep_server::app::StreamSpec;
-use whep_tokio::{ServerConfig, Whep};
+use whep_tokio::{ServerConfig, Tls, TlsFiles, Whep};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -80,11 +82,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2. The engine's own listener, until Ctrl-C; then a clean shutdown.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-    tracing::info!("open http://127.0.0.1:8080/?stream=demo");
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    whep.serve(listener, ctrl_c).await?;
+    match (std::env::var_os("TLS_CERT"), std::env::var_os("TLS_KEY")) {
+        (Some(cert), Some(key)) => {
+            let tls = Tls::from_files(TlsFiles { cert: cert.into(), key: key.into() })?;
+            let watched = tls.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(whep_server::tls::WATCH_INTERVAL).await;
+                    let tls = watched.clone();
+                    let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
+                }
+            });
+            tracing::info!("open https://127.0.0.1:8080/?stream=demo");
+            whep.serve_tls(listener, tls, ctrl_c).await?;
+        }
+        _ => {
+            tracing::info!("open http://127.0.0.1:8080/?stream=demo");
+            whep.serve(listener, ctrl_c).await?;
+        }
+    }
     whep.shutdown().await;
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use tracing::{error, info};
 use whep_server::cli::{self, CliError, Launch};
 
-use crate::Whep;
+use crate::{Tls, Whep};
 
 /// Runs `whepd` with the process's arguments until Ctrl-C or SIGTERM.
 pub fn main() -> ExitCode {
@@ -41,7 +41,8 @@ pub fn main() -> ExitCode {
 
 async fn run(launch: Launch) -> Result<(), String> {
     crate::check_program(&launch.server.core.process.program, !launch.streams.is_empty())?;
-    let Launch { server, http: http_addr, streams } = launch;
+    let Launch { server, http: http_addr, tls, streams } = launch;
+    let tls = tls.map(Tls::from_files).transpose().map_err(|e| e.to_string())?;
     let udp = server.udp_bind;
     let whep =
         Whep::start(server).map_err(|e| format!("cannot bind the WebRTC UDP socket {udp}: {e}"))?;
@@ -52,14 +53,15 @@ async fn run(launch: Launch) -> Result<(), String> {
     // The lines a person (or a test) starting whepd needs, on stdout so scripts can read them.
     #[allow(clippy::print_stdout)]
     {
-        println!("{}", cli::listening_line(http, whep.udp_addr()));
+        println!("{}", scheme(cli::listening_line(http, whep.udp_addr()), tls.is_some()));
     }
     for (name, spec) in streams {
         whep.add_stream(&name, spec).await.map_err(|e| format!("stream {name:?}: {e}"))?;
-        info!(stream = %name, url = %cli::player_url(http, &name), "stream added");
+        let url = scheme(cli::player_url(http, &name), tls.is_some());
+        info!(stream = %name, %url, "stream added");
         #[allow(clippy::print_stdout)]
         {
-            println!("{}", cli::watch_line(http, &name));
+            println!("{}", scheme(cli::watch_line(http, &name), tls.is_some()));
         }
     }
     let shutdown = async {
@@ -76,7 +78,47 @@ async fn run(launch: Launch) -> Result<(), String> {
             _ = term.recv() => info!("SIGTERM: shutting down"),
         }
     };
-    whep.serve(listener, shutdown).await.map_err(|e| e.to_string())?;
+    match tls {
+        Some(tls) => {
+            reload_on_sighup(tls.clone())?;
+            whep.serve_tls(listener, tls, shutdown).await
+        }
+        None => whep.serve(listener, shutdown).await,
+    }
+    .map_err(|e| e.to_string())?;
     whep.shutdown().await;
+    Ok(())
+}
+
+fn scheme(line: String, tls: bool) -> String {
+    if tls { cli::over_tls(&line) } else { line }
+}
+
+/// Re-reads the certificate on every SIGHUP, and when its files change, for connections
+/// accepted after it.
+fn reload_on_sighup(tls: Tls) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
+    tokio::spawn(async move {
+        let mut watch = tokio::time::interval(whep_server::tls::WATCH_INTERVAL);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let tls = tls.clone();
+            // File reads, off the runtime's threads; the outcome is logged by `reload`.
+            tokio::select! {
+                hup = hup.recv() => {
+                    if hup.is_none() {
+                        return;
+                    }
+                    info!("SIGHUP: reloading the TLS certificate");
+                    let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
+                }
+                _ = watch.tick() => {
+                    let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed()).await;
+                }
+            }
+        }
+    });
     Ok(())
 }

@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 use whep_core::{WhepRequest, WhepResponse};
+use whep_server::tls::Tls;
 
 use crate::Whep;
 
@@ -152,10 +153,13 @@ where
 
 /// Accepts HTTP/1.1 connections on `listener` until `shutdown` completes; connections in flight
 /// are then finished gracefully. At most [`MAX_CONNECTIONS`] are served at once; a head must
-/// arrive within [`REQUEST_TIMEOUT`] and fit in 64 KiB.
+/// arrive within [`REQUEST_TIMEOUT`] and fit in 64 KiB. With `tls`, each connection is a TLS
+/// one whose handshake (with the configuration current when it was accepted) must end within
+/// [`REQUEST_TIMEOUT`].
 pub(crate) async fn serve(
     service: WhepService,
     listener: TcpListener,
+    tls: Option<Tls>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut shutdown = std::pin::pin!(shutdown);
@@ -180,29 +184,50 @@ pub(crate) async fn serve(
             continue;
         };
         let service = service.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let acceptor = tls.as_ref().map(|tls| tokio_rustls::TlsAcceptor::from(tls.config()));
         tokio::spawn(async move {
             let _slot = slot;
-            let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
-                req.extensions_mut().insert(ClientAddr(peer));
-                let service = service.clone();
-                async move { Ok::<_, Infallible>(service.call_http(req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(REQUEST_TIMEOUT)
-                .max_header_size(MAX_HEAD)
-                .serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { debug!(%peer, error = %e, "connection ended") },
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            let Some(acceptor) = acceptor else {
+                return connection(service, stream, peer, stop).await;
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => connection(service, stream, peer, stop).await,
+                Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => debug!(%peer, "TLS handshake too slow"),
             }
         });
     }
     let _ = stop_tx.send(true);
     Ok(())
+}
+
+/// Serves one connection's requests until it closes, or finishes the one in flight once the
+/// listener stops.
+async fn connection<S>(
+    service: WhepService,
+    stream: S,
+    peer: SocketAddr,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
+        req.extensions_mut().insert(ClientAddr(peer));
+        let service = service.clone();
+        async move { Ok::<_, Infallible>(service.call_http(req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_header_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { debug!(%peer, error = %e, "connection ended") },
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }

@@ -33,6 +33,7 @@ use std::ops::Deref;
 
 pub use whep_server::app::{AddError, ServerConfig};
 pub use whep_server::driver::{Engine, Subscription};
+pub use whep_server::tls::{Tls, TlsError, TlsFiles};
 
 mod http;
 mod runtime;
@@ -93,7 +94,20 @@ impl Whep {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
-        http::serve(self.service(), listener, shutdown).await
+        http::serve(self.service(), listener, None, shutdown).await
+    }
+
+    /// Serves [`Whep::service`] over HTTPS (HTTP/1.1 over TLS) on `listener` until `shutdown`
+    /// completes. Each connection is served with `tls`'s configuration of the moment it is
+    /// accepted: [`Tls::reload`] or [`Tls::set`] changes the certificate for new connections
+    /// without touching open ones or any viewer.
+    pub async fn serve_tls(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: Tls,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
+        http::serve(self.service(), listener, Some(tls), shutdown).await
     }
 }
 

@@ -13,7 +13,9 @@ use std::time::{Instant, SystemTime};
 use tokio::io::{AsyncBufReadExt, BufReader, ReadBuf};
 use tracing::{debug, warn};
 use whep_core::StreamId;
-use whep_server::driver::{ProcessExit, Received, Runtime, Timer, UdpSocket};
+use whep_server::driver::{
+    ProcessExit, Received, Runtime, TcpListener, TcpStream, Timer, UdpSocket,
+};
 
 /// The tokio runtime the engine was started on.
 #[derive(Debug, Clone)]
@@ -159,6 +161,83 @@ impl Timer for TokioTimer {
     }
 }
 
+/// A tokio TCP listener for ICE-TCP, registered, like [`TokioUdp`], with the reactor of the
+/// runtime it is first polled on (a shard's own).
+#[derive(Debug)]
+pub(crate) struct TokioTcpListener {
+    bound: std::net::TcpListener,
+    listener: std::sync::OnceLock<tokio::net::TcpListener>,
+    handle: tokio::runtime::Handle,
+}
+
+impl TokioTcpListener {
+    fn listener(&self) -> io::Result<&tokio::net::TcpListener> {
+        if let Some(l) = self.listener.get() {
+            return Ok(l);
+        }
+        let std = self.bound.try_clone()?;
+        let listener = match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::net::TcpListener::from_std(std)?,
+            Err(_) => {
+                let _guard = self.handle.enter();
+                tokio::net::TcpListener::from_std(std)?
+            }
+        };
+        let _ = self.listener.set(listener);
+        self.listener.get().ok_or_else(|| io::Error::other("listener registration lost"))
+    }
+}
+
+impl TcpListener for TokioTcpListener {
+    fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(Box<dyn TcpStream>, SocketAddr)>> {
+        let listener = match self.listener() {
+            Ok(l) => l,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        listener.poll_accept(cx).map_ok(|(stream, peer)| {
+            whep_server::ice_tcp_setup(&stream);
+            (Box::new(TokioTcpStream(stream)) as Box<dyn TcpStream>, peer)
+        })
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.bound.local_addr()
+    }
+}
+
+/// An accepted ICE-TCP connection on tokio.
+#[derive(Debug)]
+struct TokioTcpStream(tokio::net::TcpStream);
+
+impl TcpStream for TokioTcpStream {
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
 impl Runtime for TokioRuntime {
     type UdpSocket = TokioUdp;
     type Timer = TokioTimer;
@@ -261,5 +340,15 @@ impl Runtime for TokioRuntime {
 
     fn now(&self) -> Instant {
         Instant::now()
+    }
+
+    fn bind_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn TcpListener>> {
+        let bound = std::net::TcpListener::bind(addr)?;
+        bound.set_nonblocking(true)?;
+        Ok(Box::new(TokioTcpListener {
+            bound,
+            listener: std::sync::OnceLock::new(),
+            handle: self.handle.clone(),
+        }))
     }
 }

@@ -2,11 +2,17 @@
 //!
 //! Every request opens a fresh connection and sends `Connection: close`. The response body is
 //! read by `Transfer-Encoding: chunked`, by `Content-Length`, or until EOF, in that order of
-//! preference. Reads and writes time out after [`TIMEOUT`].
+//! preference. Reads and writes time out after [`TIMEOUT`]. A server registered with [`trust`]
+//! is spoken to over TLS (rustls, trusting the CA given there), so that [`request`] and
+//! everything built on it (the str0m viewer's POST and DELETE) work against an HTTPS server.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 /// Connect, read and write timeout of every request.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,12 +82,15 @@ pub fn request(
     let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
-    let mut writer = &stream;
-    writer.write_all(head.as_bytes())?;
-    writer.write_all(body)?;
-    writer.flush()?;
+    let mut conn: Box<dyn ReadWrite> = match trusted(addr) {
+        Some(config) => Box::new(tls_stream(config, addr, stream)?),
+        None => Box::new(stream),
+    };
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body)?;
+    conn.flush()?;
 
-    let mut reader = BufReader::new(&stream);
+    let mut reader = BufReader::new(conn);
     let is_head = method.eq_ignore_ascii_case("HEAD");
     loop {
         let (status, headers) = read_head(&mut reader)?;
@@ -96,6 +105,68 @@ pub fn request(
         tracing::debug!(method, target, status, len = response.body.len(), "HTTP response");
         return Ok(response);
     }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Servers spoken to over TLS, with the client configuration for each.
+static TRUSTED: Mutex<Vec<(SocketAddr, Arc<rustls::ClientConfig>)>> = Mutex::new(Vec::new());
+
+/// Speaks TLS to `addr` from now on (in [`request`] and its users), trusting the CA
+/// certificates in `ca_pem` (and nothing else) for it. The server must be named by an IP
+/// address in its certificate (`subjectAltName=IP:…`).
+///
+/// # Panics
+///
+/// When `ca_pem` holds no certificate.
+pub fn trust(addr: SocketAddr, ca_pem: &[u8]) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.expect("a PEM certificate")).expect("a CA certificate");
+    }
+    assert!(!roots.is_empty(), "no CA certificate to trust");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut trusted = TRUSTED.lock().unwrap_or_else(PoisonError::into_inner);
+    trusted.retain(|(a, _)| *a != addr);
+    trusted.push((addr, Arc::new(config)));
+}
+
+fn trusted(addr: SocketAddr) -> Option<Arc<rustls::ClientConfig>> {
+    let trusted = TRUSTED.lock().unwrap_or_else(PoisonError::into_inner);
+    trusted.iter().find(|(a, _)| *a == addr).map(|(_, c)| Arc::clone(c))
+}
+
+fn tls_stream(
+    config: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    stream: TcpStream,
+) -> io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let name = ServerName::IpAddress(addr.ip().into());
+    let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+    Ok(rustls::StreamOwned::new(conn, stream))
+}
+
+/// Makes a TLS handshake with `addr` (registered with [`trust`]) and returns the certificate
+/// chain the server presented, leaf first (DER); `Err` when the handshake fails, for example
+/// because the server's certificate is not trusted.
+pub fn peer_certificates(addr: SocketAddr) -> io::Result<Vec<Vec<u8>>> {
+    let config = trusted(addr).ok_or_else(|| invalid_input("no TLS trust for this address"))?;
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let mut tls = tls_stream(config, addr, stream)?;
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    let certs = tls.conn.peer_certificates().unwrap_or_default();
+    Ok(certs.iter().map(|c| c.to_vec()).collect())
 }
 
 /// Writes `bytes` as they are (a hand-made, possibly broken request) on a fresh connection and

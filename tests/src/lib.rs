@@ -12,6 +12,7 @@ pub mod links;
 pub mod netns;
 pub mod players;
 pub mod relay;
+pub mod tls;
 pub mod turn;
 pub mod viewer;
 
@@ -49,6 +50,8 @@ pub struct Server {
     pub http: SocketAddr,
     /// Its WebRTC UDP address.
     pub udp: SocketAddr,
+    /// Whether it serves HTTPS (started with `--tls-cert`).
+    pub https: bool,
     /// Its ingest port range.
     pub ingest: (u16, u16),
     log: mpsc::Receiver<String>,
@@ -124,15 +127,18 @@ impl Server {
             child: Some(child),
             http: SocketAddr::from(([0, 0, 0, 0], 0)),
             udp: SocketAddr::from(([0, 0, 0, 0], 0)),
+            https: false,
             ingest,
             log,
             lines: Vec::new(),
         };
         let line = server
-            .wait_line(Duration::from_secs(20), |l| l.starts_with("whepd: listening on http://"))
+            .wait_line(Duration::from_secs(20), |l| l.starts_with("whepd: listening on http"))
             .unwrap_or_else(|| panic!("server did not start:\n{}", server.output()));
-        // "whepd: listening on http://127.0.0.1:PORT (WebRTC UDP 127.0.0.1:PORT)"
-        let rest = &line["whepd: listening on http://".len()..];
+        // "whepd: listening on http://127.0.0.1:PORT (WebRTC UDP 127.0.0.1:PORT)", or https://
+        let rest = &line["whepd: listening on ".len()..];
+        server.https = rest.starts_with("https://");
+        let rest = rest.trim_start_matches("https://").trim_start_matches("http://");
         let (http, rest) = rest.split_once(' ').unwrap_or((rest, ""));
         server.http = http.parse().unwrap_or_else(|_| panic!("bad address in {line:?}"));
         let udp = rest.trim_start_matches("(WebRTC UDP ").trim_end_matches(')');
@@ -441,6 +447,21 @@ pub mod chromium {
     ///
     /// When Chromium is not installed (the test command installs it).
     pub fn run_page_in(netns: Option<&str>, url: &str, timeout: Duration) -> PageRun {
+        run_page_with(netns, url, timeout, &[])
+    }
+
+    /// [`run_page_in`] with `extra` browser flags (e.g.
+    /// `--ignore-certificate-errors-spki-list=…` for a test certificate).
+    ///
+    /// # Panics
+    ///
+    /// When Chromium is not installed (the test command installs it).
+    pub fn run_page_with(
+        netns: Option<&str>,
+        url: &str,
+        timeout: Duration,
+        extra: &[String],
+    ) -> PageRun {
         let bin = binary();
         assert!(
             Path::new(&bin).exists(),
@@ -486,6 +507,7 @@ pub mod chromium {
                 "--v=0",
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
             .arg(url)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

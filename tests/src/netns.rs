@@ -8,7 +8,8 @@
 //! the namespace. Namespaces left by a process that died without unwinding (SIGKILL) are
 //! removed by the next [`Netns::create`] when their pid is gone.
 //!
-//! Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and `ip` from iproute2; no iptables.
+//! Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and `ip` from iproute2; `nft` for
+//! [`Netns::drop_udp_to`].
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -180,6 +181,51 @@ impl Netns {
     pub fn udp_rcvbuf_errors(&self) -> Option<u64> {
         let out = self.run("cat", &["/proc/net/snmp"]).ok()?;
         udp_rcvbuf_errors(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Drops every UDP datagram the namespace sends to `addr` (an nftables rule inside it),
+    /// as a network that allows only TCP out does: a viewer inside must use ICE over TCP.
+    ///
+    /// # Errors
+    ///
+    /// When `nft` is missing or the kernel refuses the rule.
+    pub fn drop_udp_to(&self, addr: std::net::IpAddr) -> io::Result<()> {
+        let family = if addr.is_ipv4() { "ip" } else { "ip6" };
+        let rules = format!(
+            "table inet whep_e2e {{\n chain out {{\n  type filter hook output priority 0; \
+             policy accept;\n  {family} daddr {addr} meta l4proto udp counter drop\n }}\n}}\n"
+        );
+        let out = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(rules.as_bytes())?;
+                }
+                child.wait_with_output()
+            })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "nft in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+
+    /// UDP datagrams dropped by [`drop_udp_to`](Self::drop_udp_to)'s rule so far.
+    pub fn udp_dropped(&self) -> Option<u64> {
+        let out = self.run("nft", &["list", "table", "inet", "whep_e2e"]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let at = text.find("counter packets ")? + "counter packets ".len();
+        text[at..].split_whitespace().next()?.parse().ok()
     }
 
     /// Pids of the processes running inside.

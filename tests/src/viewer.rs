@@ -29,8 +29,8 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
-use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
 use std::thread::{self, JoinHandle};
@@ -158,6 +158,9 @@ pub struct Stats {
     pub max_video_gap: Duration,
     /// Times more than 100 ms passed between two video packets' arrivals.
     pub video_gaps_over_100ms: u64,
+    /// Times more than a second passed between two video packets' arrivals (a pause no load
+    /// on the machine explains; a blocked server loop would show here).
+    pub video_gaps_over_1s: u64,
 }
 
 impl Stats {
@@ -169,6 +172,9 @@ impl Stats {
             self.max_video_gap = self.max_video_gap.max(gap);
             if gap > Duration::from_millis(100) {
                 self.video_gaps_over_100ms += 1;
+            }
+            if gap > Duration::from_secs(1) {
+                self.video_gaps_over_1s += 1;
             }
         }
         self.last_video_at = Some(now);
@@ -324,6 +330,7 @@ pub struct ViewerOptions {
     recv_buffer: Option<usize>,
     retries: Arc<AtomicU64>,
     vp8: bool,
+    tcp: Option<Option<usize>>,
 }
 
 impl ViewerOptions {
@@ -381,6 +388,15 @@ impl ViewerOptions {
     }
 
     /// 429 answers retried so far by every connect that used these options or a clone.
+    /// ICE over TCP only (RFC 6544): the viewer offers no UDP candidate and connects to the
+    /// server's passive TCP candidate from the answer, asking for `rcvbuf` bytes of receive
+    /// buffer when given (a small one makes a stall felt at once). Not on a [`Hub`].
+    #[must_use]
+    pub fn tcp(mut self, rcvbuf: Option<usize>) -> Self {
+        self.tcp = Some(rcvbuf);
+        self
+    }
+
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
     }
@@ -461,6 +477,8 @@ pub struct Viewer {
     stop: Arc<AtomicU8>,
     pli: Arc<AtomicBool>,
     runner: Runner,
+    /// Set: a TCP viewer stops reading its connection ([`Viewer::stall`]).
+    stall: Arc<AtomicBool>,
 }
 
 /// What runs a viewer's [`Worker`].
@@ -531,10 +549,12 @@ impl Viewer {
             config = config.set_dtls_cert(cert);
         }
         let mut rtc = config.build(Instant::now());
-        let candidate = Candidate::host(local_addr, "udp")
-            .map_err(|e| ViewerError::Sdp(format!("host candidate {local_addr}: {e}")))?;
-        if rtc.add_local_candidate(candidate).is_none() {
-            return Err(ViewerError::Sdp(format!("host candidate {local_addr} not accepted")));
+        if options.tcp.is_none() {
+            let candidate = Candidate::host(local_addr, "udp")
+                .map_err(|e| ViewerError::Sdp(format!("host candidate {local_addr}: {e}")))?;
+            if rtc.add_local_candidate(candidate).is_none() {
+                return Err(ViewerError::Sdp(format!("host candidate {local_addr} not accepted")));
+            }
         }
         let mut api = rtc.sdp_api();
         let video_mid = api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
@@ -581,6 +601,21 @@ impl Viewer {
         rtc.sdp_api()
             .accept_answer(pending, parsed)
             .map_err(|e| ViewerError::Sdp(format!("answer not accepted: {e}")))?;
+        let stall = Arc::new(AtomicBool::new(false));
+        let mut local_addr = local_addr;
+        let tcp = match options.tcp {
+            None => None,
+            Some(rcvbuf) => {
+                let link = TcpLink::connect(&answer, server, rcvbuf, Arc::clone(&stall))?;
+                local_addr = link.local;
+                let candidate = Candidate::host(local_addr, "tcp")
+                    .map_err(|e| ViewerError::Sdp(format!("TCP candidate {local_addr}: {e}")))?;
+                if rtc.add_local_candidate(candidate).is_none() {
+                    return Err(ViewerError::Sdp(format!("TCP candidate {local_addr} refused")));
+                }
+                Some(link)
+            }
+        };
 
         let stats = Arc::new(Mutex::new(Stats {
             ice_state: "New".to_owned(),
@@ -610,8 +645,9 @@ impl Viewer {
             keyframe_seen: false,
             scheduled: None,
             done: None,
+            tcp,
         };
-        let runner = if let Some(hub) = &options.hub {
+        let runner = if let Some(hub) = options.hub.as_ref().filter(|_| options.tcp.is_none()) {
             let (done_tx, done) = mpsc::channel();
             worker.done = Some(done_tx);
             let token = hub.add(worker).map_err(ViewerError::Io)?;
@@ -637,7 +673,14 @@ impl Viewer {
             stop,
             pli,
             runner,
+            stall,
         })
+    }
+
+    /// A TCP viewer ([`ViewerOptions::tcp`]) stops reading its connection, as a client that
+    /// cannot keep up does; it goes on driving str0m's timers.
+    pub fn stall(&self) {
+        self.stall.store(true, Ordering::SeqCst);
     }
 
     /// A snapshot of the counters.
@@ -830,6 +873,57 @@ struct Worker {
     scheduled: Option<Instant>,
     /// On a hub: dropped with the worker, which tells [`Viewer::shutdown`] it is done.
     done: Option<mpsc::Sender<()>>,
+    /// The ICE-TCP connection of a TCP viewer.
+    tcp: Option<TcpLink>,
+}
+
+/// A TCP viewer's connection to the server's passive candidate, RFC 4571 framed.
+struct TcpLink {
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    reader: whep_core::tcp::FrameReader,
+    stall: Arc<AtomicBool>,
+}
+
+impl TcpLink {
+    /// Connects to the answer's TCP candidate at the server's address (or loopback).
+    fn connect(
+        answer: &str,
+        server: SocketAddr,
+        rcvbuf: Option<usize>,
+        stall: Arc<AtomicBool>,
+    ) -> Result<Self, ViewerError> {
+        let candidates: Vec<SocketAddr> = answer
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("a=candidate:"))
+            .filter_map(|c| {
+                let f: Vec<&str> = c.split_whitespace().collect();
+                let tcp = f.get(2).is_some_and(|p| p.eq_ignore_ascii_case("tcp"));
+                let addr = format!("{}:{}", f.get(4)?, f.get(5)?).parse().ok()?;
+                tcp.then_some(addr)
+            })
+            .collect();
+        let peer = candidates
+            .iter()
+            .find(|a| a.ip() == server.ip())
+            .or_else(|| {
+                candidates.iter().find(|a| a.ip().is_loopback() == server.ip().is_loopback())
+            })
+            .or(candidates.first())
+            .copied()
+            .ok_or_else(|| {
+                ViewerError::Sdp(format!("no TCP candidate in the answer:\n{answer}"))
+            })?;
+        let stream =
+            TcpStream::connect_timeout(&peer, Duration::from_secs(5)).map_err(ViewerError::Io)?;
+        stream.set_nodelay(true).map_err(ViewerError::Io)?;
+        if let Some(bytes) = rcvbuf {
+            setsockopt(&stream, sockopt::RcvBuf, &bytes).map_err(|e| ViewerError::Io(e.into()))?;
+        }
+        let local = stream.local_addr().map_err(ViewerError::Io)?;
+        Ok(Self { stream, peer, local, reader: whep_core::tcp::FrameReader::default(), stall })
+    }
 }
 
 impl Worker {
@@ -858,6 +952,12 @@ impl Worker {
             };
             let now = Instant::now();
             let wait = deadline.saturating_duration_since(now).clamp(MIN_WAIT, MAX_WAIT);
+            if self.tcp.is_some() {
+                if let Err(reason) = self.read_tcp(&mut buf, wait) {
+                    return reason;
+                }
+                continue;
+            }
             if let Err(e) = self.socket.set_read_timeout(Some(wait)) {
                 return format!("socket error: {e}");
             }
@@ -914,6 +1014,38 @@ impl Worker {
         }
     }
 
+    /// Waits up to `wait` for bytes on the TCP connection and hands str0m each frame they
+    /// complete (draining it after each); a stalled viewer only sleeps.
+    fn read_tcp(&mut self, buf: &mut [u8], wait: Duration) -> Result<(), String> {
+        let Some(link) = &mut self.tcp else { return Ok(()) };
+        if link.stall.load(Ordering::SeqCst) {
+            thread::sleep(wait);
+            self.input(Input::Timeout(Instant::now()));
+            return Ok(());
+        }
+        link.stream.set_read_timeout(Some(wait)).map_err(|e| format!("TCP error: {e}"))?;
+        let n = match link.stream.read(buf) {
+            Ok(0) => return Err("TCP connection closed by the server".to_owned()),
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                self.input(Input::Timeout(Instant::now()));
+                return Ok(());
+            }
+            Err(e) => return Err(format!("TCP error: {e}")),
+        };
+        let mut frames = Vec::new();
+        let peer = link.peer;
+        link.reader
+            .feed(&buf[..n], |f| frames.push(f.to_vec()))
+            .map_err(|e| format!("TCP framing: {e}"))?;
+        for f in frames {
+            if self.on_datagram(&f, peer, Instant::now()) {
+                self.drain()?;
+            }
+        }
+        Ok(())
+    }
+
     /// One datagram from the socket. Returns whether str0m got it (then it may have output to
     /// send: call [`Worker::step`]).
     fn on_datagram(&mut self, data: &[u8], source: SocketAddr, now: Instant) -> bool {
@@ -928,7 +1060,8 @@ impl Worker {
                 return false;
             }
         }
-        match Receive::new(Protocol::Udp, source, self.local_addr, data) {
+        let proto = if self.tcp.is_some() { Protocol::Tcp } else { Protocol::Udp };
+        match Receive::new(proto, source, self.local_addr, data) {
             Ok(receive) => self.input(Input::Receive(now, receive)),
             Err(e) => tracing::debug!(%source, "dropping unparsable datagram: {e}"),
         }
@@ -986,6 +1119,13 @@ impl Worker {
         loop {
             match self.rtc.poll_output() {
                 Ok(Output::Timeout(deadline)) => return Ok(deadline),
+                Ok(Output::Transmit(t)) if t.proto == Protocol::Tcp => {
+                    let Some(link) = &mut self.tcp else { continue };
+                    let Some(frame) = whep_core::tcp::encode(&t.contents) else { continue };
+                    if let Err(e) = link.stream.write_all(&frame) {
+                        return Err(format!("TCP write failed: {e}"));
+                    }
+                }
                 Ok(Output::Transmit(t)) => {
                     if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
                         tracing::debug!(destination = %t.destination, "send failed: {e}");

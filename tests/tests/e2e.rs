@@ -70,6 +70,9 @@ fn chromium_plays_demo(bin: &str) {
     // The page offers H264 with its retransmission format, so a lost packet can be resent.
     assert_eq!(chromium::field(&verdict, "rtx"), Some("1"), "no RTX negotiated: {verdict}");
     assert_eq!(chromium::field(&verdict, "codec"), Some("video/H264"), "{verdict}");
+    // The answer carries ICE-TCP candidates too; where UDP works, UDP wins.
+    assert_eq!(chromium::field(&verdict, "proto"), Some("udp"), "{verdict}");
+    assert_eq!(server.metric("whep_tcp_frames_in_total"), Some(0.0), "{verdict}");
     let ms = chromium::field(&verdict, "firstFrameMs").and_then(|v| v.parse::<u64>().ok());
     assert!(ms.is_some_and(|ms| ms > 0), "firstFrameMs missing: {verdict}");
     tracing::info!(

@@ -19,6 +19,8 @@
 //! | `ingest-PORT`, two per started stream | `recv`, waking every 100 ms to check a stop flag | `Msg::Ingest` |
 //! | `http-accept`, and `http` per connection | `accept`; reading one HTTP/1.1 request | `Msg::Http` with a reply channel |
 //! | `ffmpeg-wait` and `ffmpeg-log` per process | `wait()`; reading its stderr | `Msg::Exited`; log lines |
+//! | `ice-tcp-accept`, and `ice-tcp-read` per connection | `accept` on the ICE-TCP listener; `read` | `Msg::TcpOpened`, `Msg::TcpData`, `Msg::TcpClosed` |
+//! | `ice-tcp-write` per connection | waiting for its queue, `write` | nothing: the main loop only fills the queue, so a viewer that reads slowly blocks only this thread, and loses frames |
 //!
 //! The main loop (`Runtime::run`) sleeps in `recv_timeout` until a message arrives or the
 //! core's next deadline ([`Core::poll_timeout`]) passes, feeds the message or the timeout to
@@ -46,17 +48,18 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{ExitCode, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{debug, error, info, warn};
+use whep_core::tcp::{ConnId, SendQueue};
 use whep_core::whep::{Method, StatusCode};
-use whep_core::{Core, Input, Output, PortPair, StreamId, WhepRequest, WhepResponse};
-use whep_server::app::RoutesConfig;
+use whep_core::{Core, Input, Output, PortPair, StreamId, Transport, WhepRequest, WhepResponse};
+use whep_server::app::{RoutesConfig, TcpListen};
 use whep_server::cli::{self, CliError, Launch};
 
 /// Largest datagram read; a longer one is truncated and then dropped by the core as malformed.
@@ -89,6 +92,12 @@ enum Msg {
     Exited { stream: StreamId, generation: u64, code: Option<i32> },
     /// SIGTERM or SIGINT.
     Shutdown(Signal),
+    /// An ICE-TCP connection was accepted; `stream` is a clone for its writer.
+    TcpOpened { conn: ConnId, peer: SocketAddr, local: SocketAddr, stream: TcpStream },
+    /// Bytes read from an ICE-TCP connection.
+    TcpData { conn: ConnId, contents: Vec<u8> },
+    /// An ICE-TCP connection ended.
+    TcpClosed { conn: ConnId },
 }
 
 fn main() -> ExitCode {
@@ -131,6 +140,11 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
             "whepd-blocking runs one loop: --shards needs whepd (tokio) or whepd-smol".into()
         );
     }
+    if launch.tls.is_some() {
+        return Err(
+            "whepd-blocking serves plain HTTP: --tls-cert needs whepd (tokio) or whepd-smol".into(),
+        );
+    }
     let mut config = launch.server.core;
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut config.rng_seed))
@@ -143,7 +157,21 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
     if config.host_candidates.is_empty() {
         config.host_candidates = default_candidates(local);
     }
-    info!(udp = %local, candidates = ?config.host_candidates, "viewer socket bound");
+    let ice_tcp = match launch.server.tcp {
+        TcpListen::Off => None,
+        TcpListen::SameAsUdp => TcpListener::bind(local)
+            .inspect_err(|e| warn!(%local, error = %e, "no ICE-TCP listener; viewers need UDP"))
+            .ok(),
+        TcpListen::At(addr) => Some(
+            TcpListener::bind(addr)
+                .map_err(|e| format!("cannot bind the ICE-TCP listener {addr}: {e}"))?,
+        ),
+    };
+    if let Some(port) = ice_tcp.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port()) {
+        config.tcp_candidates =
+            config.host_candidates.iter().map(|c| SocketAddr::new(c.ip(), port)).collect();
+    }
+    info!(udp = %local, candidates = ?config.host_candidates, tcp_candidates = ?config.tcp_candidates, "viewer socket bound");
     let (listener, http) = TcpListener::bind(launch.http)
         .and_then(|l| l.local_addr().map(|a| (l, a)))
         .map_err(|e| format!("cannot listen on {}: {e}", launch.http))?;
@@ -164,6 +192,10 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
     spawn("viewer-udp", move || read_viewer_socket(&reader, &datagram_tx))?;
     let (http_tx, max_body) = (tx.clone(), config.max_body_bytes);
     spawn("http-accept", move || accept_loop(&listener, max_body, &http_tx))?;
+    if let Some(l) = ice_tcp {
+        let tcp_tx = tx.clone();
+        spawn("ice-tcp-accept", move || accept_ice_tcp(&l, &tcp_tx))?;
+    }
 
     let mut core = Core::new(config, Instant::now());
     // The lines people and scripts starting whepd look for. `writeln!`, not `println!`: a
@@ -193,6 +225,8 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
         shutdown_deadline: None,
         ingest_read: None,
         http_time: Duration::ZERO,
+        conns: HashMap::new(),
+        tcp_queue_bytes: launch.server.tcp_queue_bytes,
     };
     runtime.run(&rx);
     Ok(())
@@ -220,6 +254,27 @@ struct Runtime {
     ingest_read: Option<Instant>,
     /// Time spent answering HTTP requests in the current load interval.
     http_time: Duration,
+    /// Open ICE-TCP connections: the queue their writer thread takes from, and the socket
+    /// (to shut down on close).
+    conns: HashMap<ConnId, (Arc<TcpOut>, TcpStream)>,
+    tcp_queue_bytes: usize,
+}
+
+/// What the main loop hands an ICE-TCP connection's writer thread.
+struct TcpOut {
+    state: Mutex<(SendQueue, bool)>,
+    ready: Condvar,
+}
+
+impl TcpOut {
+    fn close(&self) {
+        lock(&self.state).1 = true;
+        self.ready.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Runtime {
@@ -310,6 +365,35 @@ impl Runtime {
                 warn!(signal = %sig, "second signal: not waiting for a clean shutdown");
                 self.shutdown_deadline = Some(now);
             }
+            Msg::TcpOpened { conn, peer, local, stream } => {
+                let out = Arc::new(TcpOut {
+                    state: Mutex::new((SendQueue::new(self.tcp_queue_bytes), false)),
+                    ready: Condvar::new(),
+                });
+                let writer = (Arc::clone(&out), stream.try_clone());
+                match writer {
+                    (w, Ok(socket)) => {
+                        let name = format!("ice-tcp-write-{}", conn.0);
+                        let started = spawn_io(&name, move || write_ice_tcp(&w, socket));
+                        if started.is_err() {
+                            let _ = stream.shutdown(Shutdown::Both);
+                            return;
+                        }
+                    }
+                    (_, Err(_)) => return,
+                }
+                self.conns.insert(conn, (out, stream));
+                self.core.handle_input(Input::TcpOpened { conn, peer, local }, now);
+            }
+            Msg::TcpData { conn, contents } => {
+                self.core.handle_input(Input::TcpData { conn, contents: &contents }, now);
+            }
+            Msg::TcpClosed { conn } => {
+                if let Some((out, _)) = self.conns.remove(&conn) {
+                    out.close();
+                }
+                self.core.handle_input(Input::TcpClosed { conn }, now);
+            }
         }
     }
 
@@ -317,6 +401,25 @@ impl Runtime {
     fn flush(&mut self) {
         while let Some(output) = self.core.poll_output() {
             match output {
+                Output::Transmit(t) if t.transport != Transport::Udp => {
+                    let Transport::Tcp(conn) = t.transport else { continue };
+                    let Some((out, _)) = self.conns.get(&conn) else { continue };
+                    let dropped = {
+                        let mut state = lock(&out.state);
+                        if state.0.push(t.contents) { 0 } else { state.0.take_dropped().0 }
+                    };
+                    out.ready.notify_one();
+                    if dropped > 0 {
+                        let input = Input::TcpDropped { conn, frames: dropped };
+                        self.core.handle_input(input, Instant::now());
+                    }
+                }
+                Output::CloseTcp { conn } => {
+                    if let Some((out, stream)) = self.conns.remove(&conn) {
+                        out.close();
+                        let _ = stream.shutdown(Shutdown::Both);
+                    }
+                }
                 Output::Transmit(t) => {
                     // One socket, so `t.source` (its address as the viewer sees it) is implied.
                     if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
@@ -809,6 +912,65 @@ fn plain(status: StatusCode, text: &str) -> WhepResponse {
 // ------------------------------------------------------------------------------------------
 
 /// A named thread; unlike `thread::spawn`, failing to start one is an error, not a panic.
+/// Accepts ICE-TCP connections, each with a reader thread.
+fn accept_ice_tcp(listener: &TcpListener, tx: &SyncSender<Msg>) {
+    let mut next = 0u64;
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                debug!(error = %e, "ICE-TCP accept failed");
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        next += 1;
+        let conn = ConnId(next);
+        whep_server::ice_tcp_setup(&stream);
+        let (Ok(local), Ok(reader)) = (stream.local_addr(), stream.try_clone()) else {
+            continue;
+        };
+        if tx.send(Msg::TcpOpened { conn, peer, local, stream }).is_err() {
+            return;
+        }
+        let tx = tx.clone();
+        let _ = spawn_io(&format!("ice-tcp-read-{next}"), move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut reader = reader;
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                if tx.send(Msg::TcpData { conn, contents: buf[..n].to_vec() }).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(Msg::TcpClosed { conn });
+        });
+    }
+}
+
+/// Writes what the main loop queues for one ICE-TCP connection, until it is closed or a write
+/// fails. Only this thread waits for a slow reader.
+fn write_ice_tcp(out: &TcpOut, mut socket: TcpStream) {
+    loop {
+        let chunk = {
+            let mut state = lock(&out.state);
+            while state.0.is_empty() && !state.1 {
+                state = out.ready.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            if state.1 {
+                return;
+            }
+            state.0.front().to_vec()
+        };
+        match socket.write(&chunk) {
+            Ok(n @ 1..) => lock(&out.state).0.advance(n),
+            _ => {
+                let _ = socket.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
 fn spawn_io(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
     thread::Builder::new().name(name.to_owned()).spawn(f)
 }

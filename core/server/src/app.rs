@@ -261,6 +261,25 @@ pub struct ServerConfig {
     /// port plus `i` (unless that is 0) and advertises configured host candidates with their
     /// port plus `i`. 1 (the default) is one loop for everything. Up to 64.
     pub shards: usize,
+    /// The ICE-TCP listener (RFC 6544 passive candidates) for viewers that cannot use UDP.
+    pub tcp: TcpListen,
+    /// Bytes a TCP viewer's send queue holds at most; beyond, whole frames are dropped and its
+    /// video restarts at a keyframe ([`whep_core::tcp::SendQueue`]).
+    pub tcp_queue_bytes: usize,
+}
+
+/// Where the ICE-TCP listener binds ([`ServerConfig::tcp`]). Its candidates are the host
+/// candidates' addresses with the listener's port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcpListen {
+    /// No ICE over TCP.
+    Off,
+    /// The viewer socket's address and port number (the default); if that TCP port cannot
+    /// be bound, the server runs without ICE-TCP and says so in the log.
+    #[default]
+    SameAsUdp,
+    /// This address (shard `i` at its port plus `i`); failing to bind it fails the start.
+    At(SocketAddr),
 }
 
 impl Default for ServerConfig {
@@ -272,6 +291,8 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(10),
             udp_gso: true,
             shards: 1,
+            tcp: TcpListen::SameAsUdp,
+            tcp_queue_bytes: whep_core::tcp::DEFAULT_QUEUE_BYTES,
         }
     }
 }
@@ -339,6 +360,10 @@ pub struct ShardView {
     pub load: f64,
     /// Whether it refuses new viewers because of load.
     pub overloaded: bool,
+    /// Its connected viewers by transport.
+    pub transport: whep_core::TransportCounts,
+    /// Its open ICE-TCP connections.
+    pub tcp_connections: usize,
 }
 
 impl ShardView {
@@ -350,6 +375,8 @@ impl ShardView {
             viewers: core.viewer_count(),
             load: core.load(),
             overloaded: core.is_overloaded(),
+            transport: core.viewers_by_transport(),
+            tcp_connections: core.tcp_connections(),
         }
     }
 }
@@ -727,6 +754,28 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
             "Packets dropped for a shard that fell behind.",
             m.mirror_packets_dropped,
         ),
+        ("tcp_connections_total", "ICE-TCP connections accepted.", m.tcp_accepted),
+        (
+            "tcp_connections_refused_total",
+            "ICE-TCP connections closed at once (over the limit).",
+            m.tcp_refused,
+        ),
+        (
+            "tcp_unbound_closed_total",
+            "ICE-TCP connections closed for naming no viewer in time.",
+            m.tcp_unbound_closed,
+        ),
+        (
+            "tcp_framing_errors_total",
+            "ICE-TCP connections closed for bytes that are not RFC 4571 framing.",
+            m.tcp_framing_errors,
+        ),
+        ("tcp_frames_in_total", "RFC 4571 frames received from viewers.", m.tcp_frames_in),
+        (
+            "tcp_frames_dropped_total",
+            "Frames dropped whole for TCP viewers whose send queue was full.",
+            m.tcp_frames_dropped,
+        ),
         ("ingest_packets_total", "Datagrams received from FFmpeg.", m.ingest_packets),
         ("ingest_rtcp_total", "RTCP from FFmpeg, dropped.", m.ingest_rtcp),
         (
@@ -775,6 +824,24 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
         let up = u8::from(s.state == StreamStatus::Running);
         let _ = writeln!(out, "whep_stream_up{{stream=\"{}\"}} {up}", prom_escape(s.id.as_str()));
     }
+    head(
+        &mut out,
+        "viewers_transport",
+        "gauge",
+        "Connected viewers by the transport of their media.",
+    );
+    let mut by = core.viewers_by_transport();
+    for f in followers {
+        by.udp += f.transport.udp;
+        by.tcp += f.transport.tcp;
+        by.relayed += f.transport.relayed;
+    }
+    for (name, n) in [("udp", by.udp), ("tcp", by.tcp), ("relayed", by.relayed)] {
+        let _ = writeln!(out, "whep_viewers_transport{{transport=\"{name}\"}} {n}");
+    }
+    head(&mut out, "tcp_connections", "gauge", "Open ICE-TCP connections.");
+    let conns = core.tcp_connections() + followers.iter().map(|f| f.tcp_connections).sum::<usize>();
+    let _ = writeln!(out, "whep_tcp_connections {conns}");
     head(&mut out, "viewers_current", "gauge", "Viewers of all streams.");
     let viewers = core.viewer_count() + followers.iter().map(|f| f.viewers).sum::<usize>();
     let _ = writeln!(out, "whep_viewers_current {viewers}");

@@ -13,7 +13,8 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::app::{AdminPolicy, RoutesConfig, ServerConfig, StreamSpec};
+use crate::app::{AdminPolicy, RoutesConfig, ServerConfig, StreamSpec, TcpListen};
+use crate::tls::TlsFiles;
 use whep_core::ratelimit::{Rate, RateLimits, RateSetting};
 use whep_core::{CoreConfig, IceServer, PrimePacing};
 
@@ -27,6 +28,12 @@ pub struct Cli {
     /// HTTP listen address [default: 0.0.0.0:8080].
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// Serve HTTPS: the certificate chain (PEM, leaf first), re-read on SIGHUP; needs --tls-key.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert, re-read with it on SIGHUP.
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
     /// WebRTC UDP address shared by all viewers [default: 0.0.0.0:3478].
     #[arg(long)]
     udp: Option<SocketAddr>,
@@ -129,6 +136,17 @@ pub struct Cli {
     /// segmentation offload (GSO); for comparison and for NICs that mishandle GSO.
     #[arg(long)]
     no_gso: bool,
+    /// ICE-TCP listener for viewers that cannot use UDP (RFC 6544 passive candidates, advertised
+    /// below the UDP ones) [default: the UDP address, same port number].
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_tcp")]
+    tcp: Option<SocketAddr>,
+    /// No ICE-TCP listener: viewers need UDP.
+    #[arg(long)]
+    no_tcp: bool,
+    /// KiB a TCP viewer's send queue holds; beyond, whole frames are dropped and its video
+    /// restarts at a keyframe [default: 128].
+    #[arg(long, value_name = "KIB")]
+    tcp_queue_kib: Option<usize>,
 }
 
 /// The configuration file. Every field is optional.
@@ -136,7 +154,12 @@ pub struct Cli {
 #[serde(default, deny_unknown_fields)]
 struct FileConfig {
     http: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     udp: Option<SocketAddr>,
+    /// `"off"`, or the listener's address.
+    tcp: Option<String>,
+    tcp_queue_kib: Option<usize>,
     candidates: Vec<SocketAddr>,
     ingest_ports: Option<String>,
     max_viewers_per_stream: Option<usize>,
@@ -191,6 +214,8 @@ pub struct Launch {
     pub server: ServerConfig,
     /// HTTP listen address.
     pub http: SocketAddr,
+    /// The certificate and key to serve HTTPS with on it; `None` = plain HTTP.
+    pub tls: Option<TlsFiles>,
     /// The streams to add at start, in order.
     pub streams: Vec<(String, StreamSpec)>,
 }
@@ -388,6 +413,7 @@ fn settings(
     for (name, spec) in &streams {
         spec.to_config().map_err(|e| format!("stream {name:?}: {e}"))?;
     }
+    let tls = tls_files(cli.tls_cert.or(file.tls_cert), cli.tls_key.or(file.tls_key))?;
     let media_dirs = if cli.media_dirs.is_empty() { file.media_dirs } else { cli.media_dirs };
     for dir in &media_dirs {
         crate::app::check_media_dir(dir)?;
@@ -396,8 +422,27 @@ fn settings(
         media_dirs,
         raw_ffmpeg: cli.admin_raw_ffmpeg || file.admin_raw_ffmpeg.unwrap_or(false),
     };
+    let tcp = if cli.no_tcp {
+        TcpListen::Off
+    } else if let Some(addr) = cli.tcp {
+        TcpListen::At(addr)
+    } else {
+        match file.tcp.as_deref().map(str::trim) {
+            None => TcpListen::SameAsUdp,
+            Some("off" | "false" | "no") => TcpListen::Off,
+            Some(a) => TcpListen::At(
+                a.parse().map_err(|_| format!("tcp = {a:?}: expected an address or \"off\""))?,
+            ),
+        }
+    };
+    let tcp_queue_kib = cli.tcp_queue_kib.or(file.tcp_queue_kib).unwrap_or(128);
+    if !(4..=65_536).contains(&tcp_queue_kib) {
+        return Err(format!("tcp_queue_kib {tcp_queue_kib}: expected 4 to 65536"));
+    }
     Ok(Launch {
         server: ServerConfig {
+            tcp,
+            tcp_queue_bytes: tcp_queue_kib * 1024,
             core,
             routes: RoutesConfig { admin_token: cli.admin_token.or(file.admin_token), policy },
             udp_bind: cli
@@ -409,8 +454,18 @@ fn settings(
             ..ServerConfig::default()
         },
         http: cli.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+        tls,
         streams,
     })
+}
+
+fn tls_files(cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<TlsFiles>, String> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err("--tls-cert (tls_cert) needs --tls-key (tls_key)".into()),
+        (None, Some(_)) => Err("--tls-key (tls_key) needs --tls-cert (tls_cert)".into()),
+    }
 }
 
 fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
@@ -446,6 +501,12 @@ pub fn listening_line(http: SocketAddr, udp: SocketAddr) -> String {
 /// The line a server prints on stdout per stream it starts with.
 pub fn watch_line(http: SocketAddr, stream: &str) -> String {
     format!("whepd: watch {stream} at {}", player_url(http, stream))
+}
+
+/// `line` (one of [`listening_line`], [`watch_line`], [`player_url`]) for a listener that
+/// serves HTTPS: its first `http://` made `https://`.
+pub fn over_tls(line: &str) -> String {
+    line.replacen("http://", "https://", 1)
 }
 
 /// The player page URL of a stream.
@@ -505,6 +566,26 @@ mod tests {
             }
         };
         parse(std::iter::once("whepd").chain(args.iter().copied()), read).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn ice_tcp_is_on_next_to_udp_by_default_and_configurable() {
+        let s = setup_from(&[]).expect("valid");
+        assert_eq!(s.server.tcp, TcpListen::SameAsUdp);
+        assert_eq!(s.server.tcp_queue_bytes, 128 * 1024);
+        let s = setup_from(&["--no-tcp"]).expect("valid");
+        assert_eq!(s.server.tcp, TcpListen::Off);
+        let s = setup_from(&["--tcp", "0.0.0.0:443", "--tcp-queue-kib", "64"]).expect("valid");
+        assert_eq!(s.server.tcp, TcpListen::At(SocketAddr::from(([0, 0, 0, 0], 443))));
+        assert_eq!(s.server.tcp_queue_bytes, 64 * 1024);
+        let file = "tcp = \"off\"\ntcp_queue_kib = 256\n";
+        let s = setup_with(&["--config", "w.toml"], file).expect("valid");
+        assert_eq!((s.server.tcp, s.server.tcp_queue_bytes), (TcpListen::Off, 256 * 1024));
+        let s = setup_with(&["--config", "w.toml", "--tcp", "127.0.0.1:9"], file).expect("valid");
+        assert_eq!(s.server.tcp, TcpListen::At(SocketAddr::from(([127, 0, 0, 1], 9))));
+        assert!(setup_with(&["--config", "w.toml"], "tcp = \"nonsense\"").is_err());
+        assert!(setup_from(&["--tcp-queue-kib", "1"]).is_err());
+        assert!(setup_from(&["--tcp", "127.0.0.1:9", "--no-tcp"]).is_err());
     }
 
     #[test]
@@ -683,6 +764,24 @@ secret = "f"
             watch_line(http, "cam:1"),
             "whepd: watch cam:1 at http://127.0.0.1:8080/?stream=cam%3A1"
         );
+    }
+
+    #[test]
+    fn tls_files_from_flags_and_file() {
+        assert_eq!(setup_from(&[]).expect("valid").tls, None);
+        let s = setup_from(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).expect("valid");
+        let files = TlsFiles { cert: "c.pem".into(), key: "k.pem".into() };
+        assert_eq!(s.tls.as_ref(), Some(&files));
+        let file = "tls_cert = \"/etc/c.pem\"\ntls_key = \"/etc/k.pem\"\n";
+        let s = setup_with(&["--config", "w.toml", "--tls-cert", "c.pem"], file).expect("ok");
+        let files = TlsFiles { cert: "c.pem".into(), key: "/etc/k.pem".into() };
+        assert_eq!(s.tls, Some(files), "a flag overrides the file");
+        let err = setup_from(&["--tls-cert", "c.pem"]).expect_err("no key");
+        assert!(err.contains("needs --tls-key"), "{err}");
+        let err = setup_with(&["--config", "w.toml"], "tls_key = \"k\"").expect_err("no cert");
+        assert!(err.contains("needs --tls-cert"), "{err}");
+        let line = over_tls(&watch_line("127.0.0.1:8443".parse().expect("addr"), "demo"));
+        assert_eq!(line, "whepd: watch demo at https://127.0.0.1:8443/?stream=demo");
     }
 
     #[test]

@@ -13,7 +13,9 @@ use whep_core::fuzzing::{
     ADMIN_TOKEN, CHROMIUM_OFFER, ETAG_PLACEHOLDER, Reused, SESSION_PLACEHOLDER, decode_request,
     demo_world, post, text, with_world,
 };
-pub use whep_core::fuzzing::{Target, decode_ops, ingest, offer, ops, sdpfrag, viewer_datagram};
+pub use whep_core::fuzzing::{
+    Target, decode_ops, ingest, offer, ops, sdpfrag, tcp_stream, viewer_datagram,
+};
 use whep_core::sim::{self, SimWorld};
 use whep_core::whep::Method;
 
@@ -26,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("sdpfrag", sdpfrag),
     ("ingest", ingest),
     ("viewer_datagram", viewer_datagram),
+    ("tcp_stream", tcp_stream),
     ("ops", ops),
 ];
 

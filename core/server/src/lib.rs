@@ -28,5 +28,9 @@ pub mod driver;
 pub mod fuzzing;
 pub mod os;
 pub mod shard;
+pub mod tls;
 
-pub use os::{SOCKET_BUFFER, check_program, command, default_route, signal, udp_state};
+pub use os::{
+    ICE_TCP_SEND_BUFFER, SOCKET_BUFFER, check_program, command, default_route, ice_tcp_setup,
+    signal, udp_state,
+};

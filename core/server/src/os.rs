@@ -13,6 +13,23 @@ use tracing::debug;
 /// viewers, or a burst of ingest, must not overflow the kernel's default (~200 KiB).
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
+/// Kernel send buffer asked for each ICE-TCP connection: what the kernel holds for a viewer
+/// that reads slowly is latency the engine cannot drop, so it stays small (the kernel doubles
+/// it) and the connection's own queue ([`whep_core::tcp::SendQueue`]) does the rest.
+pub const ICE_TCP_SEND_BUFFER: usize = 64 << 10;
+
+/// Sets up an accepted ICE-TCP connection: `TCP_NODELAY` (every frame is a packet that is due
+/// now) and a small send buffer ([`ICE_TCP_SEND_BUFFER`]). Failures are logged, not fatal.
+pub fn ice_tcp_setup(stream: &impl std::os::fd::AsFd) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if let Err(e) = setsockopt(stream, sockopt::TcpNoDelay, &true) {
+        debug!(error = %e, "TCP_NODELAY not set");
+    }
+    if let Err(e) = setsockopt(stream, sockopt::SndBuf, &ICE_TCP_SEND_BUFFER) {
+        debug!(error = %e, "ICE-TCP send buffer not set");
+    }
+}
+
 /// `program args…` as a child of the server: on Linux it gets SIGKILL when the thread that
 /// spawned it dies (`PR_SET_PDEATHSIG`, so that no FFmpeg outlives a killed server), and it
 /// starts with no signal blocked (a server that receives SIGTERM synchronously blocks it in its

@@ -58,11 +58,13 @@ corpus_test!(whep_request);
 corpus_test!(sdpfrag);
 corpus_test!(ingest);
 corpus_test!(viewer_datagram);
+corpus_test!(tcp_stream);
 corpus_test!(ops);
 
 #[test]
 fn every_target_has_a_test_and_a_fuzz_target() {
-    let tested = ["offer", "whep_request", "sdpfrag", "ingest", "viewer_datagram", "ops"];
+    let tested =
+        ["offer", "whep_request", "sdpfrag", "ingest", "viewer_datagram", "tcp_stream", "ops"];
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(names, tested, "a target without a corpus test");
     for name in names {

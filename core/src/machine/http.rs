@@ -253,6 +253,7 @@ impl Core {
             remote_creds,
             unconnected_client: client,
             remote_candidates: offered_candidates,
+            relays: sdp::relay_addresses(&offer_text),
             deadline: now + self.config.first_check_timeout.min(self.config.connect_timeout),
             now,
         });
@@ -398,6 +399,9 @@ impl Core {
         let mut news = std::mem::take(&mut self.news);
         let grace = self.config.disconnect_grace;
         for c in candidates {
+            if c.kind() == str0m::CandidateKind::Relayed && !viewer.relays.contains(&c.addr()) {
+                viewer.relays.push(c.addr());
+            }
             viewer.rtc.add_remote_candidate(c);
             viewer.drain(now, grace, &mut self.outputs, &mut news);
         }
@@ -455,6 +459,7 @@ impl Core {
         // str0m forgot the old generation's candidates and pairs: so do the demultiplexer and
         // the limits. The new generation's checks (by ufrag) bring the addresses back.
         viewer.remote_candidates = 0;
+        viewer.relays.clear();
         viewer.path.restart();
         for a in viewer.addrs.drain(..) {
             if self.by_addr.get(&a) == Some(&s) {

@@ -97,8 +97,35 @@ impl Core {
             let counted = self.viewers.values().filter(|p| p.unconnected_client.is_some()).count();
             assert_eq!(self.unconnected.total(), counted, "unconnected sessions per client");
         }
+        assert!(self.tcp.len() <= self.config.max_tcp_connections, "over the TCP connection cap");
+        for (conn, c) in &self.tcp {
+            match c.session {
+                Some(s) => {
+                    let v = self
+                        .viewers
+                        .get(&s)
+                        .unwrap_or_else(|| panic!("{conn} bound to unknown viewer {s}"));
+                    assert!(v.tcp.iter().any(|(_, k)| k == conn), "{conn} not listed by {s}");
+                    assert!(c.deadline.is_none(), "bound {conn} still has a deadline");
+                }
+                None => {
+                    let t = c.deadline.unwrap_or_else(|| panic!("unbound {conn} has no deadline"));
+                    assert!(self.timers.contains(&(t, TimerKey::Tcp(*conn))), "{conn} timer");
+                }
+            }
+        }
+        for (s, v) in &self.viewers {
+            assert!(v.tcp.len() <= self.config.max_viewer_addresses, "viewer {s} connections");
+            for (_, conn) in &v.tcp {
+                assert!(
+                    self.tcp.get(conn).is_some_and(|c| c.session == Some(*s)),
+                    "viewer {s} lists {conn} not bound to it"
+                );
+            }
+        }
         let scheduled = self.viewers.values().filter(|p| p.scheduled.is_some()).count()
-            + self.streams.values().filter(|s| s.scheduled.is_some()).count();
+            + self.streams.values().filter(|s| s.scheduled.is_some()).count()
+            + self.tcp.values().filter(|c| c.deadline.is_some()).count();
         assert_eq!(scheduled, self.timers.len(), "no stray timer entries");
     }
 }

@@ -6,6 +6,7 @@
 //! | `streams` | stream lifecycle: add, start (bind the ingest ports, spawn FFmpeg), stop, remove, FFmpeg exits and restarts, stale sources |
 //! | `fanout` | ingest: datagrams from FFmpeg checked and parsed, then written to every viewer of their stream |
 //! | `viewers` | viewers (WHEP sessions, each a str0m peer): their datagrams, timers, connection news, GOP-cache prime and keyframe replies, removal |
+//! | `tcp` | ICE-TCP connections: RFC 4571 frames in, each connection bound to the viewer its first check names, bounds on their number and unbound lifetime |
 //! | `http` | the WHEP resource: POST, PATCH (trickle, ICE restart), DELETE, OPTIONS; rate limits, caps, admission |
 //! | `invariants` | the bookkeeping checked whole, after every step in tests |
 
@@ -13,7 +14,10 @@ mod fanout;
 mod http;
 mod invariants;
 mod streams;
+mod tcp;
 mod viewers;
+
+pub use tcp::TransportCounts;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -55,6 +59,7 @@ pub const LOAD_SMOOTHING: f64 = 0.3;
 enum TimerKey {
     Viewer(SessionId),
     Stream(StreamId),
+    Tcp(crate::tcp::ConnId),
 }
 
 /// The sans-IO WHEP egress core. See the [crate documentation](crate) for the run loop.
@@ -87,6 +92,10 @@ pub struct Core {
     by_addr: HashMap<SocketAddr, SessionId>,
     by_ufrag: HashMap<String, SessionId>,
     ingest: HashMap<u16, (StreamId, Leg)>,
+    /// Open TCP connections (ICE-TCP).
+    tcp: BTreeMap<crate::tcp::ConnId, tcp::TcpConn>,
+    /// Frames of one TCP read (reused).
+    tcp_frames: Vec<Vec<u8>>,
     ports: PortPool,
     timers: BTreeSet<(Instant, TimerKey)>,
     outputs: VecDeque<Output>,
@@ -140,6 +149,8 @@ impl Core {
             by_addr: HashMap::new(),
             by_ufrag: HashMap::new(),
             ingest: HashMap::new(),
+            tcp: BTreeMap::new(),
+            tcp_frames: Vec::new(),
             timers: BTreeSet::new(),
             outputs: VecDeque::new(),
             metrics: Metrics::default(),
@@ -311,6 +322,7 @@ impl Core {
             let why = match k {
                 TimerKey::Viewer(_) => TimerReason::Viewer,
                 TimerKey::Stream(_) => TimerReason::Stream,
+                TimerKey::Tcp(_) => TimerReason::Tcp,
             };
             (*t, why)
         })
@@ -336,6 +348,10 @@ impl Core {
             Input::Ingest { port, source, contents, arrived } => {
                 self.on_ingest(port, source, contents, arrived, now)
             }
+            Input::TcpOpened { conn, peer, local } => self.on_tcp_opened(conn, peer, local, now),
+            Input::TcpData { conn, contents } => self.on_tcp_data(conn, contents, now),
+            Input::TcpDropped { conn, frames } => self.on_tcp_dropped(conn, frames),
+            Input::TcpClosed { conn } => self.on_tcp_closed(conn),
             Input::IngestBound { stream, ports } => self.on_bound(&stream, ports, now),
             Input::BindFailed { stream, ports, error } => {
                 self.on_bind_failed(&stream, ports, &error, now)
@@ -428,6 +444,7 @@ impl Core {
                     }
                     self.stream_timeout(&id, now);
                 }
+                TimerKey::Tcp(conn) => self.tcp_timeout(conn, now),
             }
         }
     }

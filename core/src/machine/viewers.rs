@@ -19,10 +19,15 @@ use crate::{CloseReason, Event, Output};
 use super::{Core, TimerKey};
 
 /// A paced viewer's video leaves at this multiple of its rendition's rate: room for the
-/// rendition's own peaks and for catching up after a keyframe, and still leaving room for
-/// audio and retransmissions on a link that carries the rendition only twice over (at 2.0, a
-/// 400 kbit/s rung on a 1 Mbit/s link lost a fifth of its packets after keyframes).
-pub(super) const PACE_FACTOR: f64 = 1.5;
+/// rendition's own peaks and for catching up after a keyframe (at 1.5, a keyframe of a
+/// 1.5 Mbit/s stream took over 180 ms, which Chromium counts as a freeze), unless the path's
+/// measured ceiling says less ([`Ladder::pace_cap`](crate::viewer::Ladder::pace_cap)).
+pub(super) const PACE_FACTOR: f64 = 2.0;
+
+/// The least multiple of its rendition's rate a paced viewer's video leaves at, whatever the
+/// path's ceiling: the rate is measured over the last GOP and the next may need more; at 1.25
+/// a viewer's queue overflowed again and again after keyframes (sim).
+pub(super) const PACE_FLOOR: f64 = 1.5;
 
 /// How long a viewer must have played unpaced for its path to count as carrying the full rate
 /// ([`PathBook::forget`](crate::pathbook::PathBook::forget)).
@@ -119,7 +124,7 @@ impl Core {
                 ViewerNews::Switched { to } => {
                     self.metrics.rendition_switches += 1;
                     debug!(session = %s, %stream, to, "viewer moved to another rendition");
-                    self.repace(s, &stream);
+                    self.repace(s, &stream, now);
                 }
                 ViewerNews::ResendsSuspended => {
                     self.metrics.retransmission_suspensions += 1;
@@ -202,7 +207,7 @@ impl Core {
         self.metrics.known_path_starts += 1;
         self.metrics.paced_viewers += 1;
         debug!(session = %s, %stream, from, to = k, known_kbps = known.kbps, "viewer starts on its address's known rung, paced");
-        self.repace(s, stream);
+        self.repace(s, stream, now);
     }
 
     /// Remembers what a leaving viewer's reports taught about its path, or that it played
@@ -239,20 +244,20 @@ impl Core {
         sent_rate: Option<u64>,
         now: Instant,
     ) {
-        let Some(viewer) = self.viewers.get(&s) else {
+        let Some(viewer) = self.viewers.get_mut(&s) else {
             return;
         };
+        viewer.ladder.note_delivery(lost, sent_rate, now);
         if lost >= LOSS_CLEAN && viewer.pacing.is_none() {
             // Loss: from now on its video is spread at a pace its rendition needs, not sent in
             // bursts as it comes (a keyframe at once overflows a slow link's queue).
             self.metrics.paced_viewers += 1;
             debug!(session = %s, %stream, lost, "viewer's video paced from now on");
-            self.repace(s, stream);
+            self.repace(s, stream, now);
         }
         let (Some(st), Some(viewer)) = (self.streams.get(stream), self.viewers.get_mut(&s)) else {
             return;
         };
-        viewer.ladder.note_delivery(lost, sent_rate, now);
         let Some(step) = viewer.ladder.on_report(lost, now) else {
             return;
         };
@@ -306,7 +311,7 @@ impl Core {
                         self.metrics.packets_forwarded += sent.packets;
                         self.metrics.bytes_forwarded += sent.bytes;
                         self.metrics.rendition_switches += 1;
-                        self.repace(s, stream);
+                        self.repace(s, stream, now);
                     }
                 }
             }
@@ -324,17 +329,21 @@ impl Core {
     }
 
     /// Sets the pace of a viewer's video ([`LivePacing`]) to [`PACE_FACTOR`] times what its
-    /// rendition sends; nothing while that is unknown (a copied stream before its first whole
-    /// GOP).
-    fn repace(&mut self, s: SessionId, stream: &StreamId) {
+    /// rendition sends, or less while the path's measured ceiling says so (not below
+    /// [`PACE_FLOOR`] times); nothing while the rendition's rate is unknown (a copied stream
+    /// before its first whole GOP).
+    fn repace(&mut self, s: SessionId, stream: &StreamId, now: Instant) {
         let (Some(st), Some(viewer)) = (self.streams.get(stream), self.viewers.get_mut(&s)) else {
             return;
         };
         let Some(rate) = st.rendition_rate(usize::from(viewer.rendition)) else {
             return;
         };
-        let rate = (rate as f64 * PACE_FACTOR) as u64;
-        viewer.pace_at(LivePacing { rate }, max_held_packets(&self.config));
+        let mut pace = (rate as f64 * PACE_FACTOR) as u64;
+        if let Some(cap) = viewer.ladder.pace_cap(now) {
+            pace = pace.min(cap.max((rate as f64 * PACE_FLOOR) as u64));
+        }
+        viewer.pace_at(LivePacing { rate: pace }, max_held_packets(&self.config));
     }
 
     /// Answers a viewer's keyframe request ([`Viewer::want_keyframe`]) with the stream's cached
@@ -445,7 +454,15 @@ impl Core {
             // The viewer sends DTLS on the pair it selected: answer there now, not once its
             // nomination comes (a second later at 150 ms RTT).
             path.nominated_for_dtls = true;
-            if viewer.nominate(source, destination, now, grace, &mut self.outputs, &mut news) {
+            if viewer.nominate(
+                Protocol::Udp,
+                source,
+                destination,
+                now,
+                grace,
+                &mut self.outputs,
+                &mut news,
+            ) {
                 self.metrics.early_nominations += 1;
                 debug!(%session, %source, "nominated the pair the viewer's DTLS came on");
             }
@@ -492,6 +509,9 @@ impl Core {
             if self.by_addr.get(a) == Some(&s) {
                 self.by_addr.remove(a);
             }
+        }
+        for (_, conn) in &viewer.tcp {
+            self.close_tcp(*conn);
         }
         if self.by_ufrag.get(&viewer.local_ufrag) == Some(&s) {
             self.by_ufrag.remove(&viewer.local_ufrag);
@@ -545,7 +565,7 @@ impl Core {
 }
 
 /// Our ICE username fragment from a STUN binding request's USERNAME (`ours:theirs`).
-fn stun_local_ufrag(b: &[u8]) -> Option<&str> {
+pub(super) fn stun_local_ufrag(b: &[u8]) -> Option<&str> {
     const MAGIC: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
     if b.len() < 20 || b[0] & 0xc0 != 0 || b.get(4..8)? != MAGIC {
         return None;

@@ -20,6 +20,8 @@
 //! # session setups per second (4 POSTs in flight; no measuring window):
 //! $T/whep-load --light --bitrate-kbps 2500 --viewers 200 --parallel 4 --setup-only \
 //!     --server-cpus 0 --cpus 1 --nice -10
+//! # the same viewers over ICE-TCP (a thread each), to compare the server's CPU per viewer:
+//! $T/whep-load --light --viewers 50 --seconds 15 --tcp
 //! # packets per second one whep-load core receives: 400 low-rate viewers plus 300 000
 //! # packets/s sent straight to their sockets from core 0:
 //! $T/whep-load --light --bitrate-kbps 100 --viewers 400 --parallel 4 --seconds 10 \
@@ -141,6 +143,10 @@ struct Args {
     /// One thread per viewer (blocking socket reads) instead of hub threads.
     #[arg(long, conflicts_with = "threads")]
     thread_per_viewer: bool,
+    /// Viewers use ICE over TCP only (no UDP candidate; RFC 4571 frames on a connection to
+    /// the server's passive TCP candidate); one thread per viewer.
+    #[arg(long, conflicts_with = "threads")]
+    tcp: bool,
     /// CPUs of the server it starts, e.g. `0` or `0,2-3` (its FFmpeg is moved to
     /// `--ffmpeg-cpus`).
     #[arg(long, value_parser = parse_cpus, value_name = "LIST")]
@@ -758,7 +764,7 @@ impl Outcome {
 fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -> Outcome {
     let server_pid = own.map(|o| o.server.pid());
     let rss_before = server_pid.and_then(rss_kib);
-    let hubs: Vec<Hub> = if args.thread_per_viewer {
+    let hubs: Vec<Hub> = if args.thread_per_viewer || args.tcp {
         Vec::new()
     } else {
         (0..args.threads.max(1))
@@ -781,6 +787,7 @@ fn run(args: &Args, addr: SocketAddr, path: &str, own: Option<&Own>, n: usize) -
         .retry_429(Duration::from_secs(args.play_timeout))
         .share_dtls_cert(true);
     let base = if args.recv_buffer > 0 { base.recv_buffer(args.recv_buffer) } else { base };
+    let base = if args.tcp { base.tcp(None) } else { base };
     let options: Vec<ViewerOptions> = if hubs.is_empty() {
         vec![base.clone()]
     } else {

@@ -46,12 +46,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{debug, info, warn};
 
-use crate::app::{AddError, RoutesConfig, ServerConfig, ShardView, StreamSpec};
+use crate::app::{AddError, RoutesConfig, ServerConfig, ShardView, StreamSpec, TcpListen};
 use crate::shard::ShardSet;
 use whep_core::shard::{MAX_SHARDS, Mirror, ShardMember};
+use whep_core::tcp::{ConnId, SendQueue};
 use whep_core::{
-    Core, Event, Input, Metrics, Output, PortPair, StreamError, StreamId, StreamInfo, WhepRequest,
-    WhepResponse,
+    Core, Event, Input, Metrics, Output, PortPair, StreamError, StreamId, StreamInfo, Transport,
+    WhepRequest, WhepResponse,
 };
 
 /// Receive buffer: room for the most datagrams one receive may return coalesced (UDP GRO: 64
@@ -107,6 +108,35 @@ pub trait Runtime: Send + Sync + 'static {
     fn signal(&self, pid: u32, force: bool);
     /// The runtime's clock (the driver reads no clock of its own).
     fn now(&self) -> Instant;
+    /// Binds a non-blocking TCP listener (ICE-TCP). The default says the runtime has none:
+    /// the engine then runs without ICE over TCP.
+    fn bind_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn TcpListener>> {
+        let _ = addr;
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this runtime has no TCP listener"))
+    }
+}
+
+/// A TCP listener of a [`Runtime`] (ICE-TCP).
+pub trait TcpListener: Send + Sync + 'static {
+    /// Accepts a connection (non-blocking, `TCP_NODELAY` set), or registers the task for
+    /// readiness.
+    fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(Box<dyn TcpStream>, SocketAddr)>>;
+    /// The bound address.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+/// An accepted TCP connection of a [`Runtime`]. Neither call may block: the engine loop
+/// writes to every viewer's connection.
+pub trait TcpStream: Send + Sync + 'static {
+    /// Reads what is there (0: the peer closed), or registers the task for readiness.
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
+    /// Writes what the socket takes of `buf`, or registers the task for writability.
+    fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
+    /// Our end's address.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
 }
 
 /// What one [`UdpSocket::poll_recv`] put in the buffer.
@@ -365,7 +395,8 @@ impl<R: Runtime> Engine<R> {
             }
             let socket = runtime.bind_udp(bind)?;
             let addr = socket.local_addr()?;
-            sockets.push((socket, addr));
+            let tcp = bind_tcp(&*runtime, config.tcp, addr, index)?;
+            sockets.push((socket, addr, tcp));
         }
         // The leader's queues to each follower: senders for shard 0, a receiver for each other.
         let (mut to_followers, from_leader): (Vec<_>, Vec<_>) =
@@ -375,7 +406,7 @@ impl<R: Runtime> Engine<R> {
         let max_body = config.core.max_body_bytes;
         let whep_prefix = config.core.whep_prefix.clone();
         let mut shards = Vec::with_capacity(count);
-        for (index, (socket, udp_addr)) in sockets.into_iter().enumerate() {
+        for (index, (socket, udp_addr, tcp)) in sockets.into_iter().enumerate() {
             let mut core = config.core.clone();
             if core.host_candidates.is_empty() {
                 core.host_candidates = crate::app::default_candidates(udp_addr, default_route);
@@ -388,7 +419,15 @@ impl<R: Runtime> Engine<R> {
             if set.is_some() {
                 core.rng_seed[31] ^= index as u8;
             }
-            info!(shard = index, udp = %udp_addr, candidates = ?core.host_candidates, "viewer socket bound");
+            // ICE-TCP: the host candidates' addresses with the listener's port.
+            let tcp_port = tcp.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+            core.tcp_candidates = match tcp_port {
+                Some(port) => {
+                    core.host_candidates.iter().map(|c| SocketAddr::new(c.ip(), port)).collect()
+                }
+                None => Vec::new(),
+            };
+            info!(shard = index, udp = %udp_addr, candidates = ?core.host_candidates, tcp_candidates = ?core.tcp_candidates, "viewer socket bound");
             let (jobs, jobs_rx) = chan::channel(None);
             let done = Arc::new(Latch::default());
             let driver = Driver {
@@ -418,6 +457,11 @@ impl<R: Runtime> Engine<R> {
                     .collect(),
                 leader: if index == 0 { None } else { from_leader.next() },
                 index,
+                tcp,
+                conns: std::collections::BTreeMap::new(),
+                next_conn: 0,
+                tcp_next: ConnId(0),
+                tcp_queue_bytes: config.tcp_queue_bytes.max(4096),
             };
             let guard = SetOnDrop(Arc::clone(&done));
             let future = Box::pin(driver.run(jobs_rx, config.shutdown_timeout, guard));
@@ -715,6 +759,51 @@ struct Driver<R: Runtime> {
     leader: Option<chan::Receiver<Mirror>>,
     /// This shard's index.
     index: usize,
+    /// The ICE-TCP listener, if any.
+    tcp: Option<Box<dyn TcpListener>>,
+    /// Open ICE-TCP connections.
+    conns: std::collections::BTreeMap<ConnId, Conn>,
+    next_conn: u64,
+    /// Where the round-robin read of the connections starts.
+    tcp_next: ConnId,
+    /// [`ServerConfig::tcp_queue_bytes`].
+    tcp_queue_bytes: usize,
+}
+
+/// An ICE-TCP connection: its socket and what waits to be written to it.
+struct Conn {
+    stream: Box<dyn TcpStream>,
+    queue: SendQueue,
+    /// A read or write failed, or the peer closed: reported to the core next.
+    gone: bool,
+}
+
+/// Binds shard `index`'s ICE-TCP listener as `mode` says, next to its viewer socket at `udp`.
+fn bind_tcp<R: Runtime>(
+    runtime: &R,
+    mode: TcpListen,
+    udp: SocketAddr,
+    index: usize,
+) -> io::Result<Option<Box<dyn TcpListener>>> {
+    match mode {
+        TcpListen::Off => Ok(None),
+        TcpListen::SameAsUdp => match runtime.bind_tcp(udp) {
+            Ok(l) => Ok(Some(l)),
+            Err(e) => {
+                warn!(%udp, error = %e, "no ICE-TCP listener next to the viewer socket; viewers need UDP");
+                Ok(None)
+            }
+        },
+        TcpListen::At(mut addr) => {
+            if addr.port() != 0 {
+                let port = u16::try_from(usize::from(addr.port()) + index).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "shard ports beyond 65535")
+                })?;
+                addr.set_port(port);
+            }
+            runtime.bind_tcp(addr).map(Some)
+        }
+    }
 }
 
 enum Wake {
@@ -724,6 +813,9 @@ enum Wake {
     Mirror(Mirror),
     Datagram(Received),
     Timer,
+    Accept(Box<dyn TcpStream>, SocketAddr),
+    TcpRead(ConnId, usize),
+    TcpGone(ConnId),
 }
 
 impl<R: Runtime> Driver<R> {
@@ -848,6 +940,24 @@ impl<R: Runtime> Driver<R> {
                     }
                 }
                 Wake::Timer => self.core.handle_timeout(self.runtime.now()),
+                Wake::Accept(stream, peer) => {
+                    self.next_conn += 1;
+                    let conn = ConnId(self.next_conn);
+                    let local = stream.local_addr().unwrap_or(self.local);
+                    let queue = SendQueue::new(self.tcp_queue_bytes);
+                    self.conns.insert(conn, Conn { stream, queue, gone: false });
+                    debug!(%conn, %peer, %local, "ICE-TCP connection accepted");
+                    self.core
+                        .handle_input(Input::TcpOpened { conn, peer, local }, self.runtime.now());
+                }
+                Wake::TcpRead(conn, n) => {
+                    let contents = &buf[..n];
+                    self.core.handle_input(Input::TcpData { conn, contents }, self.runtime.now());
+                }
+                Wake::TcpGone(conn) => {
+                    self.conns.remove(&conn);
+                    self.core.handle_input(Input::TcpClosed { conn }, self.runtime.now());
+                }
             }
         }
         // Whatever is still alive after the timeout is killed; dropping the sockets closes them.
@@ -881,10 +991,14 @@ impl<R: Runtime> Driver<R> {
         if let Poll::Ready(Some(exit)) = self.exits.1.poll_recv(cx) {
             return Poll::Ready(Wake::Exit(exit));
         }
+        if let Some(gone) = self.poll_tcp_writes(cx) {
+            return Poll::Ready(Wake::TcpGone(gone));
+        }
         let first = self.turn;
-        self.turn = (self.turn + 1) % 3;
-        for i in 0..3 {
-            let wake = match (first + i) % 3 {
+        self.turn = (self.turn + 1) % 4;
+        for i in 0..4 {
+            let wake = match (first + i) % 4 {
+                3 => self.poll_tcp(cx, buf),
                 0 => match &self.leader {
                     Some(rx) => match rx.poll_recv(cx) {
                         Poll::Ready(Some(m)) => Some(Wake::Mirror(m)),
@@ -912,6 +1026,71 @@ impl<R: Runtime> Driver<R> {
             }
         }
         Poll::Pending
+    }
+
+    /// Writes what every ICE-TCP connection has queued, as far as its socket takes it without
+    /// blocking (a connection that takes nothing registers the task for writability); returns
+    /// a connection that failed.
+    fn poll_tcp_writes(&mut self, cx: &mut Context<'_>) -> Option<ConnId> {
+        let mut failed = None;
+        for (id, c) in &mut self.conns {
+            if c.gone {
+                failed = Some(*id);
+                continue;
+            }
+            while !c.queue.is_empty() {
+                match c.stream.poll_write(cx, c.queue.front()) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        c.gone = true;
+                        failed = Some(*id);
+                        break;
+                    }
+                    Poll::Ready(Ok(n)) => c.queue.advance(n),
+                    Poll::Pending => break,
+                }
+            }
+        }
+        failed
+    }
+
+    /// Accepts an ICE-TCP connection, or reads one connection's bytes into `buf`
+    /// (round-robin).
+    fn poll_tcp(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Option<Wake> {
+        if let Some(l) = &self.tcp {
+            match l.poll_accept(cx) {
+                Poll::Ready(Ok((stream, peer))) => return Some(Wake::Accept(stream, peer)),
+                Poll::Ready(Err(e)) => {
+                    debug!(error = %e, "ICE-TCP accept failed");
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending => {}
+            }
+        }
+        let start = self.tcp_next;
+        let order = self.conns.range(start..).chain(self.conns.range(..start));
+        for (id, c) in order {
+            if c.gone {
+                continue;
+            }
+            match c.stream.poll_read(cx, buf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Some(Wake::TcpGone(*id)),
+                Poll::Ready(Ok(n)) => {
+                    self.tcp_next = ConnId(id.0 + 1);
+                    return Some(Wake::TcpRead(*id, n));
+                }
+                Poll::Pending => {}
+            }
+        }
+        None
+    }
+
+    /// Queues a frame for an ICE-TCP connection; a frame its full queue drops is reported.
+    fn queue_tcp(&mut self, conn: ConnId, frame: Vec<u8>) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if !c.queue.push(frame) {
+            let (frames, _) = c.queue.take_dropped();
+            self.core.handle_input(Input::TcpDropped { conn, frames }, self.runtime.now());
+        }
     }
 
     /// Polls the ingest sockets once each, round-robin; the first ready one's packets are in
@@ -1027,6 +1206,12 @@ impl<R: Runtime> Driver<R> {
     async fn flush(&mut self) {
         while let Some(output) = self.core.poll_output() {
             let output = match output {
+                Output::Transmit(t) if t.transport != Transport::Udp => {
+                    if let Transport::Tcp(conn) = t.transport {
+                        self.queue_tcp(conn, t.contents);
+                    }
+                    continue;
+                }
                 Output::Transmit(t) => {
                     // The core hands a batch out a few viewers at a time: send what is
                     // gathered once it is a chunk, at a change of viewer, so the first
@@ -1058,6 +1243,18 @@ impl<R: Runtime> Driver<R> {
             self.send_gathered().await;
             match output {
                 Output::Transmit(_) | Output::Mirror(_) => {}
+                Output::CloseTcp { conn } => {
+                    if let Some(c) = self.conns.remove(&conn) {
+                        // What is queued (a DTLS close_notify) goes if the socket takes it now.
+                        let mut noop = Context::from_waker(Waker::noop());
+                        let front = c.queue.front();
+                        if !front.is_empty() {
+                            let _ = c.stream.poll_write(&mut noop, front);
+                        }
+                        debug!(%conn, "ICE-TCP connection closed");
+                    }
+                    self.core.handle_input(Input::TcpClosed { conn }, self.runtime.now());
+                }
                 Output::BindIngest { stream, ports, renditions } => {
                     self.bind_ingest(stream, ports, renditions);
                 }
@@ -1109,6 +1306,9 @@ impl<R: Runtime> Driver<R> {
             }
         }
         self.send_gathered().await;
+        // TCP frames leave now, as far as the sockets take them; the rest when writable.
+        let mut noop = Context::from_waker(Waker::noop());
+        let _ = self.poll_tcp_writes(&mut noop);
     }
 
     fn bind_ingest(&mut self, stream: StreamId, ports: PortPair, renditions: u8) {
