@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use str0m::config::CryptoProvider;
 
@@ -58,6 +58,12 @@ pub struct CoreConfig {
     /// STUN/TURN servers announced with `Link: <..>; rel="ice-server"` on 201 and on
     /// non-preflight OPTIONS.
     pub ice_servers: Vec<IceServer>,
+    /// How long the TURN credentials made for an [`IceServer`] with a
+    /// [`secret`](IceServer::secret) stay valid after the request they answer (TURN REST,
+    /// [`crate::turn`]). Keep it above the viewing time expected: a TURN server that checks the
+    /// expiry on allocation refreshes too ends a relay whose credential has expired, and the
+    /// viewer must then start a new session.
+    pub turn_credential_ttl: Duration,
     /// Enforce `If-Match` on PATCH: 428 when it is missing, 412 when it does not match.
     /// Off by default because common players send none.
     pub strict_if_match: bool,
@@ -189,6 +195,7 @@ impl Default for CoreConfig {
             cors_origin: "*".into(),
             bearer_tokens: Vec::new(),
             ice_servers: Vec::new(),
+            turn_credential_ttl: Duration::from_secs(12 * 3600),
             strict_if_match: false,
             max_body_bytes: 64 * 1024,
             retry_after_secs: 5,
@@ -279,24 +286,68 @@ impl Default for ProcessConfig {
 }
 
 /// A STUN or TURN server announced to viewers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct IceServer {
     /// `stun:host:port` or `turn:host:port?transport=udp`.
     pub url: String,
-    /// TURN user name.
+    /// TURN user name; with a [`secret`](Self::secret), the user part of the time-limited user
+    /// name (`<expiry>:<username>`), the stream's id when `None`.
     pub username: Option<String>,
-    /// TURN password.
+    /// TURN password (a long-lived one, sent to every viewer as it is).
     pub credential: Option<String>,
+    /// The TURN server's shared secret (TURN REST; coturn's `static-auth-secret`): each answer
+    /// then carries a user name and password of its own that expire after
+    /// [`CoreConfig::turn_credential_ttl`] ([`crate::turn`]), and
+    /// [`credential`](Self::credential) is not used.
+    pub secret: Option<String>,
+}
+
+impl std::fmt::Debug for IceServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
+        f.debug_struct("IceServer")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("credential", &hidden(&self.credential))
+            .field("secret", &hidden(&self.secret))
+            .finish()
+    }
 }
 
 impl IceServer {
-    /// Renders the server as one `Link` header value (RFC 8288, WHEP "STUN/TURN").
+    /// A server announced with its URL alone (STUN, or a TURN server that needs no password).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), username: None, credential: None, secret: None }
+    }
+
+    /// Renders the server as one `Link` header value (RFC 8288, WHEP "STUN/TURN"), with its
+    /// long-lived user name and password if it has them; see [`link_value_at`](Self::link_value_at)
+    /// for a server with a [`secret`](Self::secret).
     pub fn link_value(&self) -> String {
+        self.link_with(self.username.as_deref(), self.credential.as_deref())
+    }
+
+    /// The `Link` header value for an answer given at `wall_time` to a viewer of stream
+    /// `stream`: with a [`secret`](Self::secret), a user name and password made for it that
+    /// expire `ttl` later; `None` when the server has a secret but the time is unknown.
+    pub fn link_value_at(
+        &self,
+        wall_time: Option<SystemTime>,
+        ttl: Duration,
+        stream: &str,
+    ) -> Option<String> {
+        let Some(secret) = &self.secret else { return Some(self.link_value()) };
+        let user = self.username.as_deref().unwrap_or(stream);
+        let c = crate::turn::RestCredential::new(secret, user, wall_time?, ttl);
+        Some(self.link_with(Some(&c.username), Some(&c.credential)))
+    }
+
+    fn link_with(&self, username: Option<&str>, credential: Option<&str>) -> String {
         let mut v = format!("<{}>; rel=\"ice-server\"", self.url);
-        if let Some(u) = &self.username {
+        if let Some(u) = username {
             v.push_str(&format!("; username=\"{}\"", quote_escape(u)));
         }
-        if let Some(c) = &self.credential {
+        if let Some(c) = credential {
             v.push_str(&format!(
                 "; credential=\"{}\"; credential-type=\"password\"",
                 quote_escape(c)

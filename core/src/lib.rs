@@ -138,6 +138,7 @@ pub mod sdpfrag;
 pub mod shard;
 mod stream;
 pub mod tcp;
+pub mod turn;
 mod viewer;
 pub mod whep;
 

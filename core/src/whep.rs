@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub use http_types::{Method, StatusCode};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
@@ -41,18 +41,37 @@ pub struct WhepRequest {
     /// ([`CoreConfig::rate_limits`](crate::CoreConfig::rate_limits)). Without it only the global
     /// limit applies.
     pub client: Option<IpAddr>,
+    /// The wall-clock time the runtime received the request at: the start of the validity of
+    /// the time-limited TURN credentials an answer carries ([`crate::turn`]). Without it, TURN
+    /// servers configured with a [`secret`](crate::IceServer::secret) are left out of the
+    /// answer's `Link` headers.
+    pub wall_time: Option<SystemTime>,
 }
 
 impl WhepRequest {
-    /// A request with no headers, an empty body and no client address.
+    /// A request with no headers, an empty body, no client address and no wall-clock time.
     pub fn new(method: Method, target: impl Into<String>) -> Self {
-        Self { method, target: target.into(), headers: Vec::new(), body: Vec::new(), client: None }
+        Self {
+            method,
+            target: target.into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            client: None,
+            wall_time: None,
+        }
     }
 
     /// Sets the client's address.
     #[must_use]
     pub fn with_client(mut self, client: impl Into<IpAddr>) -> Self {
         self.client = Some(client.into());
+        self
+    }
+
+    /// Sets the wall-clock time the request was received at.
+    #[must_use]
+    pub fn with_wall_time(mut self, wall_time: SystemTime) -> Self {
+        self.wall_time = Some(wall_time);
         self
     }
 

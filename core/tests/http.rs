@@ -1,7 +1,7 @@
 //! The WHEP HTTP surface: every row of the seed's error matrix and of the status map, driven
 //! through the simulation harness (real str0m viewers where a session is needed).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use whep_core::sim::{self, SimWorld};
 use whep_core::whep::Method;
@@ -268,11 +268,12 @@ fn options_preflight_and_discovery() {
     let mut config = sim::config();
     config.bearer_tokens = vec!["tok".into()];
     config.ice_servers = vec![
-        IceServer { url: "stun:stun.example.net:3478".into(), username: None, credential: None },
+        IceServer::new("stun:stun.example.net:3478"),
         IceServer {
             url: "turn:turn.example.net:3478?transport=udp".into(),
             username: Some("u".into()),
             credential: Some("p\"w".into()),
+            secret: None,
         },
     ];
     let (mut w, _) = world(config);
@@ -316,6 +317,66 @@ fn options_preflight_and_discovery() {
     assert_eq!(w.http(del.clone()).code(), 401, "DELETE needs the token too");
     assert_eq!(w.core.viewer_count(), 1);
     assert_eq!(w.http(del.with_header("Authorization", "Bearer tok")).code(), 204);
+}
+
+/// The `username` and `credential` parameters of a `Link` header value.
+fn link_credentials(link: &str) -> (String, String) {
+    let param = |name: &str| {
+        let start = link.find(&format!("; {name}=\"")).map(|i| i + name.len() + 4);
+        let rest = &link[start.unwrap_or_else(|| panic!("no {name} in {link}"))..];
+        rest[..rest.find('"').unwrap_or(rest.len())].to_owned()
+    };
+    (param("username"), param("credential"))
+}
+
+#[test]
+fn turn_rest_credentials_are_made_per_answer_and_expire() {
+    let mut config = sim::config();
+    config.ice_servers = vec![
+        IceServer::new("stun:stun.example.net:3478"),
+        IceServer {
+            secret: Some("north-secret".into()),
+            ..IceServer::new("turn:turn.example.net:3478?transport=udp")
+        },
+        IceServer {
+            username: Some("whep".into()),
+            secret: Some("north-secret".into()),
+            ..IceServer::new("turn:turn.example.net:3478?transport=tcp")
+        },
+    ];
+    config.turn_credential_ttl = Duration::from_secs(600);
+    let (mut w, _) = world(config);
+    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_000);
+    let options = WhepRequest::new(Method::Options, "/whep/demo");
+
+    let r = w.http(options.clone().with_wall_time(at));
+    assert_eq!(r.code(), 204);
+    let links: Vec<&str> = r.header_all("link").collect();
+    assert_eq!(links.len(), 3, "{links:?}");
+    assert!(links[1].starts_with("<turn:turn.example.net:3478?transport=udp>; rel=\"ice-server\""));
+    assert!(links[1].ends_with("; credential-type=\"password\""), "{}", links[1]);
+    let (user, password) = link_credentials(links[1]);
+    assert_eq!(user, "1767225600:demo", "expiry = request time + ttl, then the stream");
+    assert!(whep_core::turn::RestCredential::verify("north-secret", &user, &password));
+    // Computed apart from the core: printf '1767225600:whep' | openssl dgst -sha1 -hmac
+    // 'north-secret' -binary | base64
+    assert_eq!(
+        link_credentials(links[2]),
+        ("1767225600:whep".to_owned(), "GUmivfMRItKwmo9AnNcaJY4lvTk=".to_owned())
+    );
+    assert!(!r.headers.iter().any(|(_, v)| v.contains("north-secret")), "the secret stays");
+
+    let later = at + Duration::from_secs(60);
+    let r = w.http(post(CHROMIUM_OFFER).with_wall_time(later));
+    assert_eq!(r.code(), 201);
+    let links: Vec<&str> = r.header_all("link").collect();
+    assert_eq!(links.len(), 3, "ICE servers on the 201");
+    assert_eq!(link_credentials(links[1]).0, "1767225660:demo", "a fresh credential");
+
+    let r = w.http(options);
+    assert_eq!(r.code(), 204);
+    let links: Vec<&str> = r.header_all("link").collect();
+    assert_eq!(links, ["<stun:stun.example.net:3478>; rel=\"ice-server\""], "no time, no TURN");
 }
 
 #[test]

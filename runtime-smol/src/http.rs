@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -63,6 +63,7 @@ pub(crate) async fn handle(whep: &Whep, mut req: Request, app_routes: bool) -> R
     };
     let mut wreq = WhepRequest::new(req.method(), target).with_body(body);
     wreq.client = client.map(|a| a.ip());
+    wreq.wall_time = Some(SystemTime::now());
     for (name, values) in req.iter() {
         for value in values.iter() {
             wreq.headers.push((name.as_str().to_owned(), value.as_str().to_owned()));
@@ -224,7 +225,7 @@ async fn call_http(
         None => return plain(http::StatusCode::REQUEST_TIMEOUT, "request body too slow"),
     };
     let resp = match WhepRequest::from_http(&parts, body, Some(peer.ip())) {
-        Ok(req) => whep.handle_request(req).await,
+        Ok(req) => whep.handle_request(req.with_wall_time(SystemTime::now())).await,
         Err(resp) => resp,
     };
     resp.into_http().map(|body| Full::new(Bytes::from(body)))

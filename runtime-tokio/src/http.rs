@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body::Body;
@@ -79,7 +79,7 @@ impl WhepService {
             .map(|c| c.0)
             .or_else(|| parts.extensions.get::<SocketAddr>().copied());
         let req = match WhepRequest::from_http(&parts, body, client.map(|a| a.ip())) {
-            Ok(req) => req,
+            Ok(req) => req.with_wall_time(SystemTime::now()),
             Err(resp) => return to_http(resp),
         };
         let resp = if self.app_routes {

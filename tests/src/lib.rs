@@ -13,6 +13,7 @@ pub mod netns;
 pub mod players;
 pub mod relay;
 pub mod tls;
+pub mod turn;
 pub mod viewer;
 
 use std::io::{BufRead, BufReader};

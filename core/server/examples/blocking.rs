@@ -52,7 +52,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{debug, error, info, warn};
@@ -669,6 +669,7 @@ fn serve(conn: &TcpStream, peer: SocketAddr, max_body: usize, tx: &SyncSender<Ms
         let (resp, head, unread, close) = match read_request(&mut reader, max_body) {
             Ok(Some(Parsed { mut req, unread, close })) => {
                 req.client = Some(peer.ip());
+                req.wall_time = Some(SystemTime::now());
                 let head = req.method == Method::Head;
                 let (reply, answer) = mpsc::channel();
                 // If the main loop is gone, `reply` is dropped with the message and `recv` fails.

@@ -43,7 +43,8 @@ pub mod policy;
 
 pub use policy::{AdminPolicy, FILE_FORMATS, Refused, URL_PROTOCOLS, URL_SCHEMES, check_media_dir};
 
-/// The player page, with `__WHEP_PREFIX__` still in it; [`handle`] fills it in.
+/// The player page, with `__WHEP_PREFIX__` and `__ICE_SERVERS__` still in it; [`handle`] fills
+/// them in.
 pub const PLAYER_HTML: &str = include_str!("../assets/player.html");
 
 /// Settings of the application routes that are not part of the core's [`CoreConfig`].
@@ -438,7 +439,10 @@ pub fn handle_sharded(
     let get = matches!(req.method, Method::Get | Method::Head);
     let (label, resp) = match path.as_str() {
         "/" | "/index.html" if get => {
-            let page = PLAYER_HTML.replace("__WHEP_PREFIX__", &json_escape(&prefix));
+            let ice = if core.config().ice_servers.is_empty() { "0" } else { "1" };
+            let page = PLAYER_HTML
+                .replace("__WHEP_PREFIX__", &json_escape(&prefix))
+                .replace("__ICE_SERVERS__", ice);
             ("player", text(StatusCode::Ok, "text/html; charset=utf-8", page))
         }
         "/healthz" if get => ("healthz", text(StatusCode::Ok, "text/plain", "ok\n")),
@@ -930,6 +934,26 @@ mod tests {
 
     fn body(r: &WhepResponse) -> String {
         String::from_utf8_lossy(&r.body).into_owned()
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a real starting instant
+    fn player_page_asks_for_ice_servers_only_when_some_are_announced() {
+        let now = Instant::now();
+        for (servers, flag) in [(vec![], "\"0\" === '1'"), (vec![true], "\"1\" === '1'")] {
+            let ice_servers =
+                servers.iter().map(|_| whep_core::IceServer::new("turn:t:3478")).collect();
+            let mut core = Core::new(CoreConfig { ice_servers, ..CoreConfig::default() }, now);
+            let page = handle(
+                &mut core,
+                &RoutesConfig::default(),
+                WhepRequest::new(Method::Get, "/"),
+                now,
+            );
+            let page = body(&page);
+            assert!(page.contains(&format!("const ICE_SERVERS_ANNOUNCED = {flag};")), "{flag}");
+            assert!(!page.contains("__ICE_SERVERS__") && !page.contains("__WHEP_PREFIX__"));
+        }
     }
 
     #[test]

@@ -71,6 +71,15 @@ pub struct Cli {
     /// STUN/TURN server announced to viewers, `URL[,USERNAME,CREDENTIAL]` (repeat).
     #[arg(long = "ice-server")]
     ice_servers: Vec<String>,
+    /// Shared secret of the TURN servers given without a credential (TURN REST, coturn's
+    /// `static-auth-secret`): each answer carries a user name and password of its own that
+    /// expire after --turn-ttl-secs. Prefer `turn_secret` in the configuration file: a
+    /// command line is visible to every local user.
+    #[arg(long, value_name = "SECRET")]
+    turn_secret: Option<String>,
+    /// Lifetime of those TURN credentials, in seconds [default: 43200 (12 h)].
+    #[arg(long, value_name = "N")]
+    turn_ttl_secs: Option<u64>,
     /// Path prefix of the WHEP routes [default: /whep].
     #[arg(long)]
     whep_prefix: Option<String>,
@@ -167,6 +176,8 @@ struct FileConfig {
     media_dirs: Vec<String>,
     admin_raw_ffmpeg: Option<bool>,
     ice_servers: Vec<IceServerFile>,
+    turn_secret: Option<String>,
+    turn_ttl_secs: Option<u64>,
     whep_prefix: Option<String>,
     ffmpeg: Option<String>,
     strict_if_match: Option<bool>,
@@ -199,6 +210,7 @@ struct IceServerFile {
     url: String,
     username: Option<String>,
     credential: Option<String>,
+    secret: Option<String>,
 }
 
 /// What the command line and the configuration file say, ready for a runtime to start: the
@@ -283,11 +295,35 @@ fn settings(
     core.ice_servers = if cli.ice_servers.is_empty() {
         file.ice_servers
             .into_iter()
-            .map(|s| IceServer { url: s.url, username: s.username, credential: s.credential })
+            .map(|s| IceServer {
+                url: s.url,
+                username: s.username,
+                credential: s.credential,
+                secret: s.secret,
+            })
             .collect()
     } else {
         cli.ice_servers.iter().map(|s| parse_ice_server(s)).collect::<Result<_, _>>()?
     };
+    if let Some(secret) = cli.turn_secret.or(file.turn_secret) {
+        let turn = |s: &IceServer| s.url.starts_with("turn:") || s.url.starts_with("turns:");
+        let mut used = false;
+        for server in core.ice_servers.iter_mut().filter(|s| turn(s) && s.credential.is_none()) {
+            server.secret.get_or_insert_with(|| secret.clone());
+            used = true;
+        }
+        if !used {
+            return Err("--turn-secret: no TURN server (turn: or turns:) without a credential \
+                        to use it for"
+                .into());
+        }
+    }
+    if let Some(secs) = cli.turn_ttl_secs.or(file.turn_ttl_secs) {
+        if secs == 0 {
+            return Err("--turn-ttl-secs must be at least 1".into());
+        }
+        core.turn_credential_ttl = Duration::from_secs(secs);
+    }
     if let Some(prefix) = cli.whep_prefix.or(file.whep_prefix) {
         let prefix = prefix.trim_end_matches('/').to_owned();
         let plain = prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b));
@@ -465,6 +501,7 @@ fn parse_ice_server(s: &str) -> Result<IceServer, String> {
         url,
         username: parts.next().map(Into::into),
         credential: parts.next().map(Into::into),
+        secret: None,
     })
 }
 
@@ -604,6 +641,43 @@ max_viewers = 2
         assert!(err.contains("stream \"x\""), "{err}");
         let s = setup_from(&["--stream", "a=srt://h:1", "--stream", "b=/srv/x.mp4"]).expect("ok");
         assert!(s.streams[0].1.url.is_some() && s.streams[1].1.file.is_some());
+    }
+
+    #[test]
+    fn turn_secret_applies_to_turn_servers_without_a_password() {
+        let s = setup_from(&[
+            "--ice-server",
+            "stun:stun.example.org",
+            "--ice-server",
+            "turn:turn.example.org:3478?transport=udp",
+            "--ice-server",
+            "turn:other.example.org,u,p",
+            "--turn-secret",
+            "s3",
+            "--turn-ttl-secs",
+            "600",
+        ])
+        .expect("valid");
+        let servers = &s.server.core.ice_servers;
+        assert_eq!(servers[0].secret, None, "STUN needs none");
+        assert_eq!(servers[1].secret.as_deref(), Some("s3"));
+        assert_eq!(servers[2].secret, None, "a server with a password keeps it");
+        assert_eq!(s.server.core.turn_credential_ttl, Duration::from_secs(600));
+        assert!(!format!("{servers:?}").contains("s3"), "Debug hides the secret");
+        let err =
+            setup_from(&["--ice-server", "stun:x", "--turn-secret", "s"]).expect_err("unused");
+        assert!(err.contains("no TURN server"), "{err}");
+        let file = r#"
+turn_ttl_secs = 3600
+[[ice_servers]]
+url = "turn:turn.example.org:3478?transport=tcp"
+secret = "f"
+"#;
+        let s = setup_with(&["--config", "w.toml"], file).expect("valid");
+        assert_eq!(s.server.core.ice_servers[0].secret.as_deref(), Some("f"));
+        assert_eq!(s.server.core.turn_credential_ttl, Duration::from_secs(3600));
+        let zero = setup_from(&["--ice-server", "turn:t", "--turn-ttl-secs", "0"]);
+        assert!(zero.expect_err("zero").contains("at least 1"));
     }
 
     #[test]

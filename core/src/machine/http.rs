@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
 use str0m::{Candidate, IceCreds};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::VideoCodec;
 use crate::ids::{SessionId, StreamId};
@@ -135,8 +135,8 @@ impl Core {
                 let mut r = WhepResponse::new(StatusCode::NoContent)
                     .with("Accept-Post", CONTENT_TYPE_SDP)
                     .with("Allow", ALLOW);
-                for s in &self.config.ice_servers {
-                    r = r.with("Link", s.link_value());
+                for link in self.ice_links(req, id) {
+                    r = r.with("Link", link);
                 }
                 Ok(r)
             }
@@ -275,10 +275,28 @@ impl Core {
             .with("Location", location)
             .with("ETag", etag.header_value())
             .with("Accept-Patch", CONTENT_TYPE_SDPFRAG);
-        for s in &self.config.ice_servers {
-            resp = resp.with("Link", s.link_value());
+        for link in self.ice_links(req, id) {
+            resp = resp.with("Link", link);
         }
         Ok(resp.with_body(CONTENT_TYPE_SDP, answer))
+    }
+
+    /// The `Link` header values announcing the ICE servers to a viewer of `id`: TURN servers
+    /// with a shared secret get credentials made for this answer, valid from the request's wall
+    /// time for [`turn_credential_ttl`](crate::CoreConfig::turn_credential_ttl).
+    fn ice_links(&self, req: &WhepRequest, id: &StreamId) -> Vec<String> {
+        let ttl = self.config.turn_credential_ttl;
+        let mut links = Vec::with_capacity(self.config.ice_servers.len());
+        for server in &self.config.ice_servers {
+            match server.link_value_at(req.wall_time, ttl, id.as_str()) {
+                Some(link) => links.push(link),
+                None => warn!(
+                    url = %server.url,
+                    "TURN server left out: the runtime gave the request no wall-clock time"
+                ),
+            }
+        }
+        links
     }
 
     pub(super) fn unique_session(&mut self) -> SessionId {
