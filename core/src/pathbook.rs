@@ -13,6 +13,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use crate::ratelimit::key;
+
 /// What one path carried, as the last viewer on it found out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KnownPath {
@@ -63,21 +65,6 @@ impl PathBook {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.paths.len()
-    }
-}
-
-/// IPv4 (and IPv4-mapped IPv6) as is, IPv6 by its /64.
-fn key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut o = v6.octets();
-                o[8..].fill(0);
-                IpAddr::V6(o.into())
-            }
-        },
     }
 }
 

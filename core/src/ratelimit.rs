@@ -318,8 +318,9 @@ impl Unconnected {
     }
 }
 
-/// The bucket key of an address: IPv4 as is, IPv6 by its /64 (IPv4-mapped as IPv4).
-fn key(ip: IpAddr) -> IpAddr {
+/// The bucket key of an address: IPv4 as is, IPv6 by its /64 (IPv4-mapped as IPv4). Also the
+/// key of what the core learns of a client's path ([`crate::pathbook`]).
+pub(crate) fn key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

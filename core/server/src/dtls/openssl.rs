@@ -230,6 +230,25 @@ mod tests {
 
     use super::*;
 
+    /// A dimpl DTLS client (active) and the adapter's OpenSSL server (passive), with their
+    /// certificates.
+    fn endpoints(
+        now: Instant,
+    ) -> (DtlsCert, DtlsCert, Box<dyn DtlsInstance>, Box<dyn DtlsInstance>) {
+        let dimpl = whep_core::dtls::provider();
+        let client_cert = dimpl.dtls_provider.generate_certificate().expect("client cert");
+        let server_cert = OpensslDtls.generate_certificate().expect("server cert");
+        let mut client = dimpl
+            .dtls_provider
+            .new_dtls(&client_cert, now, DtlsVersion::Dtls12, None)
+            .expect("client");
+        client.set_active(true);
+        let mut server =
+            OpensslDtls.new_dtls(&server_cert, now, DtlsVersion::Dtls12, None).expect("server");
+        server.set_active(false);
+        (client_cert, server_cert, client, server)
+    }
+
     /// What one endpoint reported while the two talked.
     #[derive(Default)]
     struct Seen {
@@ -265,17 +284,7 @@ mod tests {
     fn a_dimpl_client_and_the_openssl_server_agree() {
         #![allow(clippy::disallowed_methods)] // a real clock for OpenSSL's timers
         let now = Instant::now();
-        let dimpl = whep_core::dtls::provider();
-        let client_cert = dimpl.dtls_provider.generate_certificate().expect("client cert");
-        let server_cert = OpensslDtls.generate_certificate().expect("server cert");
-        let mut client = dimpl
-            .dtls_provider
-            .new_dtls(&client_cert, now, DtlsVersion::Dtls12, None)
-            .expect("client");
-        client.set_active(true);
-        let mut server =
-            OpensslDtls.new_dtls(&server_cert, now, DtlsVersion::Dtls12, None).expect("server");
-        server.set_active(false);
+        let (client_cert, server_cert, mut client, mut server) = endpoints(now);
         assert!(!server.is_active());
         client.handle_timeout(now).expect("client start");
 
@@ -355,17 +364,7 @@ mod tests {
     fn a_lost_server_flight_is_sent_again_on_the_timer() {
         #![allow(clippy::disallowed_methods)]
         let now = Instant::now();
-        let dimpl = whep_core::dtls::provider();
-        let client_cert = dimpl.dtls_provider.generate_certificate().expect("client cert");
-        let server_cert = OpensslDtls.generate_certificate().expect("server cert");
-        let mut client = dimpl
-            .dtls_provider
-            .new_dtls(&client_cert, now, DtlsVersion::Dtls12, None)
-            .expect("client");
-        client.set_active(true);
-        let mut server =
-            OpensslDtls.new_dtls(&server_cert, now, DtlsVersion::Dtls12, None).expect("server");
-        server.set_active(false);
+        let (_, _, mut client, mut server) = endpoints(now);
         client.handle_timeout(now).expect("client start");
         let mut s = Seen::default();
         for p in drain(client.as_mut(), &mut Seen::default()) {
