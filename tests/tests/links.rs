@@ -78,8 +78,11 @@ fn nat_rebinding_keeps_playing() {
         o.relay.stale,
         o.relay.last_stale_at.map(|t| t.saturating_duration_since(at))
     );
-    // 30 fps for 5 s is 150; half of it allows for a slow machine and a short repair.
-    assert!(frames >= 75.0, "{frames} frames in the 5 s after the rebinding: {}", describe(&o));
+    // 30 fps for 5 s is 150. Media moves with the first authenticated check Chromium sends
+    // from the new port, and a connected Chromium checks every 2-3 s: with the whole suite in
+    // parallel on 2 cores, 57 frames (3.2 s to the old port) were seen once. A third of 150
+    // still tells the fix from the bug it guards against (16 frames, 13.6 s black).
+    assert!(frames >= 50.0, "{frames} frames in the 5 s after the rebinding: {}", describe(&o));
 }
 
 /// A 20 s outage: the server closes the silent session, and the
