@@ -393,10 +393,36 @@ impl<R: Runtime> Engine<R> {
                 })?;
                 bind.set_port(port);
             }
-            let socket = runtime.bind_udp(bind)?;
-            let addr = socket.local_addr()?;
-            let tcp = bind_tcp(&*runtime, config.tcp, addr, index)?;
-            sockets.push((socket, addr, tcp));
+            // An ephemeral port is free for UDP but may be held for TCP (any local connection
+            // can hold it): when ICE-TCP shares the UDP port, pick again until both are free.
+            let tries = if bind.port() == 0 && config.tcp == TcpListen::SameAsUdp {
+                EPHEMERAL_PAIR_TRIES
+            } else {
+                1
+            };
+            let mut bound = None;
+            for attempt in 1..=tries {
+                let socket = runtime.bind_udp(bind)?;
+                let addr = socket.local_addr()?;
+                if attempt < tries && config.tcp == TcpListen::SameAsUdp {
+                    match runtime.bind_tcp(addr) {
+                        Ok(l) => {
+                            bound = Some((socket, addr, Some(l)));
+                            break;
+                        }
+                        Err(e) => {
+                            debug!(%addr, error = %e, "ephemeral port taken for TCP; picking another");
+                            continue;
+                        }
+                    }
+                }
+                let tcp = bind_tcp(&*runtime, config.tcp, addr, index)?;
+                bound = Some((socket, addr, tcp));
+            }
+            let Some(bound) = bound else {
+                return Err(io::Error::other("no viewer socket bound"));
+            };
+            sockets.push(bound);
         }
         // The leader's queues to each follower: senders for shard 0, a receiver for each other.
         let (mut to_followers, from_leader): (Vec<_>, Vec<_>) =
@@ -777,6 +803,9 @@ struct Conn {
     /// A read or write failed, or the peer closed: reported to the core next.
     gone: bool,
 }
+
+/// How many ephemeral ports [`Engine::start`] tries for a UDP socket whose port is free for TCP.
+const EPHEMERAL_PAIR_TRIES: usize = 16;
 
 /// Binds shard `index`'s ICE-TCP listener as `mode` says, next to its viewer socket at `udp`.
 fn bind_tcp<R: Runtime>(

@@ -17,7 +17,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
-use super::{Engine, ProcessExit, Runtime, Timer, UdpSocket};
+use super::{Engine, ProcessExit, Runtime, TcpListener, TcpStream, Timer, UdpSocket};
 use crate::app::{ServerConfig, StreamSpec};
 use whep_core::whep::{Method, WhepRequest};
 use whep_core::{CoreConfig, StreamId};
@@ -224,6 +224,10 @@ struct Fake {
     procs: Mutex<Vec<Proc>>,
     signals: Mutex<Vec<(u32, bool)>>,
     next_pid: AtomicU32,
+    /// Ports a TCP listener cannot bind (held by some other TCP socket).
+    tcp_taken: Mutex<Vec<u16>>,
+    /// Where TCP listeners were bound.
+    tcp_bound: Mutex<Vec<SocketAddr>>,
 }
 
 impl Fake {
@@ -296,6 +300,30 @@ impl Runtime for FakeRuntime {
 
     fn now(&self) -> Instant {
         Instant::now()
+    }
+
+    fn bind_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn TcpListener>> {
+        if lock(&self.0.tcp_taken).contains(&addr.port()) {
+            return Err(io::ErrorKind::AddrInUse.into());
+        }
+        lock(&self.0.tcp_bound).push(addr);
+        Ok(Box::new(FakeListener(addr)))
+    }
+}
+
+/// A listener nobody connects to.
+struct FakeListener(SocketAddr);
+
+impl TcpListener for FakeListener {
+    fn poll_accept(
+        &self,
+        _cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(Box<dyn TcpStream>, SocketAddr)>> {
+        Poll::Pending
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.0)
     }
 }
 
@@ -414,4 +442,20 @@ fn checks_are_answered_in_order_and_ingest_from_a_stranger_is_refused() {
     eventually("stranger's datagrams refused", || block_on(engine.metrics()).ingest_rejected == 5);
     assert_eq!(block_on(engine.metrics()).ingest_packets, 6);
     block_on(engine.shutdown());
+}
+
+#[test]
+fn an_ephemeral_viewer_port_is_one_free_for_tcp_too() {
+    let runtime = FakeRuntime::default();
+    // The fake hands out 50000, 50001, ... for port 0; the first three are held for TCP.
+    lock(&runtime.0.tcp_taken).extend([50_000, 50_001, 50_002]);
+    let config = ServerConfig {
+        udp_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        core: CoreConfig { rng_seed: [7; 32], ..CoreConfig::default() },
+        ..ServerConfig::default()
+    };
+    let engine = Engine::start(runtime.clone(), config, None).unwrap();
+    assert_eq!(engine.udp_addr().port(), 50_003);
+    assert_eq!(*lock(&runtime.0.tcp_bound), vec![SocketAddr::from(([127, 0, 0, 1], 50_003))]);
+    drop(engine);
 }
