@@ -404,6 +404,41 @@ pub fn wait_until(timeout: Duration, mut pred: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// One `#[test]` per runtime server for each test function `fn name(bin: &str)` of the calling
+/// test file: `mod tokio { #[test] fn name() }` and likewise `smol` and `blocking`, each calling
+/// `super::name` with its server binary. `runtime_suite!(a, b)` is every runtime;
+/// `runtime_suite!([tokio, smol] a, b)` names them.
+#[macro_export]
+macro_rules! runtime_suite {
+    ([] $($test:ident),+ $(,)?) => {};
+    ([$first:ident $(, $rest:ident)*] $($test:ident),+ $(,)?) => {
+        $crate::runtime_suite!(@runtime $first; $($test),+);
+        $crate::runtime_suite!([$($rest),*] $($test),+);
+    };
+    (@runtime tokio; $($test:ident),+) => {
+        $crate::runtime_suite!(@mod tokio, env!("CARGO_BIN_EXE_whepd-tokio"); $($test),+);
+    };
+    (@runtime smol; $($test:ident),+) => {
+        $crate::runtime_suite!(@mod smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"); $($test),+);
+    };
+    (@runtime blocking; $($test:ident),+) => {
+        $crate::runtime_suite!(@mod blocking, env!("CARGO_BIN_EXE_whepd-blocking"); $($test),+);
+    };
+    (@mod $runtime:ident, $bin:expr; $($test:ident),+) => {
+        mod $runtime {
+            $(
+                #[test]
+                fn $test() {
+                    super::$test($bin);
+                }
+            )+
+        }
+    };
+    ($($test:ident),+ $(,)?) => {
+        $crate::runtime_suite!([tokio, smol, blocking] $($test),+);
+    };
+}
+
 /// Headless Chromium (Debian's `chromium` package) driven through its console log.
 pub mod chromium {
     use std::os::unix::process::CommandExt;

@@ -202,37 +202,10 @@ fn location_names_the_stream(bin: &str) {
     }
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            #[test]
-            fn hostile_specs_are_refused() {
-                super::hostile_specs_are_refused($bin);
-            }
-
-            #[test]
-            fn media_file_plays() {
-                super::media_file_plays($bin);
-            }
-
-            #[test]
-            fn raw_opt_in_accepts_args() {
-                super::raw_opt_in_accepts_args($bin);
-            }
-
-            #[test]
-            fn failed_logins_are_rate_limited() {
-                super::failed_logins_are_rate_limited($bin);
-            }
-
-            #[test]
-            fn location_names_the_stream() {
-                super::location_names_the_stream($bin);
-            }
-        }
-    };
-}
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
-suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
+whep_e2e::runtime_suite!(
+    hostile_specs_are_refused,
+    media_file_plays,
+    raw_opt_in_accepts_args,
+    failed_logins_are_rate_limited,
+    location_names_the_stream,
+);

@@ -800,62 +800,15 @@ fn long_round_trip_connects(bin: &str) {
     });
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            #[test]
-            fn malformed_requests() {
-                super::malformed_requests($bin);
-            }
-
-            #[test]
-            fn slow_clients() {
-                super::slow_clients($bin);
-            }
-
-            #[test]
-            fn request_floods() {
-                super::request_floods($bin);
-            }
-
-            #[test]
-            fn udp_garbage() {
-                super::udp_garbage($bin);
-            }
-
-            #[test]
-            fn ingest_flood() {
-                super::ingest_flood($bin);
-            }
-
-            #[test]
-            fn candidate_flood() {
-                super::candidate_flood($bin);
-            }
-
-            #[test]
-            fn stun_address_flood() {
-                super::stun_address_flood($bin);
-            }
-
-            #[test]
-            fn seat_squatting() {
-                super::seat_squatting($bin);
-            }
-
-            #[test]
-            fn ingest_spoofing() {
-                super::ingest_spoofing($bin);
-            }
-
-            #[test]
-            fn long_round_trip_connects() {
-                super::long_round_trip_connects($bin);
-            }
-        }
-    };
-}
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
-suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
+whep_e2e::runtime_suite!(
+    malformed_requests,
+    slow_clients,
+    request_floods,
+    udp_garbage,
+    ingest_flood,
+    candidate_flood,
+    stun_address_flood,
+    seat_squatting,
+    ingest_spoofing,
+    long_round_trip_connects,
+);

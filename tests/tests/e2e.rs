@@ -423,64 +423,17 @@ fn chromium_page_reconnects_when_the_server_closes_its_session() {
     assert!(joined >= 2.0, "one session only: {joined}");
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            fn bin() -> &'static str {
-                $bin
-            }
-            #[test]
-            fn chromium_plays_demo() {
-                super::chromium_plays_demo(bin());
-            }
-            #[test]
-            fn firefox_plays_demo() {
-                super::firefox_plays_demo(bin());
-            }
-            #[test]
-            fn concurrent_viewers_and_cap() {
-                super::concurrent_viewers_and_cap(bin());
-            }
-            #[test]
-            fn http_error_paths() {
-                super::http_error_paths(bin());
-            }
-            #[test]
-            fn vp8_viewer_gets_the_vp8_rendition() {
-                super::vp8_viewer_gets_the_vp8_rendition(bin());
-            }
-            #[test]
-            fn ffmpeg_kill_restarts() {
-                super::ffmpeg_kill_restarts(bin());
-            }
-            #[test]
-            fn stop_via_api_leaves_nothing() {
-                super::stop_via_api_leaves_nothing(bin());
-            }
-            #[test]
-            fn admin_adds_streams() {
-                super::admin_adds_streams(bin());
-            }
-            #[test]
-            fn sigterm_leaves_no_orphan() {
-                super::sigterm_leaves_no_orphan(bin());
-            }
-            #[test]
-            fn killed_server_leaves_no_ffmpeg() {
-                super::killed_server_leaves_no_ffmpeg(bin());
-            }
-            #[test]
-            fn stalled_ffmpeg_is_restarted() {
-                super::stalled_ffmpeg_is_restarted(bin());
-            }
-            #[test]
-            fn missing_ffmpeg_is_a_clear_error() {
-                super::missing_ffmpeg_is_a_clear_error(bin());
-            }
-        }
-    };
-}
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
-suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
+whep_e2e::runtime_suite!(
+    chromium_plays_demo,
+    firefox_plays_demo,
+    concurrent_viewers_and_cap,
+    http_error_paths,
+    vp8_viewer_gets_the_vp8_rendition,
+    ffmpeg_kill_restarts,
+    stop_via_api_leaves_nothing,
+    admin_adds_streams,
+    sigterm_leaves_no_orphan,
+    killed_server_leaves_no_ffmpeg,
+    stalled_ffmpeg_is_restarted,
+    missing_ffmpeg_is_a_clear_error,
+);

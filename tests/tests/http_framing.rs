@@ -163,32 +163,9 @@ fn pipelining(bin: &str) {
     }
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            #[test]
-            fn host_cannot_route() {
-                super::host_cannot_route($bin);
-            }
-
-            #[test]
-            fn transfer_coding_cannot_smuggle() {
-                super::transfer_coding_cannot_smuggle($bin);
-            }
-
-            #[test]
-            fn conflicting_lengths() {
-                super::conflicting_lengths($bin);
-            }
-
-            #[test]
-            fn pipelining() {
-                super::pipelining($bin);
-            }
-        }
-    };
-}
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
-suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
+whep_e2e::runtime_suite!(
+    host_cannot_route,
+    transfer_coding_cannot_smuggle,
+    conflicting_lengths,
+    pipelining,
+);

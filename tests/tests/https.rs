@@ -159,26 +159,9 @@ fn bad_certificate_at_start_is_an_error(bin: &str) {
     }
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            #[test]
-            fn chromium_plays_over_https() {
-                super::chromium_plays_over_https($bin);
-            }
-
-            #[test]
-            fn sighup_or_a_file_change_reloads_the_certificate() {
-                super::sighup_or_a_file_change_reloads_the_certificate($bin);
-            }
-
-            #[test]
-            fn bad_certificate_at_start_is_an_error() {
-                super::bad_certificate_at_start_is_an_error($bin);
-            }
-        }
-    };
-}
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
+whep_e2e::runtime_suite!(
+    [tokio, smol]
+    chromium_plays_over_https,
+    sighup_or_a_file_change_reloads_the_certificate,
+    bad_certificate_at_start_is_an_error,
+);

@@ -174,34 +174,13 @@ fn ffmpeg_crash_closes_viewers_on_every_shard(bin: &str) {
     again.into_iter().for_each(Viewer::close);
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            #[test]
-            fn viewers_play_on_both_shards() {
-                super::viewers_play_on_both_shards($bin);
-            }
-
-            #[test]
-            fn chromium_plays_from_second_shard() {
-                super::chromium_plays_from_second_shard($bin);
-            }
-
-            #[test]
-            fn ffmpeg_crash_closes_viewers_on_every_shard() {
-                super::ffmpeg_crash_closes_viewers_on_every_shard($bin);
-            }
-
-            #[test]
-            fn made_up_session_on_a_missing_shard() {
-                super::made_up_session_on_a_missing_shard($bin);
-            }
-        }
-    };
-}
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
+whep_e2e::runtime_suite!(
+    [tokio, smol]
+    viewers_play_on_both_shards,
+    chromium_plays_from_second_shard,
+    ffmpeg_crash_closes_viewers_on_every_shard,
+    made_up_session_on_a_missing_shard,
+);
 
 #[test]
 fn blocking_refuses_shards() {

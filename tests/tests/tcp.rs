@@ -207,32 +207,9 @@ fn tcp_garbage_and_floods_are_closed(bin: &str) {
     assert!(v.wait_for(PLAY_WITHIN, |s| s.video_packets >= 50), "{:?}", v.stats());
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            fn bin() -> &'static str {
-                $bin
-            }
-            #[test]
-            fn str0m_viewer_plays_over_tcp() {
-                super::str0m_viewer_plays_over_tcp(bin());
-            }
-            #[test]
-            fn stalled_tcp_reader_does_not_delay_udp_viewer() {
-                super::stalled_tcp_reader_does_not_delay_udp_viewer(bin());
-            }
-            #[test]
-            fn tcp_garbage_and_floods_are_closed() {
-                super::tcp_garbage_and_floods_are_closed(bin());
-            }
-            #[test]
-            fn chromium_plays_over_tcp_without_udp() {
-                super::chromium_plays_over_tcp_without_udp(bin());
-            }
-        }
-    };
-}
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
-suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
+whep_e2e::runtime_suite!(
+    str0m_viewer_plays_over_tcp,
+    stalled_tcp_reader_does_not_delay_udp_viewer,
+    tcp_garbage_and_floods_are_closed,
+    chromium_plays_over_tcp_without_udp,
+);

@@ -38,6 +38,14 @@ fn openssl_credential(secret: &str, username: &str) -> String {
 }
 
 /// Chromium with `relay=1` plays through coturn reached over `transport` (udp or tcp).
+fn chromium_plays_through_turn_udp(bin: &str) {
+    chromium_plays_through_turn(bin, "udp");
+}
+
+fn chromium_plays_through_turn_tcp(bin: &str) {
+    chromium_plays_through_turn(bin, "tcp");
+}
+
 fn chromium_plays_through_turn(bin: &str, transport: &str) {
     let ns = Netns::create().expect("network namespace (needs root)");
     let host = ns.host.to_string();
@@ -104,7 +112,7 @@ fn chromium_plays_through_turn(bin: &str, transport: &str) {
 /// A page that insists on a relay does not play when the TURN server refuses its credentials
 /// (the server's secret is not coturn's), and coturn allocates nothing: the relay tests above
 /// can fail.
-fn wrong_secret_does_not_play(bin: &str) {
+fn wrong_turn_secret_does_not_play(bin: &str) {
     let ns = Netns::create().expect("network namespace (needs root)");
     let host = ns.host.to_string();
     let turn = Coturn::start(ns.host, "another-secret").unwrap_or_else(|e| panic!("{e}"));
@@ -122,28 +130,8 @@ fn wrong_secret_does_not_play(bin: &str) {
     assert!(!turn.log().contains("ALLOCATE processed, success"), "{}", turn.log());
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            fn bin() -> &'static str {
-                $bin
-            }
-            #[test]
-            fn chromium_plays_through_turn_udp() {
-                super::chromium_plays_through_turn(bin(), "udp");
-            }
-            #[test]
-            fn chromium_plays_through_turn_tcp() {
-                super::chromium_plays_through_turn(bin(), "tcp");
-            }
-            #[test]
-            fn wrong_turn_secret_does_not_play() {
-                super::wrong_secret_does_not_play(bin());
-            }
-        }
-    };
-}
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
-suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
+whep_e2e::runtime_suite!(
+    chromium_plays_through_turn_udp,
+    chromium_plays_through_turn_tcp,
+    wrong_turn_secret_does_not_play,
+);
