@@ -651,6 +651,21 @@ impl Viewer {
         own.min(self.rtc_deadline).min(pace.unwrap_or(own)).min(shrink.unwrap_or(own))
     }
 
+    /// Hands str0m a datagram or TCP frame of viewer `session`. A DTLS handshake that failed
+    /// (dimpl sent a fatal alert) marks the viewer dead, to be closed now rather than at the
+    /// connect timeout, and says why once; anything else str0m refuses is only logged.
+    pub(crate) fn receive(&mut self, session: SessionId, input: RtcInput<'_>) {
+        if let Err(e) = self.rtc.handle_input(input) {
+            let error = e.to_string();
+            if let Some(hint) = crate::dtls::failure_hint(&error) {
+                warn!(%session, stream = %self.stream, %error, "DTLS handshake failed: {hint}");
+                self.dead = true;
+            } else {
+                debug!(%session, %error, "datagram or TCP frame rejected");
+            }
+        }
+    }
+
     /// Drains str0m's output into the core's queue until it asks for a timeout.
     pub(crate) fn drain(
         &mut self,

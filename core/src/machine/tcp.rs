@@ -19,7 +19,7 @@ use crate::ids::SessionId;
 use crate::path;
 use crate::tcp::{ConnId, FrameReader};
 use crate::viewer::ViewerState;
-use crate::{CloseReason, Output};
+use crate::Output;
 
 use super::viewers::stun_local_ufrag;
 use super::{Core, TimerKey};
@@ -166,9 +166,7 @@ impl Core {
         }
         viewer.last_rx = now;
         let mut news = std::mem::take(&mut self.news);
-        if let Err(e) = viewer.rtc.handle_input(input) {
-            debug!(%session, error = %e, "TCP frame rejected");
-        }
+        viewer.receive(session, input);
         viewer.drain(now, grace, &mut self.outputs, &mut news);
         let path = &mut viewer.path;
         if path.sending_to.is_none() && !path.nominated_for_dtls && path::is_dtls(frame) {
@@ -182,14 +180,7 @@ impl Core {
             }
         }
         viewer.path.heard(peer, now);
-        let dead = viewer.dead;
-        self.apply_news(session, &mut news, now);
-        self.news = news;
-        if dead {
-            self.remove_viewer(session, CloseReason::RemoteClosed, now);
-        } else {
-            self.reschedule_viewer(session, now);
-        }
+        self.after_input(session, news, now);
     }
 
     /// Binds `conn` to viewer `s`; false (and the connection closed) when the viewer holds

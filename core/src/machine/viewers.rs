@@ -433,17 +433,7 @@ impl Core {
         let fresh_check = by_ufrag == Some(session)
             && path::binding_request_tid(contents).is_some_and(|t| viewer.path.fresh_check(t));
         let mut news = std::mem::take(&mut self.news);
-        if let Err(e) = viewer.rtc.handle_input(input) {
-            let error = e.to_string();
-            if let Some(hint) = crate::dtls::failure_hint(&error) {
-                // The handshake is over (dimpl sent a fatal alert): close the session now
-                // rather than at the connect timeout, and say why once.
-                warn!(%session, stream = %viewer.stream, %error, "DTLS handshake failed: {hint}");
-                viewer.dead = true;
-            } else {
-                debug!(%session, %error, "datagram rejected");
-            }
-        }
+        viewer.receive(session, input);
         viewer.drain(now, grace, &mut self.outputs, &mut news);
         let path = &mut viewer.path;
         if path.sending_to.is_none()
@@ -485,7 +475,18 @@ impl Core {
             }
         }
         viewer.path.heard(source, now);
-        let dead = viewer.dead;
+        self.after_input(session, news, now);
+    }
+
+    /// What follows a viewer's datagram or TCP frame once str0m has it and `news` holds what
+    /// it said: the news applied, then the viewer removed if it is dead, else its timer moved.
+    pub(super) fn after_input(
+        &mut self,
+        session: SessionId,
+        mut news: Vec<ViewerNews>,
+        now: Instant,
+    ) {
+        let dead = self.viewers.get(&session).is_some_and(|v| v.dead);
         self.apply_news(session, &mut news, now);
         self.news = news;
         if dead {
