@@ -6,15 +6,10 @@
 //! `console.log("x")` is printed as `console.log: "x"`), and keeps the browser quiet offline
 //! (no telemetry, updates, safe browsing or first-run pages).
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 
 pub use crate::chromium::field;
 
@@ -104,35 +99,21 @@ pub fn run_page_in(netns: Option<&str>, url: &str, timeout: Duration) -> Result<
     std::fs::create_dir_all(&profile).map_err(|e| format!("profile {}: {e}", profile.display()))?;
     std::fs::write(profile.join("user.js"), USER_JS)
         .map_err(|e| format!("user.js in {}: {e}", profile.display()))?;
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, &bin]);
-            c
-        }
-        None => Command::new(&bin),
-    };
-    let spawned = cmd
-        // Its own process group: Firefox starts content, socket and GPU processes, and all of
-        // them must go when the test is done.
-        .process_group(0)
-        .args(["--headless", "--no-remote", "--profile"])
+    let mut cmd = crate::command_in(netns, &bin);
+    // Its own process group: Firefox starts content, socket and GPU processes, and all of
+    // them must go when the test is done.
+    cmd.args(["--headless", "--no-remote", "--profile"])
         .arg(&profile)
         .arg(url)
         .env("MOZ_CRASHREPORTER_DISABLE", "1")
-        .env("MOZ_HEADLESS", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
+        .env("MOZ_HEADLESS", "1");
+    let (group, rx) = match crate::spawn_group(&mut cmd) {
+        Ok(spawned) => spawned,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&profile);
             return Err(format!("cannot start {bin}: {e}"));
         }
     };
-    let rx = crate::output_lines(&mut child);
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
     let result = loop {
@@ -152,11 +133,7 @@ pub fn run_page_in(netns: Option<&str>, url: &str, timeout: Duration) -> Result<
             }
         }
     };
-    if let Ok(pgid) = i32::try_from(child.id()) {
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(group);
     let _ = std::fs::remove_dir_all(&profile);
     result
 }

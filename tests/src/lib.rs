@@ -18,6 +18,7 @@ pub mod viewer;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -79,6 +80,45 @@ pub(crate) fn output_lines(child: &mut Child) -> mpsc::Receiver<String> {
         });
     }
     rx
+}
+
+/// `program` as a command, run inside the network namespace `netns` (by name) when given.
+pub(crate) fn command_in(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// A player (a browser with its helper processes, or a script) spawned in its own process
+/// group by [`spawn_group`]: the whole group is killed when this is dropped.
+pub(crate) struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.0.id()) {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `cmd` in a process group of its own, stdin closed, stdout and stderr piped: the
+/// guard of the group and the lines of both pipes.
+pub(crate) fn spawn_group(cmd: &mut Command) -> std::io::Result<(Group, mpsc::Receiver<String>)> {
+    let mut child = cmd
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let lines = output_lines(&mut child);
+    Ok((Group(child), lines))
 }
 
 impl Server {
@@ -441,12 +481,7 @@ macro_rules! runtime_suite {
 
 /// Headless Chromium (Debian's `chromium` package) driven through its console log.
 pub mod chromium {
-    use std::os::unix::process::CommandExt;
-
-    use super::{
-        BufRead, BufReader, Command, Duration, Instant, Ordering, Path, Pid, Signal, Stdio, mpsc,
-        thread,
-    };
+    use super::{Duration, Instant, Ordering, Path};
 
     /// Where Debian installs it; `CHROMIUM` overrides.
     pub fn binary() -> String {
@@ -512,59 +547,36 @@ pub mod chromium {
         ));
         // Left by an earlier process with the same pid.
         let _ = std::fs::remove_dir_all(&profile);
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, &bin]);
-                c
-            }
-            None => Command::new(&bin),
-        };
+        let mut cmd = crate::command_in(netns, &bin);
+        // Its own process group: /usr/bin/chromium is a script, and the browser it starts
+        // (with its helpers) must go when the test is done.
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--autoplay-policy=no-user-gesture-required",
+            "--allow-loopback-in-peer-connection",
+            "--use-fake-ui-for-media-stream",
+            "--disable-features=WebRtcHideLocalIpsWithMdns",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url);
         let started = Instant::now();
-        let child = cmd
-            // Its own process group: /usr/bin/chromium is a script, and the browser it starts
-            // (with its helpers) must go when the test is done.
-            .process_group(0)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--autoplay-policy=no-user-gesture-required",
-                "--allow-loopback-in-peer-connection",
-                "--use-fake-ui-for-media-stream",
-                "--disable-features=WebRtcHideLocalIpsWithMdns",
-                "--enable-logging=stderr",
-                "--v=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .args(extra)
-            .arg(url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
+        let (group, rx) = match crate::spawn_group(&mut cmd) {
+            Ok(spawned) => spawned,
             Err(e) => {
                 let verdict = Err(format!("cannot start {bin}: {e}"));
                 return PageRun { verdict, lines: Vec::new(), started };
             }
         };
-        let (tx, rx) = mpsc::channel();
-        if let Some(stderr) = child.stderr.take() {
-            thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
         let deadline = Instant::now() + timeout;
         let mut seen = Vec::new();
         let mut lines = Vec::new();
@@ -588,11 +600,7 @@ pub mod chromium {
                 }
             }
         };
-        if let Ok(pgid) = i32::try_from(child.id()) {
-            let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(group);
         let _ = std::fs::remove_dir_all(&profile);
         PageRun { verdict: result, lines, started }
     }

@@ -9,14 +9,10 @@
 //! its lines until the verdict or a timeout, and kills it (its whole process group) when it is
 //! done or the test panics.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 
 pub use crate::chromium::{field, number};
 
@@ -136,19 +132,6 @@ impl Run {
     }
 }
 
-/// A child in its own process group, killed with its group when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(pgid) = i32::try_from(self.0.id()) {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs `player` on the WHEP endpoint `url` (inside the network namespace `netns`, by name,
 /// when given) until its verdict, for at most `timeout` (the player gives up itself a little
 /// earlier, so that its own reason is what a failure shows).
@@ -159,32 +142,16 @@ impl Drop for Guard {
 pub fn run(player: Player, netns: Option<&str>, url: &str, frames: u32, timeout: Duration) -> Run {
     let own = timeout.saturating_sub(Duration::from_secs(5)).max(Duration::from_secs(5));
     let inner = player.command(url, frames, own);
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(inner.get_program()).args(inner.get_args());
-            c
-        }
-        None => inner,
-    };
+    let mut cmd = crate::command_in(netns, inner.get_program());
+    cmd.args(inner.get_args()).env("PYTHONUNBUFFERED", "1").env("PYTHONDONTWRITEBYTECODE", "1");
     let started = Instant::now();
-    let spawned = cmd
-        .process_group(0)
-        .env("PYTHONUNBUFFERED", "1")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
+    let (_group, rx) = match crate::spawn_group(&mut cmd) {
+        Ok(spawned) => spawned,
         Err(e) => {
             let verdict = Err(format!("cannot start {}: {e}", player.name()));
             return Run { verdict, lines: Vec::new(), started };
         }
     };
-    let rx = crate::output_lines(&mut child);
-    let _guard = Guard(child);
     let deadline = started + timeout;
     let mut lines = Vec::new();
     let verdict = loop {

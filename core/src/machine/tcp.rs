@@ -15,11 +15,11 @@ use str0m::Input as RtcInput;
 use str0m::net::{DatagramRecv, Protocol, Receive};
 use tracing::{debug, info};
 
+use crate::Output;
 use crate::ids::SessionId;
 use crate::path;
 use crate::tcp::{ConnId, FrameReader};
 use crate::viewer::ViewerState;
-use crate::Output;
 
 use super::viewers::stun_local_ufrag;
 use super::{Core, TimerKey};
