@@ -1,0 +1,136 @@
+//! A server behind a masquerading router learns its public address from a real STUN server
+//! (Debian's coturn, `--stun-only`) and advertises it (`--stun-server`): the set-up of a
+//! server in Docker with `-p 3478:3478/udp`, or at home behind a port forward
+//! ([`whep_e2e::nat::NatLab`]: the server and its FFmpeg in a namespace behind a router
+//! namespace; coturn and the str0m viewer on the host outside; Chromium in a namespace
+//! outside). Without `--stun-server` the answer names only the private address and loopback,
+//! and the viewer outside does not connect; with it, the answer names the router's public
+//! address, and str0m and Chromium play.
+
+use std::time::Duration;
+
+use whep_e2e::nat::NatLab;
+use whep_e2e::turn::Coturn;
+use whep_e2e::viewer::Viewer;
+use whep_e2e::{Server, chromium};
+
+/// The UDP candidate addresses (`ip:port`) of an SDP answer.
+fn candidates(sdp: &str) -> Vec<String> {
+    sdp.lines()
+        .filter_map(|l| l.trim().strip_prefix("a=candidate:"))
+        .filter(|l| l.split(' ').nth(2).is_some_and(|p| p.eq_ignore_ascii_case("udp")))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some(format!("{}:{}", f.get(4)?, f.get(5)?))
+        })
+        .collect()
+}
+
+/// The server inside the lab, its HTTP address set to the router's forwarded port.
+fn start_inside(lab: &NatLab, bin: &str, extra: &[&str]) -> Server {
+    let http = format!("0.0.0.0:{}", whep_e2e::nat::HTTP_PORT);
+    let udp = format!("0.0.0.0:{}", whep_e2e::nat::UDP_PORT);
+    let mut server = Server::start_in(Some(&lab.inside), bin, &http, &udp, extra);
+    server.http = lab.public_http();
+    server
+}
+
+/// Without `--stun-server` a str0m viewer outside gets the private address and does not
+/// connect; with it the server learns the router's public address from coturn, advertises
+/// it, and the viewer plays.
+fn str0m_viewer_needs_the_mapped_address(bin: &str) {
+    let lab = NatLab::create().expect("namespaces and nftables (needs root)");
+    let stun = Coturn::start_stun_only(lab.host).unwrap_or_else(|e| panic!("{e}"));
+    let public = lab.public_udp().to_string();
+
+    // Without discovery: loopback and the private address only.
+    let mut server = start_inside(&lab, bin, &[]);
+    let viewer = Viewer::connect(server.http, "/whep/demo", None)
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", server.output()));
+    let offered = candidates(viewer.answer());
+    assert!(!offered.is_empty() && !offered.contains(&public), "{offered:?}");
+    assert!(offered.contains(&format!("{}:3478", lab.private)), "{offered:?}");
+    assert!(
+        !viewer.wait_for(Duration::from_secs(6), |s| s.connected || s.video_packets > 0),
+        "connected through the NAT to a private address? {:?}",
+        viewer.stats()
+    );
+    viewer.close();
+    assert!(server.terminate(Duration::from_secs(10)).is_some(), "{}", server.output());
+
+    // With discovery.
+    let stun_arg = stun.addr.to_string();
+    let mut server = start_inside(&lab, bin, &["--stun-server", &stun_arg]);
+    let learned = server.wait_line(Duration::from_secs(10), |l| {
+        l.contains("STUN: the viewer socket is reached at")
+    });
+    assert!(
+        learned.as_deref().is_some_and(|l| l.contains(&public)),
+        "{learned:?}\n{}\ncoturn:\n{}",
+        server.output(),
+        stun.log()
+    );
+    let gauge = format!("whep_stun_mapped_address{{shard=\"0\",address=\"{public}\"}}");
+    assert_eq!(server.metric(&gauge), Some(1.0), "{gauge}");
+    assert_eq!(server.metric("whep_stun_failures_total"), Some(0.0));
+    let viewer = Viewer::connect(server.http, "/whep/demo", None)
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", server.output()));
+    let offered = candidates(viewer.answer());
+    assert!(offered.contains(&public), "{offered:?}");
+    assert!(
+        viewer.wait_for(Duration::from_secs(15), |s| s.connected && s.keyframes >= 1),
+        "{:?}\n{}",
+        viewer.stats(),
+        server.output()
+    );
+    viewer.close();
+}
+
+/// Headless Chromium outside plays the demo from the server behind the router, through the
+/// address the server learned from coturn.
+fn chromium_plays_behind_nat(bin: &str) {
+    let lab = NatLab::create().expect("namespaces and nftables (needs root)");
+    let stun = Coturn::start_stun_only(lab.host).unwrap_or_else(|e| panic!("{e}"));
+    let stun_arg = stun.addr.to_string();
+    let mut server = start_inside(&lab, bin, &["--stun-server", &stun_arg]);
+    assert!(
+        server
+            .wait_line(Duration::from_secs(10), |l| l.contains("STUN: the viewer socket is"))
+            .is_some(),
+        "{}",
+        server.output()
+    );
+    let page = format!("http://{}/?stream=demo&test=1&frames=30&timeout=30", server.http);
+    let verdict = chromium::run_page_in(Some(&lab.viewer), &page, Duration::from_secs(45))
+        .verdict
+        .unwrap_or_else(|e| panic!("{e}\nserver output:\n{}", server.output()));
+    assert!(verdict.contains("[WHEP] PASS"), "{verdict}\nserver output:\n{}", server.output());
+    let ms = chromium::number(&verdict, "firstFrameMs");
+    assert!(ms.is_some_and(|ms| ms > 0.0), "firstFrameMs missing: {verdict}");
+    eprintln!(
+        "chromium behind NAT: firstFrameMs={} (POST to first decoded frame)",
+        chromium::field(&verdict, "firstFrameMs").unwrap_or("?")
+    );
+}
+
+macro_rules! suite {
+    ($runtime:ident, $bin:expr) => {
+        mod $runtime {
+            fn bin() -> &'static str {
+                $bin
+            }
+            #[test]
+            fn str0m_viewer_needs_the_mapped_address() {
+                super::str0m_viewer_needs_the_mapped_address(bin());
+            }
+            #[test]
+            fn chromium_plays_behind_nat() {
+                super::chromium_plays_behind_nat(bin());
+            }
+        }
+    };
+}
+
+suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
+suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
+suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
