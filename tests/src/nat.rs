@@ -6,7 +6,7 @@
 //!                     │ link A                 │ link B
 //!          198.51.100.8k+2 (the router's public address, PUBLIC)
 //!                  router namespace: masquerade out of link A, and a port forward
-//!                  (UDP 3478 and TCP 8080 of PUBLIC to the server, as `docker -p` does)
+//!                  (UDP 3478-3481 and TCP 8080 of PUBLIC to the server, as `docker -p` does)
 //!                     │ link C: 10.82.k.1 ── 10.82.k.2
 //!                  inside namespace (the server and its FFmpeg)
 //! ```
@@ -29,6 +29,8 @@ const PREFIX: &str = "whep-nat-";
 
 /// The UDP port the server listens on inside, and the router forwards from its public address.
 pub const UDP_PORT: u16 = 3478;
+/// Shards whose UDP ports (`UDP_PORT + i`) the router forwards.
+pub const MAX_SHARDS: u16 = 4;
 /// The HTTP port, the same inside and forwarded.
 pub const HTTP_PORT: u16 = 8080;
 
@@ -173,11 +175,12 @@ impl NatLab {
         run("ip", &["netns", "exec", r, "sh", "-c", forward])?;
         // The NAT: the server's outgoing traffic leaves as the public address (masquerade),
         // and the public address's UDP and HTTP ports lead to the server (a port forward).
+        let last = UDP_PORT + MAX_SHARDS - 1;
         let rules = format!(
             "table ip nat {{
   chain prerouting {{
     type nat hook prerouting priority dstnat;
-    ip daddr {public} udp dport {UDP_PORT} dnat to {private}:{UDP_PORT}
+    ip daddr {public} udp dport {UDP_PORT}-{last} dnat to {private}
     ip daddr {public} tcp dport {HTTP_PORT} dnat to {private}:{HTTP_PORT}
   }}
   chain postrouting {{

@@ -7,6 +7,7 @@
 //! and the viewer outside does not connect; with it, the answer names the router's public
 //! address, and str0m and Chromium play.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use whep_e2e::nat::NatLab;
@@ -113,6 +114,39 @@ fn chromium_plays_behind_nat(bin: &str) {
     );
 }
 
+/// With two shards, each shard's socket (port 3478 + i) learns its own mapping, and a viewer
+/// plays through whichever shard answers its POST.
+fn each_shard_learns_its_own_mapping(bin: &str) {
+    let lab = NatLab::create().expect("namespaces and nftables (needs root)");
+    let stun = Coturn::start_stun_only(lab.host).unwrap_or_else(|e| panic!("{e}"));
+    let stun_arg = stun.addr.to_string();
+    let mut server = start_inside(&lab, bin, &["--stun-server", &stun_arg, "--shards", "2"]);
+    let gauge = |i: u16| {
+        let addr = SocketAddr::new(lab.public.into(), whep_e2e::nat::UDP_PORT + i);
+        format!("whep_stun_mapped_address{{shard=\"{i}\",address=\"{addr}\"}}")
+    };
+    let both = whep_e2e::wait_until(Duration::from_secs(10), || {
+        server.metric(&gauge(0)) == Some(1.0) && server.metric(&gauge(1)) == Some(1.0)
+    });
+    assert!(both, "{}\n{}", server.request("GET", "/metrics", &[], b"").text(), server.output());
+    for _ in 0..2 {
+        let viewer = Viewer::connect(server.http, "/whep/demo", None)
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", server.output()));
+        let offered = candidates(viewer.answer());
+        assert!(
+            (0..2).any(|i| offered.contains(&format!("{}:{}", lab.public, 3478 + i))),
+            "{offered:?}"
+        );
+        assert!(
+            viewer.wait_for(Duration::from_secs(15), |s| s.connected && s.keyframes >= 1),
+            "{:?}\n{}",
+            viewer.stats(),
+            server.output()
+        );
+        viewer.close();
+    }
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {
@@ -133,4 +167,16 @@ macro_rules! suite {
 
 suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
 suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
+
+/// `--shards` is not in the blocking example.
+mod sharded {
+    #[test]
+    fn tokio_shards_learn_their_own_mappings() {
+        super::each_shard_learns_its_own_mapping(env!("CARGO_BIN_EXE_whepd-tokio"));
+    }
+    #[test]
+    fn smol_shards_learn_their_own_mappings() {
+        super::each_shard_learns_its_own_mapping(env!("CARGO_BIN_EXE_whepd-smol-e2e"));
+    }
+}
 suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
