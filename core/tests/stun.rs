@@ -203,3 +203,32 @@ fn a_silent_server_is_retried_and_viewers_get_the_local_candidates_meanwhile() {
     w.run_for(60 * SEC);
     assert_eq!(w.stun.as_ref().map(|s| s.requests), asked);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+    /// Any bytes, and any mutation of a real response: the parser never panics, and what it
+    /// reads re-encodes to itself.
+    #[test]
+    fn the_parser_takes_any_bytes(
+        raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96),
+        flips in proptest::collection::vec((0usize..64, proptest::prelude::any::<u8>()), 0..4),
+        v6 in proptest::prelude::any::<bool>(),
+    ) {
+        let mapped = if v6 { addr("[2001:db8::7]:40000") } else { mapped() };
+        let mut real = stun::binding_success(&[9; 12], mapped);
+        for (i, x) in flips {
+            let n = real.len();
+            real[i % n] ^= x;
+        }
+        for data in [raw, real] {
+            if let Some(r) = stun::parse_response(&data)
+                && let BindingResult::Mapped(a) = r.result
+            {
+                proptest::prop_assert!(!a.ip().is_unspecified() && a.port() != 0);
+                let again = stun::parse_response(&stun::binding_success(&r.tid, a));
+                proptest::prop_assert_eq!(again.map(|x| x.result), Some(r.result));
+            }
+        }
+    }
+}
