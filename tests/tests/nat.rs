@@ -7,7 +7,7 @@
 //! and the viewer outside does not connect; with it, the answer names the router's public
 //! address, and str0m and Chromium play.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use whep_e2e::nat::NatLab;
@@ -114,6 +114,39 @@ fn chromium_plays_behind_nat(bin: &str) {
     );
 }
 
+/// A STUN server that never answers (a UDP socket the test reads): the requests come from the
+/// viewer socket's own port, are retransmitted with one transaction id, the server warns that
+/// viewers get its local candidates only, counts the failure, and a viewer on loopback plays.
+fn silent_stun_server_is_warned_about(bin: &str) {
+    let silent = UdpSocket::bind("127.0.0.1:0").expect("UDP socket");
+    silent.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let at = silent.local_addr().expect("address").to_string();
+    let mut server = Server::start(bin, &["--stun-server", &at]);
+    let mut buf = [0u8; 1500];
+    let mut tids = Vec::new();
+    for _ in 0..2 {
+        let (n, from) = silent.recv_from(&mut buf).expect("a binding request");
+        assert_eq!(from.port(), server.udp.port(), "sent from the viewer socket");
+        assert_eq!((n, &buf[..2], &buf[4..8]), (20, &[0, 1][..], &[0x21, 0x12, 0xa4, 0x42][..]));
+        tids.push(buf[8..20].to_vec());
+    }
+    assert_eq!(tids[0], tids[1], "a retransmission keeps its transaction id");
+    let warned = server.wait_line(Duration::from_secs(15), |l| {
+        l.contains("WARN") && l.contains("did not answer") && l.contains("local candidates only")
+    });
+    assert!(warned.is_some(), "{}", server.output());
+    assert_eq!(server.metric("whep_stun_failures_total"), Some(1.0));
+    let viewer = Viewer::connect(server.http, "/whep/demo", None)
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", server.output()));
+    assert!(
+        viewer.wait_for(Duration::from_secs(15), |s| s.connected && s.keyframes >= 1),
+        "{:?}\n{}",
+        viewer.stats(),
+        server.output()
+    );
+    viewer.close();
+}
+
 /// With two shards, each shard's socket (port 3478 + i) learns its own mapping, and a viewer
 /// plays through whichever shard answers its POST.
 fn each_shard_learns_its_own_mapping(bin: &str) {
@@ -156,6 +189,10 @@ macro_rules! suite {
             #[test]
             fn str0m_viewer_needs_the_mapped_address() {
                 super::str0m_viewer_needs_the_mapped_address(bin());
+            }
+            #[test]
+            fn silent_stun_server_is_warned_about() {
+                super::silent_stun_server_is_warned_about(bin());
             }
             #[test]
             fn chromium_plays_behind_nat() {
