@@ -5,7 +5,8 @@
 //! namespace; coturn and the str0m viewer on the host outside; Chromium in a namespace
 //! outside). Without `--stun-server` the answer names only the private address and loopback,
 //! and the viewer outside does not connect; with it, the answer names the router's public
-//! address, and str0m and Chromium play.
+//! address, and str0m and Chromium play. With two shards each shard's socket learns its own
+//! port; a STUN server that never answers is retried and warned about, and local viewers play.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
