@@ -33,7 +33,8 @@ for p in libssl-dev pkg-config gstreamer1.0-tools gstreamer1.0-plugins-base gstr
     python3-venv iproute2 coturn; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
-# tests/tests/tcp.rs drops a namespace's UDP with an nftables rule (Netns::drop_udp_to).
+# tests/tests/tcp.rs drops a namespace's UDP with an nftables rule (Netns::drop_udp_to);
+# tests/tests/nat.rs builds a masquerading router with nftables (nat::NatLab).
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing: ${missing[*]}"

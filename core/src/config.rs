@@ -22,6 +22,15 @@ pub struct CoreConfig {
     /// as viewers reach it (the public address behind a 1:1 NAT). At least one is needed for a
     /// viewer to connect; the core rejects offers with 503 when the list is empty.
     pub host_candidates: Vec<SocketAddr>,
+    /// STUN servers (IP and port; a runtime resolves names) the core asks, from the viewer
+    /// socket, for the address viewers reach that socket at behind a NAT that forwards its
+    /// port ([`crate::stun`]): once learned, that address is advertised as one more host
+    /// candidate to new sessions and ICE restarts, and asked again every
+    /// [`stun_interval`](Self::stun_interval). Empty: no discovery (the default).
+    pub stun_servers: Vec<SocketAddr>,
+    /// How often the public address is asked again once known (it may change with a new
+    /// lease or a router's reboot); at least 1 s. Failures are retried sooner (1 s doubling).
+    pub stun_interval: Duration,
     /// Passive TCP host candidates (ICE-TCP, RFC 6544) advertised in every answer next to the
     /// UDP ones, with a lower priority so that UDP wins where it works: the address(es) of the
     /// runtime's TCP listener as viewers reach it. Empty: no ICE over TCP.
@@ -183,6 +192,8 @@ impl Default for CoreConfig {
         Self {
             rng_seed: [0; 32],
             host_candidates: Vec::new(),
+            stun_servers: Vec::new(),
+            stun_interval: Duration::from_secs(30),
             tcp_candidates: Vec::new(),
             max_tcp_connections: 256,
             tcp_bind_timeout: Duration::from_secs(10),

@@ -442,7 +442,9 @@ const STRANGER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 1
 
 /// A datagram on the shared viewer socket: STUN, DTLS, SRTP/SRTCP or garbage.
 ///
-/// Delivered as [`Input::Datagram`](crate::Input::Datagram) twice to a core with one connected viewer: from an unknown
+/// First read as a STUN server's answer to the core's own Binding request (see
+/// `check_stun_response`: [`crate::stun`]). Then delivered as
+/// [`Input::Datagram`](crate::Input::Datagram) twice to a core with one connected viewer: from an unknown
 /// address (the core's STUN username lookup, str0m's `accepts`, a new address for a session)
 /// and from the viewer's own address (straight into its str0m: STUN, DTLS records, SRTP and
 /// SRTCP parsing). A STUN message whose USERNAME is [`STUN_USERNAME_PLACEHOLDER`] gets the
@@ -451,12 +453,54 @@ const STRANGER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 1
 ///
 /// A crash means an invariant breaks or the core or str0m panics.
 pub fn viewer_datagram(data: &[u8]) {
+    check_stun_response(data);
     with_world(&DATAGRAM, media_world, media_usable, |m| {
         let data = resign_stun(data, &m.username, &m.server_pwd).unwrap_or_else(|| data.to_vec());
         m.w.datagram_raw(STRANGER, &data);
         m.w.datagram_raw(m.viewer, &data);
         m.w.run_for(MEDIA_STEP);
     });
+}
+
+/// The datagram as a STUN server's answer ([`crate::stun`]): what [`stun::parse_response`]
+/// reads must be a usable address that re-encodes to itself; then, with its transaction id
+/// set to the one in flight, the core's discovery takes it from the server (and only from
+/// there, and only once) and learns exactly what the parser read.
+#[allow(clippy::disallowed_methods)] // a real instant to anchor virtual time, as in `sim`
+fn check_stun_response(data: &[u8]) {
+    use crate::stun::{self, BindingResult, Discovery, News};
+    if let Some(r) = stun::parse_response(data)
+        && let BindingResult::Mapped(a) = r.result
+    {
+        assert!(!a.ip().is_unspecified() && !a.ip().is_multicast() && a.port() != 0, "{a}");
+        let again = stun::parse_response(&stun::binding_success(&r.tid, a));
+        assert_eq!(again.map(|x| x.result), Some(r.result), "re-encoded");
+    }
+    let now = std::time::Instant::now();
+    let Some(mut d) = Discovery::new(&[STRANGER], Duration::from_secs(30), now) else {
+        return;
+    };
+    let tid = [0x5a; 12];
+    assert!(matches!(d.on_timeout(now, || tid), Some(News::Send { .. })));
+    let mut patched = data.to_vec();
+    if let Some(t) = patched.get_mut(8..20) {
+        t.copy_from_slice(&tid);
+    }
+    let other = SocketAddr::new(STRANGER.ip(), STRANGER.port().wrapping_add(1));
+    assert!(d.on_datagram(other, &patched, now).is_none(), "only the server's");
+    let parsed = stun::parse_response(&patched).map(|r| r.result);
+    match d.on_datagram(STRANGER, &patched, now) {
+        Some(News::Mapped { mapped, .. }) => {
+            assert_eq!(parsed, Some(BindingResult::Mapped(mapped)));
+            assert_eq!(d.mapped(), Some(mapped));
+        }
+        Some(News::Failed { code: Some(code), .. }) => {
+            assert_eq!(parsed, Some(BindingResult::Error(code)));
+        }
+        Some(other) => panic!("unexpected {other:?}"),
+        None => assert_eq!(parsed, None),
+    }
+    assert!(d.on_datagram(STRANGER, &patched, now).is_none(), "taken once");
 }
 
 // ---------------------------------------------------------------------------------------------

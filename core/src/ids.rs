@@ -133,6 +133,13 @@ impl Rng {
         ETag(self.u128())
     }
 
+    /// A STUN transaction id (96 random bits).
+    pub(crate) fn tid(&mut self) -> [u8; 12] {
+        let mut b = [0u8; 12];
+        self.0.fill_bytes(&mut b);
+        b
+    }
+
     pub(crate) fn u32(&mut self) -> u32 {
         self.0.next_u32()
     }

@@ -137,6 +137,7 @@ pub mod sdp;
 pub mod sdpfrag;
 pub mod shard;
 mod stream;
+pub mod stun;
 pub mod tcp;
 pub mod turn;
 mod viewer;
@@ -460,6 +461,9 @@ pub enum TimerReason {
     Stream,
     /// A TCP connection not bound to a viewer yet ([`CoreConfig::tcp_bind_timeout`]).
     Tcp,
+    /// Discovery of the public address: a STUN request to send, resend or give up
+    /// ([`CoreConfig::stun_servers`]).
+    Stun,
 }
 
 /// Why a stream management call failed.

@@ -77,6 +77,12 @@ pub struct Metrics {
     /// Frames dropped whole by the runtime for a viewer whose TCP send queue was full
     /// ([`Input::TcpDropped`](crate::Input::TcpDropped)).
     pub tcp_frames_dropped: u64,
+    /// Times the public address learned from STUN changed (the first one learned not counted;
+    /// [`CoreConfig::stun_servers`](crate::CoreConfig::stun_servers)).
+    pub stun_mapped_changes: u64,
+    /// STUN transactions that failed: no answer after every retransmission, or an error
+    /// response.
+    pub stun_failures: u64,
     /// Datagrams from FFmpeg on ingest ports.
     pub ingest_packets: u64,
     /// RTCP from FFmpeg, dropped.
@@ -147,6 +153,8 @@ impl Metrics {
             tcp_framing_errors,
             tcp_frames_in,
             tcp_frames_dropped,
+            stun_mapped_changes,
+            stun_failures,
             ingest_packets,
             ingest_rtcp,
             ingest_dropped,
@@ -187,6 +195,8 @@ impl Metrics {
         self.tcp_framing_errors += tcp_framing_errors;
         self.tcp_frames_in += tcp_frames_in;
         self.tcp_frames_dropped += tcp_frames_dropped;
+        self.stun_mapped_changes += stun_mapped_changes;
+        self.stun_failures += stun_failures;
         self.ingest_packets += ingest_packets;
         self.ingest_rtcp += ingest_rtcp;
         self.ingest_dropped += ingest_dropped;

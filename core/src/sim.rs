@@ -105,6 +105,40 @@ pub struct SimTcp {
     reader: FrameReader,
 }
 
+/// A simulated STUN server on the far side of a NAT that forwards the core's port
+/// ([`SimWorld::stun`]): it answers Binding requests with `mapped`, and datagrams viewers send
+/// to `mapped` reach the core's socket.
+#[derive(Debug, Clone)]
+pub struct SimStun {
+    /// Its address (put it in [`CoreConfig::stun_servers`]).
+    pub addr: SocketAddr,
+    /// The address the NAT gives the core's socket (changing it is a new public address).
+    pub mapped: SocketAddr,
+    /// Whether it answers.
+    pub answers: bool,
+    /// Whether viewers can reach the core's own address ([`SERVER`]) too (a viewer inside
+    /// the NAT); when not, only through `mapped`.
+    pub server_reachable: bool,
+    /// Binding requests received.
+    pub requests: u64,
+    /// The last one, as received.
+    pub last_request: Option<Vec<u8>>,
+}
+
+impl SimStun {
+    /// A STUN server at `addr` that answers `mapped`; [`SERVER`] unreachable to viewers.
+    pub fn new(addr: SocketAddr, mapped: SocketAddr) -> Self {
+        Self {
+            addr,
+            mapped,
+            answers: true,
+            server_reachable: false,
+            requests: 0,
+            last_request: None,
+        }
+    }
+}
+
 /// A simulated WHEP player: a str0m `Rtc` as the browser side.
 #[derive(Debug)]
 pub struct Viewer {
@@ -376,6 +410,8 @@ pub struct SimWorld {
     pub last_check: Option<Vec<u8>>,
     /// Datagrams from the core dropped by `loss_every` so far.
     pub lost: u64,
+    /// A STUN server behind which the core sits, if any.
+    pub stun: Option<SimStun>,
     sent: u64,
     pub spawns: u64,
     pub kills: u64,
@@ -421,6 +457,7 @@ impl SimWorld {
             hold_nomination: None,
             last_check: None,
             lost: 0,
+            stun: None,
             sent: 0,
             spawns: 0,
             kills: 0,
@@ -860,6 +897,35 @@ impl SimWorld {
             }
             return;
         }
+        if let Some(st) = &mut self.stun {
+            if p.to == st.addr {
+                st.requests += 1;
+                st.last_request = Some(p.data.clone());
+                if st.answers
+                    && let Some(tid) = crate::path::binding_request_tid(&p.data)
+                {
+                    self.net.push_back(Packet {
+                        at: now + self.latency,
+                        from: st.addr,
+                        to: SERVER,
+                        data: crate::stun::binding_success(&tid, st.mapped),
+                        tcp: None,
+                    });
+                }
+                return;
+            }
+            if p.to == SERVER && p.from != st.addr && !st.server_reachable {
+                return; // the private address, from outside
+            }
+            if p.to == st.mapped {
+                // Forwarded by the NAT to the core's socket.
+                let input =
+                    Input::Datagram { source: p.from, destination: SERVER, contents: &p.data };
+                self.core.handle_input(input, now);
+                self.drain();
+                return;
+            }
+        }
         if p.to == SERVER {
             self.core.handle_input(
                 Input::Datagram { source: p.from, destination: p.to, contents: &p.data },
@@ -874,7 +940,12 @@ impl SimWorld {
             return;
         };
         let local = self.viewers[i].addr;
-        let Ok(recv) = Receive::new(Protocol::Udp, p.from, local, &p.data) else {
+        // Through the NAT, the core's datagrams come from its public address.
+        let from = match &self.stun {
+            Some(st) if p.from == SERVER && !st.server_reachable => st.mapped,
+            _ => p.from,
+        };
+        let Ok(recv) = Receive::new(Protocol::Udp, from, local, &p.data) else {
             return;
         };
         let _ = self.viewers[i].rtc.handle_input(RtcInput::Receive(now, recv));

@@ -447,13 +447,15 @@ pub(crate) struct Seat {
 }
 
 impl Answered {
-    /// Builds the str0m peer and accepts `offer` with our ICE credentials `creds`; `dtls` is the
-    /// crypto provider and the certificate every viewer shares.
+    /// Builds the str0m peer and accepts `offer` with our ICE credentials `creds`, advertising
+    /// `candidates` (UDP host candidates); `dtls` is the crypto provider and the certificate
+    /// every viewer shares.
     pub(crate) fn new(
         offer: Offer<'_>,
         creds: IceCreds,
         dtls: (&Arc<CryptoProvider>, Option<&DtlsCert>),
         config: &CoreConfig,
+        candidates: &[SocketAddr],
         now: Instant,
     ) -> Result<Self, Reject> {
         let local_ufrag = creds.ufrag.clone();
@@ -476,7 +478,7 @@ impl Answered {
             cfg = cfg.set_dtls_cert(cert.clone());
         }
         let mut rtc = cfg.build(now);
-        for addr in &config.host_candidates {
+        for addr in candidates {
             match Candidate::host(*addr, "udp") {
                 Ok(c) => {
                     rtc.add_local_candidate(c);

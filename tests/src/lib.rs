@@ -9,6 +9,7 @@
 pub mod firefox;
 pub mod http;
 pub mod links;
+pub mod nat;
 pub mod netns;
 pub mod players;
 pub mod relay;
@@ -150,9 +151,33 @@ impl Server {
     ///
     /// When it does not come up within 20 s (the panic carries its output).
     pub fn start_with(binary: &str, http: &str, udp: &str, extra: &[&str]) -> Self {
+        Self::start_in(None, binary, http, udp, extra)
+    }
+
+    /// [`start_with`](Self::start_with) inside the network namespace `netns` (by name,
+    /// `ip netns exec`, which runs the binary in place: its pid is the server's), FFmpeg with
+    /// it. [`Server::http`] is then the address inside; set it to where the test reaches it.
+    ///
+    /// # Panics
+    ///
+    /// When it does not come up within 20 s (the panic carries its output).
+    pub fn start_in(
+        netns: Option<&str>,
+        binary: &str,
+        http: &str,
+        udp: &str,
+        extra: &[&str],
+    ) -> Self {
         let ingest = next_ingest_range();
         let range = format!("{}-{}", ingest.0, ingest.1);
-        let mut cmd = Command::new(binary);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, binary]);
+                c
+            }
+            None => Command::new(binary),
+        };
         cmd.args(["--http", http, "--udp", udp, "--admin-token", ADMIN_TOKEN])
             .args(["--ingest-ports", &range])
             .args(extra)

@@ -40,6 +40,21 @@ impl Coturn {
     /// When `turnserver` cannot be run (the test command installs Debian's coturn) or does not
     /// listen within 10 s.
     pub fn start(ip: Ipv4Addr, secret: &str) -> io::Result<Self> {
+        let auth = ["--use-auth-secret", "--static-auth-secret", secret, "--realm", "whep"];
+        Self::start_with(ip, &auth)
+    }
+
+    /// Starts `turnserver` on `ip` as a plain STUN server (`--stun-only`: Binding requests
+    /// answered, TURN requests ignored), and waits until it listens.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_stun_only(ip: Ipv4Addr) -> io::Result<Self> {
+        Self::start_with(ip, &["--stun-only", "--no-auth"])
+    }
+
+    fn start_with(ip: Ipv4Addr, mode: &[&str]) -> io::Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let port = free_port(ip)?;
         let tag = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
@@ -49,7 +64,7 @@ impl Coturn {
         let child = Command::new("turnserver")
             .args(["-n", "--listening-ip", &ip_text, "--relay-ip", &ip_text])
             .args(["--listening-port", &port.to_string()])
-            .args(["--use-auth-secret", "--static-auth-secret", secret, "--realm", "whep"])
+            .args(mode)
             .args([
                 "--no-tls",
                 "--no-dtls",

@@ -364,6 +364,8 @@ pub struct ShardView {
     pub transport: whep_core::TransportCounts,
     /// Its open ICE-TCP connections.
     pub tcp_connections: usize,
+    /// Its viewer socket's public address learned from STUN ([`Core::stun_mapped`]).
+    pub stun_mapped: Option<SocketAddr>,
 }
 
 impl ShardView {
@@ -377,6 +379,7 @@ impl ShardView {
             overloaded: core.is_overloaded(),
             transport: core.viewers_by_transport(),
             tcp_connections: core.tcp_connections(),
+            stun_mapped: core.stun_mapped(),
         }
     }
 }
@@ -776,6 +779,16 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
             "Frames dropped whole for TCP viewers whose send queue was full.",
             m.tcp_frames_dropped,
         ),
+        (
+            "stun_mapped_changes_total",
+            "Times the public address learned from STUN changed (the first one not counted).",
+            m.stun_mapped_changes,
+        ),
+        (
+            "stun_failures_total",
+            "STUN transactions that failed (no answer after retransmissions, or an error).",
+            m.stun_failures,
+        ),
         ("ingest_packets_total", "Datagrams received from FFmpeg.", m.ingest_packets),
         ("ingest_rtcp_total", "RTCP from FFmpeg, dropped.", m.ingest_rtcp),
         (
@@ -867,6 +880,22 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
         head(&mut out, "shard_viewers", "gauge", "Viewers per shard.");
         for (i, (_, viewers)) in shards.iter().enumerate() {
             let _ = writeln!(out, "whep_shard_viewers{{shard=\"{i}\"}} {viewers}");
+        }
+    }
+    let mapped: Vec<(usize, SocketAddr)> = std::iter::once(core.stun_mapped())
+        .chain(followers.iter().map(|f| f.stun_mapped))
+        .enumerate()
+        .filter_map(|(i, m)| Some((i, m?)))
+        .collect();
+    if !mapped.is_empty() {
+        head(
+            &mut out,
+            "stun_mapped_address",
+            "gauge",
+            "The public address each shard's viewer socket learned from STUN and advertises (1).",
+        );
+        for (i, addr) in mapped {
+            let _ = writeln!(out, "whep_stun_mapped_address{{shard=\"{i}\",address=\"{addr}\"}} 1");
         }
     }
     head(&mut out, "ingest_port_pairs_in_use", "gauge", "Ingest port pairs held.");

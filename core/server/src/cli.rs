@@ -6,7 +6,7 @@
 //! ([`listening_line`], [`watch_line`]), so that every binary prints the same.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -42,6 +42,14 @@ pub struct Cli {
     /// 1:1 NAT) [default: the UDP address, or loopback + the default route's address].
     #[arg(long = "candidate")]
     candidates: Vec<SocketAddr>,
+    /// STUN server asked, from the UDP socket, for the address viewers reach it at behind a
+    /// NAT that forwards its port (Docker `-p 3478:3478/udp`), `HOST[:PORT]` (repeat: the next
+    /// is asked when one fails); the address learned is advertised next to the candidates.
+    #[arg(long = "stun-server", value_name = "HOST:PORT")]
+    stun_servers: Vec<String>,
+    /// Seconds between two STUN checks of that address once known [default: 30].
+    #[arg(long, value_name = "N")]
+    stun_interval_secs: Option<u64>,
     /// Ingest port range for FFmpeg's RTP, `FIRST-LAST` [default: 40000-40999].
     #[arg(long)]
     ingest_ports: Option<String>,
@@ -167,6 +175,8 @@ struct FileConfig {
     tcp: Option<String>,
     tcp_queue_kib: Option<usize>,
     candidates: Vec<SocketAddr>,
+    stun_servers: Vec<String>,
+    stun_interval_secs: Option<u64>,
     ingest_ports: Option<String>,
     max_viewers_per_stream: Option<usize>,
     max_viewers_total: Option<usize>,
@@ -278,6 +288,17 @@ fn settings(
         core.host_candidates = cli.candidates;
     } else {
         core.host_candidates = file.candidates;
+    }
+    let udp_bind = cli.udp.or(file.udp).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478)));
+    let stun = if cli.stun_servers.is_empty() { file.stun_servers } else { cli.stun_servers };
+    for server in &stun {
+        core.stun_servers.extend(resolve_stun_server(server, udp_bind)?);
+    }
+    if let Some(secs) = cli.stun_interval_secs.or(file.stun_interval_secs) {
+        if secs == 0 {
+            return Err("--stun-interval-secs must be at least 1".into());
+        }
+        core.stun_interval = Duration::from_secs(secs);
     }
     if let Some(range) = cli.ingest_ports.or(file.ingest_ports) {
         core.ingest_ports = parse_range(&range)?;
@@ -457,10 +478,7 @@ fn settings(
             tcp_queue_bytes: tcp_queue_kib * 1024,
             core,
             routes: RoutesConfig { admin_token: cli.admin_token.or(file.admin_token), policy },
-            udp_bind: cli
-                .udp
-                .or(file.udp)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478))),
+            udp_bind,
             udp_gso: !cli.no_gso,
             shards,
             ..ServerConfig::default()
@@ -478,6 +496,38 @@ fn tls_files(cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<TlsFi
         (Some(_), None) => Err("--tls-cert (tls_cert) needs --tls-key (tls_key)".into()),
         (None, Some(_)) => Err("--tls-key (tls_key) needs --tls-cert (tls_cert)".into()),
     }
+}
+
+/// The addresses of a STUN server given as `HOST[:PORT]` (or `stun:HOST[:PORT]`; port 3478 by
+/// default), a name resolved now, of the UDP socket's address family.
+fn resolve_stun_server(s: &str, udp: SocketAddr) -> Result<Vec<SocketAddr>, String> {
+    use std::net::ToSocketAddrs;
+    let text = s.trim();
+    let host = text.strip_prefix("stun:").unwrap_or(text);
+    let bad = || format!("--stun-server {s:?}: expected HOST[:PORT] or IP[:PORT]");
+    let all: Vec<SocketAddr> = if let Ok(a) = host.parse::<SocketAddr>() {
+        vec![a]
+    } else if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        vec![SocketAddr::new(ip, 3478)]
+    } else {
+        let (name, port) = match host.split_once(':') {
+            Some((name, port)) => (name, port.parse::<u16>().map_err(|_| bad())?),
+            None => (host, 3478),
+        };
+        if name.is_empty() || name.contains(['[', ']', ':', '/', ' ']) {
+            return Err(bad());
+        }
+        (name, port).to_socket_addrs().map_err(|e| format!("--stun-server {s:?}: {e}"))?.collect()
+    };
+    let usable: Vec<SocketAddr> =
+        all.iter().copied().filter(|a| a.is_ipv4() == udp.is_ipv4()).collect();
+    if usable.is_empty() {
+        let family = if udp.is_ipv4() { "IPv4" } else { "IPv6" };
+        return Err(format!(
+            "--stun-server {s:?}: no {family} address (the UDP socket is {udp}); found {all:?}"
+        ));
+    }
+    Ok(usable)
 }
 
 fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
@@ -563,6 +613,40 @@ pub fn missing_ffmpeg(program: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stun_servers_resolve_to_the_udp_sockets_family() {
+        let s = setup_from(&[
+            "--stun-server",
+            "198.51.100.1:3479",
+            "--stun-server",
+            "stun:198.51.100.2",
+            "--stun-server",
+            "localhost:3480",
+            "--stun-interval-secs",
+            "45",
+        ])
+        .expect("valid");
+        let addrs: Vec<String> =
+            s.server.core.stun_servers.iter().map(ToString::to_string).collect();
+        assert_eq!(addrs, ["198.51.100.1:3479", "198.51.100.2:3478", "127.0.0.1:3480"]);
+        assert_eq!(s.server.core.stun_interval, Duration::from_secs(45));
+        assert!(setup_from(&[]).expect("valid").server.core.stun_servers.is_empty());
+        let file = setup_with(&["--config", "w.toml"], "stun_servers = [\"198.51.100.3\"]\n")
+            .expect("valid");
+        assert_eq!(file.server.core.stun_servers, ["198.51.100.3:3478".parse().expect("addr")]);
+        let v6 = setup_from(&["--stun-server", "[2001:db8::1]:3478"]).expect_err("IPv4 socket");
+        assert!(v6.contains("no IPv4 address"), "{v6}");
+        let ok6 = setup_from(&["--udp", "[::]:3478", "--stun-server", "[2001:db8::1]"]);
+        assert_eq!(
+            ok6.expect("valid").server.core.stun_servers,
+            ["[2001:db8::1]:3478".parse().expect("addr")]
+        );
+        for bad in ["host:port", "a b:1", ""] {
+            assert!(setup_from(&["--stun-server", bad]).is_err(), "{bad:?}");
+        }
+        assert!(setup_from(&["--stun-interval-secs", "0"]).is_err());
+    }
 
     fn setup_from(args: &[&str]) -> Result<Launch, String> {
         setup_with(args, "")

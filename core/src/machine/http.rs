@@ -183,7 +183,7 @@ impl Core {
             self.metrics.cap_rejections += 1;
             return Err(Reject::ServerFull { cap: total_cap });
         }
-        if self.config.host_candidates.is_empty() {
+        if self.config.host_candidates.is_empty() && self.stun_mapped().is_none() {
             return Err(Reject::NoCandidates);
         }
         let unconnected_cap = self.config.max_unconnected_per_client;
@@ -218,6 +218,7 @@ impl Core {
             IceCreds { ufrag: local_ufrag.clone(), pass: self.rng.ice_chars(24) },
             (&self.crypto, self.cert.as_ref()),
             &self.config,
+            &self.udp_candidates(),
             now,
         )?;
         let (video_pt, audio_pt) = (answered.video_pt, answered.audio_pt);
@@ -423,9 +424,20 @@ impl Core {
             return Err(Reject::BadFragment("restart without credentials".into()));
         };
         let etag = self.rng.etag();
+        let mapped = self.stun_mapped();
         let Some(viewer) = self.viewers.get_mut(&s) else {
             return Err(Reject::SessionNotFound);
         };
+        if let Some(mapped) = mapped {
+            // The public address learned since the session began (or changed since): the new
+            // generation's answer carries it (str0m ignores a candidate it has).
+            match Candidate::host(mapped, "udp") {
+                Ok(c) => {
+                    viewer.rtc.add_local_candidate(c);
+                }
+                Err(e) => debug!(%mapped, error = %e, "unusable STUN-mapped candidate"),
+            }
+        }
         let offer_text = sdp::restart_offer(&viewer.offer, ufrag, pwd);
         let offer = SdpOffer::from_sdp_string(&offer_text)
             .map_err(|e| Reject::RestartFailed(e.to_string()))?;

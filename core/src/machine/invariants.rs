@@ -125,7 +125,12 @@ impl Core {
         }
         let scheduled = self.viewers.values().filter(|p| p.scheduled.is_some()).count()
             + self.streams.values().filter(|s| s.scheduled.is_some()).count()
-            + self.tcp.values().filter(|c| c.deadline.is_some()).count();
+            + self.tcp.values().filter(|c| c.deadline.is_some()).count()
+            + usize::from(self.stun.as_ref().is_some_and(|d| d.scheduled.is_some()));
         assert_eq!(scheduled, self.timers.len(), "no stray timer entries");
+        if let Some(d) = &self.stun {
+            let t = d.scheduled.expect("STUN discovery always has a deadline");
+            assert!(self.timers.contains(&(t, TimerKey::Stun)), "STUN timer missing");
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! | `fanout` | ingest: datagrams from FFmpeg checked and parsed, then written to every viewer of their stream |
 //! | `viewers` | viewers (WHEP sessions, each a str0m peer): their datagrams, timers, connection news, GOP-cache prime and keyframe replies, removal |
 //! | `tcp` | ICE-TCP connections: RFC 4571 frames in, each connection bound to the viewer its first check names, bounds on their number and unbound lifetime |
+//! | `stun` | the viewer socket's public address, learned from STUN servers and advertised to new sessions |
 //! | `http` | the WHEP resource: POST, PATCH (trickle, ICE restart), DELETE, OPTIONS; rate limits, caps, admission |
 //! | `invariants` | the bookkeeping checked whole, after every step in tests |
 
@@ -14,6 +15,7 @@ mod fanout;
 mod http;
 mod invariants;
 mod streams;
+mod stun;
 mod tcp;
 mod viewers;
 
@@ -60,6 +62,7 @@ enum TimerKey {
     Viewer(SessionId),
     Stream(StreamId),
     Tcp(crate::tcp::ConnId),
+    Stun,
 }
 
 /// The sans-IO WHEP egress core. See the [crate documentation](crate) for the run loop.
@@ -94,6 +97,9 @@ pub struct Core {
     ingest: HashMap<u16, (StreamId, Leg)>,
     /// Open TCP connections (ICE-TCP).
     tcp: BTreeMap<crate::tcp::ConnId, tcp::TcpConn>,
+    /// Discovery of the viewer socket's public address ([`crate::stun`]), when STUN servers
+    /// are configured.
+    stun: Option<crate::stun::Discovery>,
     /// Frames of one TCP read (reused).
     tcp_frames: Vec<Vec<u8>>,
     ports: PortPool,
@@ -132,7 +138,8 @@ impl Core {
     pub fn new(config: CoreConfig, now: Instant) -> Self {
         let crypto = Arc::clone(&config.crypto);
         let cert = crypto.dtls_provider.generate_certificate();
-        Self {
+        let stun = crate::stun::Discovery::new(&config.stun_servers, config.stun_interval, now);
+        let mut core = Self {
             rng: Rng::new(config.rng_seed),
             ports: PortPool::with_stride(
                 config.ingest_ports.clone(),
@@ -150,6 +157,7 @@ impl Core {
             by_ufrag: HashMap::new(),
             ingest: HashMap::new(),
             tcp: BTreeMap::new(),
+            stun,
             tcp_frames: Vec::new(),
             timers: BTreeSet::new(),
             outputs: VecDeque::new(),
@@ -164,7 +172,9 @@ impl Core {
             fanning: None,
             news: Vec::new(),
             scratch: Vec::new(),
-        }
+        };
+        core.reschedule_stun();
+        core
     }
 
     /// Makes this core shard `member.index` of a sharded server (see [`crate::shard`]): its
@@ -323,6 +333,7 @@ impl Core {
                 TimerKey::Viewer(_) => TimerReason::Viewer,
                 TimerKey::Stream(_) => TimerReason::Stream,
                 TimerKey::Tcp(_) => TimerReason::Tcp,
+                TimerKey::Stun => TimerReason::Stun,
             };
             (*t, why)
         })
@@ -445,6 +456,7 @@ impl Core {
                     self.stream_timeout(&id, now);
                 }
                 TimerKey::Tcp(conn) => self.tcp_timeout(conn, now),
+                TimerKey::Stun => self.stun_timeout(now),
             }
         }
     }

@@ -114,6 +114,7 @@ impl Core {
     pub fn shutdown(&mut self, now: Instant) {
         let now = self.tick(now);
         self.fan_out_pending();
+        self.stop_stun();
         let ids: Vec<StreamId> = self.streams.keys().cloned().collect();
         for id in ids {
             self.teardown(&id, false, CloseReason::Shutdown, now);

@@ -383,6 +383,11 @@ impl Core {
         now: Instant,
     ) {
         self.metrics.datagrams_in += 1;
+        // A STUN server's answer to our own request (by its address and transaction id only:
+        // anything else from there goes on as any datagram would).
+        if self.stun.is_some() && self.on_stun_datagram(source, contents, now) {
+            return;
+        }
         let Ok(recv) = DatagramRecv::try_from(contents) else {
             self.metrics.datagrams_dropped += 1;
             return;
