@@ -181,30 +181,11 @@ fn each_shard_learns_its_own_mapping(bin: &str) {
     }
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            fn bin() -> &'static str {
-                $bin
-            }
-            #[test]
-            fn str0m_viewer_needs_the_mapped_address() {
-                super::str0m_viewer_needs_the_mapped_address(bin());
-            }
-            #[test]
-            fn silent_stun_server_is_warned_about() {
-                super::silent_stun_server_is_warned_about(bin());
-            }
-            #[test]
-            fn chromium_plays_behind_nat() {
-                super::chromium_plays_behind_nat(bin());
-            }
-        }
-    };
-}
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
+whep_e2e::runtime_suite!(
+    str0m_viewer_needs_the_mapped_address,
+    silent_stun_server_is_warned_about,
+    chromium_plays_behind_nat,
+);
 
 /// `--shards` is not in the blocking example.
 mod sharded {
@@ -217,4 +198,3 @@ mod sharded {
         super::each_shard_learns_its_own_mapping(env!("CARGO_BIN_EXE_whepd-smol-e2e"));
     }
 }
-suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
