@@ -6,7 +6,7 @@
 //! ([`listening_line`], [`watch_line`]), so that every binary prints the same.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,7 +26,8 @@ pub struct Cli {
     /// TOML configuration file (flags override it).
     #[arg(short, long)]
     config: Option<PathBuf>,
-    /// HTTP listen address [default: 0.0.0.0:8080].
+    /// HTTP listen address; `[::]` is IPv6 and IPv4 [default: [::]:8080, or 0.0.0.0:8080
+    /// without IPv6].
     #[arg(long)]
     http: Option<SocketAddr>,
     /// Serve HTTPS: the certificate chain (PEM, leaf first), re-read on SIGHUP; needs --tls-key.
@@ -35,11 +36,13 @@ pub struct Cli {
     /// The private key (PEM) of --tls-cert, re-read with it on SIGHUP.
     #[arg(long, value_name = "PEM")]
     tls_key: Option<PathBuf>,
-    /// WebRTC UDP address shared by all viewers [default: 0.0.0.0:3478].
+    /// WebRTC UDP address shared by all viewers; `[::]` is IPv6 and IPv4 [default: [::]:3478,
+    /// or 0.0.0.0:3478 without IPv6].
     #[arg(long)]
     udp: Option<SocketAddr>,
     /// Address advertised to viewers as a host candidate (repeat; e.g. the public address of a
-    /// 1:1 NAT) [default: the UDP address, or loopback + the default route's address].
+    /// 1:1 NAT; IPv6 as `[2001:db8::1]:3478`) [default: the UDP address, or loopback + the
+    /// default route's address of each family].
     #[arg(long = "candidate")]
     candidates: Vec<SocketAddr>,
     /// Ingest port range for FFmpeg's RTP, `FIRST-LAST` [default: 40000-40999].
@@ -460,12 +463,15 @@ fn settings(
             udp_bind: cli
                 .udp
                 .or(file.udp)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478))),
+                .unwrap_or_else(|| SocketAddr::from((Ipv6Addr::UNSPECIFIED, 3478))),
             udp_gso: !cli.no_gso,
             shards,
             ..ServerConfig::default()
         },
-        http: cli.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+        http: cli
+            .http
+            .or(file.http)
+            .unwrap_or_else(|| SocketAddr::from((Ipv6Addr::UNSPECIFIED, 8080))),
         tls,
         streams,
     })
@@ -601,11 +607,44 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_addresses_in_flags_and_file() {
+        let s = setup_from(&[
+            "--http",
+            "[::1]:8080",
+            "--udp",
+            "[fd77:6::1]:3478",
+            "--candidate",
+            "[2001:db8::1]:3478",
+            "--candidate",
+            "192.0.2.1:3478",
+        ])
+        .expect("valid");
+        assert_eq!(s.http.to_string(), "[::1]:8080");
+        assert_eq!(s.server.udp_bind.to_string(), "[fd77:6::1]:3478");
+        let c: Vec<String> = s.server.core.host_candidates.iter().map(|a| a.to_string()).collect();
+        assert_eq!(c, ["[2001:db8::1]:3478", "192.0.2.1:3478"]);
+        let file = "udp = \"[::]:3478\"\ncandidates = [\"[2001:db8::2]:3478\"]\n";
+        let s = setup_with(&["--config", "w.toml"], file).expect("valid");
+        assert_eq!(s.server.udp_bind.to_string(), "[::]:3478");
+        assert_eq!(s.server.core.host_candidates[0].to_string(), "[2001:db8::2]:3478");
+        assert!(setup_from(&["--candidate", "2001:db8::1:3478"]).is_err(), "IPv6 needs brackets");
+        let http: SocketAddr = "[::]:8080".parse().expect("addr");
+        assert_eq!(
+            listening_line(http, "[::]:3478".parse().expect("addr")),
+            "whepd: listening on http://127.0.0.1:8080 (WebRTC UDP [::]:3478)"
+        );
+        let v6: SocketAddr = "[fd77:6::1]:8080".parse().expect("addr");
+        assert_eq!(player_url(v6, "demo"), "http://[fd77:6::1]:8080/?stream=demo");
+    }
+
+    #[test]
     fn no_configuration_is_the_demo() {
         let s = setup_from(&[]).expect("valid");
         assert_eq!(s.streams.len(), 1);
         assert_eq!(s.streams[0].0, "demo");
-        assert_eq!(s.http, SocketAddr::from(([0, 0, 0, 0], 8080)));
+        // Dual-stack by default (IPv4 alone where the host has no IPv6, see `os::bind_tcp`).
+        assert_eq!(s.http.to_string(), "[::]:8080");
+        assert_eq!(s.server.udp_bind.to_string(), "[::]:3478");
         assert!(s.server.routes.admin_token.is_none());
         assert!(setup_from(&["--no-demo"]).expect("valid").streams.is_empty());
     }

@@ -1,13 +1,15 @@
 //! The operating-system helpers every runtime shares: FFmpeg children ([`command`],
-//! [`signal`], [`check_program`]), the viewer and ingest sockets' setup ([`udp_state`]) and the
-//! default route ([`default_route`]).
+//! [`signal`], [`check_program`]), the viewer and ingest sockets' setup ([`udp_state`]), the
+//! dual-stack binds of the viewer socket and the listeners ([`bind_udp`], [`bind_tcp`]) and the
+//! default routes ([`default_routes`]).
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tracing::debug;
+use tracing::{debug, info};
 
 /// Send and receive buffer asked for every UDP socket: a frame's datagrams for hundreds of
 /// viewers, or a burst of ingest, must not overflow the kernel's default (~200 KiB).
@@ -81,12 +83,103 @@ pub fn check_program(program: &str, needed: bool) -> Result<(), String> {
     }
 }
 
-/// The address the kernel picks towards the Internet: connecting a UDP socket sends nothing.
+/// The address the kernel picks towards the Internet over IPv4: connecting a UDP socket sends
+/// nothing.
 pub fn default_route() -> Option<SocketAddr> {
-    std::net::UdpSocket::bind("0.0.0.0:0")
-        .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
+    route_from("0.0.0.0:0", "192.0.2.1:9")
+}
+
+/// The addresses the kernel picks towards the Internet, IPv4 then IPv6, each where the host
+/// has a route: the host candidates of a wildcard bind
+/// ([`default_candidates`](crate::app::default_candidates), which leaves out link-local ones).
+pub fn default_routes() -> Vec<SocketAddr> {
+    [default_route(), route_from("[::]:0", "[2001:db8::1]:9")].into_iter().flatten().collect()
+}
+
+fn route_from(bind: &str, probe: &str) -> Option<SocketAddr> {
+    std::net::UdpSocket::bind(bind)
+        .and_then(|s| s.connect(probe).map(|()| s))
         .and_then(|s| s.local_addr())
         .ok()
+}
+
+/// Whether binding `addr` failed because the host has no IPv6 (the protocol is disabled or
+/// not built in): a wildcard `[::]` then falls back to `0.0.0.0`.
+fn no_ipv6(addr: SocketAddr, e: &io::Error) -> bool {
+    addr.is_ipv6()
+        && addr.ip().is_unspecified()
+        && (matches!(e.raw_os_error(), Some(nix::libc::EAFNOSUPPORT | nix::libc::EADDRNOTAVAIL))
+            || e.kind() == io::ErrorKind::AddrNotAvailable)
+}
+
+/// A socket of `addr`'s family and `kind`, bound to `addr`; an IPv6 one with `IPV6_V6ONLY`
+/// off, so that `[::]` serves IPv4 too (peers then show as `[::ffff:a.b.c.d]`, which the core
+/// reads as IPv4, see [`whep_core::canonical_addr`]), whatever the host's
+/// `net.ipv6.bindv6only`.
+fn bound_socket(addr: SocketAddr, kind: nix::sys::socket::SockType) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockaddrIn, SockaddrIn6, SockaddrLike, bind, setsockopt, socket,
+        sockopt,
+    };
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, kind, SockFlag::SOCK_CLOEXEC, None)?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    }
+    if kind == nix::sys::socket::SockType::Stream {
+        // As std's `TcpListener::bind`: a restarted server rebinds at once.
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    }
+    let sockaddr: Box<dyn SockaddrLike> = match addr {
+        SocketAddr::V4(a) => Box::new(SockaddrIn::from(a)),
+        SocketAddr::V6(a) => Box::new(SockaddrIn6::from(a)),
+    };
+    bind(fd.as_raw_fd(), &*sockaddr)?;
+    Ok(fd)
+}
+
+/// A UDP socket bound to `addr`, blocking: for `[::]` a dual-stack one (IPv4 and IPv6), or
+/// `0.0.0.0` on a host without IPv6 (logged). The viewer socket of every runtime.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use nix::sys::socket::SockType;
+    match bound_socket(addr, SockType::Datagram) {
+        Ok(fd) => Ok(fd.into()),
+        Err(e) if no_ipv6(addr, &e) => {
+            info!(%addr, error = %e, "no IPv6 on this host: the viewer socket serves IPv4 only");
+            std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], addr.port())))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A TCP listener bound to `addr`, blocking: for `[::]` a dual-stack one, or `0.0.0.0` on a
+/// host without IPv6 (logged). The HTTP and ICE-TCP listeners of every runtime.
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use nix::sys::socket::{Backlog, SockType, listen};
+    let listener = |addr| -> io::Result<std::net::TcpListener> {
+        let fd = bound_socket(addr, SockType::Stream)?;
+        listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))?;
+        Ok(fd.into())
+    };
+    match listener(addr) {
+        Err(e) if no_ipv6(addr, &e) => {
+            info!(%addr, error = %e, "no IPv6 on this host: listening on IPv4 only");
+            listener(SocketAddr::from(([0, 0, 0, 0], addr.port())))
+        }
+        r => r,
+    }
+}
+
+/// `destination` as a socket bound to `local` sends to it: an IPv4 address in its IPv4-mapped
+/// form (`[::ffff:a.b.c.d]`) from an IPv6 (dual-stack) socket, as the core hands addresses out
+/// in their plain form ([`whep_core::canonical_addr`]); anything else as it is.
+pub fn for_socket(destination: SocketAddr, local: SocketAddr) -> SocketAddr {
+    match destination {
+        SocketAddr::V4(v4) if local.is_ipv6() => {
+            SocketAddr::new(std::net::IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
+        _ => destination,
+    }
 }
 
 /// quinn-udp's state for a bound UDP socket (GSO, GRO, receive timestamps), its buffers set
