@@ -196,3 +196,66 @@ pub fn udp_state(socket: &std::net::UdpSocket) -> io::Result<quinn_udp::UdpSocke
     }
     Ok(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn only_a_wildcard_ipv6_bind_falls_back_to_ipv4() {
+        let gone = io::Error::from_raw_os_error(nix::libc::EAFNOSUPPORT);
+        assert!(no_ipv6(addr("[::]:3478"), &gone));
+        assert!(!no_ipv6(addr("[2001:db8::1]:3478"), &gone), "a chosen address fails");
+        assert!(!no_ipv6(addr("0.0.0.0:3478"), &gone));
+        let taken = io::Error::from_raw_os_error(nix::libc::EADDRINUSE);
+        assert!(!no_ipv6(addr("[::]:3478"), &taken), "a port in use fails");
+    }
+
+    #[test]
+    fn ipv4_destinations_are_mapped_for_an_ipv6_socket_only() {
+        let v4 = addr("192.0.2.1:5000");
+        assert_eq!(for_socket(v4, addr("[::]:3478")), addr("[::ffff:192.0.2.1]:5000"));
+        assert_eq!(for_socket(v4, addr("0.0.0.0:3478")), v4);
+        let v6 = addr("[2001:db8::1]:5000");
+        assert_eq!(for_socket(v6, addr("[::]:3478")), v6);
+    }
+
+    /// `[::]` is one socket for both families, whatever `net.ipv6.bindv6only` says: IPv4
+    /// arrives IPv4-mapped, and an IPv4 address in mapped form is reached.
+    #[test]
+    fn a_wildcard_ipv6_bind_is_dual_stack() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let udp = bind_udp(addr("[::]:0")).expect("UDP on [::]");
+        let local = udp.local_addr().expect("addr");
+        assert!(local.is_ipv6(), "{local}");
+        assert!(!getsockopt(&udp, sockopt::Ipv6V6Only).expect("getsockopt"));
+        udp.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("IPv4 peer");
+        peer.send_to(b"v4", ("127.0.0.1", local.port())).expect("send");
+        let mut buf = [0u8; 8];
+        let (n, from) = udp.recv_from(&mut buf).expect("IPv4 datagram on [::]");
+        assert_eq!(&buf[..n], b"v4");
+        assert_eq!(
+            from,
+            addr(&format!("[::ffff:127.0.0.1]:{}", peer.local_addr().expect("a").port()))
+        );
+        assert_eq!(whep_core::canonical_addr(from), peer.local_addr().expect("addr"));
+        // Back to the plain form, mapped for this socket.
+        let to = for_socket(whep_core::canonical_addr(from), local);
+        udp.send_to(b"back", to).expect("send to the mapped form");
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        let (n, _) = peer.recv_from(&mut buf).expect("reply");
+        assert_eq!(&buf[..n], b"back");
+
+        let tcp = bind_tcp(addr("[::]:0")).expect("TCP on [::]");
+        assert!(!getsockopt(&tcp, sockopt::Ipv6V6Only).expect("getsockopt"));
+        let port = tcp.local_addr().expect("addr").port();
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("IPv4 connect");
+        let (_conn, from) = tcp.accept().expect("accept");
+        assert_eq!(whep_core::canonical_addr(from).ip(), std::net::Ipv4Addr::LOCALHOST);
+    }
+}
