@@ -254,7 +254,19 @@ impl CoreConfig {
     }
 }
 
+/// `addr` as the core compares addresses: an IPv4-mapped IPv6 address (`[::ffff:192.0.2.1]:5000`,
+/// what a dual-stack socket bound to `[::]` reports for an IPv4 peer) as the IPv4 address it
+/// maps (`192.0.2.1:5000`); any other address as it is. str0m matches a datagram to its
+/// candidate pair by exact address, so the core turns every address it is handed
+/// ([`Input::Datagram`](crate::Input::Datagram), [`Input::TcpOpened`](crate::Input::TcpOpened),
+/// the configured candidates) into this form; a runtime sending to an IPv4 address from an
+/// IPv6 socket maps it back ([`Ipv4Addr::to_ipv6_mapped`](std::net::Ipv4Addr::to_ipv6_mapped)).
+pub fn canonical_addr(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 fn pick_candidate(c: &[SocketAddr], source: SocketAddr) -> Option<SocketAddr> {
+    let source = canonical_addr(source);
     c.iter()
         .find(|c| c.ip() == source.ip())
         .or_else(|| {
@@ -486,5 +498,35 @@ mod tests {
         assert_eq!(pick("198.51.100.1:5000").as_deref(), Some("192.0.2.7:3478"));
         assert_eq!(pick("[2001:db8::9]:5000").as_deref(), Some("[2001:db8::7]:3478"));
         assert_eq!(CoreConfig::default().candidate_for("127.0.0.1:1".parse().expect("addr")), None);
+        // An IPv4 client seen by a dual-stack socket picks the IPv4 candidate.
+        assert_eq!(pick("[::ffff:198.51.100.1]:5000").as_deref(), Some("192.0.2.7:3478"));
+        assert_eq!(pick("[::ffff:127.0.0.1]:5000").as_deref(), Some("127.0.0.1:3478"));
+    }
+
+    #[test]
+    fn link_values_carry_ipv6_turn_urls_as_given() {
+        let server = IceServer {
+            url: "turn:[2001:db8::9]:3478?transport=udp".into(),
+            username: Some("u".into()),
+            credential: Some("p".into()),
+            secret: None,
+        };
+        assert_eq!(
+            server.link_value(),
+            "<turn:[2001:db8::9]:3478?transport=udp>; rel=\"ice-server\"; username=\"u\"; \
+             credential=\"p\"; credential-type=\"password\""
+        );
+    }
+
+    #[test]
+    fn canonical_addresses_unmap_ipv4_only() {
+        let c = |s: &str| canonical_addr(s.parse().expect("addr")).to_string();
+        assert_eq!(c("[::ffff:192.0.2.1]:5000"), "192.0.2.1:5000");
+        assert_eq!(c("192.0.2.1:5000"), "192.0.2.1:5000");
+        assert_eq!(c("[2001:db8::1]:5000"), "[2001:db8::1]:5000");
+        assert_eq!(c("[fd77:6::2]:9"), "[fd77:6::2]:9");
+        // IPv4-compatible (deprecated, ::a.b.c.d) and loopback stay IPv6.
+        assert_eq!(c("[::1]:9"), "[::1]:9");
+        assert_eq!(c("[::c000:201]:9"), "[::c000:201]:9");
     }
 }

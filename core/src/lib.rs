@@ -148,6 +148,7 @@ pub mod sim;
 
 pub use config::{
     CoreConfig, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig, VideoCodec,
+    canonical_addr,
 };
 pub use ffmpeg::{EgressConfig, Rendition};
 pub use ids::{ETag, SessionId, StreamId};

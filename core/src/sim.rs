@@ -412,6 +412,10 @@ pub struct SimWorld {
     pub lost: u64,
     /// A STUN server behind which the core sits, if any.
     pub stun: Option<SimStun>,
+    /// The server's socket and listener are dual-stack (bound to `[::]`): what an IPv4 viewer
+    /// sends arrives from its IPv4-mapped IPv6 address (`[::ffff:a.b.c.d]`), as the kernel
+    /// reports it, and so do its TCP connections.
+    pub dual_stack: bool,
     sent: u64,
     pub spawns: u64,
     pub kills: u64,
@@ -458,6 +462,7 @@ impl SimWorld {
             last_check: None,
             lost: 0,
             stun: None,
+            dual_stack: false,
             sent: 0,
             spawns: 0,
             kills: 0,
@@ -615,7 +620,8 @@ impl SimWorld {
         if let Some(t) = &v.tcp
             && resp.code() == 201
         {
-            let input = Input::TcpOpened { conn: t.conn, peer: addr, local: SERVER };
+            let (peer, local) = (self.seen_by_server(addr), self.seen_by_server(SERVER));
+            let input = Input::TcpOpened { conn: t.conn, peer, local };
             self.core.handle_input(input, self.now);
             self.drain();
         }
@@ -857,6 +863,17 @@ impl SimWorld {
         self.drain();
     }
 
+    /// `addr` as the server's socket reports it: IPv4-mapped when it is
+    /// [`dual_stack`](Self::dual_stack).
+    fn seen_by_server(&self, addr: SocketAddr) -> SocketAddr {
+        match addr {
+            SocketAddr::V4(v4) if self.dual_stack => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            _ => addr,
+        }
+    }
+
     /// Feeds one raw datagram to the viewer socket.
     pub fn datagram_raw(&mut self, from: SocketAddr, data: &[u8]) {
         self.core.handle_input(
@@ -927,10 +944,8 @@ impl SimWorld {
             }
         }
         if p.to == SERVER {
-            self.core.handle_input(
-                Input::Datagram { source: p.from, destination: p.to, contents: &p.data },
-                now,
-            );
+            let (source, destination) = (self.seen_by_server(p.from), self.seen_by_server(p.to));
+            self.core.handle_input(Input::Datagram { source, destination, contents: &p.data }, now);
             self.drain();
             return;
         }

@@ -56,8 +56,9 @@ async fn run(launch: Launch, signals: nix::sys::signal::SigSet) -> Result<(), St
     let udp = server.udp_bind;
     let whep =
         Whep::start(server).map_err(|e| format!("cannot bind the WebRTC UDP socket {udp}: {e}"))?;
-    let listener = smol::net::TcpListener::bind(http_addr)
-        .await
+    // `[::]` is dual-stack (IPv4 too), or IPv4 alone on a host without IPv6.
+    let listener = whep_server::os::bind_tcp(http_addr)
+        .and_then(smol::net::TcpListener::try_from)
         .map_err(|e| format!("cannot listen on {http_addr}: {e}"))?;
     let http = listener.local_addr().map_err(|e| e.to_string())?;
     // The lines a person (or a test) starting whepd needs, on stdout so scripts can read them.

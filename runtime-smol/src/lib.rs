@@ -74,7 +74,7 @@ impl Whep {
         if config.core.rng_seed == [0; 32] {
             getrandom::fill(&mut config.core.rng_seed).map_err(io::Error::other)?;
         }
-        Ok(Self { engine: Engine::start(runtime, config, whep_server::default_route())? })
+        Ok(Self { engine: Engine::start(runtime, config, &whep_server::default_routes())? })
     }
 
     /// The engine, for code generic over runtimes.

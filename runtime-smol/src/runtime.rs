@@ -222,11 +222,12 @@ impl Runtime for SmolRuntime {
     type Timer = SmolTimer;
 
     fn bind_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn TcpListener>> {
-        Ok(Box::new(SmolTcpListener(smol::Async::<std::net::TcpListener>::bind(addr)?)))
+        let bound = whep_server::os::bind_tcp(addr)?;
+        Ok(Box::new(SmolTcpListener(smol::Async::new(bound)?)))
     }
 
     fn bind_udp(&self, addr: SocketAddr) -> io::Result<SmolUdp> {
-        let socket = smol::Async::<std::net::UdpSocket>::bind(addr)?;
+        let socket = smol::Async::new(whep_server::os::bind_udp(addr)?)?;
         let state = whep_server::udp_state(socket.get_ref())?;
         Ok(SmolUdp { socket, state })
     }

@@ -69,7 +69,8 @@ impl Whep {
         if config.core.rng_seed == [0; 32] {
             getrandom::fill(&mut config.core.rng_seed).map_err(io::Error::other)?;
         }
-        let engine = Engine::start(TokioRuntime::current(), config, whep_server::default_route())?;
+        let engine =
+            Engine::start(TokioRuntime::current(), config, &whep_server::default_routes())?;
         Ok(Self { engine })
     }
 

@@ -243,7 +243,7 @@ impl Runtime for TokioRuntime {
     type Timer = TokioTimer;
 
     fn bind_udp(&self, addr: SocketAddr) -> io::Result<TokioUdp> {
-        let socket = std::net::UdpSocket::bind(addr)?;
+        let socket = whep_server::os::bind_udp(addr)?;
         socket.set_nonblocking(true)?;
         let state = whep_server::udp_state(&socket)?;
         Ok(TokioUdp {
@@ -343,7 +343,7 @@ impl Runtime for TokioRuntime {
     }
 
     fn bind_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn TcpListener>> {
-        let bound = std::net::TcpListener::bind(addr)?;
+        let bound = whep_server::os::bind_tcp(addr)?;
         bound.set_nonblocking(true)?;
         Ok(Box::new(TokioTcpListener {
             bound,

@@ -8,11 +8,19 @@
 //! the namespace. Namespaces left by a process that died without unwinding (SIGKILL) are
 //! removed by the next [`Netns::create`] when their pid is gone.
 //!
+//! [`Netns::create_ipv6_only`] makes one that has no IPv4 but `lo`: its pair has a /64 from
+//! fd77:6::/48 (`::1` the host end, `::2` the namespace end, without duplicate address
+//! detection so that they are usable at once) and the namespace a default route through the
+//! host end.
+//!
+//! [`Netns::enter`] runs a closure on a thread inside the namespace: sockets it opens, and
+//! threads it starts, live there (an in-process viewer).
+//!
 //! Needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN) and `ip` from iproute2; `nft` for
 //! [`Netns::drop_udp_to`].
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -27,6 +35,11 @@ pub struct Netns {
     pub host: Ipv4Addr,
     /// The namespace end's address (the viewer's).
     pub peer: Ipv4Addr,
+    /// The host end's IPv6 address, for [`create_ipv6_only`](Self::create_ipv6_only) (its
+    /// [`host`](Self::host) and [`peer`](Self::peer) are then `0.0.0.0`, on no interface).
+    pub host6: Option<Ipv6Addr>,
+    /// The namespace end's IPv6 address.
+    pub peer6: Option<Ipv6Addr>,
 }
 
 /// Runs `ip ARGS` and fails with its stderr when it does.
@@ -73,6 +86,13 @@ fn subnet_in_use(host: Ipv4Addr) -> bool {
             .and_then(|rest| rest.split('/').next()?.parse::<u8>().ok())
             .is_some_and(|last| last & !3 == d & !3)
     })
+}
+
+/// Whether the /64 `fd77:6:slot::/64` is already on an interface of the host.
+fn subnet6_in_use(slot: u16) -> bool {
+    let Ok(out) = ip(&["-6", "-o", "addr", "show"]) else { return false };
+    let net = format!(" fd77:6:{slot:x}::");
+    String::from_utf8_lossy(&out.stdout).contains(net.as_str())
 }
 
 /// `RcvbufErrors` from the `Udp:` lines of a `/proc/net/snmp` text (this process's namespace
@@ -125,7 +145,7 @@ impl Netns {
             if ip(&["netns", "add", &name]).is_err() {
                 continue; // taken (or no permission: the next attempt says which)
             }
-            let ns = Self { name, host_if, host, peer };
+            let ns = Self { name, host_if, host, peer, host6: None, peer6: None };
             // From here on, dropping `ns` removes what was made.
             ns.setup(&peer_if)?;
             return Ok(ns);
@@ -135,6 +155,84 @@ impl Netns {
             let _ = ip(&["netns", "del", &format!("{PREFIX}{pid}-probe")]);
         })?;
         Err(io::Error::other("no free namespace name or 10.77.0.0/16 subnet"))
+    }
+
+    /// A namespace with IPv6 only (and IPv4 on `lo`): a veth pair with a /64 of fd77:6::/48,
+    /// unique per namespace, the host end `::1` and the namespace end `::2`, both without
+    /// duplicate address detection (`nodad`), and a default route inside through the host end.
+    ///
+    /// # Errors
+    ///
+    /// When `ip` fails (not root, no netns support, no IPv6); whatever was made is removed again.
+    pub fn create_ipv6_only() -> io::Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        sweep_stale();
+        let pid = std::process::id();
+        for _ in 0..64 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            // 16 bits of /64 subnets in fd77:6::/48, spread by pid so that processes differ.
+            let slot = (pid.wrapping_mul(97).wrapping_add(n.wrapping_mul(7919)) & 0xffff) as u16;
+            let host6 = Ipv6Addr::new(0xfd77, 6, slot, 0, 0, 0, 0, 1);
+            let peer6 = Ipv6Addr::new(0xfd77, 6, slot, 0, 0, 0, 0, 2);
+            let name = format!("{PREFIX}{pid}-6x{n}");
+            let host_if = format!("wh{pid}y{n}h");
+            let peer_if = format!("wh{pid}y{n}p");
+            if host_if.len() > 15 || subnet6_in_use(slot) || host_interfaces().contains(&host_if) {
+                continue;
+            }
+            if ip(&["netns", "add", &name]).is_err() {
+                continue;
+            }
+            let ns = Self {
+                name,
+                host_if,
+                host: Ipv4Addr::UNSPECIFIED,
+                peer: Ipv4Addr::UNSPECIFIED,
+                host6: Some(host6),
+                peer6: Some(peer6),
+            };
+            ns.setup6(&peer_if, host6, peer6)?;
+            return Ok(ns);
+        }
+        Err(io::Error::other("no free namespace name or fd77:6::/48 subnet"))
+    }
+
+    fn setup6(&self, peer_if: &str, host6: Ipv6Addr, peer6: Ipv6Addr) -> io::Result<()> {
+        let (name, host_if) = (self.name.as_str(), self.host_if.as_str());
+        let (host_cidr, peer_cidr) = (format!("{host6}/64"), format!("{peer6}/64"));
+        let via = host6.to_string();
+        ip(&["link", "add", host_if, "type", "veth", "peer", "name", peer_if, "netns", name])?;
+        ip(&["-6", "addr", "add", &host_cidr, "dev", host_if, "nodad"])?;
+        ip(&["link", "set", host_if, "up"])?;
+        ip(&["-n", name, "-6", "addr", "add", &peer_cidr, "dev", peer_if, "nodad"])?;
+        ip(&["-n", name, "link", "set", peer_if, "up"])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        ip(&["-n", name, "-6", "route", "add", "default", "via", &via, "dev", peer_if])?;
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has joined the namespace, and returns what it returns: the
+    /// sockets `f` opens, and the threads it starts, are inside.
+    ///
+    /// # Errors
+    ///
+    /// When the namespace cannot be joined (`setns` needs CAP_SYS_ADMIN).
+    ///
+    /// # Panics
+    ///
+    /// When `f` panics.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = std::fs::File::open(&path)?;
+                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                    Ok(f())
+                })
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
     }
 
     fn setup(&self, peer_if: &str) -> io::Result<()> {
@@ -291,5 +389,32 @@ mod tests {
         };
         assert!(!list().contains(&name), "{name} left behind");
         assert!(!host_interfaces().contains(&host_if), "{host_if} left behind");
+    }
+
+    #[test]
+    fn ipv6_only_namespace_reaches_the_host_over_ipv6_alone() {
+        let ns = Netns::create_ipv6_only().expect("IPv6 netns (needs root)");
+        let (host6, peer6) = (ns.host6.expect("host end"), ns.peer6.expect("peer end"));
+        // No IPv4 inside but loopback.
+        let out = ns.run("ip", &["-4", "-o", "addr", "show"]).expect("ip in the namespace");
+        let v4 = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(v4.lines().all(|l| l.contains(" lo ")), "IPv4 inside: {v4}");
+        // A socket opened inside (`enter`) reaches a dual-stack socket on the host end over
+        // IPv6, from the namespace end's address.
+        let sock = std::net::UdpSocket::bind("[::]:0").expect("bind");
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        let port = sock.local_addr().expect("addr").port();
+        let to = std::net::SocketAddr::from((host6, port));
+        ns.enter(|| {
+            let inside = std::net::UdpSocket::bind("[::]:0").expect("bind inside");
+            inside.send_to(b"hello", to).expect("send over IPv6");
+            // No IPv4 route out.
+            let v4 = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind v4 inside");
+            assert!(v4.connect("192.0.2.1:9").is_err(), "an IPv4 route inside");
+        })
+        .expect("enter the namespace");
+        let mut buf = [0u8; 16];
+        let (n, from) = sock.recv_from(&mut buf).expect("datagram from the namespace");
+        assert_eq!((&buf[..n], from.ip()), (&b"hello"[..], std::net::IpAddr::V6(peer6)));
     }
 }

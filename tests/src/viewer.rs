@@ -30,7 +30,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
 use std::thread::{self, JoinHandle};
@@ -515,10 +515,18 @@ impl Viewer {
     ) -> Result<Self, ViewerError> {
         // The local address towards the server: loopback for a local server, else the one the
         // kernel routes through (connecting a UDP socket sends nothing).
+        let any = SocketAddr::new(
+            if server.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            },
+            0,
+        );
         let local_ip = if server.ip().is_loopback() {
             server.ip()
         } else {
-            UdpSocket::bind("0.0.0.0:0")
+            UdpSocket::bind(any)
                 .and_then(|s| s.connect(server).map(|()| s))
                 .and_then(|s| s.local_addr())
                 .map_err(ViewerError::Io)?
@@ -900,7 +908,7 @@ impl TcpLink {
             .filter_map(|c| {
                 let f: Vec<&str> = c.split_whitespace().collect();
                 let tcp = f.get(2).is_some_and(|p| p.eq_ignore_ascii_case("tcp"));
-                let addr = format!("{}:{}", f.get(4)?, f.get(5)?).parse().ok()?;
+                let addr = SocketAddr::new(f.get(4)?.parse().ok()?, f.get(5)?.parse().ok()?);
                 tcp.then_some(addr)
             })
             .collect();
@@ -908,7 +916,10 @@ impl TcpLink {
             .iter()
             .find(|a| a.ip() == server.ip())
             .or_else(|| {
-                candidates.iter().find(|a| a.ip().is_loopback() == server.ip().is_loopback())
+                candidates.iter().find(|a| {
+                    a.ip().is_loopback() == server.ip().is_loopback()
+                        && a.is_ipv4() == server.is_ipv4()
+                })
             })
             .or(candidates.first())
             .copied()

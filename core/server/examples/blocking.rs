@@ -149,7 +149,8 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut config.rng_seed))
         .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
-    let (socket, local) = UdpSocket::bind(launch.server.udp_bind)
+    // `[::]` is dual-stack (IPv4 too), or IPv4 alone on a host without IPv6.
+    let (socket, local) = whep_server::os::bind_udp(launch.server.udp_bind)
         .and_then(|s| s.local_addr().map(|a| (s, a)))
         .map_err(|e| {
             format!("cannot bind the WebRTC UDP socket {}: {e}", launch.server.udp_bind)
@@ -159,11 +160,11 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
     }
     let ice_tcp = match launch.server.tcp {
         TcpListen::Off => None,
-        TcpListen::SameAsUdp => TcpListener::bind(local)
+        TcpListen::SameAsUdp => whep_server::os::bind_tcp(local)
             .inspect_err(|e| warn!(%local, error = %e, "no ICE-TCP listener; viewers need UDP"))
             .ok(),
         TcpListen::At(addr) => Some(
-            TcpListener::bind(addr)
+            whep_server::os::bind_tcp(addr)
                 .map_err(|e| format!("cannot bind the ICE-TCP listener {addr}: {e}"))?,
         ),
     };
@@ -172,7 +173,7 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
             config.host_candidates.iter().map(|c| SocketAddr::new(c.ip(), port)).collect();
     }
     info!(udp = %local, candidates = ?config.host_candidates, tcp_candidates = ?config.tcp_candidates, "viewer socket bound");
-    let (listener, http) = TcpListener::bind(launch.http)
+    let (listener, http) = whep_server::os::bind_tcp(launch.http)
         .and_then(|l| l.local_addr().map(|a| (l, a)))
         .map_err(|e| format!("cannot listen on {}: {e}", launch.http))?;
 
@@ -339,6 +340,8 @@ impl Runtime {
                 let _ = reply.send(resp); // the client may have gone; nothing to do
             }
             Msg::Datagram { source, contents } => {
+                // A dual-stack socket reports IPv4 viewers IPv4-mapped; the core's form is IPv4.
+                let source = whep_core::canonical_addr(source);
                 let destination = self.core.config().candidate_for(source).unwrap_or(self.local);
                 let input = Input::Datagram { source, destination, contents: &contents };
                 self.core.handle_input(input, now);
@@ -422,7 +425,8 @@ impl Runtime {
                 }
                 Output::Transmit(t) => {
                     // One socket, so `t.source` (its address as the viewer sees it) is implied.
-                    if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
+                    let to = whep_server::os::for_socket(t.destination, self.local);
+                    if let Err(e) = self.socket.send_to(&t.contents, to) {
                         debug!(destination = %t.destination, error = %e, "send failed");
                     }
                     if let Some(read) = self.ingest_read {
@@ -980,7 +984,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
 }
 
 /// The candidates advertised when none are configured: the socket's own address, or for a
-/// wildcard bind, loopback plus the address of the default route.
+/// wildcard bind, loopback plus the address of the default route of each family it serves.
 fn default_candidates(bound: SocketAddr) -> Vec<SocketAddr> {
-    whep_server::app::default_candidates(bound, whep_server::default_route())
+    whep_server::app::default_candidates(bound, &whep_server::default_routes())
 }

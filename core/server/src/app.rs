@@ -27,7 +27,7 @@
 //! `Retry-After` before its token is looked at.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use http_types::{Method, StatusCode};
@@ -242,11 +242,13 @@ impl StreamSpec {
 pub struct ServerConfig {
     /// The core's configuration. An all-zero [`CoreConfig::rng_seed`] is replaced by one from the
     /// operating system. With no [`CoreConfig::host_candidates`], the viewer socket's own address is
-    /// advertised (or `127.0.0.1` and the default-route address when bound to a wildcard).
+    /// advertised (or `127.0.0.1` and the default-route address of each family the socket
+    /// serves when bound to a wildcard, see [`default_candidates`]).
     pub core: CoreConfig,
     /// Settings of the application routes (admin token).
     pub routes: RoutesConfig,
-    /// Where the shared viewer socket binds.
+    /// Where the shared viewer socket binds: by default `[::]:3478`, dual-stack (IPv6 and
+    /// IPv4; `0.0.0.0:3478` on a host without IPv6, see [`crate::os::bind_udp`]).
     pub udp_bind: SocketAddr,
     /// How long the engine's shutdown waits for FFmpeg processes to exit after viewers are closed
     /// (they get SIGTERM, then SIGKILL after [`ProcessConfig::stop_grace`]).
@@ -287,7 +289,7 @@ impl Default for ServerConfig {
         Self {
             core: CoreConfig::default(),
             routes: RoutesConfig::default(),
-            udp_bind: SocketAddr::from(([0, 0, 0, 0], 3478)),
+            udp_bind: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 3478)),
             shutdown_timeout: Duration::from_secs(10),
             udp_gso: true,
             shards: 1,
@@ -330,18 +332,28 @@ pub fn unavailable() -> WhepResponse {
 }
 
 /// The host candidates a runtime advertises when none are configured: the viewer socket's own
-/// address, or for a wildcard bind, loopback plus the default route's address (which the
-/// runtime finds by connecting a probe UDP socket, which sends nothing), on the bound port.
-pub fn default_candidates(bound: SocketAddr, default_route: Option<SocketAddr>) -> Vec<SocketAddr> {
+/// address, or for a wildcard bind, `127.0.0.1` plus the default route's address of each family
+/// the socket serves (`0.0.0.0`: IPv4; `[::]`, dual-stack: IPv4 and IPv6), on the bound port.
+/// `default_routes` are what the runtime finds by connecting a probe UDP socket of each family
+/// (which sends nothing, [`crate::default_routes`]); loopback, unspecified and link-local ones
+/// are left out (a link-local address needs a scope no candidate carries).
+pub fn default_candidates(bound: SocketAddr, default_routes: &[SocketAddr]) -> Vec<SocketAddr> {
+    let bound = whep_core::canonical_addr(bound);
     if !bound.ip().is_unspecified() {
         return vec![bound];
     }
     let mut out = vec![SocketAddr::from(([127, 0, 0, 1], bound.port()))];
-    if let Some(addr) = default_route
-        && !addr.ip().is_loopback()
-        && !addr.ip().is_unspecified()
-    {
-        out.push(SocketAddr::new(addr.ip(), bound.port()));
+    for addr in default_routes {
+        let ip = addr.ip().to_canonical();
+        let usable = match ip {
+            IpAddr::V4(v4) => !v4.is_link_local(),
+            // Link-local (fe80::/10).
+            IpAddr::V6(v6) => bound.is_ipv6() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+        };
+        let candidate = SocketAddr::new(ip, bound.port());
+        if usable && !ip.is_loopback() && !ip.is_unspecified() && !out.contains(&candidate) {
+            out.push(candidate);
+        }
     }
     out
 }
@@ -1069,12 +1081,44 @@ mod tests {
     #[test]
     fn default_candidates_for_wildcard_and_specific_binds() {
         let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
-        assert_eq!(default_candidates(addr("10.0.0.1:3478"), None), vec![addr("10.0.0.1:3478")]);
+        assert_eq!(default_candidates(addr("10.0.0.1:3478"), &[]), vec![addr("10.0.0.1:3478")]);
+        let routes = [addr("192.0.2.9:5555"), addr("[2001:db8::9]:5555")];
+        // An IPv4 socket advertises its family only.
         assert_eq!(
-            default_candidates(addr("0.0.0.0:3478"), Some(addr("192.0.2.9:5555"))),
+            default_candidates(addr("0.0.0.0:3478"), &routes),
             vec![addr("127.0.0.1:3478"), addr("192.0.2.9:3478")]
         );
-        assert_eq!(default_candidates(addr("0.0.0.0:9"), None), vec![addr("127.0.0.1:9")]);
+        assert_eq!(default_candidates(addr("0.0.0.0:9"), &[]), vec![addr("127.0.0.1:9")]);
+        // A dual-stack socket advertises both.
+        assert_eq!(
+            default_candidates(addr("[::]:3478"), &routes),
+            vec![addr("127.0.0.1:3478"), addr("192.0.2.9:3478"), addr("[2001:db8::9]:3478")]
+        );
+        // A host with IPv6 only (no IPv4 route).
+        assert_eq!(
+            default_candidates(addr("[::]:7"), &routes[1..]),
+            vec![addr("127.0.0.1:7"), addr("[2001:db8::9]:7")]
+        );
+        // Link-local, loopback and unspecified routes are no candidates.
+        let useless = [
+            addr("[fe80::1]:1"),
+            addr("[febf::1]:1"),
+            addr("169.254.0.9:1"),
+            addr("[::1]:1"),
+            addr("[::]:1"),
+        ];
+        assert_eq!(default_candidates(addr("[::]:7"), &useless), vec![addr("127.0.0.1:7")]);
+        // A unique local address (fd00::/8) is one; a specific bind is advertised as it is,
+        // IPv4-mapped as IPv4.
+        assert_eq!(
+            default_candidates(addr("[::]:7"), &[addr("[fd77:6::1]:1")]),
+            vec![addr("127.0.0.1:7"), addr("[fd77:6::1]:7")]
+        );
+        assert_eq!(
+            default_candidates(addr("[2001:db8::5]:7"), &routes),
+            vec![addr("[2001:db8::5]:7")]
+        );
+        assert_eq!(default_candidates(addr("[::ffff:10.0.0.1]:7"), &[]), vec![addr("10.0.0.1:7")]);
     }
 
     #[test]

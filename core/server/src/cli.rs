@@ -6,7 +6,7 @@
 //! ([`listening_line`], [`watch_line`]), so that every binary prints the same.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,7 +26,8 @@ pub struct Cli {
     /// TOML configuration file (flags override it).
     #[arg(short, long)]
     config: Option<PathBuf>,
-    /// HTTP listen address [default: 0.0.0.0:8080].
+    /// HTTP listen address; `[::]` is IPv6 and IPv4 [default: [::]:8080, or 0.0.0.0:8080
+    /// without IPv6].
     #[arg(long)]
     http: Option<SocketAddr>,
     /// Serve HTTPS: the certificate chain (PEM, leaf first), re-read on SIGHUP; needs --tls-key.
@@ -35,11 +36,13 @@ pub struct Cli {
     /// The private key (PEM) of --tls-cert, re-read with it on SIGHUP.
     #[arg(long, value_name = "PEM")]
     tls_key: Option<PathBuf>,
-    /// WebRTC UDP address shared by all viewers [default: 0.0.0.0:3478].
+    /// WebRTC UDP address shared by all viewers; `[::]` is IPv6 and IPv4 [default: [::]:3478,
+    /// or 0.0.0.0:3478 without IPv6].
     #[arg(long)]
     udp: Option<SocketAddr>,
     /// Address advertised to viewers as a host candidate (repeat; e.g. the public address of a
-    /// 1:1 NAT) [default: the UDP address, or loopback + the default route's address].
+    /// 1:1 NAT; IPv6 as `[2001:db8::1]:3478`) [default: the UDP address, or loopback + the
+    /// default route's address of each family].
     #[arg(long = "candidate")]
     candidates: Vec<SocketAddr>,
     /// STUN server asked, from the UDP socket, for the address viewers reach it at behind a
@@ -289,7 +292,8 @@ fn settings(
     } else {
         core.host_candidates = file.candidates;
     }
-    let udp_bind = cli.udp.or(file.udp).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478)));
+    let udp_bind =
+        cli.udp.or(file.udp).unwrap_or_else(|| SocketAddr::from((Ipv6Addr::UNSPECIFIED, 3478)));
     let stun = if cli.stun_servers.is_empty() { file.stun_servers } else { cli.stun_servers };
     for server in &stun {
         core.stun_servers.extend(resolve_stun_server(server, udp_bind)?);
@@ -483,7 +487,10 @@ fn settings(
             shards,
             ..ServerConfig::default()
         },
-        http: cli.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+        http: cli
+            .http
+            .or(file.http)
+            .unwrap_or_else(|| SocketAddr::from((Ipv6Addr::UNSPECIFIED, 8080))),
         tls,
         streams,
     })
@@ -519,8 +526,15 @@ fn resolve_stun_server(s: &str, udp: SocketAddr) -> Result<Vec<SocketAddr>, Stri
         }
         (name, port).to_socket_addrs().map_err(|e| format!("--stun-server {s:?}: {e}"))?.collect()
     };
-    let usable: Vec<SocketAddr> =
-        all.iter().copied().filter(|a| a.is_ipv4() == udp.is_ipv4()).collect();
+    let usable: Vec<SocketAddr> = if udp.is_ipv6() && udp.ip().is_unspecified() {
+        // A dual-stack socket (`[::]`) reaches both families: the IPv4 addresses first, what
+        // a NAT in front of the server maps; one family, so that failing over to the next
+        // server does not flip the advertised address between families.
+        let (v4, v6): (Vec<SocketAddr>, Vec<SocketAddr>) = all.iter().partition(|a| a.is_ipv4());
+        if v4.is_empty() { v6 } else { v4 }
+    } else {
+        all.iter().copied().filter(|a| a.is_ipv4() == udp.is_ipv4()).collect()
+    };
     if usable.is_empty() {
         let family = if udp.is_ipv4() { "IPv4" } else { "IPv6" };
         return Err(format!(
@@ -635,8 +649,14 @@ mod tests {
         let file = setup_with(&["--config", "w.toml"], "stun_servers = [\"198.51.100.3\"]\n")
             .expect("valid");
         assert_eq!(file.server.core.stun_servers, ["198.51.100.3:3478".parse().expect("addr")]);
-        let v6 = setup_from(&["--stun-server", "[2001:db8::1]:3478"]).expect_err("IPv4 socket");
+        let v6 = setup_from(&["--udp", "0.0.0.0:3478", "--stun-server", "[2001:db8::1]:3478"])
+            .expect_err("IPv4 socket");
         assert!(v6.contains("no IPv4 address"), "{v6}");
+        // The default socket is dual-stack: both families may be asked.
+        let dual = setup_from(&["--stun-server", "[2001:db8::1]:3478"]).expect("dual-stack");
+        assert_eq!(dual.server.core.stun_servers, ["[2001:db8::1]:3478".parse().expect("addr")]);
+        let v4only = setup_from(&["--udp", "[::1]:3478", "--stun-server", "198.51.100.1"]);
+        assert!(v4only.is_err(), "an IPv6 address that is not [::] is IPv6 only");
         let ok6 = setup_from(&["--udp", "[::]:3478", "--stun-server", "[2001:db8::1]"]);
         assert_eq!(
             ok6.expect("valid").server.core.stun_servers,
@@ -685,11 +705,44 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_addresses_in_flags_and_file() {
+        let s = setup_from(&[
+            "--http",
+            "[::1]:8080",
+            "--udp",
+            "[fd77:6::1]:3478",
+            "--candidate",
+            "[2001:db8::1]:3478",
+            "--candidate",
+            "192.0.2.1:3478",
+        ])
+        .expect("valid");
+        assert_eq!(s.http.to_string(), "[::1]:8080");
+        assert_eq!(s.server.udp_bind.to_string(), "[fd77:6::1]:3478");
+        let c: Vec<String> = s.server.core.host_candidates.iter().map(|a| a.to_string()).collect();
+        assert_eq!(c, ["[2001:db8::1]:3478", "192.0.2.1:3478"]);
+        let file = "udp = \"[::]:3478\"\ncandidates = [\"[2001:db8::2]:3478\"]\n";
+        let s = setup_with(&["--config", "w.toml"], file).expect("valid");
+        assert_eq!(s.server.udp_bind.to_string(), "[::]:3478");
+        assert_eq!(s.server.core.host_candidates[0].to_string(), "[2001:db8::2]:3478");
+        assert!(setup_from(&["--candidate", "2001:db8::1:3478"]).is_err(), "IPv6 needs brackets");
+        let http: SocketAddr = "[::]:8080".parse().expect("addr");
+        assert_eq!(
+            listening_line(http, "[::]:3478".parse().expect("addr")),
+            "whepd: listening on http://127.0.0.1:8080 (WebRTC UDP [::]:3478)"
+        );
+        let v6: SocketAddr = "[fd77:6::1]:8080".parse().expect("addr");
+        assert_eq!(player_url(v6, "demo"), "http://[fd77:6::1]:8080/?stream=demo");
+    }
+
+    #[test]
     fn no_configuration_is_the_demo() {
         let s = setup_from(&[]).expect("valid");
         assert_eq!(s.streams.len(), 1);
         assert_eq!(s.streams[0].0, "demo");
-        assert_eq!(s.http, SocketAddr::from(([0, 0, 0, 0], 8080)));
+        // Dual-stack by default (IPv4 alone where the host has no IPv6, see `os::bind_tcp`).
+        assert_eq!(s.http.to_string(), "[::]:8080");
+        assert_eq!(s.server.udp_bind.to_string(), "[::]:3478");
         assert!(s.server.routes.admin_token.is_none());
         assert!(setup_from(&["--no-demo"]).expect("valid").streams.is_empty());
     }

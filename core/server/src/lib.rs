@@ -14,8 +14,8 @@
 //! - [`shard`]: the seat book the shards of one server share ([`whep_core::shard::Book`]),
 //!   behind a mutex, kept out of the pure core.
 //! - [`os`] (re-exported here): the operating-system helpers: FFmpeg children ([`command`],
-//!   [`signal`], [`check_program`]), the sockets' setup ([`udp_state`]) and the default route
-//!   ([`default_route`]).
+//!   [`signal`], [`check_program`]), the sockets' setup ([`udp_state`]), dual-stack binds
+//!   ([`os::bind_udp`], [`os::bind_tcp`]) and the default routes ([`default_routes`]).
 //! - `fuzzing` (feature `fuzzing`): every fuzz target, the core's and the application routes'.
 //!
 //! `examples/blocking.rs` is `whepd` on plain std threads and sockets, with none of the async
@@ -34,6 +34,6 @@ pub mod shard;
 pub mod tls;
 
 pub use os::{
-    ICE_TCP_SEND_BUFFER, SOCKET_BUFFER, check_program, command, default_route, ice_tcp_setup,
-    signal, udp_state,
+    ICE_TCP_SEND_BUFFER, SOCKET_BUFFER, check_program, command, default_route, default_routes,
+    ice_tcp_setup, signal, udp_state,
 };

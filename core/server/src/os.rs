@@ -1,13 +1,15 @@
 //! The operating-system helpers every runtime shares: FFmpeg children ([`command`],
-//! [`signal`], [`check_program`]), the viewer and ingest sockets' setup ([`udp_state`]) and the
-//! default route ([`default_route`]).
+//! [`signal`], [`check_program`]), the viewer and ingest sockets' setup ([`udp_state`]), the
+//! dual-stack binds of the viewer socket and the listeners ([`bind_udp`], [`bind_tcp`]) and the
+//! default routes ([`default_routes`]).
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tracing::debug;
+use tracing::{debug, info};
 
 /// Send and receive buffer asked for every UDP socket: a frame's datagrams for hundreds of
 /// viewers, or a burst of ingest, must not overflow the kernel's default (~200 KiB).
@@ -81,12 +83,103 @@ pub fn check_program(program: &str, needed: bool) -> Result<(), String> {
     }
 }
 
-/// The address the kernel picks towards the Internet: connecting a UDP socket sends nothing.
+/// The address the kernel picks towards the Internet over IPv4: connecting a UDP socket sends
+/// nothing.
 pub fn default_route() -> Option<SocketAddr> {
-    std::net::UdpSocket::bind("0.0.0.0:0")
-        .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
+    route_from("0.0.0.0:0", "192.0.2.1:9")
+}
+
+/// The addresses the kernel picks towards the Internet, IPv4 then IPv6, each where the host
+/// has a route: the host candidates of a wildcard bind
+/// ([`default_candidates`](crate::app::default_candidates), which leaves out link-local ones).
+pub fn default_routes() -> Vec<SocketAddr> {
+    [default_route(), route_from("[::]:0", "[2001:db8::1]:9")].into_iter().flatten().collect()
+}
+
+fn route_from(bind: &str, probe: &str) -> Option<SocketAddr> {
+    std::net::UdpSocket::bind(bind)
+        .and_then(|s| s.connect(probe).map(|()| s))
         .and_then(|s| s.local_addr())
         .ok()
+}
+
+/// Whether binding `addr` failed because the host has no IPv6 (the protocol is disabled or
+/// not built in): a wildcard `[::]` then falls back to `0.0.0.0`.
+fn no_ipv6(addr: SocketAddr, e: &io::Error) -> bool {
+    addr.is_ipv6()
+        && addr.ip().is_unspecified()
+        && (matches!(e.raw_os_error(), Some(nix::libc::EAFNOSUPPORT | nix::libc::EADDRNOTAVAIL))
+            || e.kind() == io::ErrorKind::AddrNotAvailable)
+}
+
+/// A socket of `addr`'s family and `kind`, bound to `addr`; an IPv6 one with `IPV6_V6ONLY`
+/// off, so that `[::]` serves IPv4 too (peers then show as `[::ffff:a.b.c.d]`, which the core
+/// reads as IPv4, see [`whep_core::canonical_addr`]), whatever the host's
+/// `net.ipv6.bindv6only`.
+fn bound_socket(addr: SocketAddr, kind: nix::sys::socket::SockType) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockaddrIn, SockaddrIn6, SockaddrLike, bind, setsockopt, socket,
+        sockopt,
+    };
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, kind, SockFlag::SOCK_CLOEXEC, None)?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    }
+    if kind == nix::sys::socket::SockType::Stream {
+        // As std's `TcpListener::bind`: a restarted server rebinds at once.
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    }
+    let sockaddr: Box<dyn SockaddrLike> = match addr {
+        SocketAddr::V4(a) => Box::new(SockaddrIn::from(a)),
+        SocketAddr::V6(a) => Box::new(SockaddrIn6::from(a)),
+    };
+    bind(fd.as_raw_fd(), &*sockaddr)?;
+    Ok(fd)
+}
+
+/// A UDP socket bound to `addr`, blocking: for `[::]` a dual-stack one (IPv4 and IPv6), or
+/// `0.0.0.0` on a host without IPv6 (logged). The viewer socket of every runtime.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use nix::sys::socket::SockType;
+    match bound_socket(addr, SockType::Datagram) {
+        Ok(fd) => Ok(fd.into()),
+        Err(e) if no_ipv6(addr, &e) => {
+            info!(%addr, error = %e, "no IPv6 on this host: the viewer socket serves IPv4 only");
+            std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], addr.port())))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A TCP listener bound to `addr`, blocking: for `[::]` a dual-stack one, or `0.0.0.0` on a
+/// host without IPv6 (logged). The HTTP and ICE-TCP listeners of every runtime.
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use nix::sys::socket::{Backlog, SockType, listen};
+    let listener = |addr| -> io::Result<std::net::TcpListener> {
+        let fd = bound_socket(addr, SockType::Stream)?;
+        listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))?;
+        Ok(fd.into())
+    };
+    match listener(addr) {
+        Err(e) if no_ipv6(addr, &e) => {
+            info!(%addr, error = %e, "no IPv6 on this host: listening on IPv4 only");
+            listener(SocketAddr::from(([0, 0, 0, 0], addr.port())))
+        }
+        r => r,
+    }
+}
+
+/// `destination` as a socket bound to `local` sends to it: an IPv4 address in its IPv4-mapped
+/// form (`[::ffff:a.b.c.d]`) from an IPv6 (dual-stack) socket, as the core hands addresses out
+/// in their plain form ([`whep_core::canonical_addr`]); anything else as it is.
+pub fn for_socket(destination: SocketAddr, local: SocketAddr) -> SocketAddr {
+    match destination {
+        SocketAddr::V4(v4) if local.is_ipv6() => {
+            SocketAddr::new(std::net::IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
+        _ => destination,
+    }
 }
 
 /// quinn-udp's state for a bound UDP socket (GSO, GRO, receive timestamps), its buffers set
@@ -102,4 +195,67 @@ pub fn udp_state(socket: &std::net::UdpSocket) -> io::Result<quinn_udp::UdpSocke
         }
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn only_a_wildcard_ipv6_bind_falls_back_to_ipv4() {
+        let gone = io::Error::from_raw_os_error(nix::libc::EAFNOSUPPORT);
+        assert!(no_ipv6(addr("[::]:3478"), &gone));
+        assert!(!no_ipv6(addr("[2001:db8::1]:3478"), &gone), "a chosen address fails");
+        assert!(!no_ipv6(addr("0.0.0.0:3478"), &gone));
+        let taken = io::Error::from_raw_os_error(nix::libc::EADDRINUSE);
+        assert!(!no_ipv6(addr("[::]:3478"), &taken), "a port in use fails");
+    }
+
+    #[test]
+    fn ipv4_destinations_are_mapped_for_an_ipv6_socket_only() {
+        let v4 = addr("192.0.2.1:5000");
+        assert_eq!(for_socket(v4, addr("[::]:3478")), addr("[::ffff:192.0.2.1]:5000"));
+        assert_eq!(for_socket(v4, addr("0.0.0.0:3478")), v4);
+        let v6 = addr("[2001:db8::1]:5000");
+        assert_eq!(for_socket(v6, addr("[::]:3478")), v6);
+    }
+
+    /// `[::]` is one socket for both families, whatever `net.ipv6.bindv6only` says: IPv4
+    /// arrives IPv4-mapped, and an IPv4 address in mapped form is reached.
+    #[test]
+    fn a_wildcard_ipv6_bind_is_dual_stack() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let udp = bind_udp(addr("[::]:0")).expect("UDP on [::]");
+        let local = udp.local_addr().expect("addr");
+        assert!(local.is_ipv6(), "{local}");
+        assert!(!getsockopt(&udp, sockopt::Ipv6V6Only).expect("getsockopt"));
+        udp.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("IPv4 peer");
+        peer.send_to(b"v4", ("127.0.0.1", local.port())).expect("send");
+        let mut buf = [0u8; 8];
+        let (n, from) = udp.recv_from(&mut buf).expect("IPv4 datagram on [::]");
+        assert_eq!(&buf[..n], b"v4");
+        assert_eq!(
+            from,
+            addr(&format!("[::ffff:127.0.0.1]:{}", peer.local_addr().expect("a").port()))
+        );
+        assert_eq!(whep_core::canonical_addr(from), peer.local_addr().expect("addr"));
+        // Back to the plain form, mapped for this socket.
+        let to = for_socket(whep_core::canonical_addr(from), local);
+        udp.send_to(b"back", to).expect("send to the mapped form");
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).expect("timeout");
+        let (n, _) = peer.recv_from(&mut buf).expect("reply");
+        assert_eq!(&buf[..n], b"back");
+
+        let tcp = bind_tcp(addr("[::]:0")).expect("TCP on [::]");
+        assert!(!getsockopt(&tcp, sockopt::Ipv6V6Only).expect("getsockopt"));
+        let port = tcp.local_addr().expect("addr").port();
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("IPv4 connect");
+        let (_conn, from) = tcp.accept().expect("accept");
+        assert_eq!(whep_core::canonical_addr(from).ip(), std::net::Ipv4Addr::LOCALHOST);
+    }
 }

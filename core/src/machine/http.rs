@@ -25,8 +25,10 @@ use super::Core;
 
 impl Core {
     /// Answers one WHEP request. Always returns a response; see [`crate::whep`].
-    pub fn handle_http(&mut self, req: WhepRequest, now: Instant) -> WhepResponse {
+    pub fn handle_http(&mut self, mut req: WhepRequest, now: Instant) -> WhepResponse {
         let now = self.tick(now);
+        // An IPv4 client of a dual-stack listener is the same client as over IPv4.
+        req.client = req.client.map(|ip| ip.to_canonical());
         self.fan_out_pending();
         let route = whep::route(&self.config.whep_prefix, &req.target);
         let label = match (&route, &req.method) {

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use str0m::config::{CryptoProvider, DtlsCert};
 use tracing::{info, warn};
 
-use crate::config::{CoreConfig, Feed, StreamConfig};
+use crate::config::{CoreConfig, Feed, StreamConfig, canonical_addr};
 use crate::ids::{Rng, SessionId, SessionMap, StreamId};
 use crate::metrics::Metrics;
 use crate::packet::SourcePacket;
@@ -135,7 +135,10 @@ pub struct Core {
 
 impl Core {
     /// Creates a core. `now` is the earliest instant it will see.
-    pub fn new(config: CoreConfig, now: Instant) -> Self {
+    pub fn new(mut config: CoreConfig, now: Instant) -> Self {
+        for c in config.host_candidates.iter_mut().chain(config.tcp_candidates.iter_mut()) {
+            *c = canonical_addr(*c);
+        }
         let crypto = Arc::clone(&config.crypto);
         let cert = crypto.dtls_provider.generate_certificate();
         let stun = crate::stun::Discovery::new(&config.stun_servers, config.stun_interval, now);
@@ -354,12 +357,15 @@ impl Core {
         }
         match input {
             Input::Datagram { source, destination, contents } => {
+                let (source, destination) = (canonical_addr(source), canonical_addr(destination));
                 self.on_datagram(source, destination, contents, now)
             }
             Input::Ingest { port, source, contents, arrived } => {
                 self.on_ingest(port, source, contents, arrived, now)
             }
-            Input::TcpOpened { conn, peer, local } => self.on_tcp_opened(conn, peer, local, now),
+            Input::TcpOpened { conn, peer, local } => {
+                self.on_tcp_opened(conn, canonical_addr(peer), canonical_addr(local), now)
+            }
             Input::TcpData { conn, contents } => self.on_tcp_data(conn, contents, now),
             Input::TcpDropped { conn, frames } => self.on_tcp_dropped(conn, frames),
             Input::TcpClosed { conn } => self.on_tcp_closed(conn),

@@ -88,7 +88,10 @@ impl Core {
             let stream = viewer.stream.clone();
             match n {
                 ViewerNews::Connected => {
-                    info!(session = %s, %stream, "viewer connected");
+                    // Where its checks came from (IPv4 or IPv6), for whoever reads the log.
+                    let from = viewer.path.sending_to.or_else(|| viewer.addrs.first().copied());
+                    let from = from.map(|a| a.to_string()).unwrap_or_default();
+                    info!(session = %s, %stream, %from, "viewer connected");
                     self.release_unconnected(s);
                     self.metrics.viewers_connected += 1;
                     self.outputs.push_back(Output::Event(Event::ViewerConnected {

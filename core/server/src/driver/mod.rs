@@ -371,13 +371,13 @@ impl<R: Runtime> Engine<R> {
     /// Binds the viewer socket and starts the engine task on `runtime`.
     ///
     /// An all-zero [`CoreConfig::rng_seed`](whep_core::CoreConfig::rng_seed) must be filled by the caller
-    /// from the operating system first. With no host candidates, `default_route` (the address
+    /// from the operating system first. With no host candidates, `default_routes` (the addresses
     /// the kernel picks towards the Internet, if known) feeds
     /// [`default_candidates`](crate::app::default_candidates).
     pub fn start(
         runtime: R,
         config: ServerConfig,
-        default_route: Option<SocketAddr>,
+        default_routes: &[SocketAddr],
     ) -> io::Result<Self> {
         let runtime = Arc::new(runtime);
         let count = config.shards.clamp(1, MAX_SHARDS);
@@ -435,7 +435,7 @@ impl<R: Runtime> Engine<R> {
         for (index, (socket, udp_addr, tcp)) in sockets.into_iter().enumerate() {
             let mut core = config.core.clone();
             if core.host_candidates.is_empty() {
-                core.host_candidates = crate::app::default_candidates(udp_addr, default_route);
+                core.host_candidates = crate::app::default_candidates(udp_addr, default_routes);
             } else {
                 // Configured candidates name shard 0's port; shard i listens i ports higher.
                 for c in &mut core.host_candidates {
@@ -1167,7 +1167,8 @@ impl<R: Runtime> Driver<R> {
     }
 
     fn on_datagrams(&mut self, received: Received, buf: &[u8]) {
-        let source = received.from;
+        // A dual-stack socket reports IPv4 viewers IPv4-mapped: the core's form is plain IPv4.
+        let source = whep_core::canonical_addr(received.from);
         let destination = self.core.config().candidate_for(source).unwrap_or(self.local);
         let now = self.runtime.now();
         for contents in received.datagrams(buf) {
@@ -1207,6 +1208,7 @@ impl<R: Runtime> Driver<R> {
                 }
             }
             let socket = &self.socket;
+            let destination = crate::os::for_socket(destination, self.local);
             let sent = if end - i == 1 {
                 let contents = &self.sends[i].contents;
                 poll_fn(|cx| socket.poll_send_to(cx, contents, destination)).await.map(|_| ())

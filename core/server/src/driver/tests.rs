@@ -335,7 +335,7 @@ fn engine(runtime: &FakeRuntime) -> Engine<FakeRuntime> {
     };
     config.core = CoreConfig { rng_seed: [7; 32], ingest_ports: 40_000..=40_099, ..config.core };
     config.core.process.restart_backoff_initial = Duration::from_millis(300);
-    Engine::start(runtime.clone(), config, None).unwrap()
+    Engine::start(runtime.clone(), config, &[]).unwrap()
 }
 
 fn ingest(port: u16) -> SocketAddr {
@@ -454,7 +454,7 @@ fn an_ephemeral_viewer_port_is_one_free_for_tcp_too() {
         core: CoreConfig { rng_seed: [7; 32], ..CoreConfig::default() },
         ..ServerConfig::default()
     };
-    let engine = Engine::start(runtime.clone(), config, None).unwrap();
+    let engine = Engine::start(runtime.clone(), config, &[]).unwrap();
     assert_eq!(engine.udp_addr().port(), 50_003);
     assert_eq!(*lock(&runtime.0.tcp_bound), vec![SocketAddr::from(([127, 0, 0, 1], 50_003))]);
     drop(engine);
