@@ -99,7 +99,16 @@ pub struct StreamSpec {
     /// Further video renditions FFmpeg encodes besides the H264 one, e.g. VP8 for players
     /// without H264: `[{ codec = "vp8", kbps = 800 }]`.
     pub renditions: Option<Vec<RenditionSpec>>,
+    /// Start FFmpeg when the first viewer POSTs, stop it `on_demand_close_after_secs` after
+    /// the last one left (MediaMTX's `sourceOnDemand`); the stream shows `idle` meanwhile.
+    pub on_demand: bool,
+    /// The close delay of an on-demand stream (default
+    /// [`DEFAULT_ON_DEMAND_CLOSE_AFTER_SECS`]).
+    pub on_demand_close_after_secs: Option<u64>,
 }
+
+/// MediaMTX's `sourceOnDemandCloseAfter` default.
+pub const DEFAULT_ON_DEMAND_CLOSE_AFTER_SECS: u64 = 10;
 
 /// A further video rendition of a [`StreamSpec`] (see [`whep_core::Rendition`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +241,16 @@ impl StreamSpec {
             return Err("max_viewers must be at least 1".into());
         }
         config.max_viewers = self.max_viewers;
+        if self.on_demand {
+            if self.external {
+                return Err("on_demand needs a source the server runs (not external)".into());
+            }
+            let secs =
+                self.on_demand_close_after_secs.unwrap_or(DEFAULT_ON_DEMAND_CLOSE_AFTER_SECS);
+            config.on_demand = Some(Duration::from_secs(secs));
+        } else if self.on_demand_close_after_secs.is_some() {
+            return Err("on_demand_close_after_secs needs on_demand = true".into());
+        }
         Ok(config)
     }
 }
