@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | `/` | GET | the player page (`?stream=ID` plays one) |
 //! | `/healthz` | GET | `ok` |
+//! | `/ready` | GET | `200 ready`, or `503` + `Retry-After` with the reason (`draining`, `overloaded`, `full`): whether a load balancer should send this node new viewers |
 //! | `/metrics` | GET | Prometheus text, never labelled by session |
 //! | `/streams` | GET | public list: id, state, viewers |
 //! | `/api/streams` | GET, POST | admin: list with pid and ports; add (`{"id": .., ..spec}`) |
@@ -272,6 +273,10 @@ pub struct ServerConfig {
     ///
     /// [`ProcessConfig::stop_grace`]: whep_core::ProcessConfig::stop_grace
     pub shutdown_timeout: Duration,
+    /// What `whepd` does on SIGTERM before that shutdown: drain for at most this long (new
+    /// viewers refused, `/ready` 503, current viewers kept until they leave or this passes; see
+    /// [`Engine::drain`](crate::driver::Engine::drain)). Zero (the default): shut down at once.
+    pub drain_timeout: Duration,
     /// Send a viewer's datagrams of one wake-up in one UDP segmentation-offload (GSO) call
     /// where the socket supports it (default). Off: one system call per datagram.
     pub udp_gso: bool,
@@ -308,6 +313,7 @@ impl Default for ServerConfig {
             routes: RoutesConfig::default(),
             udp_bind: SocketAddr::from(([0, 0, 0, 0], 3478)),
             shutdown_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::ZERO,
             udp_gso: true,
             shards: 1,
             tcp: TcpListen::SameAsUdp,
@@ -465,6 +471,14 @@ pub fn handle_sharded(
             ("player", text(StatusCode::Ok, "text/html; charset=utf-8", page))
         }
         "/healthz" if get => ("healthz", text(StatusCode::Ok, "text/plain", "ok\n")),
+        "/ready" if get => match core.readiness() {
+            Ok(()) => ("ready", text(StatusCode::Ok, "text/plain", "ready\n")),
+            Err(why) => (
+                "ready",
+                text(StatusCode::ServiceUnavailable, "text/plain", format!("{why}\n"))
+                    .with("Retry-After", core.config().retry_after_secs.to_string()),
+            ),
+        },
         "/metrics" if get => (
             "metrics",
             text(
@@ -485,7 +499,7 @@ pub fn handle_sharded(
         p if p == "/api/streams" || p.starts_with("/api/streams/") => {
             ("admin", admin(core, routes, &req, &p["/api/streams".len()..], now, followers))
         }
-        "/" | "/index.html" | "/healthz" | "/metrics" | "/streams" => (
+        "/" | "/index.html" | "/healthz" | "/ready" | "/metrics" | "/streams" => (
             "other",
             error(StatusCode::MethodNotAllowed, "method not allowed").with("Allow", "GET, HEAD"),
         ),
@@ -875,6 +889,8 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
     head(&mut out, "overloaded", "gauge", "1 while new viewers are refused because of load.");
     let overloaded = core.is_overloaded() || followers.iter().any(|f| f.overloaded);
     let _ = writeln!(out, "whep_overloaded {}", u8::from(overloaded));
+    head(&mut out, "draining", "gauge", "1 while the node drains (SIGTERM): no new viewers.");
+    let _ = writeln!(out, "whep_draining {}", u8::from(core.is_draining()));
     if !followers.is_empty() {
         let shards: Vec<(f64, usize)> = std::iter::once((core.load(), core.viewer_count()))
             .chain(followers.iter().map(|f| (f.load, f.viewers)))

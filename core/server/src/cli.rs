@@ -86,6 +86,16 @@ pub struct Cli {
     /// FFmpeg program [default: ffmpeg].
     #[arg(long)]
     ffmpeg: Option<String>,
+    /// This node's tag behind a load balancer: session URLs become
+    /// `{prefix}/{stream}/{tag}.{session}` so the balancer routes them back here by path
+    /// (letters, digits, `-`; see deploy/).
+    #[arg(long, value_name = "TAG")]
+    node_id: Option<String>,
+    /// On SIGTERM, first drain: refuse new viewers (503 + Retry-After, `/ready` 503) and keep
+    /// the current ones for up to this many seconds (or until they have all left), then close
+    /// them and exit; a second signal exits at once [default: 0, close at once].
+    #[arg(long, value_name = "SECS")]
+    drain_secs: Option<u64>,
     /// A stream fed from a URL or file, `NAME=URL`, transcoded to H264 + Opus (repeat; use the
     /// configuration file for copy mode and other options).
     #[arg(long = "stream")]
@@ -180,6 +190,8 @@ struct FileConfig {
     turn_ttl_secs: Option<u64>,
     whep_prefix: Option<String>,
     ffmpeg: Option<String>,
+    node_id: Option<String>,
+    drain_secs: Option<u64>,
     strict_if_match: Option<bool>,
     gop_cache: Option<bool>,
     prime_kbps: Option<u64>,
@@ -337,6 +349,13 @@ fn settings(
     if let Some(ffmpeg) = cli.ffmpeg.or(file.ffmpeg) {
         core.process.program = ffmpeg;
     }
+    if let Some(tag) = cli.node_id.or(file.node_id) {
+        if !whep_core::valid_node_id(&tag) {
+            return Err(format!("node id {tag:?}: 1 to 32 letters, digits and -"));
+        }
+        core.node_id = Some(tag);
+    }
+    let drain_timeout = Duration::from_secs(cli.drain_secs.or(file.drain_secs).unwrap_or(0));
     core.strict_if_match = file.strict_if_match.unwrap_or(core.strict_if_match);
     core.gop_cache = !cli.no_gop_cache && file.gop_cache.unwrap_or(core.gop_cache);
     let mut pacing = core.prime_pacing.unwrap_or_default();
@@ -463,6 +482,7 @@ fn settings(
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 3478))),
             udp_gso: !cli.no_gso,
             shards,
+            drain_timeout,
             ..ServerConfig::default()
         },
         http: cli.http.or(file.http).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
