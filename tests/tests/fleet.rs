@@ -9,6 +9,7 @@
 //! when it is installed.
 
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -72,7 +73,8 @@ fn start_nginx(nodes: &[&Server]) -> Balancer {
     let d = dir.display();
     // Run as the test user; as root nginx's workers would switch to `nobody`: keep root so they
     // can write the temp dir.
-    let user = if nix::unistd::Uid::effective().is_root() { "user root;" } else { "" };
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let user = if root { "user root;" } else { "" };
     let main = format!(
         "{user}\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\nworker_processes 1;\n\
          events {{ worker_connections 256; }}\nhttp {{\n\
