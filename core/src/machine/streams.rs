@@ -96,6 +96,9 @@ impl Core {
             s.set_state(StreamState::Binding { ports, attempt }, self.mirrors, &mut self.outputs);
             for v in &mut s.videos {
                 v.source = Default::default();
+                // The previous run's GOP is never a new viewer's first picture, even if the new
+                // run's audio comes before its first video packet (which clears it too).
+                v.gop.clear();
             }
             s.audio = Default::default();
             s.last_rtp = None;
