@@ -701,6 +701,21 @@ secret = "f"
     }
 
     #[test]
+    fn node_id_and_drain_from_flag_and_file() {
+        let s = setup_from(&["--node-id", "n-1", "--drain-secs", "30"]).expect("valid");
+        assert_eq!(s.server.core.node_id.as_deref(), Some("n-1"));
+        assert_eq!(s.server.drain_timeout, Duration::from_secs(30));
+        let s = setup_with(&["--config", "w.toml"], "node_id = \"b2\"\ndrain_secs = 5\n")
+            .expect("valid");
+        assert_eq!(s.server.core.node_id.as_deref(), Some("b2"));
+        assert_eq!(s.server.drain_timeout, Duration::from_secs(5));
+        assert_eq!(setup_from(&[]).expect("valid").server.drain_timeout, Duration::ZERO);
+        for bad in ["a.b", "", "a/b", &"x".repeat(33)] {
+            assert!(setup_from(&["--node-id", bad]).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn max_load_from_flag_and_file() {
         assert_eq!(setup_from(&[]).expect("valid").server.core.max_load, 0.9);
         assert_eq!(setup_from(&["--max-load", "0.75"]).expect("valid").server.core.max_load, 0.75);
