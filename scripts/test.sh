@@ -26,11 +26,12 @@ command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 # GStreamer's webrtcbin through Python GObject (tests/clients/gst_whep.py), openssl for its
 # ECDSA certificate, the venv module for aiortc, ip for the players' network namespaces;
 # libssl-dev and pkg-config to build `--dtls openssl` (whep-server's openssl-dtls feature links
-# the system OpenSSL); coturn: the TURN server of tests/tests/turn.rs.
+# the system OpenSSL); coturn: the TURN server of tests/tests/turn.rs; nginx and haproxy: the
+# load balancers in front of the fleet of tests/tests/fleet.rs.
 for p in libssl-dev pkg-config gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
     gstreamer1.0-plugins-bad gstreamer1.0-nice gstreamer1.0-libav python3-gi \
     gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0 openssl \
-    python3-venv iproute2 coturn; do
+    python3-venv iproute2 coturn nginx haproxy; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 # tests/tests/tcp.rs drops a namespace's UDP with an nftables rule (Netns::drop_udp_to);

@@ -60,6 +60,12 @@ pub struct CoreConfig {
     pub max_viewers_total: usize,
     /// Path prefix of the WHEP routes, without a trailing slash (the seed used `/api/v3/whep`).
     pub whep_prefix: String,
+    /// This node's tag in a fleet behind a load balancer: session URLs become
+    /// `{prefix}/{stream}/{node}.{session}`, so that a balancer routes every request on a
+    /// session back to its node by the path alone (no sticky cookie); a request naming another
+    /// node's tag finds no session here (404). Letters, digits and `-`, at most 32. `None`:
+    /// `{prefix}/{stream}/{session}`.
+    pub node_id: Option<String>,
     /// Value of `Access-Control-Allow-Origin` on every response.
     pub cors_origin: String,
     /// Accepted bearer tokens. Empty means no authentication.
@@ -203,6 +209,7 @@ impl Default for CoreConfig {
             max_viewers_per_stream: 8,
             max_viewers_total: 64,
             whep_prefix: "/whep".into(),
+            node_id: None,
             cors_origin: "*".into(),
             bearer_tokens: Vec::new(),
             ice_servers: Vec::new(),
@@ -423,6 +430,11 @@ pub enum H264Profile {
     High,
 }
 
+/// Whether `tag` can be a [`CoreConfig::node_id`]: 1 to 32 ASCII letters, digits and `-`.
+pub fn valid_node_id(tag: &str) -> bool {
+    (1..=32).contains(&tag.len()) && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 /// Where a stream's RTP comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Feed {
@@ -454,6 +466,12 @@ pub struct StreamConfig {
     pub profile: H264Profile,
     /// Per-stream viewer cap; `None` uses [`CoreConfig::max_viewers_per_stream`].
     pub max_viewers: Option<usize>,
+    /// On demand (MediaMTX's `sourceOnDemand`): a started stream waits idle, without ports or
+    /// process, until its first viewer POSTs; its FFmpeg then starts (the POST is answered at
+    /// once, media flows from FFmpeg's first keyframe) and is stopped this long after its last
+    /// viewer left (`sourceOnDemandCloseAfter`), the stream idle again. Supervised feeds on an
+    /// unsharded core only. `None`: always on once started.
+    pub on_demand: Option<Duration>,
 }
 
 impl StreamConfig {
@@ -464,6 +482,7 @@ impl StreamConfig {
             egress: EgressConfig::default(),
             profile: H264Profile::default(),
             max_viewers: None,
+            on_demand: None,
         }
     }
 
@@ -474,6 +493,7 @@ impl StreamConfig {
             egress: EgressConfig::default(),
             profile: H264Profile::default(),
             max_viewers: None,
+            on_demand: None,
         }
     }
 }

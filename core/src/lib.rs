@@ -148,7 +148,7 @@ pub mod sim;
 
 pub use config::{
     CoreConfig, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig, VideoCodec,
-    canonical_addr,
+    canonical_addr, valid_node_id,
 };
 pub use ffmpeg::{EgressConfig, Rendition};
 pub use ids::{ETag, SessionId, StreamId};
@@ -514,11 +514,15 @@ pub enum StreamStatus {
     Backoff,
     /// Stopping: its FFmpeg was asked to exit, its ports are released when it has.
     Stopping,
+    /// On demand ([`StreamConfig::on_demand`]): waiting for a viewer, no FFmpeg running.
+    Idle,
+    /// On demand: a viewer came, its FFmpeg is starting (no RTP yet).
+    Starting,
 }
 
 impl StreamStatus {
     /// The name listings and `/api/streams` use: `stopped`, `binding`, `running`,
-    /// `restarting`, `backoff` or `stopping`.
+    /// `restarting`, `backoff`, `stopping`, and for on-demand streams `idle` and `starting`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Stopped => "stopped",
@@ -527,6 +531,8 @@ impl StreamStatus {
             Self::Restarting => "restarting",
             Self::Backoff => "backoff",
             Self::Stopping => "stopping",
+            Self::Idle => "idle",
+            Self::Starting => "starting",
         }
     }
 }

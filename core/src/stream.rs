@@ -17,6 +17,9 @@ use crate::{Output, StreamStatus};
 pub(crate) enum StreamState {
     /// Not started; no ports, no process.
     Stopped,
+    /// An on-demand stream ([`StreamConfig::on_demand`]) waiting for its first viewer: accepts
+    /// viewers; no ports, no process.
+    Idle,
     /// Ports allocated; waiting for the runtime to confirm the bind.
     Binding { ports: PortPair, attempt: u32 },
     /// Ports bound; RTP is accepted and forwarded.
@@ -24,8 +27,16 @@ pub(crate) enum StreamState {
     /// The supervised FFmpeg died or went stale; ports are released and a restart is due.
     Backoff { until: Instant },
     /// Stopping: viewers are gone, the process was asked to exit; ports are released when it
-    /// does. `kill_at` is when SIGKILL follows SIGTERM.
-    Stopping { ports: PortPair, generation: u64, kill_at: Option<Instant>, remove: bool },
+    /// does. `kill_at` is when SIGKILL follows SIGTERM. `idle`: an on-demand stream that no one
+    /// watched for its close delay; it goes back to [`StreamState::Idle`] (and accepts viewers
+    /// meanwhile: one that comes starts it again once the process is gone).
+    Stopping {
+        ports: PortPair,
+        generation: u64,
+        kill_at: Option<Instant>,
+        remove: bool,
+        idle: bool,
+    },
     /// A follower shard's copy of a started stream: accepts viewers; packets come from the
     /// leader.
     Mirrored,
@@ -109,6 +120,9 @@ pub(crate) struct Stream {
     pub(crate) restarts: u64,
     pub(crate) pid: Option<u32>,
     pub(crate) scheduled: Option<Instant>,
+    /// An on-demand stream's last viewer left (or its process started with none) at this
+    /// time; its process stops [`StreamConfig::on_demand`] later unless a viewer comes.
+    pub(crate) unwatched_since: Option<Instant>,
 }
 
 impl Stream {
@@ -129,6 +143,7 @@ impl Stream {
             restarts: 0,
             pid: None,
             scheduled: None,
+            unwatched_since: None,
         }
     }
 
@@ -195,6 +210,8 @@ impl Stream {
                     | StreamState::Running { .. }
                     | StreamState::Backoff { .. }
                     | StreamState::Mirrored
+                    | StreamState::Idle
+                    | StreamState::Stopping { idle: true, remove: false, .. }
             )
     }
 
@@ -204,8 +221,20 @@ impl Stream {
             StreamState::Binding { ports, .. }
             | StreamState::Running { ports, .. }
             | StreamState::Stopping { ports, .. } => Some(ports),
-            StreamState::Stopped | StreamState::Backoff { .. } | StreamState::Mirrored => None,
+            StreamState::Stopped
+            | StreamState::Idle
+            | StreamState::Backoff { .. }
+            | StreamState::Mirrored => None,
         }
+    }
+
+    /// When an on-demand stream's process is due to stop for want of viewers.
+    pub(crate) fn close_at(&self) -> Option<Instant> {
+        let after = self.config.on_demand?;
+        if !self.viewers.is_empty() {
+            return None;
+        }
+        self.unwatched_since.map(|t| t + after)
     }
 
     /// The stream's own next deadline (restart, stale check, kill escalation).
@@ -215,12 +244,14 @@ impl Stream {
             StreamState::Stopping { kill_at, .. } => *kill_at,
             StreamState::Running { process: Process::Spawned { since, .. }, .. } => {
                 let active = self.last_rtp.map_or(*since, |t| t.max(*since));
-                Some(active + p.stale_timeout)
+                let stale = active + p.stale_timeout;
+                Some(self.close_at().map_or(stale, |c| c.min(stale)))
             }
             StreamState::Running { process: Process::Terminating { kill_at, .. }, .. } => *kill_at,
             StreamState::Running { process: Process::External, .. }
             | StreamState::Binding { .. }
             | StreamState::Mirrored
+            | StreamState::Idle
             | StreamState::Stopped => None,
         }
     }
@@ -237,8 +268,16 @@ impl Stream {
 
     /// The state as status listings show it.
     pub(crate) fn status(&self) -> StreamStatus {
+        let on_demand = self.config.on_demand.is_some();
         match &self.state {
             StreamState::Stopped => StreamStatus::Stopped,
+            StreamState::Idle => StreamStatus::Idle,
+            StreamState::Binding { .. } if on_demand => StreamStatus::Starting,
+            StreamState::Running { process: Process::Spawned { .. }, .. }
+                if on_demand && self.last_rtp.is_none() =>
+            {
+                StreamStatus::Starting
+            }
             StreamState::Binding { .. } => StreamStatus::Binding,
             StreamState::Running { process: Process::Terminating { .. }, .. } => {
                 StreamStatus::Restarting

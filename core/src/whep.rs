@@ -218,6 +218,9 @@ pub enum Reject {
     /// The server is too busy to take another viewer without hurting those it has (503,
     /// see [`CoreConfig::max_load`](crate::CoreConfig::max_load)).
     Overloaded,
+    /// The server is draining (shutting down): it keeps its viewers for a while but takes no
+    /// new one (503, see [`Core::set_draining`](crate::Core::set_draining)).
+    Draining,
     /// An ICE restart the WebRTC stack refused; the session is kept (400).
     RestartFailed(String),
     /// The offer, or a PATCH on top of what the session holds, carries more ICE candidates than
@@ -260,7 +263,8 @@ impl Reject {
             Self::StreamFull { .. }
             | Self::ServerFull { .. }
             | Self::NoCandidates
-            | Self::Overloaded => StatusCode::ServiceUnavailable,
+            | Self::Overloaded
+            | Self::Draining => StatusCode::ServiceUnavailable,
             Self::RateLimited { .. } | Self::TooManyUnconnected { .. } => {
                 StatusCode::TooManyRequests
             }
@@ -275,6 +279,7 @@ impl Reject {
                 | Self::ServerFull { .. }
                 | Self::NoCandidates
                 | Self::Overloaded
+                | Self::Draining
                 | Self::RateLimited { .. }
                 | Self::TooManyUnconnected { .. }
         )
@@ -300,6 +305,7 @@ impl Reject {
             Self::ServerFull { .. } => "server_full",
             Self::NoCandidates => "no_candidates",
             Self::Overloaded => "overloaded",
+            Self::Draining => "draining",
             Self::RestartFailed(_) => "restart_failed",
             Self::RateLimited { .. } => "rate_limited",
             Self::TooManyCandidates { .. } => "too_many_candidates",
@@ -362,6 +368,7 @@ impl fmt::Display for Reject {
             Self::ServerFull { cap } => write!(f, "webrtc: too many peers (cap {cap})"),
             Self::NoCandidates => f.write_str("webrtc: no host candidate configured"),
             Self::Overloaded => f.write_str("webrtc: server busy, retry later"),
+            Self::Draining => f.write_str("webrtc: server draining, retry on another node"),
             Self::RestartFailed(why) => write!(f, "webrtc: ICE restart failed: {why}"),
             Self::RateLimited { .. } => f.write_str("webrtc: too many requests, retry later"),
             Self::TooManyCandidates { cap } => {
@@ -386,7 +393,11 @@ pub(crate) enum Route {
 
 /// Resolves a request target against the route prefix. Segments are percent-decoded, so a
 /// stream id may contain `:` literally or `%3A`, and even `/` as `%2F`.
-pub(crate) fn route(prefix: &str, target: &str) -> Option<Route> {
+///
+/// `node` is this node's tag ([`CoreConfig::node_id`](crate::CoreConfig::node_id)): a session
+/// segment `{tag}.{session}` names a session only when the tag is this node's (`Any`: any tag,
+/// for routing among shards); a bare `{session}` always does.
+pub(crate) fn route(prefix: &str, node: NodeTag<'_>, target: &str) -> Option<Route> {
     let path = target.split(['?', '#']).next().unwrap_or_default();
     let rest = path.strip_prefix(prefix.trim_end_matches('/'))?.strip_prefix('/')?;
     let mut parts = rest.split('/');
@@ -394,11 +405,31 @@ pub(crate) fn route(prefix: &str, target: &str) -> Option<Route> {
     let stream = StreamId::new(stream)?;
     match (parts.next(), parts.next()) {
         (None, _) | (Some(""), None) => Some(Route::Endpoint(stream)),
-        (Some(session), None) => Some(Route::Session(stream, SessionId::parse(session))),
+        (Some(session), None) => Some(Route::Session(stream, node.session(session))),
         (Some(session), Some("")) if parts.next().is_none() => {
-            Some(Route::Session(stream, SessionId::parse(session)))
+            Some(Route::Session(stream, node.session(session)))
         }
         _ => None,
+    }
+}
+
+/// Which node tags in a session segment [`route`] accepts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum NodeTag<'a> {
+    /// Only this one (`None`: no tag, the node has none).
+    Only(Option<&'a str>),
+    /// Any.
+    Any,
+}
+
+impl NodeTag<'_> {
+    fn session(self, segment: &str) -> Option<SessionId> {
+        match (segment.split_once('.'), self) {
+            (None, _) => SessionId::parse(segment),
+            (Some((_, id)), Self::Any) => SessionId::parse(id),
+            (Some((tag, id)), Self::Only(Some(ours))) if tag == ours => SessionId::parse(id),
+            (Some(_), Self::Only(_)) => None,
+        }
     }
 }
 
@@ -415,7 +446,7 @@ pub enum ShardRoute {
 
 /// Where `req` goes on a sharded server whose WHEP routes are under `prefix`.
 pub fn shard_route(prefix: &str, req: &WhepRequest) -> ShardRoute {
-    match route(prefix, &req.target) {
+    match route(prefix, NodeTag::Any, &req.target) {
         Some(Route::Endpoint(_)) if req.method == Method::Post => ShardRoute::NewSession,
         Some(Route::Session(_, Some(session))) => ShardRoute::Session(session.shard()),
         _ => ShardRoute::Any,
@@ -448,14 +479,20 @@ pub const SEGMENT: &AsciiSet = &CONTROLS
 
 /// The `Location` of a session: prefix, encoded stream id, session id and the request's query
 /// string (kept so that URL-token authentication works for PATCH and DELETE).
+/// With a node tag the session segment is `{node}.{session}`.
 pub(crate) fn session_location(
     prefix: &str,
+    node: Option<&str>,
     stream: &StreamId,
     session: SessionId,
     target: &str,
 ) -> String {
     let prefix = prefix.trim_end_matches('/');
     let stream = utf8_percent_encode(stream.as_str(), SEGMENT);
+    let session = match node {
+        Some(node) => format!("{node}.{session}"),
+        None => session.to_string(),
+    };
     match target.split_once('?') {
         Some((_, q)) if !q.is_empty() => format!("{prefix}/{stream}/{session}?{q}"),
         _ => format!("{prefix}/{stream}/{session}"),
@@ -498,35 +535,72 @@ mod tests {
     #[test]
     fn routes_decode_segments_and_ignore_query() {
         let s = |x: &str| StreamId::new(x).unwrap_or_else(|| unreachable!());
-        assert_eq!(route("/whep", "/whep/demo"), Some(Route::Endpoint(s("demo"))));
-        assert_eq!(route("/whep", "/whep/demo/"), Some(Route::Endpoint(s("demo"))));
-        assert_eq!(route("/whep/", "/whep/demo?token=1"), Some(Route::Endpoint(s("demo"))));
         assert_eq!(
-            route("/whep", "/whep/restreamer-ui%3Aingest%3Aab"),
+            route("/whep", NodeTag::Only(None), "/whep/demo"),
+            Some(Route::Endpoint(s("demo")))
+        );
+        assert_eq!(
+            route("/whep", NodeTag::Only(None), "/whep/demo/"),
+            Some(Route::Endpoint(s("demo")))
+        );
+        assert_eq!(
+            route("/whep/", NodeTag::Only(None), "/whep/demo?token=1"),
+            Some(Route::Endpoint(s("demo")))
+        );
+        assert_eq!(
+            route("/whep", NodeTag::Only(None), "/whep/restreamer-ui%3Aingest%3Aab"),
             Some(Route::Endpoint(s("restreamer-ui:ingest:ab")))
         );
-        assert_eq!(route("/whep", "/whep/a:b"), Some(Route::Endpoint(s("a:b"))));
-        assert_eq!(route("/whep", "/whep/a%2Fb"), Some(Route::Endpoint(s("a/b"))));
         assert_eq!(
-            route("/whep", &format!("/whep/demo/{}", sid())),
+            route("/whep", NodeTag::Only(None), "/whep/a:b"),
+            Some(Route::Endpoint(s("a:b")))
+        );
+        assert_eq!(
+            route("/whep", NodeTag::Only(None), "/whep/a%2Fb"),
+            Some(Route::Endpoint(s("a/b")))
+        );
+        assert_eq!(
+            route("/whep", NodeTag::Only(None), &format!("/whep/demo/{}", sid())),
             Some(Route::Session(s("demo"), Some(sid())))
         );
-        assert_eq!(route("/whep", "/whep/demo/nope"), Some(Route::Session(s("demo"), None)));
-        assert_eq!(route("/whep", "/whep"), None);
-        assert_eq!(route("/whep", "/whep/"), None);
-        assert_eq!(route("/whep", "/other/demo"), None);
-        assert_eq!(route("/whep", "/whepx/demo"), None);
-        assert_eq!(route("/whep", "/whep/a/b/c"), None);
-        assert_eq!(route("/whep", "/whep/%FF"), None);
-        assert_eq!(route("/api/v3/whep", "/api/v3/whep/x"), Some(Route::Endpoint(s("x"))));
+        assert_eq!(
+            route("/whep", NodeTag::Only(None), "/whep/demo/nope"),
+            Some(Route::Session(s("demo"), None))
+        );
+        assert_eq!(route("/whep", NodeTag::Only(None), "/whep"), None);
+        assert_eq!(route("/whep", NodeTag::Only(None), "/whep/"), None);
+        assert_eq!(route("/whep", NodeTag::Only(None), "/other/demo"), None);
+        assert_eq!(route("/whep", NodeTag::Only(None), "/whepx/demo"), None);
+        assert_eq!(route("/whep", NodeTag::Only(None), "/whep/a/b/c"), None);
+        assert_eq!(route("/whep", NodeTag::Only(None), "/whep/%FF"), None);
+        assert_eq!(
+            route("/api/v3/whep", NodeTag::Only(None), "/api/v3/whep/x"),
+            Some(Route::Endpoint(s("x")))
+        );
     }
 
     #[test]
     fn location_encodes_and_keeps_query() {
         let st = StreamId::new("a:b/c d").unwrap_or_else(|| unreachable!());
-        let l = session_location("/whep", &st, sid(), "/whep/x?token=abc");
+        let l = session_location("/whep", None, &st, sid(), "/whep/x?token=abc");
         assert_eq!(l, format!("/whep/a:b%2Fc%20d/{}?token=abc", sid()));
-        assert_eq!(route("/whep", &l), Some(Route::Session(st, Some(sid()))));
+        assert_eq!(route("/whep", NodeTag::Only(None), &l), Some(Route::Session(st, Some(sid()))));
+    }
+
+    #[test]
+    fn node_tags_route_sessions_to_their_node() {
+        let st = StreamId::new("demo").unwrap_or_else(|| unreachable!());
+        let l = session_location("/whep", Some("n1"), &st, sid(), "/whep/demo");
+        assert_eq!(l, format!("/whep/demo/n1.{}", sid()));
+        let mine = Some(Route::Session(st.clone(), Some(sid())));
+        assert_eq!(route("/whep", NodeTag::Only(Some("n1")), &l), mine);
+        assert_eq!(route("/whep", NodeTag::Any, &l), mine);
+        let other = Some(Route::Session(st.clone(), None));
+        assert_eq!(route("/whep", NodeTag::Only(Some("n2")), &l), other);
+        assert_eq!(route("/whep", NodeTag::Only(None), &l), other);
+        // A bare session id is still this node's.
+        let bare = format!("/whep/demo/{}", sid());
+        assert_eq!(route("/whep", NodeTag::Only(Some("n1")), &bare), mine);
     }
 
     #[test]

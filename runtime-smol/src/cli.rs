@@ -52,6 +52,7 @@ fn shutdown_signals(reload: bool) -> nix::Result<nix::sys::signal::SigSet> {
 async fn run(launch: Launch, signals: nix::sys::signal::SigSet) -> Result<(), String> {
     crate::check_program(&launch.server.core.process.program, !launch.streams.is_empty())?;
     let Launch { server, http: http_addr, tls, streams } = launch;
+    let launch_drain = server.drain_timeout;
     let tls = tls.map(Tls::from_files).transpose().map_err(|e| e.to_string())?;
     let udp = server.udp_bind;
     let whep =
@@ -87,20 +88,42 @@ async fn run(launch: Launch, signals: nix::sys::signal::SigSet) -> Result<(), St
         })
         .detach();
     }
+    let drain = launch_drain;
+    let drainer = whep.clone();
     let shutdown = async move {
-        loop {
-            match smol::unblock(move || signals.wait()).await {
-                Ok(nix::sys::signal::Signal::SIGHUP) => {
-                    info!("SIGHUP: reloading the TLS certificate");
-                    if let Some(tls) = reload.clone() {
-                        // File reads, off the executor; the outcome is logged by `reload`.
-                        let _ = smol::unblock(move || tls.reload()).await;
+        let wait = move || {
+            let reload = reload.clone();
+            async move {
+                loop {
+                    match smol::unblock(move || signals.wait()).await {
+                        Ok(nix::sys::signal::Signal::SIGHUP) => {
+                            info!("SIGHUP: reloading the TLS certificate");
+                            if let Some(tls) = reload.clone() {
+                                // File reads, off the executor; the outcome is logged by `reload`.
+                                let _ = smol::unblock(move || tls.reload()).await;
+                            }
+                        }
+                        Ok(sig) => return info!("{sig}: shutting down"),
+                        Err(e) => return error!("waiting for signals failed: {e}; shutting down"),
                     }
                 }
-                Ok(sig) => return info!("{sig}: shutting down"),
-                Err(e) => return error!("waiting for signals failed: {e}; shutting down"),
             }
+        };
+        wait().await;
+        if drain.is_zero() {
+            return;
         }
+        // HTTP goes on meanwhile: sessions answer, `/ready` says draining.
+        info!(secs = drain.as_secs(), "draining: no new viewers, current ones kept");
+        let drained = async {
+            let sleep = |d| async move {
+                smol::Timer::after(d).await;
+            };
+            let left = drainer.drain(drain, sleep).await;
+            info!(viewers = left, "drained; closing the viewers left");
+        };
+        // A second signal cuts the drain short.
+        smol::future::or(drained, wait()).await;
     };
     match tls {
         Some(tls) => whep.serve_tls(listener, tls, shutdown).await,

@@ -42,6 +42,7 @@ pub fn main() -> ExitCode {
 async fn run(launch: Launch) -> Result<(), String> {
     crate::check_program(&launch.server.core.process.program, !launch.streams.is_empty())?;
     let Launch { server, http: http_addr, tls, streams } = launch;
+    let drain = server.drain_timeout;
     let tls = tls.map(Tls::from_files).transpose().map_err(|e| e.to_string())?;
     let udp = server.udp_bind;
     let whep =
@@ -66,7 +67,8 @@ async fn run(launch: Launch) -> Result<(), String> {
             println!("{}", scheme(cli::watch_line(http, &name), tls.is_some()));
         }
     }
-    let shutdown = async {
+    let drainer = whep.clone();
+    let shutdown = async move {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = match signal(SignalKind::terminate()) {
             Ok(s) => s,
@@ -78,6 +80,18 @@ async fn run(launch: Launch) -> Result<(), String> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => info!("Ctrl-C: shutting down"),
             _ = term.recv() => info!("SIGTERM: shutting down"),
+        }
+        if drain.is_zero() {
+            return;
+        }
+        // HTTP goes on meanwhile: sessions answer, `/ready` says draining.
+        info!(secs = drain.as_secs(), "draining: no new viewers, current ones kept");
+        tokio::select! {
+            left = drainer.drain(drain, tokio::time::sleep) => {
+                info!(viewers = left, "drained; closing the viewers left");
+            }
+            _ = tokio::signal::ctrl_c() => info!("Ctrl-C: not waiting for the drain"),
+            _ = term.recv() => info!("SIGTERM: not waiting for the drain"),
         }
     };
     match tls {

@@ -311,6 +311,11 @@ impl Server {
     /// Sends SIGTERM and waits up to `timeout` for the exit.
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
         signal(self.pid(), Signal::SIGTERM);
+        self.wait_exit(timeout)
+    }
+
+    /// Waits up to `timeout` for the server to exit (after a signal sent earlier).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
         let deadline = Instant::now() + timeout;
         loop {

@@ -224,6 +224,8 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
         epoch: 0,
         procs: HashMap::new(),
         shutdown_deadline: None,
+        drain: launch.server.drain_timeout,
+        drain_until: None,
         ingest_read: None,
         http_time: Duration::ZERO,
         conns: HashMap::new(),
@@ -251,6 +253,10 @@ struct Runtime {
     procs: HashMap<(StreamId, u64), u32>,
     /// Set by the first signal: when to give up waiting for a clean shutdown.
     shutdown_deadline: Option<Instant>,
+    /// `--drain-secs`: how long the first signal drains before the shutdown.
+    drain: Duration,
+    /// While draining: when the drain ends at the latest.
+    drain_until: Option<Instant>,
     /// When the ingest packet being handled was read, for the egress latency metrics.
     ingest_read: Option<Instant>,
     /// Time spent answering HTTP requests in the current load interval.
@@ -290,6 +296,13 @@ impl Runtime {
                 self.core.record_egress_latency(read.elapsed());
             }
             let now = Instant::now();
+            if let Some(until) = self.drain_until
+                && (now >= until || self.core.viewer_count() == 0)
+            {
+                info!(viewers = self.core.viewer_count(), "drained; closing the viewers left");
+                self.drain_until = None;
+                self.begin_shutdown(now);
+            }
             if let Some(deadline) = self.shutdown_deadline {
                 if self.core.is_idle() {
                     info!("shut down cleanly");
@@ -305,10 +318,12 @@ impl Runtime {
             }
             busy += now.saturating_duration_since(woke);
             let timer = self.core.poll_timeout().map(|(at, _)| at);
-            let msg = match timer.into_iter().chain(self.shutdown_deadline).min() {
-                Some(at) => rx.recv_timeout(at.saturating_duration_since(now)),
-                None => rx.recv().map_err(RecvTimeoutError::from),
-            };
+            let msg =
+                match timer.into_iter().chain(self.shutdown_deadline).chain(self.drain_until).min()
+                {
+                    Some(at) => rx.recv_timeout(at.saturating_duration_since(now)),
+                    None => rx.recv().map_err(RecvTimeoutError::from),
+                };
             let now = Instant::now();
             woke = now;
             let elapsed = now.saturating_duration_since(load_since);
@@ -327,6 +342,11 @@ impl Runtime {
                 self.core.handle_timeout(now);
             }
         }
+    }
+
+    fn begin_shutdown(&mut self, now: Instant) {
+        self.shutdown_deadline = Some(now + SHUTDOWN_TIMEOUT);
+        self.core.shutdown(now);
     }
 
     fn handle(&mut self, msg: Msg, now: Instant) {
@@ -359,10 +379,20 @@ impl Runtime {
                 self.procs.remove(&(stream.clone(), generation));
                 self.core.handle_input(Input::ProcessExited { stream, generation, code }, now);
             }
+            Msg::Shutdown(sig)
+                if self.shutdown_deadline.is_none()
+                    && self.drain_until.is_none()
+                    && !self.drain.is_zero() =>
+            {
+                // HTTP goes on meanwhile: sessions answer, `/ready` says draining.
+                info!(signal = %sig, secs = self.drain.as_secs(), "draining: no new viewers");
+                self.core.set_draining(true);
+                self.drain_until = Some(now + self.drain);
+            }
             Msg::Shutdown(sig) if self.shutdown_deadline.is_none() => {
                 info!(signal = %sig, "shutting down: closing viewers, stopping streams");
-                self.shutdown_deadline = Some(now + SHUTDOWN_TIMEOUT);
-                self.core.shutdown(now);
+                self.drain_until = None;
+                self.begin_shutdown(now);
             }
             Msg::Shutdown(sig) => {
                 warn!(signal = %sig, "second signal: not waiting for a clean shutdown");

@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | `/` | GET | the player page (`?stream=ID` plays one) |
 //! | `/healthz` | GET | `ok` |
+//! | `/ready` | GET | `200 ready`, or `503` + `Retry-After` with the reason (`draining`, `overloaded`, `full`): whether a load balancer should send this node new viewers |
 //! | `/metrics` | GET | Prometheus text, never labelled by session |
 //! | `/streams` | GET | public list: id, state, viewers |
 //! | `/api/streams` | GET, POST | admin: list with pid and ports; add (`{"id": .., ..spec}`) |
@@ -99,7 +100,16 @@ pub struct StreamSpec {
     /// Further video renditions FFmpeg encodes besides the H264 one, e.g. VP8 for players
     /// without H264: `[{ codec = "vp8", kbps = 800 }]`.
     pub renditions: Option<Vec<RenditionSpec>>,
+    /// Start FFmpeg when the first viewer POSTs, stop it `on_demand_close_after_secs` after
+    /// the last one left (MediaMTX's `sourceOnDemand`); the stream shows `idle` meanwhile.
+    pub on_demand: bool,
+    /// The close delay of an on-demand stream (default
+    /// [`DEFAULT_ON_DEMAND_CLOSE_AFTER_SECS`]).
+    pub on_demand_close_after_secs: Option<u64>,
 }
+
+/// MediaMTX's `sourceOnDemandCloseAfter` default.
+pub const DEFAULT_ON_DEMAND_CLOSE_AFTER_SECS: u64 = 10;
 
 /// A further video rendition of a [`StreamSpec`] (see [`whep_core::Rendition`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,6 +242,16 @@ impl StreamSpec {
             return Err("max_viewers must be at least 1".into());
         }
         config.max_viewers = self.max_viewers;
+        if self.on_demand {
+            if self.external {
+                return Err("on_demand needs a source the server runs (not external)".into());
+            }
+            let secs =
+                self.on_demand_close_after_secs.unwrap_or(DEFAULT_ON_DEMAND_CLOSE_AFTER_SECS);
+            config.on_demand = Some(Duration::from_secs(secs));
+        } else if self.on_demand_close_after_secs.is_some() {
+            return Err("on_demand_close_after_secs needs on_demand = true".into());
+        }
         Ok(config)
     }
 }
@@ -255,6 +275,10 @@ pub struct ServerConfig {
     ///
     /// [`ProcessConfig::stop_grace`]: whep_core::ProcessConfig::stop_grace
     pub shutdown_timeout: Duration,
+    /// What `whepd` does on SIGTERM before that shutdown: drain for at most this long (new
+    /// viewers refused, `/ready` 503, current viewers kept until they leave or this passes; see
+    /// [`Engine::drain`](crate::driver::Engine::drain)). Zero (the default): shut down at once.
+    pub drain_timeout: Duration,
     /// Send a viewer's datagrams of one wake-up in one UDP segmentation-offload (GSO) call
     /// where the socket supports it (default). Off: one system call per datagram.
     pub udp_gso: bool,
@@ -291,6 +315,7 @@ impl Default for ServerConfig {
             routes: RoutesConfig::default(),
             udp_bind: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 3478)),
             shutdown_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::ZERO,
             udp_gso: true,
             shards: 1,
             tcp: TcpListen::SameAsUdp,
@@ -461,6 +486,14 @@ pub fn handle_sharded(
             ("player", text(StatusCode::Ok, "text/html; charset=utf-8", page))
         }
         "/healthz" if get => ("healthz", text(StatusCode::Ok, "text/plain", "ok\n")),
+        "/ready" if get => match core.readiness() {
+            Ok(()) => ("ready", text(StatusCode::Ok, "text/plain", "ready\n")),
+            Err(why) => (
+                "ready",
+                text(StatusCode::ServiceUnavailable, "text/plain", format!("{why}\n"))
+                    .with("Retry-After", core.config().retry_after_secs.to_string()),
+            ),
+        },
         "/metrics" if get => (
             "metrics",
             text(
@@ -481,7 +514,7 @@ pub fn handle_sharded(
         p if p == "/api/streams" || p.starts_with("/api/streams/") => {
             ("admin", admin(core, routes, &req, &p["/api/streams".len()..], now, followers))
         }
-        "/" | "/index.html" | "/healthz" | "/metrics" | "/streams" => (
+        "/" | "/index.html" | "/healthz" | "/ready" | "/metrics" | "/streams" => (
             "other",
             error(StatusCode::MethodNotAllowed, "method not allowed").with("Allow", "GET, HEAD"),
         ),
@@ -881,6 +914,8 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
     head(&mut out, "overloaded", "gauge", "1 while new viewers are refused because of load.");
     let overloaded = core.is_overloaded() || followers.iter().any(|f| f.overloaded);
     let _ = writeln!(out, "whep_overloaded {}", u8::from(overloaded));
+    head(&mut out, "draining", "gauge", "1 while the node drains (SIGTERM): no new viewers.");
+    let _ = writeln!(out, "whep_draining {}", u8::from(core.is_draining()));
     if !followers.is_empty() {
         let shards: Vec<(f64, usize)> = std::iter::once((core.load(), core.viewer_count()))
             .chain(followers.iter().map(|f| (f.load, f.viewers)))

@@ -97,6 +97,16 @@ pub struct Cli {
     /// FFmpeg program [default: ffmpeg].
     #[arg(long)]
     ffmpeg: Option<String>,
+    /// This node's tag behind a load balancer: session URLs become
+    /// `{prefix}/{stream}/{tag}.{session}` so the balancer routes them back here by path
+    /// (letters, digits, `-`; see deploy/).
+    #[arg(long, value_name = "TAG")]
+    node_id: Option<String>,
+    /// On SIGTERM, first drain: refuse new viewers (503 + Retry-After, `/ready` 503) and keep
+    /// the current ones for up to this many seconds (or until they have all left), then close
+    /// them and exit; a second signal exits at once [default: 0, close at once].
+    #[arg(long, value_name = "SECS")]
+    drain_secs: Option<u64>,
     /// A stream fed from a URL or file, `NAME=URL`, transcoded to H264 + Opus (repeat; use the
     /// configuration file for copy mode and other options).
     #[arg(long = "stream")]
@@ -193,6 +203,8 @@ struct FileConfig {
     turn_ttl_secs: Option<u64>,
     whep_prefix: Option<String>,
     ffmpeg: Option<String>,
+    node_id: Option<String>,
+    drain_secs: Option<u64>,
     strict_if_match: Option<bool>,
     gop_cache: Option<bool>,
     prime_kbps: Option<u64>,
@@ -362,6 +374,13 @@ fn settings(
     if let Some(ffmpeg) = cli.ffmpeg.or(file.ffmpeg) {
         core.process.program = ffmpeg;
     }
+    if let Some(tag) = cli.node_id.or(file.node_id) {
+        if !whep_core::valid_node_id(&tag) {
+            return Err(format!("node id {tag:?}: 1 to 32 letters, digits and -"));
+        }
+        core.node_id = Some(tag);
+    }
+    let drain_timeout = Duration::from_secs(cli.drain_secs.or(file.drain_secs).unwrap_or(0));
     core.strict_if_match = file.strict_if_match.unwrap_or(core.strict_if_match);
     core.gop_cache = !cli.no_gop_cache && file.gop_cache.unwrap_or(core.gop_cache);
     let mut pacing = core.prime_pacing.unwrap_or_default();
@@ -485,6 +504,7 @@ fn settings(
             udp_bind,
             udp_gso: !cli.no_gso,
             shards,
+            drain_timeout,
             ..ServerConfig::default()
         },
         http: cli
@@ -815,6 +835,21 @@ secret = "f"
         assert_eq!(s.server.core.turn_credential_ttl, Duration::from_secs(3600));
         let zero = setup_from(&["--ice-server", "turn:t", "--turn-ttl-secs", "0"]);
         assert!(zero.expect_err("zero").contains("at least 1"));
+    }
+
+    #[test]
+    fn node_id_and_drain_from_flag_and_file() {
+        let s = setup_from(&["--node-id", "n-1", "--drain-secs", "30"]).expect("valid");
+        assert_eq!(s.server.core.node_id.as_deref(), Some("n-1"));
+        assert_eq!(s.server.drain_timeout, Duration::from_secs(30));
+        let s = setup_with(&["--config", "w.toml"], "node_id = \"b2\"\ndrain_secs = 5\n")
+            .expect("valid");
+        assert_eq!(s.server.core.node_id.as_deref(), Some("b2"));
+        assert_eq!(s.server.drain_timeout, Duration::from_secs(5));
+        assert_eq!(setup_from(&[]).expect("valid").server.drain_timeout, Duration::ZERO);
+        for bad in ["a.b", "", "a/b", &"x".repeat(33)] {
+            assert!(setup_from(&["--node-id", bad]).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -30,7 +30,8 @@ impl Core {
         // An IPv4 client of a dual-stack listener is the same client as over IPv4.
         req.client = req.client.map(|ip| ip.to_canonical());
         self.fan_out_pending();
-        let route = whep::route(&self.config.whep_prefix, &req.target);
+        let node = whep::NodeTag::Only(self.config.node_id.as_deref());
+        let route = whep::route(&self.config.whep_prefix, node, &req.target);
         let label = match (&route, &req.method) {
             (Some(Route::Endpoint(_)), _) => "endpoint",
             (Some(Route::Session(..)), _) => "session",
@@ -199,6 +200,9 @@ impl Core {
                 return Err(Reject::TooManyUnconnected { cap: unconnected_cap });
             }
         }
+        if self.draining {
+            return Err(Reject::Draining);
+        }
         if self.overloaded {
             // Before the expensive part (answer, certificate, SRTP context): a POST refused
             // here costs next to nothing, and the viewers already served keep their share.
@@ -268,12 +272,19 @@ impl Core {
         if let Some(s) = self.streams.get_mut(id) {
             s.viewers.insert(session);
         }
+        self.viewer_came(id, now);
         self.reschedule_viewer(session, now);
         self.metrics.viewers_joined += 1;
         info!(%session, stream = %id, video_pt, audio_pt, "viewer joined");
         self.outputs.push_back(Output::Event(Event::ViewerJoined { stream: id.clone(), session }));
 
-        let location = whep::session_location(&self.config.whep_prefix, id, session, &req.target);
+        let location = whep::session_location(
+            &self.config.whep_prefix,
+            self.config.node_id.as_deref(),
+            id,
+            session,
+            &req.target,
+        );
         let mut resp = WhepResponse::new(StatusCode::Created)
             .with("Location", location)
             .with("ETag", etag.header_value())

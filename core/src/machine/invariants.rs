@@ -29,7 +29,8 @@ impl Core {
             if let Some(m) = &self.shard {
                 assert!(m.set.stream_viewers(id) >= s.viewers.len(), "stream {id} seats");
             }
-            if matches!(s.state(), StreamState::Stopped | StreamState::Stopping { .. }) {
+            if matches!(s.state(), StreamState::Stopped | StreamState::Stopping { idle: false, .. })
+            {
                 assert!(s.viewers.is_empty(), "stream {id} is {} but has viewers", s.status());
             }
             if let Some(ports) = s.ports() {

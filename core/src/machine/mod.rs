@@ -120,6 +120,8 @@ pub struct Core {
     /// The load (the runtime's samples, smoothed), and whether admission is closed because of it.
     load: f64,
     overloaded: bool,
+    /// [`set_draining`](Self::set_draining).
+    draining: bool,
     next_generation: u64,
     now: Instant,
     /// Ingest packets parsed but not yet written to viewers, with their arrival times: written
@@ -169,6 +171,7 @@ impl Core {
             shard: None,
             load: 0.0,
             overloaded: false,
+            draining: false,
             next_generation: 1,
             now,
             pending: Vec::new(),
@@ -250,6 +253,41 @@ impl Core {
     /// The load: the samples reported with [`set_load`](Self::set_load), smoothed.
     pub fn load(&self) -> f64 {
         self.load
+    }
+
+    /// Drains the server (on SIGTERM before a shutdown): while set, POSTs get 503 with
+    /// `Retry-After` ([`Reject::Draining`](crate::whep::Reject::Draining)) and
+    /// [`readiness`](Self::readiness) says so, while the viewers already here keep playing
+    /// and their sessions answer PATCH and DELETE.
+    pub fn set_draining(&mut self, draining: bool) {
+        if draining != self.draining {
+            info!(draining, viewers = self.viewers.len(), "draining");
+        }
+        self.draining = draining;
+    }
+
+    /// Whether [`set_draining`](Self::set_draining) is on.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Whether a load balancer should send this node new viewers: `Err` with the reason
+    /// (`draining`, `overloaded`, `full`: the total viewer cap is reached) when a POST would be
+    /// refused whatever the stream.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        let viewers = match &self.shard {
+            Some(m) => m.set.viewers(),
+            None => self.viewers.len(),
+        };
+        if self.draining {
+            Err("draining")
+        } else if self.overloaded {
+            Err("overloaded")
+        } else if viewers >= self.config.max_viewers_total {
+            Err("full")
+        } else {
+            Ok(())
+        }
     }
 
     /// Whether new viewers are being refused because of load (see [`set_load`](Self::set_load)).

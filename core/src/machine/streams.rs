@@ -30,6 +30,18 @@ impl Core {
                 self.config.max_renditions
             )));
         }
+        if config.on_demand.is_some() {
+            if !matches!(config.feed, Feed::Supervised { .. }) {
+                return Err(StreamError::InvalidConfig(
+                    "on_demand needs a supervised feed (the core starts its FFmpeg)".into(),
+                ));
+            }
+            if self.mirrors {
+                return Err(StreamError::InvalidConfig(
+                    "on_demand streams need a single shard".into(),
+                ));
+            }
+        }
         info!(stream = %id, "stream added");
         if self.mirrors {
             let add = Mirror::Add { stream: id.clone(), config: config.clone() };
@@ -54,6 +66,14 @@ impl Core {
             StreamState::Backoff { .. } => {}
             _ => return Err(StreamError::AlreadyStarted),
         }
+        if stream.config.on_demand.is_some() && *stream.state() == StreamState::Stopped {
+            if let Some(s) = self.streams.get_mut(id) {
+                s.set_state(StreamState::Idle, self.mirrors, &mut self.outputs);
+                s.failures = 0;
+            }
+            info!(stream = %id, "stream idle until its first viewer (on demand)");
+            return Ok(());
+        }
         if stream.config.feed == Feed::Mirror {
             if let Some(s) = self.streams.get_mut(id) {
                 s.set_state(StreamState::Mirrored, self.mirrors, &mut self.outputs);
@@ -76,9 +96,14 @@ impl Core {
             s.set_state(StreamState::Binding { ports, attempt }, self.mirrors, &mut self.outputs);
             for v in &mut s.videos {
                 v.source = Default::default();
+                // The previous run's GOP is never a new viewer's first picture, even if the new
+                // run's audio comes before its first video packet (which clears it too).
+                v.gop.clear();
             }
             s.audio = Default::default();
             s.last_rtp = None;
+            // An on-demand process started with no one watching gets its whole close delay.
+            s.unwatched_since = s.viewers.is_empty().then_some(now);
         }
         debug!(stream = %id, %ports, attempt, "binding ingest ports");
         let renditions = self.streams.get(id).map_or(0, |s| s.renditions());
@@ -129,7 +154,10 @@ impl Core {
     pub fn is_idle(&self) -> bool {
         self.viewers.is_empty()
             && self.ports.in_use() == 0
-            && self.streams.values().all(|s| matches!(s.state(), StreamState::Stopped))
+            && self
+                .streams
+                .values()
+                .all(|s| matches!(s.state(), StreamState::Stopped | StreamState::Idle))
     }
 
     pub(super) fn teardown(&mut self, id: &StreamId, remove: bool, why: CloseReason, now: Instant) {
@@ -146,6 +174,7 @@ impl Core {
                         generation,
                         kill_at: Some(now + self.config.process.stop_grace),
                         remove,
+                        idle: false,
                     },
                     self.mirrors,
                     &mut self.outputs,
@@ -153,9 +182,15 @@ impl Core {
                 info!(stream = %id, generation, "stopping process");
                 self.outputs.push_back(Output::StopProcess { stream: id.clone(), generation });
             }
-            StreamState::Stopping { ports, generation, kill_at, remove: r } => {
+            StreamState::Stopping { ports, generation, kill_at, remove: r, .. } => {
                 stream.set_state(
-                    StreamState::Stopping { ports, generation, kill_at, remove: r || remove },
+                    StreamState::Stopping {
+                        ports,
+                        generation,
+                        kill_at,
+                        remove: r || remove,
+                        idle: false,
+                    },
                     self.mirrors,
                     &mut self.outputs,
                 );
@@ -165,11 +200,62 @@ impl Core {
                 self.release(id, ports);
                 self.stopped(id, remove);
             }
-            StreamState::Backoff { .. } | StreamState::Stopped | StreamState::Mirrored => {
-                self.stopped(id, remove)
+            StreamState::Backoff { .. }
+            | StreamState::Stopped
+            | StreamState::Idle
+            | StreamState::Mirrored => self.stopped(id, remove),
+        }
+        self.reschedule_stream(id, now);
+    }
+
+    /// A viewer joined stream `id`: an idle on-demand stream starts its FFmpeg now.
+    pub(super) fn viewer_came(&mut self, id: &StreamId, now: Instant) {
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        stream.unwatched_since = None;
+        if *stream.state() == StreamState::Idle {
+            match self.ports.allocate(now) {
+                Some(ports) => {
+                    info!(stream = %id, "first viewer: starting the stream (on demand)");
+                    self.bind(id, ports, 1, now);
+                }
+                None => self.failed(id, "no free ingest port pair".into(), now),
             }
         }
         self.reschedule_stream(id, now);
+    }
+
+    /// A viewer of stream `id` left: an on-demand stream with no one left arms its close timer.
+    pub(super) fn viewer_went(&mut self, id: &StreamId, now: Instant) {
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        if stream.config.on_demand.is_some() && stream.viewers.is_empty() {
+            stream.unwatched_since = Some(now);
+            self.reschedule_stream(id, now);
+        }
+    }
+
+    /// An on-demand stream that no one watched for its close delay: its process is stopped
+    /// and the stream goes back to idle.
+    fn close_unwatched(&mut self, id: &StreamId, ports: PortPair, generation: u64, now: Instant) {
+        let Some(stream) = self.streams.get_mut(id) else {
+            return;
+        };
+        stream.set_state(
+            StreamState::Stopping {
+                ports,
+                generation,
+                kill_at: Some(now + self.config.process.stop_grace),
+                remove: false,
+                idle: true,
+            },
+            self.mirrors,
+            &mut self.outputs,
+        );
+        info!(stream = %id, generation, "no viewers: stopping the process (on demand)");
+        self.outputs.push_back(Output::StopProcess { stream: id.clone(), generation });
     }
 
     /// Closes the stream's viewers; a sharded leader has the followers close theirs too.
@@ -336,10 +422,25 @@ impl Core {
             return;
         };
         match stream.state().clone() {
-            StreamState::Stopping { ports, generation: g, remove, .. } if g == generation => {
+            StreamState::Stopping { ports, generation: g, remove, idle, .. } if g == generation => {
                 info!(stream = %id, generation, ?code, "process exited");
                 self.release(id, ports);
-                self.stopped(id, remove);
+                if idle {
+                    let Some(stream) = self.streams.get_mut(id) else {
+                        return;
+                    };
+                    let watched = !stream.viewers.is_empty();
+                    stream.set_state(StreamState::Idle, self.mirrors, &mut self.outputs);
+                    stream.pid = None;
+                    if watched {
+                        // A viewer came while the process was stopping.
+                        self.viewer_came(id, now);
+                    } else {
+                        info!(stream = %id, "stream idle (on demand)");
+                    }
+                } else {
+                    self.stopped(id, remove);
+                }
                 self.reschedule_stream(id, now);
             }
             StreamState::Running { ports, process } => {
@@ -381,7 +482,18 @@ impl Core {
         let Some(stream) = self.streams.get_mut(id) else {
             return;
         };
+        let unwatched = stream.close_at().is_some_and(|c| c <= now);
         match stream.state().clone() {
+            StreamState::Backoff { until } if until <= now && unwatched => {
+                // A crashed on-demand process that no one came back for stays down.
+                stream.set_state(StreamState::Idle, self.mirrors, &mut self.outputs);
+                info!(stream = %id, "no viewers: not restarting (on demand)");
+            }
+            StreamState::Running { ports, process: Process::Spawned { generation, .. } }
+                if unwatched =>
+            {
+                self.close_unwatched(id, ports, generation, now);
+            }
             StreamState::Backoff { until } if until <= now => match self.ports.allocate(now) {
                 Some(ports) => self.bind(id, ports, 1, now),
                 None => {
@@ -394,9 +506,11 @@ impl Core {
                     warn!(stream = %id, "no free ingest ports; retrying later");
                 }
             },
-            StreamState::Stopping { kill_at: Some(k), generation, ports, remove } if k <= now => {
+            StreamState::Stopping { kill_at: Some(k), generation, ports, remove, idle }
+                if k <= now =>
+            {
                 stream.set_state(
-                    StreamState::Stopping { ports, generation, kill_at: None, remove },
+                    StreamState::Stopping { ports, generation, kill_at: None, remove, idle },
                     self.mirrors,
                     &mut self.outputs,
                 );

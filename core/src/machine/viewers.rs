@@ -528,6 +528,7 @@ impl Core {
         if let Some(stream) = self.streams.get_mut(&viewer.stream) {
             stream.viewers.remove(&s);
         }
+        self.viewer_went(&viewer.stream, now);
         if let Some(m) = &self.shard {
             m.set.release_seat(m.index, &viewer.stream);
         }

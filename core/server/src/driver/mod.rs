@@ -671,6 +671,38 @@ impl<R: Runtime> Engine<R> {
         }
     }
 
+    /// Drains the engine before a [`shutdown`](Self::shutdown): every shard refuses new
+    /// viewers (503 + `Retry-After`; `/ready` answers 503 `draining`) while the current ones
+    /// keep playing and their sessions answer PATCH and DELETE; completes when they have all
+    /// left or `limit` has passed, with the number still there.
+    pub async fn drain<F: Future<Output = ()>>(
+        &self,
+        limit: Duration,
+        mut sleep: impl FnMut(Duration) -> F,
+    ) -> usize {
+        for index in 0..self.inner.shards.len() {
+            let _ = self.with_shard(index, |core, _, _| core.set_draining(true)).await;
+        }
+        let start = self.runtime.now();
+        loop {
+            let viewers = self.viewer_count().await;
+            let waited = self.runtime.now().saturating_duration_since(start);
+            if viewers == 0 || waited >= limit {
+                return viewers;
+            }
+            sleep((limit - waited).min(Duration::from_millis(250))).await;
+        }
+    }
+
+    /// Viewers on every shard.
+    pub async fn viewer_count(&self) -> usize {
+        let mut n = 0;
+        for index in 0..self.inner.shards.len() {
+            n += self.with_shard(index, |core, _, _| core.viewer_count()).await.unwrap_or(0);
+        }
+        n
+    }
+
     /// Closes every viewer session, stops every stream's FFmpeg (SIGTERM, then SIGKILL), waits
     /// until no process or port is left (at most
     /// [`ServerConfig::shutdown_timeout`]) and stops the engine.
