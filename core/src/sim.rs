@@ -376,6 +376,9 @@ pub struct SimWorld {
     pub last_check: Option<Vec<u8>>,
     /// Datagrams from the core dropped by `loss_every` so far.
     pub lost: u64,
+    /// The client address and `User-Agent` the next POSTs carry (none by default).
+    pub post_client: Option<IpAddr>,
+    pub post_user_agent: Option<String>,
     sent: u64,
     pub spawns: u64,
     pub kills: u64,
@@ -421,6 +424,8 @@ impl SimWorld {
             hold_nomination: None,
             last_check: None,
             lost: 0,
+            post_client: None,
+            post_user_agent: None,
             sent: 0,
             spawns: 0,
             kills: 0,
@@ -543,9 +548,13 @@ impl SimWorld {
         api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
         let (offer, pending) = api.apply().unwrap();
         let target = format!("{}/{}", self.core.config().whep_prefix, stream);
-        let req = WhepRequest::new(Method::Post, target)
+        let mut req = WhepRequest::new(Method::Post, target)
             .with_header("Content-Type", "application/sdp")
             .with_body(offer.to_sdp_string());
+        req.client = self.post_client;
+        if let Some(ua) = &self.post_user_agent {
+            req = req.with_header("User-Agent", ua.clone());
+        }
         let resp = self.http(req);
         let mut v = Viewer {
             rtc,

@@ -14,6 +14,9 @@
 //! | `/api/streams` | GET, POST | admin: list with pid and ports; add (`{"id": .., ..spec}`) |
 //! | `/api/streams/{id}` | GET, DELETE | admin: one stream; remove it |
 //! | `/api/streams/{id}/start`, `/stop` | POST | admin: start or stop it |
+//! | `/api/streams/{id}/sessions` | GET | admin: the stream's viewers ([`session_json`]) |
+//! | `/api/sessions` | GET | admin: every viewer (`?stream=ID` filters) |
+//! | `/api/sessions/{id}` | GET, DELETE | admin: one viewer; kick it ([`Core::kick`]) |
 //! | WHEP prefix | any | [`Core::handle_http`] |
 //!
 //! Routes are matched on the request target alone. A request whose `Host` holds more than a
@@ -35,7 +38,8 @@ use serde::{Deserialize, Serialize};
 
 use whep_core::ffmpeg::EgressConfig;
 use whep_core::{
-    Core, CoreConfig, StreamError, StreamId, StreamInfo, StreamStatus, WhepRequest, WhepResponse,
+    Core, CoreConfig, SessionId, SessionInfo, StreamError, StreamId, StreamInfo, StreamStatus,
+    WhepRequest, WhepResponse,
 };
 use whep_core::{H264Profile, Rendition, StreamConfig, VideoCodec};
 
@@ -54,6 +58,24 @@ pub struct RoutesConfig {
     pub admin_token: Option<String>,
     /// What streams added over the admin API may make FFmpeg do.
     pub policy: AdminPolicy,
+    /// Where events go as JSON POSTs (`--webhook-url`, [`crate::webhook`]); an engine starts
+    /// the sender ([`start_webhook`](Self::start_webhook)).
+    pub webhook_url: Option<String>,
+    /// The running webhook sender; its counters are in `/metrics`.
+    pub webhook: Option<crate::webhook::Webhook>,
+}
+
+impl RoutesConfig {
+    /// Starts the webhook sender for [`webhook_url`](Self::webhook_url), unless there is none
+    /// or it runs already.
+    pub fn start_webhook(&mut self) -> Result<(), String> {
+        if self.webhook.is_none()
+            && let Some(url) = &self.webhook_url
+        {
+            self.webhook = Some(crate::webhook::Webhook::start(url)?);
+        }
+        Ok(())
+    }
 }
 
 /// How a stream is fed and which WebRTC legs FFmpeg writes: the serialisable form of a
@@ -364,12 +386,25 @@ pub struct ShardView {
     pub transport: whep_core::TransportCounts,
     /// Its open ICE-TCP connections.
     pub tcp_connections: usize,
+    /// Its viewers' sessions, for the sessions listing only ([`ShardView::with_sessions`]);
+    /// empty otherwise.
+    pub sessions: Vec<SessionInfo>,
 }
 
 impl ShardView {
+    /// A snapshot of `core`, with its sessions as of `now` if `sessions`.
+    pub fn with_sessions(core: &Core, now: Instant, sessions: bool) -> Self {
+        let mut view = Self::of(core);
+        if sessions {
+            view.sessions = core.sessions(now);
+        }
+        view
+    }
+
     /// A snapshot of `core`.
     pub fn of(core: &Core) -> Self {
         Self {
+            sessions: Vec::new(),
             metrics: core.metrics().clone(),
             streams: core.streams(),
             viewers: core.viewer_count(),
@@ -403,7 +438,25 @@ pub fn merged_streams(core: &Core, followers: &[ShardView]) -> Vec<StreamInfo> {
 pub fn shows_totals(req: &WhepRequest) -> bool {
     let path = req.target.split('?').next().unwrap_or_default();
     matches!(req.method, Method::Get | Method::Head)
-        && (path == "/metrics" || path == "/streams" || path.starts_with("/api/streams"))
+        && (path == "/metrics"
+            || path == "/streams"
+            || path.starts_with("/api/streams")
+            || path == "/api/sessions"
+            || path == "/api/sessions/")
+}
+
+/// Whether answering `req` lists sessions (the followers' views must carry theirs).
+pub fn lists_sessions(req: &WhepRequest) -> bool {
+    let path = req.target.split('?').next().unwrap_or_default().trim_end_matches('/');
+    matches!(req.method, Method::Get | Method::Head)
+        && (path == "/api/sessions"
+            || path.starts_with("/api/streams/") && path.ends_with("/sessions"))
+}
+
+/// The session a request to `/api/sessions/{id}` names, for routing it to its shard.
+pub fn session_route(req: &WhepRequest) -> Option<SessionId> {
+    let path = req.target.split('?').next().unwrap_or_default();
+    SessionId::parse(path.strip_prefix("/api/sessions/")?.trim_end_matches('/'))
 }
 
 /// Answers one request to the application routes (see the [module docs](self)); anything under
@@ -446,14 +499,11 @@ pub fn handle_sharded(
             ("player", text(StatusCode::Ok, "text/html; charset=utf-8", page))
         }
         "/healthz" if get => ("healthz", text(StatusCode::Ok, "text/plain", "ok\n")),
-        "/metrics" if get => (
-            "metrics",
-            text(
-                StatusCode::Ok,
-                "text/plain; version=0.0.4; charset=utf-8",
-                render_prometheus_sharded(core, followers),
-            ),
-        ),
+        "/metrics" if get => {
+            let mut page = render_prometheus_sharded(core, followers);
+            render_webhook(&mut page, routes.webhook.as_ref());
+            ("metrics", text(StatusCode::Ok, "text/plain; version=0.0.4; charset=utf-8", page))
+        }
         "/streams" if get => {
             let list: Vec<_> = merged_streams(core, followers)
                 .iter()
@@ -465,6 +515,9 @@ pub fn handle_sharded(
         }
         p if p == "/api/streams" || p.starts_with("/api/streams/") => {
             ("admin", admin(core, routes, &req, &p["/api/streams".len()..], now, followers))
+        }
+        p if p == "/api/sessions" || p.starts_with("/api/sessions/") => {
+            ("sessions", sessions(core, routes, &req, &p["/api/sessions".len()..], now, followers))
         }
         "/" | "/index.html" | "/healthz" | "/metrics" | "/streams" => (
             "other",
@@ -494,6 +547,170 @@ pub fn plain_host(req: &WhepRequest) -> bool {
     }
 }
 
+/// The admin API's guard (also the sessions API's): a configured token, presented as
+/// `Authorization: Bearer`, within the client's budget of failed attempts.
+fn authorize(
+    core: &mut Core,
+    routes: &RoutesConfig,
+    req: &WhepRequest,
+    now: Instant,
+) -> Result<(), WhepResponse> {
+    let Some(token) = &routes.admin_token else {
+        return Err(error(StatusCode::Forbidden, "admin API disabled: configure an admin token"));
+    };
+    // A client whose failures used up its budget is refused before its token is compared,
+    // so a right guess looks no different from a wrong one.
+    if let Err(wait) = core.admin_admit(req.client, now) {
+        let secs = wait.as_millis().div_ceil(1000).max(1);
+        return Err(error(
+            StatusCode::TooManyRequests,
+            "admin API: too many failed authentications",
+        )
+        .with("Retry-After", secs.to_string()));
+    }
+    let presented = req.header("authorization").and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token.as_bytes())) {
+        core.admin_failed(req.client, now);
+        return Err(error(StatusCode::Unauthorized, "admin API: missing or wrong bearer token")
+            .with("WWW-Authenticate", "Bearer"));
+    }
+    Ok(())
+}
+
+/// The sessions API (`/api/sessions`, `rest` is what follows), behind the admin guard.
+fn sessions(
+    core: &mut Core,
+    routes: &RoutesConfig,
+    req: &WhepRequest,
+    rest: &str,
+    now: Instant,
+    followers: &[ShardView],
+) -> WhepResponse {
+    if let Err(refused) = authorize(core, routes, req, now) {
+        return refused;
+    }
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    match (&req.method, segments.as_slice()) {
+        (Method::Get | Method::Head, []) => {
+            let stream = query_param(&req.target, "stream");
+            let list = all_sessions(core, now, followers, |s| {
+                stream.as_deref().is_none_or(|id| s.stream.as_str() == id)
+            });
+            json(StatusCode::Ok, &sessions_json(&list, req.wall_time))
+        }
+        (method, [raw]) => {
+            let Some(id) = SessionId::parse(raw) else {
+                return error(StatusCode::NotFound, "no such session");
+            };
+            match method {
+                Method::Get | Method::Head => match core.session(id, now) {
+                    Some(s) => json(StatusCode::Ok, &session_json(&s, req.wall_time)),
+                    None => error(StatusCode::NotFound, "no such session"),
+                },
+                Method::Delete => match core.kick(id, now) {
+                    Some(stream) => {
+                        tracing::info!(session = %id, %stream, "viewer kicked over the admin API");
+                        WhepResponse::new(StatusCode::NoContent)
+                    }
+                    None => error(StatusCode::NotFound, "no such session"),
+                },
+                _ => error(StatusCode::MethodNotAllowed, "method not allowed")
+                    .with("Allow", "GET, HEAD, DELETE"),
+            }
+        }
+        _ => error(StatusCode::MethodNotAllowed, "method not allowed"),
+    }
+}
+
+/// Every shard's sessions that `keep` keeps, ordered by stream, then age (oldest first).
+fn all_sessions(
+    core: &Core,
+    now: Instant,
+    followers: &[ShardView],
+    keep: impl Fn(&SessionInfo) -> bool,
+) -> Vec<SessionInfo> {
+    let mut list: Vec<SessionInfo> = core.sessions(now).into_iter().filter(|s| keep(s)).collect();
+    for f in followers {
+        list.extend(f.sessions.iter().filter(|s| keep(s)).cloned());
+    }
+    list.sort_by(|a, b| a.stream.cmp(&b.stream).then(b.age.cmp(&a.age)));
+    list
+}
+
+/// A query parameter's value, percent-decoded.
+fn query_param(target: &str, name: &str) -> Option<String> {
+    let query = target.split_once('?')?.1;
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name)
+            .then(|| percent_encoding::percent_decode_str(v).decode_utf8().ok())
+            .flatten()
+            .map(|v| v.into_owned())
+    })
+}
+
+fn sessions_json(list: &[SessionInfo], wall: Option<std::time::SystemTime>) -> serde_json::Value {
+    serde_json::Value::Array(list.iter().map(|s| session_json(s, wall)).collect())
+}
+
+/// One session as the sessions API lists it. Rates are bytes per second; times are Unix
+/// seconds (from the request's wall-clock time, `null` without one) and `age_secs` /
+/// `connected_secs` durations; `loss` is a fraction (0 to 1) and `rtt_ms` milliseconds, both as
+/// the viewer's RTCP receiver reports state them (`null` before the first).
+pub fn session_json(s: &SessionInfo, wall: Option<std::time::SystemTime>) -> serde_json::Value {
+    let unix = |ago: Duration| {
+        wall.and_then(|w| w.checked_sub(ago))
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0)
+    };
+    serde_json::json!({
+        "session": s.session.to_string(),
+        "stream": s.stream.as_str(),
+        "client": s.client.map(|c| c.to_string()),
+        "user_agent": s.user_agent,
+        "state": s.state.as_str(),
+        "transport": s.transport.map(|t| t.as_str()),
+        "candidate_pair": s.pair.map(|p| serde_json::json!({
+            "local": p.local.map(|a| a.to_string()),
+            "remote": p.remote.to_string(),
+            "protocol": if p.tcp { "tcp" } else { "udp" },
+        })),
+        "joined_at": unix(s.age),
+        "age_secs": s.age.as_secs_f64(),
+        "connected_since": s.connected_for.and_then(unix),
+        "connected_secs": s.connected_for.map(|d| d.as_secs_f64()),
+        "packets_sent": s.packets_sent,
+        "bytes_sent": s.bytes_sent,
+        "retransmissions": s.retransmissions,
+        "nacks": s.nacks,
+        "plis": s.plis,
+        "firs": s.firs,
+        "loss": s.loss,
+        "rtt_ms": s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+        "send_rate": s.send_rate,
+        "rendition": s.rendition,
+        "codec": s.codec.map(|c| c.name()),
+        "target_rendition": s.target_rendition,
+        "keyframes_only": s.keyframes_only,
+        "pacing_rate": s.pacing,
+        "held_packets": s.held_packets,
+    })
+}
+
+/// The webhook's counters in Prometheus text (zero without a webhook).
+fn render_webhook(out: &mut String, webhook: Option<&crate::webhook::Webhook>) {
+    let (delivered, dropped, failures) =
+        webhook.map_or((0, 0, 0), |w| (w.delivered(), w.dropped(), w.failures()));
+    for (name, help, n) in [
+        ("webhook_delivered_total", "Events the webhook receiver accepted (2xx).", delivered),
+        ("webhook_dropped_total", "Events dropped because the webhook queue was full.", dropped),
+        ("webhook_failures_total", "Events given up after every webhook attempt failed.", failures),
+    ] {
+        let _ =
+            writeln!(out, "# HELP whep_{name} {help}\n# TYPE whep_{name} counter\nwhep_{name} {n}");
+    }
+}
+
 fn admin(
     core: &mut Core,
     routes: &RoutesConfig,
@@ -502,21 +719,8 @@ fn admin(
     now: Instant,
     followers: &[ShardView],
 ) -> WhepResponse {
-    let Some(token) = &routes.admin_token else {
-        return error(StatusCode::Forbidden, "admin API disabled: configure an admin token");
-    };
-    // A client whose failures used up its budget is refused before its token is compared,
-    // so a right guess looks no different from a wrong one.
-    if let Err(wait) = core.admin_admit(req.client, now) {
-        let secs = wait.as_millis().div_ceil(1000).max(1);
-        return error(StatusCode::TooManyRequests, "admin API: too many failed authentications")
-            .with("Retry-After", secs.to_string());
-    }
-    let presented = req.header("authorization").and_then(|v| v.strip_prefix("Bearer "));
-    if !presented.is_some_and(|p| constant_time_eq(p.trim().as_bytes(), token.as_bytes())) {
-        core.admin_failed(req.client, now);
-        return error(StatusCode::Unauthorized, "admin API: missing or wrong bearer token")
-            .with("WWW-Authenticate", "Bearer");
+    if let Err(refused) = authorize(core, routes, req, now) {
+        return refused;
     }
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let id = |raw: &str| {
@@ -570,6 +774,14 @@ fn admin(
             let segment =
                 percent_encoding::utf8_percent_encode(id.as_str(), whep_core::whep::SEGMENT);
             json(StatusCode::Created, &info).with("Location", format!("/api/streams/{segment}"))
+        }
+        (Method::Get | Method::Head, [raw, "sessions"]) => {
+            let Some(id) = id(raw) else { return error(StatusCode::NotFound, "no such stream") };
+            if core.stream(&id).is_none() {
+                return error(StatusCode::NotFound, "no such stream");
+            }
+            let list = all_sessions(core, now, followers, |s| s.stream == id);
+            json(StatusCode::Ok, &sessions_json(&list, req.wall_time))
         }
         (method, [raw, action @ ..]) => {
             let Some(id) = id(raw) else { return error(StatusCode::NotFound, "no such stream") };

@@ -7,16 +7,19 @@
 //! | `fanout` | ingest: datagrams from FFmpeg checked and parsed, then written to every viewer of their stream |
 //! | `viewers` | viewers (WHEP sessions, each a str0m peer): their datagrams, timers, connection news, GOP-cache prime and keyframe replies, removal |
 //! | `tcp` | ICE-TCP connections: RFC 4571 frames in, each connection bound to the viewer its first check names, bounds on their number and unbound lifetime |
+//! | `sessions` | the sessions listing (a snapshot per viewer) and the operator's kick |
 //! | `http` | the WHEP resource: POST, PATCH (trickle, ICE restart), DELETE, OPTIONS; rate limits, caps, admission |
 //! | `invariants` | the bookkeeping checked whole, after every step in tests |
 
 mod fanout;
 mod http;
 mod invariants;
+mod sessions;
 mod streams;
 mod tcp;
 mod viewers;
 
+pub use sessions::{CandidatePair, MediaTransport, SessionInfo, SessionState};
 pub use tcp::TransportCounts;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
