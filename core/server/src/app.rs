@@ -1250,6 +1250,82 @@ mod tests {
     }
 
     #[test]
+    fn sessions_api_needs_the_admin_token_and_kicks() {
+        let (mut w, _, _) = whep_core::sim::SimWorld::with_connected_viewers(2);
+        let now = w.now;
+        let get = |core: &mut Core, routes: &RoutesConfig, target: &str, token: &str| {
+            handle(core, routes, admin_req(Method::Get, target, token, ""), now)
+        };
+        // No admin token configured: refused, whoever asks.
+        let closed = RoutesConfig::default();
+        assert_eq!(get(&mut w.core, &closed, "/api/sessions", "t").code(), 403);
+        let routes = RoutesConfig { admin_token: Some("t".into()), ..RoutesConfig::default() };
+        for target in ["/api/sessions", "/api/streams/bench/sessions"] {
+            assert_eq!(get(&mut w.core, &routes, target, "wrong").code(), 401, "{target}");
+            let r = get(&mut w.core, &routes, target, "t");
+            assert_eq!(r.code(), 200, "{target}: {}", body(&r));
+            let list: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            assert_eq!(list.as_array().map(Vec::len), Some(2), "{target}: {list}");
+            assert_eq!(list[0]["stream"], "bench");
+            assert_eq!(list[0]["state"], "connected");
+            assert!(list[0]["packets_sent"].as_u64().is_some());
+        }
+        let r = get(&mut w.core, &routes, "/api/streams/nope/sessions", "t");
+        assert_eq!(r.code(), 404);
+        let r = get(&mut w.core, &routes, "/api/sessions?stream=nope", "t");
+        assert_eq!(body(&r), "[]");
+        let id = w.core.sessions(now)[0].session.to_string();
+        let one = get(&mut w.core, &routes, &format!("/api/sessions/{id}"), "t");
+        assert_eq!(one.code(), 200, "{}", body(&one));
+        let kick = |core: &mut Core, token: &str| {
+            let req = admin_req(Method::Delete, &format!("/api/sessions/{id}"), token, "");
+            handle(core, &routes, req, now).code()
+        };
+        assert_eq!(kick(&mut w.core, "wrong"), 401);
+        assert_eq!(w.core.viewer_count(), 2);
+        assert_eq!(kick(&mut w.core, "t"), 204);
+        assert_eq!(kick(&mut w.core, "t"), 404);
+        assert_eq!(w.core.viewer_count(), 1);
+        assert_eq!(get(&mut w.core, &routes, &format!("/api/sessions/{id}"), "t").code(), 404);
+        assert_eq!(get(&mut w.core, &routes, "/api/sessions/zz", "t").code(), 404);
+        // The webhook's counters are in /metrics, zero without one.
+        let m = body(&handle(&mut w.core, &routes, WhepRequest::new(Method::Get, "/metrics"), now));
+        assert!(m.contains("whep_webhook_dropped_total 0\n"), "{m}");
+        assert!(m.contains("whep_webhook_failures_total 0\n"), "{m}");
+    }
+
+    /// The time `GET /api/sessions` holds the engine with 500 viewers (snapshot and JSON):
+    /// `cargo test --release -p whep-server --lib sessions_listing_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a timing, run by hand"]
+    #[allow(clippy::disallowed_methods, clippy::print_stdout)]
+    fn sessions_listing_cost() {
+        let (mut w, _, _) = whep_core::sim::SimWorld::with_connected_viewers(500);
+        let routes = RoutesConfig { admin_token: Some("t".into()), ..RoutesConfig::default() };
+        let now = w.now;
+        let runs = 200u32;
+        let mut bytes = 0;
+        let t = Instant::now();
+        for _ in 0..runs {
+            let req = admin_req(Method::Get, "/api/sessions", "t", "")
+                .with_wall_time(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 31));
+            let r = handle(&mut w.core, &routes, req, now);
+            assert_eq!(r.code(), 200);
+            bytes = r.body.len();
+        }
+        let each = t.elapsed() / runs;
+        let t = Instant::now();
+        for _ in 0..runs {
+            std::hint::black_box(w.core.sessions(now));
+        }
+        let snapshot = t.elapsed() / runs;
+        println!(
+            "GET /api/sessions, 500 viewers: {each:?} per request ({bytes} bytes of JSON); \
+             the snapshot alone (Core::sessions) {snapshot:?}"
+        );
+    }
+
+    #[test]
     fn default_candidates_for_wildcard_and_specific_binds() {
         let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
         assert_eq!(default_candidates(addr("10.0.0.1:3478"), None), vec![addr("10.0.0.1:3478")]);

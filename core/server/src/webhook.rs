@@ -2,6 +2,10 @@
 //! up and down, each POSTed as one JSON object by a thread of its own over plain HTTP/1.1, so
 //! that a slow or dead receiver never holds up the engine loop.
 //!
+//! This is the one thread the shell starts of its own (opt-in: only with a webhook URL), and
+//! the one place it reads the wall clock and sleeps: a sender on the engine's task would need
+//! a TCP client per runtime, and a queue in front of it anyway.
+//!
 //! The engine hands each event to [`Webhook::send`], which serialises it and puts it in a
 //! bounded queue ([`QUEUE`] events) without waiting: when the queue is full the event is
 //! dropped and counted (`whep_webhook_dropped_total`). The thread sends one event per
@@ -215,6 +219,7 @@ fn deliver(target: &Target, rx: &Receiver<String>, counts: &Counts) {
                 }
                 Err(e) if attempt < ATTEMPTS => {
                     debug!(error = %e, attempt, "webhook POST failed; trying again");
+                    #[allow(clippy::disallowed_methods)] // the webhook's own thread, not the loop
                     std::thread::sleep(wait);
                     wait *= 2;
                     attempt += 1;
