@@ -1120,7 +1120,7 @@ fn compare(sut: &Sut, model: &Model, i: usize, op: &Op) -> Result<(), TestCaseEr
             op,
             name
         );
-        if info.state == whep_core::StreamStatus::Stopped {
+        if info.state == StreamStatus::Stopped {
             prop_assert_eq!(info.viewers, 0, "op #{} {:?}: stopped {} holds viewers", i, op, name);
         }
         prop_assert_eq!(info.connected_viewers, 0, "op #{} {:?}: connected of {}", i, op, name);
