@@ -273,6 +273,70 @@ fn unreachable_webhook_costs_no_media(bin: &str) {
     assert_eq!(json(&r).as_array().map(Vec::len), Some(1), "{}", r.text());
 }
 
+/// On a sharded server (`--shards 2`) the listing gathers both shards' viewers, and a kick
+/// goes to the shard that holds the session.
+fn sharded_listing_and_kick(bin: &str) {
+    let mut server = Server::start(bin, &["--shards", "2"]);
+    let viewers: Vec<Viewer> =
+        (0..2).map(|_| Viewer::connect(server.http, "/whep/demo", None).expect("viewer")).collect();
+    for v in &viewers {
+        assert!(
+            v.wait_for(PLAY_WITHIN, |s| s.video_packets >= 50),
+            "viewer did not play: {:?}\n{}",
+            v.stats(),
+            server.output()
+        );
+    }
+    let on_shard = |v: &Viewer| v.location().ends_with("01");
+    assert!(viewers.iter().any(on_shard), "no viewer on shard 1: placement changed?");
+    let list = sessions(&server, "/api/sessions");
+    assert_eq!(list.len(), 2, "{list:#?}");
+    assert_eq!(sessions(&server, "/api/streams/demo/sessions").len(), 2);
+    let follower = viewers.iter().find(|v| on_shard(v)).expect("on shard 1");
+    let id = session_of(&list, follower).and_then(|s| s["session"].as_str()).expect("listed");
+    let r = server.admin("GET", &format!("/api/sessions/{id}"), "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = server.admin("DELETE", &format!("/api/sessions/{id}"), "");
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert!(follower.wait_for(Duration::from_secs(10), |s| s.closed), "{:?}", follower.stats());
+    assert_eq!(sessions(&server, "/api/sessions").len(), 1);
+}
+
+/// The player page's sessions view in headless Chromium: with the admin token in the URL's
+/// fragment it lists the viewer playing; without it, it is refused.
+#[test]
+fn player_page_lists_sessions() {
+    let mut server = Server::start(env!("CARGO_BIN_EXE_whepd-tokio"), &[]);
+    let v = Viewer::connect(server.http, "/whep/demo", None).expect("viewer");
+    assert!(v.wait_for(PLAY_WITHIN, |s| s.video_packets >= 50), "{:?}", v.stats());
+    let base = format!("http://{}/?sessions=demo&test=1&timeout=20", server.http);
+    let verdict = whep_e2e::chromium::run_page(
+        &format!("{base}#admin={ADMIN_TOKEN}"),
+        Duration::from_secs(40),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", server.output()));
+    assert!(verdict.contains("[WHEP] PASS sessions=1 state=connected rows=1"), "{verdict}");
+    let verdict = whep_e2e::chromium::run_page(&base, Duration::from_secs(40))
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.output()));
+    assert!(verdict.contains("[WHEP] FAIL") && verdict.contains("401"), "{verdict}");
+}
+
+macro_rules! sharded {
+    ($runtime:ident, $bin:expr) => {
+        mod $runtime {
+            #[test]
+            fn sharded_listing_and_kick() {
+                super::super::sharded_listing_and_kick($bin);
+            }
+        }
+    };
+}
+
+mod shards {
+    sharded!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
+    sharded!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {

@@ -596,7 +596,7 @@ fn sessions(
             let list = all_sessions(core, now, followers, |s| {
                 stream.as_deref().is_none_or(|id| s.stream.as_str() == id)
             });
-            json(StatusCode::Ok, &sessions_json(&list, req.wall_time))
+            sessions_json(&list, req.wall_time)
         }
         (method, [raw]) => {
             let Some(id) = SessionId::parse(raw) else {
@@ -649,8 +649,95 @@ fn query_param(target: &str, name: &str) -> Option<String> {
     })
 }
 
-fn sessions_json(list: &[SessionInfo], wall: Option<std::time::SystemTime>) -> serde_json::Value {
-    serde_json::Value::Array(list.iter().map(|s| session_json(s, wall)).collect())
+/// The sessions as a JSON array, serialised straight from [`SessionRow`]s: this runs on the
+/// engine's task, and a `json!` value per session made 500 sessions cost 9.1 ms, against 2.8 ms
+/// (`sessions_listing_cost`).
+fn sessions_json(list: &[SessionInfo], wall: Option<std::time::SystemTime>) -> WhepResponse {
+    let rows: Vec<SessionRow<'_>> = list.iter().map(|s| SessionRow::new(s, wall)).collect();
+    match serde_json::to_string(&rows) {
+        Ok(body) => text(StatusCode::Ok, "application/json", body),
+        Err(e) => error(StatusCode::InternalServerError, &e.to_string()),
+    }
+}
+
+/// One session as the sessions API lists it ([`session_json`]).
+#[derive(Debug, Serialize)]
+struct SessionRow<'a> {
+    session: String,
+    stream: &'a str,
+    client: Option<String>,
+    user_agent: Option<&'a str>,
+    state: &'static str,
+    transport: Option<&'static str>,
+    candidate_pair: Option<PairRow>,
+    joined_at: Option<f64>,
+    age_secs: f64,
+    connected_since: Option<f64>,
+    connected_secs: Option<f64>,
+    packets_sent: u64,
+    bytes_sent: u64,
+    retransmissions: u64,
+    nacks: u64,
+    plis: u64,
+    firs: u64,
+    loss: Option<f32>,
+    rtt_ms: Option<f64>,
+    send_rate: Option<u64>,
+    rendition: u8,
+    codec: Option<&'static str>,
+    target_rendition: Option<u8>,
+    keyframes_only: bool,
+    pacing_rate: Option<u64>,
+    held_packets: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct PairRow {
+    local: Option<String>,
+    remote: String,
+    protocol: &'static str,
+}
+
+impl<'a> SessionRow<'a> {
+    fn new(s: &'a SessionInfo, wall: Option<std::time::SystemTime>) -> Self {
+        let unix = |ago: Duration| {
+            wall.and_then(|w| w.checked_sub(ago))
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0)
+        };
+        Self {
+            session: s.session.to_string(),
+            stream: s.stream.as_str(),
+            client: s.client.map(|c| c.to_string()),
+            user_agent: s.user_agent.as_deref(),
+            state: s.state.as_str(),
+            transport: s.transport.map(|t| t.as_str()),
+            candidate_pair: s.pair.map(|p| PairRow {
+                local: p.local.map(|a| a.to_string()),
+                remote: p.remote.to_string(),
+                protocol: if p.tcp { "tcp" } else { "udp" },
+            }),
+            joined_at: unix(s.age),
+            age_secs: s.age.as_secs_f64(),
+            connected_since: s.connected_for.and_then(unix),
+            connected_secs: s.connected_for.map(|d| d.as_secs_f64()),
+            packets_sent: s.packets_sent,
+            bytes_sent: s.bytes_sent,
+            retransmissions: s.retransmissions,
+            nacks: s.nacks,
+            plis: s.plis,
+            firs: s.firs,
+            loss: s.loss,
+            rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+            send_rate: s.send_rate,
+            rendition: s.rendition,
+            codec: s.codec.map(|c| c.name()),
+            target_rendition: s.target_rendition,
+            keyframes_only: s.keyframes_only,
+            pacing_rate: s.pacing,
+            held_packets: s.held_packets,
+        }
+    }
 }
 
 /// One session as the sessions API lists it. Rates are bytes per second; times are Unix
@@ -658,43 +745,7 @@ fn sessions_json(list: &[SessionInfo], wall: Option<std::time::SystemTime>) -> s
 /// `connected_secs` durations; `loss` is a fraction (0 to 1) and `rtt_ms` milliseconds, both as
 /// the viewer's RTCP receiver reports state them (`null` before the first).
 pub fn session_json(s: &SessionInfo, wall: Option<std::time::SystemTime>) -> serde_json::Value {
-    let unix = |ago: Duration| {
-        wall.and_then(|w| w.checked_sub(ago))
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0)
-    };
-    serde_json::json!({
-        "session": s.session.to_string(),
-        "stream": s.stream.as_str(),
-        "client": s.client.map(|c| c.to_string()),
-        "user_agent": s.user_agent,
-        "state": s.state.as_str(),
-        "transport": s.transport.map(|t| t.as_str()),
-        "candidate_pair": s.pair.map(|p| serde_json::json!({
-            "local": p.local.map(|a| a.to_string()),
-            "remote": p.remote.to_string(),
-            "protocol": if p.tcp { "tcp" } else { "udp" },
-        })),
-        "joined_at": unix(s.age),
-        "age_secs": s.age.as_secs_f64(),
-        "connected_since": s.connected_for.and_then(unix),
-        "connected_secs": s.connected_for.map(|d| d.as_secs_f64()),
-        "packets_sent": s.packets_sent,
-        "bytes_sent": s.bytes_sent,
-        "retransmissions": s.retransmissions,
-        "nacks": s.nacks,
-        "plis": s.plis,
-        "firs": s.firs,
-        "loss": s.loss,
-        "rtt_ms": s.rtt.map(|d| d.as_secs_f64() * 1000.0),
-        "send_rate": s.send_rate,
-        "rendition": s.rendition,
-        "codec": s.codec.map(|c| c.name()),
-        "target_rendition": s.target_rendition,
-        "keyframes_only": s.keyframes_only,
-        "pacing_rate": s.pacing,
-        "held_packets": s.held_packets,
-    })
+    serde_json::to_value(SessionRow::new(s, wall)).unwrap_or_default()
 }
 
 /// The webhook's counters in Prometheus text (zero without a webhook).
@@ -781,7 +832,7 @@ fn admin(
                 return error(StatusCode::NotFound, "no such stream");
             }
             let list = all_sessions(core, now, followers, |s| s.stream == id);
-            json(StatusCode::Ok, &sessions_json(&list, req.wall_time))
+            sessions_json(&list, req.wall_time)
         }
         (method, [raw, action @ ..]) => {
             let Some(id) = id(raw) else { return error(StatusCode::NotFound, "no such stream") };
