@@ -301,6 +301,25 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_drops_and_counts_without_waiting() {
+        // A receiver that never answers: the thread waits on its first event for seconds.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/h", silent.local_addr().expect("addr"));
+        let hook = Webhook::start(&url).expect("started");
+        let stream = whep_core::StreamId::new("s").expect("id");
+        let extra = 100;
+        for _ in 0..QUEUE + extra {
+            hook.send(&Event::StreamUp { stream: stream.clone() });
+        }
+        // The thread took one or none off the queue: 99 to 100 dropped, at once.
+        assert!((extra as u64 - 1..=extra as u64).contains(&hook.dropped()), "{}", hook.dropped());
+        assert_eq!(hook.failures(), 0);
+        // Events it does not receive are not queued.
+        hook.send(&Event::StreamStale { stream });
+        assert!(hook.dropped() <= extra as u64);
+    }
+
+    #[test]
     fn events_serialise_with_their_fields() {
         let stream = whep_core::StreamId::new("cam").expect("id");
         let session = whep_core::SessionId::parse(&"ab".repeat(16)).expect("id");

@@ -127,8 +127,8 @@ pub struct SessionInfo {
 
 impl Core {
     /// Every viewer, ordered by stream then session, as of `now` (ages are measured to it).
-    /// Computed on request from what the core keeps: a few hundred nanoseconds per viewer
-    /// (`core/benches/RESULTS.md`), no state changes.
+    /// Computed on request from what the core keeps: about 0.1 µs per viewer
+    /// (`core/benches/RESULTS.md`, "Sessions listing"), no state changes.
     pub fn sessions(&self, now: Instant) -> Vec<SessionInfo> {
         let now = self.now.max(now);
         let mut out = Vec::with_capacity(self.viewers.len());
