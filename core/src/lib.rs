@@ -111,7 +111,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 mod config;
@@ -152,6 +152,7 @@ pub use config::{
 };
 pub use ffmpeg::{EgressConfig, Rendition};
 pub use ids::{ETag, SessionId, StreamId};
+pub use machine::{CandidatePair, MediaTransport, SessionInfo, SessionState};
 pub use machine::{Core, LOAD_SMOOTHING, TransportCounts};
 pub use metrics::{LatencyHistogram, Metrics};
 pub use pacer::PrimePacing;
@@ -376,6 +377,27 @@ pub enum CloseReason {
     StreamRestarting,
     /// The core is shutting down.
     Shutdown,
+    /// The operator closed it ([`Core::kick`], the admin API's `DELETE /api/sessions/{id}`).
+    Kicked,
+}
+
+impl CloseReason {
+    /// The name events and listings use: `deleted`, `connect_timeout`, `inactive`,
+    /// `ice_disconnected`, `remote_closed`, `stream_stopped`, `stream_restarting`, `shutdown`
+    /// or `kicked`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deleted => "deleted",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::Inactive => "inactive",
+            Self::IceDisconnected => "ice_disconnected",
+            Self::RemoteClosed => "remote_closed",
+            Self::StreamStopped => "stream_stopped",
+            Self::StreamRestarting => "stream_restarting",
+            Self::Shutdown => "shutdown",
+            Self::Kicked => "kicked",
+        }
+    }
 }
 
 /// Something the embedding application may want to know.
@@ -421,12 +443,30 @@ pub enum Event {
         /// The stream.
         stream: StreamId,
     },
+    /// The stream's ingest runs: its status became [`StreamStatus::Running`] (ports bound, its
+    /// FFmpeg spawned or an external feed expected). `/metrics`' `whep_stream_up` is 1 from here.
+    StreamUp {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// The stream's ingest stopped running (stopped, removed, its FFmpeg exited, went stale or
+    /// could not start): the status it is in now.
+    StreamDown {
+        /// The stream.
+        stream: StreamId,
+        /// Where it is now ([`StreamStatus::Stopped`], `Backoff`, `Restarting`, `Stopping`).
+        state: StreamStatus,
+    },
     /// A POST created a viewer.
     ViewerJoined {
         /// The stream.
         stream: StreamId,
         /// The session.
         session: SessionId,
+        /// The client's address, when the runtime gave it ([`WhepRequest::client`]).
+        client: Option<IpAddr>,
+        /// The POST's `User-Agent`, sanitised ([`whep::sanitize_user_agent`]).
+        user_agent: Option<String>,
     },
     /// A viewer's ICE and DTLS completed; media flows.
     ViewerConnected {
@@ -443,6 +483,12 @@ pub enum Event {
         session: SessionId,
         /// Why.
         reason: CloseReason,
+        /// How long the session lasted, from its POST.
+        duration: Duration,
+        /// RTP packets written to it (audio and video, retransmissions not counted).
+        packets_sent: u64,
+        /// Their payload bytes.
+        bytes_sent: u64,
     },
     /// A viewer asked for a keyframe (PLI/FIR). FFmpeg cannot be asked; counted only.
     KeyframeRequested {

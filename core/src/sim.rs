@@ -416,6 +416,9 @@ pub struct SimWorld {
     /// sends arrives from its IPv4-mapped IPv6 address (`[::ffff:a.b.c.d]`), as the kernel
     /// reports it, and so do its TCP connections.
     pub dual_stack: bool,
+    /// The client address and `User-Agent` the next POSTs carry (none by default).
+    pub post_client: Option<IpAddr>,
+    pub post_user_agent: Option<String>,
     sent: u64,
     pub spawns: u64,
     pub kills: u64,
@@ -463,6 +466,8 @@ impl SimWorld {
             lost: 0,
             stun: None,
             dual_stack: false,
+            post_client: None,
+            post_user_agent: None,
             sent: 0,
             spawns: 0,
             kills: 0,
@@ -585,9 +590,13 @@ impl SimWorld {
         api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
         let (offer, pending) = api.apply().unwrap();
         let target = format!("{}/{}", self.core.config().whep_prefix, stream);
-        let req = WhepRequest::new(Method::Post, target)
+        let mut req = WhepRequest::new(Method::Post, target)
             .with_header("Content-Type", "application/sdp")
             .with_body(offer.to_sdp_string());
+        req.client = self.post_client;
+        if let Some(ua) = &self.post_user_agent {
+            req = req.with_header("User-Agent", ua.clone());
+        }
         let resp = self.http(req);
         let mut v = Viewer {
             rtc,

@@ -10,7 +10,7 @@ use crate::ids::{SessionId, StreamId};
 use crate::ports::PortPair;
 use crate::rtp::SeqExtender;
 use crate::shard::Mirror;
-use crate::{Output, StreamStatus};
+use crate::{Event, Output, StreamStatus};
 
 /// Where a stream is in its lifecycle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,10 +190,22 @@ impl Stream {
         out: &mut VecDeque<Output>,
     ) {
         let before = self.accepts_viewers();
+        let was_up = self.status() == StreamStatus::Running;
         self.state = state;
         let accepting = self.accepts_viewers();
         if mirror && accepting != before {
             out.push_back(Output::Mirror(Mirror::Accepting { stream: self.id.clone(), accepting }));
+        }
+        let status = self.status();
+        match (was_up, status == StreamStatus::Running) {
+            (false, true) => {
+                out.push_back(Output::Event(Event::StreamUp { stream: self.id.clone() }))
+            }
+            (true, false) => out.push_back(Output::Event(Event::StreamDown {
+                stream: self.id.clone(),
+                state: status,
+            })),
+            _ => {}
         }
     }
 

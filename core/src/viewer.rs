@@ -228,6 +228,66 @@ pub(crate) struct Viewer {
     pub(crate) tcp: Vec<(SocketAddr, ConnId)>,
     /// Its DTLS and media last went over TCP (for `/metrics`' split by transport).
     pub(crate) media_tcp: bool,
+    /// What the sessions listing shows ([`Core::sessions`](crate::Core::sessions)).
+    pub(crate) seen: Box<Seen>,
+}
+
+/// What a viewer's session listing and its `ViewerLeft` event report, kept off the packet path:
+/// plain counters where a packet is handled already, str0m's statistics once a second.
+#[derive(Debug, Default)]
+pub(crate) struct Seen {
+    /// The client's address as the POST came (the runtime's, maybe a proxy's).
+    pub(crate) client: Option<IpAddr>,
+    /// The POST's `User-Agent`, sanitised.
+    pub(crate) user_agent: Option<String>,
+    /// When ICE and DTLS completed.
+    pub(crate) connected_at: Option<Instant>,
+    /// RTP packets written to str0m (retransmissions not counted), and their payload bytes.
+    pub(crate) sent: Sent,
+    /// Video packets str0m retransmitted on NACK.
+    pub(crate) resent: u64,
+    /// str0m's last egress statistics of its video and audio.
+    pub(crate) video: Egress,
+    pub(crate) audio: Egress,
+    /// The selected candidate pair from str0m's last peer statistics: protocol, ours, theirs.
+    pub(crate) pair: Option<(Protocol, SocketAddr, SocketAddr)>,
+}
+
+/// One track's egress statistics as str0m last reported them (every second).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Egress {
+    /// Bytes and packets str0m sent, retransmissions included.
+    pub(crate) bytes: u64,
+    pub(crate) packets: u64,
+    pub(crate) nacks: u64,
+    pub(crate) plis: u64,
+    pub(crate) firs: u64,
+    /// Round-trip time from the last receiver report.
+    pub(crate) rtt: Option<Duration>,
+    /// Fraction lost in the last receiver reports.
+    pub(crate) loss: Option<f32>,
+    /// Bytes per second between the last two reports.
+    pub(crate) rate: Option<u64>,
+    pub(crate) at: Option<Instant>,
+}
+
+impl Egress {
+    fn update(&mut self, s: &str0m::stats::MediaEgressStats) {
+        if let Some(at) = self.at {
+            let secs = s.timestamp.saturating_duration_since(at).as_secs_f64();
+            if secs > 0.0 {
+                self.rate = Some((s.bytes.saturating_sub(self.bytes) as f64 / secs) as u64);
+            }
+        }
+        self.bytes = s.bytes;
+        self.packets = s.packets;
+        self.nacks = s.nacks;
+        self.plis = s.plis;
+        self.firs = s.firs;
+        self.rtt = s.rtt.or(self.rtt);
+        self.loss = s.loss.or(self.loss);
+        self.at = Some(s.timestamp);
+    }
 }
 
 /// A viewer's place on its stream's bitrate ladder (renditions of one codec): the rendition it
@@ -438,6 +498,9 @@ pub(crate) struct Seat {
     /// The first sequence numbers of its video and audio (random).
     pub(crate) first_seqs: (u16, u16),
     pub(crate) remote_creds: (String, String),
+    /// The client's address and the POST's sanitised `User-Agent`, for the sessions listing.
+    pub(crate) client: Option<IpAddr>,
+    pub(crate) user_agent: Option<String>,
     pub(crate) unconnected_client: Option<IpAddr>,
     pub(crate) remote_candidates: usize,
     pub(crate) relays: Vec<SocketAddr>,
@@ -621,6 +684,11 @@ impl Answered {
             pacing: None,
             tcp: Vec::new(),
             media_tcp: false,
+            seen: Box::new(Seen {
+                client: seat.client,
+                user_agent: seat.user_agent,
+                ..Seen::default()
+            }),
         };
         (viewer, self.answer)
     }
@@ -737,6 +805,7 @@ impl Viewer {
             && (r.budget.resent_packets | r.budget.dropped) != 0
         {
             let b = &mut r.budget;
+            self.seen.resent += b.resent_packets;
             news.push(ViewerNews::Resent {
                 packets: std::mem::take(&mut b.resent_packets),
                 bytes: std::mem::take(&mut b.resent_bytes),
@@ -756,6 +825,7 @@ impl Viewer {
     fn on_event(&mut self, e: RtcEvent, now: Instant, grace: Duration, news: &mut Vec<ViewerNews>) {
         match e {
             RtcEvent::Connected => {
+                self.seen.connected_at = Some(now);
                 self.state = ViewerState::Connected;
                 news.push(ViewerNews::Connected);
             }
@@ -772,7 +842,14 @@ impl Viewer {
                     _ => {}
                 }
             }
+            RtcEvent::MediaEgressStats(s) if s.mid == self.audio.mid => self.seen.audio.update(&s),
+            RtcEvent::PeerStats(s) => {
+                if let Some(p) = s.selected_candidate_pair {
+                    self.seen.pair = Some((p.protocol, p.local.addr, p.remote.addr));
+                }
+            }
             RtcEvent::MediaEgressStats(s) if s.mid == self.video.mid => {
+                self.seen.video.update(&s);
                 let sent_rate =
                     self.ladder.sent.replace((s.bytes, s.timestamp)).and_then(|(bytes, at)| {
                         let secs = s.timestamp.saturating_duration_since(at).as_secs_f64();
@@ -1169,6 +1246,8 @@ impl Viewer {
                 .marker(pkt.marker)
                 .nackable(nackable),
         );
+        self.seen.sent.packets += 1;
+        self.seen.sent.bytes += pkt.payload.len() as u64;
         true
     }
 

@@ -106,6 +106,22 @@ impl WhepRequest {
     }
 }
 
+/// Longest `User-Agent` kept for a session, in characters ([`sanitize_user_agent`]).
+pub const MAX_USER_AGENT: usize = 256;
+
+/// A `User-Agent` value as sessions keep it: printable ASCII only (anything else becomes `?`,
+/// so that logs, JSON and the sessions page see no control characters), surrounding spaces
+/// trimmed, at most [`MAX_USER_AGENT`] characters; `None` when nothing is left.
+pub fn sanitize_user_agent(raw: &str) -> Option<String> {
+    let clean: String = raw
+        .trim()
+        .chars()
+        .take(MAX_USER_AGENT)
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .collect();
+    (!clean.is_empty()).then_some(clean)
+}
+
 /// The response to a [`WhepRequest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WhepResponse {
@@ -527,6 +543,18 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_agents_are_bounded_and_printable() {
+        assert_eq!(
+            sanitize_user_agent("  Mozilla/5.0 (X11)  ").as_deref(),
+            Some("Mozilla/5.0 (X11)")
+        );
+        assert_eq!(sanitize_user_agent("a\r\nb\u{7f}é\"<").as_deref(), Some("a??b??\"<"));
+        assert_eq!(sanitize_user_agent(" \t "), None);
+        let long = "x".repeat(10_000);
+        assert_eq!(sanitize_user_agent(&long).map(|s| s.len()), Some(MAX_USER_AGENT));
+    }
 
     fn sid() -> SessionId {
         SessionId::parse("0123456789abcdef0123456789abcdef").unwrap_or_else(|| unreachable!())

@@ -42,7 +42,7 @@
 // The test anchors its virtual clock at one real `Instant`; nothing here reads time otherwise.
 #![allow(clippy::disallowed_methods)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::panic::{self, AssertUnwindSafe};
@@ -54,7 +54,7 @@ use proptest::test_runner::{TestCaseError, TestError, TestRunner, contextualize_
 use whep_core::whep::Method;
 use whep_core::{
     Core, CoreConfig, Event, Input, Output, PortPair, ProcessConfig, RateLimits, StreamConfig,
-    StreamError, StreamId, WhepRequest,
+    StreamError, StreamId, StreamStatus, WhepRequest,
 };
 
 /// Chromium's offer; [`offer`] trims it to what a POST needs.
@@ -198,6 +198,8 @@ struct Sut {
     /// Events by kind, and `ViewerLeft` by reason.
     events: BTreeMap<&'static str, u64>,
     left: BTreeMap<String, u64>,
+    /// Streams a `StreamUp` reported running and no `StreamDown` since.
+    up: BTreeSet<StreamId>,
     /// `Location` of every 201, in order.
     sessions: Vec<String>,
 }
@@ -240,6 +242,7 @@ impl Sut {
             next_pid: 1000,
             events: BTreeMap::new(),
             left: BTreeMap::new(),
+            up: BTreeSet::new(),
             sessions: Vec::new(),
         }
     }
@@ -306,6 +309,12 @@ impl Sut {
                         self.input(Input::ProcessExited { stream, generation, code: None });
                     }
                 }
+                Output::Event(Event::StreamUp { stream }) => {
+                    assert!(self.up.insert(stream.clone()), "{stream} up twice");
+                }
+                Output::Event(Event::StreamDown { stream, .. }) => {
+                    assert!(self.up.remove(&stream), "{stream} down but not up");
+                }
                 Output::Event(e) => {
                     if let Event::ViewerLeft { reason, .. } = &e {
                         *self.left.entry(format!("{reason:?}")).or_default() += 1;
@@ -316,6 +325,12 @@ impl Sut {
             }
         }
         self.core.check_invariants();
+        // Up and down alternate, and up is exactly the running status (`whep_stream_up`).
+        for info in self.core.streams() {
+            let running = info.state == StreamStatus::Running;
+            assert_eq!(self.up.contains(&info.id), running, "{}: {:?}", info.id, info.state);
+        }
+        assert!(self.up.iter().all(|id| self.core.stream(id).is_some()), "a removed stream up");
     }
 
     fn http(&mut self, req: WhepRequest) -> u16 {
@@ -1105,7 +1120,7 @@ fn compare(sut: &Sut, model: &Model, i: usize, op: &Op) -> Result<(), TestCaseEr
             op,
             name
         );
-        if info.state == whep_core::StreamStatus::Stopped {
+        if info.state == StreamStatus::Stopped {
             prop_assert_eq!(info.viewers, 0, "op #{} {:?}: stopped {} holds viewers", i, op, name);
         }
         prop_assert_eq!(info.connected_viewers, 0, "op #{} {:?}: connected of {}", i, op, name);

@@ -331,9 +331,17 @@ pub struct ViewerOptions {
     retries: Arc<AtomicU64>,
     vp8: bool,
     tcp: Option<Option<usize>>,
+    user_agent: Option<String>,
 }
 
 impl ViewerOptions {
+    /// The `User-Agent` its POST carries (none by default).
+    #[must_use]
+    pub fn user_agent(mut self, ua: &str) -> Self {
+        self.user_agent = Some(ua.to_owned());
+        self
+    }
+
     /// Light mode: after ICE and DTLS connect, SRTP media packets are counted from their
     /// plaintext RTP header and never decrypted (video only after the first keyframe, which
     /// str0m must decrypt to find). STUN, DTLS and SRTCP still go to str0m.
@@ -573,6 +581,9 @@ impl Viewer {
 
         let auth = token.map(|t| format!("Bearer {t}"));
         let mut headers = vec![("Content-Type", "application/sdp"), ("Accept", "application/sdp")];
+        if let Some(ua) = &options.user_agent {
+            headers.push(("User-Agent", ua.as_str()));
+        }
         if let Some(auth) = &auth {
             headers.push(("Authorization", auth));
         }

@@ -213,9 +213,11 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
         info!(stream = %name, url = %cli::player_url(http, &name), "stream added");
         let _ = writeln!(io::stdout(), "{}", cli::watch_line(http, &name));
     }
+    let mut routes = launch.server.routes;
+    routes.start_webhook()?;
     let mut runtime = Runtime {
         core,
-        routes: launch.server.routes,
+        routes,
         socket,
         local,
         tx,
@@ -504,7 +506,12 @@ impl Runtime {
                     }
                 }
                 // The core logs what matters; an embedding application would act on these.
-                Output::Event(event) => debug!(?event, "event"),
+                Output::Event(event) => {
+                    debug!(?event, "event");
+                    if let Some(hook) = &self.routes.webhook {
+                        hook.send(&event);
+                    }
+                }
                 // Only the leader of a sharded server emits these; this loop is one core.
                 Output::Mirror(_) => {}
             }

@@ -71,6 +71,10 @@ pub struct Cli {
     /// Bearer token of the admin API (none = admin API disabled).
     #[arg(long)]
     admin_token: Option<String>,
+    /// POST viewer joined/left and stream up/down events as JSON to this URL
+    /// (`http://host[:port]/path`).
+    #[arg(long, value_name = "URL")]
+    webhook_url: Option<String>,
     /// Directory whose files streams added over the admin API may play (`file`; repeat)
     /// [default: none, `file` refused over the API].
     #[arg(long = "media-dir", value_name = "DIR")]
@@ -196,6 +200,7 @@ struct FileConfig {
     cors_origin: Option<String>,
     bearer_tokens: Vec<String>,
     admin_token: Option<String>,
+    webhook_url: Option<String>,
     media_dirs: Vec<String>,
     admin_raw_ffmpeg: Option<bool>,
     ice_servers: Vec<IceServerFile>,
@@ -495,12 +500,21 @@ fn settings(
     if !(4..=65_536).contains(&tcp_queue_kib) {
         return Err(format!("tcp_queue_kib {tcp_queue_kib}: expected 4 to 65536"));
     }
+    let webhook_url = cli.webhook_url.or(file.webhook_url);
+    if let Some(url) = &webhook_url {
+        crate::webhook::Target::parse(url)?;
+    }
     Ok(Launch {
         server: ServerConfig {
             tcp,
             tcp_queue_bytes: tcp_queue_kib * 1024,
             core,
-            routes: RoutesConfig { admin_token: cli.admin_token.or(file.admin_token), policy },
+            routes: RoutesConfig {
+                admin_token: cli.admin_token.or(file.admin_token),
+                policy,
+                webhook_url,
+                webhook: None,
+            },
             udp_bind,
             udp_gso: !cli.no_gso,
             shards,

@@ -16,6 +16,7 @@
 //! - [`os`] (re-exported here): the operating-system helpers: FFmpeg children ([`command`],
 //!   [`signal`], [`check_program`]), the sockets' setup ([`udp_state`]), dual-stack binds
 //!   ([`os::bind_udp`], [`os::bind_tcp`]) and the default routes ([`default_routes`]).
+//! - [`webhook`]: events POSTed as JSON to `--webhook-url` from a thread of their own.
 //! - `fuzzing` (feature `fuzzing`): every fuzz target, the core's and the application routes'.
 //!
 //! `examples/blocking.rs` is `whepd` on plain std threads and sockets, with none of the async
@@ -32,6 +33,7 @@ pub mod fuzzing;
 pub mod os;
 pub mod shard;
 pub mod tls;
+pub mod webhook;
 
 pub use os::{
     ICE_TCP_SEND_BUFFER, SOCKET_BUFFER, check_program, command, default_route, default_routes,

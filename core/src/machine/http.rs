@@ -57,7 +57,7 @@ impl Core {
             }
             Some(_) if req.body.len() > self.config.max_body_bytes => Err(Reject::PayloadTooLarge),
             Some(Route::Endpoint(stream)) => self.endpoint(&req, &stream, now),
-            Some(Route::Session(stream, session)) => self.session(&req, &stream, session, now),
+            Some(Route::Session(stream, session)) => self.on_session(&req, &stream, session, now),
         };
         let mut resp = match result {
             Ok(r) => r,
@@ -259,6 +259,8 @@ impl Core {
             first_seqs: (self.rng.u32() as u16, self.rng.u32() as u16),
             remote_creds,
             unconnected_client: client,
+            client: req.client,
+            user_agent: req.header("user-agent").and_then(whep::sanitize_user_agent),
             remote_candidates: offered_candidates,
             relays: sdp::relay_addresses(&offer_text),
             deadline: now + self.config.first_check_timeout.min(self.config.connect_timeout),
@@ -276,7 +278,13 @@ impl Core {
         self.reschedule_viewer(session, now);
         self.metrics.viewers_joined += 1;
         info!(%session, stream = %id, video_pt, audio_pt, "viewer joined");
-        self.outputs.push_back(Output::Event(Event::ViewerJoined { stream: id.clone(), session }));
+        let seen = self.viewers.get(&session).map(|v| &v.seen);
+        self.outputs.push_back(Output::Event(Event::ViewerJoined {
+            stream: id.clone(),
+            session,
+            client: seen.and_then(|s| s.client),
+            user_agent: seen.and_then(|s| s.user_agent.clone()),
+        }));
 
         let location = whep::session_location(
             &self.config.whep_prefix,
@@ -332,7 +340,7 @@ impl Core {
         }
     }
 
-    pub(super) fn session(
+    pub(super) fn on_session(
         &mut self,
         req: &WhepRequest,
         id: &StreamId,

@@ -8,17 +8,20 @@
 //! | `viewers` | viewers (WHEP sessions, each a str0m peer): their datagrams, timers, connection news, GOP-cache prime and keyframe replies, removal |
 //! | `tcp` | ICE-TCP connections: RFC 4571 frames in, each connection bound to the viewer its first check names, bounds on their number and unbound lifetime |
 //! | `stun` | the viewer socket's public address, learned from STUN servers and advertised to new sessions |
+//! | `sessions` | the sessions listing (a snapshot per viewer) and the operator's kick |
 //! | `http` | the WHEP resource: POST, PATCH (trickle, ICE restart), DELETE, OPTIONS; rate limits, caps, admission |
 //! | `invariants` | the bookkeeping checked whole, after every step in tests |
 
 mod fanout;
 mod http;
 mod invariants;
+mod sessions;
 mod streams;
 mod stun;
 mod tcp;
 mod viewers;
 
+pub use sessions::{CandidatePair, MediaTransport, SessionInfo, SessionState};
 pub use tcp::TransportCounts;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};

@@ -61,13 +61,7 @@ impl Core {
     pub fn viewers_by_transport(&self) -> TransportCounts {
         let mut c = TransportCounts::default();
         for v in self.viewers.values().filter(|v| v.state == ViewerState::Connected) {
-            if v.media_tcp {
-                c.tcp += 1;
-            } else if v.path.sending_to.is_some_and(|a| v.relays.contains(&a)) {
-                c.relayed += 1;
-            } else {
-                c.udp += 1;
-            }
+            super::sessions::count(&mut c, v);
         }
         c
     }

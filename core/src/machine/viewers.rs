@@ -541,6 +541,9 @@ impl Core {
             stream: viewer.stream,
             session: s,
             reason,
+            duration: now.saturating_duration_since(viewer.joined),
+            packets_sent: viewer.seen.sent.packets,
+            bytes_sent: viewer.seen.sent.bytes,
         }));
     }
 

@@ -429,6 +429,8 @@ impl<R: Runtime> Engine<R> {
             (1..count).map(|_| chan::channel::<Mirror>(None)).unzip();
         let mut from_leader = from_leader.into_iter();
         let subscribers = Arc::new(Mutex::new(Vec::new()));
+        let mut routes = config.routes.clone();
+        routes.start_webhook().map_err(io::Error::other)?;
         let max_body = config.core.max_body_bytes;
         let whep_prefix = config.core.whep_prefix.clone();
         let mut shards = Vec::with_capacity(count);
@@ -462,7 +464,7 @@ impl<R: Runtime> Engine<R> {
                         .in_shard(ShardMember { index: index as u8, set: set.clone() }),
                     None => Core::new(core, now),
                 },
-                routes: config.routes.clone(),
+                routes: routes.clone(),
                 runtime: Arc::clone(&runtime),
                 local: udp_addr,
                 socket,
@@ -553,11 +555,15 @@ impl<R: Runtime> Engine<R> {
         rx.recv().await
     }
 
-    /// What the shards other than the leader hold, for the leader's status pages.
-    async fn follower_views(&self) -> Vec<ShardView> {
+    /// What the shards other than the leader hold, for the leader's status pages; with their
+    /// sessions if `sessions`.
+    async fn follower_views(&self, sessions: bool) -> Vec<ShardView> {
         let mut views = Vec::new();
         for index in 1..self.inner.shards.len() {
-            if let Some(v) = self.with_shard(index, |core, _, _| ShardView::of(core)).await {
+            let view = move |core: &mut Core, _: &RoutesConfig, now| {
+                ShardView::with_sessions(core, now, sessions)
+            };
+            if let Some(v) = self.with_shard(index, view).await {
                 views.push(v);
             }
         }
@@ -606,7 +612,7 @@ impl<R: Runtime> Engine<R> {
 
     /// Status of every stream, viewers of all shards counted (empty once the engine is gone).
     pub async fn streams(&self) -> Vec<StreamInfo> {
-        let views = self.follower_views().await;
+        let views = self.follower_views(false).await;
         self.with_core(move |core, _, _| crate::app::merged_streams(core, &views))
             .await
             .unwrap_or_default()
@@ -614,10 +620,37 @@ impl<R: Runtime> Engine<R> {
 
     /// A copy of the counters, all shards summed.
     pub async fn metrics(&self) -> Metrics {
-        let views = self.follower_views().await;
+        let views = self.follower_views(false).await;
         let mut m = self.with_core(|core, _, _| core.metrics().clone()).await.unwrap_or_default();
         views.iter().for_each(|v| m.merge(&v.metrics));
         m
+    }
+
+    /// Every viewer of every shard ([`Core::sessions`]), ordered by stream then session.
+    pub async fn sessions(&self) -> Vec<whep_core::SessionInfo> {
+        let mut all = Vec::new();
+        for index in 0..self.inner.shards.len() {
+            if let Some(list) = self.with_shard(index, |core, _, now| core.sessions(now)).await {
+                all.extend(list);
+            }
+        }
+        all.sort_by(|a, b| a.stream.cmp(&b.stream).then(a.session.cmp(&b.session)));
+        all
+    }
+
+    /// Closes a viewer as its DELETE would ([`Core::kick`]); `false` when there is no such
+    /// session.
+    pub async fn kick(&self, session: whep_core::SessionId) -> bool {
+        let shard = self.shard_of(session);
+        self.with_shard(shard, move |core, _, now| core.kick(session, now).is_some())
+            .await
+            .unwrap_or(false)
+    }
+
+    /// The shard a session lives on (the leader for an id naming none).
+    fn shard_of(&self, session: whep_core::SessionId) -> usize {
+        let shard = usize::from(session.shard());
+        if shard < self.inner.shards.len() { shard } else { 0 }
     }
 
     /// Events from now on: streams started, stopped and failed, FFmpeg exits, viewers joined,
@@ -633,9 +666,12 @@ impl<R: Runtime> Engine<R> {
     /// Answers one request to the application routes (player page, `/metrics`, admin API and
     /// the WHEP routes); see [`crate::app::handle`].
     pub async fn handle_request(&self, req: WhepRequest) -> WhepResponse {
-        let shard = self.shard_for(&req);
+        let shard = match crate::app::session_route(&req) {
+            Some(session) => self.shard_of(session),
+            None => self.shard_for(&req),
+        };
         if shard == 0 && self.inner.shards.len() > 1 && crate::app::shows_totals(&req) {
-            let views = self.follower_views().await;
+            let views = self.follower_views(crate::app::lists_sessions(&req)).await;
             return self
                 .with_core(move |core, routes, now| {
                     crate::app::handle_sharded(core, routes, req, now, &views)
@@ -1362,6 +1398,9 @@ impl<R: Runtime> Driver<R> {
                     );
                     if self.index != 0 && !viewer_event {
                         continue;
+                    }
+                    if let Some(hook) = &self.routes.webhook {
+                        hook.send(&event);
                     }
                     let mut subs = lock(&self.subscribers);
                     subs.retain(|s| s.send(event.clone()).is_ok());
