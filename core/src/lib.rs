@@ -114,6 +114,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod auth;
 mod config;
 pub mod dtls;
 pub mod ffmpeg;
@@ -145,6 +146,7 @@ pub mod whep;
 #[cfg(feature = "sim")]
 pub mod sim;
 
+pub use auth::{Answer, AuthDecision, AuthRequest, RequestId};
 pub use config::{
     CoreConfig, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig, VideoCodec,
 };
@@ -353,6 +355,19 @@ pub enum Output {
     /// Hand this to every other shard's core, in order ([`Core::mirror`]); only the leader
     /// of a sharded server emits it (see [`shard`]).
     Mirror(shard::Mirror),
+    /// Ask the authorisation server about this request (see [`auth`]), off the loop that
+    /// drives the core, and report its decision with [`Core::handle_auth`]. The core answers
+    /// the request itself if no decision comes within
+    /// [`HttpAuth::timeout`](auth::HttpAuth::timeout).
+    Authorize(AuthRequest),
+    /// The response to a request [`Core::handle_request`] left pending
+    /// ([`Answer::Pending`]).
+    Respond {
+        /// The request.
+        id: RequestId,
+        /// Its response.
+        response: WhepResponse,
+    },
 }
 
 /// Why a viewer's session ended.
@@ -460,6 +475,8 @@ pub enum TimerReason {
     Stream,
     /// A TCP connection not bound to a viewer yet ([`CoreConfig::tcp_bind_timeout`]).
     Tcp,
+    /// A request waiting for the authorisation callback ([`auth::HttpAuth::timeout`]).
+    Auth,
 }
 
 /// Why a stream management call failed.

@@ -125,7 +125,11 @@ impl Core {
         }
         let scheduled = self.viewers.values().filter(|p| p.scheduled.is_some()).count()
             + self.streams.values().filter(|s| s.scheduled.is_some()).count()
-            + self.tcp.values().filter(|c| c.deadline.is_some()).count();
+            + self.tcp.values().filter(|c| c.deadline.is_some()).count()
+            + self.auth.pending_len();
+        for (id, deadline) in self.auth.deadlines() {
+            assert!(self.timers.contains(&(deadline, TimerKey::Auth(id))), "{id} timer missing");
+        }
         assert_eq!(scheduled, self.timers.len(), "no stray timer entries");
     }
 }

@@ -10,6 +10,7 @@
 //! | `http` | the WHEP resource: POST, PATCH (trickle, ICE restart), DELETE, OPTIONS; rate limits, caps, admission |
 //! | `invariants` | the bookkeeping checked whole, after every step in tests |
 
+mod auth;
 mod fanout;
 mod http;
 mod invariants;
@@ -60,6 +61,7 @@ enum TimerKey {
     Viewer(SessionId),
     Stream(StreamId),
     Tcp(crate::tcp::ConnId),
+    Auth(crate::auth::RequestId),
 }
 
 /// The sans-IO WHEP egress core. See the [crate documentation](crate) for the run loop.
@@ -125,6 +127,8 @@ pub struct Core {
     /// Reused buffers, so the packet path does not allocate for bookkeeping.
     news: Vec<ViewerNews>,
     scratch: Vec<SessionId>,
+    /// Requests waiting for the authorisation callback, and its cached decisions.
+    auth: auth::AuthState,
 }
 
 impl Core {
@@ -164,6 +168,7 @@ impl Core {
             fanning: None,
             news: Vec::new(),
             scratch: Vec::new(),
+            auth: auth::AuthState::default(),
         }
     }
 
@@ -323,6 +328,7 @@ impl Core {
                 TimerKey::Viewer(_) => TimerReason::Viewer,
                 TimerKey::Stream(_) => TimerReason::Stream,
                 TimerKey::Tcp(_) => TimerReason::Tcp,
+                TimerKey::Auth(_) => TimerReason::Auth,
             };
             (*t, why)
         })
@@ -445,6 +451,7 @@ impl Core {
                     self.stream_timeout(&id, now);
                 }
                 TimerKey::Tcp(conn) => self.tcp_timeout(conn, now),
+                TimerKey::Auth(id) => self.auth_timeout(id, now),
             }
         }
     }
