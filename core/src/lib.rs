@@ -60,12 +60,14 @@
 //! 1. Create a [`Core`] with a [`CoreConfig`] (host candidates, port range, caps, a random seed).
 //! 2. Register streams with [`Core::add_stream`] and start them with [`Core::start_stream`].
 //! 3. Feed inputs as they happen, each with the current `now`:
-//!    [`Core::handle_http`] for a WHEP request (it returns the response at once),
+//!    [`Core::handle_http`] for a WHEP request (it returns the response at once; with the
+//!    authorisation callback configured, [`Core::handle_request`] may leave it pending until
+//!    [`Core::handle_auth`], see [`auth`]),
 //!    [`Core::handle_input`] for a datagram on the viewer socket, a datagram on an ingest port,
 //!    a bind result or a process event, and [`Core::handle_timeout`] when the timer fires.
 //! 4. After every call, drain [`Core::poll_output`] until `None` and execute each [`Output`]:
-//!    send a [`Transmit`], bind or release ingest ports, spawn, stop or kill a process, or
-//!    observe an [`Event`].
+//!    send a [`Transmit`], bind or release ingest ports, spawn, stop or kill a process, ask the
+//!    authorisation server, answer a pending request, or observe an [`Event`].
 //! 5. Arm one timer at [`Core::poll_timeout`].
 //!
 //! ```no_run

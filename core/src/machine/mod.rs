@@ -68,7 +68,9 @@ enum TimerKey {
 ///
 /// # Calling contract
 ///
-/// - **Inputs**: [`handle_http`](Self::handle_http) (answers at once),
+/// - **Inputs**: [`handle_http`](Self::handle_http) (answers at once), or
+///   [`handle_request`](Self::handle_request) and [`handle_auth`](Self::handle_auth) (a request
+///   may wait for the authorisation callback, see [`crate::auth`]),
 ///   [`handle_input`](Self::handle_input) (datagrams, RTP from FFmpeg, bind results, process
 ///   lifecycle), [`handle_timeout`](Self::handle_timeout), and the stream management calls
 ///   [`add_stream`](Self::add_stream), [`start_stream`](Self::start_stream),
