@@ -20,23 +20,35 @@ const SECRET: &str = "an-hs256-secret-of-32-bytes-or-more";
 /// request body it got.
 struct AuthServer {
     url: String,
+    /// `GET` of this URL answers the JWKS the server was started with.
+    jwks_url: String,
     bodies: Arc<Mutex<Vec<String>>>,
 }
 
 impl AuthServer {
     fn start() -> Self {
+        Self::with_jwks(String::new())
+    }
+
+    fn with_jwks(jwks: String) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the auth server");
         let addr = listener.local_addr().expect("its address");
         let bodies = Arc::new(Mutex::new(Vec::new()));
         let theirs = Arc::clone(&bodies);
+        let jwks = Arc::new(jwks);
         // Lives as long as the test process; each connection is one request.
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let bodies = Arc::clone(&theirs);
-                std::thread::spawn(move || answer(conn, &bodies));
+                let jwks = Arc::clone(&jwks);
+                std::thread::spawn(move || answer(conn, &bodies, &jwks));
             }
         });
-        Self { url: format!("http://{addr}/auth"), bodies }
+        Self {
+            url: format!("http://{addr}/auth"),
+            jwks_url: format!("http://{addr}/jwks.json"),
+            bodies,
+        }
     }
 
     fn bodies(&self) -> Vec<String> {
@@ -44,10 +56,14 @@ impl AuthServer {
     }
 }
 
-fn answer(conn: TcpStream, bodies: &Mutex<Vec<String>>) {
+fn answer(conn: TcpStream, bodies: &Mutex<Vec<String>>, jwks: &str) {
     let mut reader = BufReader::new(conn);
     let mut length = 0usize;
     let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let get_jwks = line.starts_with("GET /jwks.json ");
     loop {
         line.clear();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -62,6 +78,11 @@ fn answer(conn: TcpStream, bodies: &Mutex<Vec<String>>) {
         {
             length = value.trim().parse().unwrap_or(0);
         }
+    }
+    if get_jwks {
+        let mut conn = reader.into_inner();
+        let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{jwks}");
+        return;
     }
     let mut body = vec![0u8; length];
     if reader.read_exact(&mut body).is_err() {
@@ -182,6 +203,34 @@ fn jwt_in_the_query_plays_in_chromium(bin: &str) {
     assert!(verdict.contains("[WHEP] PASS"), "{verdict}\nserver output:\n{}", server.output());
 }
 
+/// ES256 keys from a JWKS URL: fetched at start, a token signed by them plays, one for other
+/// streams is refused 403.
+fn jwks_url_keys_verify_es256(bin: &str) {
+    let (key, jwk) = testing::es256_key("k1");
+    let jwks_server = AuthServer::with_jwks(format!(r#"{{"keys":[{jwk}]}}"#));
+    let mut server = Server::start(bin, &["--jwks-url", &jwks_server.jwks_url]);
+    assert!(
+        whep_e2e::wait_until(Duration::from_secs(10), || server.output().contains("JWKS fetched")),
+        "JWKS not fetched:\n{}",
+        server.output()
+    );
+    let exp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 3600)
+        .unwrap_or_default();
+    let token = |streams: &str| {
+        let claims = format!(r#"{{"exp":{exp},"whep":{{"streams":{streams}}}}}"#);
+        testing::es256(&key, r#"{"alg":"ES256","kid":"k1"}"#, &claims)
+    };
+    let v = Viewer::connect(server.http, "/whep/demo", Some(&token(r#"["demo"]"#)))
+        .unwrap_or_else(|e| panic!("ES256 viewer: {e:?}\n{}", server.output()));
+    assert!(v.wait_for(PLAY_WITHIN, |s| s.video_packets >= 50), "{:?}", v.stats());
+    let (status, body) =
+        rejected(Viewer::connect(server.http, "/whep/demo", Some(&token(r#"["other"]"#))));
+    assert_eq!(status, 403, "{body}");
+    v.close();
+}
+
 macro_rules! suite {
     ($runtime:ident, $bin:expr) => {
         mod $runtime {
@@ -195,6 +244,10 @@ macro_rules! suite {
             #[test]
             fn auth_server_down_is_a_clear_503() {
                 super::auth_server_down_is_a_clear_503(bin());
+            }
+            #[test]
+            fn jwks_url_keys_verify_es256() {
+                super::jwks_url_keys_verify_es256(bin());
             }
             #[test]
             fn jwt_in_the_query_plays_in_chromium() {

@@ -759,6 +759,49 @@ max_viewers = 2
     }
 
     #[test]
+    fn auth_flags_and_file_configure_the_core_and_the_shell() {
+        let s = setup_from(&[]).expect("valid");
+        assert!(!s.server.core.auth.is_external() && s.server.auth.http_url.is_none());
+        let s = setup_from(&[
+            "--auth-http-url",
+            "http://127.0.0.1:9000/auth",
+            "--auth-http-timeout-ms",
+            "750",
+            "--auth-cache-secs",
+            "0",
+        ])
+        .expect("valid");
+        let http = s.server.core.auth.http.expect("callback configured");
+        assert_eq!((http.timeout, http.cache_ttl), (Duration::from_millis(750), Duration::ZERO));
+        assert_eq!(s.server.auth.http_url.map(|u| u.port), Some(9000));
+        let e = setup_from(&["--auth-http-url", "https://auth/"]).expect_err("https refused");
+        assert!(e.contains("only http://"), "{e}");
+        let e = setup_from(&["--jwt-secret", "short"]).expect_err("short secret");
+        assert!(e.contains("32 bytes"), "{e}");
+
+        // The file (the one closure reads the config and the secret file: the text is both).
+        let file =
+            "jwt_secret_file = \"/s\"\njwt_leeway_secs = 5\n# a secret of 32 bytes or more\n";
+        let s = setup_with(&["--config", "w.toml"], file).expect("valid");
+        assert_eq!(s.server.core.auth.leeway, Duration::from_secs(5));
+        assert!(s.server.core.auth.jwt.is_some());
+        // The flag, and the secret file's trailing newline is not part of the secret.
+        let secret = "0123456789abcdef0123456789abcdef";
+        let t = format!("{secret}\n");
+        let s = setup_with(&["--jwt-secret-file", "/s"], &t).expect("valid");
+        let keys = s.server.core.auth.jwt.expect("JWT configured");
+        let token = whep_core::auth::testing::hs256(
+            secret.as_bytes(),
+            r#"{"alg":"HS256"}"#,
+            r#"{"exp":4000000000,"whep":{"streams":["*"]}}"#,
+        );
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        assert!(keys.verify(&token, now, Duration::ZERO).is_ok());
+        let e = setup_with(&["--jwks-file", "/k"], "{\"keys\":[]}").expect_err("no key");
+        assert!(e.contains("no usable key"), "{e}");
+    }
+
+    #[test]
     fn turn_secret_applies_to_turn_servers_without_a_password() {
         let s = setup_from(&[
             "--ice-server",
