@@ -68,8 +68,12 @@ pub struct CoreConfig {
     pub node_id: Option<String>,
     /// Value of `Access-Control-Allow-Origin` on every response.
     pub cors_origin: String,
-    /// Accepted bearer tokens. Empty means no authentication.
+    /// Accepted bearer tokens (`Authorization: Bearer` or `?token=`). Empty, with
+    /// [`auth`](Self::auth) configuring nothing either, means no authentication.
     pub bearer_tokens: Vec<String>,
+    /// JWT verification and the external HTTP callback (see [`crate::auth`]); the default
+    /// configures neither.
+    pub auth: crate::auth::AuthConfig,
     /// STUN/TURN servers announced with `Link: <..>; rel="ice-server"` on 201 and on
     /// non-preflight OPTIONS.
     pub ice_servers: Vec<IceServer>,
@@ -212,6 +216,7 @@ impl Default for CoreConfig {
             node_id: None,
             cors_origin: "*".into(),
             bearer_tokens: Vec::new(),
+            auth: crate::auth::AuthConfig::default(),
             ice_servers: Vec::new(),
             turn_credential_ttl: Duration::from_secs(12 * 3600),
             strict_if_match: false,

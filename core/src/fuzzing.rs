@@ -46,6 +46,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("viewer_datagram", viewer_datagram),
     ("tcp_stream", tcp_stream),
     ("ops", ops),
+    ("jwt", jwt),
 ];
 
 /// The Chromium offer of the core's test data; every world's session is created with it.
@@ -744,4 +745,40 @@ pub fn ops(data: &[u8]) {
         world.apply(op);
     }
     world.finish();
+}
+
+/// The HS256 secret of the [`jwt`] target's keys.
+pub const JWT_SECRET: &[u8] = b"fuzz-secret-of-thirty-two-bytes!";
+
+/// JWT verification ([`crate::auth`]): the input as a token (UTF-8, lossily) against an HS256
+/// secret and RS256 and ES256 keys; the input as `header\nclaims` signed with the secret, so
+/// that the header and claims parsers are reached past the signature; and the input as a JWKS
+/// document.
+pub fn jwt(data: &[u8]) {
+    use std::sync::OnceLock;
+    use std::time::SystemTime;
+
+    use crate::auth::{JwtKeys, testing};
+
+    static KEYS: OnceLock<JwtKeys> = OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        let mut keys = JwtKeys::new();
+        keys.add_hs256(JWT_SECRET);
+        let (_, ec) = testing::es256_key("ec");
+        let (_, rsa) = testing::rs256_key("rsa");
+        let added = keys.add_jwks(format!(r#"{{"keys":[{ec},{rsa}]}}"#).as_bytes());
+        assert_eq!(added, Ok(2), "the target's own JWKS");
+        keys
+    });
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let leeway = Duration::from_secs(30);
+    let text = String::from_utf8_lossy(data);
+    let _ = keys.verify(&text, now, leeway);
+    let (header, claims) = text.split_once('\n').unwrap_or((r#"{"alg":"HS256"}"#, &text));
+    let signed = testing::hs256(JWT_SECRET, header, claims);
+    if let Ok(c) = keys.verify(&signed, now, leeway) {
+        assert!(c.exp.saturating_add(30) > 1_700_000_000, "an expired token passed: {c:?}");
+        let _ = c.allows("demo");
+    }
+    let _ = JwtKeys::new().add_jwks(data);
 }

@@ -60,12 +60,14 @@
 //! 1. Create a [`Core`] with a [`CoreConfig`] (host candidates, port range, caps, a random seed).
 //! 2. Register streams with [`Core::add_stream`] and start them with [`Core::start_stream`].
 //! 3. Feed inputs as they happen, each with the current `now`:
-//!    [`Core::handle_http`] for a WHEP request (it returns the response at once),
+//!    [`Core::handle_http`] for a WHEP request (it returns the response at once; with the
+//!    authorisation callback configured, [`Core::handle_request`] may leave it pending until
+//!    [`Core::handle_auth`], see [`auth`]),
 //!    [`Core::handle_input`] for a datagram on the viewer socket, a datagram on an ingest port,
 //!    a bind result or a process event, and [`Core::handle_timeout`] when the timer fires.
 //! 4. After every call, drain [`Core::poll_output`] until `None` and execute each [`Output`]:
-//!    send a [`Transmit`], bind or release ingest ports, spawn, stop or kill a process, or
-//!    observe an [`Event`].
+//!    send a [`Transmit`], bind or release ingest ports, spawn, stop or kill a process, ask the
+//!    authorisation server, answer a pending request, or observe an [`Event`].
 //! 5. Arm one timer at [`Core::poll_timeout`].
 //!
 //! ```no_run
@@ -114,6 +116,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+pub mod auth;
 mod config;
 pub mod dtls;
 pub mod ffmpeg;
@@ -146,6 +149,7 @@ pub mod whep;
 #[cfg(feature = "sim")]
 pub mod sim;
 
+pub use auth::{Answer, AuthDecision, AuthRequest, RequestId};
 pub use config::{
     CoreConfig, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig, VideoCodec,
     canonical_addr, valid_node_id,
@@ -356,6 +360,19 @@ pub enum Output {
     /// Hand this to every other shard's core, in order ([`Core::mirror`]); only the leader
     /// of a sharded server emits it (see [`shard`]).
     Mirror(shard::Mirror),
+    /// Ask the authorisation server about this request (see [`auth`]), off the loop that
+    /// drives the core, and report its decision with [`Core::handle_auth`]. The core answers
+    /// the request itself if no decision comes within
+    /// [`HttpAuth::timeout`](auth::HttpAuth::timeout).
+    Authorize(AuthRequest),
+    /// The response to a request [`Core::handle_request`] left pending
+    /// ([`Answer::Pending`]).
+    Respond {
+        /// The request.
+        id: RequestId,
+        /// Its response.
+        response: WhepResponse,
+    },
 }
 
 /// Why a viewer's session ended.
@@ -511,6 +528,8 @@ pub enum TimerReason {
     /// Discovery of the public address: a STUN request to send, resend or give up
     /// ([`CoreConfig::stun_servers`]).
     Stun,
+    /// A request waiting for the authorisation callback ([`auth::HttpAuth::timeout`]).
+    Auth,
 }
 
 /// Why a stream management call failed.

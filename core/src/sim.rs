@@ -401,6 +401,11 @@ pub struct SimWorld {
     /// What the core emitted for other shards ([`Output::Mirror`]), in order; a sharded test
     /// hands them to the follower worlds' cores.
     pub mirrors: Vec<crate::shard::Mirror>,
+    /// What the core asked the authorisation server ([`Output::Authorize`]), in order; a test
+    /// answers with [`Core::handle_auth`](crate::Core::handle_auth).
+    pub authorize: Vec<crate::AuthRequest>,
+    /// Responses to requests left pending ([`Output::Respond`]), in order.
+    pub responses: Vec<(crate::RequestId, WhepResponse)>,
     /// Drop every this many datagrams the core sends (0: none), to exercise NACK repair.
     pub loss_every: u64,
     /// Until then, viewers' checks go without USE-CANDIDATE (re-signed), as Chromium's first
@@ -470,6 +475,8 @@ impl SimWorld {
             post_user_agent: None,
             sent: 0,
             spawns: 0,
+            authorize: Vec::new(),
+            responses: Vec::new(),
             kills: 0,
             tcp_closed: BTreeSet::new(),
             next_pid: 1000,
@@ -1168,6 +1175,8 @@ impl SimWorld {
                 }
                 Output::Event(e) => self.events.push((now - self.start, e)),
                 Output::Mirror(m) => self.mirrors.push(m),
+                Output::Authorize(a) => self.authorize.push(a),
+                Output::Respond { id, response } => self.responses.push((id, response)),
             }
         }
         self.flush_tcp();

@@ -177,6 +177,17 @@ impl WhepResponse {
 pub enum Reject {
     /// Authentication is configured and the request carried no valid bearer token (401).
     Unauthorized,
+    /// The presented token was refused: a JWT that does not verify, expired, or that the
+    /// authorisation server refused with 401 (401).
+    InvalidToken(String),
+    /// A valid token that does not grant this stream, or the authorisation server said 403
+    /// (403).
+    Forbidden(String),
+    /// The authorisation server could not decide: an error status, no answer, or none in
+    /// time (503; the request is refused, not let through).
+    AuthFailed(String),
+    /// Too many requests wait for the authorisation server already (503).
+    AuthBusy,
     /// The path is not a WHEP route (404).
     NoRoute,
     /// No such stream, or its WebRTC egress is disabled or stopped (404).
@@ -264,7 +275,8 @@ impl Reject {
     /// The status code of this rejection.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Unauthorized => StatusCode::Unauthorized,
+            Self::Unauthorized | Self::InvalidToken(_) => StatusCode::Unauthorized,
+            Self::Forbidden(_) => StatusCode::Forbidden,
             Self::NoRoute | Self::StreamNotFound | Self::SessionNotFound => StatusCode::NotFound,
             Self::MethodNotAllowed { .. } => StatusCode::MethodNotAllowed,
             Self::UnsupportedMediaType { .. } => StatusCode::UnsupportedMediaType,
@@ -281,6 +293,7 @@ impl Reject {
             | Self::NoCandidates
             | Self::Overloaded
             | Self::Draining => StatusCode::ServiceUnavailable,
+            Self::AuthFailed(_) | Self::AuthBusy => StatusCode::ServiceUnavailable,
             Self::RateLimited { .. } | Self::TooManyUnconnected { .. } => {
                 StatusCode::TooManyRequests
             }
@@ -296,6 +309,8 @@ impl Reject {
                 | Self::NoCandidates
                 | Self::Overloaded
                 | Self::Draining
+                | Self::AuthFailed(_)
+                | Self::AuthBusy
                 | Self::RateLimited { .. }
                 | Self::TooManyUnconnected { .. }
         )
@@ -305,6 +320,10 @@ impl Reject {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Unauthorized => "unauthorized",
+            Self::InvalidToken(_) => "invalid_token",
+            Self::Forbidden(_) => "forbidden",
+            Self::AuthFailed(_) => "auth_failed",
+            Self::AuthBusy => "auth_busy",
             Self::NoRoute => "no_route",
             Self::StreamNotFound => "stream_not_found",
             Self::SessionNotFound => "session_not_found",
@@ -335,6 +354,9 @@ impl Reject {
             Self::Unauthorized => {
                 r = r.with("WWW-Authenticate", "Bearer realm=\"whep\"");
             }
+            Self::InvalidToken(_) => {
+                r = r.with("WWW-Authenticate", "Bearer realm=\"whep\", error=\"invalid_token\"");
+            }
             Self::MethodNotAllowed { allow } => r = r.with("Allow", *allow),
             Self::UnsupportedMediaType { expected } => r = r.with("Accept-Post", *expected),
             _ => {}
@@ -354,6 +376,12 @@ impl fmt::Display for Reject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Unauthorized => f.write_str("webrtc: missing or invalid bearer token"),
+            Self::InvalidToken(why) => write!(f, "webrtc: token refused: {why}"),
+            Self::Forbidden(why) => write!(f, "webrtc: forbidden: {why}"),
+            Self::AuthFailed(why) => write!(f, "webrtc: authorisation failed: {why}"),
+            Self::AuthBusy => {
+                f.write_str("webrtc: too many requests waiting for authorisation, retry later")
+            }
             Self::NoRoute => f.write_str("webrtc: no such resource"),
             Self::StreamNotFound => f.write_str("webrtc: stream not found"),
             Self::SessionNotFound => f.write_str("webrtc: session not found"),
@@ -515,21 +543,16 @@ pub(crate) fn session_location(
     }
 }
 
-/// Constant-time comparison of a presented bearer token with the configured ones.
-pub(crate) fn bearer_ok(tokens: &[String], authorization: Option<&str>) -> bool {
+/// Constant-time comparison of a presented token (see [`crate::auth::presented_token`]) with
+/// the configured ones; none configured lets everything through.
+pub(crate) fn bearer_ok(tokens: &[String], presented: Option<&str>) -> bool {
     if tokens.is_empty() {
         return true;
     }
-    let Some(value) = authorization else {
+    let Some(presented) = presented else {
         return false;
     };
-    let Some((scheme, presented)) = value.trim().split_once(' ') else {
-        return false;
-    };
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return false;
-    }
-    let presented = presented.trim().as_bytes();
+    let presented = presented.as_bytes();
     tokens.iter().fold(false, |ok, t| ok | ct_eq(t.as_bytes(), presented))
 }
 
@@ -634,12 +657,20 @@ mod tests {
     #[test]
     fn bearer_tokens() {
         let t = vec!["s3cret".to_owned()];
+        let presented = |h: &str| {
+            crate::auth::presented_token(
+                &WhepRequest::new(Method::Post, "/").with_header("Authorization", h),
+            )
+        };
+        let ok = |h: &str| bearer_ok(&t, presented(h).as_deref());
         assert!(bearer_ok(&[], None));
-        assert!(bearer_ok(&t, Some("Bearer s3cret")));
-        assert!(bearer_ok(&t, Some("bearer  s3cret ")));
-        assert!(!bearer_ok(&t, Some("Bearer s3cre")));
-        assert!(!bearer_ok(&t, Some("Basic s3cret")));
+        assert!(ok("Bearer s3cret"));
+        assert!(ok("bearer  s3cret "));
+        assert!(!ok("Bearer s3cre"));
+        assert!(!ok("Basic s3cret"));
         assert!(!bearer_ok(&t, None));
+        let query = WhepRequest::new(Method::Post, "/whep/x?token=s3cret");
+        assert!(bearer_ok(&t, crate::auth::presented_token(&query).as_deref()));
     }
 
     #[test]

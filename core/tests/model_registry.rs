@@ -255,7 +255,10 @@ impl Sut {
     fn drain(&mut self) {
         while let Some(out) = self.core.poll_output() {
             match out {
-                Output::Transmit(_) | Output::CloseTcp { .. } => {}
+                Output::Transmit(_)
+                | Output::CloseTcp { .. }
+                | Output::Authorize(_)
+                | Output::Respond { .. } => {}
                 Output::BindIngest { stream, ports, .. } => {
                     let taken = self
                         .bound

@@ -240,6 +240,10 @@ impl Runtime for SmolRuntime {
         (self.spawner)(future);
     }
 
+    fn spawn_blocking(&self, work: Box<dyn FnOnce() + Send>) {
+        smol::unblock(work).detach();
+    }
+
     /// A thread per shard running the loop with `smol::block_on` (async-io's reactor is
     /// global, so its sockets and timers work from any thread). The thread ends with the loop.
     fn spawn_shard(&self, index: usize, future: Pin<Box<dyn Future<Output = ()> + Send>>) {

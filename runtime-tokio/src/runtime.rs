@@ -265,6 +265,10 @@ impl Runtime for TokioRuntime {
         self.handle.spawn(future);
     }
 
+    fn spawn_blocking(&self, work: Box<dyn FnOnce() + Send>) {
+        drop(self.handle.spawn_blocking(work));
+    }
+
     /// A thread per shard with a current-thread runtime of its own (its reactor watches the
     /// shard's socket, its timer wheel the shard's timer), so that shards run in parallel
     /// whatever the embedding runtime's worker count, and a shard never waits behind another

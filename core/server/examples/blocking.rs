@@ -56,9 +56,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{debug, error, info, warn};
+use whep_core::auth::JwtKeys;
 use whep_core::tcp::{ConnId, SendQueue};
 use whep_core::whep::{Method, StatusCode};
-use whep_core::{Core, Input, Output, PortPair, StreamId, Transport, WhepRequest, WhepResponse};
+use whep_core::{
+    Answer, AuthDecision, Core, Input, Output, PortPair, RequestId, StreamId, Transport,
+    WhepRequest, WhepResponse,
+};
 use whep_server::app::{RoutesConfig, TcpListen};
 use whep_server::cli::{self, CliError, Launch};
 
@@ -98,6 +102,10 @@ enum Msg {
     TcpData { conn: ConnId, contents: Vec<u8> },
     /// An ICE-TCP connection ended.
     TcpClosed { conn: ConnId },
+    /// The authorisation server's decision on a pending request.
+    Auth { id: RequestId, decision: AuthDecision },
+    /// JWT keys fetched again from the JWKS URL.
+    JwtKeys(JwtKeys),
 }
 
 fn main() -> ExitCode {
@@ -232,7 +240,17 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
         http_time: Duration::ZERO,
         conns: HashMap::new(),
         tcp_queue_bytes: launch.server.tcp_queue_bytes,
+        waiting: HashMap::new(),
+        auth_url: launch.server.auth.http_url.clone(),
     };
+    if let Some(sources) = launch.server.auth.jwt.filter(|j| j.jwks_url.is_some()) {
+        let tx = runtime.tx.clone();
+        // Runs as long as the process.
+        spawn("jwks", move || {
+            let deliver = |keys| drop(tx.send(Msg::JwtKeys(keys)));
+            whep_server::auth::fetch_jwks_forever(&sources, deliver, || true);
+        })?;
+    }
     runtime.run(&rx);
     Ok(())
 }
@@ -267,6 +285,10 @@ struct Runtime {
     /// (to shut down on close).
     conns: HashMap<ConnId, (Arc<TcpOut>, TcpStream)>,
     tcp_queue_bytes: usize,
+    /// Requests waiting for the authorisation callback, and where their answer goes.
+    waiting: HashMap<RequestId, Sender<WhepResponse>>,
+    /// The authorisation server, if one is configured.
+    auth_url: Option<whep_server::auth::HttpUrl>,
 }
 
 /// What the main loop hands an ICE-TCP connection's writer thread.
@@ -356,11 +378,19 @@ impl Runtime {
             Msg::Http { req, reply } => {
                 // The player page, /metrics, the admin API, and WHEP via `Core::handle_http`.
                 let started = Instant::now();
-                let resp = whep_server::app::handle(&mut self.core, &self.routes, req, now);
+                let answer =
+                    whep_server::app::handle_request(&mut self.core, &self.routes, req, now);
                 // Answering requests is not forwarding load (see `Core::set_load`).
                 self.http_time += started.elapsed();
-                let _ = reply.send(resp); // the client may have gone; nothing to do
+                match answer {
+                    // The client may have gone; nothing to do.
+                    Answer::Ready(resp) => drop(reply.send(resp)),
+                    // Answered by `Output::Respond` once the authorisation server decided.
+                    Answer::Pending(id) => drop(self.waiting.insert(id, reply)),
+                }
             }
+            Msg::Auth { id, decision } => self.core.handle_auth(id, decision, now),
+            Msg::JwtKeys(keys) => self.core.set_jwt_keys(keys),
             Msg::Datagram { source, contents } => {
                 // A dual-stack socket reports IPv4 viewers IPv4-mapped; the core's form is IPv4.
                 let source = whep_core::canonical_addr(source);
@@ -514,6 +544,30 @@ impl Runtime {
                 }
                 // Only the leader of a sharded server emits these; this loop is one core.
                 Output::Mirror(_) => {}
+                Output::Authorize(req) => {
+                    // A thread per question, bounded by the core's limit on pending requests
+                    // (`--auth-max-pending`) and by the exchange's timeouts.
+                    let tx = self.tx.clone();
+                    let timeout =
+                        self.core.config().auth.http.as_ref().map_or(Duration::ZERO, |h| h.timeout);
+                    let id = req.id;
+                    let started = match self.auth_url.clone() {
+                        Some(url) => spawn_io("auth", move || {
+                            let decision = whep_server::auth::ask(&url, &req, timeout);
+                            let _ = tx.send(Msg::Auth { id, decision });
+                        })
+                        .map_err(|e| e.to_string()),
+                        None => Err("no authorisation server configured".into()),
+                    };
+                    if let Err(e) = started {
+                        self.core.handle_auth(id, AuthDecision::Error(e), Instant::now());
+                    }
+                }
+                Output::Respond { id, response } => {
+                    if let Some(reply) = self.waiting.remove(&id) {
+                        let _ = reply.send(response);
+                    }
+                }
             }
         }
     }

@@ -39,8 +39,8 @@ use serde::{Deserialize, Serialize};
 
 use whep_core::ffmpeg::EgressConfig;
 use whep_core::{
-    Core, CoreConfig, SessionId, SessionInfo, StreamError, StreamId, StreamInfo, StreamStatus,
-    WhepRequest, WhepResponse,
+    Answer, Core, CoreConfig, SessionId, SessionInfo, StreamError, StreamId, StreamInfo,
+    StreamStatus, WhepRequest, WhepResponse,
 };
 use whep_core::{H264Profile, Rendition, StreamConfig, VideoCodec};
 
@@ -314,6 +314,21 @@ pub struct ServerConfig {
     /// Bytes a TCP viewer's send queue holds at most; beyond, whole frames are dropped and its
     /// video restarts at a keyframe ([`whep_core::tcp::SendQueue`]).
     pub tcp_queue_bytes: usize,
+    /// Where the authorisation callback and the JWT keys come from (the IO half of
+    /// [`CoreConfig::auth`](whep_core::CoreConfig::auth)).
+    pub auth: AuthSettings,
+}
+
+/// The IO half of viewer authorisation ([`whep_core::auth`], [`crate::auth`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthSettings {
+    /// The authorisation server the runtime asks for each
+    /// [`Output::Authorize`](whep_core::Output::Authorize); set together with
+    /// [`AuthConfig::http`](whep_core::auth::AuthConfig::http).
+    pub http_url: Option<crate::auth::HttpUrl>,
+    /// Where the JWT keys come from; set together with
+    /// [`AuthConfig::jwt`](whep_core::auth::AuthConfig::jwt).
+    pub jwt: Option<crate::auth::JwtSources>,
 }
 
 /// Where the ICE-TCP listener binds ([`ServerConfig::tcp`]). Its candidates are the host
@@ -342,6 +357,7 @@ impl Default for ServerConfig {
             shards: 1,
             tcp: TcpListen::SameAsUdp,
             tcp_queue_bytes: whep_core::tcp::DEFAULT_QUEUE_BYTES,
+            auth: AuthSettings::default(),
         }
     }
 }
@@ -519,15 +535,52 @@ pub fn handle_sharded(
     now: Instant,
     followers: &[ShardView],
 ) -> WhepResponse {
+    match dispatch(core, routes, req, now, followers, false) {
+        Answer::Ready(r) => r,
+        // `dispatch` leaves nothing pending when it may not wait.
+        Answer::Pending(id) => {
+            core.cancel_request(id);
+            unavailable()
+        }
+    }
+}
+
+/// [`handle`] for a runtime that serves the authorisation callback
+/// ([`whep_core::auth`]): a WHEP request may be left pending
+/// ([`Core::handle_request`]).
+pub fn handle_request(
+    core: &mut Core,
+    routes: &RoutesConfig,
+    req: WhepRequest,
+    now: Instant,
+) -> Answer {
+    dispatch(core, routes, req, now, &[], true)
+}
+
+fn dispatch(
+    core: &mut Core,
+    routes: &RoutesConfig,
+    req: WhepRequest,
+    now: Instant,
+    followers: &[ShardView],
+    can_wait: bool,
+) -> Answer {
+    let whep = |core: &mut Core, req: WhepRequest| {
+        if can_wait {
+            core.handle_request(req, now)
+        } else {
+            Answer::Ready(core.handle_http(req, now))
+        }
+    };
     if !plain_host(&req) {
         let resp = error(StatusCode::BadRequest, "bad Host header");
         core.count_request("other", &req.method, resp.code());
-        return resp;
+        return Answer::Ready(resp);
     }
     let path = req.target.split('?').next().unwrap_or_default().to_owned();
     let prefix = core.config().whep_prefix.clone();
     if path.starts_with(&format!("{prefix}/")) {
-        return core.handle_http(req, now);
+        return whep(core, req);
     }
     let get = matches!(req.method, Method::Get | Method::Head);
     let (label, resp) = match path.as_str() {
@@ -571,11 +624,15 @@ pub fn handle_sharded(
             "other",
             error(StatusCode::MethodNotAllowed, "method not allowed").with("Allow", "GET, HEAD"),
         ),
-        _ => return core.handle_http(req, now),
+        _ => return whep(core, req),
     };
     let resp = resp.with("Access-Control-Allow-Origin", core.config().cors_origin.clone());
     core.count_request(label, &req.method, resp.code());
-    if req.method == Method::Head { WhepResponse { body: Vec::new(), ..resp } } else { resp }
+    Answer::Ready(if req.method == Method::Head {
+        WhepResponse { body: Vec::new(), ..resp }
+    } else {
+        resp
+    })
 }
 
 /// Whether the request has at most one `Host` field, and it names a host and port only.

@@ -13,9 +13,11 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::app::{AdminPolicy, RoutesConfig, ServerConfig, StreamSpec, TcpListen};
+use crate::app::{AdminPolicy, AuthSettings, RoutesConfig, ServerConfig, StreamSpec, TcpListen};
+use crate::auth::{HttpUrl, JwtSources};
 use crate::dtls::Dtls;
 use crate::tls::TlsFiles;
+use whep_core::auth::HttpAuth;
 use whep_core::ratelimit::{Rate, RateLimits, RateSetting};
 use whep_core::{CoreConfig, IceServer, PrimePacing};
 
@@ -178,6 +180,41 @@ pub struct Cli {
     /// feature `openssl-dtls`, on in whepd's default build) [default: dimpl].
     #[arg(long, value_name = "dimpl|openssl")]
     dtls: Option<Dtls>,
+    /// Ask this authorisation server (`http://` URL) before answering a viewer's POST: a JSON
+    /// POST like MediaMTX's `authMethod: http`; 2xx allows, 401/403 refuse, anything else 503.
+    #[arg(long, value_name = "URL")]
+    auth_http_url: Option<String>,
+    /// How long the authorisation server may take; then the viewer gets 503 [default: 2000].
+    #[arg(long, value_name = "MS")]
+    auth_http_timeout_ms: Option<u64>,
+    /// Reuse the authorisation server's decision for the same stream, token and client address
+    /// for this long; 0 = ask every time [default: 60].
+    #[arg(long, value_name = "SECS")]
+    auth_cache_secs: Option<u64>,
+    /// Requests waiting for the authorisation server at most; beyond, 503 [default: 64].
+    #[arg(long, value_name = "N")]
+    auth_max_pending: Option<usize>,
+    /// Accept HS256 JWTs signed with this secret (prefer --jwt-secret-file: a command line is
+    /// visible to every local user).
+    #[arg(long, value_name = "SECRET")]
+    jwt_secret: Option<String>,
+    /// Accept HS256 JWTs signed with the secret in this file (trailing newline ignored).
+    #[arg(long, value_name = "FILE")]
+    jwt_secret_file: Option<PathBuf>,
+    /// Accept RS256/ES256 (and HS256 `oct`) JWTs signed with the keys of this JWKS file
+    /// (repeat).
+    #[arg(long = "jwks-file", value_name = "FILE")]
+    jwks_files: Vec<PathBuf>,
+    /// Accept JWTs signed with the keys of this JWKS (`http://` URL), fetched at start and
+    /// every --jwks-refresh-secs.
+    #[arg(long, value_name = "URL")]
+    jwks_url: Option<String>,
+    /// How often the JWKS URL is fetched again [default: 300].
+    #[arg(long, value_name = "SECS")]
+    jwks_refresh_secs: Option<u64>,
+    /// Clock skew allowed on a JWT's exp and nbf [default: 30].
+    #[arg(long, value_name = "SECS")]
+    jwt_leeway_secs: Option<u64>,
 }
 
 /// The configuration file. Every field is optional.
@@ -231,6 +268,16 @@ struct FileConfig {
     stale_timeout_secs: Option<u64>,
     stop_grace_secs: Option<u64>,
     dtls: Option<Dtls>,
+    auth_http_url: Option<String>,
+    auth_http_timeout_ms: Option<u64>,
+    auth_cache_secs: Option<u64>,
+    auth_max_pending: Option<usize>,
+    jwt_secret: Option<String>,
+    jwt_secret_file: Option<PathBuf>,
+    jwks_files: Vec<PathBuf>,
+    jwks_url: Option<String>,
+    jwks_refresh_secs: Option<u64>,
+    jwt_leeway_secs: Option<u64>,
     streams: BTreeMap<String, StreamSpec>,
 }
 
@@ -277,11 +324,77 @@ impl std::fmt::Display for CliError {
 
 impl std::error::Error for CliError {}
 
+/// The authorisation settings of the flags over the file: the core's part goes into `core`.
+fn auth_settings(
+    core: &mut CoreConfig,
+    cli: &Cli,
+    file: &FileConfig,
+    read_file: &mut impl FnMut(&Path) -> std::io::Result<String>,
+) -> Result<AuthSettings, String> {
+    let mut read = |p: &Path| read_file(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let mut settings = AuthSettings::default();
+    if let Some(url) = cli.auth_http_url.as_ref().or(file.auth_http_url.as_ref()) {
+        let url = HttpUrl::parse(url).map_err(|e| format!("--auth-http-url {e}"))?;
+        let ms = cli.auth_http_timeout_ms.or(file.auth_http_timeout_ms).unwrap_or(2000);
+        if ms == 0 {
+            return Err("--auth-http-timeout-ms must be at least 1".into());
+        }
+        let max_pending = cli.auth_max_pending.or(file.auth_max_pending).unwrap_or(64);
+        core.auth.http = Some(HttpAuth {
+            timeout: Duration::from_millis(ms),
+            cache_ttl: Duration::from_secs(
+                cli.auth_cache_secs.or(file.auth_cache_secs).unwrap_or(60),
+            ),
+            max_pending: max_pending.max(1),
+        });
+        settings.http_url = Some(url);
+    }
+    let mut jwt = JwtSources {
+        jwks_refresh: Duration::from_secs(
+            cli.jwks_refresh_secs.or(file.jwks_refresh_secs).unwrap_or(300).max(1),
+        ),
+        ..JwtSources::default()
+    };
+    let secret = match (&cli.jwt_secret, &cli.jwt_secret_file) {
+        (Some(s), _) => Some(s.clone()),
+        (None, Some(f)) => Some(read(f)?.trim_end_matches(['\n', '\r']).to_owned()),
+        (None, None) => match (&file.jwt_secret, &file.jwt_secret_file) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(f)) => Some(read(f)?.trim_end_matches(['\n', '\r']).to_owned()),
+            (None, None) => None,
+        },
+    };
+    if let Some(s) = secret {
+        if s.len() < 32 {
+            return Err("the JWT secret must be at least 32 bytes (HS256 needs 256 bits)".into());
+        }
+        jwt.hs256_secret = Some(s.into_bytes());
+    }
+    let files = if cli.jwks_files.is_empty() { &file.jwks_files } else { &cli.jwks_files };
+    for f in files {
+        jwt.jwks_files.push(read(f)?.into_bytes());
+    }
+    if let Some(url) = cli.jwks_url.as_ref().or(file.jwks_url.as_ref()) {
+        jwt.jwks_url = Some(HttpUrl::parse(url).map_err(|e| format!("--jwks-url {e}"))?);
+    }
+    if jwt.hs256_secret.is_some() || !jwt.jwks_files.is_empty() || jwt.jwks_url.is_some() {
+        let keys = jwt.keys(None).map_err(|e| format!("JWT keys: {e}"))?;
+        if keys.is_empty() && jwt.jwks_url.is_none() {
+            return Err("JWT keys: the JWKS files hold no usable key (RSA, EC P-256 or oct)".into());
+        }
+        core.auth.jwt = Some(keys);
+        core.auth.leeway =
+            Duration::from_secs(cli.jwt_leeway_secs.or(file.jwt_leeway_secs).unwrap_or(30));
+        settings.jwt = Some(jwt);
+    }
+    Ok(settings)
+}
+
 /// Parses `whepd`'s arguments (the first is the program name). The configuration file named
 /// by `--config` is read with `read_file`, so that this module does no IO.
 pub fn parse<I, T>(
     args: I,
-    read_file: impl FnOnce(&Path) -> std::io::Result<String>,
+    read_file: impl FnMut(&Path) -> std::io::Result<String>,
 ) -> Result<Launch, CliError>
 where
     I: IntoIterator<Item = T>,
@@ -293,7 +406,7 @@ where
 
 fn settings(
     cli: Cli,
-    read_file: impl FnOnce(&Path) -> std::io::Result<String>,
+    mut read_file: impl FnMut(&Path) -> std::io::Result<String>,
 ) -> Result<Launch, String> {
     let file: FileConfig = match &cli.config {
         Some(path) => {
@@ -304,6 +417,7 @@ fn settings(
         None => FileConfig::default(),
     };
     let mut core = CoreConfig::default();
+    let auth = auth_settings(&mut core, &cli, &file, &mut read_file)?;
     if !cli.candidates.is_empty() {
         core.host_candidates = cli.candidates;
     } else {
@@ -519,6 +633,7 @@ fn settings(
             udp_gso: !cli.no_gso,
             shards,
             drain_timeout,
+            auth,
             ..ServerConfig::default()
         },
         http: cli
@@ -712,7 +827,7 @@ mod tests {
             if p.starts_with("/nonexistent") {
                 Err(std::io::Error::from(std::io::ErrorKind::NotFound))
             } else {
-                Ok(file)
+                Ok(file.clone())
             }
         };
         parse(std::iter::once("whepd").chain(args.iter().copied()), read).map_err(|e| e.to_string())
@@ -812,6 +927,49 @@ max_viewers = 2
         assert!(err.contains("stream \"x\""), "{err}");
         let s = setup_from(&["--stream", "a=srt://h:1", "--stream", "b=/srv/x.mp4"]).expect("ok");
         assert!(s.streams[0].1.url.is_some() && s.streams[1].1.file.is_some());
+    }
+
+    #[test]
+    fn auth_flags_and_file_configure_the_core_and_the_shell() {
+        let s = setup_from(&[]).expect("valid");
+        assert!(!s.server.core.auth.is_external() && s.server.auth.http_url.is_none());
+        let s = setup_from(&[
+            "--auth-http-url",
+            "http://127.0.0.1:9000/auth",
+            "--auth-http-timeout-ms",
+            "750",
+            "--auth-cache-secs",
+            "0",
+        ])
+        .expect("valid");
+        let http = s.server.core.auth.http.expect("callback configured");
+        assert_eq!((http.timeout, http.cache_ttl), (Duration::from_millis(750), Duration::ZERO));
+        assert_eq!(s.server.auth.http_url.map(|u| u.port), Some(9000));
+        let e = setup_from(&["--auth-http-url", "https://auth/"]).expect_err("https refused");
+        assert!(e.contains("only http://"), "{e}");
+        let e = setup_from(&["--jwt-secret", "short"]).expect_err("short secret");
+        assert!(e.contains("32 bytes"), "{e}");
+
+        // The file (the one closure reads the config and the secret file: the text is both).
+        let file =
+            "jwt_secret_file = \"/s\"\njwt_leeway_secs = 5\n# a secret of 32 bytes or more\n";
+        let s = setup_with(&["--config", "w.toml"], file).expect("valid");
+        assert_eq!(s.server.core.auth.leeway, Duration::from_secs(5));
+        assert!(s.server.core.auth.jwt.is_some());
+        // The flag, and the secret file's trailing newline is not part of the secret.
+        let secret = "0123456789abcdef0123456789abcdef";
+        let t = format!("{secret}\n");
+        let s = setup_with(&["--jwt-secret-file", "/s"], &t).expect("valid");
+        let keys = s.server.core.auth.jwt.expect("JWT configured");
+        let token = whep_core::auth::testing::hs256(
+            secret.as_bytes(),
+            r#"{"alg":"HS256"}"#,
+            r#"{"exp":4000000000,"whep":{"streams":["*"]}}"#,
+        );
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        assert!(keys.verify(&token, now, Duration::ZERO).is_ok());
+        let e = setup_with(&["--jwks-file", "/k"], "{\"keys\":[]}").expect_err("no key");
+        assert!(e.contains("no usable key"), "{e}");
     }
 
     #[test]

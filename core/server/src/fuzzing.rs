@@ -14,7 +14,7 @@ use whep_core::fuzzing::{
     demo_world, post, text, with_world,
 };
 pub use whep_core::fuzzing::{
-    Target, decode_ops, ingest, offer, ops, sdpfrag, tcp_stream, viewer_datagram,
+    Target, decode_ops, ingest, jwt, offer, ops, sdpfrag, tcp_stream, viewer_datagram,
 };
 use whep_core::sim::{self, SimWorld};
 use whep_core::whep::Method;
@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("viewer_datagram", viewer_datagram),
     ("tcp_stream", tcp_stream),
     ("ops", ops),
+    ("jwt", jwt),
 ];
 
 struct RequestWorld {

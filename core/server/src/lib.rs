@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod driver;
 pub mod dtls;

@@ -60,11 +60,20 @@ corpus_test!(ingest);
 corpus_test!(viewer_datagram);
 corpus_test!(tcp_stream);
 corpus_test!(ops);
+corpus_test!(jwt);
 
 #[test]
 fn every_target_has_a_test_and_a_fuzz_target() {
-    let tested =
-        ["offer", "whep_request", "sdpfrag", "ingest", "viewer_datagram", "tcp_stream", "ops"];
+    let tested = [
+        "offer",
+        "whep_request",
+        "sdpfrag",
+        "ingest",
+        "viewer_datagram",
+        "tcp_stream",
+        "ops",
+        "jwt",
+    ];
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(names, tested, "a target without a corpus test");
     for name in names {

@@ -8,6 +8,7 @@ use str0m::change::SdpOffer;
 use str0m::{Candidate, IceCreds};
 use tracing::{debug, info, warn};
 
+use crate::auth::Answer;
 use crate::config::VideoCodec;
 use crate::ids::{SessionId, StreamId};
 use crate::ratelimit::Kind;
@@ -16,27 +17,40 @@ use crate::sdpfrag::{self, SdpFrag};
 use crate::stream::Stream;
 use crate::viewer::{Answered, Offer, Seat};
 use crate::whep::{
-    self, ALLOW_HEADERS, ALLOW_METHODS, CONTENT_TYPE_SDP, CONTENT_TYPE_SDPFRAG, EXPOSE_HEADERS,
-    Method, Reject, Route, StatusCode, WhepRequest, WhepResponse,
+    self, ALLOW_HEADERS, ALLOW_METHODS, CONTENT_TYPE_SDP, CONTENT_TYPE_SDPFRAG, Method, Reject,
+    Route, StatusCode, WhepRequest, WhepResponse,
 };
 use crate::{CloseReason, Event, Output};
 
 use super::Core;
+use super::auth::Gate;
 
 impl Core {
-    /// Answers one WHEP request. Always returns a response; see [`crate::whep`].
-    pub fn handle_http(&mut self, mut req: WhepRequest, now: Instant) -> WhepResponse {
+    /// Answers one WHEP request at once. Always returns a response; see [`crate::whep`].
+    ///
+    /// A runtime that serves the authorisation callback ([`crate::auth`]) calls
+    /// [`handle_request`](Self::handle_request) instead; here a request that would have to wait
+    /// for it is answered 503.
+    pub fn handle_http(&mut self, req: WhepRequest, now: Instant) -> WhepResponse {
+        match self.request(req, now, false) {
+            Answer::Ready(r) => r,
+            Answer::Pending(id) => {
+                // Not reached: `request` parks nothing when it may not wait.
+                self.cancel_request(id);
+                Reject::AuthFailed("internal: request left pending".into())
+                    .into_response(self.config.retry_after_secs)
+            }
+        }
+    }
+
+    pub(super) fn request(&mut self, mut req: WhepRequest, now: Instant, can_wait: bool) -> Answer {
         let now = self.tick(now);
         // An IPv4 client of a dual-stack listener is the same client as over IPv4.
         req.client = req.client.map(|ip| ip.to_canonical());
         self.fan_out_pending();
         let node = whep::NodeTag::Only(self.config.node_id.as_deref());
         let route = whep::route(&self.config.whep_prefix, node, &req.target);
-        let label = match (&route, &req.method) {
-            (Some(Route::Endpoint(_)), _) => "endpoint",
-            (Some(Route::Session(..)), _) => "session",
-            (None, _) => "other",
-        };
+        let label = Self::label(route.as_ref());
         let preflight = req.is_preflight();
         // Preflights and unknown paths are free; everything else draws on the rate limits
         // before any work (authentication included, so tokens cannot be guessed at speed).
@@ -50,31 +64,35 @@ impl Core {
             Some(_) if limited.is_some() => {
                 Err(Reject::RateLimited { retry_after: limited.unwrap_or_default() })
             }
-            Some(_)
-                if !whep::bearer_ok(&self.config.bearer_tokens, req.header("authorization")) =>
-            {
-                Err(Reject::Unauthorized)
-            }
-            Some(_) if req.body.len() > self.config.max_body_bytes => Err(Reject::PayloadTooLarge),
-            Some(Route::Endpoint(stream)) => self.endpoint(&req, &stream, now),
-            Some(Route::Session(stream, session)) => self.on_session(&req, &stream, session, now),
+            Some(route) => match self.gate(&req, &route, now) {
+                Gate::Open => self.serve(&req, route, now),
+                Gate::Deny(reject) => Err(reject),
+                Gate::Ask { .. } if !can_wait => Err(Reject::AuthFailed(
+                    "this server's loop cannot wait for the authorisation callback".into(),
+                )),
+                Gate::Ask { .. } if self.auth_full() => Err(Reject::AuthBusy),
+                Gate::Ask { stream, token, key } => {
+                    return Answer::Pending(self.park(req, stream, token, key, now));
+                }
+            },
         };
-        let mut resp = match result {
-            Ok(r) => r,
-            Err(reject) => {
-                debug!(method = %req.method, target = %req.target, reason = reject.reason(), "request rejected");
-                *self.metrics.rejections.entry(reject.reason()).or_default() += 1;
-                reject.into_response(self.config.retry_after_secs)
-            }
-        };
-        resp = resp
-            .with("Access-Control-Allow-Origin", self.config.cors_origin.clone())
-            .with("Access-Control-Expose-Headers", EXPOSE_HEADERS);
-        if self.config.cors_origin != "*" {
-            resp = resp.with("Vary", "Origin");
+        Answer::Ready(self.finish(&req, label, result))
+    }
+
+    /// Serves an authorised request.
+    pub(super) fn serve(
+        &mut self,
+        req: &WhepRequest,
+        route: Route,
+        now: Instant,
+    ) -> Result<WhepResponse, Reject> {
+        if req.body.len() > self.config.max_body_bytes {
+            return Err(Reject::PayloadTooLarge);
         }
-        self.count_request(label, &req.method, resp.code());
-        resp
+        match route {
+            Route::Endpoint(stream) => self.endpoint(req, &stream, now),
+            Route::Session(stream, session) => self.on_session(req, &stream, session, now),
+        }
     }
 
     /// Draws on the rate limits; a POST to an endpoint is a new session, anything else is an

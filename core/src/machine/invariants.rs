@@ -127,7 +127,11 @@ impl Core {
         let scheduled = self.viewers.values().filter(|p| p.scheduled.is_some()).count()
             + self.streams.values().filter(|s| s.scheduled.is_some()).count()
             + self.tcp.values().filter(|c| c.deadline.is_some()).count()
-            + usize::from(self.stun.as_ref().is_some_and(|d| d.scheduled.is_some()));
+            + usize::from(self.stun.as_ref().is_some_and(|d| d.scheduled.is_some()))
+            + self.auth.pending_len();
+        for (id, deadline) in self.auth.deadlines() {
+            assert!(self.timers.contains(&(deadline, TimerKey::Auth(id))), "{id} timer missing");
+        }
         assert_eq!(scheduled, self.timers.len(), "no stray timer entries");
         if let Some(d) = &self.stun {
             let t = d.scheduled.expect("STUN discovery always has a deadline");

@@ -12,6 +12,7 @@
 //! | `http` | the WHEP resource: POST, PATCH (trickle, ICE restart), DELETE, OPTIONS; rate limits, caps, admission |
 //! | `invariants` | the bookkeeping checked whole, after every step in tests |
 
+mod auth;
 mod fanout;
 mod http;
 mod invariants;
@@ -66,13 +67,16 @@ enum TimerKey {
     Stream(StreamId),
     Tcp(crate::tcp::ConnId),
     Stun,
+    Auth(crate::auth::RequestId),
 }
 
 /// The sans-IO WHEP egress core. See the [crate documentation](crate) for the run loop.
 ///
 /// # Calling contract
 ///
-/// - **Inputs**: [`handle_http`](Self::handle_http) (answers at once),
+/// - **Inputs**: [`handle_http`](Self::handle_http) (answers at once), or
+///   [`handle_request`](Self::handle_request) and [`handle_auth`](Self::handle_auth) (a request
+///   may wait for the authorisation callback, see [`crate::auth`]),
 ///   [`handle_input`](Self::handle_input) (datagrams, RTP from FFmpeg, bind results, process
 ///   lifecycle), [`handle_timeout`](Self::handle_timeout), and the stream management calls
 ///   [`add_stream`](Self::add_stream), [`start_stream`](Self::start_stream),
@@ -136,6 +140,8 @@ pub struct Core {
     /// Reused buffers, so the packet path does not allocate for bookkeeping.
     news: Vec<ViewerNews>,
     scratch: Vec<SessionId>,
+    /// Requests waiting for the authorisation callback, and its cached decisions.
+    auth: auth::AuthState,
 }
 
 impl Core {
@@ -181,6 +187,7 @@ impl Core {
             fanning: None,
             news: Vec::new(),
             scratch: Vec::new(),
+            auth: auth::AuthState::default(),
         };
         core.reschedule_stun();
         core
@@ -378,6 +385,7 @@ impl Core {
                 TimerKey::Stream(_) => TimerReason::Stream,
                 TimerKey::Tcp(_) => TimerReason::Tcp,
                 TimerKey::Stun => TimerReason::Stun,
+                TimerKey::Auth(_) => TimerReason::Auth,
             };
             (*t, why)
         })
@@ -504,6 +512,7 @@ impl Core {
                 }
                 TimerKey::Tcp(conn) => self.tcp_timeout(conn, now),
                 TimerKey::Stun => self.stun_timeout(now),
+                TimerKey::Auth(id) => self.auth_timeout(id, now),
             }
         }
     }

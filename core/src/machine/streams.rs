@@ -148,11 +148,13 @@ impl Core {
         for s in rest {
             self.remove_viewer(s, CloseReason::Shutdown, now);
         }
+        self.answer_pending_auth(now);
     }
 
     /// True when no viewer, port or process is held.
     pub fn is_idle(&self) -> bool {
         self.viewers.is_empty()
+            && self.auth.is_idle()
             && self.ports.in_use() == 0
             && self
                 .streams

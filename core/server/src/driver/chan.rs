@@ -89,6 +89,12 @@ impl<T> Sender<T> {
         Ok(())
     }
 
+    /// Whether the receiver is gone (or the queue closed): nothing sent arrives any more.
+    pub(crate) fn is_closed(&self) -> bool {
+        let s = self.shared.lock();
+        s.receiver_gone || s.closed
+    }
+
     /// Queues `item`; gives it back when the receiver is gone.
     pub(crate) fn send(&self, item: T) -> Result<(), T> {
         let waker = {

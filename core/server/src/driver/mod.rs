@@ -48,11 +48,12 @@ use tracing::{debug, info, warn};
 
 use crate::app::{AddError, RoutesConfig, ServerConfig, ShardView, StreamSpec, TcpListen};
 use crate::shard::ShardSet;
+use whep_core::auth::JwtKeys;
 use whep_core::shard::{MAX_SHARDS, Mirror, ShardMember};
 use whep_core::tcp::{ConnId, SendQueue};
 use whep_core::{
-    Core, Event, Input, Metrics, Output, PortPair, StreamError, StreamId, StreamInfo, Transport,
-    WhepRequest, WhepResponse,
+    Answer, AuthDecision, Core, Event, Input, Metrics, Output, PortPair, RequestId, StreamError,
+    StreamId, StreamInfo, Transport, WhepRequest, WhepResponse,
 };
 
 /// Receive buffer: room for the most datagrams one receive may return coalesced (UDP GRO: 64
@@ -108,6 +109,15 @@ pub trait Runtime: Send + Sync + 'static {
     fn signal(&self, pid: u32, force: bool);
     /// The runtime's clock (the driver reads no clock of its own).
     fn now(&self) -> Instant;
+    /// Runs `work`, which blocks (an HTTP exchange with the authorisation server or a JWKS
+    /// URL, bounded by its timeouts), where it cannot hold up the engine loop: the runtime's
+    /// blocking pool. The default starts a thread for it.
+    fn spawn_blocking(&self, work: Box<dyn FnOnce() + Send>) {
+        let spawned = std::thread::Builder::new().name("whep-blocking".into()).spawn(work);
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start a thread for blocking work");
+        }
+    }
     /// Binds a non-blocking TCP listener (ICE-TCP). The default says the runtime has none:
     /// the engine then runs without ICE over TCP.
     fn bind_tcp(&self, addr: SocketAddr) -> io::Result<Box<dyn TcpListener>> {
@@ -266,11 +276,18 @@ struct Exited {
     code: Option<i32>,
 }
 
-type Job = Box<dyn FnOnce(&mut Core, &RoutesConfig, Instant, &mut ShutdownFlag) + Send>;
+type Job = Box<dyn FnOnce(&mut Core, &RoutesConfig, Instant, &mut JobCtx) + Send>;
 
-/// Set by [`Engine::shutdown`]'s job.
-#[derive(Debug, Default)]
-struct ShutdownFlag(bool);
+/// A decision of the authorisation server, from the blocking task that asked it.
+type Decided = (RequestId, AuthDecision);
+
+/// What a job leaves for the loop: [`Engine::shutdown`]'s flag, or a request the core left
+/// pending with the channel its response goes to.
+#[derive(Default)]
+struct JobCtx {
+    shutdown: bool,
+    parked: Option<(RequestId, chan::Sender<WhepResponse>)>,
+}
 
 /// A stream of [`Event`]s from [`Engine::subscribe`]. A subscriber that falls more than 1024
 /// events behind loses the oldest.
@@ -428,6 +445,12 @@ impl<R: Runtime> Engine<R> {
         let (mut to_followers, from_leader): (Vec<_>, Vec<_>) =
             (1..count).map(|_| chan::channel::<Mirror>(None)).unzip();
         let mut from_leader = from_leader.into_iter();
+        // One queue of refreshed JWT keys per shard, filled by the JWKS fetcher.
+        let (jwks_tx, jwks_rx): (Vec<_>, Vec<_>) = match &config.auth.jwt {
+            Some(j) if j.jwks_url.is_some() => (0..count).map(|_| chan::channel(Some(1))).unzip(),
+            _ => (Vec::new(), Vec::new()),
+        };
+        let mut jwks_rx = jwks_rx.into_iter();
         let subscribers = Arc::new(Mutex::new(Vec::new()));
         let mut routes = config.routes.clone();
         routes.start_webhook().map_err(io::Error::other)?;
@@ -490,6 +513,11 @@ impl<R: Runtime> Engine<R> {
                 next_conn: 0,
                 tcp_next: ConnId(0),
                 tcp_queue_bytes: config.tcp_queue_bytes.max(4096),
+                responders: HashMap::new(),
+                decisions: chan::channel(None),
+                auth_url: config.auth.http_url.clone(),
+                auth_timeout: config.core.auth.http.as_ref().map_or(Duration::ZERO, |h| h.timeout),
+                jwt_keys: jwks_rx.next(),
             };
             let guard = SetOnDrop(Arc::clone(&done));
             let future = Box::pin(driver.run(jobs_rx, config.shutdown_timeout, guard));
@@ -499,6 +527,9 @@ impl<R: Runtime> Engine<R> {
                 runtime.spawn(future);
             }
             shards.push(ShardHandle { jobs, udp_addr, done });
+        }
+        if let Some(sources) = config.auth.jwt.clone().filter(|j| j.jwks_url.is_some()) {
+            spawn_jwks_fetcher(sources, jwks_tx);
         }
         let inner = Inner { shards, set, subscribers, max_body, whep_prefix };
         Ok(Self { inner: Arc::new(inner), runtime })
@@ -664,7 +695,8 @@ impl<R: Runtime> Engine<R> {
     }
 
     /// Answers one request to the application routes (player page, `/metrics`, admin API and
-    /// the WHEP routes); see [`crate::app::handle`].
+    /// the WHEP routes); see [`crate::app::handle`]. A WHEP request waiting for the
+    /// authorisation callback is answered when the core decides.
     pub async fn handle_request(&self, req: WhepRequest) -> WhepResponse {
         let shard = match crate::app::session_route(&req) {
             Some(session) => self.shard_of(session),
@@ -679,17 +711,39 @@ impl<R: Runtime> Engine<R> {
                 .await
                 .unwrap_or_else(crate::app::unavailable);
         }
-        self.with_shard(shard, move |core, routes, now| crate::app::handle(core, routes, req, now))
-            .await
-            .unwrap_or_else(crate::app::unavailable)
+        self.answer(shard, move |core, routes, now| {
+            crate::app::handle_request(core, routes, req, now)
+        })
+        .await
     }
 
     /// Answers one request to the WHEP routes only.
     pub async fn handle_whep_request(&self, req: WhepRequest) -> WhepResponse {
         let shard = self.shard_for(&req);
-        self.with_shard(shard, move |core, _, now| core.handle_http(req, now))
-            .await
-            .unwrap_or_else(crate::app::unavailable)
+        self.answer(shard, move |core, _, now| core.handle_request(req, now)).await
+    }
+
+    /// Runs `f` on shard `index`; an [`Answer::Pending`] is answered when the core emits its
+    /// [`Output::Respond`].
+    async fn answer(
+        &self,
+        index: usize,
+        f: impl FnOnce(&mut Core, &RoutesConfig, Instant) -> Answer + Send + 'static,
+    ) -> WhepResponse {
+        let (tx, rx) = chan::channel(Some(1));
+        let job: Job = Box::new(move |core, routes, now, ctx| match f(core, routes, now) {
+            Answer::Ready(r) => {
+                let _ = tx.send(r);
+            }
+            Answer::Pending(id) => ctx.parked = Some((id, tx)),
+        });
+        let Some(shard) = self.inner.shards.get(index) else {
+            return crate::app::unavailable();
+        };
+        if shard.jobs.send(job).is_err() {
+            return crate::app::unavailable();
+        }
+        rx.recv().await.unwrap_or_else(crate::app::unavailable)
     }
 
     /// The shard that answers `req`: a session's own, the least loaded one for a POST that
@@ -744,7 +798,7 @@ impl<R: Runtime> Engine<R> {
     /// [`ServerConfig::shutdown_timeout`]) and stops the engine.
     pub async fn shutdown(&self) {
         for shard in &self.inner.shards {
-            let job: Job = Box::new(|_, _, _, flag| flag.0 = true);
+            let job: Job = Box::new(|_, _, _, ctx| ctx.shutdown = true);
             let _ = shard.jobs.send(job);
         }
         self.closed().await;
@@ -755,6 +809,24 @@ impl<R: Runtime> Engine<R> {
         for shard in &self.inner.shards {
             shard.done.wait().await;
         }
+    }
+}
+
+/// Runs [`crate::auth::fetch_jwks_forever`] on a thread of its own (not the runtime's blocking
+/// pool, whose shutdown would wait for it), handing every shard the keys; the thread ends
+/// within a second of the engine.
+fn spawn_jwks_fetcher(sources: crate::auth::JwtSources, shards: Vec<chan::Sender<JwtKeys>>) {
+    let shards = Arc::new(shards);
+    let theirs = Arc::clone(&shards);
+    let work = move || {
+        crate::auth::fetch_jwks_forever(
+            &sources,
+            |keys| theirs.iter().for_each(|s| drop(s.send(keys.clone()))),
+            || !theirs.iter().all(chan::Sender::is_closed),
+        );
+    };
+    if let Err(e) = std::thread::Builder::new().name("whep-jwks".into()).spawn(work) {
+        warn!(error = %e, "cannot start the JWKS fetcher; JWTs are checked against the files only");
     }
 }
 
@@ -862,6 +934,15 @@ struct Driver<R: Runtime> {
     tcp_next: ConnId,
     /// [`ServerConfig::tcp_queue_bytes`].
     tcp_queue_bytes: usize,
+    /// Where the answers of requests waiting for the authorisation callback go.
+    responders: HashMap<RequestId, chan::Sender<WhepResponse>>,
+    /// Decisions of the authorisation server, from the blocking tasks that asked it.
+    decisions: (chan::Sender<Decided>, chan::Receiver<Decided>),
+    /// The authorisation server ([`AuthSettings::http_url`](crate::app::AuthSettings::http_url)).
+    auth_url: Option<crate::auth::HttpUrl>,
+    auth_timeout: Duration,
+    /// JWT keys fetched again from the JWKS URL.
+    jwt_keys: Option<chan::Receiver<JwtKeys>>,
 }
 
 /// An ICE-TCP connection: its socket and what waits to be written to it.
@@ -905,6 +986,8 @@ fn bind_tcp<R: Runtime>(
 
 enum Wake {
     Job(Option<Job>),
+    Auth(RequestId, AuthDecision),
+    JwtKeys(JwtKeys),
     Exit(Exited),
     Ingest(u16, Received),
     Mirror(Mirror),
@@ -978,13 +1061,16 @@ impl<R: Runtime> Driver<R> {
             }
             match wake {
                 Wake::Job(Some(job)) => {
-                    let mut flag = ShutdownFlag::default();
+                    let mut ctx = JobCtx::default();
                     let started = self.runtime.now();
-                    job(&mut self.core, &self.routes, started, &mut flag);
+                    job(&mut self.core, &self.routes, started, &mut ctx);
+                    if let Some((id, tx)) = ctx.parked {
+                        self.responders.insert(id, tx);
+                    }
                     // Answering requests is not forwarding load: a burst of setups (bounded by
                     // the rate limits) must not close admission by itself.
                     load.exclude(self.runtime.now().saturating_duration_since(started));
-                    if flag.0 {
+                    if ctx.shutdown {
                         self.begin_shutdown();
                     }
                 }
@@ -993,6 +1079,10 @@ impl<R: Runtime> Driver<R> {
                     jobs_open = false;
                     self.begin_shutdown();
                 }
+                Wake::Auth(id, decision) => {
+                    self.core.handle_auth(id, decision, self.runtime.now());
+                }
+                Wake::JwtKeys(keys) => self.core.set_jwt_keys(keys),
                 Wake::Exit(exit) => {
                     self.procs.remove(&(exit.stream.clone(), exit.generation));
                     let input = Input::ProcessExited {
@@ -1087,6 +1177,14 @@ impl<R: Runtime> Driver<R> {
         }
         if let Poll::Ready(Some(exit)) = self.exits.1.poll_recv(cx) {
             return Poll::Ready(Wake::Exit(exit));
+        }
+        if let Poll::Ready(Some((id, decision))) = self.decisions.1.poll_recv(cx) {
+            return Poll::Ready(Wake::Auth(id, decision));
+        }
+        if let Some(rx) = &self.jwt_keys
+            && let Poll::Ready(Some(keys)) = rx.poll_recv(cx)
+        {
+            return Poll::Ready(Wake::JwtKeys(keys));
         }
         if let Some(gone) = self.poll_tcp_writes(cx) {
             return Poll::Ready(Wake::TcpGone(gone));
@@ -1384,6 +1482,32 @@ impl<R: Runtime> Driver<R> {
                 Output::KillProcess { stream, generation } => {
                     if let Some(pid) = self.procs.get(&(stream, generation)) {
                         self.runtime.signal(*pid, true);
+                    }
+                }
+                Output::Authorize(req) => {
+                    let tx = self.decisions.0.clone();
+                    match &self.auth_url {
+                        Some(url) => {
+                            let url = url.clone();
+                            let timeout = self.auth_timeout;
+                            self.runtime.spawn_blocking(Box::new(move || {
+                                let decision = crate::auth::ask(&url, &req, timeout);
+                                let _ = tx.send((req.id, decision));
+                            }));
+                        }
+                        None => {
+                            let why = "no authorisation server configured".to_owned();
+                            self.core.handle_auth(
+                                req.id,
+                                AuthDecision::Error(why),
+                                self.runtime.now(),
+                            );
+                        }
+                    }
+                }
+                Output::Respond { id, response } => {
+                    if let Some(tx) = self.responders.remove(&id) {
+                        let _ = tx.send(response);
                     }
                 }
                 Output::Event(event) => {

@@ -1,0 +1,282 @@
+//! Viewer authorisation end to end, per runtime: an HTTP authorisation server in the test
+//! (a std `TcpListener` thread) that allows one token and refuses another decides whether a
+//! str0m viewer plays; with it down or silent the viewer gets a clear 503; a JWT signed with
+//! the server's HS256 secret plays in headless Chromium from the WHEP URL's query, and a JWT
+//! for another stream is refused 403.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use whep_core::auth::testing;
+use whep_e2e::viewer::{Viewer, ViewerError};
+use whep_e2e::{Server, chromium};
+
+const PLAY_WITHIN: Duration = Duration::from_secs(25);
+const SECRET: &str = "an-hs256-secret-of-32-bytes-or-more";
+
+/// The authorisation server: `good` → 200, `bad` → 403, anything else → 401. Keeps every
+/// request body it got.
+struct AuthServer {
+    url: String,
+    /// `GET` of this URL answers the JWKS the server was started with.
+    jwks_url: String,
+    bodies: Arc<Mutex<Vec<String>>>,
+}
+
+impl AuthServer {
+    fn start() -> Self {
+        Self::with_jwks(String::new())
+    }
+
+    fn with_jwks(jwks: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the auth server");
+        let addr = listener.local_addr().expect("its address");
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let theirs = Arc::clone(&bodies);
+        let jwks = Arc::new(jwks);
+        // Lives as long as the test process; each connection is one request.
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let bodies = Arc::clone(&theirs);
+                let jwks = Arc::clone(&jwks);
+                std::thread::spawn(move || answer(conn, &bodies, &jwks));
+            }
+        });
+        Self {
+            url: format!("http://{addr}/auth"),
+            jwks_url: format!("http://{addr}/jwks.json"),
+            bodies,
+        }
+    }
+
+    fn bodies(&self) -> Vec<String> {
+        self.bodies.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+}
+
+fn answer(conn: TcpStream, bodies: &Mutex<Vec<String>>, jwks: &str) {
+    let mut reader = BufReader::new(conn);
+    let mut length = 0usize;
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let get_jwks = line.starts_with("GET /jwks.json ");
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = l.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    if get_jwks {
+        let mut conn = reader.into_inner();
+        let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{jwks}");
+        return;
+    }
+    let mut body = vec![0u8; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let status = match json.get("token").and_then(|t| t.as_str()) {
+        Some("good") => "200 OK",
+        Some("bad") => "403 Forbidden",
+        _ => "401 Unauthorized",
+    };
+    if let Ok(mut b) = bodies.lock() {
+        b.push(body);
+    }
+    let mut conn = reader.into_inner();
+    let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+}
+
+fn rejected(r: Result<Viewer, ViewerError>) -> (u16, String) {
+    match r {
+        Err(ViewerError::Rejected { status, body }) => (status, body),
+        Err(e) => panic!("not a rejection: {e:?}"),
+        Ok(v) => panic!("accepted: {:?}", v.stats()),
+    }
+}
+
+/// The allowed token plays; the refused one gets 403, no token 401; the authorisation server
+/// hears stream, token, address and user agent; a second POST with the allowed token is
+/// decided from the cache.
+fn callback_decides_who_plays(bin: &str) {
+    callback_decides_who_plays_on(bin, 1);
+}
+
+/// [`callback_decides_who_plays`] on `shards` engine loops: each asks for the requests it
+/// holds (and caches on its own, so the cache is not checked with more than one).
+fn callback_decides_who_plays_on(bin: &str, shards: usize) {
+    let auth = AuthServer::start();
+    let shards_arg = shards.to_string();
+    let mut server = Server::start(bin, &["--auth-http-url", &auth.url, "--shards", &shards_arg]);
+    let v = Viewer::connect(server.http, "/whep/demo", Some("good"))
+        .unwrap_or_else(|e| panic!("allowed viewer: {e:?}\n{}", server.output()));
+    assert!(
+        v.wait_for(PLAY_WITHIN, |s| s.video_packets >= 100 && s.audio_packets >= 20),
+        "allowed viewer did not play: {:?}\n{}",
+        v.stats(),
+        server.output()
+    );
+    let asked = auth.bodies();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    let json: serde_json::Value = serde_json::from_str(&asked[0]).expect("JSON");
+    assert_eq!(json["path"], "demo");
+    assert_eq!(json["token"], "good");
+    assert_eq!(json["action"], "read");
+    assert_eq!(json["protocol"], "whep");
+    assert_eq!(json["ip"], "127.0.0.1");
+
+    let (status, body) = rejected(Viewer::connect(server.http, "/whep/demo", Some("bad")));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("denied access to stream demo"), "{body}");
+    let (status, body) = rejected(Viewer::connect(server.http, "/whep/demo", None));
+    assert_eq!(status, 401, "{body}");
+
+    let again = Viewer::connect(server.http, "/whep/demo", Some("good")).expect("cached allow");
+    if shards == 1 {
+        assert_eq!(auth.bodies().len(), 3, "the cached decision was asked for again");
+    }
+    again.close();
+    v.close();
+}
+
+/// No authorisation server listening, then one that never answers: 503 with a clear error,
+/// within the timeout.
+fn auth_server_down_is_a_clear_503(bin: &str) {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let url = format!("http://127.0.0.1:{port}/auth");
+    let mut server = Server::start(bin, &["--auth-http-url", &url]);
+    let (status, body) = rejected(Viewer::connect(server.http, "/whep/demo", Some("good")));
+    assert_eq!(status, 503, "{body}\n{}", server.output());
+    assert!(body.contains("authorisation failed") && body.contains("connect"), "{body}");
+    drop(server);
+
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr: SocketAddr = silent.local_addr().expect("address");
+    let url = format!("http://{addr}/auth");
+    let server = Server::start(bin, &["--auth-http-url", &url, "--auth-http-timeout-ms", "500"]);
+    let started = std::time::Instant::now();
+    let (status, body) = rejected(Viewer::connect(server.http, "/whep/demo", Some("good")));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("within 500 ms"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    drop(silent);
+}
+
+fn jwt(streams: &str) -> String {
+    let exp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 3600)
+        .unwrap_or_default();
+    testing::hs256(
+        SECRET.as_bytes(),
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        &format!(r#"{{"exp":{exp},"whep":{{"streams":{streams}}}}}"#),
+    )
+}
+
+/// A JWT in the WHEP URL's query plays in Chromium (the player page's `jwt=`); one for other
+/// streams is refused 403, a forged one 401.
+fn jwt_in_the_query_plays_in_chromium(bin: &str) {
+    let mut server = Server::start(bin, &["--jwt-secret", SECRET]);
+    let (status, body) =
+        rejected(Viewer::connect(server.http, "/whep/demo", Some(&jwt(r#"["cam*"]"#))));
+    assert_eq!(status, 403, "{body}");
+    let forged = testing::hs256(b"another-secret-of-32-bytes-or-more!", r#"{"alg":"HS256"}"#, "{}");
+    let (status, body) = rejected(Viewer::connect(server.http, "/whep/demo", Some(&forged)));
+    assert_eq!(status, 401, "{body}");
+    let url = format!(
+        "http://{}/?stream=demo&test=1&frames=30&timeout=30&jwt={}",
+        server.http,
+        jwt(r#"["demo"]"#)
+    );
+    let verdict = chromium::run_page(&url, Duration::from_secs(45))
+        .unwrap_or_else(|e| panic!("{e}\nserver output:\n{}", server.output()));
+    assert!(verdict.contains("[WHEP] PASS"), "{verdict}\nserver output:\n{}", server.output());
+}
+
+/// ES256 keys from a JWKS URL: fetched at start, a token signed by them plays, one for other
+/// streams is refused 403.
+fn jwks_url_keys_verify_es256(bin: &str) {
+    let (key, jwk) = testing::es256_key("k1");
+    let jwks_server = AuthServer::with_jwks(format!(r#"{{"keys":[{jwk}]}}"#));
+    let mut server = Server::start(bin, &["--jwks-url", &jwks_server.jwks_url]);
+    assert!(
+        whep_e2e::wait_until(Duration::from_secs(10), || server.output().contains("JWKS fetched")),
+        "JWKS not fetched:\n{}",
+        server.output()
+    );
+    let exp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 3600)
+        .unwrap_or_default();
+    let token = |streams: &str| {
+        let claims = format!(r#"{{"exp":{exp},"whep":{{"streams":{streams}}}}}"#);
+        testing::es256(&key, r#"{"alg":"ES256","kid":"k1"}"#, &claims)
+    };
+    let v = Viewer::connect(server.http, "/whep/demo", Some(&token(r#"["demo"]"#)))
+        .unwrap_or_else(|e| panic!("ES256 viewer: {e:?}\n{}", server.output()));
+    assert!(v.wait_for(PLAY_WITHIN, |s| s.video_packets >= 50), "{:?}", v.stats());
+    let (status, body) =
+        rejected(Viewer::connect(server.http, "/whep/demo", Some(&token(r#"["other"]"#))));
+    assert_eq!(status, 403, "{body}");
+    v.close();
+}
+
+macro_rules! suite {
+    ($runtime:ident, $bin:expr) => {
+        mod $runtime {
+            fn bin() -> &'static str {
+                $bin
+            }
+            #[test]
+            fn callback_decides_who_plays() {
+                super::callback_decides_who_plays(bin());
+            }
+            #[test]
+            fn auth_server_down_is_a_clear_503() {
+                super::auth_server_down_is_a_clear_503(bin());
+            }
+            #[test]
+            fn jwks_url_keys_verify_es256() {
+                super::jwks_url_keys_verify_es256(bin());
+            }
+            #[test]
+            fn jwt_in_the_query_plays_in_chromium() {
+                super::jwt_in_the_query_plays_in_chromium(bin());
+            }
+        }
+    };
+}
+
+/// The callback with two shards (the blocking server runs one loop).
+#[test]
+fn tokio_callback_with_shards() {
+    callback_decides_who_plays_on(env!("CARGO_BIN_EXE_whepd-tokio"), 2);
+}
+
+#[test]
+fn smol_callback_with_shards() {
+    callback_decides_who_plays_on(env!("CARGO_BIN_EXE_whepd-smol-e2e"), 2);
+}
+
+suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
+suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
+suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
