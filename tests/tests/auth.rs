@@ -240,31 +240,12 @@ fn jwks_url_keys_verify_es256(bin: &str) {
     v.close();
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            fn bin() -> &'static str {
-                $bin
-            }
-            #[test]
-            fn callback_decides_who_plays() {
-                super::callback_decides_who_plays(bin());
-            }
-            #[test]
-            fn auth_server_down_is_a_clear_503() {
-                super::auth_server_down_is_a_clear_503(bin());
-            }
-            #[test]
-            fn jwks_url_keys_verify_es256() {
-                super::jwks_url_keys_verify_es256(bin());
-            }
-            #[test]
-            fn jwt_in_the_query_plays_in_chromium() {
-                super::jwt_in_the_query_plays_in_chromium(bin());
-            }
-        }
-    };
-}
+whep_e2e::runtime_suite!(
+    callback_decides_who_plays,
+    auth_server_down_is_a_clear_503,
+    jwks_url_keys_verify_es256,
+    jwt_in_the_query_plays_in_chromium,
+);
 
 /// The callback with two shards (the blocking server runs one loop).
 #[test]
@@ -276,7 +257,3 @@ fn tokio_callback_with_shards() {
 fn smol_callback_with_shards() {
     callback_decides_who_plays_on(env!("CARGO_BIN_EXE_whepd-smol-e2e"), 2);
 }
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
-suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));

@@ -127,17 +127,4 @@ fn first_frame_on_demand() {
     );
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            #[test]
-            fn on_demand_starts_and_stops() {
-                super::on_demand_starts_and_stops($bin);
-            }
-        }
-    };
-}
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
-suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
+whep_e2e::runtime_suite!(on_demand_starts_and_stops,);

@@ -337,24 +337,4 @@ mod shards {
     sharded!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
 }
 
-macro_rules! suite {
-    ($runtime:ident, $bin:expr) => {
-        mod $runtime {
-            fn bin() -> &'static str {
-                $bin
-            }
-            #[test]
-            fn list_kick_and_events() {
-                super::list_kick_and_events(bin());
-            }
-            #[test]
-            fn unreachable_webhook_costs_no_media() {
-                super::unreachable_webhook_costs_no_media(bin());
-            }
-        }
-    };
-}
-
-suite!(tokio, env!("CARGO_BIN_EXE_whepd-tokio"));
-suite!(smol, env!("CARGO_BIN_EXE_whepd-smol-e2e"));
-suite!(blocking, env!("CARGO_BIN_EXE_whepd-blocking"));
+whep_e2e::runtime_suite!(list_kick_and_events, unreachable_webhook_costs_no_media,);
