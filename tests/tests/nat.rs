@@ -29,6 +29,17 @@ fn candidates(sdp: &str) -> Vec<String> {
 }
 
 /// The server inside the lab, its HTTP address set to the router's forwarded port.
+/// Asserts that `viewer` connects and gets a keyframe, then closes it.
+fn plays_then_leaves(viewer: Viewer, server: &mut Server) {
+    assert!(
+        viewer.wait_for(Duration::from_secs(15), |s| s.connected && s.keyframes >= 1),
+        "{:?}\n{}",
+        viewer.stats(),
+        server.output()
+    );
+    viewer.close();
+}
+
 fn start_inside(lab: &NatLab, bin: &str, extra: &[&str]) -> Server {
     let http = format!("0.0.0.0:{}", whep_e2e::nat::HTTP_PORT);
     let udp = format!("0.0.0.0:{}", whep_e2e::nat::UDP_PORT);
@@ -79,13 +90,7 @@ fn str0m_viewer_needs_the_mapped_address(bin: &str) {
         .unwrap_or_else(|e| panic!("{e:?}\n{}", server.output()));
     let offered = candidates(viewer.answer());
     assert!(offered.contains(&public), "{offered:?}");
-    assert!(
-        viewer.wait_for(Duration::from_secs(15), |s| s.connected && s.keyframes >= 1),
-        "{:?}\n{}",
-        viewer.stats(),
-        server.output()
-    );
-    viewer.close();
+    plays_then_leaves(viewer, &mut server);
 }
 
 /// Headless Chromium outside plays the demo from the server behind the router, through the
@@ -139,13 +144,7 @@ fn silent_stun_server_is_warned_about(bin: &str) {
     assert_eq!(server.metric("whep_stun_failures_total"), Some(1.0));
     let viewer = Viewer::connect(server.http, "/whep/demo", None)
         .unwrap_or_else(|e| panic!("{e:?}\n{}", server.output()));
-    assert!(
-        viewer.wait_for(Duration::from_secs(15), |s| s.connected && s.keyframes >= 1),
-        "{:?}\n{}",
-        viewer.stats(),
-        server.output()
-    );
-    viewer.close();
+    plays_then_leaves(viewer, &mut server);
 }
 
 /// With two shards, each shard's socket (port 3478 + i) learns its own mapping, and a viewer
@@ -171,13 +170,7 @@ fn each_shard_learns_its_own_mapping(bin: &str) {
             (0..2).any(|i| offered.contains(&format!("{}:{}", lab.public, 3478 + i))),
             "{offered:?}"
         );
-        assert!(
-            viewer.wait_for(Duration::from_secs(15), |s| s.connected && s.keyframes >= 1),
-            "{:?}\n{}",
-            viewer.stats(),
-            server.output()
-        );
-        viewer.close();
+        plays_then_leaves(viewer, &mut server);
     }
 }
 
@@ -189,12 +182,6 @@ whep_e2e::runtime_suite!(
 
 /// `--shards` is not in the blocking example.
 mod sharded {
-    #[test]
-    fn tokio_shards_learn_their_own_mappings() {
-        super::each_shard_learns_its_own_mapping(env!("CARGO_BIN_EXE_whepd-tokio"));
-    }
-    #[test]
-    fn smol_shards_learn_their_own_mappings() {
-        super::each_shard_learns_its_own_mapping(env!("CARGO_BIN_EXE_whepd-smol-e2e"));
-    }
+    use super::each_shard_learns_its_own_mapping;
+    whep_e2e::runtime_suite!([tokio, smol] each_shard_learns_its_own_mapping);
 }

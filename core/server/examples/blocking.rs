@@ -60,10 +60,10 @@ use whep_core::auth::JwtKeys;
 use whep_core::tcp::{ConnId, SendQueue};
 use whep_core::whep::{Method, StatusCode};
 use whep_core::{
-    Answer, AuthDecision, Core, Input, Output, PortPair, RequestId, StreamId, Transport,
-    WhepRequest, WhepResponse,
+    AuthDecision, Core, Input, Output, PortPair, RequestId, StreamId, Transport, WhepRequest,
+    WhepResponse,
 };
-use whep_server::app::{RoutesConfig, TcpListen};
+use whep_server::app::{Reply, RoutesConfig, TcpListen};
 use whep_server::cli::{self, CliError, Launch};
 
 /// Largest datagram read; a longer one is truncated and then dropped by the core as malformed.
@@ -87,7 +87,7 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Everything the IO threads tell the main loop.
 enum Msg {
     /// A parsed HTTP request; the response goes back on `reply`.
-    Http { req: WhepRequest, reply: Sender<WhepResponse> },
+    Http { req: WhepRequest, reply: Sender<Reply> },
     /// A datagram on the viewer socket.
     Datagram { source: SocketAddr, contents: Vec<u8> },
     /// A datagram on an ingest socket; `epoch` tells a released socket's leftovers apart.
@@ -286,7 +286,7 @@ struct Runtime {
     conns: HashMap<ConnId, (Arc<TcpOut>, TcpStream)>,
     tcp_queue_bytes: usize,
     /// Requests waiting for the authorisation callback, and where their answer goes.
-    waiting: HashMap<RequestId, Sender<WhepResponse>>,
+    waiting: HashMap<RequestId, Sender<Reply>>,
     /// The authorisation server, if one is configured.
     auth_url: Option<whep_server::auth::HttpUrl>,
 }
@@ -383,10 +383,11 @@ impl Runtime {
                 // Answering requests is not forwarding load (see `Core::set_load`).
                 self.http_time += started.elapsed();
                 match answer {
-                    // The client may have gone; nothing to do.
-                    Answer::Ready(resp) => drop(reply.send(resp)),
                     // Answered by `Output::Respond` once the authorisation server decided.
-                    Answer::Pending(id) => drop(self.waiting.insert(id, reply)),
+                    Reply::Pending(id) => drop(self.waiting.insert(id, reply)),
+                    // A sessions listing is serialised by the connection's thread, not here.
+                    // The client may have gone; nothing to do.
+                    ready => drop(reply.send(ready)),
                 }
             }
             Msg::Auth { id, decision } => self.core.handle_auth(id, decision, now),
@@ -565,7 +566,7 @@ impl Runtime {
                 }
                 Output::Respond { id, response } => {
                     if let Some(reply) = self.waiting.remove(&id) {
-                        let _ = reply.send(response);
+                        let _ = reply.send(Reply::Ready(response));
                     }
                 }
             }
@@ -769,6 +770,7 @@ fn serve(conn: &TcpStream, peer: SocketAddr, max_body: usize, tx: &SyncSender<Ms
                 let (reply, answer) = mpsc::channel();
                 // If the main loop is gone, `reply` is dropped with the message and `recv` fails.
                 let resp = tx.send(Msg::Http { req, reply }).ok().and_then(|()| answer.recv().ok());
+                let resp = resp.and_then(Reply::into_response);
                 let resp = resp.unwrap_or_else(|| plain(StatusCode::ServiceUnavailable, "exiting"));
                 // What is left of an over-long body is not read as the next request.
                 (resp, head, unread, close || unread > 0)

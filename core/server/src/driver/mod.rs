@@ -46,14 +46,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{debug, info, warn};
 
-use crate::app::{AddError, RoutesConfig, ServerConfig, ShardView, StreamSpec, TcpListen};
+use crate::app::{AddError, Reply, RoutesConfig, ServerConfig, ShardView, StreamSpec, TcpListen};
 use crate::shard::ShardSet;
 use whep_core::auth::JwtKeys;
 use whep_core::shard::{MAX_SHARDS, Mirror, ShardMember};
 use whep_core::tcp::{ConnId, SendQueue};
 use whep_core::{
-    Answer, AuthDecision, Core, Event, Input, Metrics, Output, PortPair, RequestId, StreamError,
-    StreamId, StreamInfo, Transport, WhepRequest, WhepResponse,
+    AuthDecision, Core, Event, Input, Metrics, Output, PortPair, RequestId, StreamError, StreamId,
+    StreamInfo, Transport, WhepRequest, WhepResponse,
 };
 
 /// Receive buffer: room for the most datagrams one receive may return coalesced (UDP GRO: 64
@@ -286,7 +286,7 @@ type Decided = (RequestId, AuthDecision);
 #[derive(Default)]
 struct JobCtx {
     shutdown: bool,
-    parked: Option<(RequestId, chan::Sender<WhepResponse>)>,
+    parked: Option<(RequestId, chan::Sender<Reply>)>,
 }
 
 /// A stream of [`Event`]s from [`Engine::subscribe`]. A subscriber that falls more than 1024
@@ -706,9 +706,10 @@ impl<R: Runtime> Engine<R> {
             let views = self.follower_views(crate::app::lists_sessions(&req)).await;
             return self
                 .with_core(move |core, routes, now| {
-                    crate::app::handle_sharded(core, routes, req, now, &views)
+                    crate::app::reply_sharded(core, routes, req, now, &views)
                 })
                 .await
+                .and_then(Reply::into_response)
                 .unwrap_or_else(crate::app::unavailable);
         }
         self.answer(shard, move |core, routes, now| {
@@ -720,22 +721,23 @@ impl<R: Runtime> Engine<R> {
     /// Answers one request to the WHEP routes only.
     pub async fn handle_whep_request(&self, req: WhepRequest) -> WhepResponse {
         let shard = self.shard_for(&req);
-        self.answer(shard, move |core, _, now| core.handle_request(req, now)).await
+        self.answer(shard, move |core, _, now| core.handle_request(req, now).into()).await
     }
 
-    /// Runs `f` on shard `index`; an [`Answer::Pending`] is answered when the core emits its
-    /// [`Output::Respond`].
+    /// Runs `f` on shard `index`; a [`Reply::Pending`] is answered when the core emits its
+    /// [`Output::Respond`]. A [`Reply::Listing`] is rendered here, on the caller's task, not on
+    /// the shard's.
     async fn answer(
         &self,
         index: usize,
-        f: impl FnOnce(&mut Core, &RoutesConfig, Instant) -> Answer + Send + 'static,
+        f: impl FnOnce(&mut Core, &RoutesConfig, Instant) -> Reply + Send + 'static,
     ) -> WhepResponse {
         let (tx, rx) = chan::channel(Some(1));
         let job: Job = Box::new(move |core, routes, now, ctx| match f(core, routes, now) {
-            Answer::Ready(r) => {
-                let _ = tx.send(r);
+            Reply::Pending(id) => ctx.parked = Some((id, tx)),
+            ready => {
+                let _ = tx.send(ready);
             }
-            Answer::Pending(id) => ctx.parked = Some((id, tx)),
         });
         let Some(shard) = self.inner.shards.get(index) else {
             return crate::app::unavailable();
@@ -743,7 +745,7 @@ impl<R: Runtime> Engine<R> {
         if shard.jobs.send(job).is_err() {
             return crate::app::unavailable();
         }
-        rx.recv().await.unwrap_or_else(crate::app::unavailable)
+        rx.recv().await.and_then(Reply::into_response).unwrap_or_else(crate::app::unavailable)
     }
 
     /// The shard that answers `req`: a session's own, the least loaded one for a POST that
@@ -935,7 +937,7 @@ struct Driver<R: Runtime> {
     /// [`ServerConfig::tcp_queue_bytes`].
     tcp_queue_bytes: usize,
     /// Where the answers of requests waiting for the authorisation callback go.
-    responders: HashMap<RequestId, chan::Sender<WhepResponse>>,
+    responders: HashMap<RequestId, chan::Sender<Reply>>,
     /// Decisions of the authorisation server, from the blocking tasks that asked it.
     decisions: (chan::Sender<Decided>, chan::Receiver<Decided>),
     /// The authorisation server ([`AuthSettings::http_url`](crate::app::AuthSettings::http_url)).
@@ -1507,7 +1509,7 @@ impl<R: Runtime> Driver<R> {
                 }
                 Output::Respond { id, response } => {
                     if let Some(tx) = self.responders.remove(&id) {
-                        let _ = tx.send(response);
+                        let _ = tx.send(Reply::Ready(response));
                     }
                 }
                 Output::Event(event) => {
