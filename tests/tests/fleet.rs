@@ -320,6 +320,12 @@ fn fleet_behind(
     if let Some(page) = page {
         let verdict = page.join().expect("page thread").unwrap_or_else(|e| panic!("{e}"));
         assert!(verdict.contains("[WHEP] PASS"), "Chromium through the balancer: {verdict}");
+        // Its media too came straight from a node.
+        let pair = chromium::field(&verdict, "pair").unwrap_or_default();
+        let remote = pair.split_once("->").map(|(_, r)| r.to_owned()).unwrap_or_default();
+        let own: Vec<String> =
+            ["n1", "n2", "n3"].iter().map(|t| format!("{}:{UDP_PORT}", lan.host(t).addr)).collect();
+        assert!(own.contains(&remote), "Chromium's pair {pair:?} is not to a node {own:?}");
         eprintln!(
             "Chromium via the balancer: firstFrameMs={} ({verdict})",
             chromium::field(&verdict, "firstFrameMs").unwrap_or("?")
