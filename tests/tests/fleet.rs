@@ -1,4 +1,5 @@
-//! A fleet of three nodes (whepd-tokio, whepd-smol, whepd-blocking, each `--node-id nK`) behind
+//! A fleet of three nodes (whepd-tokio with `--shards 2`, whepd-smol, whepd-blocking, each
+//! `--node-id nK`) behind
 //! Debian's nginx running the shipped `deploy/nginx/whep-fleet.conf` (node addresses replaced),
 //! for real off loopback: every node, the balancer and the viewers are machines of their own on
 //! one LAN ([`whep_e2e::lan::Lan`]: a namespace each, cabled to a bridge). The viewers (str0m,
@@ -143,6 +144,15 @@ fn start_haproxy(lan: &Lan, nodes: &[SocketAddr]) -> Balancer {
     lb
 }
 
+/// n1's engine loops (`--shards`): a sharded node drains, and answers `/ready`, as one.
+const N1_SHARDS: u16 = 2;
+
+/// The UDP addresses node `tag` may advertise: its own address, with port + i for shard i.
+fn node_udp(lan: &Lan, tag: &str) -> Vec<String> {
+    let shards = if tag == "n1" { N1_SHARDS } else { 1 };
+    (0..shards).map(|i| format!("{}:{}", lan.host(tag).addr, UDP_PORT + i)).collect()
+}
+
 /// Three nodes, each in its namespace, listening on its own address and advertising it.
 fn nodes(lan: &Lan, drain_secs: u64) -> Vec<Server> {
     let bins = [
@@ -157,7 +167,8 @@ fn nodes(lan: &Lan, drain_secs: u64) -> Vec<Server> {
             let drain = drain_secs.to_string();
             // Behind a balancer every request comes from its address: the per-client limits
             // would count all viewers as one client.
-            let args = [
+            let shards = N1_SHARDS.to_string();
+            let mut args = vec![
                 "--node-id",
                 tag,
                 "--candidate",
@@ -171,6 +182,9 @@ fn nodes(lan: &Lan, drain_secs: u64) -> Vec<Server> {
                 "--max-viewers",
                 "20",
             ];
+            if *tag == "n1" {
+                args.extend(["--shards", &shards]);
+            }
             let http = format!("0.0.0.0:{HTTP_PORT}");
             let udp = format!("0.0.0.0:{UDP_PORT}");
             let mut node = Server::start_in(Some(&host.name), bin, &http, &udp, &args);
@@ -227,11 +241,16 @@ impl Client<'_> {
         (r.status, r.text())
     }
 
-    /// The node's `whep_viewers_current`.
-    fn viewers_on(&self, node: &Server) -> Option<f64> {
+    /// One sample (the name with its exact labels) of the node's `/metrics`.
+    fn metric(&self, node: &Server, sample: &str) -> Option<f64> {
         let addr = node.http;
         let page = self.host.enter(|| http::get(addr, "/metrics")).ok()?.text();
-        page.lines().find_map(|l| l.strip_prefix("whep_viewers_current ")?.parse().ok())
+        page.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// The node's `whep_viewers_current`.
+    fn viewers_on(&self, node: &Server) -> Option<f64> {
+        self.metric(node, "whep_viewers_current")
     }
 
     fn delete(&self, v: &Viewer) -> u16 {
@@ -296,15 +315,16 @@ fn fleet_behind(
             chromium::run_page_in(Some(&ns), &url, Duration::from_secs(60)).verdict
         })
     });
-    // Six viewers: round robin spreads them (two on each node, the page's session aside).
-    let viewers: Vec<Viewer> = (0..6).map(|_| client.connect()).collect();
+    // Nine viewers: round robin spreads them (three on each node, the page's requests aside).
+    let viewers: Vec<Viewer> = (0..9).map(|_| client.connect()).collect();
     let mut tags: Vec<String> = viewers.iter().map(tag).collect();
     for v in &viewers {
         assert!(plays(v), "viewer on {} did not play: {:?}", tag(v), v.stats());
         // Its media comes straight from its node's address, not through the balancer.
         let node: usize = tag(v)[1..].parse().expect("tag number");
-        let own = format!("{}:{UDP_PORT}", lan.host(&tag(v)).addr);
-        assert_eq!(candidates(v.answer()), [own], "answer of n{node}");
+        let offered = candidates(v.answer());
+        let own = node_udp(&lan, &tag(v));
+        assert!(offered.len() == 1 && own.contains(&offered[0]), "n{node}: {offered:?}");
     }
     let first_frames: Vec<Duration> = viewers
         .iter()
@@ -323,8 +343,7 @@ fn fleet_behind(
         // Its media too came straight from a node.
         let pair = chromium::field(&verdict, "pair").unwrap_or_default();
         let remote = pair.split_once("->").map(|(_, r)| r.to_owned()).unwrap_or_default();
-        let own: Vec<String> =
-            ["n1", "n2", "n3"].iter().map(|t| format!("{}:{UDP_PORT}", lan.host(t).addr)).collect();
+        let own: Vec<String> = ["n1", "n2", "n3"].iter().flat_map(|t| node_udp(&lan, t)).collect();
         assert!(own.contains(&remote), "Chromium's pair {pair:?} is not to a node {own:?}");
         eprintln!(
             "Chromium via the balancer: firstFrameMs={} ({verdict})",
@@ -338,7 +357,7 @@ fn fleet_behind(
         let status = client.via_lb("PATCH", v.location(), &[frag], b"a=end-of-candidates\r\n");
         assert!(![404, 502, 503].contains(&status), "PATCH {}: {status}", tag(v));
     }
-    let gone = &viewers[5];
+    let gone = &viewers[8];
     assert_eq!(client.delete(gone), 204);
     assert!(gone.wait_for(Duration::from_secs(5), |s| s.closed), "DELETE closed the session");
     let access = lb.log("access.log");
@@ -354,11 +373,18 @@ fn fleet_behind(
     }
 
     // Drain n1: SIGTERM.
-    let live = &viewers[..5];
+    let live = &viewers[..8];
     let n1_viewers: Vec<&Viewer> = live.iter().filter(|v| tag(v) == "n1").collect();
     let n2_viewers: Vec<&Viewer> = live.iter().filter(|v| tag(v) == "n2").collect();
     let mut n3_viewers: Vec<&Viewer> = live.iter().filter(|v| tag(v) == "n3").collect();
     assert!(!n1_viewers.is_empty() && !n2_viewers.is_empty() && !n3_viewers.is_empty());
+    let n1_shards: Vec<Vec<String>> = n1_viewers.iter().map(|v| candidates(v.answer())).collect();
+    eprintln!("n1's viewers' media from {n1_shards:?} (--shards {N1_SHARDS})");
+    if n1_viewers.len() >= 2 {
+        // A POST goes to the shard with the fewest viewers: the drain covers both.
+        let on_shard_1 = client.metric(&nodes[0], "whep_shard_viewers{shard=\"1\"}");
+        assert!(on_shard_1.is_some_and(|n| n > 0.0), "n1's shard 1: {on_shard_1:?}");
+    }
     let n1_pid = nodes[0].pid();
     let term = Instant::now();
     assert!(whep_e2e::signal(n1_pid, Signal::SIGTERM));
