@@ -8,6 +8,7 @@
 
 pub mod firefox;
 pub mod http;
+pub mod lan;
 pub mod links;
 pub mod nat;
 pub mod netns;
@@ -448,9 +449,10 @@ impl Drop for Server {
     }
 }
 
-/// Sends `sig` to `pid`; returns whether it was delivered.
+/// Sends `sig` to `pid`; returns whether it was delivered. Pid 0 (a [`Server::pid`] after its
+/// exit) is refused: `kill(0, …)` would signal the test's own process group.
 pub fn signal(pid: u32, sig: Signal) -> bool {
-    i32::try_from(pid).is_ok_and(|raw| kill(Pid::from_raw(raw), sig).is_ok())
+    i32::try_from(pid).is_ok_and(|raw| raw > 0 && kill(Pid::from_raw(raw), sig).is_ok())
 }
 
 /// Whether a process with this pid exists (and is not a zombie).

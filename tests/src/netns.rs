@@ -104,6 +104,30 @@ pub fn udp_rcvbuf_errors(snmp: &str) -> Option<u64> {
     values.split_whitespace().nth(i)?.parse().ok()
 }
 
+/// Runs `f` on a thread that has joined the named namespace (`ip netns add NAME`), and returns
+/// what it returns: the sockets `f` opens, and the threads it starts, are inside.
+///
+/// # Errors
+///
+/// When the namespace cannot be joined (`setns` needs CAP_SYS_ADMIN).
+///
+/// # Panics
+///
+/// When `f` panics.
+pub fn enter_named<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let path = format!("/run/netns/{name}");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(&path)?;
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
 /// Deletes namespaces of this module whose creating process is gone.
 fn sweep_stale() {
     for name in list() {
@@ -222,17 +246,7 @@ impl Netns {
     ///
     /// When `f` panics.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = std::fs::File::open(&path)?;
-                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                    Ok(f())
-                })
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e))
-        })
+        enter_named(&self.name, f)
     }
 
     fn setup(&self, peer_if: &str) -> io::Result<()> {

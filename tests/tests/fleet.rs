@@ -1,26 +1,49 @@
-//! A fleet of three nodes (whepd-tokio, whepd-smol, whepd-blocking, each `--node-id nK`) behind
-//! Debian's nginx running the shipped `deploy/nginx/whep-fleet.conf` (addresses replaced), all
-//! on loopback: str0m viewers and a headless Chromium (the player page through nginx) spread
-//! over the nodes; PATCH and DELETE through nginx reach the owning node (its tag in the path,
-//! checked in nginx's access log); node n1 drained with SIGTERM (`--drain-secs`): `/ready` 503,
-//! new POSTs go to the others, its viewers keep playing until the deadline and are then closed
-//! (DTLS close), it exits; its sessions' URLs then get 502 from nginx; the other nodes' viewers
-//! never stop. The same against HAProxy (`deploy/haproxy/haproxy.cfg`, `/ready` health checks)
-//! when it is installed.
+//! A fleet of three nodes (whepd-tokio with `--shards 2`, whepd-smol, whepd-blocking, each
+//! `--node-id nK`) behind
+//! Debian's nginx running the shipped `deploy/nginx/whep-fleet.conf` (node addresses replaced),
+//! for real off loopback: every node, the balancer and the viewers are machines of their own on
+//! one LAN ([`whep_e2e::lan::Lan`]: a namespace each, cabled to a bridge). The viewers (str0m,
+//! and a headless Chromium playing the player page through nginx) are in the client namespace:
+//! they POST through the balancer and send their media straight to the node address each
+//! answer advertises (`--candidate NODE:3478`, as real deployments do).
+//!
+//! Viewers spread over the nodes; PATCH and DELETE through nginx reach the owning node (its tag
+//! in the path, checked in nginx's access log). Node n1 is drained with SIGTERM
+//! (`--drain-secs`): `/ready` 503, new POSTs go to the others, its sessions still answer and its
+//! viewers keep playing. Then, in one variant, n1 reaches its deadline, closes its viewers (DTLS
+//! close) and exits, its sessions' URLs get 502 from nginx, and n2 is killed (SIGKILL, no
+//! drain): its viewers' media stops, its sessions' URLs get 502. In the other, n1 is killed
+//! during its drain (its viewers' media stops, 502), and n2's host vanishes from the network (its
+//! cable pulled): its sessions' URLs get 504 after nginx's `proxy_connect_timeout`. Either way
+//! new POSTs all go to n3, whose viewers never stop, whose `/metrics` counts exactly its viewers,
+//! and which holds none after their DELETEs through the balancer.
+//!
+//! Both variants again behind HAProxy (`deploy/haproxy/haproxy.cfg`, `/ready` health checks)
+//! when it is installed: a gone node's sessions get 503 there. One fleet runs at a time.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use whep_e2e::lan::{Host, Lan};
 use whep_e2e::viewer::Viewer;
 use whep_e2e::{Server, chromium, http, wait_until};
 
+/// `--drain-secs` of the node drained to the end.
 const DRAIN_SECS: u64 = 8;
+/// `--drain-secs` of the node killed during its drain: long enough that the kill comes first.
+const LONG_DRAIN_SECS: u64 = 30;
 const PLAY_WITHIN: Duration = Duration::from_secs(25);
+/// Every node's HTTP and UDP ports (each has its own address).
+const HTTP_PORT: u16 = 8080;
+const UDP_PORT: u16 = 3478;
+/// The balancer's port (the shipped files' `0.0.0.0:80`, unchanged).
+const LB_PORT: u16 = 80;
 
-/// A load balancer process started by the test, killed on drop.
+/// A load balancer process started by the test in the balancer's namespace, killed on drop.
 struct Balancer {
     child: Child,
     addr: SocketAddr,
@@ -31,6 +54,7 @@ impl Drop for Balancer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -40,13 +64,6 @@ impl Balancer {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("whep-fleet-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -54,38 +71,45 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// The shipped configuration with the documentation addresses replaced by the test's.
-fn shipped(file: &str, listen: SocketAddr, nodes: &[&Server]) -> String {
+/// The shipped configuration with the documentation addresses of the nodes replaced by theirs.
+fn shipped(file: &str, nodes: &[SocketAddr]) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file);
     let mut text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    text = text.replace("0.0.0.0:80", &listen.to_string());
     for (i, node) in nodes.iter().enumerate() {
-        text = text.replace(&format!("192.0.2.1{}:8080", i + 1), &node.http.to_string());
+        text = text.replace(&format!("192.0.2.1{}:8080", i + 1), &node.to_string());
     }
     text
 }
 
-fn start_nginx(nodes: &[&Server]) -> Balancer {
-    let dir = temp_dir("nginx");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    std::fs::write(dir.join("whep-fleet.conf"), shipped("nginx/whep-fleet.conf", addr, nodes))
+/// A GET from the client's namespace until the balancer answers.
+fn wait_up(client: &Host, lb: &Balancer, log: &str) {
+    let addr = lb.addr;
+    let up = client
+        .enter(|| wait_until(Duration::from_secs(15), || http::get(addr, "/healthz").is_ok()));
+    assert!(up, "balancer did not come up: {}", lb.log(log));
+}
+
+fn start_nginx(lan: &Lan, nodes: &[SocketAddr]) -> Balancer {
+    let host = lan.host("lb");
+    let dir = temp_dir(&format!("nginx-{}", host.name));
+    std::fs::write(dir.join("whep-fleet.conf"), shipped("nginx/whep-fleet.conf", nodes))
         .expect("write");
     let d = dir.display();
-    // Run as the test user; as root nginx's workers would switch to `nobody`: keep root so they
-    // can write the temp dir.
+    // As root nginx's workers would switch to `nobody`: keep root so they can write the temp dir.
     let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     let user = if root { "user root;" } else { "" };
     let main = format!(
         "{user}\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\nworker_processes 1;\n\
          events {{ worker_connections 256; }}\nhttp {{\n\
-         log_format up '$request_method $uri $status $upstream_addr';\n\
+         log_format up '$request_method $uri $status $upstream_addr $upstream_status';\n\
          access_log {d}/access.log up;\n\
          client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
          include {d}/whep-fleet.conf;\n}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), main).expect("write");
-    let child = Command::new("nginx")
+    let child = host
+        .command("nginx")
         .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf"), "-e"])
         .arg(format!("{d}/error.log"))
         .args(["-g", "daemon off;"])
@@ -94,22 +118,19 @@ fn start_nginx(nodes: &[&Server]) -> Balancer {
         .stderr(Stdio::null())
         .spawn()
         .expect("nginx: install Debian's nginx (bash scripts/test.sh does)");
-    let balancer = Balancer { child, addr, dir };
-    assert!(
-        wait_until(Duration::from_secs(10), || http::get(addr, "/healthz").is_ok()),
-        "nginx did not come up: {}",
-        balancer.log("error.log")
-    );
-    balancer
+    let lb = Balancer { child, addr: (host.addr, LB_PORT).into(), dir };
+    wait_up(lan.host("client"), &lb, "error.log");
+    lb
 }
 
-fn start_haproxy(nodes: &[&Server]) -> Balancer {
-    let dir = temp_dir("haproxy");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+fn start_haproxy(lan: &Lan, nodes: &[SocketAddr]) -> Balancer {
+    let host = lan.host("lb");
+    let dir = temp_dir(&format!("haproxy-{}", host.name));
     let cfg = dir.join("haproxy.cfg");
-    std::fs::write(&cfg, shipped("haproxy/haproxy.cfg", addr, nodes)).expect("write");
+    std::fs::write(&cfg, shipped("haproxy/haproxy.cfg", nodes)).expect("write");
     let log = std::fs::File::create(dir.join("haproxy.log")).expect("log");
-    let child = Command::new("haproxy")
+    let child = host
+        .command("haproxy")
         .arg("-db")
         .arg("-f")
         .arg(&cfg)
@@ -118,29 +139,22 @@ fn start_haproxy(nodes: &[&Server]) -> Balancer {
         .stderr(log)
         .spawn()
         .expect("haproxy");
-    let balancer = Balancer { child, addr, dir };
-    assert!(
-        wait_until(Duration::from_secs(10), || http::get(addr, "/healthz").is_ok()),
-        "haproxy did not come up: {}",
-        balancer.log("haproxy.log")
-    );
-    balancer
+    let lb = Balancer { child, addr: (host.addr, LB_PORT).into(), dir };
+    wait_up(lan.host("client"), &lb, "haproxy.log");
+    lb
 }
 
-fn nodes() -> Vec<Server> {
-    let drain = DRAIN_SECS.to_string();
-    // Behind a balancer every request comes from its address: the per-client limits would count
-    // all viewers as one client.
-    let common = [
-        "--drain-secs",
-        &drain,
-        "--max-unconnected",
-        "0",
-        "--post-rate",
-        "0",
-        "--max-viewers",
-        "20",
-    ];
+/// n1's engine loops (`--shards`): a sharded node drains, and answers `/ready`, as one.
+const N1_SHARDS: u16 = 2;
+
+/// The UDP addresses node `tag` may advertise: its own address, with port + i for shard i.
+fn node_udp(lan: &Lan, tag: &str) -> Vec<String> {
+    let shards = if tag == "n1" { N1_SHARDS } else { 1 };
+    (0..shards).map(|i| format!("{}:{}", lan.host(tag).addr, UDP_PORT + i)).collect()
+}
+
+/// Three nodes, each in its namespace, listening on its own address and advertising it.
+fn nodes(lan: &Lan, drain_secs: u64) -> Vec<Server> {
     let bins = [
         ("n1", env!("CARGO_BIN_EXE_whepd-tokio")),
         ("n2", env!("CARGO_BIN_EXE_whepd-smol-e2e")),
@@ -148,9 +162,34 @@ fn nodes() -> Vec<Server> {
     ];
     bins.iter()
         .map(|(tag, bin)| {
-            let mut args = vec!["--node-id", tag];
-            args.extend(common);
-            Server::start(bin, &args)
+            let host = lan.host(tag);
+            let candidate = format!("{}:{UDP_PORT}", host.addr);
+            let drain = drain_secs.to_string();
+            // Behind a balancer every request comes from its address: the per-client limits
+            // would count all viewers as one client.
+            let shards = N1_SHARDS.to_string();
+            let mut args = vec![
+                "--node-id",
+                tag,
+                "--candidate",
+                &candidate,
+                "--drain-secs",
+                &drain,
+                "--max-unconnected",
+                "0",
+                "--post-rate",
+                "0",
+                "--max-viewers",
+                "20",
+            ];
+            if *tag == "n1" {
+                args.extend(["--shards", &shards]);
+            }
+            let http = format!("0.0.0.0:{HTTP_PORT}");
+            let udp = format!("0.0.0.0:{UDP_PORT}");
+            let mut node = Server::start_in(Some(&host.name), bin, &http, &udp, &args);
+            node.http = (host.addr, HTTP_PORT).into();
+            node
         })
         .collect()
 }
@@ -161,8 +200,62 @@ fn tag(v: &Viewer) -> String {
     last.split_once('.').map(|(t, _)| t.to_owned()).unwrap_or_default()
 }
 
-fn connect(lb: &Balancer) -> Viewer {
-    Viewer::connect(lb.addr, "/whep/demo", None).unwrap_or_else(|e| panic!("POST via lb: {e}"))
+/// The UDP candidates (`ip:port`) of an answer.
+fn candidates(sdp: &str) -> Vec<String> {
+    sdp.lines()
+        .filter_map(|l| l.trim().strip_prefix("a=candidate:"))
+        .filter(|l| l.split(' ').nth(2).is_some_and(|p| p.eq_ignore_ascii_case("udp")))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some(format!("{}:{}", f.get(4)?, f.get(5)?))
+        })
+        .collect()
+}
+
+/// The test's side of the fleet: requests and viewers from the client's namespace.
+struct Client<'a> {
+    host: &'a Host,
+    lb: SocketAddr,
+}
+
+impl Client<'_> {
+    fn connect(&self) -> Viewer {
+        let lb = self.lb;
+        self.host
+            .enter(|| Viewer::connect(lb, "/whep/demo", None))
+            .unwrap_or_else(|e| panic!("POST via the balancer: {e}"))
+    }
+
+    /// A request through the balancer (status, body).
+    fn via_lb(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+        let lb = self.lb;
+        self.host
+            .enter(|| http::request(lb, method, target, headers, body))
+            .unwrap_or_else(|e| panic!("{method} {target} via the balancer: {e}"))
+            .status
+    }
+
+    fn ready(&self, node: &Server) -> (u16, String) {
+        let addr = node.http;
+        let r = self.host.enter(|| http::get(addr, "/ready")).expect("GET /ready");
+        (r.status, r.text())
+    }
+
+    /// One sample (the name with its exact labels) of the node's `/metrics`.
+    fn metric(&self, node: &Server, sample: &str) -> Option<f64> {
+        let addr = node.http;
+        let page = self.host.enter(|| http::get(addr, "/metrics")).ok()?.text();
+        page.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// The node's `whep_viewers_current`.
+    fn viewers_on(&self, node: &Server) -> Option<f64> {
+        self.metric(node, "whep_viewers_current")
+    }
+
+    fn delete(&self, v: &Viewer) -> u16 {
+        self.via_lb("DELETE", v.location(), &[], b"")
+    }
 }
 
 fn plays(v: &Viewer) -> bool {
@@ -176,54 +269,96 @@ fn all_growing(viewers: &[&Viewer]) -> bool {
     viewers.iter().zip(before).all(|(v, b)| v.stats().video_packets > b && !v.stats().closed)
 }
 
-fn ready(node: &Server) -> (u16, String) {
-    let r = node.request("GET", "/ready", &[], b"");
-    (r.status, r.text())
+/// Whether no viewer's video packet count grows within 3 s.
+fn none_growing(viewers: &[&Viewer]) -> bool {
+    // Packets in flight when the node went.
+    std::thread::sleep(Duration::from_millis(500));
+    let before: Vec<u64> = viewers.iter().map(|v| v.stats().video_packets).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    viewers.iter().zip(before).all(|(v, b)| v.stats().video_packets == b)
+}
+
+/// How n1 and then n2 leave the fleet.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Ending {
+    /// n1 drains to the end and exits; n2 is then killed (SIGKILL) without a drain.
+    DrainThenKill,
+    /// n1 is killed (SIGKILL) during its drain; n2's host then vanishes (its cable pulled).
+    KillDuringDrainThenUnplug,
 }
 
 /// `settle`: how long the balancer may take to stop sending POSTs to a node whose `/ready` says
 /// 503 (nginx: none, it retries the 503 on the next node; HAProxy: its health check interval).
-fn fleet_behind(balancer: fn(&[&Server]) -> Balancer, with_chromium: bool, settle: Duration) {
-    let mut nodes = nodes();
-    let lb = balancer(&nodes.iter().collect::<Vec<_>>());
+fn fleet_behind(
+    balancer: fn(&Lan, &[SocketAddr]) -> Balancer,
+    with_chromium: bool,
+    settle: Duration,
+    ending: Ending,
+) {
+    let lan = Lan::create(&[("lb", 1), ("n1", 11), ("n2", 12), ("n3", 13), ("client", 100)])
+        .expect("namespaces (needs root)");
+    let drain_secs = match ending {
+        Ending::DrainThenKill => DRAIN_SECS,
+        Ending::KillDuringDrainThenUnplug => LONG_DRAIN_SECS,
+    };
+    let mut nodes = nodes(&lan, drain_secs);
+    let node_addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
+    let lb = balancer(&lan, &node_addrs);
+    let client = Client { host: lan.host("client"), lb: lb.addr };
     for n in &nodes {
-        assert_eq!(ready(n).0, 200, "{:?}", ready(n));
+        assert_eq!(client.ready(n).0, 200, "{:?}", client.ready(n));
     }
     let page = with_chromium.then(|| {
         let url = format!("http://{}/?stream=demo&test=1&frames=60&timeout=40", lb.addr);
-        std::thread::spawn(move || chromium::run_page(&url, Duration::from_secs(60)))
+        let ns = client.host.name.clone();
+        std::thread::spawn(move || {
+            chromium::run_page_in(Some(&ns), &url, Duration::from_secs(60)).verdict
+        })
     });
-    // Six viewers: round robin spreads them (two on each node, the page's session aside).
-    let viewers: Vec<Viewer> = (0..6).map(|_| connect(&lb)).collect();
+    // Nine viewers: round robin spreads them (three on each node, the page's requests aside).
+    let viewers: Vec<Viewer> = (0..9).map(|_| client.connect()).collect();
     let mut tags: Vec<String> = viewers.iter().map(tag).collect();
     for v in &viewers {
         assert!(plays(v), "viewer on {} did not play: {:?}", tag(v), v.stats());
+        // Its media comes straight from its node's address, not through the balancer.
+        let node: usize = tag(v)[1..].parse().expect("tag number");
+        let offered = candidates(v.answer());
+        let own = node_udp(&lan, &tag(v));
+        assert!(offered.len() == 1 && own.contains(&offered[0]), "n{node}: {offered:?}");
     }
+    let first_frames: Vec<Duration> = viewers
+        .iter()
+        .filter_map(|v| {
+            let s = v.stats();
+            Some(s.first_keyframe_at?.saturating_duration_since(s.posted_at?))
+        })
+        .collect();
+    eprintln!("str0m via the balancer, POST to first keyframe: {first_frames:?}");
     tags.sort();
     tags.dedup();
     assert_eq!(tags, ["n1", "n2", "n3"], "spread over every node");
     if let Some(page) = page {
         let verdict = page.join().expect("page thread").unwrap_or_else(|e| panic!("{e}"));
         assert!(verdict.contains("[WHEP] PASS"), "Chromium through the balancer: {verdict}");
-        eprintln!("Chromium via the balancer: {verdict}");
+        // Its media too came straight from a node.
+        let pair = chromium::field(&verdict, "pair").unwrap_or_default();
+        let remote = pair.split_once("->").map(|(_, r)| r.to_owned()).unwrap_or_default();
+        let own: Vec<String> = ["n1", "n2", "n3"].iter().flat_map(|t| node_udp(&lan, t)).collect();
+        assert!(own.contains(&remote), "Chromium's pair {pair:?} is not to a node {own:?}");
+        eprintln!(
+            "Chromium via the balancer: firstFrameMs={} ({verdict})",
+            chromium::field(&verdict, "firstFrameMs").unwrap_or("?")
+        );
     }
 
     // PATCH and DELETE through the balancer reach the owning node.
     let frag = ("Content-Type", "application/trickle-ice-sdpfrag");
     for v in &viewers {
-        let r = http::request(lb.addr, "PATCH", v.location(), &[frag], b"a=end-of-candidates\r\n")
-            .expect("PATCH");
-        assert!(
-            ![404, 502, 503].contains(&r.status),
-            "PATCH {}: {} {}",
-            tag(v),
-            r.status,
-            r.text()
-        );
+        let status = client.via_lb("PATCH", v.location(), &[frag], b"a=end-of-candidates\r\n");
+        assert!(![404, 502, 503].contains(&status), "PATCH {}: {status}", tag(v));
     }
-    let gone = &viewers[5];
-    let owner_tag = tag(gone);
-    assert_eq!(gone.delete().expect("DELETE"), 204);
+    let gone = &viewers[8];
+    assert_eq!(client.delete(gone), 204);
     assert!(gone.wait_for(Duration::from_secs(5), |s| s.closed), "DELETE closed the session");
     let access = lb.log("access.log");
     if !access.is_empty() {
@@ -233,77 +368,195 @@ fn fleet_behind(balancer: fn(&[&Server]) -> Balancer, with_chromium: bool, settl
             let node = nodes[i - 1].http.to_string();
             let mine: Vec<&str> = access.lines().filter(|l| l.contains(v.location())).collect();
             assert!(!mine.is_empty(), "no log of {}", v.location());
-            assert!(mine.iter().all(|l| l.ends_with(&node)), "{owner_tag}: {mine:?} not to {node}");
+            assert!(mine.iter().all(|l| l.contains(&node)), "{}: {mine:?} not to {node}", tag(v));
         }
     }
 
     // Drain n1: SIGTERM.
-    let n1_viewers: Vec<&Viewer> = viewers[..5].iter().filter(|v| tag(v) == "n1").collect();
-    let others: Vec<&Viewer> = viewers[..5].iter().filter(|v| tag(v) != "n1").collect();
-    assert!(!n1_viewers.is_empty() && !others.is_empty());
+    let live = &viewers[..8];
+    let n1_viewers: Vec<&Viewer> = live.iter().filter(|v| tag(v) == "n1").collect();
+    let n2_viewers: Vec<&Viewer> = live.iter().filter(|v| tag(v) == "n2").collect();
+    let mut n3_viewers: Vec<&Viewer> = live.iter().filter(|v| tag(v) == "n3").collect();
+    assert!(!n1_viewers.is_empty() && !n2_viewers.is_empty() && !n3_viewers.is_empty());
+    let n1_shards: Vec<Vec<String>> = n1_viewers.iter().map(|v| candidates(v.answer())).collect();
+    eprintln!("n1's viewers' media from {n1_shards:?} (--shards {N1_SHARDS})");
+    if n1_viewers.len() >= 2 {
+        // A POST goes to the shard with the fewest viewers: the drain covers both.
+        let on_shard_1 = client.metric(&nodes[0], "whep_shard_viewers{shard=\"1\"}");
+        assert!(on_shard_1.is_some_and(|n| n > 0.0), "n1's shard 1: {on_shard_1:?}");
+    }
     let n1_pid = nodes[0].pid();
     let term = Instant::now();
-    assert!(whep_e2e::signal(n1_pid, nix::sys::signal::Signal::SIGTERM));
+    assert!(whep_e2e::signal(n1_pid, Signal::SIGTERM));
     assert!(
-        wait_until(Duration::from_secs(3), || ready(&nodes[0]).0 == 503),
+        wait_until(Duration::from_secs(5), || client.ready(&nodes[0]).0 == 503),
         "n1 /ready: {:?}",
-        ready(&nodes[0])
+        client.ready(&nodes[0])
     );
     let not_ready = term.elapsed();
-    assert!(ready(&nodes[0]).1.contains("draining"));
+    assert!(client.ready(&nodes[0]).1.contains("draining"));
     std::thread::sleep(settle);
     // New POSTs go to the others (a 503 from n1 is retried on the next node).
-    let late: Vec<Viewer> = (0..4).map(|_| connect(&lb)).collect();
+    let late: Vec<Viewer> = (0..4).map(|_| client.connect()).collect();
     for v in &late {
         assert_ne!(tag(v), "n1", "a POST reached the draining node");
         assert!(plays(v), "late viewer on {}: {:?}", tag(v), v.stats());
     }
-    // n1's viewers keep playing until the deadline...
+    // n1's sessions still answer through the balancer, and its viewers keep playing...
+    let status =
+        client.via_lb("PATCH", n1_viewers[0].location(), &[frag], b"a=end-of-candidates\r\n");
+    assert!(![404, 502, 503].contains(&status), "PATCH on the draining node: {status}");
     assert!(all_growing(&n1_viewers), "n1's viewers stopped during the drain");
-    assert!(term.elapsed() < Duration::from_secs(DRAIN_SECS), "the checks took the whole drain");
-    // ... and are then closed by the server (DTLS close), and n1 exits.
-    for v in &n1_viewers {
-        assert!(
-            v.wait_for(Duration::from_secs(DRAIN_SECS + 10), |s| s.closed),
-            "n1's viewer not closed: {:?}",
-            v.stats()
-        );
+    assert!(term.elapsed() < Duration::from_secs(drain_secs), "the checks took the whole drain");
+    let mut n2_late: Vec<&Viewer> = late.iter().filter(|v| tag(v) == "n2").collect();
+    n3_viewers.extend(late.iter().filter(|v| tag(v) == "n3"));
+    n2_late.extend(&n2_viewers);
+    let n2_viewers = n2_late;
+
+    match ending {
+        Ending::DrainThenKill => {
+            // ... until the deadline; they are then closed by the server (DTLS close), and n1
+            // exits.
+            for v in &n1_viewers {
+                assert!(
+                    v.wait_for(Duration::from_secs(DRAIN_SECS + 10), |s| s.closed),
+                    "n1's viewer not closed: {:?}",
+                    v.stats()
+                );
+            }
+            let closed =
+                n1_viewers.iter().filter_map(|v| v.stats().closed_at).max().map(|t| t - term);
+            assert!(
+                closed.is_some_and(|c| c >= Duration::from_secs(DRAIN_SECS)),
+                "closed before the deadline: {closed:?}"
+            );
+            let status = nodes[0].wait_exit(Duration::from_secs(15));
+            let exited = term.elapsed();
+            assert_eq!(status.map(|s| s.success()), Some(true), "n1 exit");
+            eprintln!(
+                "drain in namespaces: /ready 503 after {not_ready:?}, viewers closed {closed:?} \
+                 and exit {exited:?} after SIGTERM (--drain-secs {DRAIN_SECS})"
+            );
+        }
+        Ending::KillDuringDrainThenUnplug => {
+            // Killed mid-drain: its viewers stop at once, with no close.
+            assert!(n1_viewers.iter().all(|v| !v.stats().closed), "closed before the kill");
+            assert!(whep_e2e::signal(n1_pid, Signal::SIGKILL));
+            let killed = term.elapsed();
+            assert!(killed < Duration::from_secs(drain_secs), "killed after the drain");
+            let status = nodes[0].wait_exit(Duration::from_secs(10));
+            assert!(status.is_some_and(|s| !s.success()), "n1 killed: {status:?}");
+            assert!(none_growing(&n1_viewers), "n1's viewers still get media");
+            eprintln!("n1 killed {killed:?} into its drain (--drain-secs {drain_secs})");
+        }
     }
-    let closed = n1_viewers.iter().filter_map(|v| v.stats().closed_at).max().map(|t| t - term);
-    assert!(
-        closed.is_some_and(|c| c >= Duration::from_secs(DRAIN_SECS)),
-        "closed before the deadline: {closed:?}"
-    );
-    let status = nodes[0].wait_exit(Duration::from_secs(15));
-    let exited = term.elapsed();
-    assert_eq!(status.map(|s| s.success()), Some(true), "n1 exit");
-    eprintln!(
-        "drain: /ready 503 after {not_ready:?}, viewers closed {closed:?} and exit {exited:?} after SIGTERM (--drain-secs {DRAIN_SECS})"
-    );
     // n1's session URLs now reach no node.
-    let r = http::request(lb.addr, "DELETE", n1_viewers[0].location(), &[], b"").expect("DELETE");
-    eprintln!("DELETE of a session of the gone node through the balancer: {}", r.status);
-    assert!([502, 503].contains(&r.status), "{} {}", r.status, r.text());
-    // The others never stopped.
-    let late_refs: Vec<&Viewer> = late.iter().collect();
-    assert!(all_growing(&others), "the other nodes' viewers stopped");
-    assert!(all_growing(&late_refs), "the late viewers stopped");
-    for v in others.iter().chain(late_refs.iter()) {
-        assert!(!v.stats().closed, "{} closed", tag(v));
+    let status = client.via_lb("DELETE", n1_viewers[0].location(), &[], b"");
+    eprintln!("DELETE of a session of the gone n1 through the balancer ({ending:?}): {status}");
+    assert!([502, 503].contains(&status), "{status}");
+
+    // n2 goes without a drain.
+    let gone_at = Instant::now();
+    match ending {
+        Ending::DrainThenKill => {
+            assert!(whep_e2e::signal(nodes[1].pid(), Signal::SIGKILL));
+            assert!(nodes[1].wait_exit(Duration::from_secs(10)).is_some(), "n2 killed");
+        }
+        Ending::KillDuringDrainThenUnplug => lan.host("n2").plug(false).expect("unplug n2"),
     }
-    nodes.truncate(0);
+    assert!(none_growing(&n2_viewers), "n2's viewers still get media");
+    // Its sessions' URLs: the balancer reaches no node (connection refused, or a connect timeout
+    // for a host that vanished).
+    let started = Instant::now();
+    let status = client.via_lb("DELETE", n2_viewers[0].location(), &[], b"");
+    eprintln!(
+        "DELETE of a session of the gone n2 through the balancer ({ending:?}): {status} after {:?}",
+        started.elapsed()
+    );
+    assert!([502, 503, 504].contains(&status), "{status}");
+    // New POSTs all go to n3 now (HAProxy: once its checks mark n2 down).
+    std::thread::sleep(settle);
+    let last: Vec<Viewer> = (0..3).map(|_| client.connect()).collect();
+    for v in &last {
+        assert_eq!(tag(v), "n3", "a POST reached a gone node");
+        assert!(plays(v), "last viewer: {:?}", v.stats());
+    }
+    eprintln!(
+        "n2 gone ({ending:?}); the next POSTs all played on n3 {:?} later",
+        gone_at.elapsed()
+    );
+    n3_viewers.extend(&last);
+
+    // The survivor's viewers never stopped, and its /metrics counts exactly them (the page's
+    // session, if it went there, times out).
+    assert!(all_growing(&n3_viewers), "n3's viewers stopped");
+    assert!(n3_viewers.iter().all(|v| !v.stats().closed));
+    let gaps: Vec<Duration> = n3_viewers.iter().map(|v| v.stats().max_video_gap).collect();
+    eprintln!("n3's viewers' longest pauses between video packets ({ending:?}): {gaps:?}");
+    let mine = n3_viewers.len() as f64;
+    assert!(
+        wait_until(Duration::from_secs(60), || client.viewers_on(&nodes[2]) == Some(mine)),
+        "n3 counts {:?} viewers, the test has {mine} there",
+        client.viewers_on(&nodes[2])
+    );
+    // No session left behind after their DELETEs through the balancer.
+    for v in &n3_viewers {
+        assert_eq!(client.delete(v), 204, "DELETE on n3");
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || client.viewers_on(&nodes[2]) == Some(0.0)),
+        "n3 still counts {:?} viewers",
+        client.viewers_on(&nodes[2])
+    );
+    assert_eq!(client.ready(&nodes[2]).0, 200);
+    if ending == Ending::KillDuringDrainThenUnplug {
+        // The unplugged n2 still runs: no need to wait for its drain.
+        assert!(whep_e2e::signal(nodes[1].pid(), Signal::SIGKILL));
+    }
 }
 
-#[test]
-fn nginx_fleet_routes_sessions_and_drains_a_node() {
-    fleet_behind(start_nginx, true, Duration::ZERO);
+/// One fleet at a time: each runs three nodes transcoding the demo, and a 2-core machine
+/// running all four at once would measure its own load.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static FLEET: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    FLEET.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-#[test]
-fn haproxy_fleet_routes_sessions_and_drains_a_node() {
-    if Command::new("haproxy").arg("-v").output().is_err() {
+fn haproxy_installed() -> bool {
+    let installed = Command::new("haproxy").arg("-v").output().is_ok();
+    if !installed {
         eprintln!("haproxy not installed: skipped (bash scripts/test.sh installs it)");
-        return;
     }
-    fleet_behind(start_haproxy, false, Duration::from_millis(2500));
+    installed
+}
+
+/// HAProxy's health checks (`inter 1s fall 1`) take a node out within about a second.
+const HAPROXY_SETTLE: Duration = Duration::from_millis(2500);
+
+#[test]
+fn nginx_fleet_drains_a_node_then_loses_one_to_sigkill() {
+    let _one = one_at_a_time();
+    fleet_behind(start_nginx, true, Duration::ZERO, Ending::DrainThenKill);
+}
+
+#[test]
+fn nginx_fleet_loses_a_node_mid_drain_and_an_unplugged_one() {
+    let _one = one_at_a_time();
+    fleet_behind(start_nginx, false, Duration::ZERO, Ending::KillDuringDrainThenUnplug);
+}
+
+#[test]
+fn haproxy_fleet_drains_a_node_then_loses_one_to_sigkill() {
+    let _one = one_at_a_time();
+    if haproxy_installed() {
+        fleet_behind(start_haproxy, false, HAPROXY_SETTLE, Ending::DrainThenKill);
+    }
+}
+
+#[test]
+fn haproxy_fleet_loses_a_node_mid_drain_and_an_unplugged_one() {
+    let _one = one_at_a_time();
+    if haproxy_installed() {
+        fleet_behind(start_haproxy, false, HAPROXY_SETTLE, Ending::KillDuringDrainThenUnplug);
+    }
 }

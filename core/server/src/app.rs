@@ -472,6 +472,15 @@ impl ShardView {
     }
 }
 
+/// The whole node's readiness (`/ready`): the leader's ([`Core::readiness`]: draining and the
+/// total viewer cap are node-wide already), and `overloaded` when any shard refuses new viewers
+/// because of load, as `whep_overloaded` counts it (a POST goes to the shard with the fewest
+/// viewers, which may be that one).
+pub fn node_readiness(core: &Core, followers: &[ShardView]) -> Result<(), &'static str> {
+    core.readiness()?;
+    if followers.iter().any(|f| f.overloaded) { Err("overloaded") } else { Ok(()) }
+}
+
 /// The leader's streams with the viewers of `followers` added.
 pub fn merged_streams(core: &Core, followers: &[ShardView]) -> Vec<StreamInfo> {
     let mut streams = core.streams();
@@ -490,11 +499,12 @@ pub fn merged_streams(core: &Core, followers: &[ShardView]) -> Vec<StreamInfo> {
 }
 
 /// Whether answering `req` on the leader of a sharded server needs the other shards' views
-/// (`/metrics`, `/streams`, the admin API's listings).
+/// (`/metrics`, `/ready`, `/streams`, the admin API's listings).
 pub fn shows_totals(req: &WhepRequest) -> bool {
     let path = req.target.split('?').next().unwrap_or_default();
     matches!(req.method, Method::Get | Method::Head)
         && (path == "/metrics"
+            || path == "/ready"
             || path == "/streams"
             || path.starts_with("/api/streams")
             || path == "/api/sessions"
@@ -686,7 +696,7 @@ fn dispatch(
             ("player", text(StatusCode::Ok, "text/html; charset=utf-8", page).into())
         }
         "/healthz" if get => ("healthz", text(StatusCode::Ok, "text/plain", "ok\n").into()),
-        "/ready" if get => match core.readiness() {
+        "/ready" if get => match node_readiness(core, followers) {
             Ok(()) => ("ready", text(StatusCode::Ok, "text/plain", "ready\n").into()),
             Err(why) => (
                 "ready",
@@ -1481,6 +1491,24 @@ mod tests {
             assert!(page.contains(&format!("const ICE_SERVERS_ANNOUNCED = {flag};")), "{flag}");
             assert!(!page.contains("__ICE_SERVERS__") && !page.contains("__WHEP_PREFIX__"));
         }
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a real starting instant
+    fn ready_counts_every_shard_of_the_node() {
+        let now = Instant::now();
+        let mut core = Core::new(CoreConfig::default(), now);
+        let routes = RoutesConfig::default();
+        let ready = WhepRequest::new(Method::Get, "/ready");
+        assert!(shows_totals(&ready), "the leader answers /ready with the shards' views");
+        let calm = ShardView::default();
+        let busy = ShardView { overloaded: true, load: 0.97, ..ShardView::default() };
+        let r = handle_sharded(&mut core, &routes, ready.clone(), now, std::slice::from_ref(&calm));
+        assert_eq!((r.code(), body(&r)), (200, "ready\n".to_owned()));
+        // The leader (shard 0) is fine, shard 2 is overloaded: the node is not ready.
+        let r = handle_sharded(&mut core, &routes, ready, now, &[calm, busy]);
+        assert_eq!((r.code(), body(&r)), (503, "overloaded\n".to_owned()));
+        assert!(r.header("retry-after").is_some());
     }
 
     #[test]
