@@ -58,7 +58,7 @@ impl Heap {
 fn main() {
     if std::env::var_os("WHEP_MEMORY_PROFILE").is_some() {
         // For a heap profiler: 100 default viewers, then exit without freeing the core, so
-        // that what it holds shows as leaked, by allocation site (README "Benchmarks").
+        // that what it holds shows as leaked, by allocation site (README "Figures").
         let (_, core, _, _) = streamed(whep_core::sim::config(), 100);
         std::mem::forget(core);
         std::process::exit(0);

@@ -25,7 +25,7 @@ use str0m::crypto::{CryptoError, CryptoProvider};
 /// "no client certificate received"; a client that sends its RSA certificate anyway fails on
 /// the missing EC parameters. The fix is on the server: another DTLS implementation through
 /// [`CoreConfig::crypto`](crate::CoreConfig::crypto), such as OpenSSL's, which `whepd` runs with
-/// `--dtls openssl` (`whep-server`'s `openssl-dtls` feature); see the README's "GStreamer's
+/// `--dtls openssl` (`whep-server`'s `openssl-dtls` feature); see docs/operating.md, "GStreamer's
 /// certificate". The hint is for dimpl's errors and names that option.
 pub fn failure_hint(error: &str) -> Option<&'static str> {
     const RSA: &str = "the client's DTLS certificate is probably RSA, which this server's DTLS \
