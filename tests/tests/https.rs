@@ -52,6 +52,10 @@ fn chromium_plays_over_https(bin: &str) {
     let audio = chromium::number(&verdict, "audioPackets").unwrap_or(0.0);
     assert!(frames >= 30.0 && audio > 0.0, "{verdict}");
     assert_eq!(server.metric("whep_viewers_joined_total"), Some(1.0));
+    eprintln!(
+        "chromium over HTTPS: firstFrameMs={} (POST to first decoded frame)",
+        chromium::field(&verdict, "firstFrameMs").unwrap_or("?")
+    );
 }
 
 fn copy(from: &Issued, cert: &Path, key: &Path) {
