@@ -216,6 +216,8 @@ pub(crate) struct Viewer {
     pub(crate) dead: bool,
     /// Live packets written to str0m since its output was last drained ([`Viewer::flush`]).
     pub(crate) unflushed: u16,
+    /// RTP packets written to str0m (retransmissions not counted), and their payload bytes.
+    pub(crate) sent: Sent,
     /// Retransmission accounting and cap, when the viewer negotiated RTX.
     pub(crate) resend: Option<Box<Resend>>,
     /// Where its media goes, and the checks that may move it ([`crate::path`]).
@@ -242,8 +244,6 @@ pub(crate) struct Seen {
     pub(crate) user_agent: Option<String>,
     /// When ICE and DTLS completed.
     pub(crate) connected_at: Option<Instant>,
-    /// RTP packets written to str0m (retransmissions not counted), and their payload bytes.
-    pub(crate) sent: Sent,
     /// Video packets str0m retransmitted on NACK.
     pub(crate) resent: u64,
     /// str0m's last egress statistics of its video and audio.
@@ -679,6 +679,7 @@ impl Answered {
             scheduled: None,
             dead: false,
             unflushed: 0,
+            sent: Sent::default(),
             resend: self.resend,
             path: Path::default(),
             pacing: None,
@@ -963,10 +964,13 @@ impl Viewer {
             return Sent::default();
         }
         self.unflushed += 1;
+        let sent = Sent { packets: 1, bytes: pkt.payload.len() as u64 };
+        // Next to `unflushed`, in a cache line this write touches anyway.
+        self.sent += sent;
         if self.unflushed >= MAX_UNFLUSHED {
             self.flush(now, grace, out, news);
         }
-        Sent { packets: 1, bytes: pkt.payload.len() as u64 }
+        sent
     }
 
     /// Drops the video held back for this viewer; its video restarts at the next keyframe.
@@ -1246,8 +1250,6 @@ impl Viewer {
                 .marker(pkt.marker)
                 .nackable(nackable),
         );
-        self.seen.sent.packets += 1;
-        self.seen.sent.bytes += pkt.payload.len() as u64;
         true
     }
 

@@ -542,8 +542,8 @@ impl Core {
             session: s,
             reason,
             duration: now.saturating_duration_since(viewer.joined),
-            packets_sent: viewer.seen.sent.packets,
-            bytes_sent: viewer.seen.sent.bytes,
+            packets_sent: viewer.sent.packets,
+            bytes_sent: viewer.sent.bytes,
         }));
     }
 
