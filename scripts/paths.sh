@@ -36,7 +36,7 @@ for ((r = 1; r <= rounds; r++)); do
     for p in "${paths[@]}"; do
         read -r name file test <<<"$p"
         out=$(cargo test --release -q -p whep-e2e --test "$file" -- --exact "$test" --nocapture 2>&1 || true)
-        ms=$(grep -o 'firstFrameMs=[0-9]*' <<<"$out" | head -1 | cut -d= -f2)
+        ms=$(grep -o 'firstFrameMs=[0-9]*' <<<"$out" | head -1 | cut -d= -f2 || true)
         got[$name]="${got[$name]:-} ${ms:-fail}"
         echo "round $r $name: ${ms:-fail}" >&2
     done
