@@ -61,7 +61,7 @@ pub struct RoutesConfig {
     pub policy: AdminPolicy,
     /// Where events go as JSON POSTs (`--webhook-url`, [`crate::webhook`]); an engine starts
     /// the sender ([`start_webhook`](Self::start_webhook)).
-    pub webhook_url: Option<String>,
+    pub webhook_url: Option<crate::outbound::HttpUrl>,
     /// The running webhook sender; its counters are in `/metrics`.
     pub webhook: Option<crate::webhook::Webhook>,
 }
