@@ -1,5 +1,5 @@
 //! The IO half of viewer authorisation ([`whep_core::auth`]): the HTTP callback's request and
-//! its decision, and fetching a JWKS. Both are small blocking HTTP/1.0 exchanges of
+//! its decision, and fetching a JWKS. Both are small blocking exchanges of
 //! [`crate::outbound`] with timeouts, run by the runtime off the engine loop
 //! ([`Runtime::spawn_blocking`](crate::driver::Runtime::spawn_blocking), or a thread of the
 //! blocking example), never on it.

@@ -1,8 +1,9 @@
 //! The shell's one HTTP client, for the three URLs it calls out to: the authorisation callback
 //! (`--auth-http-url`), the JWKS (`--jwks-url`) and the webhook (`--webhook-url`). Each call is
-//! one small blocking HTTP/1.0 exchange (so the answer is never chunked) over a std socket, with
-//! a timeout for connecting, the TLS handshake, writing and each read, run off the engine loop
-//! by its caller.
+//! one small blocking exchange over a std socket (`Connection: close`), with a timeout for
+//! connecting, the TLS handshake, writing and each read, run off the engine loop by its caller:
+//! HTTP/1.1 when only the status is read (the callback, the webhook), HTTP/1.0 when the body
+//! is (the JWKS), so that it is never chunked.
 //!
 //! `https://` URLs are served by rustls on the aws-lc backend str0m already builds (no ring).
 //! The server's certificate is verified against the system's roots: the PEM bundle the
@@ -296,8 +297,9 @@ pub fn exchange(url: &HttpUrl, req: &Request<'_>) -> Result<Response, String> {
 }
 
 fn request_bytes(url: &HttpUrl, req: &Request<'_>) -> Vec<u8> {
+    let version = if req.read_body { "1.0" } else { "1.1" };
     let mut head = format!(
-        "{} {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: {}\r\nAccept: */*\r\n",
+        "{} {} HTTP/{version}\r\nHost: {}\r\nUser-Agent: {}\r\nAccept: */*\r\n",
         req.method, url.path, url.authority, req.user_agent
     );
     if let Some(b) = req.json {

@@ -1,6 +1,6 @@
 //! Events for a webhook (`--webhook-url http[s]://host:port/path`): viewer joined and left,
 //! stream up and down, each POSTed as one JSON object by a thread of its own
-//! ([`crate::outbound`], HTTP/1.0, HTTPS verified like the other outgoing calls), so that a slow
+//! ([`crate::outbound`], HTTP/1.1, HTTPS verified like the other outgoing calls), so that a slow
 //! or dead receiver never holds up the engine loop.
 //!
 //! This is the one thread the shell starts of its own (opt-in: only with a webhook URL), and

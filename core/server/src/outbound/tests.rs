@@ -221,7 +221,7 @@ fn https_with_the_private_ca_works_for_all_three_callers() {
     let decision = crate::auth::ask(&allow.url("/auth", &client), &auth_request(), TIMEOUT);
     assert_eq!(decision, AuthDecision::Allow);
     let seen = allow.seen();
-    assert!(seen[0].starts_with("POST /auth HTTP/1.0\r\n"), "{seen:?}");
+    assert!(seen[0].starts_with("POST /auth HTTP/1.1\r\n"), "{seen:?}");
     assert!(seen[0].contains("\"token\":\"good\""), "{seen:?}");
     let deny = HttpsServer::start(&ca, "HTTP/1.1 403 Forbidden\r\n\r\n");
     let decision = crate::auth::ask(&deny.url("/auth", &client), &auth_request(), TIMEOUT);
@@ -230,6 +230,7 @@ fn https_with_the_private_ca_works_for_all_three_callers() {
     let jwks = HttpsServer::start(&ca, JWKS);
     let doc = crate::auth::fetch(&jwks.url("/jwks.json", &client), TIMEOUT).expect("fetched");
     assert_eq!(doc, b"{\"keys\":[]}");
+    assert!(jwks.seen()[0].starts_with("GET /jwks.json HTTP/1.0\r\n"), "{:?}", jwks.seen());
     // The webhook: delivered once the receiver said 204.
     let hook = HttpsServer::start(&ca, "HTTP/1.1 204 No Content\r\n\r\n");
     let webhook = crate::webhook::Webhook::start(&hook.url("/hook", &client)).expect("started");
