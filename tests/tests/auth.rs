@@ -11,8 +11,6 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use whep_core::auth::testing;
 use whep_e2e::tls::{Issued, TestCa};
 use whep_e2e::viewer::{Viewer, ViewerError};
@@ -41,19 +39,7 @@ impl AuthServer {
 
     /// The same over HTTPS with `cert`'s chain and key (issued for 127.0.0.1).
     fn https(jwks: String, cert: &Issued) -> Self {
-        let chain: Vec<_> = CertificateDer::pem_file_iter(&cert.cert)
-            .expect("chain file")
-            .collect::<Result<_, _>>()
-            .expect("chain");
-        let key = PrivateKeyDer::from_pem_file(&cert.key).expect("key");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server config");
-        Self::serve(jwks, Some(Arc::new(config)))
+        Self::serve(jwks, Some(cert.server_config()))
     }
 
     fn serve(jwks: String, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
