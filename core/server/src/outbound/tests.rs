@@ -77,6 +77,38 @@ fn answers_parse_without_panicking() {
     }
 }
 
+proptest::proptest! {
+    /// Any bytes as an answer, read as from a socket and parsed whole: an error or a bounded
+    /// answer, never a panic.
+    #[test]
+    fn any_answer_is_read_without_panicking(
+        head in proptest::sample::select(vec![
+            &b"HTTP/1.1 200 OK\r\n"[..],
+            b"HTTP/1.0 401 No\r\nContent-Length: 3\r\n",
+            b"HTTP/1.1 204 \r\nTransfer-Encoding: chunked\r\n",
+            b"",
+        ]),
+        rest in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+        read_body: bool,
+    ) {
+        let mut answer = head.to_vec();
+        answer.extend_from_slice(&rest);
+        if let Ok(r) = read_response(&mut answer.as_slice(), read_body, TIMEOUT) {
+            proptest::prop_assert!(r.body.len() <= answer.len() && (100..1000).contains(&r.status));
+        }
+        let _ = parse_response(&rest, read_body);
+        let _ = content_length(&rest);
+    }
+
+    /// Any string as a URL: an error or a URL whose parts it holds, never a panic.
+    #[test]
+    fn any_url_parses_without_panicking(url in "(https?://)?[a-z0-9\\[\\]:@/?#. %\u{e9}-]{0,40}") {
+        if let Ok(u) = HttpUrl::parse(&url) {
+            proptest::prop_assert!(url.contains(&u.authority) && !u.host.is_empty());
+        }
+    }
+}
+
 /// A CA made here, and a rustls server configuration for 127.0.0.1 whose certificate it signed.
 struct TestCa {
     pem: String,
