@@ -5,8 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::sync::Mutex;
 
-use super::*;
 use whep_core::{AuthDecision, AuthRequest, RequestId, StreamId};
+
+use super::*;
 
 #[test]
 fn urls_parse() {
