@@ -331,6 +331,8 @@ fn read_response(
 ) -> Result<Response, String> {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
+    // The end of the head and its Content-Length, once read.
+    let mut head: Option<(usize, Option<usize>)> = None;
     loop {
         let n = match stream.read(&mut buf) {
             Ok(n) => n,
@@ -346,18 +348,18 @@ fn read_response(
         if !read_body && got.contains(&b'\n') {
             break;
         }
-        if let Some(end) = head_end(&got) {
-            if end > MAX_HEAD {
-                return Err("answer head too large".into());
-            }
-            if got.len() - end > MAX_BODY {
+        if head.is_none() {
+            head = head_end(&got).map(|end| (end, content_length(&got[..end])));
+        }
+        match head {
+            Some((end, _)) if end > MAX_HEAD => return Err("answer head too large".into()),
+            Some((end, _)) if got.len() - end > MAX_BODY => {
                 return Err(format!("answer larger than {MAX_BODY} bytes"));
             }
-            if content_length(&got[..end]).is_some_and(|len| got.len() - end >= len) {
-                break;
-            }
-        } else if got.len() > MAX_HEAD {
-            return Err("answer head too large".into());
+            Some((end, Some(len))) if got.len() - end >= len => break,
+            Some(_) => {}
+            None if got.len() > MAX_HEAD => return Err("answer head too large".into()),
+            None => {}
         }
     }
     parse_response(&got, read_body)
