@@ -375,7 +375,9 @@ fn webhook_over_https_with_a_private_ca(bin: &str) {
     let mut server = Server::start(bin, &["--webhook-url", &url, "--outbound-ca-file", ca_file]);
     let up = hook.wait(PLAY_WITHIN, |e| e["event"] == "stream_up" && e["stream"] == "demo");
     assert!(up.is_some(), "no stream_up over HTTPS: {:?}\n{}", hook.seen, server.output());
-    assert!(server.metric("whep_webhook_delivered_total").is_some_and(|n| n >= 1.0));
+    // Counted once whepd has read the 204, which may be just after the receiver saw the event.
+    let delivered = || server.metric("whep_webhook_delivered_total").is_some_and(|n| n >= 1.0);
+    assert!(wait_until(Duration::from_secs(5), delivered), "{}", server.output());
     assert_eq!(server.metric("whep_webhook_failures_total"), Some(0.0));
     drop(server);
 
