@@ -234,6 +234,41 @@ fn pending_requests_are_bounded() {
 }
 
 #[test]
+fn a_cancelled_request_frees_its_place_at_once_and_its_decision_is_ignored() {
+    let (mut w, _) = callback_world(1, Duration::from_secs(60));
+    let gone = pending(request(&mut w, bearer("/whep/demo", "good")));
+    assert_eq!(w.core.pending_requests(), 1);
+    // The bound is reached: the next viewer waits for no one and gets 503.
+    match request(&mut w, bearer("/whep/demo", "other")) {
+        Answer::Ready(r) => assert_eq!(r.code(), 503, "{}", text(&r)),
+        Answer::Pending(_) => panic!("beyond the bound"),
+    }
+    // Its client goes away: the place is free at once, its timer with it.
+    w.core.cancel_request(gone);
+    w.drain();
+    assert_eq!(w.core.pending_requests(), 0);
+    assert!(w.core.poll_timeout().is_none_or(|(_, why)| why != whep_core::TimerReason::Auth));
+    let next = pending(request(&mut w, bearer("/whep/demo", "next")));
+    // The decision on the cancelled request is ignored: no response, no viewer, no cache.
+    w.core.handle_auth(gone, AuthDecision::Allow, w.now);
+    w.drain();
+    assert!(w.responses.is_empty(), "a cancelled request was answered");
+    assert_eq!(w.core.viewer_count(), 0);
+    // Cancelling again, or an unknown id, changes nothing.
+    w.core.cancel_request(gone);
+    w.core.cancel_request(RequestId(999));
+    assert_eq!(w.core.pending_requests(), 1);
+    // Its timeout passes unnoticed; the other request's answers it alone.
+    w.run_for(Duration::from_millis(2100));
+    let (got, r) = w.responses.pop().expect("the timeout answers the other request");
+    assert_eq!((got, r.code()), (next, 503));
+    assert!(w.responses.is_empty());
+    // "good" was not cached by the ignored decision: it is asked about again.
+    let _ = pending(request(&mut w, bearer("/whep/demo", "good")));
+    w.core.check_invariants();
+}
+
+#[test]
 fn handle_http_cannot_wait_and_says_so() {
     let (mut w, _) = callback_world(8, Duration::from_secs(60));
     let r = w.http(bearer("/whep/demo", "t"));

@@ -132,6 +132,30 @@ impl TestCa {
 }
 
 impl Issued {
+    /// A rustls server configuration serving this chain and key (aws-lc, TLS 1.2 and 1.3): for
+    /// HTTPS servers in the tests that whepd calls (authorisation callback, JWKS, webhook).
+    ///
+    /// # Panics
+    ///
+    /// When the files do not load.
+    pub fn server_config(&self) -> std::sync::Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain: Vec<_> = CertificateDer::pem_file_iter(&self.cert)
+            .expect("chain file")
+            .collect::<Result<_, _>>()
+            .expect("chain");
+        let key = PrivateKeyDer::from_pem_file(&self.key).expect("key");
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config");
+        std::sync::Arc::new(config)
+    }
+
     /// The leaf certificate, DER (to compare with what a server presents).
     pub fn leaf_der(&self) -> Vec<u8> {
         let out = Command::new("openssl")

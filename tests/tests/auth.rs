@@ -2,7 +2,9 @@
 //! (a std `TcpListener` thread) that allows one token and refuses another decides whether a
 //! str0m viewer plays; with it down or silent the viewer gets a clear 503; a JWT signed with
 //! the server's HS256 secret plays in headless Chromium from the WHEP URL's query, and a JWT
-//! for another stream is refused 403.
+//! for another stream is refused 403. The callback and the JWKS also over HTTPS with a private
+//! CA (`--outbound-ca-file`), and refused without it; a viewer gone before the decision frees
+//! its place among the pending requests at once.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -10,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use whep_core::auth::testing;
+use whep_e2e::tls::{Issued, TestCa};
 use whep_e2e::viewer::{Viewer, ViewerError};
 use whep_e2e::{Server, chromium};
 
@@ -31,22 +34,41 @@ impl AuthServer {
     }
 
     fn with_jwks(jwks: String) -> Self {
+        Self::serve(jwks, None)
+    }
+
+    /// The same over HTTPS with `cert`'s chain and key (issued for 127.0.0.1).
+    fn https(jwks: String, cert: &Issued) -> Self {
+        Self::serve(jwks, Some(cert.server_config()))
+    }
+
+    fn serve(jwks: String, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the auth server");
         let addr = listener.local_addr().expect("its address");
         let bodies = Arc::new(Mutex::new(Vec::new()));
         let theirs = Arc::clone(&bodies);
         let jwks = Arc::new(jwks);
+        let https = tls.is_some();
         // Lives as long as the test process; each connection is one request.
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let bodies = Arc::clone(&theirs);
                 let jwks = Arc::clone(&jwks);
-                std::thread::spawn(move || answer(conn, &bodies, &jwks));
+                let tls = tls.clone();
+                std::thread::spawn(move || match tls {
+                    None => answer(conn, &bodies, &jwks),
+                    Some(config) => {
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                        let Ok(tls) = rustls::ServerConnection::new(config) else { return };
+                        answer(rustls::StreamOwned::new(tls, conn), &bodies, &jwks);
+                    }
+                });
             }
         });
+        let scheme = if https { "https" } else { "http" };
         Self {
-            url: format!("http://{addr}/auth"),
-            jwks_url: format!("http://{addr}/jwks.json"),
+            url: format!("{scheme}://{addr}/auth"),
+            jwks_url: format!("{scheme}://{addr}/jwks.json"),
             bodies,
         }
     }
@@ -56,7 +78,7 @@ impl AuthServer {
     }
 }
 
-fn answer(conn: TcpStream, bodies: &Mutex<Vec<String>>, jwks: &str) {
+fn answer(conn: impl Read + Write, bodies: &Mutex<Vec<String>>, jwks: &str) {
     let mut reader = BufReader::new(conn);
     let mut length = 0usize;
     let mut line = String::new();
@@ -82,6 +104,7 @@ fn answer(conn: TcpStream, bodies: &Mutex<Vec<String>>, jwks: &str) {
     if get_jwks {
         let mut conn = reader.into_inner();
         let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{jwks}");
+        let _ = conn.flush();
         return;
     }
     let mut body = vec![0u8; length];
@@ -100,6 +123,7 @@ fn answer(conn: TcpStream, bodies: &Mutex<Vec<String>>, jwks: &str) {
     }
     let mut conn = reader.into_inner();
     let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let _ = conn.flush();
 }
 
 fn rejected(r: Result<Viewer, ViewerError>) -> (u16, String) {
@@ -240,7 +264,110 @@ fn jwks_url_keys_verify_es256(bin: &str) {
     v.close();
 }
 
+/// The callback and the JWKS over HTTPS, their server's certificate issued by a private CA:
+/// trusted with `--outbound-ca-file`, the allowed token plays and the refused one gets 403;
+/// without it (the system's roots only) the handshake fails and the viewer gets 503, nothing
+/// reaching the authorisation server.
+fn callback_and_jwks_over_https_with_a_private_ca(bin: &str) {
+    let ca = TestCa::new("outbound");
+    let (key, jwk) = testing::es256_key("k1");
+    let auth = AuthServer::https(format!(r#"{{"keys":[{jwk}]}}"#), &ca.issue("auth"));
+    assert!(auth.url.starts_with("https://127.0.0.1:"), "{}", auth.url);
+    let ca_file = ca.path("ca.pem");
+    let ca_file = ca_file.to_str().expect("a UTF-8 path");
+    let args = ["--auth-http-url", &auth.url, "--jwks-url", &auth.jwks_url];
+    let mut server = Server::start(bin, &[&args[..], &["--outbound-ca-file", ca_file]].concat());
+    let v = Viewer::connect(server.http, "/whep/demo", Some("good"))
+        .unwrap_or_else(|e| panic!("allowed viewer: {e:?}\n{}", server.output()));
+    assert!(v.wait_for(PLAY_WITHIN, |s| s.video_packets >= 20), "{:?}", v.stats());
+    let (status, body) = rejected(Viewer::connect(server.http, "/whep/demo", Some("bad")));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(auth.bodies().len(), 2);
+    assert!(
+        whep_e2e::wait_until(Duration::from_secs(10), || server.output().contains("JWKS fetched")),
+        "JWKS not fetched over HTTPS:\n{}",
+        server.output()
+    );
+    let exp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 3600)
+        .unwrap_or_default();
+    let claims = format!(r#"{{"exp":{exp},"whep":{{"streams":["demo"]}}}}"#);
+    let token = testing::es256(&key, r#"{"alg":"ES256","kid":"k1"}"#, &claims);
+    let jwt_viewer = Viewer::connect(server.http, "/whep/demo", Some(&token))
+        .unwrap_or_else(|e| panic!("JWT viewer: {e:?}\n{}", server.output()));
+    jwt_viewer.close();
+    v.close();
+    drop(server);
+
+    // The private CA not trusted: fails closed.
+    let mut server = Server::start(bin, &args);
+    let (status, body) = rejected(Viewer::connect(server.http, "/whep/demo", Some("good")));
+    assert_eq!(status, 503, "{body}\n{}", server.output());
+    assert!(body.contains("authorisation failed") && body.contains("certificate"), "{body}");
+    assert_eq!(auth.bodies().len(), 2, "a request reached the untrusted server");
+    assert!(
+        whep_e2e::wait_until(Duration::from_secs(10), || {
+            server.output().contains("JWKS fetch failed")
+        }),
+        "{}",
+        server.output()
+    );
+}
+
+/// A viewer whose connection closes while the authorisation server decides frees its place
+/// among `--auth-max-pending` at once (not after the 20 s timeout): `whep_auth_pending` drops
+/// to 0 and the next viewer is asked about instead of refused.
+fn a_viewer_gone_before_the_decision_frees_its_place(bin: &str) {
+    // Accepts (the kernel's backlog) and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/auth", silent.local_addr().expect("address"));
+    let args = ["--auth-http-url", &url, "--auth-http-timeout-ms", "20000"];
+    let mut server = Server::start(bin, &[&args[..], &["--auth-max-pending", "1"]].concat());
+    let post = |server: &Server| {
+        let mut conn = TcpStream::connect(server.http).expect("connect");
+        let offer = "v=0\r\n";
+        let _ = write!(
+            conn,
+            "POST /whep/demo HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer t\r\n\
+             Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{offer}",
+            server.http,
+            offer.len()
+        );
+        conn
+    };
+    let pending = |server: &Server| server.metric("whep_auth_pending").unwrap_or(-1.0);
+    let first = post(&server);
+    assert!(
+        whep_e2e::wait_until(Duration::from_secs(5), || pending(&server) == 1.0),
+        "not pending: {}\n{}",
+        pending(&server),
+        server.output()
+    );
+    drop(first);
+    assert!(
+        whep_e2e::wait_until(Duration::from_secs(3), || pending(&server) == 0.0),
+        "the pending request outlived its connection: {}\n{}",
+        pending(&server),
+        server.output()
+    );
+    // Its place is free: the next one waits for the decision rather than getting 503.
+    let mut second = post(&server);
+    assert!(
+        whep_e2e::wait_until(Duration::from_secs(5), || pending(&server) == 1.0),
+        "{}",
+        server.output()
+    );
+    second.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    let mut got = [0u8; 64];
+    assert!(second.read(&mut got).is_err(), "answered: {:?}", String::from_utf8_lossy(&got));
+    drop(second);
+    drop(silent);
+}
+
 whep_e2e::runtime_suite!(
+    callback_and_jwks_over_https_with_a_private_ca,
+    a_viewer_gone_before_the_decision_frees_its_place,
     callback_decides_who_plays,
     auth_server_down_is_a_clear_503,
     jwks_url_keys_verify_es256,

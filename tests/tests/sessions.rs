@@ -3,15 +3,17 @@
 //! one is kicked (its resource answers 404, its peer is closed) while the other keeps playing;
 //! a webhook receiver (a plain TCP listener here) gets stream up, viewers joined and left and
 //! stream down with their fields; the API needs the admin token; a webhook that cannot be
-//! reached costs failures in `/metrics`, not media.
+//! reached costs failures in `/metrics`, not media. The webhook also over HTTPS with a private
+//! CA (`--outbound-ca-file`), and refused without it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use whep_e2e::tls::{Issued, TestCa};
 use whep_e2e::viewer::{Viewer, ViewerOptions};
 use whep_e2e::{ADMIN_TOKEN, Server, wait_until};
 
@@ -27,40 +29,32 @@ struct Receiver {
 
 impl Receiver {
     fn start() -> Self {
+        Self::serve(None)
+    }
+
+    /// The same over HTTPS with `cert`'s chain and key (issued for 127.0.0.1).
+    fn https(cert: &Issued) -> Self {
+        Self::serve(Some(cert.server_config()))
+    }
+
+    fn serve(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the webhook receiver");
         let addr = listener.local_addr().expect("its address");
         let (tx, events) = mpsc::channel();
         thread::spawn(move || {
             for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { return };
+                let Ok(conn) = conn else { return };
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-                let mut length = 0usize;
-                let mut line = String::new();
-                let mut request_line = true;
-                loop {
-                    line.clear();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        break;
+                let body = match &tls {
+                    None => receive(conn),
+                    Some(config) => {
+                        let Ok(tls) = rustls::ServerConnection::new(Arc::clone(config)) else {
+                            continue;
+                        };
+                        receive(rustls::StreamOwned::new(tls, conn))
                     }
-                    if request_line {
-                        assert!(line.starts_with("POST /hook HTTP/1.1"), "{line:?}");
-                        request_line = false;
-                    }
-                    if line == "\r\n" {
-                        break;
-                    }
-                    if let Some((name, value)) = line.split_once(':')
-                        && name.eq_ignore_ascii_case("content-length")
-                    {
-                        length = value.trim().parse().unwrap_or(0);
-                    }
-                }
-                let mut body = vec![0; length];
-                if reader.read_exact(&mut body).is_err() {
-                    continue;
-                }
-                let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+                };
+                let Some(body) = body else { continue };
                 match serde_json::from_slice(&body) {
                     Ok(v) => {
                         if tx.send(v).is_err() {
@@ -91,6 +85,38 @@ impl Receiver {
             }
         }
     }
+}
+
+/// Reads one webhook POST from `conn`, answers 204, and returns its body.
+fn receive(conn: impl Read + Write) -> Option<Vec<u8>> {
+    let mut reader = BufReader::new(conn);
+    let mut length = 0usize;
+    let mut line = String::new();
+    let mut request_line = true;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if request_line {
+            assert!(line.starts_with("POST /hook HTTP/1.1"), "{line:?}");
+            request_line = false;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    let mut conn = reader.into_inner();
+    let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+    let _ = conn.flush();
+    Some(body)
 }
 
 fn json(r: &whep_e2e::http::Response) -> Value {
@@ -329,4 +355,41 @@ mod shards {
     whep_e2e::runtime_suite!([tokio, smol] sharded_listing_and_kick);
 }
 
-whep_e2e::runtime_suite!(list_kick_and_events, unreachable_webhook_costs_no_media,);
+/// The webhook over HTTPS, its receiver's certificate issued by a private CA trusted with
+/// `--outbound-ca-file`: events arrive; without the option (the system's roots only) none do,
+/// and the failures are counted.
+fn webhook_over_https_with_a_private_ca(bin: &str) {
+    let ca = TestCa::new("webhook");
+    let mut hook = Receiver::https(&ca.issue("hook"));
+    let url = format!("https://{}/hook", hook.addr);
+    let ca_file = ca.path("ca.pem");
+    let ca_file = ca_file.to_str().expect("a UTF-8 path");
+    let mut server = Server::start(bin, &["--webhook-url", &url, "--outbound-ca-file", ca_file]);
+    let up = hook.wait(PLAY_WITHIN, |e| e["event"] == "stream_up" && e["stream"] == "demo");
+    assert!(up.is_some(), "no stream_up over HTTPS: {:?}\n{}", hook.seen, server.output());
+    // Counted once whepd has read the 204, which may be just after the receiver saw the event.
+    let delivered = || server.metric("whep_webhook_delivered_total").is_some_and(|n| n >= 1.0);
+    assert!(wait_until(Duration::from_secs(5), delivered), "{}", server.output());
+    assert_eq!(server.metric("whep_webhook_failures_total"), Some(0.0));
+    drop(server);
+
+    let server = Server::start(bin, &["--webhook-url", &url]);
+    assert!(
+        wait_until(PLAY_WITHIN, || server
+            .metric("whep_webhook_failures_total")
+            .is_some_and(|n| n >= 1.0)),
+        "no failure counted"
+    );
+    // Nothing of the second server reached the receiver: one stream_up in all.
+    while let Ok(e) = hook.events.try_recv() {
+        hook.seen.push(e);
+    }
+    let ups = hook.seen.iter().filter(|e| e["event"] == "stream_up").count();
+    assert_eq!(ups, 1, "{:?}", hook.seen);
+}
+
+whep_e2e::runtime_suite!(
+    list_kick_and_events,
+    unreachable_webhook_costs_no_media,
+    webhook_over_https_with_a_private_ca,
+);

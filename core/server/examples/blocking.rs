@@ -17,7 +17,7 @@
 //! | `signals` | `sigwait` for SIGTERM and SIGINT | `Msg::Shutdown` |
 //! | `viewer-udp` | `recv_from` on a clone of the viewer socket | `Msg::Datagram` |
 //! | `ingest-PORT`, two per started stream | `recv`, waking every 100 ms to check a stop flag | `Msg::Ingest` |
-//! | `http-accept`, and `http` per connection | `accept`; reading one HTTP/1.1 request | `Msg::Http` with a reply channel |
+//! | `http-accept`, and `http` per connection | `accept`; reading one HTTP/1.1 request; waiting for its answer, checking that the client is still there | `Msg::Http` with a reply channel; `Msg::HttpGone` when the client left first |
 //! | `ffmpeg-wait` and `ffmpeg-log` per process | `wait()`; reading its stderr | `Msg::Exited`; log lines |
 //! | `ice-tcp-accept`, and `ice-tcp-read` per connection | `accept` on the ICE-TCP listener; `read` | `Msg::TcpOpened`, `Msg::TcpData`, `Msg::TcpClosed` |
 //! | `ice-tcp-write` per connection | waiting for its queue, `write` | nothing: the main loop only fills the queue, so a viewer that reads slowly blocks only this thread, and loses frames |
@@ -48,7 +48,7 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -86,8 +86,11 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything the IO threads tell the main loop.
 enum Msg {
-    /// A parsed HTTP request; the response goes back on `reply`.
-    Http { req: WhepRequest, reply: Sender<Reply> },
+    /// A parsed HTTP request; the response goes back on `reply`. `ticket` names it for
+    /// `HttpGone`.
+    Http { req: WhepRequest, reply: Sender<Reply>, ticket: u64 },
+    /// The client of the request `ticket` closed its connection before the answer.
+    HttpGone { ticket: u64 },
     /// A datagram on the viewer socket.
     Datagram { source: SocketAddr, contents: Vec<u8> },
     /// A datagram on an ingest socket; `epoch` tells a released socket's leftovers apart.
@@ -285,8 +288,9 @@ struct Runtime {
     /// (to shut down on close).
     conns: HashMap<ConnId, (Arc<TcpOut>, TcpStream)>,
     tcp_queue_bytes: usize,
-    /// Requests waiting for the authorisation callback, and where their answer goes.
-    waiting: HashMap<RequestId, Sender<Reply>>,
+    /// Requests waiting for the authorisation callback: their ticket, and where their answer
+    /// goes.
+    waiting: HashMap<RequestId, (u64, Sender<Reply>)>,
     /// The authorisation server, if one is configured.
     auth_url: Option<whep_server::auth::HttpUrl>,
 }
@@ -375,7 +379,7 @@ impl Runtime {
 
     fn handle(&mut self, msg: Msg, now: Instant) {
         match msg {
-            Msg::Http { req, reply } => {
+            Msg::Http { req, reply, ticket } => {
                 // The player page, /metrics, the admin API, and WHEP via `Core::handle_http`.
                 let started = Instant::now();
                 let answer =
@@ -384,10 +388,19 @@ impl Runtime {
                 self.http_time += started.elapsed();
                 match answer {
                     // Answered by `Output::Respond` once the authorisation server decided.
-                    Reply::Pending(id) => drop(self.waiting.insert(id, reply)),
+                    Reply::Pending(id) => drop(self.waiting.insert(id, (ticket, reply))),
                     // A sessions listing is serialised by the connection's thread, not here.
                     // The client may have gone; nothing to do.
                     ready => drop(reply.send(ready)),
+                }
+            }
+            Msg::HttpGone { ticket } => {
+                // Its place among `--auth-max-pending` is free at once; a decision that still
+                // comes for it is ignored by the core.
+                let gone = self.waiting.iter().find(|(_, (t, _))| *t == ticket).map(|(id, _)| *id);
+                if let Some(id) = gone {
+                    self.waiting.remove(&id);
+                    self.core.cancel_request(id);
                 }
             }
             Msg::Auth { id, decision } => self.core.handle_auth(id, decision, now),
@@ -565,7 +578,7 @@ impl Runtime {
                     }
                 }
                 Output::Respond { id, response } => {
-                    if let Some(reply) = self.waiting.remove(&id) {
+                    if let Some((_, reply)) = self.waiting.remove(&id) {
                         let _ = reply.send(Reply::Ready(response));
                     }
                 }
@@ -754,6 +767,48 @@ fn accept_loop(listener: &TcpListener, max_body: usize, tx: &SyncSender<Msg>) {
     }
 }
 
+/// Names each request for `Msg::HttpGone`.
+static NEXT_TICKET: AtomicU64 = AtomicU64::new(0);
+
+/// How often a connection waiting for its answer checks that the client is still there.
+const GONE_CHECK: Duration = Duration::from_millis(100);
+
+enum Waited {
+    Answer(Reply),
+    /// The main loop is gone.
+    Exiting,
+    /// The client closed the connection first.
+    ClientGone,
+}
+
+/// Waits for the main loop's answer, looking every [`GONE_CHECK`] whether the client closed
+/// the connection meanwhile (a request pending for the authorisation server can wait for
+/// seconds).
+fn await_answer(conn: &TcpStream, answer: &Receiver<Reply>) -> Waited {
+    loop {
+        match answer.recv_timeout(GONE_CHECK) {
+            Ok(resp) => return Waited::Answer(resp),
+            Err(RecvTimeoutError::Disconnected) => return Waited::Exiting,
+            Err(RecvTimeoutError::Timeout) if client_gone(conn) => return Waited::ClientGone,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+/// Whether the client closed the connection (or it broke): a peek without waiting sees the
+/// end of the stream or an error. Bytes of a pipelined next request are left where they are.
+fn client_gone(conn: &TcpStream) -> bool {
+    if conn.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let gone = match conn.peek(&mut [0u8; 1]) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted),
+    };
+    let _ = conn.set_nonblocking(false);
+    gone
+}
+
 /// Reads requests one after the other (pipelined ones are already in the buffer), has the
 /// main loop answer each and writes the answers in order, until the client asks to close, the
 /// request cannot be framed, or the connection idles for [`HTTP_TIMEOUT`].
@@ -768,9 +823,20 @@ fn serve(conn: &TcpStream, peer: SocketAddr, max_body: usize, tx: &SyncSender<Ms
                 req.wall_time = Some(SystemTime::now());
                 let head = req.method == Method::Head;
                 let (reply, answer) = mpsc::channel();
+                let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
                 // If the main loop is gone, `reply` is dropped with the message and `recv` fails.
-                let resp = tx.send(Msg::Http { req, reply }).ok().and_then(|()| answer.recv().ok());
-                let resp = resp.and_then(Reply::into_response);
+                let resp = match tx.send(Msg::Http { req, reply, ticket }) {
+                    Ok(()) => match await_answer(conn, &answer) {
+                        Waited::Answer(resp) => resp.into_response(),
+                        Waited::Exiting => None,
+                        Waited::ClientGone => {
+                            debug!(%peer, "client gone before the answer");
+                            let _ = tx.send(Msg::HttpGone { ticket });
+                            return;
+                        }
+                    },
+                    Err(_) => None,
+                };
                 let resp = resp.unwrap_or_else(|| plain(StatusCode::ServiceUnavailable, "exiting"));
                 // What is left of an over-long body is not read as the next request.
                 (resp, head, unread, close || unread > 0)

@@ -61,7 +61,7 @@ pub struct RoutesConfig {
     pub policy: AdminPolicy,
     /// Where events go as JSON POSTs (`--webhook-url`, [`crate::webhook`]); an engine starts
     /// the sender ([`start_webhook`](Self::start_webhook)).
-    pub webhook_url: Option<String>,
+    pub webhook_url: Option<crate::outbound::HttpUrl>,
     /// The running webhook sender; its counters are in `/metrics`.
     pub webhook: Option<crate::webhook::Webhook>,
 }
@@ -439,6 +439,8 @@ pub struct ShardView {
     pub transport: whep_core::TransportCounts,
     /// Its open ICE-TCP connections.
     pub tcp_connections: usize,
+    /// Its requests waiting for the authorisation callback ([`Core::pending_requests`]).
+    pub auth_pending: usize,
     /// Its viewer socket's public address learned from STUN ([`Core::stun_mapped`]).
     pub stun_mapped: Option<SocketAddr>,
     /// Its viewers' sessions, for the sessions listing only ([`ShardView::with_sessions`]);
@@ -467,6 +469,7 @@ impl ShardView {
             overloaded: core.is_overloaded(),
             transport: core.viewers_by_transport(),
             tcp_connections: core.tcp_connections(),
+            auth_pending: core.pending_requests(),
             stun_mapped: core.stun_mapped(),
         }
     }
@@ -1361,6 +1364,9 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
     head(&mut out, "tcp_connections", "gauge", "Open ICE-TCP connections.");
     let conns = core.tcp_connections() + followers.iter().map(|f| f.tcp_connections).sum::<usize>();
     let _ = writeln!(out, "whep_tcp_connections {conns}");
+    head(&mut out, "auth_pending", "gauge", "Requests waiting for the authorisation callback.");
+    let pending = core.pending_requests() + followers.iter().map(|f| f.auth_pending).sum::<usize>();
+    let _ = writeln!(out, "whep_auth_pending {pending}");
     head(&mut out, "viewers_current", "gauge", "Viewers of all streams.");
     let viewers = core.viewer_count() + followers.iter().map(|f| f.viewers).sum::<usize>();
     let _ = writeln!(out, "whep_viewers_current {viewers}");

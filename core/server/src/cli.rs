@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::app::{AdminPolicy, AuthSettings, RoutesConfig, ServerConfig, StreamSpec, TcpListen};
 use crate::auth::{HttpUrl, JwtSources};
 use crate::dtls::Dtls;
+use crate::outbound::Client;
 use crate::tls::TlsFiles;
 use whep_core::auth::HttpAuth;
 use whep_core::ratelimit::{Rate, RateLimits, RateSetting};
@@ -74,7 +75,7 @@ pub struct Cli {
     #[arg(long)]
     admin_token: Option<String>,
     /// POST viewer joined/left and stream up/down events as JSON to this URL
-    /// (`http://host[:port]/path`).
+    /// (`http[s]://host[:port]/path`).
     #[arg(long, value_name = "URL")]
     webhook_url: Option<String>,
     /// Directory whose files streams added over the admin API may play (`file`; repeat)
@@ -180,7 +181,7 @@ pub struct Cli {
     /// feature `openssl-dtls`, on in whepd's default build) [default: dimpl].
     #[arg(long, value_name = "dimpl|openssl")]
     dtls: Option<Dtls>,
-    /// Ask this authorisation server (`http://` URL) before answering a viewer's POST: a JSON
+    /// Ask this authorisation server (`http://` or `https://` URL) before answering a viewer's POST: a JSON
     /// POST like MediaMTX's `authMethod: http`; 2xx allows, 401/403 refuse, anything else 503.
     #[arg(long, value_name = "URL")]
     auth_http_url: Option<String>,
@@ -205,7 +206,7 @@ pub struct Cli {
     /// (repeat).
     #[arg(long = "jwks-file", value_name = "FILE")]
     jwks_files: Vec<PathBuf>,
-    /// Accept JWTs signed with the keys of this JWKS (`http://` URL), fetched at start and
+    /// Accept JWTs signed with the keys of this JWKS (`http[s]://` URL), fetched at start and
     /// every --jwks-refresh-secs.
     #[arg(long, value_name = "URL")]
     jwks_url: Option<String>,
@@ -215,6 +216,10 @@ pub struct Cli {
     /// Clock skew allowed on a JWT's exp and nbf [default: 30].
     #[arg(long, value_name = "SECS")]
     jwt_leeway_secs: Option<u64>,
+    /// Trust the CA certificates in this PEM file, besides the system's roots, for the
+    /// `https://` URLs whepd calls (--auth-http-url, --jwks-url, --webhook-url).
+    #[arg(long, value_name = "PEM")]
+    outbound_ca_file: Option<PathBuf>,
 }
 
 /// The configuration file. Every field is optional.
@@ -278,6 +283,7 @@ struct FileConfig {
     jwks_url: Option<String>,
     jwks_refresh_secs: Option<u64>,
     jwt_leeway_secs: Option<u64>,
+    outbound_ca_file: Option<PathBuf>,
     streams: BTreeMap<String, StreamSpec>,
 }
 
@@ -324,17 +330,35 @@ impl std::fmt::Display for CliError {
 
 impl std::error::Error for CliError {}
 
+/// The client of the outgoing calls: `--outbound-ca-file` over the file's, checked to hold
+/// certificates.
+fn outbound_client(
+    cli: &Cli,
+    file: &FileConfig,
+    read_file: &mut impl FnMut(&Path) -> std::io::Result<String>,
+) -> Result<Client, String> {
+    let Some(path) = cli.outbound_ca_file.as_ref().or(file.outbound_ca_file.as_ref()) else {
+        return Ok(Client::default());
+    };
+    let pem = read_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    crate::outbound::pem_certificates(pem.as_bytes())
+        .map_err(|e| format!("--outbound-ca-file {}: {e}", path.display()))?;
+    Ok(Client::with_ca_file(path.clone()))
+}
+
 /// The authorisation settings of the flags over the file: the core's part goes into `core`.
 fn auth_settings(
     core: &mut CoreConfig,
     cli: &Cli,
     file: &FileConfig,
+    client: &Client,
     read_file: &mut impl FnMut(&Path) -> std::io::Result<String>,
 ) -> Result<AuthSettings, String> {
     let mut read = |p: &Path| read_file(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
     let mut settings = AuthSettings::default();
     if let Some(url) = cli.auth_http_url.as_ref().or(file.auth_http_url.as_ref()) {
         let url = HttpUrl::parse(url).map_err(|e| format!("--auth-http-url {e}"))?;
+        let url = url.with_client(client.clone());
         let ms = cli.auth_http_timeout_ms.or(file.auth_http_timeout_ms).unwrap_or(2000);
         if ms == 0 {
             return Err("--auth-http-timeout-ms must be at least 1".into());
@@ -375,7 +399,8 @@ fn auth_settings(
         jwt.jwks_files.push(read(f)?.into_bytes());
     }
     if let Some(url) = cli.jwks_url.as_ref().or(file.jwks_url.as_ref()) {
-        jwt.jwks_url = Some(HttpUrl::parse(url).map_err(|e| format!("--jwks-url {e}"))?);
+        let url = HttpUrl::parse(url).map_err(|e| format!("--jwks-url {e}"))?;
+        jwt.jwks_url = Some(url.with_client(client.clone()));
     }
     if jwt.hs256_secret.is_some() || !jwt.jwks_files.is_empty() || jwt.jwks_url.is_some() {
         let keys = jwt.keys(None).map_err(|e| format!("JWT keys: {e}"))?;
@@ -417,7 +442,8 @@ fn settings(
         None => FileConfig::default(),
     };
     let mut core = CoreConfig::default();
-    let auth = auth_settings(&mut core, &cli, &file, &mut read_file)?;
+    let outbound = outbound_client(&cli, &file, &mut read_file)?;
+    let auth = auth_settings(&mut core, &cli, &file, &outbound, &mut read_file)?;
     if !cli.candidates.is_empty() {
         core.host_candidates = cli.candidates;
     } else {
@@ -614,10 +640,14 @@ fn settings(
     if !(4..=65_536).contains(&tcp_queue_kib) {
         return Err(format!("tcp_queue_kib {tcp_queue_kib}: expected 4 to 65536"));
     }
-    let webhook_url = cli.webhook_url.or(file.webhook_url);
-    if let Some(url) = &webhook_url {
-        crate::webhook::Target::parse(url)?;
-    }
+    let webhook_url = match cli.webhook_url.or(file.webhook_url) {
+        Some(url) => Some(
+            HttpUrl::parse(&url)
+                .map_err(|e| format!("--webhook-url {e}"))?
+                .with_client(outbound.clone()),
+        ),
+        None => None,
+    };
     Ok(Launch {
         server: ServerConfig {
             tcp,
@@ -945,8 +975,38 @@ max_viewers = 2
         let http = s.server.core.auth.http.expect("callback configured");
         assert_eq!((http.timeout, http.cache_ttl), (Duration::from_millis(750), Duration::ZERO));
         assert_eq!(s.server.auth.http_url.map(|u| u.port), Some(9000));
-        let e = setup_from(&["--auth-http-url", "https://auth/"]).expect_err("https refused");
-        assert!(e.contains("only http://"), "{e}");
+        let s = setup_from(&["--auth-http-url", "https://auth/", "--webhook-url", "https://h/"])
+            .expect("https accepted");
+        let url = s.server.auth.http_url.expect("callback");
+        assert_eq!((url.https, url.port, url.client.ca_file()), (true, 443, None));
+        let e = setup_from(&["--auth-http-url", "ftp://auth/"]).expect_err("ftp refused");
+        assert!(e.contains("http:// or https://"), "{e}");
+        // A private CA for all three outgoing URLs, checked to hold a certificate.
+        let ca = crate::outbound::tests::pem_of(
+            rcgen::generate_simple_self_signed(vec!["ca".to_owned()]).expect("cert").cert.der(),
+        );
+        let args = [
+            "--outbound-ca-file",
+            "/ca.pem",
+            "--auth-http-url",
+            "https://a/",
+            "--jwks-url",
+            "https://j/",
+            "--webhook-url",
+            "https://w/",
+        ];
+        let s = setup_with(&args, &ca).expect("valid");
+        let ca_file = Some(Path::new("/ca.pem"));
+        assert_eq!(s.server.auth.http_url.expect("callback").client.ca_file(), ca_file);
+        let jwks = s.server.auth.jwt.and_then(|j| j.jwks_url).expect("JWKS URL");
+        assert_eq!(jwks.client.ca_file(), ca_file);
+        let hook = s.server.routes.webhook_url.expect("webhook");
+        assert_eq!(hook.client.ca_file(), ca_file);
+        let e = setup_with(&args, "not PEM").expect_err("no certificate");
+        assert!(e.contains("--outbound-ca-file /ca.pem: no PEM certificate"), "{e}");
+        let file = "outbound_ca_file = \"/ca.pem\"\n";
+        let e = setup_with(&["--config", "w.toml"], file).expect_err("the file's is read");
+        assert!(e.contains("--outbound-ca-file /ca.pem"), "{e}");
         let e = setup_from(&["--jwt-secret", "short"]).expect_err("short secret");
         assert!(e.contains("32 bytes"), "{e}");
 

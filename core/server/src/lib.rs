@@ -16,6 +16,8 @@
 //! - [`os`] (re-exported here): the operating-system helpers: FFmpeg children ([`command`],
 //!   [`signal`], [`check_program`]), the sockets' setup ([`udp_state`]), dual-stack binds
 //!   ([`os::bind_udp`], [`os::bind_tcp`]) and the default routes ([`default_routes`]).
+//! - [`outbound`]: the one HTTP(S) client of the authorisation callback, the JWKS and the
+//!   webhook.
 //! - [`webhook`]: events POSTed as JSON to `--webhook-url` from a thread of their own.
 //! - `fuzzing` (feature `fuzzing`): every fuzz target, the core's and the application routes'.
 //!
@@ -32,6 +34,7 @@ pub mod dtls;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod os;
+pub mod outbound;
 pub mod shard;
 pub mod tls;
 pub mod webhook;

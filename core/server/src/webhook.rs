@@ -1,6 +1,7 @@
-//! Events for a webhook (`--webhook-url http://host:port/path`): viewer joined and left, stream
-//! up and down, each POSTed as one JSON object by a thread of its own over plain HTTP/1.1, so
-//! that a slow or dead receiver never holds up the engine loop.
+//! Events for a webhook (`--webhook-url http[s]://host:port/path`): viewer joined and left,
+//! stream up and down, each POSTed as one JSON object by a thread of its own
+//! ([`crate::outbound`], HTTP/1.1, HTTPS verified like the other outgoing calls), so that a slow
+//! or dead receiver never holds up the engine loop.
 //!
 //! This is the one thread the shell starts of its own (opt-in: only with a webhook URL), and
 //! the one place it reads the wall clock and sleeps: a sender on the engine's task would need
@@ -9,8 +10,9 @@
 //! The engine hands each event to [`Webhook::send`], which serialises it and puts it in a
 //! bounded queue ([`QUEUE`] events) without waiting: when the queue is full the event is
 //! dropped and counted (`whep_webhook_dropped_total`). The thread sends one event per
-//! connection (`Connection: close`), with [`TIMEOUT`] for connecting, writing and reading the
-//! status line; a failed attempt (no connection, a timeout, a status other than 2xx) is tried
+//! connection (`Connection: close`), with [`TIMEOUT`] for connecting, the TLS handshake, writing
+//! and reading the status line; a failed attempt (no connection, a timeout, a certificate that
+//! does not verify, a status other than 2xx) is tried
 //! again up to [`ATTEMPTS`] times in all, [`BACKOFF`] apart and doubling, then the event is
 //! given up and counted (`whep_webhook_failures_total`).
 //!
@@ -19,8 +21,6 @@
 //! `session`; `viewer_joined` adds `client` and `user_agent`, `viewer_left` `reason`,
 //! `duration_secs`, `packets_sent` and `bytes_sent`; `stream_down` adds `state`.
 
-use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -28,6 +28,8 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{debug, warn};
 use whep_core::Event;
+
+use crate::outbound::{self, HttpUrl, Request};
 
 /// Events waiting for the webhook thread at most; more are dropped.
 pub const QUEUE: usize = 1024;
@@ -54,67 +56,10 @@ struct Counts {
     failures: AtomicU64,
 }
 
-/// The parts of an `http://` URL the client needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// `host` or `host:port` as written (the `Host` header).
-    pub authority: String,
-    /// The host to connect to (brackets removed from an IPv6 literal).
-    pub host: String,
-    /// The port (80 when absent).
-    pub port: u16,
-    /// The path and query (`/` when absent).
-    pub path: String,
-}
-
-impl Target {
-    /// Parses `http://host[:port][/path]`. `https://` is refused (no TLS client here: put a
-    /// local relay in front, or receive on plain HTTP).
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!("webhook URL {url:?}: only http:// is supported (no TLS client)")
-        })?;
-        let (authority, path) = match rest.find(['/', '?']) {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let path = if path.starts_with('?') { format!("/{path}") } else { path.to_owned() };
-        if authority.is_empty()
-            || authority.contains('@')
-            || path.chars().any(|c| c.is_ascii_control() || c == ' ' || c == '#')
-        {
-            return Err(format!("webhook URL {url:?}: not http://host[:port][/path]"));
-        }
-        let bad = |what: &str| format!("webhook URL {url:?}: bad {what}");
-        let (host, port) = match authority.strip_prefix('[') {
-            Some(v6) => {
-                let (host, after) = v6.split_once(']').ok_or_else(|| bad("host"))?;
-                match after {
-                    "" => (host, None),
-                    _ => (host, Some(after.strip_prefix(':').ok_or_else(|| bad("host"))?)),
-                }
-            }
-            None => match authority.split_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            },
-        };
-        let port = match port {
-            Some(p) => p.parse::<u16>().map_err(|_| bad("port"))?,
-            None => 80,
-        };
-        if host.is_empty() || host.contains(['[', ']', ':']) && !authority.starts_with('[') {
-            return Err(bad("host"));
-        }
-        let host = host.to_owned();
-        Ok(Self { authority: authority.to_owned(), host, port, path })
-    }
-}
-
 impl Webhook {
-    /// Starts the sender thread for `url` (`http://host[:port][/path]`).
-    pub fn start(url: &str) -> Result<Self, String> {
-        let target = Target::parse(url)?;
+    /// Starts the sender thread for `url`.
+    pub fn start(url: &HttpUrl) -> Result<Self, String> {
+        let target = url.clone();
         let (tx, rx) = sync_channel(QUEUE);
         let counts = Arc::new(Counts::default());
         let thread_counts = Arc::clone(&counts);
@@ -122,7 +67,7 @@ impl Webhook {
             .name("webhook".into())
             .spawn(move || deliver(&target, &rx, &thread_counts))
             .map_err(|e| format!("cannot start the webhook thread: {e}"))?;
-        Ok(Self { tx, counts, url: url.into() })
+        Ok(Self { tx, counts, url: url.to_string().into() })
     }
 
     /// Queues `event` for the webhook if it is one it receives (viewers joined and left,
@@ -207,7 +152,7 @@ pub fn event_json(event: &Event, time: SystemTime) -> Option<serde_json::Value> 
 
 /// The webhook thread: each queued event POSTed, with bounded retries, until every sender is
 /// gone.
-fn deliver(target: &Target, rx: &Receiver<String>, counts: &Counts) {
+fn deliver(target: &HttpUrl, rx: &Receiver<String>, counts: &Counts) {
     while let Ok(body) = rx.recv() {
         let mut wait = BACKOFF;
         let mut attempt = 1;
@@ -225,7 +170,7 @@ fn deliver(target: &Target, rx: &Receiver<String>, counts: &Counts) {
                     attempt += 1;
                 }
                 Err(e) => {
-                    warn!(error = %e, host = %target.authority, "webhook POST failed; event given up");
+                    warn!(error = %e, url = %target, "webhook POST failed; event given up");
                     counts.failures.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
@@ -235,45 +180,17 @@ fn deliver(target: &Target, rx: &Receiver<String>, counts: &Counts) {
 }
 
 /// One POST of `body`; Ok for a 2xx status.
-fn post(target: &Target, body: &str) -> io::Result<()> {
-    let addr = (target.host.as_str(), target.port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::other("the webhook host resolves to no address"))?;
-    let mut conn = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    conn.set_write_timeout(Some(TIMEOUT))?;
-    conn.set_read_timeout(Some(TIMEOUT))?;
-    let _ = conn.set_nodelay(true);
-    let request = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: whepd-webhook\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        target.path,
-        target.authority,
-        body.len()
-    );
-    conn.write_all(request.as_bytes())?;
-    // The status line is all we need: `HTTP/1.1 204 No Content`.
-    let mut head = [0u8; 64];
-    let mut n = 0;
-    while n < head.len() {
-        let got = conn.read(&mut head[n..])?;
-        if got == 0 {
-            break;
-        }
-        n += got;
-        if head[..n].contains(&b'\n') {
-            break;
-        }
-    }
-    let line = String::from_utf8_lossy(&head[..n]);
-    let status = line
-        .strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| io::Error::other(format!("no HTTP status line: {line:?}")))?;
-    if (200..300).contains(&status) {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!("the receiver answered {status}")))
+fn post(target: &HttpUrl, body: &str) -> Result<(), String> {
+    let request = Request {
+        method: "POST",
+        json: Some(body),
+        user_agent: "whepd-webhook",
+        timeout: TIMEOUT,
+        read_body: false,
+    };
+    match outbound::exchange(target, &request)? {
+        r if (200..300).contains(&r.status) => Ok(()),
+        r => Err(format!("the receiver answered {}", r.status)),
     }
 }
 
@@ -282,30 +199,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_parse() {
-        let t = Target::parse("http://127.0.0.1:9000/hooks/whep?x=1").expect("valid");
-        assert_eq!(
-            (t.host.as_str(), t.port, t.path.as_str()),
-            ("127.0.0.1", 9000, "/hooks/whep?x=1")
-        );
-        assert_eq!(t.authority, "127.0.0.1:9000");
-        let t = Target::parse("http://example.org").expect("valid");
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("example.org", 80, "/"));
-        let t = Target::parse("http://[::1]:81/h").expect("valid");
-        assert_eq!((t.host.as_str(), t.port), ("::1", 81));
-        for bad in
-            ["https://x/", "ftp://x", "http://", "http://u@x/", "http://x:99999/", "http://x/a b"]
-        {
-            assert!(Target::parse(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn a_full_queue_drops_and_counts_without_waiting() {
         // A receiver that never answers: the thread waits on its first event for seconds.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}/h", silent.local_addr().expect("addr"));
-        let hook = Webhook::start(&url).expect("started");
+        let hook = Webhook::start(&HttpUrl::parse(&url).expect("url")).expect("started");
         let stream = whep_core::StreamId::new("s").expect("id");
         let extra = 100;
         for _ in 0..QUEUE + extra {

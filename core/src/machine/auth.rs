@@ -148,10 +148,16 @@ impl Core {
         self.resume(id, parked.req, gate, now);
     }
 
-    /// Drops a pending request whose client went away; nothing is answered.
+    /// Drops the pending request `id` because its client went away (the runtime saw its HTTP
+    /// connection close before the answer): it no longer counts against
+    /// [`HttpAuth::max_pending`](crate::auth::HttpAuth::max_pending), its timeout is gone,
+    /// nothing is answered, and the authorisation server's decision on it, if one still comes,
+    /// is ignored ([`handle_auth`](Self::handle_auth)). An unknown or already answered id is
+    /// ignored.
     pub fn cancel_request(&mut self, id: RequestId) {
         if let Some(p) = self.auth.pending.remove(&id) {
             self.timers.remove(&(p.deadline, TimerKey::Auth(id)));
+            debug!(%id, stream = %p.stream, "pending request cancelled: its client went away");
         }
     }
 

@@ -281,12 +281,34 @@ type Job = Box<dyn FnOnce(&mut Core, &RoutesConfig, Instant, &mut JobCtx) + Send
 /// A decision of the authorisation server, from the blocking task that asked it.
 type Decided = (RequestId, AuthDecision);
 
-/// What a job leaves for the loop: [`Engine::shutdown`]'s flag, or a request the core left
-/// pending with the channel its response goes to.
+/// [`Engine::answer`]'s waiting half: dropped while still waiting (its `jobs` set), it queues a
+/// job that cancels the request the answer job parked, if it did. The shard runs its jobs in
+/// order, so that job sees the parked id.
+struct CancelOnDrop {
+    jobs: Option<chan::Sender<Job>>,
+    parked: Arc<Mutex<Option<RequestId>>>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(jobs) = self.jobs.take() else { return };
+        let parked = Arc::clone(&self.parked);
+        let _ = jobs.send(Box::new(move |core, _, _, ctx| {
+            if let Some(id) = lock(&parked).take() {
+                core.cancel_request(id);
+                ctx.cancelled = Some(id);
+            }
+        }));
+    }
+}
+
+/// What a job leaves for the loop: [`Engine::shutdown`]'s flag, a request the core left
+/// pending with the channel its response goes to, or a pending request whose client went away.
 #[derive(Default)]
 struct JobCtx {
     shutdown: bool,
     parked: Option<(RequestId, chan::Sender<Reply>)>,
+    cancelled: Option<RequestId>,
 }
 
 /// A stream of [`Event`]s from [`Engine::subscribe`]. A subscriber that falls more than 1024
@@ -725,27 +747,38 @@ impl<R: Runtime> Engine<R> {
     }
 
     /// Runs `f` on shard `index`; a [`Reply::Pending`] is answered when the core emits its
-    /// [`Output::Respond`]. A [`Reply::Listing`] is rendered here, on the caller's task, not on
-    /// the shard's.
+    /// [`Output::Respond`]. Dropped before that (the HTTP connection closed, and the server
+    /// dropped the request's future), it has the core forget the pending request at once
+    /// ([`Core::cancel_request`]), so that it no longer counts against
+    /// `--auth-max-pending`. A [`Reply::Listing`] is rendered here, on the caller's task, not
+    /// on the shard's.
     async fn answer(
         &self,
         index: usize,
         f: impl FnOnce(&mut Core, &RoutesConfig, Instant) -> Reply + Send + 'static,
     ) -> WhepResponse {
+        let Some(shard) = self.inner.shards.get(index) else {
+            return crate::app::unavailable();
+        };
         let (tx, rx) = chan::channel(Some(1));
+        let parked = Arc::new(Mutex::new(None));
+        let parked_id = Arc::clone(&parked);
         let job: Job = Box::new(move |core, routes, now, ctx| match f(core, routes, now) {
-            Reply::Pending(id) => ctx.parked = Some((id, tx)),
+            Reply::Pending(id) => {
+                *lock(&parked_id) = Some(id);
+                ctx.parked = Some((id, tx));
+            }
             ready => {
                 let _ = tx.send(ready);
             }
         });
-        let Some(shard) = self.inner.shards.get(index) else {
-            return crate::app::unavailable();
-        };
         if shard.jobs.send(job).is_err() {
             return crate::app::unavailable();
         }
-        rx.recv().await.and_then(Reply::into_response).unwrap_or_else(crate::app::unavailable)
+        let mut guard = CancelOnDrop { jobs: Some(shard.jobs.clone()), parked };
+        let response = rx.recv().await;
+        guard.jobs = None;
+        response.and_then(Reply::into_response).unwrap_or_else(crate::app::unavailable)
     }
 
     /// The shard that answers `req`: a session's own, the least loaded one for a POST that
@@ -1068,6 +1101,9 @@ impl<R: Runtime> Driver<R> {
                     job(&mut self.core, &self.routes, started, &mut ctx);
                     if let Some((id, tx)) = ctx.parked {
                         self.responders.insert(id, tx);
+                    }
+                    if let Some(id) = ctx.cancelled {
+                        self.responders.remove(&id);
                     }
                     // Answering requests is not forwarding load: a burst of setups (bounded by
                     // the rate limits) must not close admission by itself.

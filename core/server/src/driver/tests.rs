@@ -459,3 +459,46 @@ fn an_ephemeral_viewer_port_is_one_free_for_tcp_too() {
     assert_eq!(*lock(&runtime.0.tcp_bound), vec![SocketAddr::from(([127, 0, 0, 1], 50_003))]);
     drop(engine);
 }
+
+#[test]
+fn a_dropped_request_future_cancels_its_pending_authorisation() {
+    // An authorisation server that accepts and never answers, and room for one pending request.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/auth", silent.local_addr().unwrap());
+    let rt = FakeRuntime::default();
+    let mut config = ServerConfig {
+        udp_bind: SocketAddr::from(([127, 0, 0, 1], 3478)),
+        ..ServerConfig::default()
+    };
+    config.core.rng_seed = [7; 32];
+    config.core.auth.http = Some(whep_core::auth::HttpAuth {
+        timeout: Duration::from_secs(60),
+        cache_ttl: Duration::ZERO,
+        max_pending: 1,
+    });
+    config.auth.http_url = Some(crate::auth::HttpUrl::parse(&url).unwrap());
+    let engine = Engine::start(rt.clone(), config, &[]).unwrap();
+    block_on(engine.add_stream("x", StreamSpec { external: true, ..StreamSpec::default() }))
+        .unwrap();
+    let post = || {
+        WhepRequest::new(Method::Post, "/whep/x")
+            .with_header("Content-Type", "application/sdp")
+            .with_header("Authorization", "Bearer t")
+            .with_body(OFFER)
+    };
+    let pending = || block_on(engine.with_shard(0, |core, _, _| core.pending_requests())).unwrap();
+    // Polled once (the request reaches the loop and is parked), then dropped: the HTTP
+    // server's connection closed.
+    let mut request = Box::pin(engine.handle_whep_request(post()));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(request.as_mut().poll(&mut cx).is_pending());
+    eventually("the request pending", || pending() == 1);
+    drop(request);
+    assert_eq!(pending(), 0, "the pending request outlived its future");
+    // Its place is free: the next request waits too, rather than getting 503 at once.
+    let mut next = Box::pin(engine.handle_whep_request(post()));
+    assert!(next.as_mut().poll(&mut cx).is_pending());
+    eventually("the next request pending", || pending() == 1);
+    drop(next);
+    drop(silent);
+}
