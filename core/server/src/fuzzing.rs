@@ -31,6 +31,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("tcp_stream", tcp_stream),
     ("ops", ops),
     ("jwt", jwt),
+    ("outbound", outbound),
 ];
 
 struct RequestWorld {
@@ -116,4 +117,20 @@ pub fn whep_request(data: &[u8]) {
             );
         },
     );
+}
+
+/// The outbound HTTP client ([`crate::outbound`]): the input as what an authorisation server,
+/// a JWKS server or a webhook receiver answers, read for its status only and with its body;
+/// and, as text, as a configured URL. Nothing panics, and a body is never larger than
+/// [`outbound::MAX_BODY`](crate::outbound::MAX_BODY) nor than the input.
+pub fn outbound(data: &[u8]) {
+    use crate::outbound::{HttpUrl, MAX_BODY, parse_response};
+
+    for read_body in [false, true] {
+        if let Ok(r) = parse_response(data, read_body) {
+            assert!(r.body.len() <= MAX_BODY.min(data.len()), "a body from nowhere");
+            assert!(read_body || r.body.is_empty(), "a body read when not asked for");
+        }
+    }
+    let _ = HttpUrl::parse(&String::from_utf8_lossy(data));
 }

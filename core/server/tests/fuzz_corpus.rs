@@ -61,6 +61,7 @@ corpus_test!(viewer_datagram);
 corpus_test!(tcp_stream);
 corpus_test!(ops);
 corpus_test!(jwt);
+corpus_test!(outbound);
 
 #[test]
 fn every_target_has_a_test_and_a_fuzz_target() {
@@ -73,6 +74,7 @@ fn every_target_has_a_test_and_a_fuzz_target() {
         "tcp_stream",
         "ops",
         "jwt",
+        "outbound",
     ];
     let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
     assert_eq!(names, tested, "a target without a corpus test");
