@@ -390,6 +390,27 @@ mod sharded {
         assert!(s.f.viewers[d].video_packets > before, "the follower's viewer plays");
     }
 
+    /// A viewer on the follower while the leader's FFmpeg stops (it ignores SIGTERM): the
+    /// stream starts again once the process is gone, and that viewer plays.
+    #[test]
+    fn a_follower_viewer_while_ffmpeg_stops_starts_it_again() {
+        let mut s = idle();
+        s.l.exit_on_term = false;
+        let a = s.play(false);
+        delete(&mut s.l, a);
+        s.run(CLOSE_AFTER + SEC);
+        assert_eq!(state(&s.l, &s.id), Some(StreamStatus::Stopping), "FFmpeg ignores SIGTERM");
+        let (b, r) = s.f.join(&s.id);
+        assert_eq!(r.code(), 201, "the follower takes viewers of a stopping stream");
+        let grace = s.l.core.config().process.stop_grace;
+        assert!(s.run_until(grace + 5 * SEC, |s| s.l.spawns == 2), "not started again");
+        assert_eq!(s.l.kills, 1);
+        let played = s.run_until(5 * SEC, |s| s.f.viewers[b].video_packets > 30);
+        assert!(played, "no video for the follower's viewer");
+        s.run(2 * CLOSE_AFTER);
+        assert!(s.running(), "stopped while the follower's viewer watches");
+    }
+
     /// A new run of FFmpeg empties the follower's GOP cache too: a viewer who connects before
     /// the new run's first keyframe gets nothing of the previous run.
     #[test]
