@@ -474,8 +474,9 @@ pub struct StreamConfig {
     /// On demand (MediaMTX's `sourceOnDemand`): a started stream waits idle, without ports or
     /// process, until its first viewer POSTs; its FFmpeg then starts (the POST is answered at
     /// once, media flows from FFmpeg's first keyframe) and is stopped this long after its last
-    /// viewer left (`sourceOnDemandCloseAfter`), the stream idle again. Supervised feeds on an
-    /// unsharded core only. `None`: always on once started.
+    /// viewer left (`sourceOnDemandCloseAfter`), the stream idle again. Supervised feeds only
+    /// (a follower shard's [`Feed::Mirror`] copy keeps it: see [`crate::shard`]); on a sharded
+    /// server the viewers of every shard count. `None`: always on once started.
     pub on_demand: Option<Duration>,
 }
 

@@ -360,6 +360,13 @@ pub enum Output {
     /// Hand this to every other shard's core, in order ([`Core::mirror`]); only the leader
     /// of a sharded server emits it (see [`shard`]).
     Mirror(shard::Mirror),
+    /// Hand this to the leader shard's core ([`Core::demand`]): the viewers of on-demand
+    /// stream `stream` changed on this follower shard (one came, or the stream has no viewer
+    /// left on any shard). Only a follower of a sharded server emits it (see [`shard`]).
+    Demand {
+        /// The stream.
+        stream: StreamId,
+    },
     /// Ask the authorisation server about this request (see [`auth`]), off the loop that
     /// drives the core, and report its decision with [`Core::handle_auth`]. The core answers
     /// the request itself if no decision comes within

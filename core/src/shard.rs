@@ -20,6 +20,27 @@
 //! A stream stop closes the leader's viewers before its ports are released, as a single core
 //! does; follower shards close theirs when the mirrored stop reaches them (microseconds later,
 //! while the leader is still waiting for FFmpeg to exit).
+//!
+//! **On-demand streams** ([`StreamConfig::on_demand`]) keep their whole lifecycle on the
+//! leader, which alone spawns and stops FFmpeg; what it needs from the other shards is whether
+//! anyone watches, and that is the shared [`Book`]'s [`stream_viewers`](Book::stream_viewers),
+//! which every shard updates (under its lock) before it acts on a viewer that came or went.
+//!
+//! - A follower that takes a viewer of an on-demand stream, or whose viewer leaves the stream
+//!   with none left in the book, emits [`Output::Demand`](crate::Output::Demand); the runtime
+//!   hands it to the leader ([`Core::demand`](crate::Core::demand)), which reads the book:
+//!   watched, it starts an idle stream (bind, spawn; the POST was answered at once) and
+//!   cancels a running close delay; unwatched, it arms the close delay. The leader does the
+//!   same for its own viewers. Since every change of the book to or from zero is followed by
+//!   such a look at the book, the leader's last look sees the last state. Only the leader
+//!   spawns, one input at a time: concurrent POSTs on several shards start FFmpeg once.
+//! - The close delay fires only if the book still counts no viewer then (a follower's viewer
+//!   whose [`Output::Demand`](crate::Output::Demand) is still queued keeps the stream), and a
+//!   stream that stops while a viewer came on any shard starts again when its FFmpeg exited.
+//! - A new run of FFmpeg empties the GOP caches of every shard ([`Mirror::NewRun`]), so that a
+//!   viewer who joins before its first keyframe never starts on the previous run's pictures.
+//!   Followers keep the stream's `on_demand` setting only to know when to tell the leader:
+//!   their copy is [`Feed::Mirror`](crate::config::Feed::Mirror), without ports or timers.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -240,6 +261,13 @@ pub enum Mirror {
         stream: StreamId,
         /// Why.
         reason: CloseReason,
+    },
+    /// The leader starts a new run of the stream's ingest (it binds ports for a new FFmpeg):
+    /// followers empty its GOP caches, as the leader does, so that no viewer starts on the
+    /// previous run's pictures.
+    NewRun {
+        /// The stream.
+        stream: StreamId,
     },
     /// The stream was removed.
     Remove {

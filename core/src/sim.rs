@@ -401,6 +401,9 @@ pub struct SimWorld {
     /// What the core emitted for other shards ([`Output::Mirror`]), in order; a sharded test
     /// hands them to the follower worlds' cores.
     pub mirrors: Vec<crate::shard::Mirror>,
+    /// What a follower core emitted for the leader ([`Output::Demand`]), in order; a sharded
+    /// test hands them to the leader's core.
+    pub demands: Vec<StreamId>,
     /// What the core asked the authorisation server ([`Output::Authorize`]), in order; a test
     /// answers with [`Core::handle_auth`](crate::Core::handle_auth).
     pub authorize: Vec<crate::AuthRequest>,
@@ -465,6 +468,7 @@ impl SimWorld {
             sources: BTreeMap::new(),
             events: Vec::new(),
             mirrors: Vec::new(),
+            demands: Vec::new(),
             loss_every: 0,
             hold_nomination: None,
             last_check: None,
@@ -1175,6 +1179,7 @@ impl SimWorld {
                 }
                 Output::Event(e) => self.events.push((now - self.start, e)),
                 Output::Mirror(m) => self.mirrors.push(m),
+                Output::Demand { stream } => self.demands.push(stream),
                 Output::Authorize(a) => self.authorize.push(a),
                 Output::Respond { id, response } => self.responses.push((id, response)),
             }

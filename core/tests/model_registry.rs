@@ -325,6 +325,9 @@ impl Sut {
                     *self.events.entry(event_kind(&e)).or_default() += 1;
                 }
                 Output::Mirror(m) => panic!("an unsharded core mirrored {m:?}"),
+                Output::Demand { stream } => {
+                    panic!("an unsharded core asked a leader for {stream}")
+                }
             }
         }
         self.core.check_invariants();

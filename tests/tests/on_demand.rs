@@ -9,6 +9,10 @@
 //! ```sh
 //! cargo test -p whep-e2e --release --test on_demand -- --ignored --nocapture
 //! ```
+//!
+//! With `--shards 2` (tokio, smol): a POST on the follower shard starts the leader's FFmpeg
+//! once, and FFmpeg stops only when neither shard has a viewer; `first_frame_on_demand_follower_shard`
+//! measures the first frame of a viewer on the follower.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -127,4 +131,144 @@ fn first_frame_on_demand() {
     );
 }
 
+/// A config with the on-demand stream `od` and an external stream `hold` (no FFmpeg, no
+/// media): a viewer of `hold` on shard 0 makes the next POST go to shard 1.
+fn sharded_config(tag: &str, close_after: u64) -> PathBuf {
+    let path = config(tag, close_after);
+    let mut toml = std::fs::read_to_string(&path).expect("read config");
+    toml.push_str("\n[streams.hold]\nexternal = true\n");
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+/// The shard a viewer's session lives on: the low byte of its session id (Location).
+fn shard_of(v: &Viewer) -> u8 {
+    let id = v.location().trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+    u8::from_str_radix(&id[id.len().saturating_sub(2)..], 16).expect("hex session id")
+}
+
+/// How often the leader started the on-demand stream for a viewer (its log line).
+fn starts(server: &mut Server) -> usize {
+    server.output().matches("first viewer: starting the stream (on demand)").count()
+}
+
+fn connect(server: &Server, path: &str) -> Viewer {
+    Viewer::connect(server.http, path, None).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn plays(server: &mut Server, v: &Viewer) {
+    let played = v.wait_for(Duration::from_secs(20), |s| {
+        s.first_keyframe_at.is_some() && s.video_packets > 60 && s.audio_packets > 20
+    });
+    assert!(played, "no media on shard {}: {:?}\n{}", shard_of(v), v.stats(), server.output());
+    assert_eq!(v.stats().first_video_is_keyframe, Some(true), "shard {}", shard_of(v));
+}
+
+/// `--shards 2`: a POST on the follower shard starts the leader's FFmpeg (once), the viewers of
+/// both shards play, FFmpeg runs while a viewer on either shard watches and stops the close
+/// delay after the last one of both left; POSTs on both shards while it starts start it once.
+fn on_demand_with_two_shards(bin: &str) {
+    let path = sharded_config("shards", CLOSE_AFTER_SECS);
+    let mut server =
+        Server::start(bin, &["--config", path.to_str().unwrap_or_default(), "--shards", "2"]);
+    let pid = server.pid();
+    assert_eq!(state(&server), "idle");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(children_of(pid).is_empty(), "FFmpeg runs before any viewer");
+    let hold = connect(&server, "/whep/hold");
+    assert_eq!(shard_of(&hold), 0);
+
+    // A POST on the follower starts FFmpeg on the leader.
+    let a = connect(&server, "/whep/od");
+    assert_eq!(shard_of(&a), 1, "placement");
+    plays(&mut server, &a);
+    let st = a.stats();
+    let first = st.first_keyframe_at.zip(st.posted_at).map(|(k, p)| k - p);
+    eprintln!("on demand, viewer on the follower shard: first keyframe {first:?} after the POST");
+    let b = connect(&server, "/whep/od");
+    assert_eq!(shard_of(&b), 0, "placement");
+    plays(&mut server, &b);
+    assert_eq!(children_of(pid).len(), 1, "one FFmpeg");
+    assert_eq!(starts(&mut server), 1);
+    assert_eq!(server.stream("od")["viewers"], 2);
+
+    // The leader's viewer leaves: the follower's keeps FFmpeg running.
+    assert_eq!(b.delete().expect("DELETE"), 204);
+    std::thread::sleep(Duration::from_secs(CLOSE_AFTER_SECS + 1));
+    assert_eq!(state(&server), "running", "stopped while the follower's viewer watches");
+    let before = a.stats().video_packets;
+    assert!(a.wait_for(Duration::from_secs(5), |s| s.video_packets > before + 30));
+    // The follower's leaves too: stopped after the close delay.
+    assert_eq!(a.delete().expect("DELETE"), 204);
+    let left = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(state(&server), "running", "stopped before the close delay");
+    assert!(
+        wait_until(Duration::from_secs(CLOSE_AFTER_SECS + 10), || children_of(pid).is_empty()),
+        "FFmpeg still runs {:?} after the last viewer left\n{}",
+        left.elapsed(),
+        server.output()
+    );
+    let stopped = left.elapsed();
+    assert!(stopped >= Duration::from_secs(CLOSE_AFTER_SECS), "stopped after {stopped:?}");
+    assert!(server.wait_stream("od", Duration::from_secs(5), |s| s["state"] == "idle").is_ok());
+    eprintln!("sharded: FFmpeg gone {stopped:?} after the last viewer of both shards left");
+
+    // Two POSTs back to back, one per shard, the second while FFmpeg is starting: one FFmpeg,
+    // both play.
+    let c = connect(&server, "/whep/od");
+    let d = connect(&server, "/whep/od");
+    assert_eq!((shard_of(&c), shard_of(&d)), (1, 0), "placement");
+    plays(&mut server, &c);
+    plays(&mut server, &d);
+    assert_eq!(children_of(pid).len(), 1, "one FFmpeg");
+    assert_eq!(starts(&mut server), 2, "started once more");
+    drop(hold);
+    assert_eq!(server.terminate(Duration::from_secs(15)).map(|s| s.success()), Some(true));
+}
+
+/// As [`first_frame_on_demand`] with `--shards 2`, for a viewer on the follower shard (a
+/// viewer of `hold` on the leader places it there): its POST reaches the leader as a demand,
+/// FFmpeg's packets reach it through the leader's mirror queue.
+#[test]
+#[ignore = "measurement; run in release with --ignored --nocapture"]
+fn first_frame_on_demand_follower_shard() {
+    let path = sharded_config("measure-shards", 1);
+    let mut server = Server::start(
+        env!("CARGO_BIN_EXE_whepd-tokio"),
+        &["--config", path.to_str().unwrap_or_default(), "--shards", "2"],
+    );
+    let hold = connect(&server, "/whep/hold");
+    assert_eq!(shard_of(&hold), 0);
+    let mut times = Vec::new();
+    for run in 0..5 {
+        assert!(
+            server.wait_stream("od", Duration::from_secs(20), |s| s["state"] == "idle").is_ok()
+        );
+        let (v, first) = watch(&mut server);
+        assert_eq!(shard_of(&v), 1, "placement");
+        eprintln!("run {run}: first keyframe {} ms after the POST (follower)", first.as_millis());
+        times.push(first.as_millis());
+        assert_eq!(v.delete().expect("DELETE"), 204);
+    }
+    times.sort_unstable();
+    eprintln!(
+        "first frame on demand, follower shard (ms): min {} median {} max {} of {:?}",
+        times[0], times[2], times[4], times
+    );
+}
+
 whep_e2e::runtime_suite!(on_demand_starts_and_stops,);
+
+/// The blocking server runs one loop and refuses `--shards`.
+mod sharded {
+    #[test]
+    fn tokio() {
+        super::on_demand_with_two_shards(env!("CARGO_BIN_EXE_whepd-tokio"));
+    }
+
+    #[test]
+    fn smol() {
+        super::on_demand_with_two_shards(env!("CARGO_BIN_EXE_whepd-smol-e2e"));
+    }
+}

@@ -556,8 +556,8 @@ impl Runtime {
                         hook.send(&event);
                     }
                 }
-                // Only the leader of a sharded server emits these; this loop is one core.
-                Output::Mirror(_) => {}
+                // Only the shards of a sharded server emit these; this loop is one core.
+                Output::Mirror(_) | Output::Demand { .. } => {}
                 Output::Authorize(req) => {
                     // A thread per question, bounded by the core's limit on pending requests
                     // (`--auth-max-pending`) and by the exchange's timeouts.

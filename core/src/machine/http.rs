@@ -265,6 +265,8 @@ impl Core {
                 if let Some(m) = &self.shard {
                     m.set.release_seat(m.index, id);
                 }
+                // The leader may have seen the seat (an on-demand close delay kept for it).
+                self.viewer_went(id, now);
                 return Err(Reject::TooManyUnconnected { cap: unconnected_cap });
             }
         }

@@ -472,6 +472,13 @@ impl Core {
                 let _ = self.stop_stream(&stream, now);
             }
             Mirror::CloseViewers { stream, reason } => self.close_viewers(&stream, reason, now),
+            Mirror::NewRun { stream } => {
+                if let Some(s) = self.streams.get_mut(&stream) {
+                    for v in &mut s.videos {
+                        v.gop.clear();
+                    }
+                }
+            }
             Mirror::Remove { stream } => {
                 let _ = self.remove_stream(&stream, now);
             }

@@ -30,17 +30,14 @@ impl Core {
                 self.config.max_renditions
             )));
         }
-        if config.on_demand.is_some() {
-            if !matches!(config.feed, Feed::Supervised { .. }) {
-                return Err(StreamError::InvalidConfig(
-                    "on_demand needs a supervised feed (the core starts its FFmpeg)".into(),
-                ));
-            }
-            if self.mirrors {
-                return Err(StreamError::InvalidConfig(
-                    "on_demand streams need a single shard".into(),
-                ));
-            }
+        // A follower shard's copy (`Feed::Mirror`) keeps `on_demand` to tell the leader about
+        // its viewers (see `crate::shard`).
+        if config.on_demand.is_some()
+            && !matches!(config.feed, Feed::Supervised { .. } | Feed::Mirror)
+        {
+            return Err(StreamError::InvalidConfig(
+                "on_demand needs a supervised feed (the core starts its FFmpeg)".into(),
+            ));
         }
         info!(stream = %id, "stream added");
         if self.mirrors {
@@ -66,19 +63,19 @@ impl Core {
             StreamState::Backoff { .. } => {}
             _ => return Err(StreamError::AlreadyStarted),
         }
+        if stream.config.feed == Feed::Mirror {
+            if let Some(s) = self.streams.get_mut(id) {
+                s.set_state(StreamState::Mirrored, self.mirrors, &mut self.outputs);
+                s.last_rtp = None;
+            }
+            return Ok(());
+        }
         if stream.config.on_demand.is_some() && *stream.state() == StreamState::Stopped {
             if let Some(s) = self.streams.get_mut(id) {
                 s.set_state(StreamState::Idle, self.mirrors, &mut self.outputs);
                 s.failures = 0;
             }
             info!(stream = %id, "stream idle until its first viewer (on demand)");
-            return Ok(());
-        }
-        if stream.config.feed == Feed::Mirror {
-            if let Some(s) = self.streams.get_mut(id) {
-                s.set_state(StreamState::Mirrored, self.mirrors, &mut self.outputs);
-                s.last_rtp = None;
-            }
             return Ok(());
         }
         let ports = self.ports.allocate(now).ok_or(StreamError::NoPorts)?;
@@ -92,8 +89,14 @@ impl Core {
     }
 
     pub(super) fn bind(&mut self, id: &StreamId, ports: PortPair, attempt: u32, now: Instant) {
+        let watched = self.watched(id);
         if let Some(s) = self.streams.get_mut(id) {
             s.set_state(StreamState::Binding { ports, attempt }, self.mirrors, &mut self.outputs);
+            if self.mirrors {
+                // The followers empty their GOP caches too.
+                let run = Mirror::NewRun { stream: id.clone() };
+                self.outputs.push_back(Output::Mirror(run));
+            }
             for v in &mut s.videos {
                 v.source = Default::default();
                 // The previous run's GOP is never a new viewer's first picture, even if the new
@@ -102,8 +105,9 @@ impl Core {
             }
             s.audio = Default::default();
             s.last_rtp = None;
-            // An on-demand process started with no one watching gets its whole close delay.
-            s.unwatched_since = s.viewers.is_empty().then_some(now);
+            // An on-demand process started with no one watching (on any shard) gets its whole
+            // close delay.
+            s.unwatched_since = (!watched).then_some(now);
         }
         debug!(stream = %id, %ports, attempt, "binding ingest ports");
         let renditions = self.streams.get(id).map_or(0, |s| s.renditions());
@@ -210,11 +214,52 @@ impl Core {
         self.reschedule_stream(id, now);
     }
 
-    /// A viewer joined stream `id`: an idle on-demand stream starts its FFmpeg now.
+    /// Whether anyone watches stream `id`: on any shard of a sharded server (the shared book,
+    /// which a shard updates before it calls [`viewer_came`](Self::viewer_came) or
+    /// [`viewer_went`](Self::viewer_went)), else on this core.
+    fn watched(&self, id: &StreamId) -> bool {
+        match &self.shard {
+            Some(m) => m.set.stream_viewers(id) > 0,
+            None => self.streams.get(id).is_some_and(|s| !s.viewers.is_empty()),
+        }
+    }
+
+    /// Whether this core is a follower shard (its streams are the leader's copies).
+    fn follower(&self) -> bool {
+        self.shard.as_ref().is_some_and(|m| !m.is_leader())
+    }
+
+    /// On the leader shard, a follower's [`Output::Demand`]: whether anyone watches on-demand
+    /// stream `stream` changed on that shard. Reads the shared book: watched, an idle stream
+    /// starts (once: only the leader spawns) and a close delay is cancelled; unwatched, the
+    /// close delay is armed (see [`crate::shard`]). Ignored on a core that is not a sharded
+    /// leader, and for a stream that is not on demand.
+    pub fn demand(&mut self, stream: &StreamId, now: Instant) {
+        self.fan_out_pending();
+        let now = self.tick(now);
+        if !self.mirrors || self.streams.get(stream).is_none_or(|s| s.config.on_demand.is_none()) {
+            return;
+        }
+        if self.watched(stream) {
+            self.viewer_came(stream, now);
+        } else {
+            self.viewer_went(stream, now);
+        }
+    }
+
+    /// A viewer joined stream `id`: an idle on-demand stream starts its FFmpeg now. A follower
+    /// shard tells the leader instead ([`Output::Demand`]).
     pub(super) fn viewer_came(&mut self, id: &StreamId, now: Instant) {
+        let follower = self.follower();
         let Some(stream) = self.streams.get_mut(id) else {
             return;
         };
+        if follower {
+            if stream.config.on_demand.is_some() {
+                self.outputs.push_back(Output::Demand { stream: id.clone() });
+            }
+            return;
+        }
         stream.unwatched_since = None;
         if *stream.state() == StreamState::Idle {
             match self.ports.allocate(now) {
@@ -228,15 +273,21 @@ impl Core {
         self.reschedule_stream(id, now);
     }
 
-    /// A viewer of stream `id` left: an on-demand stream with no one left arms its close timer.
+    /// A viewer of stream `id` left: an on-demand stream with no one left (on any shard) arms
+    /// its close timer. A follower shard tells the leader instead ([`Output::Demand`]).
     pub(super) fn viewer_went(&mut self, id: &StreamId, now: Instant) {
-        let Some(stream) = self.streams.get_mut(id) else {
+        if self.streams.get(id).is_none_or(|s| s.config.on_demand.is_none()) || self.watched(id) {
             return;
-        };
-        if stream.config.on_demand.is_some() && stream.viewers.is_empty() {
-            stream.unwatched_since = Some(now);
-            self.reschedule_stream(id, now);
         }
+        if self.follower() {
+            self.outputs.push_back(Output::Demand { stream: id.clone() });
+            return;
+        }
+        if let Some(stream) = self.streams.get_mut(id) {
+            // Armed already when the leader heard of it before (from another shard).
+            stream.unwatched_since.get_or_insert(now);
+        }
+        self.reschedule_stream(id, now);
     }
 
     /// An on-demand stream that no one watched for its close delay: its process is stopped
@@ -428,14 +479,14 @@ impl Core {
                 info!(stream = %id, generation, ?code, "process exited");
                 self.release(id, ports);
                 if idle {
+                    let watched = self.watched(id);
                     let Some(stream) = self.streams.get_mut(id) else {
                         return;
                     };
-                    let watched = !stream.viewers.is_empty();
                     stream.set_state(StreamState::Idle, self.mirrors, &mut self.outputs);
                     stream.pid = None;
                     if watched {
-                        // A viewer came while the process was stopping.
+                        // A viewer came (on any shard) while the process was stopping.
                         self.viewer_came(id, now);
                     } else {
                         info!(stream = %id, "stream idle (on demand)");
@@ -481,10 +532,16 @@ impl Core {
 
     pub(super) fn stream_timeout(&mut self, id: &StreamId, now: Instant) {
         let p = self.config.process.clone();
+        let due = self.streams.get(id).and_then(|s| s.close_at()).is_some_and(|c| c <= now);
+        // A viewer that came on another shard keeps the stream even before the leader hears of
+        // it ([`Output::Demand`] on its way): the shared book counts it already.
+        let unwatched = due && !self.watched(id);
         let Some(stream) = self.streams.get_mut(id) else {
             return;
         };
-        let unwatched = stream.close_at().is_some_and(|c| c <= now);
+        if due && !unwatched {
+            stream.unwatched_since = None;
+        }
         match stream.state().clone() {
             StreamState::Backoff { until } if until <= now && unwatched => {
                 // A crashed on-demand process that no one came back for stays down.

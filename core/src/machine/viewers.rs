@@ -528,10 +528,11 @@ impl Core {
         if let Some(stream) = self.streams.get_mut(&viewer.stream) {
             stream.viewers.remove(&s);
         }
-        self.viewer_went(&viewer.stream, now);
+        // The book first: on-demand streams count the viewers of every shard in it.
         if let Some(m) = &self.shard {
             m.set.release_seat(m.index, &viewer.stream);
         }
+        self.viewer_went(&viewer.stream, now);
         if matches!(reason, CloseReason::IceDisconnected | CloseReason::ConnectTimeout) {
             self.metrics.ice_failures += 1;
         }

@@ -467,6 +467,15 @@ impl<R: Runtime> Engine<R> {
         let (mut to_followers, from_leader): (Vec<_>, Vec<_>) =
             (1..count).map(|_| chan::channel::<Mirror>(None)).unzip();
         let mut from_leader = from_leader.into_iter();
+        // The followers' queue to the leader: which on-demand streams' viewers changed.
+        let (to_leader, demands) = match count {
+            1 => (None, None),
+            _ => {
+                let (tx, rx) = chan::channel::<StreamId>(None);
+                (Some(tx), Some(rx))
+            }
+        };
+        let mut demands = demands;
         // One queue of refreshed JWT keys per shard, filled by the JWKS fetcher.
         let (jwks_tx, jwks_rx): (Vec<_>, Vec<_>) = match &config.auth.jwt {
             Some(j) if j.jwks_url.is_some() => (0..count).map(|_| chan::channel(Some(1))).unzip(),
@@ -529,6 +538,8 @@ impl<R: Runtime> Engine<R> {
                     .map(follower::FollowerQueue::new)
                     .collect(),
                 leader: if index == 0 { None } else { from_leader.next() },
+                demands: if index == 0 { demands.take() } else { None },
+                to_leader: if index == 0 { None } else { to_leader.clone() },
                 index,
                 tcp,
                 conns: std::collections::BTreeMap::new(),
@@ -958,6 +969,10 @@ struct Driver<R: Runtime> {
     followers: Vec<follower::FollowerQueue>,
     /// A follower's queue from the leader (its ingest).
     leader: Option<chan::Receiver<Mirror>>,
+    /// A sharded leader's queue from the followers: their [`Output::Demand`]s.
+    demands: Option<chan::Receiver<StreamId>>,
+    /// A follower's end of the leader's `demands`.
+    to_leader: Option<chan::Sender<StreamId>>,
     /// This shard's index.
     index: usize,
     /// The ICE-TCP listener, if any.
@@ -1026,6 +1041,7 @@ enum Wake {
     Exit(Exited),
     Ingest(u16, Received),
     Mirror(Mirror),
+    Demand(StreamId),
     Datagram(Received),
     Timer,
     Accept(Box<dyn TcpStream>, SocketAddr),
@@ -1151,6 +1167,7 @@ impl<R: Runtime> Driver<R> {
                         self.on_mirror(m);
                     }
                 }
+                Wake::Demand(stream) => self.core.demand(&stream, self.runtime.now()),
                 Wake::Datagram(received) => {
                     self.on_datagrams(received, &buf);
                     // Drain what else is queued before executing outputs, bounded so that timers
@@ -1215,6 +1232,12 @@ impl<R: Runtime> Driver<R> {
         }
         if let Poll::Ready(Some(exit)) = self.exits.1.poll_recv(cx) {
             return Poll::Ready(Wake::Exit(exit));
+        }
+        // Closed (every follower gone) is `Ready(None)`, ignored: it registers no waker.
+        if let Some(rx) = &self.demands
+            && let Poll::Ready(Some(stream)) = rx.poll_recv(cx)
+        {
+            return Poll::Ready(Wake::Demand(stream));
         }
         if let Poll::Ready(Some((id, decision))) = self.decisions.1.poll_recv(cx) {
             return Poll::Ready(Wake::Auth(id, decision));
@@ -1459,6 +1482,13 @@ impl<R: Runtime> Driver<R> {
                     self.sends.push(t);
                     continue;
                 }
+                Output::Demand { stream } => {
+                    if let Some(tx) = &self.to_leader {
+                        // A leader that is gone (shut down) needs nothing more.
+                        let _ = tx.send(stream);
+                    }
+                    continue;
+                }
                 Output::Mirror(m) => {
                     // Not ordered with datagrams: no need to send what is gathered first.
                     let mut dropped = 0;
@@ -1477,7 +1507,7 @@ impl<R: Runtime> Driver<R> {
             };
             self.send_gathered().await;
             match output {
-                Output::Transmit(_) | Output::Mirror(_) => {}
+                Output::Transmit(_) | Output::Mirror(_) | Output::Demand { .. } => {}
                 Output::CloseTcp { conn } => {
                     if let Some(c) = self.conns.remove(&conn) {
                         // What is queued (a DTLS close_notify) goes if the socket takes it now.
