@@ -21,8 +21,10 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::netns::ip;
 
 const PREFIX: &str = "whepfl-";
 
@@ -44,23 +46,6 @@ pub struct Host {
 pub struct Lan {
     switch: String,
     hosts: Vec<Host>,
-}
-
-fn run(program: &str, args: &[&str]) -> io::Result<Output> {
-    let out = Command::new(program).args(args).stdin(Stdio::null()).output()?;
-    if out.status.success() {
-        Ok(out)
-    } else {
-        Err(io::Error::other(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
-}
-
-fn ip(args: &[&str]) -> io::Result<Output> {
-    run("ip", args)
 }
 
 /// Deletes the namespaces of this module whose creating process is gone.

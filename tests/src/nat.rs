@@ -22,8 +22,9 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::netns::{ip, run};
 
 const PREFIX: &str = "whep-nat-";
 
@@ -50,23 +51,6 @@ pub struct NatLab {
     pub public: Ipv4Addr,
     /// The server's private address inside.
     pub private: Ipv4Addr,
-}
-
-fn run(program: &str, args: &[&str]) -> io::Result<Output> {
-    let out = Command::new(program).args(args).stdin(Stdio::null()).output()?;
-    if out.status.success() {
-        Ok(out)
-    } else {
-        Err(io::Error::other(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
-}
-
-fn ip(args: &[&str]) -> io::Result<Output> {
-    run("ip", args)
 }
 
 /// Whether a /29 of 198.51.100.0/24 is on an interface of the host already.

@@ -42,18 +42,24 @@ pub struct Netns {
     pub peer6: Option<Ipv6Addr>,
 }
 
-/// Runs `ip ARGS` and fails with its stderr when it does.
-fn ip(args: &[&str]) -> io::Result<Output> {
-    let out = Command::new("ip").args(args).stdin(Stdio::null()).output()?;
+/// Runs `program ARGS` and fails with its stderr when it does (the namespace helpers' `ip`,
+/// `nft`, `sh`).
+pub(crate) fn run(program: &str, args: &[&str]) -> io::Result<Output> {
+    let out = Command::new(program).args(args).stdin(Stdio::null()).output()?;
     if out.status.success() {
         Ok(out)
     } else {
         Err(io::Error::other(format!(
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )))
     }
+}
+
+/// Runs `ip ARGS` and fails with its stderr when it does.
+pub(crate) fn ip(args: &[&str]) -> io::Result<Output> {
+    run("ip", args)
 }
 
 /// Names of the namespaces that exist (`ip netns list`).
