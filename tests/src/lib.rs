@@ -462,6 +462,18 @@ pub fn process_alive(pid: u32) -> bool {
     stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
 }
 
+/// The UDP candidate addresses (`ip:port`, as the SDP writes them) of an SDP answer.
+pub fn udp_candidates(sdp: &str) -> Vec<String> {
+    sdp.lines()
+        .filter_map(|l| l.trim().strip_prefix("a=candidate:"))
+        .filter(|l| l.split(' ').nth(2).is_some_and(|p| p.eq_ignore_ascii_case("udp")))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some(format!("{}:{}", f.get(4)?, f.get(5)?))
+        })
+        .collect()
+}
+
 /// Waits until `pred` holds, polling every 50 ms, for at most `timeout`.
 pub fn wait_until(timeout: Duration, mut pred: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -1,11 +1,18 @@
-//! A fleet of three nodes (whepd-tokio with `--shards 2`, whepd-smol, whepd-blocking, each
-//! `--node-id nK`) behind
+//! A fleet of three identical nodes (whepd-tokio with `--shards 2`, whepd-smol, whepd-blocking,
+//! each `--node-id nK` and the same `--config` file) behind
 //! Debian's nginx running the shipped `deploy/nginx/whep-fleet.conf` (node addresses replaced),
 //! for real off loopback: every node, the balancer and the viewers are machines of their own on
 //! one LAN ([`whep_e2e::lan::Lan`]: a namespace each, cabled to a bridge). The viewers (str0m,
 //! and a headless Chromium playing the player page through nginx) are in the client namespace:
 //! they POST through the balancer and send their media straight to the node address each
 //! answer advertises (`--candidate NODE:3478`, as real deployments do).
+//!
+//! Every node pulls its source itself, on demand (`on_demand = true`, a short
+//! `on_demand_close_after_secs`): before any viewer no node runs FFmpeg (stream `idle` in
+//! `GET /streams`, no child process); a node starts its FFmpeg when the balancer gives it its
+//! first viewer, and only then. The time from the POST through the balancer to the first
+//! keyframe of a node's first viewer (FFmpeg started by that POST) and of its second (FFmpeg
+//! running) is printed (`--nocapture`).
 //!
 //! Viewers spread over the nodes; PATCH and DELETE through nginx reach the owning node (its tag
 //! in the path, checked in nginx's access log). Node n1 is drained with SIGTERM
@@ -14,9 +21,12 @@
 //! close) and exits, its sessions' URLs get 502 from nginx, and n2 is killed (SIGKILL, no
 //! drain): its viewers' media stops, its sessions' URLs get 502. In the other, n1 is killed
 //! during its drain (its viewers' media stops, 502), and n2's host vanishes from the network (its
-//! cable pulled): its sessions' URLs get 504 after nginx's `proxy_connect_timeout`. Either way
+//! cable pulled): its sessions' URLs get 504 after nginx's `proxy_connect_timeout`. A node that
+//! exits or is killed leaves no FFmpeg behind. Either way
 //! new POSTs all go to n3, whose viewers never stop, whose `/metrics` counts exactly its viewers,
-//! and which holds none after their DELETEs through the balancer.
+//! and which holds none after their DELETEs through the balancer: its FFmpeg stops after the
+//! close delay (stream `idle`, no child), and the next POST through the balancer starts it
+//! again and plays.
 //!
 //! Both variants again behind HAProxy (`deploy/haproxy/haproxy.cfg`, `/ready` health checks)
 //! when it is installed: a gone node's sessions get 503 there. One fleet runs at a time.
@@ -30,7 +40,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use whep_e2e::lan::{Host, Lan};
 use whep_e2e::viewer::Viewer;
-use whep_e2e::{Server, chromium, http, wait_until};
+use whep_e2e::{Server, children_of, chromium, http, process_alive, udp_candidates, wait_until};
 
 /// `--drain-secs` of the node drained to the end.
 const DRAIN_SECS: u64 = 8;
@@ -42,6 +52,39 @@ const HTTP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 3478;
 /// The balancer's port (the shipped files' `0.0.0.0:80`, unchanged).
 const LB_PORT: u16 = 80;
+
+/// The stream every node serves, on demand.
+const STREAM: &str = "demo";
+/// `on_demand_close_after_secs`: FFmpeg stops this long after a node's last viewer left.
+const CLOSE_AFTER_SECS: u64 = 3;
+/// FFmpeg's first keyframe of a new start, and of the GOP cache for a later viewer.
+const KEYFRAME_WITHIN: Duration = Duration::from_secs(20);
+
+/// The one configuration file of every node: a `lavfi` source pulled on demand.
+struct FleetConfig(PathBuf);
+
+impl FleetConfig {
+    fn write() -> Self {
+        let dir = temp_dir("config");
+        let path = dir.join("whepd.toml");
+        let toml = format!(
+            "[streams.{STREAM}]\nlavfi = \"testsrc2=size=640x360:rate=30\"\ngop = 60\n\
+             on_demand = true\non_demand_close_after_secs = {CLOSE_AFTER_SECS}\n"
+        );
+        std::fs::write(&path, toml).expect("write config");
+        Self(dir)
+    }
+
+    fn path(&self) -> String {
+        self.0.join("whepd.toml").display().to_string()
+    }
+}
+
+impl Drop for FleetConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// A load balancer process started by the test in the balancer's namespace, killed on drop.
 struct Balancer {
@@ -154,7 +197,8 @@ fn node_udp(lan: &Lan, tag: &str) -> Vec<String> {
 }
 
 /// Three nodes, each in its namespace, listening on its own address and advertising it.
-fn nodes(lan: &Lan, drain_secs: u64) -> Vec<Server> {
+fn nodes(lan: &Lan, drain_secs: u64, config: &FleetConfig) -> Vec<Server> {
+    let config = config.path();
     let bins = [
         ("n1", env!("CARGO_BIN_EXE_whepd-tokio")),
         ("n2", env!("CARGO_BIN_EXE_whepd-smol-e2e")),
@@ -181,6 +225,8 @@ fn nodes(lan: &Lan, drain_secs: u64) -> Vec<Server> {
                 "0",
                 "--max-viewers",
                 "20",
+                "--config",
+                &config,
             ];
             if *tag == "n1" {
                 args.extend(["--shards", &shards]);
@@ -198,18 +244,6 @@ fn nodes(lan: &Lan, drain_secs: u64) -> Vec<Server> {
 fn tag(v: &Viewer) -> String {
     let last = v.location().trim_end_matches('/').rsplit('/').next().unwrap_or_default();
     last.split_once('.').map(|(t, _)| t.to_owned()).unwrap_or_default()
-}
-
-/// The UDP candidates (`ip:port`) of an answer.
-fn candidates(sdp: &str) -> Vec<String> {
-    sdp.lines()
-        .filter_map(|l| l.trim().strip_prefix("a=candidate:"))
-        .filter(|l| l.split(' ').nth(2).is_some_and(|p| p.eq_ignore_ascii_case("udp")))
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            Some(format!("{}:{}", f.get(4)?, f.get(5)?))
-        })
-        .collect()
 }
 
 /// The test's side of the fleet: requests and viewers from the client's namespace.
@@ -248,6 +282,25 @@ impl Client<'_> {
         page.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
     }
 
+    /// The state of [`STREAM`] on the node (`GET /streams`, public), `?` when it does not answer.
+    fn state(&self, node: &Server) -> String {
+        let addr = node.http;
+        let Ok(r) = self.host.enter(|| http::get(addr, "/streams")) else { return "?".into() };
+        let list: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        let stream = list.as_array().and_then(|l| l.iter().find(|s| s["id"] == STREAM));
+        stream.and_then(|s| s["state"].as_str()).unwrap_or("?").to_owned()
+    }
+
+    /// Whether the node runs no FFmpeg: no child process, and its stream says `idle`.
+    fn idle(&self, node: &Server) -> bool {
+        ffmpegs(node).is_empty() && self.state(node) == "idle"
+    }
+
+    /// The node's stream state and FFmpeg processes, for failure messages.
+    fn pulling(&self, node: &Server) -> String {
+        format!("state {}, FFmpeg pids {:?}", self.state(node), ffmpegs(node))
+    }
+
     /// The node's `whep_viewers_current`.
     fn viewers_on(&self, node: &Server) -> Option<f64> {
         self.metric(node, "whep_viewers_current")
@@ -256,6 +309,26 @@ impl Client<'_> {
     fn delete(&self, v: &Viewer) -> u16 {
         self.via_lb("DELETE", v.location(), &[], b"")
     }
+}
+
+/// The node's FFmpeg processes: its children (it runs nothing else). Only for a running node
+/// (a gone node's pid is 0).
+fn ffmpegs(node: &Server) -> Vec<u32> {
+    let pid = node.pid();
+    assert_ne!(pid, 0, "the node exited");
+    children_of(pid)
+}
+
+/// Whether every one of these processes (a node's FFmpeg seen earlier) is gone. A node killed
+/// with SIGKILL cannot stop them: `PR_SET_PDEATHSIG` does.
+fn all_gone(pids: &[u32]) -> bool {
+    wait_until(Duration::from_secs(15), || pids.iter().all(|p| !process_alive(*p)))
+}
+
+/// The time from the viewer's POST (through the balancer) to its first complete keyframe.
+fn first_keyframe(v: &Viewer) -> Option<Duration> {
+    let s = v.stats();
+    Some(s.first_keyframe_at?.saturating_duration_since(s.posted_at?))
 }
 
 fn plays(v: &Viewer) -> bool {
@@ -301,44 +374,80 @@ fn fleet_behind(
         Ending::DrainThenKill => DRAIN_SECS,
         Ending::KillDuringDrainThenUnplug => LONG_DRAIN_SECS,
     };
-    let mut nodes = nodes(&lan, drain_secs);
+    let config = FleetConfig::write();
+    let mut nodes = nodes(&lan, drain_secs, &config);
     let node_addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
     let lb = balancer(&lan, &node_addrs);
     let client = Client { host: lan.host("client"), lb: lb.addr };
     for n in &nodes {
         assert_eq!(client.ready(n).0, 200, "{:?}", client.ready(n));
     }
-    let page = with_chromium.then(|| {
-        let url = format!("http://{}/?stream=demo&test=1&frames=60&timeout=40", lb.addr);
-        let ns = client.host.name.clone();
-        std::thread::spawn(move || {
-            chromium::run_page_in(Some(&ns), &url, Duration::from_secs(60)).verdict
-        })
-    });
-    // Nine viewers: round robin spreads them (three on each node, the page's requests aside).
-    let viewers: Vec<Viewer> = (0..9).map(|_| client.connect()).collect();
+    // On demand: up, ready and health-checked, and no node pulls its source yet.
+    std::thread::sleep(Duration::from_secs(1));
+    for (i, n) in nodes.iter().enumerate() {
+        assert!(client.idle(n), "n{} before any viewer: {}", i + 1, client.pulling(n));
+    }
+
+    // Nine viewers, one after the other: round robin spreads them (three on each node). Each
+    // node starts its FFmpeg with the first viewer the balancer gives it, and not before.
+    let mut viewers: Vec<Viewer> = Vec::new();
+    // Per node: its viewers' times from the POST to the first keyframe, in order.
+    let mut first_frames: [Vec<Duration>; 3] = Default::default();
+    for _ in 0..9 {
+        for (i, n) in nodes.iter().enumerate() {
+            if first_frames[i].is_empty() {
+                assert!(client.idle(n), "n{} pulls with no viewer: {}", i + 1, client.pulling(n));
+            }
+        }
+        let v = client.connect();
+        let i: usize = tag(&v)[1..].parse::<usize>().expect("tag number") - 1;
+        let node = &nodes[i];
+        assert!(
+            wait_until(KEYFRAME_WITHIN, || !ffmpegs(node).is_empty()),
+            "n{} runs no FFmpeg for its viewer: {}",
+            i + 1,
+            client.pulling(node)
+        );
+        assert!(
+            ["starting", "running"].contains(&client.state(node).as_str()),
+            "n{} with a viewer: {}",
+            i + 1,
+            client.pulling(node)
+        );
+        // The next POST once this one has its picture: a node's second viewer joins a running
+        // FFmpeg.
+        let keyframe = v.wait_for(KEYFRAME_WITHIN, |s| s.first_keyframe_at.is_some());
+        assert!(keyframe, "no keyframe on n{}: {:?}", i + 1, v.stats());
+        first_frames[i].push(first_keyframe(&v).expect("keyframe"));
+        viewers.push(v);
+    }
+    let build = if cfg!(debug_assertions) { "debug" } else { "release" };
+    for (i, times) in first_frames.iter().enumerate() {
+        eprintln!(
+            "n{} ({build} build), POST via the balancer to first keyframe: first viewer (FFmpeg \
+             started on demand) {:?}, next viewers (FFmpeg running) {:?}",
+            i + 1,
+            times.first(),
+            times.get(1..).unwrap_or_default()
+        );
+    }
     let mut tags: Vec<String> = viewers.iter().map(tag).collect();
     for v in &viewers {
         assert!(plays(v), "viewer on {} did not play: {:?}", tag(v), v.stats());
         // Its media comes straight from its node's address, not through the balancer.
         let node: usize = tag(v)[1..].parse().expect("tag number");
-        let offered = candidates(v.answer());
+        let offered = udp_candidates(v.answer());
         let own = node_udp(&lan, &tag(v));
         assert!(offered.len() == 1 && own.contains(&offered[0]), "n{node}: {offered:?}");
     }
-    let first_frames: Vec<Duration> = viewers
-        .iter()
-        .filter_map(|v| {
-            let s = v.stats();
-            Some(s.first_keyframe_at?.saturating_duration_since(s.posted_at?))
-        })
-        .collect();
-    eprintln!("str0m via the balancer, POST to first keyframe: {first_frames:?}");
     tags.sort();
     tags.dedup();
     assert_eq!(tags, ["n1", "n2", "n3"], "spread over every node");
-    if let Some(page) = page {
-        let verdict = page.join().expect("page thread").unwrap_or_else(|e| panic!("{e}"));
+    // The player page once every node pulls (whichever node the balancer gives it).
+    if with_chromium {
+        let url = format!("http://{}/?stream={STREAM}&test=1&frames=60&timeout=40", lb.addr);
+        let run = chromium::run_page_in(Some(&client.host.name), &url, Duration::from_secs(60));
+        let verdict = run.verdict.unwrap_or_else(|e| panic!("{e}"));
         assert!(verdict.contains("[WHEP] PASS"), "Chromium through the balancer: {verdict}");
         // Its media too came straight from a node.
         let pair = chromium::field(&verdict, "pair").unwrap_or_default();
@@ -378,7 +487,8 @@ fn fleet_behind(
     let n2_viewers: Vec<&Viewer> = live.iter().filter(|v| tag(v) == "n2").collect();
     let mut n3_viewers: Vec<&Viewer> = live.iter().filter(|v| tag(v) == "n3").collect();
     assert!(!n1_viewers.is_empty() && !n2_viewers.is_empty() && !n3_viewers.is_empty());
-    let n1_shards: Vec<Vec<String>> = n1_viewers.iter().map(|v| candidates(v.answer())).collect();
+    let n1_shards: Vec<Vec<String>> =
+        n1_viewers.iter().map(|v| udp_candidates(v.answer())).collect();
     eprintln!("n1's viewers' media from {n1_shards:?} (--shards {N1_SHARDS})");
     if n1_viewers.len() >= 2 {
         // A POST goes to the shard with the fewest viewers: the drain covers both.
@@ -386,6 +496,8 @@ fn fleet_behind(
         assert!(on_shard_1.is_some_and(|n| n > 0.0), "n1's shard 1: {on_shard_1:?}");
     }
     let n1_pid = nodes[0].pid();
+    let n1_ffmpeg = ffmpegs(&nodes[0]);
+    assert!(!n1_ffmpeg.is_empty(), "n1 pulls for its viewers: {}", client.pulling(&nodes[0]));
     let term = Instant::now();
     assert!(whep_e2e::signal(n1_pid, Signal::SIGTERM));
     assert!(
@@ -450,17 +562,22 @@ fn fleet_behind(
             eprintln!("n1 killed {killed:?} into its drain (--drain-secs {drain_secs})");
         }
     }
+    // Gone, and its FFmpeg with it (stopped on exit, or killed with it: `PR_SET_PDEATHSIG`).
+    assert!(all_gone(&n1_ffmpeg), "n1's FFmpeg {n1_ffmpeg:?} outlived it ({ending:?})");
     // n1's session URLs now reach no node.
     let status = client.via_lb("DELETE", n1_viewers[0].location(), &[], b"");
     eprintln!("DELETE of a session of the gone n1 through the balancer ({ending:?}): {status}");
     assert!([502, 503].contains(&status), "{status}");
 
     // n2 goes without a drain.
+    let n2_ffmpeg = ffmpegs(&nodes[1]);
+    assert!(!n2_ffmpeg.is_empty(), "n2 pulls for its viewers: {}", client.pulling(&nodes[1]));
     let gone_at = Instant::now();
     match ending {
         Ending::DrainThenKill => {
             assert!(whep_e2e::signal(nodes[1].pid(), Signal::SIGKILL));
             assert!(nodes[1].wait_exit(Duration::from_secs(10)).is_some(), "n2 killed");
+            assert!(all_gone(&n2_ffmpeg), "n2's FFmpeg {n2_ffmpeg:?} outlived its SIGKILL");
         }
         Ending::KillDuringDrainThenUnplug => lan.host("n2").plug(false).expect("unplug n2"),
     }
@@ -499,20 +616,62 @@ fn fleet_behind(
         "n3 counts {:?} viewers, the test has {mine} there",
         client.viewers_on(&nodes[2])
     );
-    // No session left behind after their DELETEs through the balancer.
-    for v in &n3_viewers {
+    // No session left behind after their DELETEs through the balancer; the last one starts the
+    // close delay, after which n3 stops its FFmpeg.
+    let n3_ffmpeg = ffmpegs(&nodes[2]);
+    assert!(!n3_ffmpeg.is_empty(), "n3 pulls for its viewers: {}", client.pulling(&nodes[2]));
+    let (last_one, others) = n3_viewers.split_last().expect("viewers on n3");
+    for v in others {
         assert_eq!(client.delete(v), 204, "DELETE on n3");
     }
+    let left = Instant::now();
+    assert_eq!(client.delete(last_one), 204, "DELETE on n3");
     assert!(
         wait_until(Duration::from_secs(10), || client.viewers_on(&nodes[2]) == Some(0.0)),
         "n3 still counts {:?} viewers",
         client.viewers_on(&nodes[2])
     );
+    assert!(
+        wait_until(Duration::from_secs(CLOSE_AFTER_SECS + 20), || client.idle(&nodes[2])),
+        "n3 still pulls {:?} after its last viewer left: {}",
+        left.elapsed(),
+        client.pulling(&nodes[2])
+    );
+    let stopped = left.elapsed();
+    assert!(all_gone(&n3_ffmpeg), "n3's FFmpeg {n3_ffmpeg:?} still runs");
+    assert!(
+        stopped >= Duration::from_secs(CLOSE_AFTER_SECS),
+        "n3's FFmpeg stopped {stopped:?} after its last viewer left, before the close delay"
+    );
+    eprintln!(
+        "n3 idle again {stopped:?} after its last viewer's DELETE (close delay {CLOSE_AFTER_SECS} s)"
+    );
     assert_eq!(client.ready(&nodes[2]).0, 200);
+    // The next POST through the balancer starts it again.
+    let again = client.connect();
+    assert_eq!(tag(&again), "n3", "the POST reached a gone node");
+    assert!(
+        wait_until(KEYFRAME_WITHIN, || !ffmpegs(&nodes[2]).is_empty()),
+        "n3 runs no FFmpeg for its new viewer: {}",
+        client.pulling(&nodes[2])
+    );
+    assert!(plays(&again), "n3's viewer after idle: {:?}", again.stats());
+    eprintln!(
+        "n3 started again on demand ({build} build): POST via the balancer to first keyframe {:?}",
+        first_keyframe(&again)
+    );
+    let n3_ffmpeg = ffmpegs(&nodes[2]);
+    assert_eq!(client.delete(&again), 204, "DELETE on n3");
     if ending == Ending::KillDuringDrainThenUnplug {
-        // The unplugged n2 still runs: no need to wait for its drain.
+        // The unplugged n2 still runs: no need to wait for its drain. Its FFmpeg dies with it.
         assert!(whep_e2e::signal(nodes[1].pid(), Signal::SIGKILL));
+        assert!(nodes[1].wait_exit(Duration::from_secs(10)).is_some(), "n2 killed");
+        assert!(all_gone(&n2_ffmpeg), "n2's FFmpeg {n2_ffmpeg:?} outlived its SIGKILL");
     }
+    // And n3 on SIGTERM: it exits with no FFmpeg left.
+    let status = nodes[2].terminate(Duration::from_secs(15));
+    assert_eq!(status.map(|s| s.success()), Some(true), "n3 exit");
+    assert!(all_gone(&n3_ffmpeg), "n3's FFmpeg {n3_ffmpeg:?} outlived it");
 }
 
 /// One fleet at a time: each runs three nodes transcoding the demo, and a 2-core machine

@@ -14,19 +14,7 @@ use std::time::Duration;
 use whep_e2e::nat::NatLab;
 use whep_e2e::turn::Coturn;
 use whep_e2e::viewer::Viewer;
-use whep_e2e::{Server, chromium};
-
-/// The UDP candidate addresses (`ip:port`) of an SDP answer.
-fn candidates(sdp: &str) -> Vec<String> {
-    sdp.lines()
-        .filter_map(|l| l.trim().strip_prefix("a=candidate:"))
-        .filter(|l| l.split(' ').nth(2).is_some_and(|p| p.eq_ignore_ascii_case("udp")))
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            Some(format!("{}:{}", f.get(4)?, f.get(5)?))
-        })
-        .collect()
-}
+use whep_e2e::{Server, chromium, udp_candidates};
 
 /// The server inside the lab, its HTTP address set to the router's forwarded port.
 /// Asserts that `viewer` connects and gets a keyframe, then closes it.
@@ -60,7 +48,7 @@ fn str0m_viewer_needs_the_mapped_address(bin: &str) {
     let mut server = start_inside(&lab, bin, &[]);
     let viewer = Viewer::connect(server.http, "/whep/demo", None)
         .unwrap_or_else(|e| panic!("{e:?}\n{}", server.output()));
-    let offered = candidates(viewer.answer());
+    let offered = udp_candidates(viewer.answer());
     assert!(!offered.is_empty() && !offered.contains(&public), "{offered:?}");
     assert!(offered.contains(&format!("{}:3478", lab.private)), "{offered:?}");
     assert!(
@@ -88,7 +76,7 @@ fn str0m_viewer_needs_the_mapped_address(bin: &str) {
     assert_eq!(server.metric("whep_stun_failures_total"), Some(0.0));
     let viewer = Viewer::connect(server.http, "/whep/demo", None)
         .unwrap_or_else(|e| panic!("{e:?}\n{}", server.output()));
-    let offered = candidates(viewer.answer());
+    let offered = udp_candidates(viewer.answer());
     assert!(offered.contains(&public), "{offered:?}");
     plays_then_leaves(viewer, &mut server);
 }
@@ -165,7 +153,7 @@ fn each_shard_learns_its_own_mapping(bin: &str) {
     for _ in 0..2 {
         let viewer = Viewer::connect(server.http, "/whep/demo", None)
             .unwrap_or_else(|e| panic!("{e:?}\n{}", server.output()));
-        let offered = candidates(viewer.answer());
+        let offered = udp_candidates(viewer.answer());
         assert!(
             (0..2).any(|i| offered.contains(&format!("{}:{}", lab.public, 3478 + i))),
             "{offered:?}"

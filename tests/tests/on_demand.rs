@@ -53,6 +53,26 @@ fn watch(server: &mut Server) -> (Viewer, Duration) {
     (v, key - posted)
 }
 
+/// The stream's last viewer `v` leaves (DELETE): FFmpeg runs on through the close delay, then
+/// stops and the stream is idle. Returns the time from the DELETE to FFmpeg gone.
+fn last_viewer_leaves(server: &mut Server, v: Viewer) -> Duration {
+    let pid = server.pid();
+    assert_eq!(v.delete().expect("DELETE"), 204);
+    let left = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(state(server), "running", "stopped before the close delay");
+    assert!(
+        wait_until(Duration::from_secs(CLOSE_AFTER_SECS + 10), || children_of(pid).is_empty()),
+        "FFmpeg still runs {:?} after the last viewer left\n{}",
+        left.elapsed(),
+        server.output()
+    );
+    let stopped = left.elapsed();
+    assert!(stopped >= Duration::from_secs(CLOSE_AFTER_SECS), "stopped after {stopped:?}");
+    assert!(server.wait_stream("od", Duration::from_secs(5), |s| s["state"] == "idle").is_ok());
+    stopped
+}
+
 fn on_demand_starts_and_stops(bin: &str) {
     let path = config("play", CLOSE_AFTER_SECS);
     let mut server = Server::start(bin, &["--config", path.to_str().unwrap_or_default()]);
@@ -81,19 +101,7 @@ fn on_demand_starts_and_stops(bin: &str) {
     assert_eq!(a.delete().expect("DELETE"), 204);
     std::thread::sleep(Duration::from_secs(CLOSE_AFTER_SECS + 1));
     assert_eq!(state(&server), "running", "one viewer still watches");
-    assert_eq!(b.delete().expect("DELETE"), 204);
-    let left = Instant::now();
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(state(&server), "running", "stopped before the close delay");
-    assert!(
-        wait_until(Duration::from_secs(CLOSE_AFTER_SECS + 10), || children_of(pid).is_empty()),
-        "FFmpeg still runs {:?} after the last viewer left\n{}",
-        left.elapsed(),
-        server.output()
-    );
-    let stopped = left.elapsed();
-    assert!(stopped >= Duration::from_secs(CLOSE_AFTER_SECS), "stopped after {stopped:?}");
-    assert!(server.wait_stream("od", Duration::from_secs(5), |s| s["state"] == "idle").is_ok());
+    let stopped = last_viewer_leaves(&mut server, b);
     eprintln!(
         "FFmpeg gone {stopped:?} after the last viewer left (close delay {CLOSE_AFTER_SECS} s)"
     );
@@ -199,19 +207,7 @@ fn on_demand_with_two_shards(bin: &str) {
     let before = a.stats().video_packets;
     assert!(a.wait_for(Duration::from_secs(5), |s| s.video_packets > before + 30));
     // The follower's leaves too: stopped after the close delay.
-    assert_eq!(a.delete().expect("DELETE"), 204);
-    let left = Instant::now();
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(state(&server), "running", "stopped before the close delay");
-    assert!(
-        wait_until(Duration::from_secs(CLOSE_AFTER_SECS + 10), || children_of(pid).is_empty()),
-        "FFmpeg still runs {:?} after the last viewer left\n{}",
-        left.elapsed(),
-        server.output()
-    );
-    let stopped = left.elapsed();
-    assert!(stopped >= Duration::from_secs(CLOSE_AFTER_SECS), "stopped after {stopped:?}");
-    assert!(server.wait_stream("od", Duration::from_secs(5), |s| s["state"] == "idle").is_ok());
+    let stopped = last_viewer_leaves(&mut server, a);
     eprintln!("sharded: FFmpeg gone {stopped:?} after the last viewer of both shards left");
 
     // Two POSTs back to back, one per shard, the second while FFmpeg is starting: one FFmpeg,
