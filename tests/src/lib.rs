@@ -12,6 +12,7 @@ pub mod lan;
 pub mod links;
 pub mod nat;
 pub mod netns;
+pub mod nginx;
 pub mod players;
 pub mod relay;
 pub mod tls;

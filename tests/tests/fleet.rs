@@ -32,13 +32,13 @@
 //! when it is installed: a gone node's sessions get 503 there. One fleet runs at a time.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use whep_e2e::lan::{Host, Lan};
+use whep_e2e::nginx::{self, Daemon, daemon_dir};
 use whep_e2e::viewer::Viewer;
 use whep_e2e::{Server, children_of, chromium, http, process_alive, udp_candidates, wait_until};
 
@@ -65,7 +65,7 @@ struct FleetConfig(PathBuf);
 
 impl FleetConfig {
     fn write() -> Self {
-        let dir = temp_dir("config");
+        let dir = daemon_dir("fleet-config");
         let path = dir.join("whepd.toml");
         let toml = format!(
             "[streams.{STREAM}]\nlavfi = \"testsrc2=size=640x360:rate=30\"\ngop = 60\n\
@@ -88,30 +88,14 @@ impl Drop for FleetConfig {
 
 /// A load balancer process started by the test in the balancer's namespace, killed on drop.
 struct Balancer {
-    child: Child,
+    daemon: Daemon,
     addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 impl Balancer {
     fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+        self.daemon.log(name)
     }
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("whep-fleet-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }
 
 /// The shipped configuration with the documentation addresses of the nodes replaced by theirs.
@@ -134,41 +118,17 @@ fn wait_up(client: &Host, lb: &Balancer, log: &str) {
 
 fn start_nginx(lan: &Lan, nodes: &[SocketAddr]) -> Balancer {
     let host = lan.host("lb");
-    let dir = temp_dir(&format!("nginx-{}", host.name));
-    std::fs::write(dir.join("whep-fleet.conf"), shipped("nginx/whep-fleet.conf", nodes))
-        .expect("write");
-    let d = dir.display();
-    // As root nginx's workers would switch to `nobody`: keep root so they can write the temp dir.
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    let user = if root { "user root;" } else { "" };
-    let main = format!(
-        "{user}\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\nworker_processes 1;\n\
-         events {{ worker_connections 256; }}\nhttp {{\n\
-         log_format up '$request_method $uri $status $upstream_addr $upstream_status';\n\
-         access_log {d}/access.log up;\n\
-         client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
-         fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-         include {d}/whep-fleet.conf;\n}}\n"
-    );
-    std::fs::write(dir.join("nginx.conf"), main).expect("write");
-    let child = host
-        .command("nginx")
-        .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf"), "-e"])
-        .arg(format!("{d}/error.log"))
-        .args(["-g", "daemon off;"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    let conf = shipped("nginx/whep-fleet.conf", nodes);
+    let daemon = nginx::start(Some(&host.name), &format!("nginx-{}", host.name), &conf)
         .expect("nginx: install Debian's nginx (bash scripts/test.sh does)");
-    let lb = Balancer { child, addr: (host.addr, LB_PORT).into(), dir };
+    let lb = Balancer { daemon, addr: (host.addr, LB_PORT).into() };
     wait_up(lan.host("client"), &lb, "error.log");
     lb
 }
 
 fn start_haproxy(lan: &Lan, nodes: &[SocketAddr]) -> Balancer {
     let host = lan.host("lb");
-    let dir = temp_dir(&format!("haproxy-{}", host.name));
+    let dir = daemon_dir(&format!("haproxy-{}", host.name));
     let cfg = dir.join("haproxy.cfg");
     std::fs::write(&cfg, shipped("haproxy/haproxy.cfg", nodes)).expect("write");
     let log = std::fs::File::create(dir.join("haproxy.log")).expect("log");
@@ -182,7 +142,7 @@ fn start_haproxy(lan: &Lan, nodes: &[SocketAddr]) -> Balancer {
         .stderr(log)
         .spawn()
         .expect("haproxy");
-    let lb = Balancer { child, addr: (host.addr, LB_PORT).into(), dir };
+    let lb = Balancer { daemon: Daemon::new(child, dir), addr: (host.addr, LB_PORT).into() };
     wait_up(lan.host("client"), &lb, "haproxy.log");
     lb
 }
