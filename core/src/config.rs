@@ -66,6 +66,13 @@ pub struct CoreConfig {
     /// node's tag finds no session here (404). Letters, digits and `-`, at most 32. `None`:
     /// `{prefix}/{stream}/{session}`.
     pub node_id: Option<String>,
+    /// This node's public origin (`https://n1.example.org`, `http://192.0.2.11:8080`; checked
+    /// by [`public_origin`]): session URLs become absolute, `{origin}{prefix}/{stream}/...`, so
+    /// that a client sends PATCH and DELETE straight to this node whatever balanced its POST (a
+    /// TCP or TLS-passthrough balancer, DNS round robin: nothing that routes by path). A page
+    /// on another origin then needs [`cors_origin`](Self::cors_origin) to allow it. `None`:
+    /// relative session URLs.
+    pub public_url: Option<String>,
     /// Value of `Access-Control-Allow-Origin` on every response.
     pub cors_origin: String,
     /// Accepted bearer tokens (`Authorization: Bearer` or `?token=`). Empty, with
@@ -214,6 +221,7 @@ impl Default for CoreConfig {
             max_viewers_total: 64,
             whep_prefix: "/whep".into(),
             node_id: None,
+            public_url: None,
             cors_origin: "*".into(),
             bearer_tokens: Vec::new(),
             auth: crate::auth::AuthConfig::default(),
@@ -440,6 +448,58 @@ pub fn valid_node_id(tag: &str) -> bool {
     (1..=32).contains(&tag.len()) && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// `url` as a [`CoreConfig::public_url`]: `http://` or `https://`, then a host (a DNS name in
+/// ASCII, an IPv4 address or a bracketed IPv6 one) with an optional port, and nothing after it
+/// but an optional `/`. Returns the origin with its scheme in lower case and no trailing `/`.
+///
+/// # Errors
+///
+/// What is wrong with `url`, in a sentence.
+pub fn public_origin(url: &str) -> Result<String, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("public URL {url:?}: expected http:// or https://"))?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("public URL {url:?}: expected http:// or https://"));
+    }
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("public URL {url:?}: unclosed [ of an IPv6 address"))?;
+            if addr.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("public URL {url:?}: {addr:?} is not an IPv6 address"));
+            }
+            match after {
+                "" => (addr, None),
+                _ => (addr, Some(after.strip_prefix(':').unwrap_or(after))),
+            }
+        }
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    let host_ok = authority.starts_with('[')
+        || (!host.is_empty()
+            && host.len() <= 253
+            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+    if !host_ok {
+        return Err(format!(
+            "public URL {url:?}: expected scheme://host[:port] with nothing after it \
+             (letters, digits, . and - in the host; an IPv6 address in [])"
+        ));
+    }
+    if let Some(port) = port
+        && (!port.bytes().all(|b| b.is_ascii_digit()) || !matches!(port.parse::<u16>(), Ok(1..)))
+    {
+        return Err(format!("public URL {url:?}: port {port:?} is not 1 to 65535"));
+    }
+    Ok(format!("{scheme}://{authority}"))
+}
+
 /// Where a stream's RTP comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Feed {
@@ -507,6 +567,48 @@ impl StreamConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_origins() {
+        let ok = |u: &str| public_origin(u).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok("https://n1.example.org"), "https://n1.example.org");
+        assert_eq!(ok("HTTPS://n1.example.org:8443/"), "https://n1.example.org:8443");
+        assert_eq!(ok("http://192.0.2.11:8080"), "http://192.0.2.11:8080");
+        assert_eq!(ok("http://[2001:db8::7]:8080/"), "http://[2001:db8::7]:8080");
+        assert_eq!(ok("http://[2001:db8::7]"), "http://[2001:db8::7]");
+        for bad in [
+            "n1.example.org",
+            "ftp://n1.example.org",
+            "https://",
+            "https://n1.example.org/whep",
+            "https://n1.example.org?x=1",
+            "https://n1.example.org#f",
+            "https://user@n1.example.org",
+            "https://n1.example.org:0",
+            "https://n1.example.org:65536",
+            "https://n1.example.org:",
+            "https://n1.example.org:80x",
+            "https://2001:db8::7",
+            "https://[2001:db8::7",
+            "https://[nope]:80",
+            "https://[2001:db8::7]x",
+            "https://n1 example.org",
+            "https://ex\u{e4}mple.org",
+        ] {
+            assert!(public_origin(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any string: an error or an origin that is its own canonical form; never a panic.
+        #[test]
+        fn public_origin_of_any_string(url in "\\PC{0,40}|https?://[a-z0-9.:\\[\\]/-]{0,30}") {
+            if let Ok(origin) = public_origin(&url) {
+                proptest::prop_assert_eq!(public_origin(&origin), Ok(origin.clone()));
+                proptest::prop_assert!(!origin.ends_with('/'));
+            }
+        }
+    }
 
     #[test]
     fn candidate_for_prefers_same_ip_then_scope_then_family() {

@@ -152,7 +152,7 @@ pub mod sim;
 pub use auth::{Answer, AuthDecision, AuthRequest, RequestId};
 pub use config::{
     CoreConfig, Feed, H264Profile, IceServer, ProcessConfig, StreamConfig, VideoCodec,
-    canonical_addr, valid_node_id,
+    canonical_addr, public_origin, valid_node_id,
 };
 pub use ffmpeg::{EgressConfig, Rendition};
 pub use ids::{ETag, SessionId, StreamId};

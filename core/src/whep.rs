@@ -523,14 +523,17 @@ pub const SEGMENT: &AsciiSet = &CONTROLS
 
 /// The `Location` of a session: prefix, encoded stream id, session id and the request's query
 /// string (kept so that URL-token authentication works for PATCH and DELETE).
-/// With a node tag the session segment is `{node}.{session}`.
+/// With a node tag the session segment is `{node}.{session}`; with a public origin
+/// ([`CoreConfig::public_url`](crate::CoreConfig::public_url)) the URL is absolute.
 pub(crate) fn session_location(
+    origin: Option<&str>,
     prefix: &str,
     node: Option<&str>,
     stream: &StreamId,
     session: SessionId,
     target: &str,
 ) -> String {
+    let origin = origin.unwrap_or_default();
     let prefix = prefix.trim_end_matches('/');
     let stream = utf8_percent_encode(stream.as_str(), SEGMENT);
     let session = match node {
@@ -538,8 +541,8 @@ pub(crate) fn session_location(
         None => session.to_string(),
     };
     match target.split_once('?') {
-        Some((_, q)) if !q.is_empty() => format!("{prefix}/{stream}/{session}?{q}"),
-        _ => format!("{prefix}/{stream}/{session}"),
+        Some((_, q)) if !q.is_empty() => format!("{origin}{prefix}/{stream}/{session}?{q}"),
+        _ => format!("{origin}{prefix}/{stream}/{session}"),
     }
 }
 
@@ -633,7 +636,7 @@ mod tests {
     #[test]
     fn location_encodes_and_keeps_query() {
         let st = StreamId::new("a:b/c d").unwrap_or_else(|| unreachable!());
-        let l = session_location("/whep", None, &st, sid(), "/whep/x?token=abc");
+        let l = session_location(None, "/whep", None, &st, sid(), "/whep/x?token=abc");
         assert_eq!(l, format!("/whep/a:b%2Fc%20d/{}?token=abc", sid()));
         assert_eq!(route("/whep", NodeTag::Only(None), &l), Some(Route::Session(st, Some(sid()))));
     }
@@ -641,7 +644,7 @@ mod tests {
     #[test]
     fn node_tags_route_sessions_to_their_node() {
         let st = StreamId::new("demo").unwrap_or_else(|| unreachable!());
-        let l = session_location("/whep", Some("n1"), &st, sid(), "/whep/demo");
+        let l = session_location(None, "/whep", Some("n1"), &st, sid(), "/whep/demo");
         assert_eq!(l, format!("/whep/demo/n1.{}", sid()));
         let mine = Some(Route::Session(st.clone(), Some(sid())));
         assert_eq!(route("/whep", NodeTag::Only(Some("n1")), &l), mine);
@@ -652,6 +655,20 @@ mod tests {
         // A bare session id is still this node's.
         let bare = format!("/whep/demo/{}", sid());
         assert_eq!(route("/whep", NodeTag::Only(Some("n1")), &bare), mine);
+    }
+
+    #[test]
+    fn a_public_origin_makes_session_urls_absolute() {
+        let st = StreamId::new("demo").unwrap_or_else(|| unreachable!());
+        let origin = Some("https://n1.example.org:8443");
+        let l = session_location(origin, "/whep", None, &st, sid(), "/whep/demo?token=t");
+        assert_eq!(l, format!("https://n1.example.org:8443/whep/demo/{}?token=t", sid()));
+        let l = session_location(origin, "/live/", Some("n1"), &st, sid(), "/live/demo");
+        assert_eq!(l, format!("https://n1.example.org:8443/live/demo/n1.{}", sid()));
+        // The request that comes back to it carries the path only.
+        let path = &l["https://n1.example.org:8443".len()..];
+        let mine = Some(Route::Session(st, Some(sid())));
+        assert_eq!(route("/live", NodeTag::Only(Some("n1")), path), mine);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! ECDSA P-256 server certificates it signs for `127.0.0.1`, in a temporary directory removed
 //! on drop.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -79,7 +80,18 @@ impl TestCa {
     ///
     /// When `openssl` fails.
     pub fn issue(&self, name: &str) -> Issued {
+        self.issue_for(name, &[IpAddr::from([127, 0, 0, 1])])
+    }
+
+    /// [`issue`](Self::issue) for the addresses `ips` (a node behind a TLS-passthrough
+    /// balancer is reached by the balancer's address and by its own).
+    ///
+    /// # Panics
+    ///
+    /// When `openssl` fails.
+    pub fn issue_for(&self, name: &str, ips: &[IpAddr]) -> Issued {
         let dir = &self.dir;
+        let names: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
         let (key, csr, leaf, chain, ext) = (
             format!("{name}.key"),
             format!("{name}.csr"),
@@ -94,8 +106,11 @@ impl TestCa {
         openssl(&["req", "-new", "-key", &key, "-subj", &format!("/CN={name}"), "-out", &csr], dir);
         std::fs::write(
             dir.join(&ext),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+            format!(
+                "subjectAltName={}\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+                names.join(",")
+            ),
         )
         .expect("ext file");
         openssl(

@@ -28,8 +28,12 @@
 //! close delay (stream `idle`, no child), and the next POST through the balancer starts it
 //! again and plays.
 //!
+//! Behind HAProxy in TCP mode (`deploy/haproxy/haproxy-tcp.cfg`, TLS passed through to https
+//! nodes) nothing routes by path: each node names itself with `--public-url`, its session URLs
+//! are absolute and PATCH/DELETE go straight to it.
+//!
 //! Both variants again behind HAProxy (`deploy/haproxy/haproxy.cfg`, `/ready` health checks)
-//! when it is installed: a gone node's sessions get 503 there. One fleet runs at a time.
+//! (`bash scripts/test.sh` installs it): a gone node's sessions get 503 there. One fleet runs at a time.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +43,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use whep_e2e::lan::{Host, Lan};
 use whep_e2e::nginx::{self, Daemon, daemon_dir};
+use whep_e2e::tls::{Issued, TestCa};
 use whep_e2e::viewer::Viewer;
 use whep_e2e::{Server, children_of, chromium, http, process_alive, udp_candidates, wait_until};
 
@@ -127,10 +132,15 @@ fn start_nginx(lan: &Lan, nodes: &[SocketAddr]) -> Balancer {
 }
 
 fn start_haproxy(lan: &Lan, nodes: &[SocketAddr]) -> Balancer {
+    haproxy_with(lan, nodes, "haproxy/haproxy.cfg", LB_PORT)
+}
+
+/// HAProxy with the shipped file `file` (node addresses replaced), its frontend on `port`.
+fn haproxy_with(lan: &Lan, nodes: &[SocketAddr], file: &str, port: u16) -> Balancer {
     let host = lan.host("lb");
     let dir = daemon_dir(&format!("haproxy-{}", host.name));
     let cfg = dir.join("haproxy.cfg");
-    std::fs::write(&cfg, shipped("haproxy/haproxy.cfg", nodes)).expect("write");
+    std::fs::write(&cfg, shipped(file, nodes)).expect("write");
     let log = std::fs::File::create(dir.join("haproxy.log")).expect("log");
     let child = host
         .command("haproxy")
@@ -142,7 +152,7 @@ fn start_haproxy(lan: &Lan, nodes: &[SocketAddr]) -> Balancer {
         .stderr(log)
         .spawn()
         .expect("haproxy");
-    let lb = Balancer { daemon: Daemon::new(child, dir), addr: (host.addr, LB_PORT).into() };
+    let lb = Balancer { daemon: Daemon::new(child, dir), addr: (host.addr, port).into() };
     wait_up(lan.host("client"), &lb, "haproxy.log");
     lb
 }
@@ -156,14 +166,30 @@ fn node_udp(lan: &Lan, tag: &str) -> Vec<String> {
     (0..shards).map(|i| format!("{}:{}", lan.host(tag).addr, UDP_PORT + i)).collect()
 }
 
-/// Three nodes, each in its namespace, listening on its own address and advertising it.
-fn nodes(lan: &Lan, drain_secs: u64, config: &FleetConfig) -> Vec<Server> {
+/// The nodes: one of each runtime.
+const EVERY_RUNTIME: [(&str, &str); 3] = [
+    ("n1", env!("CARGO_BIN_EXE_whepd-tokio")),
+    ("n2", env!("CARGO_BIN_EXE_whepd-smol-e2e")),
+    ("n3", env!("CARGO_BIN_EXE_whepd-blocking")),
+];
+
+/// The nodes when they serve HTTPS (the blocking example serves plain HTTP only).
+const TLS_RUNTIMES: [(&str, &str); 3] = [
+    ("n1", env!("CARGO_BIN_EXE_whepd-tokio")),
+    ("n2", env!("CARGO_BIN_EXE_whepd-smol-e2e")),
+    ("n3", env!("CARGO_BIN_EXE_whepd-tokio")),
+];
+
+/// Three nodes (`bins`: tag and binary), each in its namespace, listening on its own address
+/// and advertising it, with `extra` arguments for each host.
+fn nodes(
+    lan: &Lan,
+    bins: &[(&str, &str)],
+    drain_secs: u64,
+    config: &FleetConfig,
+    extra: &dyn Fn(&Host) -> Vec<String>,
+) -> Vec<Server> {
     let config = config.path();
-    let bins = [
-        ("n1", env!("CARGO_BIN_EXE_whepd-tokio")),
-        ("n2", env!("CARGO_BIN_EXE_whepd-smol-e2e")),
-        ("n3", env!("CARGO_BIN_EXE_whepd-blocking")),
-    ];
     bins.iter()
         .map(|(tag, bin)| {
             let host = lan.host(tag);
@@ -191,6 +217,8 @@ fn nodes(lan: &Lan, drain_secs: u64, config: &FleetConfig) -> Vec<Server> {
             if *tag == "n1" {
                 args.extend(["--shards", &shards]);
             }
+            let extra = extra(host);
+            args.extend(extra.iter().map(String::as_str));
             let http = format!("0.0.0.0:{HTTP_PORT}");
             let udp = format!("0.0.0.0:{UDP_PORT}");
             let mut node = Server::start_in(Some(&host.name), bin, &http, &udp, &args);
@@ -335,7 +363,7 @@ fn fleet_behind(
         Ending::KillDuringDrainThenUnplug => LONG_DRAIN_SECS,
     };
     let config = FleetConfig::write();
-    let mut nodes = nodes(&lan, drain_secs, &config);
+    let mut nodes = nodes(&lan, &EVERY_RUNTIME, drain_secs, &config, &|_| Vec::new());
     let node_addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
     let lb = balancer(&lan, &node_addrs);
     let client = Client { host: lan.host("client"), lb: lb.addr };
@@ -641,12 +669,10 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     FLEET.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn haproxy_installed() -> bool {
+/// HAProxy from Debian; `bash scripts/test.sh` installs it.
+fn need_haproxy() {
     let installed = Command::new("haproxy").arg("-v").output().is_ok();
-    if !installed {
-        eprintln!("haproxy not installed: skipped (bash scripts/test.sh installs it)");
-    }
-    installed
+    assert!(installed, "haproxy is not installed: bash scripts/test.sh installs it");
 }
 
 /// HAProxy's health checks (`inter 1s fall 1`) take a node out within about a second.
@@ -667,15 +693,149 @@ fn nginx_fleet_loses_a_node_mid_drain_and_an_unplugged_one() {
 #[test]
 fn haproxy_fleet_drains_a_node_then_loses_one_to_sigkill() {
     let _one = one_at_a_time();
-    if haproxy_installed() {
-        fleet_behind(start_haproxy, false, HAPROXY_SETTLE, Ending::DrainThenKill);
-    }
+    need_haproxy();
+    fleet_behind(start_haproxy, false, HAPROXY_SETTLE, Ending::DrainThenKill);
 }
 
 #[test]
 fn haproxy_fleet_loses_a_node_mid_drain_and_an_unplugged_one() {
     let _one = one_at_a_time();
-    if haproxy_installed() {
-        fleet_behind(start_haproxy, false, HAPROXY_SETTLE, Ending::KillDuringDrainThenUnplug);
+    need_haproxy();
+    fleet_behind(start_haproxy, false, HAPROXY_SETTLE, Ending::KillDuringDrainThenUnplug);
+}
+
+/// The node address and the path of an absolute session URL (`https://ADDR/PATH`).
+fn split_url(url: &str) -> Option<(SocketAddr, &str)> {
+    let rest = url.strip_prefix("https://")?;
+    let slash = rest.find('/')?;
+    Some((rest[..slash].parse().ok()?, &rest[slash..]))
+}
+
+/// HAProxy in TCP mode passes TLS through (`deploy/haproxy/haproxy-tcp.cfg`): it sees no path
+/// to route on, so each node names itself in its session URLs (`--public-url`, its own
+/// address; its certificate names the balancer's address and its own). Viewers POST through
+/// the balancer and get an absolute `Location` at the node that answered; PATCH, a CORS
+/// preflight and DELETE go there straight (the balancer's log shows no such connection) and
+/// reach the owner; the media comes from the node. The shipped health check (`GET /ready` over
+/// TLS) takes a draining node out: POSTs then go to the others while the drained node's
+/// session still answers at its absolute URL.
+#[test]
+fn haproxy_tcp_fleet_routes_sessions_by_absolute_urls() {
+    let _one = one_at_a_time();
+    need_haproxy();
+    const TLS_PORT: u16 = 443;
+    let lan = Lan::create(&[("lb", 1), ("n1", 11), ("n2", 12), ("n3", 13), ("client", 100)])
+        .expect("namespaces (needs root)");
+    let ca = TestCa::new("fleet-tcp");
+    let lb_ip = lan.host("lb").addr;
+    let issued: Vec<(String, Issued)> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|t| (t.to_string(), ca.issue_for(t, &[lb_ip.into(), lan.host(t).addr.into()])))
+        .collect();
+    let config = FleetConfig::write();
+    let tls_args = |host: &Host| {
+        let files = &issued.iter().find(|(t, _)| *t == host.role).expect("issued").1;
+        vec![
+            "--tls-cert".into(),
+            files.cert.display().to_string(),
+            "--tls-key".into(),
+            files.key.display().to_string(),
+            "--public-url".into(),
+            format!("https://{}:{HTTP_PORT}", host.addr),
+        ]
+    };
+    let mut nodes = nodes(&lan, &TLS_RUNTIMES, DRAIN_SECS, &config, &tls_args);
+    for n in &nodes {
+        assert!(n.https, "a node does not serve https");
+        http::trust(n.http, &ca.ca_pem());
     }
+    http::trust((lb_ip, TLS_PORT).into(), &ca.ca_pem());
+    let node_addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.http).collect();
+    let lb = haproxy_with(&lan, &node_addrs, "haproxy/haproxy-tcp.cfg", TLS_PORT);
+    let client = Client { host: lan.host("client"), lb: lb.addr };
+    std::thread::sleep(HAPROXY_SETTLE);
+
+    // Six viewers through the balancer, spread by round robin; each answer names its node.
+    let viewers: Vec<(Viewer, usize)> = (0..6)
+        .map(|_| {
+            let v = client.connect();
+            let (addr, path) = split_url(v.location())
+                .unwrap_or_else(|| panic!("not an absolute https URL: {:?}", v.location()));
+            let node = node_addrs.iter().position(|a| *a == addr).expect("a node's address");
+            assert!(path.starts_with(&format!("/whep/{STREAM}/n{}.", node + 1)), "{path}");
+            (v, node)
+        })
+        .collect();
+    let mut spread: Vec<usize> = viewers.iter().map(|(_, n)| *n).collect();
+    spread.sort_unstable();
+    spread.dedup();
+    assert_eq!(spread, [0, 1, 2], "spread over every node");
+    for (v, node) in &viewers {
+        assert!(plays(v), "viewer on n{} did not play: {:?}", node + 1, v.stats());
+        let offered = udp_candidates(v.answer());
+        let own = node_udp(&lan, &format!("n{}", node + 1));
+        assert!(offered.len() == 1 && own.contains(&offered[0]), "n{node}: {offered:?}");
+    }
+    let through = || lb.log("haproxy.log").lines().filter(|l| l.contains("whep_tls ")).count();
+    let via_lb = through();
+    assert!(via_lb >= 6, "the POSTs are not in the balancer's log: {}", lb.log("haproxy.log"));
+
+    // Straight to the node: PATCH, the preflight of a page on the balancer's origin, DELETE.
+    let straight = |method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]| {
+        let (addr, path) = split_url(url).expect("absolute URL");
+        client
+            .host
+            .enter(|| http::request(addr, method, path, headers, body))
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+    };
+    let frag = ("Content-Type", "application/trickle-ice-sdpfrag");
+    let origin = format!("https://{}", lb.addr);
+    let (last, others) = viewers.split_last().expect("viewers");
+    for (v, node) in others {
+        let r = straight("PATCH", v.location(), &[frag], b"a=end-of-candidates\r\n");
+        assert_eq!(r.status, 204, "PATCH at n{}: {}", node + 1, r.text());
+        let preflight = [("Origin", origin.as_str()), ("Access-Control-Request-Method", "DELETE")];
+        let r = straight("OPTIONS", v.location(), &preflight, b"");
+        let methods = r.header("access-control-allow-methods").unwrap_or_default().to_owned();
+        assert!(r.status < 300 && methods.contains("DELETE"), "preflight: {} {methods}", r.status);
+        assert!(r.header("access-control-allow-origin").is_some(), "preflight without origin");
+        assert_eq!(straight("DELETE", v.location(), &[], b"").status, 204, "DELETE");
+    }
+    // None of it went through the balancer: a TCP connection through it is a log line.
+    assert_eq!(through(), via_lb, "{}", lb.log("haproxy.log"));
+    let (last_node, last_v) = (last.1, &last.0);
+    for (i, n) in nodes.iter().enumerate() {
+        let expect = if i == last_node { 1.0 } else { 0.0 };
+        assert!(
+            wait_until(Duration::from_secs(10), || client.viewers_on(n) == Some(expect)),
+            "n{} counts {:?} viewers, expected {expect}",
+            i + 1,
+            client.viewers_on(n)
+        );
+    }
+
+    // The last viewer's node drains: the health check over TLS takes it out, new POSTs go to
+    // the others, its session still answers at its own URL.
+    let term = Instant::now();
+    assert!(whep_e2e::signal(nodes[last_node].pid(), Signal::SIGTERM));
+    assert!(
+        wait_until(Duration::from_secs(5), || client.ready(&nodes[last_node]).0 == 503),
+        "/ready of the draining node: {:?}",
+        client.ready(&nodes[last_node])
+    );
+    std::thread::sleep(HAPROXY_SETTLE);
+    for _ in 0..3 {
+        let v = client.connect();
+        let (addr, _) = split_url(v.location()).expect("absolute URL");
+        assert_ne!(addr, nodes[last_node].http, "a POST reached the draining node");
+        assert_eq!(straight("DELETE", v.location(), &[], b"").status, 204);
+    }
+    assert!(term.elapsed() < Duration::from_secs(DRAIN_SECS), "drain over before the check");
+    let r = straight("PATCH", last_v.location(), &[frag], b"a=end-of-candidates\r\n");
+    assert_eq!(r.status, 204, "the draining node's session: {}", r.text());
+    assert_eq!(straight("DELETE", last_v.location(), &[], b"").status, 204);
+    eprintln!("haproxy (TCP mode) log:\n{}", lb.log("haproxy.log"));
+    // Its last viewer gone, the drained node exits.
+    let status = nodes[last_node].wait_exit(Duration::from_secs(DRAIN_SECS + 10));
+    assert_eq!(status.map(|s| s.success()), Some(true), "the drained node's exit");
 }

@@ -109,6 +109,11 @@ pub struct Cli {
     /// (letters, digits, `-`; see deploy/).
     #[arg(long, value_name = "TAG")]
     node_id: Option<String>,
+    /// This node's own public origin (`https://n1.example.org`): session URLs become absolute,
+    /// so that clients send PATCH and DELETE straight here whatever balanced the POST (a TCP or
+    /// TLS-passthrough balancer, DNS round robin).
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
     /// On SIGTERM, first drain: refuse new viewers (503 + Retry-After, `/ready` 503) and keep
     /// the current ones for up to this many seconds (or until they have all left), then close
     /// them and exit; a second signal exits at once [default: 0, close at once].
@@ -251,6 +256,7 @@ struct FileConfig {
     whep_prefix: Option<String>,
     ffmpeg: Option<String>,
     node_id: Option<String>,
+    public_url: Option<String>,
     drain_secs: Option<u64>,
     strict_if_match: Option<bool>,
     gop_cache: Option<bool>,
@@ -524,6 +530,9 @@ fn settings(
             return Err(format!("node id {tag:?}: 1 to 32 letters, digits and -"));
         }
         core.node_id = Some(tag);
+    }
+    if let Some(url) = cli.public_url.or(file.public_url) {
+        core.public_url = Some(whep_core::public_origin(&url)?);
     }
     let drain_timeout = Duration::from_secs(cli.drain_secs.or(file.drain_secs).unwrap_or(0));
     core.strict_if_match = file.strict_if_match.unwrap_or(core.strict_if_match);
@@ -1067,6 +1076,18 @@ secret = "f"
         assert_eq!(s.server.core.turn_credential_ttl, Duration::from_secs(3600));
         let zero = setup_from(&["--ice-server", "turn:t", "--turn-ttl-secs", "0"]);
         assert!(zero.expect_err("zero").contains("at least 1"));
+    }
+
+    #[test]
+    fn public_url_from_flag_and_file() {
+        let s = setup_from(&["--public-url", "HTTPS://n1.example.org/"]).expect("valid");
+        assert_eq!(s.server.core.public_url.as_deref(), Some("https://n1.example.org"));
+        let s = setup_with(&["--config", "w.toml"], "public_url = \"http://192.0.2.11:8080\"\n")
+            .expect("valid");
+        assert_eq!(s.server.core.public_url.as_deref(), Some("http://192.0.2.11:8080"));
+        let e = setup_from(&["--public-url", "https://n1.example.org/whep"]).err();
+        assert!(e.is_some_and(|e| e.contains("nothing after it")));
+        assert_eq!(setup_from(&[]).expect("valid").server.core.public_url, None);
     }
 
     #[test]

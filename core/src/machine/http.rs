@@ -307,6 +307,7 @@ impl Core {
         }));
 
         let location = whep::session_location(
+            self.config.public_url.as_deref(),
             &self.config.whep_prefix,
             self.config.node_id.as_deref(),
             id,
