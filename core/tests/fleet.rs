@@ -36,6 +36,27 @@ fn session_urls_carry_the_node_tag_and_route_only_here() {
 }
 
 #[test]
+fn a_public_url_makes_session_urls_absolute_and_their_paths_route_here() {
+    let origin = "https://n1.example.org:8443";
+    let config = CoreConfig { public_url: Some(origin.into()), ..sim::config() };
+    let mut w = SimWorld::new(config);
+    let demo = w.add_stream("demo", StreamConfig::external(), 30);
+    let (v, r) = w.join(&demo);
+    assert_eq!(r.code(), 201);
+    let location = r.header("location").unwrap_or_default().to_owned();
+    let path = location.strip_prefix(origin).expect("absolute session URL");
+    assert!(path.starts_with("/whep/demo/") && path.len() == "/whep/demo/".len() + 32, "{path}");
+    w.drive_until(5 * SEC, |w| w.viewers[v].video_packets > 30);
+    // The client's requests at that URL carry its path.
+    let mut patch = WhepRequest::new(Method::Patch, path.to_owned());
+    patch.headers.push(("Content-Type".into(), "application/trickle-ice-sdpfrag".into()));
+    patch.body = b"a=end-of-candidates\r\n".to_vec();
+    assert_eq!(w.http(patch).code(), 204);
+    assert_eq!(w.http(WhepRequest::new(Method::Delete, path.to_owned())).code(), 204);
+    assert_eq!(w.core.viewer_count(), 0);
+}
+
+#[test]
 fn a_draining_node_refuses_posts_and_keeps_its_viewers() {
     let mut w = SimWorld::new(node("n1"));
     let demo = w.add_stream("demo", StreamConfig::external(), 30);
