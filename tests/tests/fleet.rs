@@ -838,4 +838,18 @@ fn haproxy_tcp_fleet_routes_sessions_by_absolute_urls() {
     // Its last viewer gone, the drained node exits.
     let status = nodes[last_node].wait_exit(Duration::from_secs(DRAIN_SECS + 10));
     assert_eq!(status.map(|s| s.success()), Some(true), "the drained node's exit");
+
+    // Chromium loads the player page from the balancer (https, the nodes' certificates pinned)
+    // and plays from whichever node is left.
+    let url = format!("https://{}/?stream={STREAM}&test=1&frames=60&timeout=40", lb.addr);
+    let pins: Vec<String> = issued.iter().map(|(_, f)| f.spki_sha256()).collect();
+    let flags = [format!("--ignore-certificate-errors-spki-list={}", pins.join(","))];
+    let run =
+        chromium::run_page_with(Some(&client.host.name), &url, Duration::from_secs(60), &flags);
+    let verdict = run.verdict.unwrap_or_else(|e| panic!("{e}"));
+    assert!(verdict.contains("[WHEP] PASS"), "Chromium through TCP passthrough: {verdict}");
+    let pair = chromium::field(&verdict, "pair").unwrap_or_default();
+    let remote = pair.split_once("->").map(|(_, r)| r.to_owned()).unwrap_or_default();
+    let own: Vec<String> = ["n1", "n2", "n3"].iter().flat_map(|t| node_udp(&lan, t)).collect();
+    assert!(own.contains(&remote), "Chromium's pair {pair:?} is not to a node {own:?}");
 }
