@@ -8,6 +8,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,8 +25,21 @@ const PLAY_WITHIN: Duration = Duration::from_secs(25);
 /// A webhook receiver: every POST's JSON body, answered 204.
 struct Receiver {
     addr: SocketAddr,
-    events: mpsc::Receiver<Value>,
+    events: mpsc::Receiver<Delivery>,
     seen: Vec<Value>,
+    /// Every delivery as it came, in the order of `seen`.
+    raw: Vec<Delivery>,
+}
+
+/// Header fields: names in lower case, values trimmed, in the order received.
+type Headers = Vec<(String, String)>;
+
+/// One webhook POST: its header fields (names in lower case) and body, and the body's JSON.
+#[derive(Debug, Clone)]
+struct Delivery {
+    headers: Headers,
+    body: Vec<u8>,
+    json: Value,
 }
 
 impl Receiver {
@@ -54,10 +69,10 @@ impl Receiver {
                         receive(rustls::StreamOwned::new(tls, conn))
                     }
                 };
-                let Some(body) = body else { continue };
+                let Some((headers, body)) = body else { continue };
                 match serde_json::from_slice(&body) {
-                    Ok(v) => {
-                        if tx.send(v).is_err() {
+                    Ok(json) => {
+                        if tx.send(Delivery { headers, body, json }).is_err() {
                             return;
                         }
                     }
@@ -68,7 +83,7 @@ impl Receiver {
                 }
             }
         });
-        Self { addr, events, seen: Vec::new() }
+        Self { addr, events, seen: Vec::new(), raw: Vec::new() }
     }
 
     /// Waits up to `timeout` for an event matching `pred` (events seen before count).
@@ -80,16 +95,21 @@ impl Receiver {
             }
             let left = deadline.checked_duration_since(Instant::now())?;
             match self.events.recv_timeout(left) {
-                Ok(v) => self.seen.push(v),
+                Ok(d) => {
+                    self.seen.push(d.json.clone());
+                    self.raw.push(d);
+                }
                 Err(_) => return None,
             }
         }
     }
 }
 
-/// Reads one webhook POST from `conn`, answers 204, and returns its body.
-fn receive(conn: impl Read + Write) -> Option<Vec<u8>> {
+/// Reads one webhook POST from `conn`, answers 204, and returns its header fields (names in
+/// lower case) and body.
+fn receive(conn: impl Read + Write) -> Option<(Headers, Vec<u8>)> {
     let mut reader = BufReader::new(conn);
+    let mut headers = Vec::new();
     let mut length = 0usize;
     let mut line = String::new();
     let mut request_line = true;
@@ -105,10 +125,12 @@ fn receive(conn: impl Read + Write) -> Option<Vec<u8>> {
         if line == "\r\n" {
             break;
         }
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
+        if let Some((name, value)) = line.split_once(':') {
+            let (name, value) = (name.trim().to_ascii_lowercase(), value.trim().to_owned());
+            if name == "content-length" {
+                length = value.parse().unwrap_or(0);
+            }
+            headers.push((name, value));
         }
     }
     let mut body = vec![0; length];
@@ -116,7 +138,7 @@ fn receive(conn: impl Read + Write) -> Option<Vec<u8>> {
     let mut conn = reader.into_inner();
     let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
     let _ = conn.flush();
-    Some(body)
+    Some((headers, body))
 }
 
 fn json(r: &whep_e2e::http::Response) -> Value {
@@ -381,14 +403,107 @@ fn webhook_over_https_with_a_private_ca(bin: &str) {
         "no failure counted"
     );
     // Nothing of the second server reached the receiver: one stream_up in all.
-    while let Ok(e) = hook.events.try_recv() {
-        hook.seen.push(e);
+    while let Ok(d) = hook.events.try_recv() {
+        hook.seen.push(d.json);
     }
     let ups = hook.seen.iter().filter(|e| e["event"] == "stream_up").count();
     assert_eq!(ups, 1, "{:?}", hook.seen);
 }
 
+/// The Standard Webhooks verification, written independently of whepd's signing (Python's
+/// standard library): reads the secret file's path as its argument and the deliveries as JSON
+/// on stdin; prints one line per delivery, `ok` or what is wrong.
+const VERIFY_PY: &str = r#"
+import base64, hashlib, hmac, json, sys, time
+secret = open(sys.argv[1]).read().strip()
+key = base64.b64decode(secret.removeprefix("whsec_"))
+for d in json.load(sys.stdin):
+    h, body = d["headers"], bytes.fromhex(d["body"])
+    try:
+        msg_id, ts, sigs = h["webhook-id"], h["webhook-timestamp"], h["webhook-signature"]
+    except KeyError as e:
+        print("missing", e); continue
+    if abs(time.time() - int(ts)) > 300:
+        print("stale timestamp", ts); continue
+    mac = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
+    want = base64.b64encode(mac).decode()
+    ok = any(s.startswith("v1,") and hmac.compare_digest(s[3:], want) for s in sigs.split())
+    print("ok" if ok else "bad signature " + sigs)
+"#;
+
+/// `--webhook-secret-file`: every delivery carries Standard Webhooks headers that an
+/// independent verifier accepts with the secret, a distinct id per event, and a body changed
+/// by one byte fails it (the verifier can say no).
+fn signed_webhook(bin: &str) {
+    let mut hook = Receiver::start();
+    let url = format!("http://{}/hook", hook.addr);
+    let name = Path::new(bin).file_name().and_then(|n| n.to_str()).unwrap_or("whepd");
+    let dir = std::env::temp_dir().join(format!("whep-webhook-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwC0ffee12\n").expect("write");
+    let secret_arg = secret.to_str().expect("UTF-8 path");
+    let mut server =
+        Server::start(bin, &["--webhook-url", &url, "--webhook-secret-file", secret_arg]);
+    let v = Viewer::connect(server.http, "/whep/demo", None).unwrap_or_else(|e| panic!("{e}"));
+    let joined = hook.wait(PLAY_WITHIN, |e| e["event"] == "viewer_joined");
+    assert!(joined.is_some(), "no viewer_joined: {:?}\n{}", hook.seen, server.output());
+    assert_eq!(v.delete().expect("DELETE"), 204);
+    assert!(hook.wait(PLAY_WITHIN, |e| e["event"] == "viewer_left").is_some(), "{:?}", hook.seen);
+    assert!(hook.wait(PLAY_WITHIN, |e| e["event"] == "stream_up").is_some(), "{:?}", hook.seen);
+
+    let mut deliveries = hook.raw.clone();
+    let mut tampered = deliveries[0].clone();
+    if let Some(b) = tampered.body.last_mut() {
+        *b ^= 1;
+    }
+    deliveries.push(tampered);
+    let input = Value::Array(
+        deliveries
+            .iter()
+            .map(|d| {
+                let headers: serde_json::Map<String, Value> =
+                    d.headers.iter().map(|(n, v)| (n.clone(), Value::from(v.as_str()))).collect();
+                let hex: String = d.body.iter().map(|b| format!("{b:02x}")).collect();
+                serde_json::json!({ "headers": headers, "body": hex })
+            })
+            .collect(),
+    );
+    let verdicts = python_verify(&secret, &input.to_string());
+    let n = deliveries.len();
+    assert_eq!(verdicts.len(), n, "{verdicts:?}");
+    assert!(verdicts[..n - 1].iter().all(|v| v == "ok"), "{verdicts:?}");
+    assert!(verdicts[n - 1].starts_with("bad signature"), "a tampered body passed: {verdicts:?}");
+    let mut ids: Vec<&str> = hook.raw.iter().filter_map(|d| header(d, "webhook-id")).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), hook.raw.len(), "one id per event");
+    assert_eq!(server.metric("whep_webhook_failures_total"), Some(0.0));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn header<'a>(d: &'a Delivery, name: &str) -> Option<&'a str> {
+    d.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+/// Runs [`VERIFY_PY`] with the secret file and `input`; its lines.
+fn python_verify(secret: &Path, input: &str) -> Vec<String> {
+    let mut child = Command::new("python3")
+        .args(["-c", VERIFY_PY])
+        .arg(secret)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("python3");
+    assert!(out.status.success(), "the verifier failed");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
 whep_e2e::runtime_suite!(
+    signed_webhook,
     list_kick_and_events,
     unreachable_webhook_costs_no_media,
     webhook_over_https_with_a_private_ca,

@@ -62,6 +62,8 @@ pub struct RoutesConfig {
     /// Where events go as JSON POSTs (`--webhook-url`, [`crate::webhook`]); an engine starts
     /// the sender ([`start_webhook`](Self::start_webhook)).
     pub webhook_url: Option<crate::outbound::HttpUrl>,
+    /// The key that signs webhook deliveries (`--webhook-secret-file`); `None`: unsigned.
+    pub webhook_secret: Option<crate::webhook::WebhookSecret>,
     /// The running webhook sender; its counters are in `/metrics`.
     pub webhook: Option<crate::webhook::Webhook>,
 }
@@ -73,7 +75,8 @@ impl RoutesConfig {
         if self.webhook.is_none()
             && let Some(url) = &self.webhook_url
         {
-            self.webhook = Some(crate::webhook::Webhook::start(url)?);
+            let secret = self.webhook_secret.clone();
+            self.webhook = Some(crate::webhook::Webhook::start(url, secret)?);
         }
         Ok(())
     }

@@ -51,6 +51,7 @@ pub fn ask(url: &HttpUrl, req: &AuthRequest, timeout: Duration) -> AuthDecision 
         method: "POST",
         json: Some(&body),
         user_agent: "whepd",
+        headers: &[],
         timeout,
         read_body: false,
     };
@@ -66,8 +67,14 @@ pub fn ask(url: &HttpUrl, req: &AuthRequest, timeout: Duration) -> AuthDecision 
 
 /// Fetches a document (a JWKS) with GET: its body on 200. Blocking.
 pub fn fetch(url: &HttpUrl, timeout: Duration) -> Result<Vec<u8>, String> {
-    let request =
-        Request { method: "GET", json: None, user_agent: "whepd", timeout, read_body: true };
+    let request = Request {
+        method: "GET",
+        json: None,
+        user_agent: "whepd",
+        headers: &[],
+        timeout,
+        read_body: true,
+    };
     match outbound::exchange(url, &request) {
         Ok(r) if r.status == 200 => Ok(r.body),
         Ok(r) => Err(format!("{url} answered {}", r.status)),

@@ -78,6 +78,10 @@ pub struct Cli {
     /// (`http[s]://host[:port]/path`).
     #[arg(long, value_name = "URL")]
     webhook_url: Option<String>,
+    /// A file holding the key that signs webhook deliveries (Standard Webhooks: `whsec_` and
+    /// base64, 24 to 64 bytes); without it deliveries are unsigned.
+    #[arg(long, value_name = "PATH")]
+    webhook_secret_file: Option<PathBuf>,
     /// Directory whose files streams added over the admin API may play (`file`; repeat)
     /// [default: none, `file` refused over the API].
     #[arg(long = "media-dir", value_name = "DIR")]
@@ -248,6 +252,7 @@ struct FileConfig {
     bearer_tokens: Vec<String>,
     admin_token: Option<String>,
     webhook_url: Option<String>,
+    webhook_secret_file: Option<PathBuf>,
     media_dirs: Vec<String>,
     admin_raw_ffmpeg: Option<bool>,
     ice_servers: Vec<IceServerFile>,
@@ -657,6 +662,19 @@ fn settings(
         ),
         None => None,
     };
+    let webhook_secret = match cli.webhook_secret_file.or(file.webhook_secret_file) {
+        Some(path) => {
+            let text = read_file(&path)
+                .map_err(|e| format!("--webhook-secret-file {}: {e}", path.display()))?;
+            let secret = crate::webhook::WebhookSecret::parse(&text)
+                .map_err(|e| format!("--webhook-secret-file {}: {e}", path.display()))?;
+            if webhook_url.is_none() {
+                return Err("webhook_secret_file needs webhook_url".into());
+            }
+            Some(secret)
+        }
+        None => None,
+    };
     Ok(Launch {
         server: ServerConfig {
             tcp,
@@ -666,6 +684,7 @@ fn settings(
                 admin_token: cli.admin_token.or(file.admin_token),
                 policy,
                 webhook_url,
+                webhook_secret,
                 webhook: None,
             },
             udp_bind,
@@ -1076,6 +1095,28 @@ secret = "f"
         assert_eq!(s.server.core.turn_credential_ttl, Duration::from_secs(3600));
         let zero = setup_from(&["--ice-server", "turn:t", "--turn-ttl-secs", "0"]);
         assert!(zero.expect_err("zero").contains("at least 1"));
+    }
+
+    #[test]
+    fn webhook_secret_from_a_file() {
+        let key = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n";
+        let args = ["--webhook-url", "http://h/", "--webhook-secret-file", "/s"];
+        let s = setup_with(&args, key).expect("valid");
+        let secret = s.server.routes.webhook_secret.expect("secret");
+        assert_eq!(secret, crate::webhook::WebhookSecret::parse(key).expect("key"));
+        let e = setup_with(&args, "whsec_c2hvcnQ=").expect_err("short");
+        assert!(e.contains("--webhook-secret-file /s") && e.contains("24 to 64"), "{e}");
+        let e = setup_with(&["--webhook-secret-file", "/s"], key).expect_err("no URL");
+        assert!(e.contains("needs webhook_url"), "{e}");
+        let e = setup_with(
+            &["--webhook-url", "http://h/", "--webhook-secret-file", "/nonexistent"],
+            key,
+        );
+        assert!(e.is_err());
+        assert_eq!(
+            setup_from(&["--webhook-url", "http://h/"]).expect("ok").server.routes.webhook_secret,
+            None
+        );
     }
 
     #[test]

@@ -237,6 +237,8 @@ pub struct Request<'a> {
     pub json: Option<&'a str>,
     /// The `User-Agent`.
     pub user_agent: &'a str,
+    /// More header fields (names and values of our own making: no CR or LF in them).
+    pub headers: &'a [(&'a str, String)],
     /// The limit for connecting, the handshake, writing and each read.
     pub timeout: Duration,
     /// Whether the body is wanted; if not, the exchange ends at the status line.
@@ -302,6 +304,9 @@ fn request_bytes(url: &HttpUrl, req: &Request<'_>) -> Vec<u8> {
         "{} {} HTTP/{version}\r\nHost: {}\r\nUser-Agent: {}\r\nAccept: */*\r\n",
         req.method, url.path, url.authority, req.user_agent
     );
+    for (name, value) in req.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
     if let Some(b) = req.json {
         head.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",

@@ -16,6 +16,14 @@
 //! again up to [`ATTEMPTS`] times in all, [`BACKOFF`] apart and doubling, then the event is
 //! given up and counted (`whep_webhook_failures_total`).
 //!
+//! With a secret (`--webhook-secret-file`, [`WebhookSecret`]) every delivery is signed as
+//! [Standard Webhooks](https://www.standardwebhooks.com/) specifies, so that the receiver can
+//! check it came from us and is not a replay: `webhook-id` (`msg_` and 32 hex digits, the same
+//! on every attempt of one event: the receiver's key for dropping duplicates),
+//! `webhook-timestamp` (Unix seconds of the attempt) and `webhook-signature`
+//! (`v1,` and the base64 HMAC-SHA256 of `{id}.{timestamp}.{body}` under the secret): the
+//! Standard Webhooks libraries verify it as they are.
+//!
 //! The JSON ([`event_json`]) has `event` (`viewer_joined`, `viewer_left`, `stream_up`,
 //! `stream_down`), `time` (Unix seconds, when the engine emitted it), `stream`, and for viewers
 //! `session`; `viewer_joined` adds `client` and `user_agent`, `viewer_left` `reason`,
@@ -40,6 +48,92 @@ pub const BACKOFF: Duration = Duration::from_millis(250);
 /// Limit for connecting, writing the request and reading the status line, each.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The key that signs webhook deliveries: `whsec_` and base64 (Standard Webhooks' form), or
+/// the base64 alone; 24 to 64 bytes once decoded. Its `Debug` shows no key material.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSecret(Vec<u8>);
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WebhookSecret({} bytes)", self.0.len())
+    }
+}
+
+impl WebhookSecret {
+    /// Reads a secret as written in a file (surrounding white space ignored).
+    ///
+    /// # Errors
+    ///
+    /// When it is not base64 (after an optional `whsec_`) or not 24 to 64 bytes long.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        const HINT: &str = "make one with: echo \"whsec_$(head -c 32 /dev/urandom | base64)\"";
+        let text = text.trim();
+        let encoded = text.strip_prefix("whsec_").unwrap_or(text);
+        let key = base64_decode(encoded)
+            .ok_or_else(|| format!("the webhook secret is not base64 (whsec_...); {HINT}"))?;
+        if !(24..=64).contains(&key.len()) {
+            return Err(format!(
+                "the webhook secret is {} bytes, expected 24 to 64; {HINT}",
+                key.len()
+            ));
+        }
+        Ok(Self(key))
+    }
+
+    /// The `webhook-signature` value of the delivery `id` at `timestamp` of `body`.
+    pub fn sign(&self, id: &str, timestamp: u64, body: &str) -> String {
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.0);
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&key);
+        ctx.update(id.as_bytes());
+        ctx.update(format!(".{timestamp}.").as_bytes());
+        ctx.update(body.as_bytes());
+        format!("v1,{}", base64_encode(ctx.sign().as_ref()))
+    }
+}
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding (RFC 4648 §4).
+pub fn base64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(BASE64[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Standard base64 (RFC 4648 §4), padded or not; `None` for anything else (white space, the
+/// URL-safe alphabet, bits left over).
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.as_bytes();
+    let unpadded = text.strip_suffix(b"==").or_else(|| text.strip_suffix(b"=")).unwrap_or(text);
+    if text.len() != unpadded.len() && !text.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(unpadded.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &c in unpadded {
+        let v = BASE64.iter().position(|&a| a == c)?;
+        acc = acc << 6 | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    // A lone 6 bits cannot be a byte; leftover bits must be zero (canonical form).
+    (bits < 6 && acc == 0).then_some(out)
+}
+
 /// A running webhook sender: cheap to clone (the engine's shards share one); the thread ends
 /// when the last clone is dropped and the queue is drained.
 #[derive(Debug, Clone)]
@@ -57,15 +151,15 @@ struct Counts {
 }
 
 impl Webhook {
-    /// Starts the sender thread for `url`.
-    pub fn start(url: &HttpUrl) -> Result<Self, String> {
+    /// Starts the sender thread for `url`, signing with `secret` if there is one.
+    pub fn start(url: &HttpUrl, secret: Option<WebhookSecret>) -> Result<Self, String> {
         let target = url.clone();
         let (tx, rx) = sync_channel(QUEUE);
         let counts = Arc::new(Counts::default());
         let thread_counts = Arc::clone(&counts);
         std::thread::Builder::new()
             .name("webhook".into())
-            .spawn(move || deliver(&target, &rx, &thread_counts))
+            .spawn(move || deliver(&target, secret.as_ref(), &rx, &thread_counts))
             .map_err(|e| format!("cannot start the webhook thread: {e}"))?;
         Ok(Self { tx, counts, url: url.to_string().into() })
     }
@@ -152,12 +246,27 @@ pub fn event_json(event: &Event, time: SystemTime) -> Option<serde_json::Value> 
 
 /// The webhook thread: each queued event POSTed, with bounded retries, until every sender is
 /// gone.
-fn deliver(target: &HttpUrl, rx: &Receiver<String>, counts: &Counts) {
+fn deliver(
+    target: &HttpUrl,
+    secret: Option<&WebhookSecret>,
+    rx: &Receiver<String>,
+    counts: &Counts,
+) {
     while let Ok(body) = rx.recv() {
+        let id = secret.map(|_| message_id());
         let mut wait = BACKOFF;
         let mut attempt = 1;
         loop {
-            match post(target, &body) {
+            let signed = secret.zip(id.as_deref()).map(|(key, id)| {
+                let now = wall_now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                let timestamp = now.as_secs();
+                [
+                    ("webhook-id", id.to_owned()),
+                    ("webhook-timestamp", timestamp.to_string()),
+                    ("webhook-signature", key.sign(id, timestamp, &body)),
+                ]
+            });
+            match post(target, &body, signed.as_ref().map_or(&[], |h| &h[..])) {
                 Ok(()) => {
                     counts.delivered.fetch_add(1, Ordering::Relaxed);
                     break;
@@ -179,12 +288,22 @@ fn deliver(target: &HttpUrl, rx: &Receiver<String>, counts: &Counts) {
     }
 }
 
-/// One POST of `body`; Ok for a 2xx status.
-fn post(target: &HttpUrl, body: &str) -> Result<(), String> {
+/// A fresh `webhook-id`: `msg_` and 16 random bytes in hex.
+fn message_id() -> String {
+    let mut bytes = [0u8; 16];
+    // The system's random source cannot fail on Linux; zeros would still be a valid id.
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("msg_{hex}")
+}
+
+/// One POST of `body` with `headers`; Ok for a 2xx status.
+fn post(target: &HttpUrl, body: &str, headers: &[(&str, String)]) -> Result<(), String> {
     let request = Request {
         method: "POST",
         json: Some(body),
         user_agent: "whepd-webhook",
+        headers,
         timeout: TIMEOUT,
         read_body: false,
     };
@@ -203,7 +322,7 @@ mod tests {
         // A receiver that never answers: the thread waits on its first event for seconds.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}/h", silent.local_addr().expect("addr"));
-        let hook = Webhook::start(&HttpUrl::parse(&url).expect("url")).expect("started");
+        let hook = Webhook::start(&HttpUrl::parse(&url).expect("url"), None).expect("started");
         let stream = whep_core::StreamId::new("s").expect("id");
         let extra = 100;
         for _ in 0..QUEUE + extra {
@@ -215,6 +334,56 @@ mod tests {
         // Events it does not receive are not queued.
         hook.send(&Event::StreamStale { stream });
         assert!(hook.dropped() <= extra as u64);
+    }
+
+    #[test]
+    fn signatures_are_standard_webhooks_ones() {
+        // The Standard Webhooks specification's example.
+        let secret = WebhookSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").expect("ok");
+        let sig =
+            secret.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, r#"{"test": 2432232314}"#);
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        // The prefix is optional; the key material never shows.
+        assert_eq!(WebhookSecret::parse("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), Ok(secret.clone()));
+        assert_eq!(format!("{secret:?}"), "WebhookSecret(24 bytes)");
+        for bad in ["", "whsec_", "whsec_c2hvcnQ=", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaS!", "x y"]
+        {
+            assert!(WebhookSecret::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        let long = format!("whsec_{}", base64_encode(&[7; 65]));
+        assert!(WebhookSecret::parse(&long).expect_err("long").contains("65 bytes"));
+        let ids = [message_id(), message_id()];
+        assert!(ids[0].len() == 36 && ids[0].starts_with("msg_") && ids[0] != ids[1], "{ids:?}");
+    }
+
+    #[test]
+    fn base64_matches_rfc_4648() {
+        let vectors =
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg==")];
+        for (plain, encoded) in
+            vectors.into_iter().chain([("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")])
+        {
+            assert_eq!(base64_encode(plain.as_bytes()), encoded);
+            assert_eq!(base64_decode(encoded).as_deref(), Some(plain.as_bytes()));
+            assert_eq!(
+                base64_decode(encoded.trim_end_matches('=')).as_deref(),
+                Some(plain.as_bytes())
+            );
+        }
+        for bad in ["Zg=", "Z", "Zh==", "Zm9v-", "Zm 9v", "=", "Zm9v=", "Zg==="] {
+            assert_eq!(base64_decode(bad), None, "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn base64_round_trips_and_never_panics(data: Vec<u8>, text in "\\PC{0,24}") {
+            proptest::prop_assert_eq!(base64_decode(&base64_encode(&data)), Some(data));
+            if let Some(bytes) = base64_decode(&text) {
+                let again = base64_encode(&bytes);
+                proptest::prop_assert_eq!(again.trim_end_matches('='), text.trim_end_matches('='));
+            }
+        }
     }
 
     #[test]

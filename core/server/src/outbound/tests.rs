@@ -266,7 +266,8 @@ fn https_with_the_private_ca_works_for_all_three_callers() {
     assert!(jwks.seen()[0].starts_with("GET /jwks.json HTTP/1.0\r\n"), "{:?}", jwks.seen());
     // The webhook: delivered once the receiver said 204.
     let hook = HttpsServer::start(&ca, "HTTP/1.1 204 No Content\r\n\r\n");
-    let webhook = crate::webhook::Webhook::start(&hook.url("/hook", &client)).expect("started");
+    let webhook =
+        crate::webhook::Webhook::start(&hook.url("/hook", &client), None).expect("started");
     webhook.send(&whep_core::Event::StreamUp { stream: StreamId::new("cam").expect("id") });
     for _ in 0..100 {
         if webhook.delivered() == 1 {
