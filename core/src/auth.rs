@@ -33,7 +33,9 @@
 //!
 //! `exp` is required (a token that never expires is refused), `nbf` is optional; both are
 //! checked with [`AuthConfig::leeway`] against the request's wall-clock time
-//! ([`WhepRequest::wall_time`](crate::WhepRequest::wall_time)). `whep.streams` lists the
+//! ([`WhepRequest::wall_time`](crate::WhepRequest::wall_time)). With
+//! [`AuthConfig::jwt_issuer`] or [`AuthConfig::jwt_audience`] set, `iss` must be that issuer
+//! and `aud` (a string or a list) must name that audience. `whep.streams` lists the
 //! streams the token may watch: an exact id, a prefix ending in `*`, or `*` for every stream.
 //! Algorithms: `HS256` (a shared secret), `RS256` and `ES256` (public keys from a JWKS); `none`
 //! and every other algorithm are refused, and a key is only ever used with its own algorithm
@@ -57,6 +59,12 @@ pub struct AuthConfig {
     pub jwt: Option<JwtKeys>,
     /// Clock skew allowed on `exp` and `nbf`.
     pub leeway: Duration,
+    /// The `iss` a JWT must carry; `None` = not checked. Set it when the keys also sign
+    /// tokens of other issuers (RFC 8725 §3.8).
+    pub jwt_issuer: Option<String>,
+    /// An `aud` a JWT must carry (its `aud` is this string, or a list holding it); `None` =
+    /// not checked. Set it when the issuer makes tokens for other services too (RFC 8725 §3.9).
+    pub jwt_audience: Option<String>,
     /// The external HTTP callback; `None` = none.
     pub http: Option<HttpAuth>,
 }
@@ -341,7 +349,22 @@ impl JwtKeys {
                 .ok_or(JwtError::Malformed("whep.streams holds something else than strings"))?,
             Some(_) => return Err(JwtError::Malformed("whep.streams is not a list")),
         };
-        Ok(Claims { exp, nbf, streams })
+        let iss = match claims.get("iss") {
+            None => None,
+            Some(Value::String(i)) => Some(i.clone()),
+            Some(_) => return Err(JwtError::Malformed("iss is not a string")),
+        };
+        let aud = match claims.get("aud") {
+            None => Vec::new(),
+            Some(Value::String(a)) => vec![a.clone()],
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|a| a.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or(JwtError::Malformed("aud holds something else than strings"))?,
+            Some(_) => return Err(JwtError::Malformed("aud is not a string or a list")),
+        };
+        Ok(Claims { exp, nbf, streams, iss, aud })
     }
 }
 
@@ -379,9 +402,33 @@ pub struct Claims {
     pub nbf: Option<i64>,
     /// `whep.streams`: ids, prefixes ending in `*`, or `*`.
     pub streams: Vec<String>,
+    /// `iss`, if given.
+    pub iss: Option<String>,
+    /// `aud`: one audience or several; empty if not given.
+    pub aud: Vec<String>,
 }
 
 impl Claims {
+    /// Checks `iss` against `issuer` and `aud` against `audience`, each when set.
+    ///
+    /// # Errors
+    ///
+    /// [`JwtError::Issuer`] or [`JwtError::Audience`] when the token was not made by that
+    /// issuer or for that audience.
+    pub fn check_origin(
+        &self,
+        issuer: Option<&str>,
+        audience: Option<&str>,
+    ) -> Result<(), JwtError> {
+        if issuer.is_some_and(|i| self.iss.as_deref() != Some(i)) {
+            return Err(JwtError::Issuer);
+        }
+        if audience.is_some_and(|a| !self.aud.iter().any(|x| x == a)) {
+            return Err(JwtError::Audience);
+        }
+        Ok(())
+    }
+
     /// Whether the token may watch `stream`.
     pub fn allows(&self, stream: &str) -> bool {
         self.streams.iter().any(|p| match p.strip_suffix('*') {
@@ -408,6 +455,10 @@ pub enum JwtError {
     Expired,
     /// Before `nbf` (less the leeway).
     NotYetValid,
+    /// Not the configured issuer's (`iss`).
+    Issuer,
+    /// Not for the configured audience (`aud`).
+    Audience,
 }
 
 impl fmt::Display for JwtError {
@@ -422,6 +473,8 @@ impl fmt::Display for JwtError {
             Self::NoExpiry => f.write_str("token has no exp claim"),
             Self::Expired => f.write_str("token expired"),
             Self::NotYetValid => f.write_str("token not valid yet (nbf)"),
+            Self::Issuer => f.write_str("token is not from the expected issuer (iss)"),
+            Self::Audience => f.write_str("token is not for this audience (aud)"),
         }
     }
 }
@@ -642,6 +695,32 @@ mod tests {
         assert!(hs_keys().verify(&t, at(2000), Duration::from_secs(30)).is_ok(), "leeway");
         let wrong = hs256(b"other", H256, &claims(2000));
         assert_eq!(hs_keys().verify(&wrong, at(1000), Duration::ZERO), Err(JwtError::Signature));
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let k = hs_keys();
+        let token = |extra: &str| {
+            let claims = format!(r#"{{"exp":2000,{extra}"whep":{{"streams":["*"]}}}}"#);
+            hs256(b"s3cret", H256, &claims)
+        };
+        let check = |t: &str, iss: Option<&str>, aud: Option<&str>| {
+            k.verify(t, at(1000), Duration::ZERO).and_then(|c| c.check_origin(iss, aud))
+        };
+        let both = token(r#""iss":"https://idp","aud":["other","whep"],"#);
+        assert_eq!(check(&both, Some("https://idp"), Some("whep")), Ok(()));
+        assert_eq!(check(&both, None, None), Ok(()));
+        assert_eq!(check(&both, Some("https://evil"), None), Err(JwtError::Issuer));
+        assert_eq!(check(&both, None, Some("mail")), Err(JwtError::Audience));
+        let one = token(r#""aud":"whep","#);
+        assert_eq!(check(&one, None, Some("whep")), Ok(()));
+        assert_eq!(check(&one, Some("https://idp"), None), Err(JwtError::Issuer), "no iss");
+        let none = token("");
+        assert_eq!(check(&none, None, Some("whep")), Err(JwtError::Audience), "no aud");
+        for bad in [r#""iss":1,"#, r#""aud":{},"#, r#""aud":["whep",2],"#] {
+            let t = token(bad);
+            assert!(matches!(check(&t, None, None), Err(JwtError::Malformed(_))), "{bad}");
+        }
     }
 
     #[test]

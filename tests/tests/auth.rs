@@ -236,6 +236,38 @@ fn jwt_in_the_query_plays_in_chromium(bin: &str) {
     assert!(verdict.contains("[WHEP] PASS"), "{verdict}\nserver output:\n{}", server.output());
 }
 
+/// `--jwt-issuer` and `--jwt-audience`: a token of that issuer for that audience (among
+/// others) plays; one of another issuer, for another audience, or naming neither is refused 401
+/// saying which.
+fn jwt_issuer_and_audience_are_enforced(bin: &str) {
+    let args =
+        ["--jwt-secret", SECRET, "--jwt-issuer", "https://idp.example", "--jwt-audience", "whep"];
+    let server = Server::start(bin, &args);
+    let exp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 3600)
+        .unwrap_or_default();
+    let token = |origin: &str| {
+        let claims = format!(r#"{{"exp":{exp},{origin}"whep":{{"streams":["demo"]}}}}"#);
+        testing::hs256(SECRET.as_bytes(), r#"{"alg":"HS256","typ":"JWT"}"#, &claims)
+    };
+    let good = token(r#""iss":"https://idp.example","aud":["mail","whep"],"#);
+    let v = Viewer::connect(server.http, "/whep/demo", Some(&good))
+        .unwrap_or_else(|e| panic!("the issuer's token for us: {e:?}"));
+    assert!(v.wait_for(PLAY_WITHIN, |s| s.video_packets >= 20), "{:?}", v.stats());
+    for (claims, why) in [
+        (r#""iss":"https://other.example","aud":"whep","#, "(iss)"),
+        (r#""iss":"https://idp.example","aud":"mail","#, "(aud)"),
+        ("", "(iss)"),
+    ] {
+        let (status, body) =
+            rejected(Viewer::connect(server.http, "/whep/demo", Some(&token(claims))));
+        assert_eq!(status, 401, "{claims}: {body}");
+        assert!(body.contains(why), "{claims}: {body}");
+    }
+    v.close();
+}
+
 /// ES256 keys from a JWKS URL: fetched at start, a token signed by them plays, one for other
 /// streams is refused 403.
 fn jwks_url_keys_verify_es256(bin: &str) {
@@ -372,6 +404,7 @@ whep_e2e::runtime_suite!(
     auth_server_down_is_a_clear_503,
     jwks_url_keys_verify_es256,
     jwt_in_the_query_plays_in_chromium,
+    jwt_issuer_and_audience_are_enforced,
 );
 
 /// The callback with two shards (the blocking server runs one loop).

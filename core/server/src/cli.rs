@@ -225,6 +225,13 @@ pub struct Cli {
     /// Clock skew allowed on a JWT's exp and nbf [default: 30].
     #[arg(long, value_name = "SECS")]
     jwt_leeway_secs: Option<u64>,
+    /// A JWT must carry this `iss` (set it when the keys sign tokens of other issuers too).
+    #[arg(long, value_name = "ISSUER")]
+    jwt_issuer: Option<String>,
+    /// A JWT's `aud` must name this audience (set it when the issuer makes tokens for other
+    /// services too).
+    #[arg(long, value_name = "AUDIENCE")]
+    jwt_audience: Option<String>,
     /// Trust the CA certificates in this PEM file, besides the system's roots, for the
     /// `https://` URLs whepd calls (--auth-http-url, --jwks-url, --webhook-url).
     #[arg(long, value_name = "PEM")]
@@ -294,6 +301,8 @@ struct FileConfig {
     jwks_url: Option<String>,
     jwks_refresh_secs: Option<u64>,
     jwt_leeway_secs: Option<u64>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
     outbound_ca_file: Option<PathBuf>,
     streams: BTreeMap<String, StreamSpec>,
 }
@@ -421,7 +430,20 @@ fn auth_settings(
         core.auth.jwt = Some(keys);
         core.auth.leeway =
             Duration::from_secs(cli.jwt_leeway_secs.or(file.jwt_leeway_secs).unwrap_or(30));
+        core.auth.jwt_issuer = cli.jwt_issuer.clone().or_else(|| file.jwt_issuer.clone());
+        core.auth.jwt_audience = cli.jwt_audience.clone().or_else(|| file.jwt_audience.clone());
+        let empty = |v: &Option<String>| v.as_deref().is_some_and(|v| v.trim().is_empty());
+        if empty(&core.auth.jwt_issuer) || empty(&core.auth.jwt_audience) {
+            return Err("jwt_issuer and jwt_audience, when given, must not be empty".into());
+        }
         settings.jwt = Some(jwt);
+    } else if [&cli.jwt_issuer, &cli.jwt_audience, &file.jwt_issuer, &file.jwt_audience]
+        .iter()
+        .any(|v| v.is_some())
+    {
+        return Err("jwt_issuer and jwt_audience need JWT keys (--jwt-secret-file, --jwks-file \
+                    or --jwks-url)"
+            .into());
     }
     Ok(settings)
 }
@@ -1095,6 +1117,22 @@ secret = "f"
         assert_eq!(s.server.core.turn_credential_ttl, Duration::from_secs(3600));
         let zero = setup_from(&["--ice-server", "turn:t", "--turn-ttl-secs", "0"]);
         assert!(zero.expect_err("zero").contains("at least 1"));
+    }
+
+    #[test]
+    fn jwt_issuer_and_audience() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let args =
+            ["--jwt-secret-file", "/s", "--jwt-issuer", "https://idp/", "--jwt-audience", "whep"];
+        let s = setup_with(&args, secret).expect("valid");
+        assert_eq!(s.server.core.auth.jwt_issuer.as_deref(), Some("https://idp/"));
+        assert_eq!(s.server.core.auth.jwt_audience.as_deref(), Some("whep"));
+        let e = setup_from(&["--jwt-audience", "whep"]).expect_err("no keys");
+        assert!(e.contains("need JWT keys"), "{e}");
+        let e = setup_with(&["--jwt-secret-file", "/s", "--jwt-issuer", " "], secret);
+        assert!(e.expect_err("empty").contains("must not be empty"));
+        let s = setup_with(&["--jwt-secret-file", "/s"], secret).expect("valid");
+        assert_eq!((s.server.core.auth.jwt_issuer, s.server.core.auth.jwt_audience), (None, None));
     }
 
     #[test]

@@ -240,7 +240,11 @@ impl Core {
                         .into(),
                 ));
             };
-            return match keys.verify(t, wall, config.leeway) {
+            let verified = keys.verify(t, wall, config.leeway).and_then(|claims| {
+                let (iss, aud) = (config.jwt_issuer.as_deref(), config.jwt_audience.as_deref());
+                claims.check_origin(iss, aud).map(|()| claims)
+            });
+            return match verified {
                 Ok(claims) if claims.allows(stream.as_str()) => Gate::Open,
                 Ok(_) => Gate::Deny(Reject::Forbidden(format!(
                     "the token does not grant stream {stream}"
