@@ -15,6 +15,7 @@ pub mod netns;
 pub mod nginx;
 pub mod players;
 pub mod relay;
+pub mod signing;
 pub mod tls;
 pub mod turn;
 pub mod viewer;

@@ -25,8 +25,11 @@ struct AuthServer {
     url: String,
     /// `GET` of this URL answers the JWKS the server was started with.
     jwks_url: String,
-    bodies: Arc<Mutex<Vec<String>>>,
+    requests: Arc<Mutex<Vec<Received>>>,
 }
+
+/// A request the authorisation server got: its header fields and body.
+type Received = (Vec<(String, String)>, String);
 
 impl AuthServer {
     fn start() -> Self {
@@ -45,22 +48,22 @@ impl AuthServer {
     fn serve(jwks: String, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the auth server");
         let addr = listener.local_addr().expect("its address");
-        let bodies = Arc::new(Mutex::new(Vec::new()));
-        let theirs = Arc::clone(&bodies);
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let theirs = Arc::clone(&requests);
         let jwks = Arc::new(jwks);
         let https = tls.is_some();
         // Lives as long as the test process; each connection is one request.
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let bodies = Arc::clone(&theirs);
+                let requests = Arc::clone(&theirs);
                 let jwks = Arc::clone(&jwks);
                 let tls = tls.clone();
                 std::thread::spawn(move || match tls {
-                    None => answer(conn, &bodies, &jwks),
+                    None => answer(conn, &requests, &jwks),
                     Some(config) => {
                         let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
                         let Ok(tls) = rustls::ServerConnection::new(config) else { return };
-                        answer(rustls::StreamOwned::new(tls, conn), &bodies, &jwks);
+                        answer(rustls::StreamOwned::new(tls, conn), &requests, &jwks);
                     }
                 });
             }
@@ -69,17 +72,22 @@ impl AuthServer {
         Self {
             url: format!("{scheme}://{addr}/auth"),
             jwks_url: format!("{scheme}://{addr}/jwks.json"),
-            bodies,
+            requests,
         }
     }
 
     fn bodies(&self) -> Vec<String> {
-        self.bodies.lock().map(|b| b.clone()).unwrap_or_default()
+        self.requests().into_iter().map(|(_, body)| body).collect()
+    }
+
+    fn requests(&self) -> Vec<Received> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
     }
 }
 
-fn answer(conn: impl Read + Write, bodies: &Mutex<Vec<String>>, jwks: &str) {
+fn answer(conn: impl Read + Write, requests: &Mutex<Vec<Received>>, jwks: &str) {
     let mut reader = BufReader::new(conn);
+    let mut headers = Vec::new();
     let mut length = 0usize;
     let mut line = String::new();
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -95,10 +103,11 @@ fn answer(conn: impl Read + Write, bodies: &Mutex<Vec<String>>, jwks: &str) {
         if l.is_empty() {
             break;
         }
-        if let Some((name, value)) = l.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
+        if let Some((name, value)) = l.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            }
+            headers.push((name.trim().to_owned(), value.trim().to_owned()));
         }
     }
     if get_jwks {
@@ -118,8 +127,8 @@ fn answer(conn: impl Read + Write, bodies: &Mutex<Vec<String>>, jwks: &str) {
         Some("bad") => "403 Forbidden",
         _ => "401 Unauthorized",
     };
-    if let Ok(mut b) = bodies.lock() {
-        b.push(body);
+    if let Ok(mut r) = requests.lock() {
+        r.push((headers, body));
     }
     let mut conn = reader.into_inner();
     let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -234,6 +243,40 @@ fn jwt_in_the_query_plays_in_chromium(bin: &str) {
     let verdict = chromium::run_page(&url, Duration::from_secs(45))
         .unwrap_or_else(|e| panic!("{e}\nserver output:\n{}", server.output()));
     assert!(verdict.contains("[WHEP] PASS"), "{verdict}\nserver output:\n{}", server.output());
+}
+
+/// `--auth-http-secret-file`: the callback's requests carry Standard Webhooks signatures that an
+/// independent verifier accepts, and one whose body was changed fails it; the decisions are
+/// obeyed as without signing.
+fn signed_callback(bin: &str) {
+    let auth = AuthServer::start();
+    let dir = std::env::temp_dir().join(format!(
+        "whep-auth-sign-{}-{}",
+        std::process::id(),
+        std::path::Path::new(bin).file_name().and_then(|n| n.to_str()).unwrap_or("whepd")
+    ));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "whsec_ZGVjaXNpb25zLW9mLXRoZS1hdXRoLXNlcnZlcg==\n").expect("write");
+    let secret_arg = secret.to_str().expect("UTF-8 path");
+    let args = ["--auth-http-url", &auth.url, "--auth-http-secret-file", secret_arg];
+    let server = Server::start(bin, &args);
+    let v = Viewer::connect(server.http, "/whep/demo", Some("good"))
+        .unwrap_or_else(|e| panic!("allowed viewer: {e:?}"));
+    let (status, body) = rejected(Viewer::connect(server.http, "/whep/demo", Some("bad")));
+    assert_eq!(status, 403, "{body}");
+    let mut requests = auth.requests();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    let mut tampered = requests[0].clone();
+    tampered.1 = tampered.1.replace("good", "g00d");
+    requests.push(tampered);
+    let signed: Vec<whep_e2e::signing::Signed<'_>> =
+        requests.iter().map(|(h, b)| (&h[..], b.as_bytes())).collect();
+    let verdicts = whep_e2e::signing::verify_standard_webhooks(&secret, &signed);
+    assert_eq!(verdicts[..2], ["ok", "ok"], "{verdicts:?}");
+    assert!(verdicts[2].starts_with("bad signature"), "a tampered body passed: {verdicts:?}");
+    v.close();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `--jwt-issuer` and `--jwt-audience`: a token of that issuer for that audience (among
@@ -405,6 +448,7 @@ whep_e2e::runtime_suite!(
     jwks_url_keys_verify_es256,
     jwt_in_the_query_plays_in_chromium,
     jwt_issuer_and_audience_are_enforced,
+    signed_callback,
 );
 
 /// The callback with two shards (the blocking server runs one loop).

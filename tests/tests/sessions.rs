@@ -9,7 +9,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -410,27 +409,6 @@ fn webhook_over_https_with_a_private_ca(bin: &str) {
     assert_eq!(ups, 1, "{:?}", hook.seen);
 }
 
-/// The Standard Webhooks verification, written independently of whepd's signing (Python's
-/// standard library): reads the secret file's path as its argument and the deliveries as JSON
-/// on stdin; prints one line per delivery, `ok` or what is wrong.
-const VERIFY_PY: &str = r#"
-import base64, hashlib, hmac, json, sys, time
-secret = open(sys.argv[1]).read().strip()
-key = base64.b64decode(secret.removeprefix("whsec_"))
-for d in json.load(sys.stdin):
-    h, body = d["headers"], bytes.fromhex(d["body"])
-    try:
-        msg_id, ts, sigs = h["webhook-id"], h["webhook-timestamp"], h["webhook-signature"]
-    except KeyError as e:
-        print("missing", e); continue
-    if abs(time.time() - int(ts)) > 300:
-        print("stale timestamp", ts); continue
-    mac = hmac.new(key, f"{msg_id}.{ts}.".encode() + body, hashlib.sha256).digest()
-    want = base64.b64encode(mac).decode()
-    ok = any(s.startswith("v1,") and hmac.compare_digest(s[3:], want) for s in sigs.split())
-    print("ok" if ok else "bad signature " + sigs)
-"#;
-
 /// `--webhook-secret-file`: every delivery carries Standard Webhooks headers that an
 /// independent verifier accepts with the secret, a distinct id per event, and a body changed
 /// by one byte fails it (the verifier can say no).
@@ -458,18 +436,9 @@ fn signed_webhook(bin: &str) {
         *b ^= 1;
     }
     deliveries.push(tampered);
-    let input = Value::Array(
-        deliveries
-            .iter()
-            .map(|d| {
-                let headers: serde_json::Map<String, Value> =
-                    d.headers.iter().map(|(n, v)| (n.clone(), Value::from(v.as_str()))).collect();
-                let hex: String = d.body.iter().map(|b| format!("{b:02x}")).collect();
-                serde_json::json!({ "headers": headers, "body": hex })
-            })
-            .collect(),
-    );
-    let verdicts = python_verify(&secret, &input.to_string());
+    let signed: Vec<whep_e2e::signing::Signed<'_>> =
+        deliveries.iter().map(|d| (&d.headers[..], &d.body[..])).collect();
+    let verdicts = whep_e2e::signing::verify_standard_webhooks(&secret, &signed);
     let n = deliveries.len();
     assert_eq!(verdicts.len(), n, "{verdicts:?}");
     assert!(verdicts[..n - 1].iter().all(|v| v == "ok"), "{verdicts:?}");
@@ -485,21 +454,6 @@ fn signed_webhook(bin: &str) {
 
 fn header<'a>(d: &'a Delivery, name: &str) -> Option<&'a str> {
     d.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-}
-
-/// Runs [`VERIFY_PY`] with the secret file and `input`; its lines.
-fn python_verify(secret: &Path, input: &str) -> Vec<String> {
-    let mut child = Command::new("python3")
-        .args(["-c", VERIFY_PY])
-        .arg(secret)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write");
-    let out = child.wait_with_output().expect("python3");
-    assert!(out.status.success(), "the verifier failed");
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
 }
 
 whep_e2e::runtime_suite!(

@@ -245,6 +245,7 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
         tcp_queue_bytes: launch.server.tcp_queue_bytes,
         waiting: HashMap::new(),
         auth_url: launch.server.auth.http_url.clone(),
+        auth_secret: launch.server.auth.http_secret.clone(),
     };
     if let Some(sources) = launch.server.auth.jwt.filter(|j| j.jwks_url.is_some()) {
         let tx = runtime.tx.clone();
@@ -293,6 +294,7 @@ struct Runtime {
     waiting: HashMap<RequestId, (u64, Sender<Reply>)>,
     /// The authorisation server, if one is configured.
     auth_url: Option<whep_server::auth::HttpUrl>,
+    auth_secret: Option<whep_server::webhook::WebhookSecret>,
 }
 
 /// What the main loop hands an ICE-TCP connection's writer thread.
@@ -565,9 +567,11 @@ impl Runtime {
                     let timeout =
                         self.core.config().auth.http.as_ref().map_or(Duration::ZERO, |h| h.timeout);
                     let id = req.id;
+                    let secret = self.auth_secret.clone();
                     let started = match self.auth_url.clone() {
                         Some(url) => spawn_io("auth", move || {
-                            let decision = whep_server::auth::ask(&url, &req, timeout);
+                            let decision =
+                                whep_server::auth::ask(&url, &req, timeout, secret.as_ref());
                             let _ = tx.send(Msg::Auth { id, decision });
                         })
                         .map_err(|e| e.to_string()),

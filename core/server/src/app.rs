@@ -329,6 +329,9 @@ pub struct AuthSettings {
     /// [`Output::Authorize`](whep_core::Output::Authorize); set together with
     /// [`AuthConfig::http`](whep_core::auth::AuthConfig::http).
     pub http_url: Option<crate::auth::HttpUrl>,
+    /// The key that signs the callback's requests (`--auth-http-secret-file`); `None`:
+    /// unsigned.
+    pub http_secret: Option<crate::webhook::WebhookSecret>,
     /// Where the JWT keys come from; set together with
     /// [`AuthConfig::jwt`](whep_core::auth::AuthConfig::jwt).
     pub jwt: Option<crate::auth::JwtSources>,

@@ -13,6 +13,10 @@
 //!  "method": "POST", "user_agent": "Mozilla/5.0 …"}
 //! ```
 //!
+//! With `--auth-http-secret-file` the request is signed as the webhook's deliveries are
+//! (Standard Webhooks' `webhook-id`, `webhook-timestamp`, `webhook-signature`), so that the
+//! authorisation server can tell it comes from whepd.
+//!
 //! 2xx allows, 401 and 403 refuse, anything else (or no answer) is an error: the viewer gets
 //! 503. `http://` and `https://` URLs are supported ([`crate::outbound`]: the system's roots,
 //! plus `--outbound-ca-file` for a private CA).
@@ -23,6 +27,7 @@ use whep_core::{AuthDecision, AuthRequest};
 
 pub use crate::outbound::HttpUrl;
 use crate::outbound::{self, Request};
+use crate::webhook::WebhookSecret;
 
 /// The callback's JSON body for `req` (see the [module docs](self)).
 pub fn request_body(req: &AuthRequest) -> String {
@@ -43,15 +48,22 @@ pub fn request_body(req: &AuthRequest) -> String {
 }
 
 /// Asks the authorisation server at `url` about `req`, with `timeout` for connecting, the TLS
-/// handshake, writing and reading ([`outbound::exchange`]). Blocking: run it off the engine
-/// loop.
-pub fn ask(url: &HttpUrl, req: &AuthRequest, timeout: Duration) -> AuthDecision {
+/// handshake, writing and reading ([`outbound::exchange`]), the request signed with `secret`
+/// as the webhook's are ([`crate::webhook`]: Standard Webhooks headers) if there is one.
+/// Blocking: run it off the engine loop.
+pub fn ask(
+    url: &HttpUrl,
+    req: &AuthRequest,
+    timeout: Duration,
+    secret: Option<&WebhookSecret>,
+) -> AuthDecision {
     let body = request_body(req);
+    let signed = secret.map(|key| key.headers(&crate::webhook::message_id(), &body));
     let request = Request {
         method: "POST",
         json: Some(&body),
         user_agent: "whepd",
-        headers: &[],
+        headers: signed.as_ref().map_or(&[], |h| &h[..]),
         timeout,
         read_body: false,
     };

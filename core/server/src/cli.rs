@@ -194,6 +194,10 @@ pub struct Cli {
     /// POST like MediaMTX's `authMethod: http`; 2xx allows, 401/403 refuse, anything else 503.
     #[arg(long, value_name = "URL")]
     auth_http_url: Option<String>,
+    /// Sign the authorisation server's requests as the webhook's are (Standard Webhooks
+    /// headers) with the `whsec_` key in this file.
+    #[arg(long, value_name = "PATH")]
+    auth_http_secret_file: Option<PathBuf>,
     /// How long the authorisation server may take; then the viewer gets 503 [default: 2000].
     #[arg(long, value_name = "MS")]
     auth_http_timeout_ms: Option<u64>,
@@ -292,6 +296,7 @@ struct FileConfig {
     stop_grace_secs: Option<u64>,
     dtls: Option<Dtls>,
     auth_http_url: Option<String>,
+    auth_http_secret_file: Option<PathBuf>,
     auth_http_timeout_ms: Option<u64>,
     auth_cache_secs: Option<u64>,
     auth_max_pending: Option<usize>,
@@ -392,6 +397,15 @@ fn auth_settings(
             max_pending: max_pending.max(1),
         });
         settings.http_url = Some(url);
+    }
+    let secret_file = cli.auth_http_secret_file.as_ref().or(file.auth_http_secret_file.as_ref());
+    if let Some(path) = secret_file {
+        if settings.http_url.is_none() {
+            return Err("auth_http_secret_file needs auth_http_url".into());
+        }
+        let secret = crate::webhook::WebhookSecret::parse(&read(path)?)
+            .map_err(|e| format!("--auth-http-secret-file {}: {e}", path.display()))?;
+        settings.http_secret = Some(secret);
     }
     let mut jwt = JwtSources {
         jwks_refresh: Duration::from_secs(
@@ -1133,6 +1147,18 @@ secret = "f"
         assert!(e.expect_err("empty").contains("must not be empty"));
         let s = setup_with(&["--jwt-secret-file", "/s"], secret).expect("valid");
         assert_eq!((s.server.core.auth.jwt_issuer, s.server.core.auth.jwt_audience), (None, None));
+    }
+
+    #[test]
+    fn auth_callback_secret_from_a_file() {
+        let key = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let args = ["--auth-http-url", "http://a/", "--auth-http-secret-file", "/k"];
+        let s = setup_with(&args, key).expect("valid");
+        assert_eq!(s.server.auth.http_secret, crate::webhook::WebhookSecret::parse(key).ok());
+        let e = setup_with(&["--auth-http-secret-file", "/k"], key).expect_err("no URL");
+        assert!(e.contains("needs auth_http_url"), "{e}");
+        let e = setup_with(&args, "whsec_!").expect_err("bad key");
+        assert!(e.contains("--auth-http-secret-file /k"), "{e}");
     }
 
     #[test]

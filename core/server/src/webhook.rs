@@ -80,6 +80,17 @@ impl WebhookSecret {
         Ok(Self(key))
     }
 
+    /// The three Standard Webhooks header fields of a delivery `id` of `body`, signed now.
+    pub fn headers(&self, id: &str, body: &str) -> [(&'static str, String); 3] {
+        let now = wall_now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let timestamp = now.as_secs();
+        [
+            ("webhook-id", id.to_owned()),
+            ("webhook-timestamp", timestamp.to_string()),
+            ("webhook-signature", self.sign(id, timestamp, body)),
+        ]
+    }
+
     /// The `webhook-signature` value of the delivery `id` at `timestamp` of `body`.
     pub fn sign(&self, id: &str, timestamp: u64, body: &str) -> String {
         let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.0);
@@ -257,15 +268,7 @@ fn deliver(
         let mut wait = BACKOFF;
         let mut attempt = 1;
         loop {
-            let signed = secret.zip(id.as_deref()).map(|(key, id)| {
-                let now = wall_now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-                let timestamp = now.as_secs();
-                [
-                    ("webhook-id", id.to_owned()),
-                    ("webhook-timestamp", timestamp.to_string()),
-                    ("webhook-signature", key.sign(id, timestamp, &body)),
-                ]
-            });
+            let signed = secret.zip(id.as_deref()).map(|(key, id)| key.headers(id, &body));
             match post(target, &body, signed.as_ref().map_or(&[], |h| &h[..])) {
                 Ok(()) => {
                     counts.delivered.fetch_add(1, Ordering::Relaxed);
@@ -289,7 +292,7 @@ fn deliver(
 }
 
 /// A fresh `webhook-id`: `msg_` and 16 random bytes in hex.
-fn message_id() -> String {
+pub fn message_id() -> String {
     let mut bytes = [0u8; 16];
     // The system's random source cannot fail on Linux; zeros would still be a valid id.
     let _ = aws_lc_rs::rand::fill(&mut bytes);

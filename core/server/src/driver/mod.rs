@@ -549,6 +549,7 @@ impl<R: Runtime> Engine<R> {
                 responders: HashMap::new(),
                 decisions: chan::channel(None),
                 auth_url: config.auth.http_url.clone(),
+                auth_secret: config.auth.http_secret.clone(),
                 auth_timeout: config.core.auth.http.as_ref().map_or(Duration::ZERO, |h| h.timeout),
                 jwt_keys: jwks_rx.next(),
             };
@@ -990,6 +991,7 @@ struct Driver<R: Runtime> {
     decisions: (chan::Sender<Decided>, chan::Receiver<Decided>),
     /// The authorisation server ([`AuthSettings::http_url`](crate::app::AuthSettings::http_url)).
     auth_url: Option<crate::auth::HttpUrl>,
+    auth_secret: Option<crate::webhook::WebhookSecret>,
     auth_timeout: Duration,
     /// JWT keys fetched again from the JWKS URL.
     jwt_keys: Option<chan::Receiver<JwtKeys>>,
@@ -1557,9 +1559,11 @@ impl<R: Runtime> Driver<R> {
                     match &self.auth_url {
                         Some(url) => {
                             let url = url.clone();
+                            let secret = self.auth_secret.clone();
                             let timeout = self.auth_timeout;
                             self.runtime.spawn_blocking(Box::new(move || {
-                                let decision = crate::auth::ask(&url, &req, timeout);
+                                let decision =
+                                    crate::auth::ask(&url, &req, timeout, secret.as_ref());
                                 let _ = tx.send((req.id, decision));
                             }));
                         }

@@ -251,13 +251,13 @@ fn https_with_the_private_ca_works_for_all_three_callers() {
     let client = Client::with_ca_file(ca.file("good"));
     // The callback: 200 allows, 403 denies, 500 is an error.
     let allow = HttpsServer::start(&ca, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-    let decision = crate::auth::ask(&allow.url("/auth", &client), &auth_request(), TIMEOUT);
+    let decision = crate::auth::ask(&allow.url("/auth", &client), &auth_request(), TIMEOUT, None);
     assert_eq!(decision, AuthDecision::Allow);
     let seen = allow.seen();
     assert!(seen[0].starts_with("POST /auth HTTP/1.1\r\n"), "{seen:?}");
     assert!(seen[0].contains("\"token\":\"good\""), "{seen:?}");
     let deny = HttpsServer::start(&ca, "HTTP/1.1 403 Forbidden\r\n\r\n");
-    let decision = crate::auth::ask(&deny.url("/auth", &client), &auth_request(), TIMEOUT);
+    let decision = crate::auth::ask(&deny.url("/auth", &client), &auth_request(), TIMEOUT, None);
     assert_eq!(decision, AuthDecision::Deny(403));
     // The JWKS: the body, as long as its Content-Length.
     let jwks = HttpsServer::start(&ca, JWKS);
@@ -288,7 +288,7 @@ fn another_ca_is_refused_and_the_callback_fails_closed() {
     // Trusting only the system's roots and another CA: the handshake fails, nothing is sent.
     for client in [Client::with_ca_file(other.file("other")), Client::default()] {
         let url = server.url("/auth", &client);
-        match crate::auth::ask(&url, &auth_request(), TIMEOUT) {
+        match crate::auth::ask(&url, &auth_request(), TIMEOUT, None) {
             AuthDecision::Error(e) => {
                 assert!(e.contains("TLS handshake") && e.contains("certificate"), "{e}")
             }
@@ -299,7 +299,10 @@ fn another_ca_is_refused_and_the_callback_fails_closed() {
     }
     // Plain HTTP to the TLS port: a clear error, no panic.
     let plain = HttpUrl::parse(&format!("http://{}/auth", server.addr)).expect("url");
-    assert!(matches!(crate::auth::ask(&plain, &auth_request(), TIMEOUT), AuthDecision::Error(_)));
+    assert!(matches!(
+        crate::auth::ask(&plain, &auth_request(), TIMEOUT, None),
+        AuthDecision::Error(_)
+    ));
     assert!(server.seen().is_empty(), "{:?}", server.seen());
     // A CA file that is not one.
     let missing = Client::with_ca_file(PathBuf::from("/nonexistent/ca.pem"));
