@@ -342,10 +342,7 @@ impl JwtKeys {
         }
         let streams = match claims.get("whep").and_then(|w| w.get("streams")) {
             None => Vec::new(),
-            Some(Value::Array(list)) => list
-                .iter()
-                .map(|s| s.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
+            Some(Value::Array(list)) => strings(list)
                 .ok_or(JwtError::Malformed("whep.streams holds something else than strings"))?,
             Some(_) => return Err(JwtError::Malformed("whep.streams is not a list")),
         };
@@ -357,11 +354,9 @@ impl JwtKeys {
         let aud = match claims.get("aud") {
             None => Vec::new(),
             Some(Value::String(a)) => vec![a.clone()],
-            Some(Value::Array(list)) => list
-                .iter()
-                .map(|a| a.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-                .ok_or(JwtError::Malformed("aud holds something else than strings"))?,
+            Some(Value::Array(list)) => {
+                strings(list).ok_or(JwtError::Malformed("aud holds something else than strings"))?
+            }
             Some(_) => return Err(JwtError::Malformed("aud is not a string or a list")),
         };
         Ok(Claims { exp, nbf, streams, iss, aud })
@@ -384,6 +379,11 @@ impl Material {
             }
         }
     }
+}
+
+/// A JSON list of strings as strings; `None` if anything else is in it.
+fn strings(list: &[Value]) -> Option<Vec<String>> {
+    list.iter().map(|v| v.as_str().map(str::to_owned)).collect()
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {

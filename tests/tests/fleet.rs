@@ -434,14 +434,7 @@ fn fleet_behind(
     // The player page once every node pulls (whichever node the balancer gives it).
     if with_chromium {
         let url = format!("http://{}/?stream={STREAM}&test=1&frames=60&timeout=40", lb.addr);
-        let run = chromium::run_page_in(Some(&client.host.name), &url, Duration::from_secs(60));
-        let verdict = run.verdict.unwrap_or_else(|e| panic!("{e}"));
-        assert!(verdict.contains("[WHEP] PASS"), "Chromium through the balancer: {verdict}");
-        // Its media too came straight from a node.
-        let pair = chromium::field(&verdict, "pair").unwrap_or_default();
-        let remote = pair.split_once("->").map(|(_, r)| r.to_owned()).unwrap_or_default();
-        let own: Vec<String> = ["n1", "n2", "n3"].iter().flat_map(|t| node_udp(&lan, t)).collect();
-        assert!(own.contains(&remote), "Chromium's pair {pair:?} is not to a node {own:?}");
+        let verdict = chromium_plays_from_a_node(&lan, &client, &url, &[]);
         eprintln!(
             "Chromium via the balancer: firstFrameMs={} ({verdict})",
             chromium::field(&verdict, "firstFrameMs").unwrap_or("?")
@@ -844,12 +837,23 @@ fn haproxy_tcp_fleet_routes_sessions_by_absolute_urls() {
     let url = format!("https://{}/?stream={STREAM}&test=1&frames=60&timeout=40", lb.addr);
     let pins: Vec<String> = issued.iter().map(|(_, f)| f.spki_sha256()).collect();
     let flags = [format!("--ignore-certificate-errors-spki-list={}", pins.join(","))];
-    let run =
-        chromium::run_page_with(Some(&client.host.name), &url, Duration::from_secs(60), &flags);
+    chromium_plays_from_a_node(&lan, &client, &url, &flags);
+}
+
+/// Headless Chromium in the client's namespace plays the player page at `url` (through the
+/// balancer) with `flags`, its media straight from a node's address; returns its verdict.
+fn chromium_plays_from_a_node(
+    lan: &Lan,
+    client: &Client<'_>,
+    url: &str,
+    flags: &[String],
+) -> String {
+    let run = chromium::run_page_with(Some(&client.host.name), url, Duration::from_secs(60), flags);
     let verdict = run.verdict.unwrap_or_else(|e| panic!("{e}"));
-    assert!(verdict.contains("[WHEP] PASS"), "Chromium through TCP passthrough: {verdict}");
+    assert!(verdict.contains("[WHEP] PASS"), "Chromium through the balancer: {verdict}");
     let pair = chromium::field(&verdict, "pair").unwrap_or_default();
     let remote = pair.split_once("->").map(|(_, r)| r.to_owned()).unwrap_or_default();
-    let own: Vec<String> = ["n1", "n2", "n3"].iter().flat_map(|t| node_udp(&lan, t)).collect();
+    let own: Vec<String> = ["n1", "n2", "n3"].iter().flat_map(|t| node_udp(lan, t)).collect();
     assert!(own.contains(&remote), "Chromium's pair {pair:?} is not to a node {own:?}");
+    verdict
 }
