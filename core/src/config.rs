@@ -47,6 +47,10 @@ pub struct CoreConfig {
     /// port FFmpeg sends it from (V+4+2k, V+5+2k). Ingest accepts a supervised stream's
     /// datagrams from its sending ports alone, so that no other local process can inject media
     /// (see [`PortPair::video_source`](crate::PortPair::video_source)).
+    ///
+    /// Keep it outside the kernel's ephemeral port range (Linux: 32768–60999): a socket another
+    /// program binds to port 0 can otherwise take a port FFmpeg must send from, and that start
+    /// of FFmpeg fails. The default, 20000–20999, is below it.
     pub ingest_ports: RangeInclusive<u16>,
     /// Most further video renditions a stream may carry besides its H264 one
     /// ([`EgressConfig::renditions`](crate::ffmpeg::EgressConfig::renditions)); sizes every
@@ -214,7 +218,7 @@ impl Default for CoreConfig {
             tcp_candidates: Vec::new(),
             max_tcp_connections: 256,
             tcp_bind_timeout: Duration::from_secs(10),
-            ingest_ports: 40_000..=40_999,
+            ingest_ports: 20_000..=20_999,
             max_renditions: 2,
             bind_quarantine: Duration::from_secs(30),
             max_viewers_per_stream: 8,

@@ -51,6 +51,7 @@ fn shutdown_signals(reload: bool) -> nix::Result<nix::sys::signal::SigSet> {
 
 async fn run(launch: Launch, signals: nix::sys::signal::SigSet) -> Result<(), String> {
     crate::check_program(&launch.server.core.process.program, !launch.streams.is_empty())?;
+    whep_server::warn_ingest_overlap(&launch.server.core.ingest_ports);
     let Launch { server, http: http_addr, tls, streams } = launch;
     let launch_drain = server.drain_timeout;
     let tls = tls.map(Tls::from_files).transpose().map_err(|e| e.to_string())?;

@@ -41,6 +41,7 @@ pub fn main() -> ExitCode {
 
 async fn run(launch: Launch) -> Result<(), String> {
     crate::check_program(&launch.server.core.process.program, !launch.streams.is_empty())?;
+    whep_server::warn_ingest_overlap(&launch.server.core.ingest_ports);
     let Launch { server, http: http_addr, tls, streams } = launch;
     let drain = server.drain_timeout;
     let tls = tls.map(Tls::from_files).transpose().map_err(|e| e.to_string())?;

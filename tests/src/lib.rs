@@ -41,9 +41,11 @@ pub const ADMIN_TOKEN: &str = "e2e-admin";
 fn next_ingest_range() -> (u16, u16) {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let i = NEXT.fetch_add(1, Ordering::Relaxed);
-    // 40 ports: five streams' blocks of 8 (two renditions each at most).
+    // 40 ports: five streams' blocks of 8 (two renditions each at most). Below Linux's
+    // ephemeral ports (32768-60999), which the tests' own sockets bound to port 0 take: one of
+    // them on a port FFmpeg must send from failed that FFmpeg's start.
     let slot = u16::try_from(std::process::id() % 12).unwrap_or(0);
-    let base = 46_000 + slot * 800 + (i % 20) * 40;
+    let base = 21_000 + slot * 800 + (i % 20) * 40;
     (base, base + 39)
 }
 

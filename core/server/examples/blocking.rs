@@ -127,6 +127,7 @@ fn main() -> ExitCode {
         error!("{e}");
         return ExitCode::FAILURE;
     }
+    whep_server::warn_ingest_overlap(&launch.server.core.ingest_ports);
     // Before any thread exists, so that all of them inherit the mask and only the `signals`
     // thread's sigwait takes these signals. Children inherit it too; `whep_server::command` clears it.
     let mut signals = SigSet::empty();

@@ -56,7 +56,8 @@ pub struct Cli {
     /// Seconds between two STUN checks of that address once known [default: 30].
     #[arg(long, value_name = "N")]
     stun_interval_secs: Option<u64>,
-    /// Ingest port range for FFmpeg's RTP, `FIRST-LAST` [default: 40000-40999].
+    /// Ingest port range for FFmpeg's RTP, `FIRST-LAST`, outside the kernel's ephemeral ports
+    /// [default: 20000-20999].
     #[arg(long)]
     ingest_ports: Option<String>,
     /// Most viewers per stream [default: 8].

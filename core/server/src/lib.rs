@@ -41,5 +41,5 @@ pub mod webhook;
 
 pub use os::{
     ICE_TCP_SEND_BUFFER, SOCKET_BUFFER, check_program, command, default_route, default_routes,
-    ice_tcp_setup, signal, udp_state,
+    ice_tcp_setup, signal, udp_state, warn_ingest_overlap,
 };

@@ -83,6 +83,42 @@ pub fn check_program(program: &str, needed: bool) -> Result<(), String> {
     }
 }
 
+/// The kernel's ephemeral port range (`/proc/sys/net/ipv4/ip_local_port_range`), where it
+/// picks the port of a socket bound to port 0; `None` where it cannot be read.
+pub fn ephemeral_ports() -> Option<std::ops::RangeInclusive<u16>> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(low)), Some(Ok(high))) if low <= high => Some(low..=high),
+        _ => None,
+    }
+}
+
+/// The ports `a` and `b` share, if any.
+pub fn overlap(
+    a: &std::ops::RangeInclusive<u16>,
+    b: &std::ops::RangeInclusive<u16>,
+) -> Option<std::ops::RangeInclusive<u16>> {
+    let (low, high) = ((*a.start()).max(*b.start()), (*a.end()).min(*b.end()));
+    (low <= high).then_some(low..=high)
+}
+
+/// Warns (in the log) when the ingest range overlaps the kernel's ephemeral ports: a socket any
+/// program binds to port 0 may then take a port FFmpeg must send from, and FFmpeg's start
+/// fails until it is free again. The binaries call it at start.
+pub fn warn_ingest_overlap(ingest: &std::ops::RangeInclusive<u16>) {
+    if let Some(ephemeral) = ephemeral_ports()
+        && let Some(shared) = overlap(ingest, &ephemeral)
+    {
+        tracing::warn!(
+            ingest = ?ingest, ephemeral = ?ephemeral, shared = ?shared,
+            "the ingest ports overlap the kernel's ephemeral ports \
+             (/proc/sys/net/ipv4/ip_local_port_range): another socket may take a port FFmpeg \
+             sends from; choose --ingest-ports outside them"
+        );
+    }
+}
+
 /// The address the kernel picks towards the Internet over IPv4: connecting a UDP socket sends
 /// nothing.
 pub fn default_route() -> Option<SocketAddr> {
@@ -200,6 +236,20 @@ pub fn udp_state(socket: &std::net::UdpSocket) -> io::Result<quinn_udp::UdpSocke
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_overlap_where_they_share_ports() {
+        assert_eq!(overlap(&(40_000..=40_999), &(32_768..=60_999)), Some(40_000..=40_999));
+        assert_eq!(overlap(&(20_000..=20_999), &(32_768..=60_999)), None);
+        assert_eq!(overlap(&(32_000..=33_000), &(32_768..=60_999)), Some(32_768..=33_000));
+        assert_eq!(overlap(&(60_999..=61_000), &(32_768..=60_999)), Some(60_999..=60_999));
+        // The default ingest range is outside Linux's default ephemeral range.
+        let default = whep_core::CoreConfig::default().ingest_ports;
+        assert_eq!(overlap(&default, &(32_768..=60_999)), None);
+        if let Some(here) = ephemeral_ports() {
+            assert!(here.start() <= here.end());
+        }
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("addr")
