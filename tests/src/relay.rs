@@ -712,8 +712,12 @@ mod tests {
         // The rebinding happens on the relay's next turn; wait for it, then go again.
         assert!(crate::wait_until(Duration::from_secs(5), || relay.stats().rebinds == 1));
         assert_eq!(round(b"two", &mut buf), 3);
+        // The relay counts a datagram after sending it: the echo can arrive first.
+        let counted =
+            crate::wait_until(Duration::from_secs(5), || relay.stats().down.forwarded == 2);
         let seen = ports.lock().expect("lock").clone();
         let st = relay.stats();
+        assert!(counted, "{st:?}");
         assert_eq!(st.back_ports.len(), 2, "{st:?}");
         assert_eq!(seen, st.back_ports, "the server saw the back ports in turn");
         assert_ne!(seen[0], seen[1]);
