@@ -67,6 +67,33 @@ pub struct AuthConfig {
     pub jwt_audience: Option<String>,
     /// The external HTTP callback; `None` = none.
     pub http: Option<HttpAuth>,
+    /// Fetching the JWT keys again when a token names a key the core lacks (see
+    /// [Rotated keys](self#rotated-keys)); `None` = such a token is refused at once. Set it
+    /// when the keys come from a source the runtime can fetch again (a JWKS URL).
+    pub jwt_refresh: Option<JwtRefresh>,
+}
+
+/// How the core waits for rotated JWT keys (see [Rotated keys](self#rotated-keys)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtRefresh {
+    /// At most one [`Output::RefreshJwtKeys`](crate::Output::RefreshJwtKeys) per this long.
+    pub min_interval: Duration,
+    /// A request waits at most this long for the keys; then it is checked with the keys there
+    /// are (401 if its key is still missing).
+    pub wait: Duration,
+    /// Requests waiting for keys at most; beyond, a token with an unknown key is refused at
+    /// once.
+    pub max_pending: usize,
+}
+
+impl Default for JwtRefresh {
+    fn default() -> Self {
+        Self {
+            min_interval: Duration::from_secs(30),
+            wait: Duration::from_secs(5),
+            max_pending: 64,
+        }
+    }
 }
 
 impl AuthConfig {

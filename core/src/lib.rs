@@ -372,6 +372,11 @@ pub enum Output {
     /// the request itself if no decision comes within
     /// [`HttpAuth::timeout`](auth::HttpAuth::timeout).
     Authorize(AuthRequest),
+    /// Fetch the JWT keys again (a JWKS URL) and report them with [`Core::set_jwt_keys`], the
+    /// keys there are if the fetch failed: a request waits for a key the core lacks (see
+    /// [`auth`](auth#rotated-keys)). Only emitted with
+    /// [`AuthConfig::jwt_refresh`](auth::AuthConfig::jwt_refresh) set.
+    RefreshJwtKeys,
     /// The response to a request [`Core::handle_request`] left pending
     /// ([`Answer::Pending`]).
     Respond {

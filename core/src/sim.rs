@@ -407,6 +407,9 @@ pub struct SimWorld {
     /// What the core asked the authorisation server ([`Output::Authorize`]), in order; a test
     /// answers with [`Core::handle_auth`](crate::Core::handle_auth).
     pub authorize: Vec<crate::AuthRequest>,
+    /// How many times the core asked for the JWT keys again ([`Output::RefreshJwtKeys`]); a
+    /// test answers with [`Core::set_jwt_keys`](crate::Core::set_jwt_keys).
+    pub refresh_jwt_keys: usize,
     /// Responses to requests left pending ([`Output::Respond`]), in order.
     pub responses: Vec<(crate::RequestId, WhepResponse)>,
     /// Drop every this many datagrams the core sends (0: none), to exercise NACK repair.
@@ -480,6 +483,7 @@ impl SimWorld {
             sent: 0,
             spawns: 0,
             authorize: Vec::new(),
+            refresh_jwt_keys: 0,
             responses: Vec::new(),
             kills: 0,
             tcp_closed: BTreeSet::new(),
@@ -1181,6 +1185,7 @@ impl SimWorld {
                 Output::Mirror(m) => self.mirrors.push(m),
                 Output::Demand { stream } => self.demands.push(stream),
                 Output::Authorize(a) => self.authorize.push(a),
+                Output::RefreshJwtKeys => self.refresh_jwt_keys += 1,
                 Output::Respond { id, response } => self.responses.push((id, response)),
             }
         }

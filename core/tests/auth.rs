@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, SystemTime};
 
-use whep_core::auth::{AuthConfig, HttpAuth, JwtKeys, testing};
+use whep_core::auth::{AuthConfig, HttpAuth, JwtKeys, JwtRefresh, testing};
 use whep_core::sim::{self, SimWorld};
 use whep_core::whep::Method;
 use whep_core::{
@@ -290,4 +290,126 @@ fn static_tokens_alone_guard_every_request_as_before() {
     assert_eq!(r.code(), 204);
     assert_eq!(w.http(post("/whep/demo")).code(), 401);
     assert_eq!(w.http(post("/whep/demo?token=s3cret")).code(), 201);
+}
+
+/// A world whose JWT keys come from a JWKS (`k1`) that can be fetched again.
+fn rotating_world(max_pending: usize) -> (SimWorld, StreamId, String) {
+    let (_, jwk1) = testing::es256_key("k1");
+    let refresh = JwtRefresh { max_pending, ..JwtRefresh::default() };
+    let auth = AuthConfig {
+        jwt: Some(jwks(&[&jwk1])),
+        jwt_refresh: Some(refresh),
+        ..AuthConfig::default()
+    };
+    let (w, demo) = world(auth, &[]);
+    (w, demo, jwk1)
+}
+
+fn es256_token(key: &aws_lc_rs::signature::EcdsaKeyPair, kid: &str) -> String {
+    let header = format!(r#"{{"alg":"ES256","typ":"JWT","kid":"{kid}"}}"#);
+    testing::es256(key, &header, r#"{"exp":2000,"whep":{"streams":["demo"]}}"#)
+}
+
+fn jwks(jwks: &[&str]) -> JwtKeys {
+    let mut keys = JwtKeys::new();
+    let doc = format!(r#"{{"keys":[{}]}}"#, jwks.join(","));
+    assert_eq!(keys.add_jwks(doc.as_bytes()), Ok(jwks.len()));
+    keys
+}
+
+#[test]
+fn a_token_of_a_rotated_key_waits_for_the_keys_fetched_again() {
+    let (mut w, _, jwk1) = rotating_world(8);
+    let (k2, jwk2) = testing::es256_key("k2");
+    // Signed with a key the issuer published after the last fetch: it waits, one refresh.
+    let a = pending(request(&mut w, bearer("/whep/demo", &es256_token(&k2, "k2"))));
+    let b = pending(request(&mut w, bearer("/whep/demo", &es256_token(&k2, "k2"))));
+    assert_eq!(w.refresh_jwt_keys, 1, "one refresh for both");
+    assert_eq!(w.core.pending_requests(), 2);
+    w.run_for(Duration::from_millis(300));
+    assert!(w.responses.is_empty(), "answered before the keys came");
+    w.core.set_jwt_keys(jwks(&[&jwk1, &jwk2]), w.now);
+    w.drain();
+    let mut answered: Vec<(RequestId, u16)> =
+        w.responses.drain(..).map(|(id, r)| (id, r.code())).collect();
+    answered.sort();
+    assert_eq!(answered, [(a, 201), (b, 201)]);
+    assert_eq!((w.core.pending_requests(), w.core.viewer_count()), (0, 2));
+    assert!(w.core.poll_timeout().is_none_or(|(_, why)| why != whep_core::TimerReason::Auth));
+
+    // A made-up kid within the minimum interval: refused at once, nothing asked.
+    let (k9, _) = testing::es256_key("k9");
+    let r = w.http(bearer("/whep/demo", &es256_token(&k9, "k9")));
+    assert_eq!(r.code(), 401, "{}", text(&r));
+    assert!(text(&r).contains("no key"), "{}", text(&r));
+    assert_eq!(w.refresh_jwt_keys, 1);
+    // After it, asked again; the keys that come still lack it: 401.
+    w.run_for(JwtRefresh::default().min_interval);
+    let c = pending(request(&mut w, bearer("/whep/demo", &es256_token(&k9, "k9"))));
+    assert_eq!(w.refresh_jwt_keys, 2);
+    w.core.set_jwt_keys(jwks(&[&jwk1, &jwk2]), w.now);
+    w.drain();
+    let (got, r) = w.responses.pop().expect("answered with the keys there are");
+    assert_eq!((got, r.code()), (c, 401), "{}", text(&r));
+    assert_eq!(w.core.pending_requests(), 0);
+}
+
+#[test]
+fn a_refresh_never_answered_refuses_after_the_wait_and_is_asked_again() {
+    let (mut w, _, _) = rotating_world(8);
+    let (k2, _) = testing::es256_key("k2");
+    let t = es256_token(&k2, "k2");
+    let a = pending(request(&mut w, bearer("/whep/demo", &t)));
+    let wait = JwtRefresh::default().wait;
+    w.run_for(wait - Duration::from_millis(100));
+    assert!(w.responses.is_empty(), "answered before the wait");
+    w.run_for(Duration::from_millis(200));
+    let (got, r) = w.responses.pop().expect("the wait answers");
+    assert_eq!((got, r.code()), (a, 401), "{}", text(&r));
+    assert_eq!(w.core.pending_requests(), 0);
+    assert!(w.core.poll_timeout().is_none_or(|(_, why)| why != whep_core::TimerReason::Auth));
+    // The unanswered refresh is over: after the minimum interval the next token asks again.
+    w.run_for(JwtRefresh::default().min_interval);
+    let _ = pending(request(&mut w, bearer("/whep/demo", &t)));
+    assert_eq!(w.refresh_jwt_keys, 2);
+}
+
+#[test]
+fn requests_waiting_for_keys_are_bounded_cancelled_and_not_decided_by_the_callback() {
+    let (mut w, _, jwk1) = rotating_world(1);
+    let (k2, jwk2) = testing::es256_key("k2");
+    let t = es256_token(&k2, "k2");
+    let a = pending(request(&mut w, bearer("/whep/demo", &t)));
+    // Full: the next is refused as a token without a key, at once.
+    let r = w.http(bearer("/whep/demo", &t));
+    assert_eq!(r.code(), 401, "{}", text(&r));
+    // A callback decision for it is not its answer.
+    w.core.handle_auth(a, AuthDecision::Allow, w.now);
+    w.drain();
+    assert!(w.responses.is_empty() && w.core.pending_requests() == 1);
+    // Its client goes: the place is free at once.
+    w.core.cancel_request(a);
+    assert_eq!(w.core.pending_requests(), 0);
+    let b = pending(request(&mut w, bearer("/whep/demo", &t)));
+    assert_eq!(w.refresh_jwt_keys, 1, "the refresh under way serves the next one");
+    w.core.set_jwt_keys(jwks(&[&jwk1, &jwk2]), w.now);
+    w.drain();
+    let answered: Vec<(RequestId, u16)> =
+        w.responses.drain(..).map(|(id, r)| (id, r.code())).collect();
+    assert_eq!(answered, [(b, 201)], "the cancelled request is not answered");
+    // A loop that cannot wait (handle_http) refuses at once.
+    let (k3, _) = testing::es256_key("k3");
+    w.run_for(JwtRefresh::default().min_interval);
+    let r = w.http(bearer("/whep/demo", &es256_token(&k3, "k3")));
+    assert_eq!(r.code(), 401, "{}", text(&r));
+}
+
+#[test]
+fn without_a_refresh_a_token_of_an_unknown_key_is_refused_at_once() {
+    let (_, jwk1) = testing::es256_key("k1");
+    let (mut w, _) = world(AuthConfig { jwt: Some(jwks(&[&jwk1])), ..AuthConfig::default() }, &[]);
+    let (k2, _) = testing::es256_key("k2");
+    let r = request(&mut w, bearer("/whep/demo", &es256_token(&k2, "k2")));
+    assert!(matches!(r, Answer::Ready(ref r) if r.code() == 401), "{r:?}");
+    assert_eq!(w.refresh_jwt_keys, 0);
 }

@@ -258,6 +258,7 @@ impl Sut {
                 Output::Transmit(_)
                 | Output::CloseTcp { .. }
                 | Output::Authorize(_)
+                | Output::RefreshJwtKeys
                 | Output::Respond { .. } => {}
                 Output::BindIngest { stream, ports, .. } => {
                     let taken = self

@@ -4,10 +4,12 @@
 //! the server's HS256 secret plays in headless Chromium from the WHEP URL's query, and a JWT
 //! for another stream is refused 403. The callback and the JWKS also over HTTPS with a private
 //! CA (`--outbound-ca-file`), and refused without it; a viewer gone before the decision frees
-//! its place among the pending requests at once.
+//! its place among the pending requests at once; a token of a key the issuer rotated in since
+//! the last JWKS fetch plays at once (fetched on its POST).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -23,9 +25,24 @@ const SECRET: &str = "an-hs256-secret-of-32-bytes-or-more";
 /// request body it got.
 struct AuthServer {
     url: String,
-    /// `GET` of this URL answers the JWKS the server was started with.
+    /// `GET` of this URL answers the JWKS (the server's, or [`set_jwks`](Self::set_jwks)').
     jwks_url: String,
+    jwks: Arc<Jwks>,
     requests: Arc<Mutex<Vec<Received>>>,
+}
+
+/// The JWKS document served, and how many times it was fetched.
+#[derive(Default)]
+struct Jwks {
+    doc: Mutex<String>,
+    gets: AtomicUsize,
+}
+
+impl Jwks {
+    fn get(&self) -> String {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        self.doc.lock().map(|d| d.clone()).unwrap_or_default()
+    }
 }
 
 /// A request the authorisation server got: its header fields and body.
@@ -50,13 +67,14 @@ impl AuthServer {
         let addr = listener.local_addr().expect("its address");
         let requests = Arc::new(Mutex::new(Vec::new()));
         let theirs = Arc::clone(&requests);
-        let jwks = Arc::new(jwks);
+        let jwks = Arc::new(Jwks { doc: Mutex::new(jwks), ..Jwks::default() });
+        let served = Arc::clone(&jwks);
         let https = tls.is_some();
         // Lives as long as the test process; each connection is one request.
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let requests = Arc::clone(&theirs);
-                let jwks = Arc::clone(&jwks);
+                let jwks = Arc::clone(&served);
                 let tls = tls.clone();
                 std::thread::spawn(move || match tls {
                     None => answer(conn, &requests, &jwks),
@@ -72,8 +90,20 @@ impl AuthServer {
         Self {
             url: format!("{scheme}://{addr}/auth"),
             jwks_url: format!("{scheme}://{addr}/jwks.json"),
+            jwks,
             requests,
         }
+    }
+
+    /// Serves `doc` as the JWKS from now on.
+    fn set_jwks(&self, doc: String) {
+        if let Ok(mut d) = self.jwks.doc.lock() {
+            *d = doc;
+        }
+    }
+
+    fn jwks_gets(&self) -> usize {
+        self.jwks.gets.load(Ordering::SeqCst)
     }
 
     fn bodies(&self) -> Vec<String> {
@@ -85,7 +115,7 @@ impl AuthServer {
     }
 }
 
-fn answer(conn: impl Read + Write, requests: &Mutex<Vec<Received>>, jwks: &str) {
+fn answer(conn: impl Read + Write, requests: &Mutex<Vec<Received>>, jwks: &Jwks) {
     let mut reader = BufReader::new(conn);
     let mut headers = Vec::new();
     let mut length = 0usize;
@@ -112,7 +142,8 @@ fn answer(conn: impl Read + Write, requests: &Mutex<Vec<Received>>, jwks: &str) 
     }
     if get_jwks {
         let mut conn = reader.into_inner();
-        let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{jwks}");
+        let doc = jwks.get();
+        let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{doc}");
         let _ = conn.flush();
         return;
     }
@@ -339,6 +370,57 @@ fn jwks_url_keys_verify_es256(bin: &str) {
     v.close();
 }
 
+/// The issuer rotates in a key after the server's fetch: the first token signed by it makes
+/// the server fetch the JWKS again on its POST, and plays; a token naming a key that is not
+/// published is refused 401 at once, without another fetch (at most one per 30 s).
+fn a_rotated_jwks_key_plays_at_once(bin: &str) {
+    a_rotated_jwks_key_plays_at_once_on(bin, 1);
+}
+
+fn a_rotated_jwks_key_plays_at_once_on(bin: &str, shards: usize) {
+    let (_, jwk1) = testing::es256_key("k1");
+    let (k2, jwk2) = testing::es256_key("k2");
+    let (k9, _) = testing::es256_key("k9");
+    let jwks_server = AuthServer::with_jwks(format!(r#"{{"keys":[{jwk1}]}}"#));
+    let shards_arg = shards.to_string();
+    let args = ["--jwks-url", &jwks_server.jwks_url, "--shards", &shards_arg];
+    let mut server = Server::start(bin, &args);
+    assert!(
+        whep_e2e::wait_until(Duration::from_secs(10), || server.output().contains("JWKS fetched")),
+        "JWKS not fetched:\n{}",
+        server.output()
+    );
+    assert_eq!(jwks_server.jwks_gets(), 1);
+    jwks_server.set_jwks(format!(r#"{{"keys":[{jwk1},{jwk2}]}}"#));
+    let exp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() + 3600)
+        .unwrap_or_default();
+    let claims = format!(r#"{{"exp":{exp},"whep":{{"streams":["demo"]}}}}"#);
+    let token = |key, kid: &str| {
+        testing::es256(key, &format!(r#"{{"alg":"ES256","kid":"{kid}"}}"#), &claims)
+    };
+    let mut viewers = Vec::new();
+    for _ in 0..2 * shards {
+        let v = Viewer::connect(server.http, "/whep/demo", Some(&token(&k2, "k2")))
+            .unwrap_or_else(|e| panic!("a token of the rotated key: {e:?}\n{}", server.output()));
+        viewers.push(v);
+    }
+    for v in &viewers {
+        assert!(v.wait_for(PLAY_WITHIN, |s| s.video_packets >= 20), "{:?}", v.stats());
+    }
+    // One fetch more, also with shards asking at once (the fetcher answers the later asks
+    // with the keys it has).
+    let fetched = jwks_server.jwks_gets();
+    assert_eq!(fetched, 2, "JWKS fetches");
+    let (status, body) =
+        rejected(Viewer::connect(server.http, "/whep/demo", Some(&token(&k9, "k9"))));
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("no key"), "{body}");
+    assert_eq!(jwks_server.jwks_gets(), fetched, "no fetch within the minimum interval");
+    viewers.into_iter().for_each(Viewer::close);
+}
+
 /// The callback and the JWKS over HTTPS, their server's certificate issued by a private CA:
 /// trusted with `--outbound-ca-file`, the allowed token plays and the refused one gets 403;
 /// without it (the system's roots only) the handshake fails and the viewer gets 503, nothing
@@ -446,6 +528,7 @@ whep_e2e::runtime_suite!(
     callback_decides_who_plays,
     auth_server_down_is_a_clear_503,
     jwks_url_keys_verify_es256,
+    a_rotated_jwks_key_plays_at_once,
     jwt_in_the_query_plays_in_chromium,
     jwt_issuer_and_audience_are_enforced,
     signed_callback,
@@ -460,4 +543,10 @@ fn tokio_callback_with_shards() {
 #[test]
 fn smol_callback_with_shards() {
     callback_decides_who_plays_on(env!("CARGO_BIN_EXE_whepd-smol-e2e"), 2);
+}
+
+/// A rotated key with two shards: each asks the one fetcher, which fetches at most once more.
+#[test]
+fn tokio_rotated_jwks_key_with_shards() {
+    a_rotated_jwks_key_plays_at_once_on(env!("CARGO_BIN_EXE_whepd-tokio"), 2);
 }

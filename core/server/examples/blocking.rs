@@ -247,13 +247,16 @@ fn run(launch: Launch, signals: SigSet) -> Result<(), String> {
         waiting: HashMap::new(),
         auth_url: launch.server.auth.http_url.clone(),
         auth_secret: launch.server.auth.http_secret.clone(),
+        jwks_ask: None,
     };
     if let Some(sources) = launch.server.auth.jwt.filter(|j| j.jwks_url.is_some()) {
         let tx = runtime.tx.clone();
+        let (ask, asks) = mpsc::channel();
+        runtime.jwks_ask = Some(ask);
         // Runs as long as the process.
         spawn("jwks", move || {
             let deliver = |keys| drop(tx.send(Msg::JwtKeys(keys)));
-            whep_server::auth::fetch_jwks_forever(&sources, deliver, || true);
+            whep_server::auth::fetch_jwks_forever(&sources, deliver, &asks, || true);
         })?;
     }
     runtime.run(&rx);
@@ -296,6 +299,8 @@ struct Runtime {
     /// The authorisation server, if one is configured.
     auth_url: Option<whep_server::auth::HttpUrl>,
     auth_secret: Option<whep_server::webhook::WebhookSecret>,
+    /// Asks the JWKS fetcher for a fetch now (`Output::RefreshJwtKeys`).
+    jwks_ask: Option<Sender<()>>,
 }
 
 /// What the main loop hands an ICE-TCP connection's writer thread.
@@ -407,7 +412,7 @@ impl Runtime {
                 }
             }
             Msg::Auth { id, decision } => self.core.handle_auth(id, decision, now),
-            Msg::JwtKeys(keys) => self.core.set_jwt_keys(keys),
+            Msg::JwtKeys(keys) => self.core.set_jwt_keys(keys, now),
             Msg::Datagram { source, contents } => {
                 // A dual-stack socket reports IPv4 viewers IPv4-mapped; the core's form is IPv4.
                 let source = whep_core::canonical_addr(source);
@@ -580,6 +585,11 @@ impl Runtime {
                     };
                     if let Err(e) = started {
                         self.core.handle_auth(id, AuthDecision::Error(e), Instant::now());
+                    }
+                }
+                Output::RefreshJwtKeys => {
+                    if let Some(ask) = &self.jwks_ask {
+                        let _ = ask.send(());
                     }
                 }
                 Output::Respond { id, response } => {

@@ -95,7 +95,7 @@ pub fn fetch(url: &HttpUrl, timeout: Duration) -> Result<Vec<u8>, String> {
 }
 
 /// Where the shell finds JWT keys, besides the secret (see [`crate::app::AuthSettings`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwtSources {
     /// HS256 secret (raw bytes).
     pub hs256_secret: Option<Vec<u8>>,
@@ -105,6 +105,23 @@ pub struct JwtSources {
     pub jwks_url: Option<HttpUrl>,
     /// How often the JWKS URL is fetched again.
     pub jwks_refresh: Duration,
+    /// At most one fetch per this long on a core's ask (a token naming a key not yet fetched);
+    /// an ask sooner gets the keys there are.
+    pub jwks_min_interval: Duration,
+}
+
+impl Default for JwtSources {
+    /// No keys; a URL, if one is set, fetched every 5 minutes and at most every 30 s on a
+    /// core's ask.
+    fn default() -> Self {
+        Self {
+            hs256_secret: None,
+            jwks_files: Vec::new(),
+            jwks_url: None,
+            jwks_refresh: Duration::from_secs(300),
+            jwks_min_interval: whep_core::auth::JwtRefresh::default().min_interval,
+        }
+    }
 }
 
 impl JwtSources {
@@ -124,40 +141,75 @@ impl JwtSources {
     }
 }
 
-/// Fetches `sources`' JWKS URL now and then every [`JwtSources::jwks_refresh`], handing the
-/// keys (with the secret's and the files') to `deliver`, until `running` says false (checked
-/// every second). A failed fetch keeps the keys there are. Blocking: run it on a thread of its
-/// own.
+/// Fetches `sources`' JWKS URL now, then every [`JwtSources::jwks_refresh`] and whenever
+/// `asks` yields (a core emitted [`Output::RefreshJwtKeys`](whep_core::Output::RefreshJwtKeys)),
+/// handing the keys (with the secret's and the files') to `deliver`, until `running` says false
+/// (checked every second). An ask is always answered: within [`JwtSources::jwks_min_interval`]
+/// of the last fetch an ask made (the periodic fetches do not count: tokens cannot cause
+/// them), or when the fetch fails, with the keys there are. A failed fetch keeps the keys
+/// there are. Blocking: run it on a thread of its own.
 pub fn fetch_jwks_forever(
     sources: &JwtSources,
     deliver: impl Fn(whep_core::auth::JwtKeys),
+    asks: &std::sync::mpsc::Receiver<()>,
     running: impl Fn() -> bool,
 ) {
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::Instant;
     let Some(url) = &sources.jwks_url else { return };
+    // The keys of the secret and the files (checked at start), until a fetch brings more.
+    let mut keys = sources.keys(None).unwrap_or_default();
+    let mut fetched_at: Option<Instant> = None;
+    let mut asked_fetch_at: Option<Instant> = None;
+    let mut asked = false;
     loop {
-        match fetch(url, Duration::from_secs(10)) {
-            Ok(doc) => match sources.keys(Some(&doc)) {
-                Ok(keys) => {
-                    tracing::info!(%url, keys = keys.len(), "JWKS fetched");
-                    deliver(keys);
-                }
+        let due = fetched_at.is_none_or(|t| t.elapsed() >= sources.jwks_refresh);
+        let may = asked_fetch_at.is_none_or(|t| t.elapsed() >= sources.jwks_min_interval);
+        if due || (asked && may) {
+            // This thread is outside any runtime: it keeps its own time.
+            #[allow(clippy::disallowed_methods)]
+            let now = Instant::now();
+            fetched_at = Some(now);
+            if asked {
+                asked_fetch_at = fetched_at;
+            }
+            match fetch(url, Duration::from_secs(10)) {
+                Ok(doc) => match sources.keys(Some(&doc)) {
+                    Ok(new) => {
+                        tracing::info!(%url, keys = new.len(), asked, "JWKS fetched");
+                        keys = new;
+                        deliver(keys.clone());
+                        asked = false;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%url, error = %e, "JWKS unusable; keeping the keys there are")
+                    }
+                },
                 Err(e) => {
-                    tracing::warn!(%url, error = %e, "JWKS unusable; keeping the keys there are")
+                    tracing::warn!(%url, error = %e, "JWKS fetch failed; keeping the keys there are")
                 }
-            },
-            Err(e) => {
-                tracing::warn!(%url, error = %e, "JWKS fetch failed; keeping the keys there are")
             }
         }
-        let mut waited = Duration::ZERO;
-        while waited < sources.jwks_refresh {
-            if !running() {
-                return;
+        if asked {
+            // Not fetched (too soon, or it failed): the cores waiting get the keys there are.
+            deliver(keys.clone());
+            asked = false;
+        }
+        if !running() {
+            return;
+        }
+        match asks.recv_timeout(Duration::from_secs(1)) {
+            Ok(()) => {
+                asked = true;
+                // One fetch answers every ask that came meanwhile (several shards).
+                while asks.try_recv().is_ok() {}
             }
-            // This thread's job is to wait.
-            #[allow(clippy::disallowed_methods)]
-            std::thread::sleep(Duration::from_secs(1));
-            waited += Duration::from_secs(1);
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                // Nobody can ask any more: only the periodic fetch is left.
+                #[allow(clippy::disallowed_methods)]
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
     }
 }

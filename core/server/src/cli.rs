@@ -18,7 +18,7 @@ use crate::auth::{HttpUrl, JwtSources};
 use crate::dtls::Dtls;
 use crate::outbound::Client;
 use crate::tls::TlsFiles;
-use whep_core::auth::HttpAuth;
+use whep_core::auth::{HttpAuth, JwtRefresh};
 use whep_core::ratelimit::{Rate, RateLimits, RateSetting};
 use whep_core::{CoreConfig, IceServer, PrimePacing};
 
@@ -443,6 +443,11 @@ fn auth_settings(
             return Err("JWT keys: the JWKS files hold no usable key (RSA, EC P-256 or oct)".into());
         }
         core.auth.jwt = Some(keys);
+        // A token of a key the URL published since the last fetch waits for a fetch now.
+        core.auth.jwt_refresh = jwt
+            .jwks_url
+            .is_some()
+            .then(|| JwtRefresh { min_interval: jwt.jwks_min_interval, ..JwtRefresh::default() });
         core.auth.leeway =
             Duration::from_secs(cli.jwt_leeway_secs.or(file.jwt_leeway_secs).unwrap_or(30));
         core.auth.jwt_issuer = cli.jwt_issuer.clone().or_else(|| file.jwt_issuer.clone());

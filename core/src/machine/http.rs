@@ -8,7 +8,7 @@ use str0m::change::SdpOffer;
 use str0m::{Candidate, IceCreds};
 use tracing::{debug, info, warn};
 
-use crate::auth::Answer;
+use crate::auth::{Answer, JwtError};
 use crate::config::VideoCodec;
 use crate::ids::{SessionId, StreamId};
 use crate::ratelimit::Kind;
@@ -64,7 +64,7 @@ impl Core {
             Some(_) if limited.is_some() => {
                 Err(Reject::RateLimited { retry_after: limited.unwrap_or_default() })
             }
-            Some(route) => match self.gate(&req, &route, now) {
+            Some(route) => match self.gate(&req, &route, now, true) {
                 Gate::Open => self.serve(&req, route, now),
                 Gate::Deny(reject) => Err(reject),
                 Gate::Ask { .. } if !can_wait => Err(Reject::AuthFailed(
@@ -73,6 +73,12 @@ impl Core {
                 Gate::Ask { .. } if self.auth_full() => Err(Reject::AuthBusy),
                 Gate::Ask { stream, token, key } => {
                     return Answer::Pending(self.park(req, stream, token, key, now));
+                }
+                Gate::AwaitKeys { .. } if !can_wait || self.keys_full() => {
+                    Err(Reject::InvalidToken(JwtError::NoKey.to_string()))
+                }
+                Gate::AwaitKeys { stream } => {
+                    return Answer::Pending(self.park_for_keys(req, stream, now));
                 }
             },
         };

@@ -476,12 +476,15 @@ impl<R: Runtime> Engine<R> {
             }
         };
         let mut demands = demands;
-        // One queue of refreshed JWT keys per shard, filled by the JWKS fetcher.
-        let (jwks_tx, jwks_rx): (Vec<_>, Vec<_>) = match &config.auth.jwt {
-            Some(j) if j.jwks_url.is_some() => (0..count).map(|_| chan::channel(Some(1))).unzip(),
-            _ => (Vec::new(), Vec::new()),
+        // One queue of refreshed JWT keys per shard, filled by the JWKS fetcher, and one queue
+        // of the shards' asks for a fetch now (a token of a rotated key).
+        let fetched = config.auth.jwt.as_ref().is_some_and(|j| j.jwks_url.is_some());
+        let (jwks_tx, jwks_rx): (Vec<_>, Vec<_>) = match fetched {
+            true => (0..count).map(|_| chan::channel(Some(1))).unzip(),
+            false => (Vec::new(), Vec::new()),
         };
         let mut jwks_rx = jwks_rx.into_iter();
+        let (jwks_ask, jwks_asks) = std::sync::mpsc::channel::<()>();
         let subscribers = Arc::new(Mutex::new(Vec::new()));
         let mut routes = config.routes.clone();
         routes.start_webhook().map_err(io::Error::other)?;
@@ -490,6 +493,11 @@ impl<R: Runtime> Engine<R> {
         let mut shards = Vec::with_capacity(count);
         for (index, (socket, udp_addr, tcp)) in sockets.into_iter().enumerate() {
             let mut core = config.core.clone();
+            if !fetched {
+                // Nothing could fetch the keys again: a token of an unknown key is refused at
+                // once rather than after waiting for nothing.
+                core.auth.jwt_refresh = None;
+            }
             if core.host_candidates.is_empty() {
                 core.host_candidates = crate::app::default_candidates(udp_addr, default_routes);
             } else {
@@ -552,6 +560,7 @@ impl<R: Runtime> Engine<R> {
                 auth_secret: config.auth.http_secret.clone(),
                 auth_timeout: config.core.auth.http.as_ref().map_or(Duration::ZERO, |h| h.timeout),
                 jwt_keys: jwks_rx.next(),
+                jwks_ask: fetched.then(|| jwks_ask.clone()),
             };
             let guard = SetOnDrop(Arc::clone(&done));
             let future = Box::pin(driver.run(jobs_rx, config.shutdown_timeout, guard));
@@ -563,7 +572,7 @@ impl<R: Runtime> Engine<R> {
             shards.push(ShardHandle { jobs, udp_addr, done });
         }
         if let Some(sources) = config.auth.jwt.clone().filter(|j| j.jwks_url.is_some()) {
-            spawn_jwks_fetcher(sources, jwks_tx);
+            spawn_jwks_fetcher(sources, jwks_tx, jwks_asks);
         }
         let inner = Inner { shards, set, subscribers, max_body, whep_prefix };
         Ok(Self { inner: Arc::new(inner), runtime })
@@ -860,15 +869,20 @@ impl<R: Runtime> Engine<R> {
 }
 
 /// Runs [`crate::auth::fetch_jwks_forever`] on a thread of its own (not the runtime's blocking
-/// pool, whose shutdown would wait for it), handing every shard the keys; the thread ends
-/// within a second of the engine.
-fn spawn_jwks_fetcher(sources: crate::auth::JwtSources, shards: Vec<chan::Sender<JwtKeys>>) {
+/// pool, whose shutdown would wait for it), handing every shard the keys, also when a shard
+/// `asks`; the thread ends within a second of the engine.
+fn spawn_jwks_fetcher(
+    sources: crate::auth::JwtSources,
+    shards: Vec<chan::Sender<JwtKeys>>,
+    asks: std::sync::mpsc::Receiver<()>,
+) {
     let shards = Arc::new(shards);
     let theirs = Arc::clone(&shards);
     let work = move || {
         crate::auth::fetch_jwks_forever(
             &sources,
             |keys| theirs.iter().for_each(|s| drop(s.send(keys.clone()))),
+            &asks,
             || !theirs.iter().all(chan::Sender::is_closed),
         );
     };
@@ -995,6 +1009,8 @@ struct Driver<R: Runtime> {
     auth_timeout: Duration,
     /// JWT keys fetched again from the JWKS URL.
     jwt_keys: Option<chan::Receiver<JwtKeys>>,
+    /// Asks the JWKS fetcher for a fetch now ([`Output::RefreshJwtKeys`]).
+    jwks_ask: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// An ICE-TCP connection: its socket and what waits to be written to it.
@@ -1138,7 +1154,7 @@ impl<R: Runtime> Driver<R> {
                 Wake::Auth(id, decision) => {
                     self.core.handle_auth(id, decision, self.runtime.now());
                 }
-                Wake::JwtKeys(keys) => self.core.set_jwt_keys(keys),
+                Wake::JwtKeys(keys) => self.core.set_jwt_keys(keys, self.runtime.now()),
                 Wake::Exit(exit) => {
                     self.procs.remove(&(exit.stream.clone(), exit.generation));
                     let input = Input::ProcessExited {
@@ -1575,6 +1591,12 @@ impl<R: Runtime> Driver<R> {
                                 self.runtime.now(),
                             );
                         }
+                    }
+                }
+                // Without a fetcher the core is configured not to ask (see `start`).
+                Output::RefreshJwtKeys => {
+                    if let Some(ask) = &self.jwks_ask {
+                        let _ = ask.send(());
                     }
                 }
                 Output::Respond { id, response } => {
