@@ -293,8 +293,8 @@ struct Runtime {
     /// (to shut down on close).
     conns: HashMap<ConnId, (Arc<TcpOut>, TcpStream)>,
     tcp_queue_bytes: usize,
-    /// Requests waiting for the authorisation callback: their ticket, and where their answer
-    /// goes.
+    /// Requests waiting for the authorisation callback or for JWT keys: their ticket, and where
+    /// their answer goes.
     waiting: HashMap<RequestId, (u64, Sender<Reply>)>,
     /// The authorisation server, if one is configured.
     auth_url: Option<whep_server::auth::HttpUrl>,

@@ -1370,7 +1370,12 @@ pub fn render_prometheus_sharded(core: &Core, followers: &[ShardView]) -> String
     head(&mut out, "tcp_connections", "gauge", "Open ICE-TCP connections.");
     let conns = core.tcp_connections() + followers.iter().map(|f| f.tcp_connections).sum::<usize>();
     let _ = writeln!(out, "whep_tcp_connections {conns}");
-    head(&mut out, "auth_pending", "gauge", "Requests waiting for the authorisation callback.");
+    head(
+        &mut out,
+        "auth_pending",
+        "gauge",
+        "Requests waiting for the authorisation callback or for JWT keys.",
+    );
     let pending = core.pending_requests() + followers.iter().map(|f| f.auth_pending).sum::<usize>();
     let _ = writeln!(out, "whep_auth_pending {pending}");
     head(&mut out, "viewers_current", "gauge", "Viewers of all streams.");

@@ -140,7 +140,8 @@ pub struct Core {
     /// Reused buffers, so the packet path does not allocate for bookkeeping.
     news: Vec<ViewerNews>,
     scratch: Vec<SessionId>,
-    /// Requests waiting for the authorisation callback, and its cached decisions.
+    /// Requests waiting for the authorisation callback or for JWT keys, and the callback's
+    /// cached decisions.
     auth: auth::AuthState,
 }
 
