@@ -37,6 +37,10 @@
 //! [`AuthConfig::jwt_issuer`] or [`AuthConfig::jwt_audience`] set, `iss` must be that issuer
 //! and `aud` (a string or a list) must name that audience. `whep.streams` lists the
 //! streams the token may watch: an exact id, a prefix ending in `*`, or `*` for every stream.
+//! Tokens made for MediaMTX are understood as they are: their `mediamtx_permissions` claim (a
+//! list of `{"action": …, "path": …}`, or that list as a JSON string) grants every stream its
+//! `read` entries name: an empty or missing path is every stream, a path starting with `~` a
+//! regular expression the id must match (unanchored, as MediaMTX's), any other an exact id.
 //! Algorithms: `HS256` (a shared secret), `RS256` and `ES256` (public keys from a JWKS); `none`
 //! and every other algorithm are refused, and a key is only ever used with its own algorithm
 //! (an RSA key is never an HMAC secret). With a `kid` in the header only the key with that
@@ -386,7 +390,16 @@ impl JwtKeys {
             }
             Some(_) => return Err(JwtError::Malformed("aud is not a string or a list")),
         };
-        Ok(Claims { exp, nbf, streams, iss, aud })
+        let read_paths = match claims.get(MEDIAMTX_CLAIM) {
+            None => Vec::new(),
+            // Issuers that can only emit strings put the list there as JSON.
+            Some(Value::String(s)) => read_paths(
+                &serde_json::from_str(s)
+                    .map_err(|_| JwtError::Malformed("mediamtx_permissions is not a JSON list"))?,
+            )?,
+            Some(v) => read_paths(v)?,
+        };
+        Ok(Claims { exp, nbf, streams, iss, aud, read_paths })
     }
 }
 
@@ -433,7 +446,14 @@ pub struct Claims {
     pub iss: Option<String>,
     /// `aud`: one audience or several; empty if not given.
     pub aud: Vec<String>,
+    /// The paths of the `read` entries of MediaMTX's `mediamtx_permissions` claim: `""` every
+    /// stream, `~` and a regular expression, or an id.
+    pub read_paths: Vec<String>,
 }
+
+/// The claim that carries a MediaMTX token's permissions (MediaMTX's default
+/// `authJWTClaimKey`).
+pub const MEDIAMTX_CLAIM: &str = "mediamtx_permissions";
 
 impl Claims {
     /// Checks `iss` against `issuer` and `aud` against `audience`, each when set.
@@ -458,11 +478,52 @@ impl Claims {
 
     /// Whether the token may watch `stream`.
     pub fn allows(&self, stream: &str) -> bool {
-        self.streams.iter().any(|p| match p.strip_suffix('*') {
+        let listed = self.streams.iter().any(|p| match p.strip_suffix('*') {
             Some(prefix) => stream.starts_with(prefix),
             None => p == stream,
-        })
+        });
+        listed
+            || self.read_paths.iter().any(|p| match p.strip_prefix('~') {
+                _ if p.is_empty() => true,
+                // A pattern the issuer signed; one that does not compile (or is too large)
+                // grants nothing.
+                Some(pattern) => regex::RegexBuilder::new(pattern)
+                    .size_limit(MAX_PATTERN_BYTES)
+                    .dfa_size_limit(MAX_PATTERN_BYTES)
+                    .build()
+                    .is_ok_and(|re| re.is_match(stream)),
+                None => p == stream,
+            })
     }
+}
+
+/// Most memory a permission path's compiled regular expression may take.
+const MAX_PATTERN_BYTES: usize = 1024 * 1024;
+
+/// The paths of the `read` entries of a `mediamtx_permissions` list.
+fn read_paths(list: &Value) -> Result<Vec<String>, JwtError> {
+    let list = list.as_array().ok_or(JwtError::Malformed("mediamtx_permissions is not a list"))?;
+    let mut paths = Vec::new();
+    for entry in list {
+        let entry = entry
+            .as_object()
+            .ok_or(JwtError::Malformed("a mediamtx_permissions entry is not an object"))?;
+        let action = entry
+            .get("action")
+            .and_then(Value::as_str)
+            .ok_or(JwtError::Malformed("a mediamtx_permissions entry has no action"))?;
+        if action != "read" {
+            continue;
+        }
+        match entry.get("path") {
+            None => paths.push(String::new()),
+            Some(Value::String(p)) => paths.push(p.clone()),
+            Some(_) => {
+                return Err(JwtError::Malformed("a mediamtx_permissions path is not a string"));
+            }
+        }
+    }
+    Ok(paths)
 }
 
 /// Why a JWT was refused (401).
@@ -765,6 +826,52 @@ mod tests {
         assert!(matches!(k.verify(&bad, at(1000), Duration::ZERO), Err(JwtError::Malformed(_))));
         let bad = hs256(b"s3cret", H256, r#"{"exp":"2000"}"#);
         assert!(matches!(k.verify(&bad, at(1000), Duration::ZERO), Err(JwtError::Malformed(_))));
+    }
+
+    #[test]
+    fn mediamtx_permissions_grant_their_read_paths() {
+        let k = hs_keys();
+        let verify = |perms: &str| {
+            let t =
+                hs256(b"s3cret", H256, &format!(r#"{{"exp":2000,"{MEDIAMTX_CLAIM}":{perms}}}"#));
+            k.verify(&t, at(1000), Duration::ZERO)
+        };
+        let c = verify(
+            r#"[{"action":"read","path":"demo"},{"action":"read","path":"~^cam[0-9]+$"},
+                {"action":"publish","path":""},{"action":"playback","path":"other"}]"#,
+        )
+        .expect("valid");
+        assert!(c.allows("demo") && c.allows("cam1") && c.allows("cam42"));
+        assert!(!c.allows("demo2") && !c.allows("camx") && !c.allows("xcam1"));
+        assert!(!c.allows("other"), "publish and playback grant no viewing");
+        // Unanchored, as MediaMTX's (Go's MatchString).
+        let c = verify(r#"[{"action":"read","path":"~cam"}]"#).expect("valid");
+        assert!(c.allows("mycam1") && !c.allows("demo"));
+        // An empty or missing path: every stream.
+        for every in [r#"[{"action":"read","path":""}]"#, r#"[{"action":"read"}]"#] {
+            assert!(verify(every).expect("valid").allows("anything"), "{every}");
+        }
+        // The list as a JSON string (issuers that emit only strings).
+        let c = verify(r#""[{\"action\":\"read\",\"path\":\"demo\"}]""#).expect("valid");
+        assert!(c.allows("demo") && !c.allows("other"));
+        // A pattern that does not compile, or is too large, grants nothing.
+        let small = r#"[{"action":"read","path":"~demo|\\w{10}"}]"#;
+        assert!(verify(small).expect("valid").allows("demo"), "{small}");
+        for bad in [
+            r#"[{"action":"read","path":"~demo|("}]"#,
+            r#"[{"action":"read","path":"~demo|\\w{1000}{100}"}]"#,
+        ] {
+            assert!(!verify(bad).expect("valid").allows("demo"), "{bad}");
+        }
+        for bad in [
+            r#"{"action":"read"}"#,
+            r#"[{"path":"demo"}]"#,
+            r#"[{"action":"read","path":1}]"#,
+            r#"["read"]"#,
+            r#""not json""#,
+        ] {
+            assert!(matches!(verify(bad), Err(JwtError::Malformed(_))), "{bad}");
+        }
     }
 
     #[test]

@@ -413,3 +413,14 @@ fn without_a_refresh_a_token_of_an_unknown_key_is_refused_at_once() {
     assert!(matches!(r, Answer::Ready(ref r) if r.code() == 401), "{r:?}");
     assert_eq!(w.refresh_jwt_keys, 0);
 }
+
+#[test]
+fn a_token_made_for_mediamtx_plays_the_paths_it_may_read() {
+    let (mut w, _) = jwt_world();
+    let claims = r#"{"exp":2000,"mediamtx_permissions":[{"action":"read","path":"~^dem"},{"action":"publish","path":"other"}]}"#;
+    let t = testing::hs256(SECRET, H256, claims);
+    let r = w.http(bearer("/whep/demo", &t));
+    assert_eq!(r.code(), 201, "{}", text(&r));
+    let r = w.http(bearer("/whep/other", &t));
+    assert_eq!(r.code(), 403, "publishing is not viewing: {}", text(&r));
+}
