@@ -50,14 +50,14 @@ ffmpeg -hide_banner -version | head -n 1
 "${FIREFOX:-/usr/bin/firefox-esr}" --version 2>/dev/null | head -n 1 || true
 gst-launch-1.0 --version | sed -n 2p
 
-step "aiortc in a virtual environment (tests/clients/requirements.txt)"
+step "aiortc and PyJWT in a virtual environment (tests/clients/requirements.txt)"
 venv="${WHEP_VENV:-$HOME/.cache/whep-venv}"
 if ! cmp -s tests/clients/requirements.txt "$venv/.whep-requirements"; then
     /usr/bin/python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check -r tests/clients/requirements.txt
     cp tests/clients/requirements.txt "$venv/.whep-requirements"
 fi
-"$venv/bin/python" -c 'import aiortc; print("aiortc", aiortc.__version__)'
+"$venv/bin/python" -c 'import aiortc, jwt; print("aiortc", aiortc.__version__, "PyJWT", jwt.__version__)'
 
 step "rustfmt"
 cargo fmt --all -- --check

@@ -87,7 +87,8 @@ pub fn venv() -> PathBuf {
     })
 }
 
-fn venv_python() -> String {
+/// The virtual environment's Python (aiortc, PyJWT), asserted to exist.
+pub fn venv_python() -> String {
     let python = venv().join("bin/python");
     assert!(
         python.exists(),

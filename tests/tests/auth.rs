@@ -5,7 +5,8 @@
 //! for another stream is refused 403. The callback and the JWKS also over HTTPS with a private
 //! CA (`--outbound-ca-file`), and refused without it; a viewer gone before the decision frees
 //! its place among the pending requests at once; a token of a key the issuer rotated in since
-//! the last JWKS fetch plays at once (fetched on its POST).
+//! the last JWKS fetch plays at once (fetched on its POST); tokens and JWKS of PyJWT, including
+//! tokens made for MediaMTX, decide as they would there.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -421,6 +422,48 @@ fn a_rotated_jwks_key_plays_at_once_on(bin: &str, shards: usize) {
     viewers.into_iter().for_each(Viewer::close);
 }
 
+/// Tokens of an identity provider as users run one (PyJWT, `tests/clients/jwt_issuer.py`):
+/// its JWKS (RSA and P-256 keys, as PyJWT writes them) served at `--jwks-url`; an RS256 token
+/// with `whep.streams` and ES256 ones made for MediaMTX (`mediamtx_permissions`: a regular
+/// expression, and the list as a JSON string) play; one whose MediaMTX claim names another
+/// stream and one that may only publish are refused 403, an expired one 401.
+fn tokens_of_a_real_issuer_play(bin: &str) {
+    let out = std::process::Command::new(whep_e2e::players::venv_python())
+        .arg(whep_e2e::players::client("jwt_issuer.py"))
+        .output()
+        .expect("run jwt_issuer.py");
+    assert!(out.status.success(), "jwt_issuer.py: {}", String::from_utf8_lossy(&out.stderr));
+    let issued: serde_json::Value = serde_json::from_slice(&out.stdout).expect("its JSON");
+    let token = |name: &str| issued["tokens"][name].as_str().expect(name).to_owned();
+    let jwks_server = AuthServer::with_jwks(issued["jwks"].to_string());
+    let mut server = Server::start(bin, &["--jwks-url", &jwks_server.jwks_url]);
+    assert!(
+        whep_e2e::wait_until(Duration::from_secs(10), || server.output().contains("JWKS fetched")),
+        "JWKS not fetched:\n{}",
+        server.output()
+    );
+    assert!(server.output().contains("keys=2"), "both keys taken:\n{}", server.output());
+    let mut viewers = Vec::new();
+    for name in ["rs256_demo", "es256_mediamtx_regex", "es256_mediamtx_string_demo"] {
+        let v = Viewer::connect(server.http, "/whep/demo", Some(&token(name)))
+            .unwrap_or_else(|e| panic!("{name}: {e:?}\n{}", server.output()));
+        viewers.push(v);
+    }
+    for v in &viewers {
+        assert!(v.wait_for(PLAY_WITHIN, |s| s.video_packets >= 20), "{:?}", v.stats());
+    }
+    for (name, status, why) in [
+        ("rs256_mediamtx_other", 403, "does not grant stream demo"),
+        ("rs256_mediamtx_publish", 403, "does not grant stream demo"),
+        ("rs256_expired", 401, "expired"),
+    ] {
+        let (got, body) = rejected(Viewer::connect(server.http, "/whep/demo", Some(&token(name))));
+        assert_eq!(got, status, "{name}: {body}");
+        assert!(body.contains(why), "{name}: {body}");
+    }
+    viewers.into_iter().for_each(Viewer::close);
+}
+
 /// The callback and the JWKS over HTTPS, their server's certificate issued by a private CA:
 /// trusted with `--outbound-ca-file`, the allowed token plays and the refused one gets 403;
 /// without it (the system's roots only) the handshake fails and the viewer gets 503, nothing
@@ -529,6 +572,7 @@ whep_e2e::runtime_suite!(
     auth_server_down_is_a_clear_503,
     jwks_url_keys_verify_es256,
     a_rotated_jwks_key_plays_at_once,
+    tokens_of_a_real_issuer_play,
     jwt_in_the_query_plays_in_chromium,
     jwt_issuer_and_audience_are_enforced,
     signed_callback,
