@@ -24,7 +24,7 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::netns::ip;
+use crate::netns::{ip, kill_inside, pids_in, sweep_stale};
 
 const PREFIX: &str = "whepfl-";
 
@@ -48,38 +48,6 @@ pub struct Lan {
     hosts: Vec<Host>,
 }
 
-/// Deletes the namespaces of this module whose creating process is gone.
-fn sweep_stale() {
-    for name in crate::netns::list() {
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !crate::process_alive(pid) {
-            kill_inside(&name);
-            let _ = ip(&["netns", "del", &name]);
-        }
-    }
-}
-
-/// Pids of the processes running in namespace `name`.
-fn pids_in(name: &str) -> Vec<u32> {
-    ip(&["netns", "pids", name])
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn kill_inside(name: &str) {
-    for pid in pids_in(name) {
-        crate::signal(pid, nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
 impl Lan {
     /// Builds the switch and one host per `(role, last octet)`: roles are letters, digits and
     /// `-`, octets distinct and in 1..=254.
@@ -89,7 +57,7 @@ impl Lan {
     /// When `ip` fails (not root, no netns support); whatever was made is removed again.
     pub fn create(hosts: &[(&str, u8)]) -> io::Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        sweep_stale();
+        sweep_stale(PREFIX);
         let pid = std::process::id();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let subnet = (pid.wrapping_mul(31).wrapping_add(n)) as u8;

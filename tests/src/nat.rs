@@ -24,7 +24,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::netns::{ip, run};
+use crate::netns::{ip, run, sweep_stale};
 
 const PREFIX: &str = "whep-nat-";
 
@@ -65,19 +65,6 @@ fn slot_in_use(host: Ipv4Addr) -> bool {
     })
 }
 
-/// Deletes the namespaces of this module whose creating process is gone.
-fn sweep_stale() {
-    for name in crate::netns::list() {
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !crate::process_alive(pid) {
-            let _ = ip(&["netns", "del", &name]);
-        }
-    }
-}
-
 impl NatLab {
     /// Builds the three namespaces, the three links, the router's NAT and the routes.
     ///
@@ -86,7 +73,7 @@ impl NatLab {
     /// When a command fails (not root, no `nft`); whatever was made is removed again.
     pub fn create() -> io::Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        sweep_stale();
+        sweep_stale(PREFIX);
         let pid = std::process::id();
         for _ in 0..32 {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);

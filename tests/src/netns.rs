@@ -134,16 +134,37 @@ pub fn enter_named<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> io::Res
     })
 }
 
-/// Deletes namespaces of this module whose creating process is gone.
-fn sweep_stale() {
+/// Deletes the namespaces named `{prefix}{pid}-…` whose creating process `pid` is gone (it
+/// died without unwinding), killing what still runs inside first.
+pub(crate) fn sweep_stale(prefix: &str) {
     for name in list() {
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let Some(rest) = name.strip_prefix(prefix) else { continue };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
         if pid != std::process::id() && !crate::process_alive(pid) {
+            kill_inside(&name);
             let _ = ip(&["netns", "del", &name]);
         }
+    }
+}
+
+/// Pids of the processes running in namespace `name`.
+pub(crate) fn pids_in(name: &str) -> Vec<u32> {
+    ip(&["netns", "pids", name])
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SIGKILLs every process running in namespace `name`.
+pub(crate) fn kill_inside(name: &str) {
+    for pid in pids_in(name) {
+        crate::signal(pid, nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -155,7 +176,7 @@ impl Netns {
     /// When `ip` fails (not root, no netns support); whatever was made is removed again.
     pub fn create() -> io::Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        sweep_stale();
+        sweep_stale(PREFIX);
         let pid = std::process::id();
         for _ in 0..64 {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -196,7 +217,7 @@ impl Netns {
     /// When `ip` fails (not root, no netns support, no IPv6); whatever was made is removed again.
     pub fn create_ipv6_only() -> io::Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        sweep_stale();
+        sweep_stale(PREFIX);
         let pid = std::process::id();
         for _ in 0..64 {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);

@@ -122,19 +122,26 @@ fn first_frame_on_demand() {
         env!("CARGO_BIN_EXE_whepd-tokio"),
         &["--config", path.to_str().unwrap_or_default()],
     );
+    measure_starts(&mut server, "", |_| {});
+}
+
+/// Five starts of the idle stream `od`, each by one viewer's POST (which `check` looks at)
+/// and ended by its DELETE: prints POST to first complete keyframe, labelled `label`.
+fn measure_starts(server: &mut Server, label: &str, check: impl Fn(&Viewer)) {
     let mut times = Vec::new();
     for run in 0..5 {
         assert!(
             server.wait_stream("od", Duration::from_secs(20), |s| s["state"] == "idle").is_ok()
         );
-        let (v, first) = watch(&mut server);
-        eprintln!("run {run}: first keyframe {} ms after the POST", first.as_millis());
+        let (v, first) = watch(server);
+        check(&v);
+        eprintln!("run {run}: first keyframe {} ms after the POST{label}", first.as_millis());
         times.push(first.as_millis());
         assert_eq!(v.delete().expect("DELETE"), 204);
     }
     times.sort_unstable();
     eprintln!(
-        "first frame on demand (ms): min {} median {} max {} of {:?}",
+        "first frame on demand{label} (ms): min {} median {} max {} of {:?}",
         times[0], times[2], times[4], times
     );
 }
@@ -236,22 +243,7 @@ fn first_frame_on_demand_follower_shard() {
     );
     let hold = connect(&server, "/whep/hold");
     assert_eq!(shard_of(&hold), 0);
-    let mut times = Vec::new();
-    for run in 0..5 {
-        assert!(
-            server.wait_stream("od", Duration::from_secs(20), |s| s["state"] == "idle").is_ok()
-        );
-        let (v, first) = watch(&mut server);
-        assert_eq!(shard_of(&v), 1, "placement");
-        eprintln!("run {run}: first keyframe {} ms after the POST (follower)", first.as_millis());
-        times.push(first.as_millis());
-        assert_eq!(v.delete().expect("DELETE"), 204);
-    }
-    times.sort_unstable();
-    eprintln!(
-        "first frame on demand, follower shard (ms): min {} median {} max {} of {:?}",
-        times[0], times[2], times[4], times
-    );
+    measure_starts(&mut server, ", follower shard", |v| assert_eq!(shard_of(v), 1, "placement"));
 }
 
 whep_e2e::runtime_suite!(on_demand_starts_and_stops,);
