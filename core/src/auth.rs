@@ -570,58 +570,12 @@ impl fmt::Display for JwtError {
 /// Strict base64url without padding (RFC 7515 §2): the URL-safe alphabet only, no `=`, no
 /// length that leaves a lone character, and zero bits after the last whole byte.
 pub fn b64url(s: &[u8]) -> Option<Vec<u8>> {
-    fn val(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => return None,
-        } as u32)
-    }
-    if s.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        let mut acc = 0u32;
-        for &c in chunk {
-            acc = (acc << 6) | val(c)?;
-        }
-        match chunk.len() {
-            4 => out.extend_from_slice(&acc.to_be_bytes()[1..]),
-            3 => {
-                if acc & 0b11 != 0 {
-                    return None;
-                }
-                out.extend_from_slice(&(acc >> 2).to_be_bytes()[2..]);
-            }
-            2 => {
-                if acc & 0b1111 != 0 {
-                    return None;
-                }
-                out.push((acc >> 4) as u8);
-            }
-            _ => return None,
-        }
-    }
-    Some(out)
+    crate::base64::decode(s, crate::base64::Alphabet::UrlSafe)
 }
 
 /// Base64url without padding.
 pub fn b64url_encode(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let chars = chunk.len() + 1;
-        for i in 0..chars {
-            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-        }
-    }
-    out
+    crate::base64::encode(data, crate::base64::Alphabet::UrlSafe)
 }
 
 /// Whether `token` has the shape of a JWT: three non-empty-header parts separated by dots.

@@ -117,6 +117,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 pub mod auth;
+pub mod base64;
 mod config;
 pub mod dtls;
 pub mod ffmpeg;

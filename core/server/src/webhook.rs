@@ -36,6 +36,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{debug, warn};
 use whep_core::Event;
+use whep_core::base64::{self, Alphabet};
 
 use crate::outbound::{self, HttpUrl, Request};
 
@@ -102,47 +103,15 @@ impl WebhookSecret {
     }
 }
 
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 /// Standard base64 with padding (RFC 4648 §4).
 pub fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(BASE64[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    base64::encode(data, Alphabet::Standard)
 }
 
 /// Standard base64 (RFC 4648 §4), padded or not; `None` for anything else (white space, the
 /// URL-safe alphabet, bits left over).
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let text = text.as_bytes();
-    let unpadded = text.strip_suffix(b"==").or_else(|| text.strip_suffix(b"=")).unwrap_or(text);
-    if text.len() != unpadded.len() && !text.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(unpadded.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &c in unpadded {
-        let v = BASE64.iter().position(|&a| a == c)?;
-        acc = acc << 6 | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    // A lone 6 bits cannot be a byte; leftover bits must be zero (canonical form).
-    (bits < 6 && acc == 0).then_some(out)
+    base64::decode(text.as_bytes(), Alphabet::Standard)
 }
 
 /// A running webhook sender: cheap to clone (the engine's shards share one); the thread ends
